@@ -1,0 +1,21 @@
+"""Allocators, one file each. Every module in this package is imported here, so a new file
+that uses ``@register("name")`` is found by name with no other edit."""
+
+import importlib
+import pkgutil
+
+from .base import ALLOCATORS, Allocator, AllocatorConfig, CalibrationSet, register
+
+for _info in pkgutil.iter_modules(__path__):
+    if _info.name != "base":
+        importlib.import_module(f"{__name__}.{_info.name}")
+
+
+def get_allocator_class(name: str) -> type[Allocator]:
+    from ..errors import require_choice
+
+    require_choice("variant.allocator", name, sorted(ALLOCATORS))
+    return ALLOCATORS[name]
+
+
+__all__ = ["ALLOCATORS", "Allocator", "AllocatorConfig", "CalibrationSet", "register", "get_allocator_class"]

@@ -1,0 +1,162 @@
+"""The allocator protocol, its registry, and the selection routines the allocators share."""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from typing import Callable, ClassVar, Iterator
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import ConfigError, require
+from ..sparse import Selection
+
+ALLOCATORS: dict[str, type["Allocator"]] = {}
+
+
+def register(name: str):
+    def deco(cls):
+        cls.name = name
+        ALLOCATORS[name] = cls
+        return cls
+
+    return deco
+
+
+@dataclasses.dataclass
+class AllocatorConfig:
+    k: int = 32  # target mean number of active latents per token
+
+
+class CalibrationSet:
+    """Held-out tokens, already normalised, with a way to get their affinities in chunks.
+
+    Allocators that hold thresholds read it row-wise (all latents for some tokens) or
+    column-wise (all tokens for some latents); it never holds the whole [N, F] matrix.
+    """
+
+    def __init__(self, x: Tensor, affinities: Callable[[Tensor, slice | None], Tensor], n_latents: int,
+                 max_elements: int = 1 << 24):
+        self.x, self._aff, self.n_latents, self.max_elements = x, affinities, n_latents, max_elements
+
+    @property
+    def n_tokens(self) -> int:
+        return self.x.shape[0]
+
+    def row_chunks(self) -> Iterator[Tensor]:
+        step = max(1, self.max_elements // self.n_latents)
+        for i in range(0, self.n_tokens, step):
+            yield self._aff(self.x[i : i + step], None)
+
+    def column_chunks(self) -> Iterator[tuple[slice, Tensor]]:
+        step = max(1, self.max_elements // max(1, self.n_tokens))
+        for j in range(0, self.n_latents, step):
+            cols = slice(j, min(self.n_latents, j + step))
+            yield cols, self._aff(self.x, cols)
+
+
+class Allocator(nn.Module, abc.ABC):
+    """Turns affinities z' [B, F] into a :class:`Selection` of (token, latent) pairs.
+
+    Two modes: :meth:`allocate` (batch allocation, used in training and batch evaluation)
+    and :meth:`threshold` (threshold inference: each token on its own). State that the
+    threshold mode needs (thresholds, capacities) lives in buffers, so it is saved in the
+    checkpoint. Subclasses set ``Config`` and implement ``allocate``.
+    """
+
+    name: ClassVar[str]
+    Config: ClassVar[type[AllocatorConfig]] = AllocatorConfig
+
+    def __init__(self, cfg: AllocatorConfig, n_latents: int, batch_size: int):
+        super().__init__()
+        self.cfg, self.n_latents, self.batch_size = cfg, n_latents, batch_size
+
+    # ---- configuration ------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, params: dict, n_latents: int, batch_size: int, prefix: str = "variant") -> "Allocator":
+        cfg = cls.parse_config(params, prefix)
+        cls.validate(cfg, n_latents, batch_size, prefix)
+        return cls(cfg, n_latents, batch_size)
+
+    @classmethod
+    def parse_config(cls, params: dict, prefix: str = "variant") -> AllocatorConfig:
+        fields = {f.name for f in dataclasses.fields(cls.Config)}
+        for key in params:
+            if key not in fields:
+                raise ConfigError(f"{prefix}.{key}", params[key], f"a key of allocator {cls.name!r}: {sorted(fields)}")
+        return cls.Config(**params)
+
+    @classmethod
+    def validate(cls, cfg: AllocatorConfig, n_latents: int, batch_size: int, prefix: str = "variant") -> None:
+        require(isinstance(cfg.k, int) and cfg.k > 0, f"{prefix}.k", cfg.k, "an integer > 0")
+        require(cfg.k <= n_latents, f"{prefix}.k", cfg.k, f"at most model.n_latents = {n_latents}")
+
+    # ---- the two modes ------------------------------------------------------------------
+    @abc.abstractmethod
+    def allocate(self, z: Tensor, *, step: int = 0, density: Tensor | None = None, update: bool = False) -> Selection:
+        """Batch allocation. ``update`` lets the allocator update its running state
+        (threshold EMAs, density ranking); it is True only in training steps."""
+
+    def threshold(self, z: Tensor, source: str = "calibrated") -> Selection:
+        """Threshold inference; ``source`` is ``'calibrated'`` (falls back to the EMA when
+        no calibration has run) or ``'ema'``. Allocators without thresholds allocate."""
+        return self.allocate(z)
+
+    @property
+    def has_thresholds(self) -> bool:
+        return False
+
+    def calibrate(self, cal: CalibrationSet) -> dict[str, float]:
+        """Set the thresholds from held-out affinities; returns figures to log."""
+        return {}
+
+
+def topk_per_row(z: Tensor, k: int) -> Selection:
+    """The top-k latents of every token (row-major order)."""
+    B, F = z.shape
+    k = min(k, F)
+    idx = torch.topk(z, k, dim=1, sorted=False).indices
+    rows = torch.arange(B, device=z.device).repeat_interleave(k)
+    return Selection(rows=rows, cols=idx.reshape(-1), n_tokens=B)
+
+
+class GlobalTopK:
+    """Exact top-M of a flattened [B, F] matrix by two stages: the top-c of every row, then
+    the top-M of those candidates. It is exact when no row has all c of its candidates at
+    or above the cut (such a row might hold more); otherwise c grows and it runs again.
+    The c that worked is remembered for the next batch (an optimisation, not state)."""
+
+    def __init__(self, initial_c: int):
+        self.c = max(1, initial_c)
+
+    def __call__(self, z: Tensor, budget: int) -> tuple[Selection, Tensor]:
+        B, F = z.shape
+        budget = min(budget, B * F)
+        c = min(F, max(self.c, -(-budget // B)))
+        while True:
+            vals, idx = torch.topk(z, c, dim=1, sorted=True)
+            flat = vals.reshape(-1)
+            top = torch.topk(flat, budget, sorted=False)
+            cut = top.values.min()
+            last = vals[:, -1]
+            saturated = (c < F) and bool(((last >= cut) & (last > 0)).any())
+            if not saturated:
+                break
+            c = min(F, c * 2)
+        # let the next batch start from a c that fits the largest row seen, with headroom
+        pos = torch.sort(top.indices).values  # row-major order
+        rows = torch.div(pos, c, rounding_mode="floor")
+        per_row_max = int(torch.bincount(rows, minlength=B).max()) if budget > 0 else 0
+        self.c = max(1, min(F, 2 * per_row_max if 4 * per_row_max < c else c))
+        cols = idx.reshape(-1)[pos]
+        return Selection(rows=rows, cols=cols, n_tokens=B), flat[pos]
+
+
+def ema_update(ema: Tensor, count: Tensor, value: Tensor, beta: float) -> None:
+    """In-place EMA with the first observation as its start (no zero bias)."""
+    if int(count) == 0:
+        ema.copy_(value)
+    else:
+        ema.mul_(beta).add_(value.to(ema.dtype), alpha=1 - beta)
+    count.add_(1)

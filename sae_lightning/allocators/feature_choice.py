@@ -1,0 +1,159 @@
+"""Feature Choice: latent j takes its top-m_j tokens, Σ m_j = k·B; a threshold θ_j per
+latent for threshold inference. Capacities are uniform or Zipf (water-filled, ≤ B), and
+ranks map to latents statically or by running density; optional Mutual Choice warm-up."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import Tensor
+
+from ..errors import require, require_choice
+from ..sparse import Selection
+from ..zipf import uniform_capacities, zipf_capacities
+from .base import Allocator, AllocatorConfig, CalibrationSet, GlobalTopK, ema_update, register
+from .mutual_choice import threshold_selection, validate_threshold_ema
+
+CAPACITIES = ("uniform", "zipf")
+RANKINGS = ("static", "by_density")
+
+
+@dataclasses.dataclass
+class FeatureChoiceConfig(AllocatorConfig):
+    capacity: str = "uniform"  # uniform | zipf
+    zipf_alpha: float = 1.0
+    zipf_beta: float = 0.0
+    rank: str = "static"  # static | by_density: which latent gets which Zipf rank
+    rerank_every_steps: int = 100  # by_density: re-rank latents by running density this often
+    mc_warmup_steps: int = 0  # train with Mutual Choice for the first N steps
+    threshold_ema_beta: float = 0.999  # EMA of each latent's cutoff (its m_j-th largest value)
+    threshold_ema_warmup_steps: int = 100
+
+
+def capacities_by_rank(cfg: FeatureChoiceConfig, n_latents: int, batch_size: int) -> Tensor:
+    budget = cfg.k * batch_size
+    if cfg.capacity == "uniform":
+        return uniform_capacities(n_latents, budget)
+    return zipf_capacities(n_latents, budget, batch_size, cfg.zipf_alpha, cfg.zipf_beta)
+
+
+def per_column_topk(zt: Tensor, m: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """For each row j of ``zt`` ([F, B], one latent per row) its top-m_j entries.
+
+    Latents are grouped by capacity so that each ``topk`` call asks for at most twice the
+    smallest capacity in its group: the work stays near Σ m_j even for Zipf capacities.
+    Returns (latent, token, value) of the kept entries and each latent's cutoff value
+    (its m_j-th largest, -inf where m_j = 0).
+    """
+    F_, B = zt.shape
+    order = torch.argsort(m, descending=True, stable=True)
+    m_sorted = m[order].tolist()
+    lat_out, tok_out, val_out = [], [], []
+    cutoff = torch.full((F_,), float("-inf"), dtype=zt.dtype, device=zt.device)
+    start = 0
+    while start < F_ and m_sorted[start] > 0:
+        top = m_sorted[start]
+        end = start
+        while end < F_ and m_sorted[end] > 0 and 2 * m_sorted[end] >= top:
+            end += 1
+        lat = order[start:end]
+        cap = m[lat]
+        vals, idx = torch.topk(zt[lat], top, dim=1, sorted=True)
+        keep = torch.arange(top, device=zt.device).unsqueeze(0) < cap.unsqueeze(1)
+        lat_out.append(lat.unsqueeze(1).expand(-1, top)[keep])
+        tok_out.append(idx[keep])
+        val_out.append(vals[keep])
+        cutoff[lat] = vals.gather(1, (cap - 1).unsqueeze(1)).squeeze(1)
+        start = end
+    if not lat_out:
+        empty = torch.empty(0, dtype=torch.long, device=zt.device)
+        return empty, empty, zt.new_empty(0), cutoff
+    return torch.cat(lat_out), torch.cat(tok_out), torch.cat(val_out), cutoff
+
+
+@register("feature_choice")
+class FeatureChoice(Allocator):
+    Config = FeatureChoiceConfig
+
+    def __init__(self, cfg: FeatureChoiceConfig, n_latents: int, batch_size: int):
+        super().__init__(cfg, n_latents, batch_size)
+        self.register_buffer("capacity_by_rank", capacities_by_rank(cfg, n_latents, batch_size))
+        self.register_buffer("rank_to_latent", torch.arange(n_latents))  # latent holding rank r
+        self.register_buffer("theta_ema", torch.zeros(n_latents))
+        self.register_buffer("theta_ema_count", torch.zeros((), dtype=torch.long))
+        self.register_buffer("theta_calibrated", torch.zeros(n_latents))
+        self.register_buffer("calibrated", torch.zeros((), dtype=torch.bool))
+        self._capacity_cache: dict[int, Tensor] = {}
+        self._warmup = GlobalTopK(initial_c=2 * cfg.k)
+
+    @classmethod
+    def validate(cls, cfg, n_latents, batch_size, prefix="variant"):
+        super().validate(cfg, n_latents, batch_size, prefix)
+        require_choice(f"{prefix}.capacity", cfg.capacity, CAPACITIES)
+        require_choice(f"{prefix}.rank", cfg.rank, RANKINGS)
+        require(cfg.zipf_alpha >= 0, f"{prefix}.zipf_alpha", cfg.zipf_alpha, "a number >= 0")
+        require(cfg.zipf_beta > -1, f"{prefix}.zipf_beta", cfg.zipf_beta, "a number > -1 (so that r + beta > 0 for r >= 1)")
+        require(cfg.rerank_every_steps >= 1, f"{prefix}.rerank_every_steps", cfg.rerank_every_steps, "an integer >= 1")
+        require(cfg.mc_warmup_steps >= 0, f"{prefix}.mc_warmup_steps", cfg.mc_warmup_steps, "an integer >= 0")
+        validate_threshold_ema(cfg, prefix)
+        # Σ m_j = k·B with every m_j ≤ B needs k ≤ F (checked above); Zipf water-filling then
+        # always has a solution, but say so plainly if a float edge case says otherwise.
+        try:
+            capacities_by_rank(cfg, n_latents, batch_size)
+        except ValueError as e:
+            require(False, f"{prefix}.k", cfg.k, f"a feasible capacity budget ({e})")
+
+    @property
+    def has_thresholds(self) -> bool:
+        return True
+
+    def capacities(self, batch_size: int) -> Tensor:
+        """m_j for each latent (latent order) at this batch size."""
+        if batch_size == self.batch_size:
+            by_rank = self.capacity_by_rank
+        else:  # e.g. a short last validation batch: same rule, that batch's budget
+            if batch_size not in self._capacity_cache:
+                self._capacity_cache[batch_size] = capacities_by_rank(self.cfg, self.n_latents, batch_size)
+            by_rank = self._capacity_cache[batch_size].to(self.capacity_by_rank.device)
+        m = torch.empty_like(by_rank)
+        m[self.rank_to_latent] = by_rank
+        return m
+
+    def allocate(self, z: Tensor, *, step: int = 0, density: Tensor | None = None, update: bool = False) -> Selection:
+        B, F_ = z.shape
+        if update and step < self.cfg.mc_warmup_steps:
+            return self._warmup(z, self.cfg.k * B)[0]
+        if update and self.cfg.rank == "by_density" and density is not None and step % self.cfg.rerank_every_steps == 0:
+            self.rank_to_latent.copy_(torch.argsort(density, descending=True, stable=True))
+        m = self.capacities(B)
+        lat, tok, _, cutoff = per_column_topk(z.t().contiguous(), m)
+        if update and step >= self.cfg.threshold_ema_warmup_steps:
+            # a column with fewer than m_j positive entries fires on every positive one
+            ema_update(self.theta_ema, self.theta_ema_count, cutoff.clamp_min(0.0), self.cfg.threshold_ema_beta)
+        key = torch.sort(tok * F_ + lat).values  # row-major order
+        rows = torch.div(key, F_, rounding_mode="floor")
+        return Selection(rows=rows, cols=key - rows * F_, n_tokens=B)
+
+    def current_theta(self, source: str = "calibrated") -> Tensor:
+        theta = self.theta_calibrated if (source == "calibrated" and bool(self.calibrated)) else self.theta_ema
+        # a latent with no capacity never fires
+        return torch.where(self.capacities(self.batch_size) > 0, theta, torch.full_like(theta, float("inf")))
+
+    def threshold(self, z: Tensor, source: str = "calibrated") -> Selection:
+        return threshold_selection(z, self.current_theta(source))
+
+    @torch.no_grad()
+    def calibrate(self, cal: CalibrationSet) -> dict[str, float]:
+        """θ_j so that latent j fires on round(m_j·N/B) of the N held-out tokens."""
+        m = self.capacities(self.batch_size).to(torch.float64)
+        want = torch.round(m * cal.n_tokens / self.batch_size).to(torch.long).clamp(max=cal.n_tokens)
+        theta = torch.zeros(self.n_latents, dtype=self.theta_calibrated.dtype, device=self.theta_calibrated.device)
+        for cols, z in cal.column_chunks():
+            zs = torch.sort(z.t(), dim=1, descending=True).values  # [c, N]
+            q = want[cols].to(zs.device)
+            padded = torch.cat([zs, zs.new_zeros(zs.shape[0], 1)], dim=1)  # q = N: no value left out
+            theta[cols] = padded.gather(1, q.unsqueeze(1)).squeeze(1).clamp_min(0.0).to(theta.dtype)
+        self.theta_calibrated.copy_(theta)
+        self.calibrated.fill_(True)
+        return {"theta_mean": float(theta.mean()), "theta_ema_mean": float(self.theta_ema.mean())}

@@ -1,0 +1,95 @@
+"""Mutual Choice (= BatchTopK): the k·B largest affinities of the whole batch; one global
+threshold θ for threshold inference (a JumpReLU SAE with a single threshold)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import Tensor
+
+from ..errors import require
+from ..sparse import Selection
+from .base import Allocator, AllocatorConfig, CalibrationSet, GlobalTopK, ema_update, register
+
+
+@dataclasses.dataclass
+class MutualChoiceConfig(AllocatorConfig):
+    threshold_ema_beta: float = 0.999  # EMA of the smallest positive selected value
+    threshold_ema_warmup_steps: int = 100  # training steps before the EMA starts
+
+
+def validate_threshold_ema(cfg, prefix: str) -> None:
+    require(0.0 <= cfg.threshold_ema_beta < 1.0, f"{prefix}.threshold_ema_beta", cfg.threshold_ema_beta, "a number in [0, 1)")
+    require(cfg.threshold_ema_warmup_steps >= 0, f"{prefix}.threshold_ema_warmup_steps",
+            cfg.threshold_ema_warmup_steps, "an integer >= 0")
+
+
+def threshold_selection(z: Tensor, theta: Tensor) -> Selection:
+    """Pairs with z' > θ (θ a scalar or one per latent) and z' > 0, row-major."""
+    mask = (z > theta) & (z > 0)
+    rows, cols = torch.nonzero(mask, as_tuple=True)
+    return Selection(rows=rows, cols=cols, n_tokens=z.shape[0])
+
+
+def global_threshold_for_rate(cal: CalibrationSet, per_token: float) -> tuple[float, float]:
+    """θ such that exactly round(per_token·N) affinities of the calibration set exceed it:
+    the largest value that is not among the top round(per_token·N). Returns (θ, kept)."""
+    keep = int(round(per_token * cal.n_tokens))
+    want = keep + 1  # the top `keep` plus the first one left out
+    buf = None
+    for z in cal.row_chunks():
+        cand = z.reshape(-1)
+        if buf is not None and buf.numel() >= want:
+            cand = cand[cand >= buf.min()]
+        pool = cand if buf is None else torch.cat([buf, cand])
+        buf = torch.topk(pool, min(want, pool.numel()), sorted=False).values
+    if buf.numel() < want:  # fewer affinities than asked for: keep everything positive
+        return 0.0, float(keep)
+    theta = float(buf.min())
+    return max(theta, 0.0), float(keep)
+
+
+@register("mutual_choice")
+class MutualChoice(Allocator):
+    Config = MutualChoiceConfig
+
+    def __init__(self, cfg: MutualChoiceConfig, n_latents: int, batch_size: int):
+        super().__init__(cfg, n_latents, batch_size)
+        self.register_buffer("theta_ema", torch.zeros(()))
+        self.register_buffer("theta_ema_count", torch.zeros((), dtype=torch.long))
+        self.register_buffer("theta_calibrated", torch.zeros(()))
+        self.register_buffer("calibrated", torch.zeros((), dtype=torch.bool))
+        self._global = GlobalTopK(initial_c=2 * cfg.k)
+
+    @classmethod
+    def validate(cls, cfg, n_latents, batch_size, prefix="variant"):
+        super().validate(cfg, n_latents, batch_size, prefix)
+        validate_threshold_ema(cfg, prefix)
+
+    @property
+    def has_thresholds(self) -> bool:
+        return True
+
+    def allocate(self, z: Tensor, *, step: int = 0, density: Tensor | None = None, update: bool = False) -> Selection:
+        sel, values = self._global(z, self.cfg.k * z.shape[0])
+        if update and step >= self.cfg.threshold_ema_warmup_steps:
+            positive = values[values > 0]
+            if positive.numel():
+                ema_update(self.theta_ema, self.theta_ema_count, positive.min(), self.cfg.threshold_ema_beta)
+        return sel
+
+    def current_theta(self, source: str = "calibrated") -> Tensor:
+        if source == "calibrated" and bool(self.calibrated):
+            return self.theta_calibrated
+        return self.theta_ema
+
+    def threshold(self, z: Tensor, source: str = "calibrated") -> Selection:
+        return threshold_selection(z, self.current_theta(source))
+
+    @torch.no_grad()
+    def calibrate(self, cal: CalibrationSet) -> dict[str, float]:
+        theta, _ = global_threshold_for_rate(cal, float(self.cfg.k))
+        self.theta_calibrated.fill_(theta)
+        self.calibrated.fill_(True)
+        return {"theta": theta, "theta_ema": float(self.theta_ema)}

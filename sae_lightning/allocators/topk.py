@@ -1,0 +1,14 @@
+"""TopK (Gao et al. 2024): at most k matches per token; the same in both modes."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from ..sparse import Selection
+from .base import Allocator, register, topk_per_row
+
+
+@register("topk")
+class TopK(Allocator):
+    def allocate(self, z: Tensor, *, step: int = 0, density: Tensor | None = None, update: bool = False) -> Selection:
+        return topk_per_row(z, self.cfg.k)

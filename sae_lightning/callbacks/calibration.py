@@ -1,0 +1,19 @@
+"""Calibrates the allocator's inference thresholds on held-out tokens when fitting ends."""
+
+from __future__ import annotations
+
+import lightning as L
+
+
+class ThresholdCalibration(L.Callback):
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
+        self.figures: dict[str, float] = {}
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        if not (self.enabled and pl_module.allocator.has_thresholds):
+            return
+        x = trainer.datamodule.calibration_tokens()
+        self.figures = pl_module.calibrate(x)
+        shown = ", ".join(f"{key}={value:.4g}" for key, value in self.figures.items())
+        pl_module.print(f"calibrated thresholds on {x.shape[0]} held-out tokens: {shown}")

@@ -1,0 +1,36 @@
+"""Data sources by kind: each kind parses and validates its config and builds a DataModule."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from ..errors import ConfigError, require, require_choice
+from .synthetic import SyntheticDataModule, SyntheticSpec
+
+LOADER_KEYS = ("kind", "batch_size", "val_tokens", "calibration_tokens", "num_workers")
+
+
+def _synthetic(cfg: dict) -> SyntheticDataModule:
+    spec_fields = {f.name for f in dataclasses.fields(SyntheticSpec)}
+    for key in cfg:
+        if key not in spec_fields and key not in LOADER_KEYS:
+            raise ConfigError(f"data.{key}", cfg[key], f"a key of data kind 'synthetic': {sorted(spec_fields | set(LOADER_KEYS))}")
+    spec = SyntheticSpec(**{key: value for key, value in cfg.items() if key in spec_fields})
+    spec.validate()
+    return SyntheticDataModule(spec, batch_size=cfg["batch_size"], val_tokens=cfg["val_tokens"],
+                               calibration_tokens=cfg["calibration_tokens"], num_workers=cfg.get("num_workers", 0))
+
+
+DATA_KINDS = {"synthetic": _synthetic}
+
+
+def build_datamodule(cfg: dict):
+    require_choice("data.kind", cfg.get("kind"), sorted(DATA_KINDS))
+    for key in ("batch_size", "val_tokens", "calibration_tokens"):
+        require(isinstance(cfg.get(key), int) and cfg[key] >= 1, f"data.{key}", cfg.get(key), "an integer >= 1")
+    require(isinstance(cfg.get("num_workers", 0), int) and cfg.get("num_workers", 0) >= 0, "data.num_workers",
+            cfg.get("num_workers"), "an integer >= 0")
+    return DATA_KINDS[cfg["kind"]](cfg)
+
+
+__all__ = ["DATA_KINDS", "build_datamodule", "SyntheticDataModule", "SyntheticSpec"]

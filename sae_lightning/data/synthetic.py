@@ -1,0 +1,137 @@
+"""The embedded default data: synthetic activations with known ground-truth features.
+
+Each token is a sparse positive combination of unit-norm true features plus a fixed offset
+and small noise. The number of active true features per token is heavy-tailed (log-normal:
+most tokens need a few latents, some need many), and features are drawn with Zipf-like
+frequencies (a few common, many rare), so adaptive allocation has something to adapt to.
+Everything is generated from a seed: nothing is downloaded or stored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Iterator
+
+import lightning as L
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, IterableDataset
+
+from ..errors import require
+
+
+@dataclasses.dataclass
+class SyntheticSpec:
+    d_model: int = 128
+    n_features: int = 1024  # ground-truth features
+    active_median: float = 16.0  # median number of active features per token (log-normal)
+    active_sigma: float = 0.8  # log-normal σ: the heavier, the more tokens need many latents
+    active_max: int = 128
+    feature_zipf_alpha: float = 0.6  # feature frequency ∝ rank^-alpha
+    magnitude_sigma: float = 0.5  # coefficient = exp(N(0, σ²))
+    noise_std: float = 0.01  # per-dimension Gaussian noise, relative to a unit feature
+    offset_norm: float = 2.0  # a fixed mean vector added to every token
+    seed: int = 0  # the data (features and token streams); separate from the training seed
+
+    def validate(self, prefix: str = "data") -> None:
+        require(self.d_model >= 2, f"{prefix}.d_model", self.d_model, "an integer >= 2")
+        require(self.n_features >= 1, f"{prefix}.n_features", self.n_features, "an integer >= 1")
+        require(1 <= self.active_max <= self.n_features, f"{prefix}.active_max", self.active_max,
+                f"an integer in [1, data.n_features = {self.n_features}]")
+        require(self.active_median > 0, f"{prefix}.active_median", self.active_median, "a number > 0")
+        require(self.active_sigma >= 0, f"{prefix}.active_sigma", self.active_sigma, "a number >= 0")
+        require(self.noise_std >= 0, f"{prefix}.noise_std", self.noise_std, "a number >= 0")
+
+
+class SyntheticActivations:
+    """The generator: fixed features and offset from the seed; token batches on demand."""
+
+    def __init__(self, spec: SyntheticSpec):
+        self.spec = spec
+        g = torch.Generator().manual_seed(spec.seed)
+        self.features = torch.nn.functional.normalize(torch.randn(spec.n_features, spec.d_model, generator=g), dim=1)
+        self.offset = torch.nn.functional.normalize(torch.randn(spec.d_model, generator=g), dim=0) * spec.offset_norm
+        ranks = torch.arange(1, spec.n_features + 1, dtype=torch.float64)
+        p = ranks.pow(-spec.feature_zipf_alpha)
+        self.log_p = (p / p.sum()).log().to(torch.float32)[torch.randperm(spec.n_features, generator=g)]
+
+    def batch(self, n: int, g: torch.Generator) -> tuple[Tensor, Tensor]:
+        """n tokens [n, d] and the number of true features active in each [n]."""
+        s = self.spec
+        n_active = torch.exp(math.log(s.active_median) + s.active_sigma * torch.randn(n, generator=g))
+        n_active = n_active.round().clamp(1, s.active_max).to(torch.long)
+        # sample without replacement by frequency: Gumbel top-k, keep the first n_active
+        gumbel = -torch.log(-torch.log(torch.rand(n, s.n_features, generator=g).clamp_(1e-20, 1.0)))
+        idx = torch.topk(self.log_p + gumbel, s.active_max, dim=1).indices
+        keep = torch.arange(s.active_max).unsqueeze(0) < n_active.unsqueeze(1)
+        mags = torch.exp(s.magnitude_sigma * torch.randn(n, s.active_max, generator=g)) * keep
+        coef = torch.zeros(n, s.n_features).scatter_(1, idx, mags)
+        x = coef @ self.features + self.offset + s.noise_std * torch.randn(n, s.d_model, generator=g)
+        return x, n_active
+
+    def tokens(self, n: int, stream_seed: int, batch: int = 4096) -> Tensor:
+        g = torch.Generator().manual_seed(stream_seed)
+        return torch.cat([self.batch(min(batch, n - i), g)[0] for i in range(0, n, batch)])
+
+
+class _TrainStream(IterableDataset):
+    """Endless training batches; batch i is a pure function of (seed, i), so the stream
+    restarts exactly at a saved position and splits across workers without overlap."""
+
+    def __init__(self, source: SyntheticActivations, batch_size: int, start: int):
+        self.source, self.batch_size, self.start = source, batch_size, start
+
+    def __iter__(self) -> Iterator[Tensor]:
+        info = torch.utils.data.get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info else (0, 1)
+        i = self.start + wid
+        while True:
+            g = torch.Generator().manual_seed(self.source.spec.seed * 1_000_003 + 17 + i)
+            yield self.source.batch(self.batch_size, g)[0]
+            i += nw
+
+
+class SyntheticDataModule(L.LightningDataModule):
+    def __init__(self, spec: SyntheticSpec, batch_size: int = 1024, val_tokens: int = 16384,
+                 calibration_tokens: int = 16384, num_workers: int = 0):
+        super().__init__()
+        self.spec, self.batch_size, self.num_workers = spec, batch_size, num_workers
+        self.val_tokens, self.calibration_tokens_n = val_tokens, calibration_tokens
+        self.source = SyntheticActivations(spec)
+        self._val: Tensor | None = None
+        self._start = 0
+
+    @property
+    def d_model(self) -> int:
+        return self.spec.d_model
+
+    @property
+    def true_features(self) -> Tensor:
+        return self.source.features
+
+    def sample(self, n: int) -> Tensor:
+        """Tokens for initialisation (normalisation scale, b_pre)."""
+        return self.source.tokens(n, stream_seed=self.spec.seed * 1_000_003 + 2)
+
+    def calibration_tokens(self) -> Tensor:
+        """Held-out tokens of the training distribution for threshold calibration."""
+        return self.source.tokens(self.calibration_tokens_n, stream_seed=self.spec.seed * 1_000_003 + 3)
+
+    def val_tensor(self) -> Tensor:
+        if self._val is None:
+            self._val = self.source.tokens(self.val_tokens, stream_seed=self.spec.seed * 1_000_003 + 1)
+        return self._val
+
+    def train_dataloader(self) -> DataLoader:
+        start = self._start
+        if self.trainer is not None:  # resume: continue the stream where the checkpoint left it
+            start = self.trainer.global_step
+        return DataLoader(_TrainStream(self.source, self.batch_size, start), batch_size=None,
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_tensor(), batch_size=self.batch_size, shuffle=False)
+
+    def state_dict(self) -> dict:
+        return {"spec": dataclasses.asdict(self.spec)}

@@ -1,0 +1,149 @@
+"""Loss terms, one signature each; the module sums ``coef · term(out, sae, stats)``.
+
+Terms: ``recon`` (always on), ``aux_k`` (Gao et al.: dead latents explain the residual) and
+``aux_zipf`` (the same form over dead and under-used latents, Zipf targets).
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from .errors import ConfigError, require
+from .sae import SparseAutoencoder
+from .sparse import Selection, SparseCode, sparse_decode
+from .stats import LatentStats
+
+
+@dataclass
+class StepOutput:
+    """What one forward pass produced, in normalised units."""
+
+    x: Tensor  # input [B, d]
+    x_hat: Tensor  # reconstruction [B, d]
+    z: Tensor  # affinities [B, F], carries the gradient
+    code: SparseCode
+
+
+LOSSES: dict[str, type["LossTerm"]] = {}
+
+
+def _register(cls):
+    LOSSES[cls.name] = cls
+    return cls
+
+
+@dataclass
+class LossTerm(abc.ABC):
+    name: ClassVar[str]
+    coef: float = 1.0
+
+    @abc.abstractmethod
+    def __call__(self, out: StepOutput, sae: SparseAutoencoder, stats: LatentStats) -> Tensor:
+        """The unweighted value of the term for this step."""
+
+    def validate(self, prefix: str, d_model: int) -> None:
+        require(self.coef >= 0, f"{prefix}.coef", self.coef, "a number >= 0")
+
+
+@_register
+@dataclass
+class Reconstruction(LossTerm):
+    """Mean squared error per element, in normalised units (≈ normalised MSE when the
+    inputs have E‖x‖² = d)."""
+
+    name: ClassVar[str] = "recon"
+
+    def __call__(self, out, sae, stats):
+        return (out.x - out.x_hat).pow(2).mean()
+
+
+def aux_residual_loss(out: StepOutput, sae: SparseAutoencoder, candidates: Tensor, k_aux: int,
+                      weights: Tensor | None = None) -> Tensor:
+    """Σ‖e − ê‖² / Σ‖e − ē‖² where e = x − x̂ (detached) and ê decodes, without bias, each
+    token's top-k_aux affinities among the ``candidates`` latents; 0 when there are none."""
+    idx = torch.nonzero(candidates).squeeze(1)
+    if idx.numel() == 0:
+        return out.z.new_zeros(())
+    k = min(k_aux, idx.numel())
+    B = out.z.shape[0]
+    top = torch.topk(out.z.detach()[:, idx], k, dim=1, sorted=False).indices
+    sel = Selection(rows=torch.arange(B, device=idx.device).repeat_interleave(k),
+                    cols=idx[top].reshape(-1), n_tokens=B)
+    code = SparseCode.from_selection(out.z, sel, weights)
+    e = (out.x - out.x_hat).detach()
+    e_hat = sparse_decode(code, sae.W_dec)
+    return (e - e_hat).pow(2).sum() / (e - e.mean(0)).pow(2).sum().clamp_min(1e-12)
+
+
+@_register
+@dataclass
+class AuxK(LossTerm):
+    name: ClassVar[str] = "aux_k"
+    coef: float = 1.0 / 32
+    k_aux: int | None = None  # None: d_model // 2
+
+    def validate(self, prefix, d_model):
+        super().validate(prefix, d_model)
+        require(self.k_aux is None or self.k_aux >= 1, f"{prefix}.k_aux", self.k_aux, "null (d_model // 2) or an integer >= 1")
+
+    def __call__(self, out, sae, stats):
+        return aux_residual_loss(out, sae, stats.dead_mask(), self.k_aux or sae.d_model // 2)
+
+
+@_register
+@dataclass
+class AuxZipf(LossTerm):
+    """aux_k over U = dead ∪ {j : ρ_j < τ·t_j}, t the water-filled Zipf targets (Σ t_j = k).
+    With ``deficit_weighting`` latent j's entries are scaled by (t_j − ρ_j)/t_j (1 if dead).
+    With τ = 0 this is exactly aux_k."""
+
+    name: ClassVar[str] = "aux_zipf"
+    coef: float = 1.0 / 32
+    k_aux: int | None = None
+    tau: float = 0.25
+    alpha: float = 1.0
+    beta: float = 0.0
+    deficit_weighting: bool = True
+
+    def validate(self, prefix, d_model):
+        super().validate(prefix, d_model)
+        require(self.k_aux is None or self.k_aux >= 1, f"{prefix}.k_aux", self.k_aux, "null (d_model // 2) or an integer >= 1")
+        require(self.tau >= 0, f"{prefix}.tau", self.tau, "a number >= 0")
+        require(self.alpha >= 0, f"{prefix}.alpha", self.alpha, "a number >= 0")
+        require(self.beta > -1, f"{prefix}.beta", self.beta, "a number > -1")
+
+    def __call__(self, out, sae, stats):
+        targets = stats.targets(alpha=self.alpha, beta=self.beta)
+        dead = stats.dead_mask()
+        under = stats.underused_mask(ratio=self.tau, targets=targets)
+        weights = None
+        if self.deficit_weighting:
+            deficit = ((targets - stats.density) / targets.clamp_min(1e-12)).clamp(0.0, 1.0)
+            weights = torch.where(dead, torch.ones_like(deficit), deficit).to(out.z.dtype)
+        return aux_residual_loss(out, sae, under, self.k_aux or sae.d_model // 2, weights)
+
+
+def build_losses(spec: dict | None, d_model: int, prefix: str = "variant.losses") -> dict[str, LossTerm]:
+    """From ``{name: {param: value}}`` (None or {} params allowed); ``recon`` is always on."""
+    spec = dict(spec or {})
+    spec.setdefault("recon", {})
+    terms = {}
+    for name, params in spec.items():
+        if name not in LOSSES:
+            raise ConfigError(f"{prefix}.{name}", name, "a loss among " + ", ".join(sorted(LOSSES)))
+        params = dict(params or {})
+        cls = LOSSES[name]
+        fields = {f.name for f in dataclasses.fields(cls)}
+        for key in params:
+            if key not in fields:
+                raise ConfigError(f"{prefix}.{name}.{key}", params[key], f"a parameter of loss {name!r}: {sorted(fields)}")
+        term = cls(**params)
+        term.validate(f"{prefix}.{name}", d_model)
+        terms[name] = term
+    return terms

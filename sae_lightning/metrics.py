@@ -1,0 +1,95 @@
+"""Evaluation metrics as torchmetrics objects (sum-reduced states, so they are exact under
+DDP) plus feature recovery against known ground-truth features."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torchmetrics import Metric
+
+
+class Reconstruction(Metric):
+    """FVU = Σ‖x − x̂‖² / Σ‖x − x̄‖² and normalised MSE = Σ‖x − x̂‖² / Σ‖x‖², in the
+    model's own units (call with de-normalised reconstructions)."""
+
+    full_state_update = False
+
+    def __init__(self, d_model: int):
+        super().__init__()
+        self.add_state("sse", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("sum_x", torch.zeros(d_model, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("sum_sq", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("n", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, x: Tensor, x_hat: Tensor) -> None:
+        x64 = x.detach().to(torch.float64)
+        self.sse += (x64 - x_hat.detach().to(torch.float64)).pow(2).sum()
+        self.sum_x += x64.sum(0)
+        self.sum_sq += x64.pow(2).sum()
+        self.n += x.shape[0]
+
+    def compute(self) -> dict[str, Tensor]:
+        total_var = self.sum_sq - self.sum_x.pow(2).sum() / self.n.clamp_min(1)
+        return {"fvu": self.sse / total_var.clamp_min(1e-30), "nmse": self.sse / self.sum_sq.clamp_min(1e-30)}
+
+
+class L0(Metric):
+    """Distribution over tokens of the number of active latents (a histogram of counts)."""
+
+    full_state_update = False
+
+    def __init__(self, n_latents: int):
+        super().__init__()
+        self.add_state("hist", torch.zeros(n_latents + 1, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, l0_per_token: Tensor) -> None:
+        self.hist += torch.bincount(l0_per_token, minlength=self.hist.numel())
+
+    def compute(self) -> dict[str, Tensor]:
+        return l0_summary(self.hist)
+
+
+def l0_summary(hist: Tensor) -> dict[str, Tensor]:
+    h = hist.to(torch.float64)
+    n = h.sum().clamp_min(1)
+    v = torch.arange(h.numel(), dtype=torch.float64, device=h.device)
+    mean = (h * v).sum() / n
+    std = ((h * (v - mean).pow(2)).sum() / n).sqrt()
+    cdf = h.cumsum(0) / n
+
+    def q(p):
+        return torch.searchsorted(cdf, torch.tensor(p, dtype=torch.float64, device=h.device)).to(torch.float64)
+
+    nz = torch.nonzero(hist)
+    return {"l0_mean": mean, "l0_std": std, "l0_p10": q(0.10), "l0_p50": q(0.5), "l0_p90": q(0.90),
+            "l0_p99": q(0.99), "l0_max": nz.max().to(torch.float64) if nz.numel() else mean * 0,
+            "l0_zero_fraction": h[0] / n}
+
+
+class Firing(Metric):
+    """Per-latent firing counts over an evaluation: density and the share never fired."""
+
+    full_state_update = False
+
+    def __init__(self, n_latents: int):
+        super().__init__()
+        self.add_state("counts", torch.zeros(n_latents, dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("n", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, fire_counts: Tensor, n_tokens: int) -> None:
+        self.counts += fire_counts
+        self.n += n_tokens
+
+    def compute(self) -> dict[str, Tensor]:
+        density = self.counts.to(torch.float64) / self.n.clamp_min(1)
+        return {"density": density, "never_fired_fraction": (self.counts == 0).to(torch.float64).mean()}
+
+
+@torch.no_grad()
+def feature_recovery(true_features: Tensor, decoder_rows: Tensor, threshold: float = 0.9) -> dict[str, float]:
+    """Mean over true features of the max cosine similarity to any decoder direction, and
+    the share of true features recovered above ``threshold``."""
+    t = torch.nn.functional.normalize(true_features.to(torch.float32), dim=1)
+    d = torch.nn.functional.normalize(decoder_rows.detach().to(t.device, torch.float32), dim=1)
+    best = torch.cat([(chunk @ d.t()).max(dim=1).values for chunk in t.split(1024)])
+    return {"recovery_mean_max_cos": float(best.mean()), f"recovery_share_above_{threshold}": float((best > threshold).float().mean())}

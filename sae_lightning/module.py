@@ -1,0 +1,202 @@
+"""The LightningModule: SAE + allocator + loss terms + latent statistics + metrics."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+
+from .allocators import CalibrationSet, get_allocator_class
+from .losses import StepOutput, build_losses
+from .metrics import L0, Firing, Reconstruction, feature_recovery
+from .sae import SparseAutoencoder
+from .sparse import SparseCode
+from .stats import LatentStats
+from .zipf import fit_zipf
+
+ALLOCATOR_META_KEYS = ("name", "allocator", "losses")
+
+
+def default_lr(n_latents: int) -> float:
+    """Gao et al.'s scaling: 2e-4 / sqrt(F / 2^14)."""
+    return 2e-4 / math.sqrt(n_latents / 2**14)
+
+
+class SAEModule(L.LightningModule):
+    """``config`` is the resolved training config (a plain dict: variant, model, optim,
+    stats, data, logging); ``d_model`` comes from the data."""
+
+    def __init__(self, config: dict, d_model: int):
+        super().__init__()
+        self.save_hyperparameters()
+        self.config = config
+        m, v, s = config["model"], config["variant"], config["stats"]
+        F = m["n_latents"]
+        self.k = v["k"]
+        self.sae = SparseAutoencoder(d_model, F, m["normalisation"], m["b_pre_init"])
+        params = {key: val for key, val in v.items() if key not in ALLOCATOR_META_KEYS}
+        self.allocator = get_allocator_class(v["allocator"]).from_dict(params, F, config["data"]["batch_size"])
+        self.losses = build_losses(v.get("losses"), d_model)
+        self.stats = LatentStats(F, self.k, s["dead_window_tokens"], s["density_time_constant_tokens"],
+                                 s["underused_ratio"], s["zipf_alpha"], s["zipf_beta"])
+        self.modes = ["batch", "threshold"] + (["threshold_ema"] if self.allocator.has_thresholds else [])
+        self.val_metrics = nn.ModuleDict({
+            mode: nn.ModuleDict({"recon": Reconstruction(d_model), "l0": L0(F), "firing": Firing(F)})
+            for mode in self.modes
+        })
+        self.hist_every = int(config.get("logging", {}).get("histogram_every_n_steps", 200))
+        self.last_val: dict[str, Any] = {}
+        self.last_val_hists: dict[str, Tensor] = {}
+        self.last_val_density: Tensor | None = None
+
+    # ---- the forward pass ---------------------------------------------------------------------
+    def forward_step(self, x: Tensor, mode: str = "batch", update: bool = False):
+        """Returns (StepOutput in normalised units, the normalisation context)."""
+        xn, ctx = self.sae.normalise(x)
+        z = self.sae.affinities(xn)
+        with torch.no_grad():
+            zd = z.detach()
+            if mode == "batch":
+                sel = self.allocator.allocate(zd, step=self.global_step, density=self.stats.density, update=update)
+            else:
+                sel = self.allocator.threshold(zd, source="ema" if mode == "threshold_ema" else "calibrated")
+        code = SparseCode.from_selection(z, sel)
+        return StepOutput(x=xn, x_hat=self.sae.decode(code), z=z, code=code), ctx
+
+    @torch.no_grad()
+    def encode(self, x: Tensor, mode: str = "batch") -> SparseCode:
+        return self.forward_step(x, mode)[0].code
+
+    @torch.no_grad()
+    def reconstruct(self, x: Tensor, mode: str = "batch") -> Tensor:
+        """x̂ in the model's own units."""
+        out, ctx = self.forward_step(x, mode)
+        return self.sae.denormalise(out.x_hat, ctx)
+
+    # ---- set-up ---------------------------------------------------------------------------------
+    def on_fit_start(self) -> None:
+        if not bool(self.sae.initialised):
+            figures = self.init_from_data(self.trainer.datamodule.sample(self.config["model"]["init_sample_tokens"]))
+            self.print("initialised from data: " + ", ".join(f"{key}={value:.4g}" for key, value in figures.items()))
+
+    @torch.no_grad()
+    def init_from_data(self, x: Tensor) -> dict[str, float]:
+        """Normalisation scale and b_pre from a sample; then, with ``model.init_encoder_scale
+        = fit``, one scalar on W_enc chosen by least squares so that the first batch
+        allocation reconstructs the sample as well as a scalar allows. (A tied random
+        init overshoots badly where an allocator gives a token many latents.)"""
+        x = x.to(self.device)
+        figures = self.sae.init_from_sample(x)
+        if self.config["model"]["init_encoder_scale"] == "fit":
+            num = den = 0.0
+            for chunk in x.split(self.config["data"]["batch_size"]):
+                out, _ = self.forward_step(chunk)
+                decoded = out.x_hat - self.sae.b_pre
+                num += float(((out.x - self.sae.b_pre) * decoded).sum())
+                den += float(decoded.pow(2).sum())
+            if den > 0 and num > 0:
+                self.sae.W_enc.mul_(num / den)
+                figures["encoder_scale"] = num / den
+        return figures
+
+    def configure_optimizers(self):
+        o = self.config["optim"]
+        lr = o["lr"] if o["lr"] is not None else default_lr(self.sae.n_latents)
+        fused = o["fused"] if o["fused"] != "auto" else True
+        opt = torch.optim.Adam(self.parameters(), lr=lr, betas=tuple(o["betas"]), eps=o["eps"], fused=fused)
+        warm = max(0, int(o["warmup_steps"]))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warm) if warm else 1.0)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # ---- training -------------------------------------------------------------------------------
+    def training_step(self, x: Tensor, batch_idx: int) -> Tensor:
+        out, ctx = self.forward_step(x, "batch", update=True)
+        terms = {name: term(out, self.sae, self.stats) for name, term in self.losses.items()}
+        loss = sum(self.losses[name].coef * value for name, value in terms.items())
+        fire = out.code.fire_counts()
+        n_tokens = x.shape[0]
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(fire)  # statistics count every rank's tokens
+            n_tokens *= torch.distributed.get_world_size()
+        self.stats.update(fire, n_tokens)
+
+        with torch.no_grad():
+            l0 = out.code.l0_per_token().to(torch.float32)
+            x_hat = self.sae.denormalise(out.x_hat.detach(), ctx)
+            fvu = (x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum().clamp_min(1e-30)
+        logs = {"train/loss": loss.detach(), "train/fvu": fvu, "train/l0_mean": l0.mean(), "train/l0_std": l0.std()}
+        logs.update({f"train/loss_{name}": value.detach() for name, value in terms.items()})
+        summary = self.stats.summary()
+        self.log_dict(logs, prog_bar=False)
+        self.log("fvu", fvu, prog_bar=True, logger=False)
+        self.log("l0", l0.mean(), prog_bar=True, logger=False)
+        if self.hist_every and self.global_step % self.hist_every == 0:
+            self.log_histogram("train/l0_per_token", out.code.l0_per_token())
+        return loss
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        self.sae.project_decoder_grad()
+
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        self.sae.renormalise_decoder()
+
+    # ---- validation -----------------------------------------------------------------------------
+    def validation_step(self, x: Tensor, batch_idx: int) -> None:
+        for mode in self.modes:
+            out, ctx = self.forward_step(x, mode)
+            mets = self.val_metrics[mode]
+            mets["recon"].update(x, self.sae.denormalise(out.x_hat, ctx))
+            mets["l0"].update(out.code.l0_per_token())
+            mets["firing"].update(out.code.fire_counts(), x.shape[0])
+
+    def on_validation_epoch_end(self) -> None:
+        logs: dict[str, float] = {}
+        for mode in self.modes:
+            mets = self.val_metrics[mode]
+            rec, l0, firing = mets["recon"].compute(), mets["l0"].compute(), mets["firing"].compute()
+            for key, value in {**rec, **l0}.items():
+                logs[f"val/{mode}/{key}"] = float(value)
+            logs[f"val/{mode}/never_fired_fraction"] = float(firing["never_fired_fraction"])
+            if mode == "batch":
+                density = firing["density"].to(torch.float32)
+                self.log_histogram(f"val/{mode}/log10_density", density[density > 0].log10())
+                fit = fit_zipf(density)
+                if fit is not None:
+                    logs["val/zipf_fit_alpha"], logs["val/zipf_fit_beta"] = fit[0], fit[1]
+            self._l0_histogram(f"val/{mode}/l0_per_token", mets["l0"].hist)
+            self.last_val_hists[mode] = mets["l0"].hist.detach().cpu().clone()
+            if mode == "batch":
+                self.last_val_density = firing["density"].detach().cpu()
+            for metric in mets.values():
+                metric.reset()
+        summary = self.stats.summary()
+        logs["val/dead_fraction"] = summary["dead_fraction"]
+        logs["val/underused_fraction"] = summary["underused_fraction"]
+        true = getattr(self.trainer.datamodule, "true_features", None) if self._trainer is not None else None
+        if true is not None:
+            logs.update({f"val/{key}": value for key, value in feature_recovery(true, self.sae.W_dec).items()})
+        self.log_dict(logs, sync_dist=False)
+        self.last_val = logs
+
+    # ---- thresholds ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def calibrate(self, x: Tensor) -> dict[str, float]:
+        """Set the allocator's inference thresholds from held-out raw activations ``x``."""
+        xn, _ = self.sae.normalise(x.to(self.device))
+        cal = CalibrationSet(xn, lambda xs, cols: self.sae.affinities(xs, cols), self.sae.n_latents)
+        return self.allocator.calibrate(cal)
+
+    # ---- logging helpers ----------------------------------------------------------------------
+    def log_histogram(self, tag: str, values: Tensor) -> None:
+        """A TensorBoard histogram, when the logger is TensorBoard's."""
+        exp = getattr(self.logger, "experiment", None) if self._trainer is not None and self.logger else None
+        if hasattr(exp, "add_histogram") and values.numel():
+            exp.add_histogram(tag, values.detach().cpu().float(), self.global_step)
+
+    def _l0_histogram(self, tag: str, hist: Tensor) -> None:
+        values = torch.repeat_interleave(torch.arange(hist.numel()), hist.cpu())
+        self.log_histogram(tag, values)

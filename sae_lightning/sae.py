@@ -1,0 +1,115 @@
+"""The autoencoder: parameters, normalisation, initialisation, encode, sparse decode, and
+the unit-norm decoder (gradient projection before a step, renormalisation after)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from .sparse import SparseCode, sparse_decode
+
+NORMALISATIONS = ("none", "dataset_scale", "layernorm")
+B_PRE_INITS = ("geometric_median", "mean", "zeros")
+
+
+def geometric_median(x: Tensor, iters: int = 100, tol: float = 1e-6) -> Tensor:
+    """Weiszfeld's iterations for argmin_y Σ_i ‖x_i − y‖, started at the mean."""
+    x = x.to(torch.float64)
+    y = x.mean(0)
+    for _ in range(iters):
+        w = 1.0 / (x - y).norm(dim=1).clamp_min(1e-12)
+        y_new = (w.unsqueeze(1) * x).sum(0) / w.sum()
+        done = (y_new - y).norm() <= tol * y.norm().clamp_min(1.0)
+        y = y_new
+        if done:
+            break
+    return y
+
+
+class SparseAutoencoder(nn.Module):
+    """x → normalise → z' = W_enc (x − b_pre) + b_enc → [allocator] → x̂ = W_dec z + b_pre.
+
+    ``W_dec`` is stored as [F, d]: row j is latent j's decoder direction (a column of the
+    W_dec of the paper), which is the layout ``embedding_bag`` reads.
+    """
+
+    def __init__(self, d_model: int, n_latents: int, normalisation: str = "dataset_scale",
+                 b_pre_init: str = "geometric_median"):
+        super().__init__()
+        self.d_model, self.n_latents = d_model, n_latents
+        self.normalisation, self.b_pre_init = normalisation, b_pre_init
+        self.W_enc = nn.Parameter(torch.empty(n_latents, d_model))
+        self.b_enc = nn.Parameter(torch.zeros(n_latents))
+        self.W_dec = nn.Parameter(torch.empty(n_latents, d_model))
+        self.b_pre = nn.Parameter(torch.zeros(d_model))
+        self.register_buffer("scale", torch.ones(()))  # dataset_scale's c
+        self.register_buffer("initialised", torch.zeros((), dtype=torch.bool))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        bound = 1.0 / math.sqrt(self.d_model)
+        self.W_enc.uniform_(-bound, bound)
+        self.W_dec.copy_(self.W_enc)  # tied init, untied afterwards
+        self.renormalise_decoder()
+        self.b_enc.zero_()
+        self.b_pre.zero_()
+
+    @torch.no_grad()
+    def init_from_sample(self, x: Tensor) -> dict[str, float]:
+        """Set the normalisation scale and b_pre from a sample of raw activations."""
+        x = x.to(self.W_enc.device, torch.float32)
+        if self.normalisation == "dataset_scale":
+            self.scale.fill_(math.sqrt(self.d_model / float(x.pow(2).sum(1).mean().clamp_min(1e-30))))
+        xn, _ = self.normalise(x)
+        if self.b_pre_init == "geometric_median":
+            self.b_pre.copy_(geometric_median(xn).to(self.b_pre.dtype))
+        elif self.b_pre_init == "mean":
+            self.b_pre.copy_(xn.mean(0))
+        else:
+            self.b_pre.zero_()
+        self.initialised.fill_(True)
+        return {"scale": float(self.scale), "b_pre_norm": float(self.b_pre.norm())}
+
+    # ---- normalisation ------------------------------------------------------------------
+    def normalise(self, x: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+        if self.normalisation == "dataset_scale":
+            return x * self.scale, None
+        if self.normalisation == "layernorm":
+            mu = x.mean(dim=1, keepdim=True)
+            xc = x - mu
+            sigma = xc.pow(2).mean(dim=1, keepdim=True).add(1e-5).sqrt()  # ‖x − μ‖ / √d
+            return xc / sigma, (mu, sigma)
+        return x, None
+
+    def denormalise(self, x_hat: Tensor, ctx: tuple[Tensor, Tensor] | None) -> Tensor:
+        """Map a reconstruction back to the model's own units."""
+        if self.normalisation == "dataset_scale":
+            return x_hat / self.scale
+        if self.normalisation == "layernorm":
+            mu, sigma = ctx
+            return x_hat * sigma + mu
+        return x_hat
+
+    # ---- encode / decode ----------------------------------------------------------------
+    def affinities(self, xn: Tensor, cols: slice | None = None) -> Tensor:
+        """z' = W_enc (x − b_pre) + b_enc for normalised x; ``cols`` restricts the latents."""
+        W, b = (self.W_enc, self.b_enc) if cols is None else (self.W_enc[cols], self.b_enc[cols])
+        return torch.addmm(b, xn - self.b_pre, W.t())
+
+    def decode(self, code: SparseCode) -> Tensor:
+        return sparse_decode(code, self.W_dec) + self.b_pre
+
+    # ---- unit-norm decoder ----------------------------------------------------------------
+    @torch.no_grad()
+    def project_decoder_grad(self) -> None:
+        """Remove from each decoder direction's gradient its component along the direction."""
+        g = self.W_dec.grad
+        if g is not None:
+            g.sub_((g * self.W_dec).sum(1, keepdim=True) * self.W_dec)
+
+    @torch.no_grad()
+    def renormalise_decoder(self) -> None:
+        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))

@@ -1,0 +1,95 @@
+"""The sparse code every allocator returns: CSR rows of (latent, value) per token, and its decode."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+@dataclass
+class Selection:
+    """Which (token, latent) pairs an allocator keeps, sorted by token (row-major order).
+
+    Carries no values and no gradient: the selection itself is not differentiated.
+    """
+
+    rows: Tensor  # [nnz] int64, non-decreasing
+    cols: Tensor  # [nnz] int64
+    n_tokens: int
+
+
+@dataclass
+class SparseCode:
+    """A batch of sparse codes in CSR layout; the number of latents per token varies.
+
+    ``offsets[i]:offsets[i+1]`` index the entries of token ``i`` in ``latents`` and
+    ``values``. Only active entries are stored (value > 0); TopK's fixed k per token is the
+    special case where every row has k entries.
+    """
+
+    offsets: Tensor  # [B + 1] int64
+    latents: Tensor  # [nnz] int64
+    values: Tensor  # [nnz] float, > 0, carries the gradient to the affinities
+    n_latents: int
+
+    @property
+    def n_tokens(self) -> int:
+        return self.offsets.numel() - 1
+
+    @property
+    def nnz(self) -> int:
+        return self.latents.numel()
+
+    def l0_per_token(self) -> Tensor:
+        return self.offsets.diff()
+
+    def fire_counts(self) -> Tensor:
+        """Number of tokens each latent is active on, [F] int64."""
+        return torch.bincount(self.latents, minlength=self.n_latents)
+
+    def token_index(self) -> Tensor:
+        return torch.repeat_interleave(
+            torch.arange(self.n_tokens, device=self.offsets.device), self.l0_per_token()
+        )
+
+    def to_dense(self) -> Tensor:
+        dense = self.values.new_zeros(self.n_tokens, self.n_latents)
+        dense[self.token_index(), self.latents] = self.values
+        return dense
+
+    @staticmethod
+    def from_selection(affinities: Tensor, selection: Selection, weights: Tensor | None = None) -> "SparseCode":
+        """Gather ReLU(z') at the selected pairs, drop the non-positive ones, build CSR.
+
+        The gather is differentiable with respect to ``affinities``. ``weights`` ([F]),
+        when given, scales each latent's values (used by the deficit-weighted aux loss).
+        """
+        rows, cols = selection.rows, selection.cols
+        raw = affinities[rows, cols]
+        keep = raw.detach() > 0
+        if not bool(keep.all()):
+            rows, cols, raw = rows[keep], cols[keep], raw[keep]
+        values = raw if weights is None else raw * weights[cols]
+        counts = torch.bincount(rows, minlength=selection.n_tokens)
+        offsets = torch.zeros(selection.n_tokens + 1, dtype=torch.long, device=rows.device)
+        torch.cumsum(counts, 0, out=offsets[1:])
+        return SparseCode(offsets=offsets, latents=cols, values=values, n_latents=affinities.shape[1])
+
+
+def sparse_decode(code: SparseCode, decoder_rows: Tensor) -> Tensor:
+    """Σ_j z_ij · W_dec[:, j] for each token, without bias; ``decoder_rows`` is [F, d].
+
+    Uses ``embedding_bag`` so that the cost scales with the number of active entries, not
+    with B·F; its backward gives the gradients of both the values and the decoder rows.
+    """
+    return F.embedding_bag(
+        code.latents,
+        decoder_rows,
+        code.offsets,
+        mode="sum",
+        per_sample_weights=code.values,
+        include_last_offset=True,
+    )

@@ -1,0 +1,57 @@
+"""Per-latent firing statistics, counted in tokens: dead, density EMA, under-used.
+
+The one place these live; aux losses, metrics, Feature Choice's density ranking and the
+logging callback all read them, and they are saved with the checkpoint (buffers).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from .zipf import zipf_targets
+
+
+class LatentStats(nn.Module):
+    def __init__(self, n_latents: int, k: int, dead_window_tokens: int, density_time_constant_tokens: int,
+                 underused_ratio: float, zipf_alpha: float = 1.0, zipf_beta: float = 0.0):
+        super().__init__()
+        self.n_latents, self.k = n_latents, k
+        self.dead_window_tokens = dead_window_tokens
+        self.density_time_constant_tokens = density_time_constant_tokens
+        self.underused_ratio, self.zipf_alpha, self.zipf_beta = underused_ratio, zipf_alpha, zipf_beta
+        self.register_buffer("tokens_since_fired", torch.zeros(n_latents, dtype=torch.long))
+        # prior: every latent at the uniform share k/F, so nothing looks under-used at step 0
+        self.register_buffer("density", torch.full((n_latents,), k / n_latents))
+        self.register_buffer("tokens_seen", torch.zeros((), dtype=torch.long))
+
+    @torch.no_grad()
+    def update(self, fire_counts: Tensor, n_tokens: int) -> None:
+        fired = fire_counts > 0
+        self.tokens_since_fired.add_(n_tokens).masked_fill_(fired, 0)
+        a = 1.0 - math.exp(-n_tokens / self.density_time_constant_tokens)
+        self.density.lerp_(fire_counts.to(self.density.dtype) / n_tokens, a)
+        self.tokens_seen.add_(n_tokens)
+
+    def dead_mask(self) -> Tensor:
+        return self.tokens_since_fired >= self.dead_window_tokens
+
+    def targets(self, k: float | None = None, alpha: float | None = None, beta: float | None = None) -> Tensor:
+        """Zipf target densities t_j (Σ t_j = k, t_j ≤ 1), ranks by current density."""
+        return zipf_targets(self.density, self.k if k is None else k,
+                            self.zipf_alpha if alpha is None else alpha, self.zipf_beta if beta is None else beta)
+
+    def underused_mask(self, ratio: float | None = None, targets: Tensor | None = None) -> Tensor:
+        """dead ∪ {j : ρ_j < ratio · t_j}."""
+        ratio = self.underused_ratio if ratio is None else ratio
+        t = self.targets() if targets is None else targets
+        return self.dead_mask() | (self.density < ratio * t)
+
+    def summary(self) -> dict[str, float]:
+        return {
+            "dead_fraction": float(self.dead_mask().float().mean()),
+            "underused_fraction": float(self.underused_mask().float().mean()),
+            "tokens_seen": float(self.tokens_seen),
+        }

@@ -1,0 +1,109 @@
+"""One training run: validate the config, fit, calibrate, evaluate both modes, write results.
+
+Writes under the run folder: ``config.yaml`` (resolved), ``tb/`` (TensorBoard),
+``checkpoints/`` (``last.ckpt``, the best by validation FVU, and ``final.ckpt`` with
+calibrated thresholds), ``metrics.json`` and two PNG plots.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from omegaconf import OmegaConf
+
+from .callbacks import AtomicCheckpointIO, LatentStatsMonitor, ThresholdCalibration
+from .config import validate_config
+from .errors import ConfigError
+from .module import SAEModule
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _remove_if_empty(run_dir: Path) -> None:
+    try:
+        if run_dir.is_dir() and not any(run_dir.iterdir()):
+            run_dir.rmdir()
+    except OSError:
+        pass
+
+
+def run(cfg, run_dir: Path) -> dict[str, Any]:
+    """Train one SAE as configured; returns the final metrics (also in metrics.json)."""
+    try:
+        config, datamodule = validate_config(cfg)
+    except ConfigError as e:
+        _remove_if_empty(run_dir)
+        raise
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(config)))
+    L.seed_everything(config["seed"], workers=True, verbose=False)
+    torch.set_float32_matmul_precision("high")
+
+    module = SAEModule(config, datamodule.d_model)
+    logger = L.pytorch.loggers.TensorBoardLogger(str(run_dir), name="tb", version="", default_hp_metric=False)
+    checkpoint = L.pytorch.callbacks.ModelCheckpoint(
+        dirpath=run_dir / "checkpoints", filename="best-step{step}", monitor="val/batch/fvu", mode="min",
+        save_top_k=1, save_last=True, auto_insert_metric_name=False)
+    calibration = ThresholdCalibration(enabled=config["calibration"]["enabled"])
+    callbacks = [checkpoint, calibration, LatentStatsMonitor(config["logging"]["histogram_every_n_steps"]),
+                 L.pytorch.callbacks.LearningRateMonitor(logging_interval="step")]
+    trainer = L.Trainer(**config["trainer"], logger=logger, callbacks=callbacks, default_root_dir=str(run_dir),
+                        plugins=[AtomicCheckpointIO()], enable_model_summary=False)
+
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule, ckpt_path=config.get("resume"))
+    train_seconds = time.perf_counter() - start
+    trainer.validate(module, datamodule=datamodule, verbose=False)
+    trainer.save_checkpoint(run_dir / "checkpoints" / "final.ckpt")
+
+    tokens = trainer.global_step * config["data"]["batch_size"]
+    metrics = {
+        "variant": config["variant"]["name"],
+        "k": config["variant"]["k"],
+        "n_latents": config["model"]["n_latents"],
+        "steps": trainer.global_step,
+        "tokens": tokens,
+        "train_seconds": round(train_seconds, 2),
+        "tokens_per_second": round(tokens / max(train_seconds, 1e-9), 1),
+        "calibration": calibration.figures,
+        **{key: value for key, value in module.last_val.items()},
+    }
+    if trainer.is_global_zero:
+        atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+        try:
+            from .plots import save_run_plots
+
+            save_run_plots(module, run_dir)
+        except ImportError:  # matplotlib is optional
+            pass
+        print_summary(metrics, run_dir)
+    return metrics
+
+
+def print_summary(metrics: dict[str, Any], run_dir: Path) -> None:
+    rows = [("mode", "FVU", "L0 mean", "L0 p10-p90", "never fired")]
+    for mode in ("batch", "threshold", "threshold_ema"):
+        if f"val/{mode}/fvu" in metrics:
+            rows.append((mode, f"{metrics[f'val/{mode}/fvu']:.4f}", f"{metrics[f'val/{mode}/l0_mean']:.2f}",
+                         f"{metrics[f'val/{mode}/l0_p10']:.0f}-{metrics[f'val/{mode}/l0_p90']:.0f}",
+                         f"{100 * metrics[f'val/{mode}/never_fired_fraction']:.1f}%"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    print(f"\n{metrics['variant']}: k={metrics['k']}, F={metrics['n_latents']}, {metrics['tokens']} tokens "
+          f"in {metrics['train_seconds']} s ({metrics['tokens_per_second']:.0f} tokens/s)")
+    for r in rows:
+        print("  " + "  ".join(cell.ljust(w) for cell, w in zip(r, widths)))
+    if "val/recovery_mean_max_cos" in metrics:
+        print(f"  dead {100 * metrics['val/dead_fraction']:.1f}%, feature recovery: mean max cos "
+              f"{metrics['val/recovery_mean_max_cos']:.3f}, share > 0.9 {metrics['val/recovery_share_above_0.9']:.3f}")
+    print(f"  results in {run_dir}", file=sys.stdout)

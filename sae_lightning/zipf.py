@@ -1,0 +1,101 @@
+"""Zipf curves: water-filled budgets (FC capacities, aux_zipf targets) and fitting α, β."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+def zipf_weights(n: int, alpha: float, beta: float) -> Tensor:
+    """w_r = (r + β)^(-α) for r = 1..n, float64."""
+    r = torch.arange(1, n + 1, dtype=torch.float64)
+    return (r + beta).pow(-alpha)
+
+
+def waterfill(weights: Tensor, total: float, cap: float) -> Tensor:
+    """Return x_r = min(cap, λ·w_r) with Σ x_r = total, for weights sorted non-increasing.
+
+    No entry may exceed ``cap``; the surplus of the capped head flows to the rest. Exact:
+    for each candidate number c of capped entries λ_c = (total − c·cap) / Σ_{r>c} w_r, and
+    the answer is the smallest c for which the first uncapped entry fits under the cap.
+    """
+    w = weights.to(torch.float64)
+    n = w.numel()
+    if total > n * cap * (1 + 1e-12):
+        raise ValueError(f"infeasible water-filling: total {total} > {n} entries x cap {cap}")
+    if total >= n * cap:
+        return torch.full_like(w, cap)
+    suffix = torch.flip(torch.cumsum(torch.flip(w, [0]), 0), [0])  # Σ_{r>=c} w_r
+    c = torch.arange(n, dtype=torch.float64)
+    lam = (total - c * cap) / suffix
+    valid = lam * w <= cap * (1 + 1e-12)
+    first = int(torch.nonzero(valid)[0])
+    x = torch.minimum(torch.full_like(w, cap), lam[first] * w)
+    x[:first] = cap
+    return x
+
+
+def round_preserving_sum(x: Tensor, total: int, cap: int) -> Tensor:
+    """Integers close to ``x`` with the exact sum ``total``, each ≤ ``cap`` (largest remainder)."""
+    base = torch.floor(x + 1e-9).to(torch.long).clamp(max=cap)
+    short = int(total - base.sum())
+    if short > 0:
+        frac = (x - base.to(x.dtype)).masked_fill(base >= cap, -1.0)
+        # stable ordering: larger remainder first, then lower rank
+        order = torch.argsort(-frac, stable=True)[:short]
+        base[order] += 1
+    elif short < 0:  # only from floating error; take back from the largest
+        order = torch.argsort(-x, stable=True)[: -short]
+        base[order] -= 1
+    return base
+
+
+def uniform_capacities(n_latents: int, budget: int) -> Tensor:
+    """m = ⌊M/F⌋ for all, the remainder one each to the first latents; Σ m_j = M."""
+    m = torch.full((n_latents,), budget // n_latents, dtype=torch.long)
+    m[: budget % n_latents] += 1
+    return m
+
+
+def zipf_capacities(n_latents: int, budget: int, cap: int, alpha: float, beta: float) -> Tensor:
+    """Integer capacities by rank: water-filled Zipf weights, Σ m_r = M, m_r ≤ cap (= B)."""
+    x = waterfill(zipf_weights(n_latents, alpha, beta), float(budget), float(cap))
+    return round_preserving_sum(x, budget, cap)
+
+
+def zipf_targets(density: Tensor, k: float, alpha: float, beta: float) -> Tensor:
+    """Target firing densities t_j: latents ranked by density (descending), Zipf weights
+    water-filled so that Σ t_j = k and t_j ≤ 1. Returned in latent order, float32."""
+    n = density.numel()
+    t_by_rank = waterfill(zipf_weights(n, alpha, beta), float(k), 1.0)
+    order = torch.argsort(density.detach().cpu().to(torch.float64), descending=True, stable=True)
+    t = torch.empty(n, dtype=torch.float64)
+    t[order] = t_by_rank
+    return t.to(density.device, torch.float32)
+
+
+def fit_zipf(density: Tensor, tail_fraction: float = 0.1, betas=(0.0, 1.0, 3.0, 10.0, 30.0, 100.0)):
+    """Fit log ρ_r ≈ c − α·log(r + β) on the latents sorted by density, leaving out the
+    lowest ``tail_fraction`` of ranks and the latents that never fire. Returns (α, β, c, r²)
+    of the best β on a small grid, or None when fewer than 3 latents fire."""
+    d = torch.sort(density.detach().cpu().to(torch.float64), descending=True).values
+    n_keep = int(math.floor(d.numel() * (1 - tail_fraction)))
+    d = d[:n_keep]
+    d = d[d > 0]
+    if d.numel() < 3:
+        return None
+    y = d.log()
+    best = None
+    for beta in betas:
+        xr = (torch.arange(1, d.numel() + 1, dtype=torch.float64) + beta).log()
+        xm, ym = xr.mean(), y.mean()
+        sxx = ((xr - xm) ** 2).sum()
+        slope = float(((xr - xm) * (y - ym)).sum() / sxx)
+        c = float(ym - slope * xm)
+        resid = y - (c + slope * xr)
+        r2 = 1.0 - float((resid**2).sum() / ((y - ym) ** 2).sum().clamp_min(1e-30))
+        if best is None or r2 > best[3]:
+            best = (-slope, beta, c, r2)
+    return best
