@@ -54,19 +54,21 @@ class SyntheticActivations:
         self.offset = torch.nn.functional.normalize(torch.randn(spec.d_model, generator=g), dim=0) * spec.offset_norm
         ranks = torch.arange(1, spec.n_features + 1, dtype=torch.float64)
         p = ranks.pow(-spec.feature_zipf_alpha)
-        self.log_p = (p / p.sum()).log().to(torch.float32)[torch.randperm(spec.n_features, generator=g)]
+        p = (p / p.sum())[torch.randperm(spec.n_features, generator=g)]  # frequency rank ≠ index
+        self.cdf = torch.cumsum(p, 0).to(torch.float32).contiguous()
 
     def batch(self, n: int, g: torch.Generator) -> tuple[Tensor, Tensor]:
         """n tokens [n, d] and the number of true features active in each [n]."""
         s = self.spec
         n_active = torch.exp(math.log(s.active_median) + s.active_sigma * torch.randn(n, generator=g))
         n_active = n_active.round().clamp(1, s.active_max).to(torch.long)
-        # sample without replacement by frequency: Gumbel top-k, keep the first n_active
-        gumbel = -torch.log(-torch.log(torch.rand(n, s.n_features, generator=g).clamp_(1e-20, 1.0)))
-        idx = torch.topk(self.log_p + gumbel, s.active_max, dim=1).indices
+        # features drawn by frequency (inverse CDF, with replacement: a feature drawn twice
+        # gets the sum of both coefficients); draws past a token's n_active are masked out
+        u = torch.rand(n, s.active_max, generator=g)
+        idx = torch.searchsorted(self.cdf, u).clamp_(max=s.n_features - 1)
         keep = torch.arange(s.active_max).unsqueeze(0) < n_active.unsqueeze(1)
         mags = torch.exp(s.magnitude_sigma * torch.randn(n, s.active_max, generator=g)) * keep
-        coef = torch.zeros(n, s.n_features).scatter_(1, idx, mags)
+        coef = torch.zeros(n, s.n_features).scatter_add_(1, idx, mags)
         x = coef @ self.features + self.offset + s.noise_std * torch.randn(n, s.d_model, generator=g)
         return x, n_active
 
@@ -100,7 +102,6 @@ class SyntheticDataModule(L.LightningDataModule):
         self.val_tokens, self.calibration_tokens_n = val_tokens, calibration_tokens
         self.source = SyntheticActivations(spec)
         self._val: Tensor | None = None
-        self._start = 0
 
     @property
     def d_model(self) -> int:
@@ -124,14 +125,10 @@ class SyntheticDataModule(L.LightningDataModule):
         return self._val
 
     def train_dataloader(self) -> DataLoader:
-        start = self._start
-        if self.trainer is not None:  # resume: continue the stream where the checkpoint left it
-            start = self.trainer.global_step
+        # on resume, continue the stream at the restored step
+        start = self.trainer.global_step if self.trainer is not None else 0
         return DataLoader(_TrainStream(self.source, self.batch_size, start), batch_size=None,
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_tensor(), batch_size=self.batch_size, shuffle=False)
-
-    def state_dict(self) -> dict:
-        return {"spec": dataclasses.asdict(self.spec)}

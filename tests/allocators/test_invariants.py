@@ -1,0 +1,197 @@
+"""Allocator invariants of method.md §2, on random inputs with ties and non-positive values."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sae_lightning.allocators import ALLOCATORS, get_allocator_class
+from sae_lightning.allocators.base import GlobalTopK
+from sae_lightning.allocators.feature_choice import per_column_topk
+from sae_lightning.errors import ConfigError
+from sae_lightning.sparse import SparseCode
+
+
+def make(name, k, F, B, **params):
+    return get_allocator_class(name).from_dict({"k": k, **params}, F, B)
+
+
+def affinities(kind: str, B: int, F: int) -> torch.Tensor:
+    if kind == "positive":
+        return torch.rand(B, F) + 0.1
+    if kind == "mixed":  # about half non-positive, scale varying by token
+        return torch.randn(B, F) * torch.rand(B, 1) * 3
+    if kind == "ties":  # few distinct values, zeros and negatives among them
+        return torch.randint(-2, 4, (B, F)).float()
+    raise ValueError(kind)
+
+
+KINDS = ["positive", "mixed", "ties"]
+
+
+def counts_per_row(sel) -> torch.Tensor:
+    return torch.bincount(sel.rows, minlength=sel.n_tokens)
+
+
+def counts_per_col(sel, F) -> torch.Tensor:
+    return torch.bincount(sel.cols, minlength=F)
+
+
+def assert_row_major_unique(sel, F):
+    assert torch.all(sel.rows[1:] >= sel.rows[:-1]), "selection must be sorted by token (CSR order)"
+    key = sel.rows * F + sel.cols
+    assert torch.unique(key).numel() == key.numel(), "a (token, latent) pair was selected twice"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_topk_keeps_the_k_largest_of_each_row(kind):
+    B, F, k = 64, 200, 7
+    z = affinities(kind, B, F)
+    sel = make("topk", k, F, B).allocate(z)
+    assert_row_major_unique(sel, F)
+    assert torch.all(counts_per_row(sel) == k)
+    picked = torch.sort(z[sel.rows, sel.cols].view(B, k), dim=1, descending=True).values
+    assert torch.equal(picked, torch.topk(z, k, dim=1).values)
+
+
+def test_topk_code_has_exactly_k_active_when_all_positive():
+    z = affinities("positive", 32, 100)
+    code = SparseCode.from_selection(z, make("topk", 5, 100, 32).allocate(z))
+    assert torch.all(code.l0_per_token() == 5)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("B,F,k", [(64, 300, 5), (17, 40, 3), (128, 64, 16)])
+def test_mutual_choice_is_the_global_top_M(kind, B, F, k):
+    z = affinities(kind, B, F)
+    sel = make("mutual_choice", k, F, B).allocate(z)
+    assert_row_major_unique(sel, F)
+    M = k * B
+    assert sel.rows.numel() == M
+    picked = torch.sort(z[sel.rows, sel.cols], descending=True).values
+    assert torch.equal(picked, torch.topk(z.flatten(), M).values)
+
+
+def test_mutual_choice_exact_when_some_rows_need_many_latents():
+    """A few tokens take most of the budget: the two-stage selection must grow c."""
+    B, F, k = 64, 512, 4
+    z = torch.randn(B, F)
+    z[:3] += 10.0  # three tokens dominate
+    g = GlobalTopK(initial_c=2)
+    sel, values = g(z, k * B)
+    assert torch.equal(torch.sort(values, descending=True).values, torch.topk(z.flatten(), k * B).values)
+    assert int(counts_per_row(sel)[:3].min()) > 2 * k
+
+
+def test_mutual_choice_keeps_exactly_M_when_enough_positive():
+    B, F, k = 50, 80, 6
+    z = affinities("mixed", B, F)
+    assert int((z > 0).sum()) >= k * B
+    code = SparseCode.from_selection(z, make("mutual_choice", k, F, B).allocate(z))
+    assert code.nnz == k * B
+    assert torch.all(code.values > 0)
+
+
+def test_mutual_choice_with_one_token_equals_topk():
+    F, k = 300, 9
+    for kind in ("positive", "mixed"):
+        z = affinities(kind, 1, F)
+        mc = make("mutual_choice", k, F, 1).allocate(z)
+        tk = make("topk", k, F, 1).allocate(z)
+        assert set(mc.cols.tolist()) == set(tk.cols.tolist())
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("capacity", ["uniform", "zipf"])
+def test_feature_choice_columns_take_their_top_m(kind, capacity):
+    B, F, k = 96, 160, 6
+    fc = make("feature_choice", k, F, B, capacity=capacity)
+    z = affinities(kind, B, F)
+    sel = fc.allocate(z)
+    assert_row_major_unique(sel, F)
+    m = fc.capacities(B)
+    assert int(m.sum()) == k * B and int(m.max()) <= B
+    assert torch.equal(counts_per_col(sel, F), m)  # exactly m_j chosen (≤ m_j active)
+    for j in torch.randperm(F)[:20].tolist():
+        picked = torch.sort(z[sel.rows[sel.cols == j], j], descending=True).values
+        assert torch.equal(picked, torch.topk(z[:, j], int(m[j])).values)
+    code = SparseCode.from_selection(z, sel)
+    assert torch.all(code.fire_counts() <= m)
+
+
+def test_feature_choice_with_every_capacity_B_keeps_everything_positive():
+    B, F = 40, 30
+    z = affinities("mixed", B, F)
+    fc = make("feature_choice", F, F, B)  # k = F: M = F·B, every m_j = B
+    assert torch.all(fc.capacities(B) == B)
+    code = SparseCode.from_selection(z, fc.allocate(z))
+    assert code.nnz == int((z > 0).sum())
+
+
+def test_feature_choice_zipf_capacities_are_water_filled():
+    B, F, k = 256, 1000, 32
+    fc = make("feature_choice", k, F, B, capacity="zipf", zipf_alpha=1.0)
+    m = fc.capacity_by_rank
+    assert int(m.sum()) == k * B
+    assert int(m.max()) == B  # the head is capped at the batch
+    assert torch.all(m[:-1] >= m[1:])  # non-increasing in rank
+
+
+def test_feature_choice_by_density_gives_the_largest_capacity_to_the_densest_latent():
+    B, F, k = 64, 50, 4
+    fc = make("feature_choice", k, F, B, capacity="zipf", rank="by_density", rerank_every_steps=1)
+    density = torch.rand(F)
+    fc.allocate(affinities("mixed", B, F), step=0, density=density, update=True)
+    m = fc.capacities(B)
+    assert int(m[density.argmax()]) == int(m.max())
+    assert int(m[density.argmin()]) == int(m.min())
+
+
+def test_feature_choice_mc_warmup_uses_mutual_choice_first():
+    B, F, k = 32, 64, 4
+    fc = make("feature_choice", k, F, B, mc_warmup_steps=10)
+    z = torch.randn(B, F)
+    z[0] += 5  # one token would take many latents under MC, never under FC's uniform m_j
+    warm = fc.allocate(z, step=3, update=True)
+    after = fc.allocate(z, step=10, update=True)
+    mc = make("mutual_choice", k, F, B).allocate(z)
+    assert torch.equal(warm.rows, mc.rows) and torch.equal(warm.cols, mc.cols)
+    assert torch.equal(counts_per_col(after, F), fc.capacities(B))
+
+
+def test_per_column_topk_reports_cutoffs():
+    zt = torch.tensor([[5.0, 1.0, 3.0], [0.5, 2.0, -1.0]])
+    lat, tok, val, cutoff = per_column_topk(zt, torch.tensor([2, 0]))
+    assert sorted(zip(lat.tolist(), tok.tolist())) == [(0, 0), (0, 2)]
+    assert cutoff[0] == 3.0 and cutoff[1] == float("-inf")
+
+
+@pytest.mark.parametrize("name", sorted(ALLOCATORS))
+def test_threshold_mode_selects_exactly_the_values_above_threshold(name):
+    B, F = 20, 50
+    alloc = make(name, 4, F, B)
+    z = affinities("mixed", B, F)
+    sel = alloc.threshold(z)
+    if alloc.has_thresholds:
+        theta = alloc.current_theta()
+        expected = (z > theta) & (z > 0)
+        got = torch.zeros(B, F, dtype=torch.bool)
+        got[sel.rows, sel.cols] = True
+        assert torch.equal(got, expected)
+    else:
+        assert torch.all(counts_per_row(sel) == 4)
+
+
+@pytest.mark.parametrize("name", sorted(ALLOCATORS))
+def test_k_must_be_positive_and_at_most_n_latents(name):
+    with pytest.raises(ConfigError, match="variant.k"):
+        make(name, 0, 10, 4)
+    with pytest.raises(ConfigError, match="variant.k=11.*n_latents = 10"):
+        make(name, 11, 10, 4)
+
+
+def test_unknown_allocator_parameter_is_named():
+    with pytest.raises(ConfigError, match="variant.capacityy"):
+        make("feature_choice", 2, 10, 4, capacityy="zipf")
+    with pytest.raises(ConfigError, match="variant.capacity='pareto'.*'uniform', 'zipf'"):
+        make("feature_choice", 2, 10, 4, capacity="pareto")

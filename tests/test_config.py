@@ -1,0 +1,62 @@
+"""Config errors: one clear line naming the key, the value and what is allowed; nothing written."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from sae_lightning.config import validate_config
+from sae_lightning.errors import ConfigError
+
+from .conftest import ROOT, TINY, compose_config
+
+BAD = [
+    (["variant.k=0"], r"variant.k=0 .*integer > 0"),
+    (["variant.k=-3"], r"variant.k=-3 "),
+    (["model.n_latents=64", "variant.k=65"], r"variant.k=65 .*at most model.n_latents = 64"),
+    (["model.normalisation=batchnorm"], r"model.normalisation='batchnorm'.*'none', 'dataset_scale', 'layernorm'"),
+    (["model.b_pre_init=median"], r"model.b_pre_init='median'.*'geometric_median'"),
+    (["variant.allocator=switch"], r"variant.allocator='switch'.*'feature_choice', 'mutual_choice', 'topk'"),
+    (["+variant.losses.aux_q.coef=1"], r"variant.losses.aux_q"),
+    (["variant=feature_choice", "variant.capacity=pareto"], r"variant.capacity='pareto'.*'uniform', 'zipf'"),
+    (["variant=feature_choice", "variant.rank=random"], r"variant.rank='random'.*'static', 'by_density'"),
+    (["variant=feature_choice", "variant.zipf_beta=-2"], r"variant.zipf_beta=-2"),
+    (["variant=feature_choice", "+variant.capacty=zipf"], r"variant.capacty.*a key of allocator 'feature_choice'"),
+    (["optim.lr=-1"], r"optim.lr=-1"),
+    (["data.batch_size=0"], r"data.batch_size=0"),
+    (["data.kind=parquet"], r"data.kind='parquet'.*'synthetic'"),
+    (["stats.dead_window_tokens=0"], r"stats.dead_window_tokens=0"),
+    (["trainer.max_steps=0"], r"trainer.max_steps=0"),
+    (["variant.threshold_ema_beta=1.5"], r"variant.threshold_ema_beta=1.5.*\[0, 1\)"),
+]
+
+
+@pytest.mark.parametrize("overrides,message", BAD)
+def test_bad_values_name_key_value_and_allowed(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        validate_config(compose_config(overrides))
+
+
+def test_default_config_is_valid():
+    config, dm = validate_config(compose_config())
+    assert config["variant"]["name"] == "mutual_choice" and dm.d_model == config["data"]["d_model"]
+
+
+def test_train_py_reports_a_config_error_in_one_line_and_writes_nothing(tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "train.py", f"out_dir={out}", "model.n_latents=16", "variant.k=32"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "error: config error: variant.k=32 is not allowed; expected at most model.n_latents = 16" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not any(p.is_file() for p in out.rglob("*")), list(out.rglob("*"))
+
+
+def test_unknown_variant_is_refused_by_hydra_with_the_options(tmp_path):
+    proc = subprocess.run([sys.executable, "train.py", f"out_dir={tmp_path}", "variant=switch"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "Could not find 'variant/switch'" in proc.stderr and "mutual_choice" in proc.stderr
+    assert not any(tmp_path.iterdir())

@@ -1,0 +1,85 @@
+"""Trains tiny SAEs in-process: threshold calibration and checkpoint round trips."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sae_lightning.module import SAEModule
+from sae_lightning.train import run
+
+from .conftest import TINY, compose_config
+
+VARIANTS = ["topk", "mutual_choice", "feature_choice"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One short run per variant; returns {variant: (run_dir, metrics)}."""
+    runs = {}
+    for variant in VARIANTS:
+        run_dir = tmp_path_factory.mktemp(variant)
+        cfg = compose_config([f"variant={variant}", "variant.k=8", *TINY, "trainer.max_steps=150",
+                              "trainer.val_check_interval=75", "trainer.enable_progress_bar=false",
+                              "variant.threshold_ema_warmup_steps=20" if variant != "topk" else "seed=0"])
+        runs[variant] = (run_dir, run(cfg, run_dir))
+    return runs
+
+
+def load(run_dir):
+    return SAEModule.load_from_checkpoint(run_dir / "checkpoints" / "final.ckpt", map_location="cpu").eval()
+
+
+def fresh_tokens(module_cfg, n=4096):
+    from sae_lightning.data import build_datamodule
+
+    return build_datamodule(module_cfg["data"]).source.tokens(n, stream_seed=987654)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_threshold_mode_l0_within_15_percent_of_k_after_calibration(trained, variant):
+    run_dir, metrics = trained[variant]
+    module = load(run_dir)
+    x = fresh_tokens(module.config)
+    l0 = module.encode(x, mode="threshold").l0_per_token().float().mean().item()
+    assert abs(l0 - 8) <= 0.15 * 8, f"{variant}: threshold-mode mean L0 {l0:.2f} for k = 8"
+    assert abs(metrics["val/threshold/l0_mean"] - 8) <= 0.15 * 8
+    # batch mode spends exactly the budget on a full batch
+    batch_l0 = module.encode(x[:128], mode="batch").l0_per_token().float().mean().item()
+    assert batch_l0 <= 8 + 1e-6 and batch_l0 >= 0.9 * 8
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_checkpoint_round_trip_gives_identical_outputs_in_both_modes(trained, variant, tmp_path):
+    run_dir, _ = trained[variant]
+    a = load(run_dir)
+    x = fresh_tokens(a.config, 512)[:128]
+    import lightning as L
+
+    trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, max_steps=1)
+    trainer.strategy.connect(a)
+    trainer.save_checkpoint(tmp_path / "again.ckpt")
+    b = SAEModule.load_from_checkpoint(tmp_path / "again.ckpt", map_location="cpu").eval()
+    for mode in a.modes:
+        ca, cb = a.encode(x, mode), b.encode(x, mode)
+        assert torch.equal(ca.offsets, cb.offsets) and torch.equal(ca.latents, cb.latents)
+        assert torch.equal(ca.values, cb.values)
+        assert torch.equal(a.reconstruct(x, mode), b.reconstruct(x, mode))
+    assert torch.equal(a.stats.density, b.stats.density)
+    assert torch.equal(a.stats.tokens_since_fired, b.stats.tokens_since_fired)
+    if a.allocator.has_thresholds:
+        assert bool(b.allocator.calibrated)
+        assert torch.equal(a.allocator.theta_calibrated, b.allocator.theta_calibrated)
+
+
+def test_training_reduces_fvu_and_reports_all_figures(trained):
+    for variant, (run_dir, m) in trained.items():
+        assert m["val/batch/fvu"] < 0.9, (variant, m["val/batch/fvu"])
+        for key in ("val/batch/nmse", "val/batch/l0_std", "val/threshold/fvu", "val/dead_fraction",
+                    "val/recovery_mean_max_cos", "val/recovery_share_above_0.9", "tokens_per_second"):
+            assert key in m, (variant, key)
+
+
+def test_feature_choice_never_leaves_a_latent_unfired_in_batch_mode(trained):
+    _, m = trained["feature_choice"]
+    assert m["val/batch/never_fired_fraction"] == 0.0
