@@ -49,6 +49,7 @@ class SAEModule(L.LightningModule):
         })
         self.hist_every = int(config.get("logging", {}).get("histogram_every_n_steps", 200))
         self.last_val: dict[str, Any] = {}
+        self.first_step = 0
         self.last_val_hists: dict[str, Tensor] = {}
         self.last_val_density: Tensor | None = None
 
@@ -77,6 +78,9 @@ class SAEModule(L.LightningModule):
         return self.sae.denormalise(out.x_hat, ctx)
 
     # ---- set-up ---------------------------------------------------------------------------------
+    def on_train_start(self) -> None:
+        self.first_step = self.global_step  # > 0 when resuming (restored by now)
+
     def on_fit_start(self) -> None:
         if not bool(self.sae.initialised):
             figures = self.init_from_data(self.trainer.datamodule.sample(self.config["model"]["init_sample_tokens"]))
@@ -126,8 +130,11 @@ class SAEModule(L.LightningModule):
         with torch.no_grad():
             l0 = out.code.l0_per_token().to(torch.float32)
             x_hat = self.sae.denormalise(out.x_hat.detach(), ctx)
-            fvu = (x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum().clamp_min(1e-30)
-        logs = {"train/loss": loss.detach(), "train/fvu": fvu, "train/l0_mean": l0.mean(), "train/l0_std": l0.std()}
+            sse = (x - x_hat).pow(2).sum()
+            fvu = sse / (x - x.mean(0)).pow(2).sum().clamp_min(1e-30)
+            nmse = sse / x.pow(2).sum().clamp_min(1e-30)
+        logs = {"train/loss": loss.detach(), "train/fvu": fvu, "train/nmse": nmse, "train/l0_mean": l0.mean(),
+                "train/l0_std": l0.std()}
         logs.update({f"train/loss_{name}": value.detach() for name, value in terms.items()})
         summary = self.stats.summary()
         self.log_dict(logs, prog_bar=False)

@@ -64,6 +64,7 @@ def run(cfg, run_dir: Path) -> dict[str, Any]:
     start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=config.get("resume"))
     train_seconds = time.perf_counter() - start
+    session_tokens = (trainer.global_step - module.first_step) * config["data"]["batch_size"]
     trainer.validate(module, datamodule=datamodule, verbose=False)
     trainer.save_checkpoint(run_dir / "checkpoints" / "final.ckpt")
 
@@ -75,7 +76,7 @@ def run(cfg, run_dir: Path) -> dict[str, Any]:
         "steps": trainer.global_step,
         "tokens": tokens,
         "train_seconds": round(train_seconds, 2),
-        "tokens_per_second": round(tokens / max(train_seconds, 1e-9), 1),
+        "tokens_per_second": round(session_tokens / max(train_seconds, 1e-9), 1),
         "calibration": calibration.figures,
         **{key: value for key, value in module.last_val.items()},
     }
