@@ -26,8 +26,13 @@ class StepOutput:
 
     x: Tensor  # input [B, d]
     x_hat: Tensor  # reconstruction [B, d]
-    z: Tensor  # affinities [B, F], carries the gradient
+    z: Tensor  # affinities, no autograd: [B, F] if layout == "token", [F, B] if "latent"
+    layout: str
     code: SparseCode
+
+    def columns(self, latents: Tensor) -> Tensor:
+        """The affinities of some latents for every token, [B, len(latents)]."""
+        return self.z[:, latents] if self.layout == "token" else self.z[latents].t()
 
 
 LOSSES: dict[str, type["LossTerm"]] = {}
@@ -69,13 +74,13 @@ def aux_residual_loss(out: StepOutput, sae: SparseAutoencoder, candidates: Tenso
     token's top-k_aux affinities among the ``candidates`` latents; 0 when there are none."""
     idx = torch.nonzero(candidates).squeeze(1)
     if idx.numel() == 0:
-        return out.z.new_zeros(())
+        return out.x.new_zeros(())
     k = min(k_aux, idx.numel())
-    B = out.z.shape[0]
-    top = torch.topk(out.z.detach()[:, idx], k, dim=1, sorted=False).indices
+    B = out.x.shape[0]
+    top = torch.topk(out.columns(idx), k, dim=1, sorted=False).indices
     sel = Selection(rows=torch.arange(B, device=idx.device).repeat_interleave(k),
                     cols=idx[top].reshape(-1), n_tokens=B)
-    code = SparseCode.from_selection(out.z, sel, weights)
+    code = sae.code(out.x, out.z, sel, out.layout, weights)
     e = (out.x - out.x_hat).detach()
     e_hat = sparse_decode(code, sae.W_dec)
     return (e - e_hat).pow(2).sum() / (e - e.mean(0)).pow(2).sum().clamp_min(1e-12)
@@ -125,7 +130,7 @@ class AuxZipf(LossTerm):
         weights = None
         if self.deficit_weighting:
             deficit = ((targets - stats.density) / targets.clamp_min(1e-12)).clamp(0.0, 1.0)
-            weights = torch.where(dead, torch.ones_like(deficit), deficit).to(out.z.dtype)
+            weights = torch.where(dead, torch.ones_like(deficit), deficit).to(out.x.dtype)
         return aux_residual_loss(out, sae, under, self.k_aux or sae.d_model // 2, weights)
 
 

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from .allocators import CalibrationSet, get_allocator_class
 from .losses import StepOutput, build_losses
 from .metrics import L0, Firing, Reconstruction, feature_recovery
-from .sae import SparseAutoencoder
+from .sae import AFFINITY_DTYPES, SparseAutoencoder
 from .sparse import SparseCode
 from .stats import LatentStats
 from .zipf import fit_zipf
@@ -37,6 +37,7 @@ class SAEModule(L.LightningModule):
         F = m["n_latents"]
         self.k = v["k"]
         self.sae = SparseAutoencoder(d_model, F, m["normalisation"], m["b_pre_init"])
+        self.affinity_dtype = AFFINITY_DTYPES[m["affinity_dtype"]]
         params = {key: val for key, val in v.items() if key not in ALLOCATOR_META_KEYS}
         self.allocator = get_allocator_class(v["allocator"]).from_dict(params, F, config["data"]["batch_size"])
         self.losses = build_losses(v.get("losses"), d_model)
@@ -57,15 +58,15 @@ class SAEModule(L.LightningModule):
     def forward_step(self, x: Tensor, mode: str = "batch", update: bool = False):
         """Returns (StepOutput in normalised units, the normalisation context)."""
         xn, ctx = self.sae.normalise(x)
-        z = self.sae.affinities(xn)
+        layout = self.allocator.layout
+        z = self.sae.affinities(xn, layout=layout, dtype=self.affinity_dtype)  # no autograd
         with torch.no_grad():
-            zd = z.detach()
             if mode == "batch":
-                sel = self.allocator.allocate(zd, step=self.global_step, density=self.stats.density, update=update)
+                sel = self.allocator.allocate(z, step=self.global_step, density=self.stats.density, update=update)
             else:
-                sel = self.allocator.threshold(zd, source="ema" if mode == "threshold_ema" else "calibrated")
-        code = SparseCode.from_selection(z, sel)
-        return StepOutput(x=xn, x_hat=self.sae.decode(code), z=z, code=code), ctx
+                sel = self.allocator.threshold(z, source="ema" if mode == "threshold_ema" else "calibrated")
+        code = self.sae.code(xn, z, sel, layout)
+        return StepOutput(x=xn, x_hat=self.sae.decode(code), z=z, layout=layout, code=code), ctx
 
     @torch.no_grad()
     def encode(self, x: Tensor, mode: str = "batch") -> SparseCode:
@@ -194,7 +195,8 @@ class SAEModule(L.LightningModule):
     def calibrate(self, x: Tensor) -> dict[str, float]:
         """Set the allocator's inference thresholds from held-out raw activations ``x``."""
         xn, _ = self.sae.normalise(x.to(self.device))
-        cal = CalibrationSet(xn, lambda xs, cols: self.sae.affinities(xs, cols), self.sae.n_latents)
+        cal = CalibrationSet(xn, lambda xs, cols: self.sae.affinities(xs, cols, dtype=self.affinity_dtype).float(),
+                             self.sae.n_latents)
         return self.allocator.calibrate(cal)
 
     # ---- logging helpers ----------------------------------------------------------------------

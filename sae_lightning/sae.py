@@ -8,10 +8,47 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .sparse import SparseCode, sparse_decode
+import torch.nn.functional as F
+
+from .sparse import Selection, SparseCode, sparse_decode
 
 NORMALISATIONS = ("none", "dataset_scale", "layernorm")
 B_PRE_INITS = ("geometric_median", "mean", "zeros")
+AFFINITY_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+LAYOUTS = ("token", "latent")  # token: z' is [B, F]; latent: z' is [F, B] (contiguous either way)
+
+
+class SelectedAffinities(torch.autograd.Function):
+    """The selected affinities v_e = W_enc[c_e]·(x[r_e] − b_pre) + b_enc[c_e] as a function
+    of the encoder parameters, with a sparse backward.
+
+    Forward takes the values already computed (from the affinity matrix, which is built
+    without autograd). Backward costs O(nnz·d): ∂b_enc is a scatter-add of the incoming
+    gradient, ∂W_enc[j] = Σ_{e: c_e = j} g_e (x[r_e] − b_pre) is one ``embedding_bag`` over
+    the entries grouped by latent, and ∂b_pre = −∂b_encᵀ W_enc. No dense [B, F] gradient is
+    ever formed, and the dense matmul of the encoder's backward is skipped.
+    """
+
+    @staticmethod
+    def forward(ctx, values, W_enc, b_enc, b_pre, xn, rows, cols):
+        ctx.save_for_backward(W_enc, b_pre, xn, rows, cols)
+        return values.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        W_enc, b_pre, xn, rows, cols = ctx.saved_tensors
+        n_latents = W_enc.shape[0]
+        g = g.contiguous()
+        g_b = torch.zeros(n_latents, dtype=g.dtype, device=g.device).index_add_(0, cols, g)
+        g_W = None
+        if ctx.needs_input_grad[1]:
+            perm = torch.argsort(cols, stable=True)
+            offsets = torch.zeros(n_latents + 1, dtype=torch.long, device=g.device)
+            torch.cumsum(torch.bincount(cols, minlength=n_latents), 0, out=offsets[1:])
+            g_W = F.embedding_bag(rows[perm], (xn - b_pre).to(g.dtype), offsets, mode="sum",
+                                  per_sample_weights=g[perm], include_last_offset=True)
+        g_pre = -(g_b @ W_enc) if ctx.needs_input_grad[3] else None
+        return None, g_W, g_b if ctx.needs_input_grad[2] else None, g_pre, None, None, None
 
 
 def geometric_median(x: Tensor, iters: int = 100, tol: float = 1e-6) -> Tensor:
@@ -94,10 +131,48 @@ class SparseAutoencoder(nn.Module):
         return x_hat
 
     # ---- encode / decode ----------------------------------------------------------------
-    def affinities(self, xn: Tensor, cols: slice | None = None) -> Tensor:
-        """z' = W_enc (x − b_pre) + b_enc for normalised x; ``cols`` restricts the latents."""
+    @torch.no_grad()
+    def affinities(self, xn: Tensor, cols: slice | None = None, layout: str = "token",
+                   dtype: torch.dtype = torch.float32) -> Tensor:
+        """z' = W_enc (x − b_pre) + b_enc for normalised x, without autograd: [B, F] for the
+        ``token`` layout, [F, B] for ``latent``; ``cols`` restricts the latents. A bfloat16
+        ``dtype`` computes the matrix in bf16 (for selection only; see :meth:`code`)."""
         W, b = (self.W_enc, self.b_enc) if cols is None else (self.W_enc[cols], self.b_enc[cols])
-        return torch.addmm(b, xn - self.b_pre, W.t())
+        xc = xn - self.b_pre
+        if dtype != W.dtype:
+            W, b, xc = W.to(dtype), b.to(dtype), xc.to(dtype)
+        if layout == "token":
+            return torch.addmm(b, xc, W.t())
+        return torch.addmm(b.unsqueeze(1), W, xc.t())
+
+    @torch.no_grad()
+    def exact_affinities(self, xn: Tensor, rows: Tensor, cols: Tensor, chunk: int = 1 << 15) -> Tensor:
+        """z'[r_e, c_e] in the parameters' dtype, computed pair by pair (O(nnz·d))."""
+        xc = xn - self.b_pre
+        out = torch.empty(rows.numel(), dtype=self.W_enc.dtype, device=rows.device)
+        for i in range(0, rows.numel(), chunk):
+            r, c = rows[i : i + chunk], cols[i : i + chunk]
+            out[i : i + chunk] = torch.einsum("nd,nd->n", xc[r], self.W_enc[c]) + self.b_enc[c]
+        return out
+
+    def code(self, xn: Tensor, z: Tensor, selection: Selection, layout: str = "token",
+             weights: Tensor | None = None) -> SparseCode:
+        """The sparse code of a selection: ReLU(z') at the selected pairs, non-positive ones
+        dropped, differentiable with respect to the encoder through a sparse backward.
+        ``weights`` ([F]) scales each latent's values (deficit-weighted aux loss)."""
+        rows, cols = selection.rows, selection.cols
+        with torch.no_grad():
+            if z.dtype == self.W_enc.dtype:
+                raw = z[rows, cols] if layout == "token" else z[cols, rows]
+            else:  # selection made in low precision: the values themselves are exact
+                raw = self.exact_affinities(xn, rows, cols)
+            keep = raw > 0
+            if not bool(keep.all()):
+                rows, cols, raw = rows[keep], cols[keep], raw[keep]
+        values = SelectedAffinities.apply(raw, self.W_enc, self.b_enc, self.b_pre, xn, rows, cols)
+        if weights is not None:
+            values = values * weights[cols]
+        return SparseCode.build(rows, cols, values, selection.n_tokens, self.n_latents)
 
     def decode(self, code: SparseCode) -> Tensor:
         return sparse_decode(code, self.W_dec) + self.b_pre

@@ -61,22 +61,23 @@ class SparseCode:
         return dense
 
     @staticmethod
-    def from_selection(affinities: Tensor, selection: Selection, weights: Tensor | None = None) -> "SparseCode":
-        """Gather ReLU(z') at the selected pairs, drop the non-positive ones, build CSR.
+    def build(rows: Tensor, cols: Tensor, values: Tensor, n_tokens: int, n_latents: int) -> "SparseCode":
+        """CSR from (row, col, value) triples already sorted by row."""
+        offsets = torch.zeros(n_tokens + 1, dtype=torch.long, device=rows.device)
+        torch.cumsum(torch.bincount(rows, minlength=n_tokens), 0, out=offsets[1:])
+        return SparseCode(offsets=offsets, latents=cols, values=values, n_latents=n_latents)
 
-        The gather is differentiable with respect to ``affinities``. ``weights`` ([F]),
-        when given, scales each latent's values (used by the deficit-weighted aux loss).
+    @staticmethod
+    def from_selection(affinities: Tensor, selection: Selection) -> "SparseCode":
+        """ReLU(z') at the selected pairs of a token-major matrix, non-positive ones dropped.
+
+        A plain (autograd) gather for dense inputs, used by tests and analysis; training
+        goes through :meth:`SparseAutoencoder.code`, whose backward is sparse.
         """
         rows, cols = selection.rows, selection.cols
         raw = affinities[rows, cols]
         keep = raw.detach() > 0
-        if not bool(keep.all()):
-            rows, cols, raw = rows[keep], cols[keep], raw[keep]
-        values = raw if weights is None else raw * weights[cols]
-        counts = torch.bincount(rows, minlength=selection.n_tokens)
-        offsets = torch.zeros(selection.n_tokens + 1, dtype=torch.long, device=rows.device)
-        torch.cumsum(counts, 0, out=offsets[1:])
-        return SparseCode(offsets=offsets, latents=cols, values=values, n_latents=affinities.shape[1])
+        return SparseCode.build(rows[keep], cols[keep], raw[keep], selection.n_tokens, affinities.shape[1])
 
 
 def sparse_decode(code: SparseCode, decoder_rows: Tensor) -> Tensor:

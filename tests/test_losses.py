@@ -4,7 +4,6 @@ import torch
 from sae_lightning.errors import ConfigError
 from sae_lightning.losses import AuxK, AuxZipf, StepOutput, build_losses
 from sae_lightning.sae import SparseAutoencoder
-from sae_lightning.sparse import SparseCode
 from sae_lightning.allocators.topk import TopK
 from sae_lightning.stats import LatentStats
 
@@ -14,8 +13,8 @@ def setup(dead_fraction=0.3, B=64, d=16, F=96, k=4):
     stats = LatentStats(F, k, dead_window_tokens=100, density_time_constant_tokens=1000, underused_ratio=0.5)
     x = torch.randn(B, d)
     z = sae.affinities(x)
-    code = SparseCode.from_selection(z, TopK.from_dict({"k": k}, F, B).allocate(z.detach()))
-    out = StepOutput(x=x, x_hat=sae.decode(code), z=z, code=code)
+    code = sae.code(x, z, TopK.from_dict({"k": k}, F, B).allocate(z))
+    out = StepOutput(x=x, x_hat=sae.decode(code), z=z, layout="token", code=code)
     dead = torch.rand(F) < dead_fraction
     stats.tokens_since_fired[dead] = 1000
     stats.density.copy_(torch.rand(F) * 2 * k / F)
@@ -39,7 +38,7 @@ def test_aux_k_is_zero_without_dead_latents_and_positive_with():
     assert float(AuxK()(out, sae, stats)) == 0.0
     sae, stats, out = setup(dead_fraction=0.5)
     loss = AuxK()(out, sae, stats)
-    assert float(loss) > 0
+    assert loss.item() > 0
     grad = torch.autograd.grad(loss, sae.W_enc)[0]
     dead = stats.dead_mask()
     assert grad[dead].abs().sum() > 0 and grad[~dead].abs().sum() == 0  # only dead latents are pushed

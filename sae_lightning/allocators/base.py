@@ -59,7 +59,8 @@ class CalibrationSet:
 class Allocator(nn.Module, abc.ABC):
     """Turns affinities z' [B, F] into a :class:`Selection` of (token, latent) pairs.
 
-    Two modes: :meth:`allocate` (batch allocation, used in training and batch evaluation)
+    ``z`` comes in the allocator's ``layout``, and the returned selection is always in
+    token-major (CSR) order. Two modes: :meth:`allocate` (batch allocation, used in training and batch evaluation)
     and :meth:`threshold` (threshold inference: each token on its own). State that the
     threshold mode needs (thresholds, capacities) lives in buffers, so it is saved in the
     checkpoint. Subclasses set ``Config`` and implement ``allocate``.
@@ -67,6 +68,8 @@ class Allocator(nn.Module, abc.ABC):
 
     name: ClassVar[str]
     Config: ClassVar[type[AllocatorConfig]] = AllocatorConfig
+    # the layout of z' it reads: "token" = [B, F] (row per token), "latent" = [F, B]
+    layout: ClassVar[str] = "token"
 
     def __init__(self, cfg: AllocatorConfig, n_latents: int, batch_size: int):
         super().__init__()
@@ -151,6 +154,23 @@ class GlobalTopK:
         self.c = max(1, min(F, 2 * per_row_max if 4 * per_row_max < c else c))
         cols = idx.reshape(-1)[pos]
         return Selection(rows=rows, cols=cols, n_tokens=B), flat[pos]
+
+
+def threshold_selection(z: Tensor, theta: Tensor, layout: str = "token") -> Selection:
+    """Pairs with z' > θ and z' > 0, token-major. θ is a scalar or one per latent."""
+    if layout == "token":
+        rows, cols = torch.nonzero((z > theta) & (z > 0), as_tuple=True)
+        return Selection(rows=rows, cols=cols, n_tokens=z.shape[0])
+    theta = theta.unsqueeze(1) if theta.dim() == 1 else theta
+    cols, rows = torch.nonzero((z > theta) & (z > 0), as_tuple=True)
+    return sort_pairs(rows, cols, n_tokens=z.shape[1], n_latents=z.shape[0])
+
+
+def sort_pairs(rows: Tensor, cols: Tensor, n_tokens: int, n_latents: int) -> Selection:
+    """Reorder (token, latent) pairs token-major."""
+    key = torch.sort(rows * n_latents + cols).values
+    rows = torch.div(key, n_latents, rounding_mode="floor")
+    return Selection(rows=rows, cols=key - rows * n_latents, n_tokens=n_tokens)
 
 
 def ema_update(ema: Tensor, count: Tensor, value: Tensor, beta: float) -> None:

@@ -12,8 +12,9 @@ from torch import Tensor
 from ..errors import require, require_choice
 from ..sparse import Selection
 from ..zipf import uniform_capacities, zipf_capacities
-from .base import Allocator, AllocatorConfig, CalibrationSet, GlobalTopK, ema_update, register
-from .mutual_choice import threshold_selection, validate_threshold_ema
+from .base import (Allocator, AllocatorConfig, CalibrationSet, GlobalTopK, ema_update, register, sort_pairs,
+                   threshold_selection)
+from .mutual_choice import validate_threshold_ema
 
 CAPACITIES = ("uniform", "zipf")
 RANKINGS = ("static", "by_density")
@@ -38,8 +39,8 @@ def capacities_by_rank(cfg: FeatureChoiceConfig, n_latents: int, batch_size: int
     return zipf_capacities(n_latents, budget, batch_size, cfg.zipf_alpha, cfg.zipf_beta)
 
 
-def per_column_topk(zt: Tensor, m: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """For each row j of ``zt`` ([F, B], one latent per row) its top-m_j entries.
+def per_column_topk(zt: Tensor, m: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """For each row j of ``zt`` ([F, B], latent-major) its top-m_j entries.
 
     Latents are grouped by capacity so that each ``topk`` call asks for at most twice the
     smallest capacity in its group: the work stays near Σ m_j even for Zipf capacities.
@@ -74,7 +75,11 @@ def per_column_topk(zt: Tensor, m: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 @register("feature_choice")
 class FeatureChoice(Allocator):
+    """Reads z' latent-major ([F, B]): each latent's tokens are one contiguous row, so the
+    per-latent top-m_j needs no transposed copy of the matrix."""
+
     Config = FeatureChoiceConfig
+    layout = "latent"
 
     def __init__(self, cfg: FeatureChoiceConfig, n_latents: int, batch_size: int):
         super().__init__(cfg, n_latents, batch_size)
@@ -121,19 +126,17 @@ class FeatureChoice(Allocator):
         return m
 
     def allocate(self, z: Tensor, *, step: int = 0, density: Tensor | None = None, update: bool = False) -> Selection:
-        B, F_ = z.shape
+        F_, B = z.shape
         if update and step < self.cfg.mc_warmup_steps:
-            return self._warmup(z, self.cfg.k * B)[0]
+            return self._warmup(z.t(), self.cfg.k * B)[0]
         if update and self.cfg.rank == "by_density" and density is not None and step % self.cfg.rerank_every_steps == 0:
             self.rank_to_latent.copy_(torch.argsort(density, descending=True, stable=True))
         m = self.capacities(B)
-        lat, tok, _, cutoff = per_column_topk(z.t().contiguous(), m)
+        lat, tok, _, cutoff = per_column_topk(z, m)
         if update and step >= self.cfg.threshold_ema_warmup_steps:
             # a column with fewer than m_j positive entries fires on every positive one
             ema_update(self.theta_ema, self.theta_ema_count, cutoff.clamp_min(0.0), self.cfg.threshold_ema_beta)
-        key = torch.sort(tok * F_ + lat).values  # row-major order
-        rows = torch.div(key, F_, rounding_mode="floor")
-        return Selection(rows=rows, cols=key - rows * F_, n_tokens=B)
+        return sort_pairs(tok, lat, n_tokens=B, n_latents=F_)
 
     def current_theta(self, source: str = "calibrated") -> Tensor:
         theta = self.theta_calibrated if (source == "calibrated" and bool(self.calibrated)) else self.theta_ema
@@ -141,7 +144,7 @@ class FeatureChoice(Allocator):
         return torch.where(self.capacities(self.batch_size) > 0, theta, torch.full_like(theta, float("inf")))
 
     def threshold(self, z: Tensor, source: str = "calibrated") -> Selection:
-        return threshold_selection(z, self.current_theta(source))
+        return threshold_selection(z, self.current_theta(source), self.layout)
 
     @torch.no_grad()
     def calibrate(self, cal: CalibrationSet) -> dict[str, float]:

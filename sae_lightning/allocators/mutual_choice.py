@@ -10,7 +10,7 @@ from torch import Tensor
 
 from ..errors import require
 from ..sparse import Selection
-from .base import Allocator, AllocatorConfig, CalibrationSet, GlobalTopK, ema_update, register
+from .base import Allocator, AllocatorConfig, CalibrationSet, GlobalTopK, ema_update, register, threshold_selection
 
 
 @dataclasses.dataclass
@@ -23,13 +23,6 @@ def validate_threshold_ema(cfg, prefix: str) -> None:
     require(0.0 <= cfg.threshold_ema_beta < 1.0, f"{prefix}.threshold_ema_beta", cfg.threshold_ema_beta, "a number in [0, 1)")
     require(cfg.threshold_ema_warmup_steps >= 0, f"{prefix}.threshold_ema_warmup_steps",
             cfg.threshold_ema_warmup_steps, "an integer >= 0")
-
-
-def threshold_selection(z: Tensor, theta: Tensor) -> Selection:
-    """Pairs with z' > θ (θ a scalar or one per latent) and z' > 0, row-major."""
-    mask = (z > theta) & (z > 0)
-    rows, cols = torch.nonzero(mask, as_tuple=True)
-    return Selection(rows=rows, cols=cols, n_tokens=z.shape[0])
 
 
 def global_threshold_for_rate(cal: CalibrationSet, per_token: float) -> tuple[float, float]:

@@ -16,6 +16,19 @@ def make(name, k, F, B, **params):
     return get_allocator_class(name).from_dict({"k": k, **params}, F, B)
 
 
+def in_layout(alloc, z):
+    """z is written token-major in the tests; hand it over in the allocator's layout."""
+    return z if alloc.layout == "token" else z.t().contiguous()
+
+
+def allocate(alloc, z, **kwargs):
+    return alloc.allocate(in_layout(alloc, z), **kwargs)
+
+
+def threshold(alloc, z):
+    return alloc.threshold(in_layout(alloc, z))
+
+
 def affinities(kind: str, B: int, F: int) -> torch.Tensor:
     if kind == "positive":
         return torch.rand(B, F) + 0.1
@@ -47,7 +60,7 @@ def assert_row_major_unique(sel, F):
 def test_topk_keeps_the_k_largest_of_each_row(kind):
     B, F, k = 64, 200, 7
     z = affinities(kind, B, F)
-    sel = make("topk", k, F, B).allocate(z)
+    sel = allocate(make("topk", k, F, B), z)
     assert_row_major_unique(sel, F)
     assert torch.all(counts_per_row(sel) == k)
     picked = torch.sort(z[sel.rows, sel.cols].view(B, k), dim=1, descending=True).values
@@ -56,7 +69,7 @@ def test_topk_keeps_the_k_largest_of_each_row(kind):
 
 def test_topk_code_has_exactly_k_active_when_all_positive():
     z = affinities("positive", 32, 100)
-    code = SparseCode.from_selection(z, make("topk", 5, 100, 32).allocate(z))
+    code = SparseCode.from_selection(z, allocate(make("topk", 5, 100, 32), z))
     assert torch.all(code.l0_per_token() == 5)
 
 
@@ -64,7 +77,7 @@ def test_topk_code_has_exactly_k_active_when_all_positive():
 @pytest.mark.parametrize("B,F,k", [(64, 300, 5), (17, 40, 3), (128, 64, 16)])
 def test_mutual_choice_is_the_global_top_M(kind, B, F, k):
     z = affinities(kind, B, F)
-    sel = make("mutual_choice", k, F, B).allocate(z)
+    sel = allocate(make("mutual_choice", k, F, B), z)
     assert_row_major_unique(sel, F)
     M = k * B
     assert sel.rows.numel() == M
@@ -87,7 +100,7 @@ def test_mutual_choice_keeps_exactly_M_when_enough_positive():
     B, F, k = 50, 80, 6
     z = affinities("mixed", B, F)
     assert int((z > 0).sum()) >= k * B
-    code = SparseCode.from_selection(z, make("mutual_choice", k, F, B).allocate(z))
+    code = SparseCode.from_selection(z, allocate(make("mutual_choice", k, F, B), z))
     assert code.nnz == k * B
     assert torch.all(code.values > 0)
 
@@ -96,8 +109,8 @@ def test_mutual_choice_with_one_token_equals_topk():
     F, k = 300, 9
     for kind in ("positive", "mixed"):
         z = affinities(kind, 1, F)
-        mc = make("mutual_choice", k, F, 1).allocate(z)
-        tk = make("topk", k, F, 1).allocate(z)
+        mc = allocate(make("mutual_choice", k, F, 1), z)
+        tk = allocate(make("topk", k, F, 1), z)
         assert set(mc.cols.tolist()) == set(tk.cols.tolist())
 
 
@@ -107,7 +120,7 @@ def test_feature_choice_columns_take_their_top_m(kind, capacity):
     B, F, k = 96, 160, 6
     fc = make("feature_choice", k, F, B, capacity=capacity)
     z = affinities(kind, B, F)
-    sel = fc.allocate(z)
+    sel = allocate(fc, z)
     assert_row_major_unique(sel, F)
     m = fc.capacities(B)
     assert int(m.sum()) == k * B and int(m.max()) <= B
@@ -124,7 +137,7 @@ def test_feature_choice_with_every_capacity_B_keeps_everything_positive():
     z = affinities("mixed", B, F)
     fc = make("feature_choice", F, F, B)  # k = F: M = F·B, every m_j = B
     assert torch.all(fc.capacities(B) == B)
-    code = SparseCode.from_selection(z, fc.allocate(z))
+    code = SparseCode.from_selection(z, allocate(fc, z))
     assert code.nnz == int((z > 0).sum())
 
 
@@ -141,7 +154,7 @@ def test_feature_choice_by_density_gives_the_largest_capacity_to_the_densest_lat
     B, F, k = 64, 50, 4
     fc = make("feature_choice", k, F, B, capacity="zipf", rank="by_density", rerank_every_steps=1)
     density = torch.rand(F)
-    fc.allocate(affinities("mixed", B, F), step=0, density=density, update=True)
+    allocate(fc, affinities("mixed", B, F), step=0, density=density, update=True)
     m = fc.capacities(B)
     assert int(m[density.argmax()]) == int(m.max())
     assert int(m[density.argmin()]) == int(m.min())
@@ -152,16 +165,16 @@ def test_feature_choice_mc_warmup_uses_mutual_choice_first():
     fc = make("feature_choice", k, F, B, mc_warmup_steps=10)
     z = torch.randn(B, F)
     z[0] += 5  # one token would take many latents under MC, never under FC's uniform m_j
-    warm = fc.allocate(z, step=3, update=True)
-    after = fc.allocate(z, step=10, update=True)
-    mc = make("mutual_choice", k, F, B).allocate(z)
+    warm = allocate(fc, z, step=3, update=True)
+    after = allocate(fc, z, step=10, update=True)
+    mc = allocate(make("mutual_choice", k, F, B), z)
     assert torch.equal(warm.rows, mc.rows) and torch.equal(warm.cols, mc.cols)
     assert torch.equal(counts_per_col(after, F), fc.capacities(B))
 
 
 def test_per_column_topk_reports_cutoffs():
     zt = torch.tensor([[5.0, 1.0, 3.0], [0.5, 2.0, -1.0]])
-    lat, tok, val, cutoff = per_column_topk(zt, torch.tensor([2, 0]))
+    lat, tok, val, cutoff = per_column_topk(zt, torch.tensor([2, 0]))  # zt is latent-major
     assert sorted(zip(lat.tolist(), tok.tolist())) == [(0, 0), (0, 2)]
     assert cutoff[0] == 3.0 and cutoff[1] == float("-inf")
 
@@ -171,10 +184,11 @@ def test_threshold_mode_selects_exactly_the_values_above_threshold(name):
     B, F = 20, 50
     alloc = make(name, 4, F, B)
     z = affinities("mixed", B, F)
-    sel = alloc.threshold(z)
+    sel = threshold(alloc, z)
     if alloc.has_thresholds:
         theta = alloc.current_theta()
-        expected = (z > theta) & (z > 0)
+        expected = (in_layout(alloc, z) > (theta if alloc.layout == "token" else theta.unsqueeze(1)))
+        expected = (expected if alloc.layout == "token" else expected.t()) & (z > 0)
         got = torch.zeros(B, F, dtype=torch.bool)
         got[sel.rows, sel.cols] = True
         assert torch.equal(got, expected)

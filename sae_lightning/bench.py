@@ -1,0 +1,273 @@
+"""Benchmark of the training step: ``python -m sae_lightning.bench``.
+
+In one process, for each dictionary size: the measured matmul peak, a naive dense-autograd
+TopK reference step (written here), and the real training step of each variant, run by a
+Lightning ``Trainer`` exactly as ``train.py`` runs it (forward, losses, backward, gradient
+projection, Adam, decoder renormalisation). Prints a table and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from hydra import compose, initialize_config_dir
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+# ---- measurement helpers ---------------------------------------------------------------------
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _median_time(fn, device, repeats: int = 5, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def matmul_peak(B: int, d: int, F: int, dtype: torch.dtype, device: torch.device) -> float:
+    """FLOP/s of the step's one dense product, [B, d] @ [d, F], at this dtype."""
+    a = torch.randn(B, d, device=device, dtype=dtype)
+    w = torch.randn(F, d, device=device, dtype=dtype)
+    t = _median_time(lambda: a @ w.t(), device)
+    return 2 * B * d * F / t
+
+
+class PeakMemory:
+    """Peak memory of a block: CUDA allocator peak, or the process's peak RSS on CPU
+    (Linux: VmHWM, reset through /proc/self/clear_refs)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    @staticmethod
+    def _status(field: str) -> int:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field):
+                    return int(line.split()[1]) * 1024
+        return 0
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+        else:
+            try:
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")
+            except OSError:
+                pass
+            self.base = self._status("VmRSS:")
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            self.peak = torch.cuda.max_memory_allocated(self.device) - self.base
+        else:
+            self.peak = self._status("VmHWM:") - self.base
+        return False
+
+
+class StepTimer(L.Callback):
+    """Wall time of each training batch (forward, backward, optimiser, renormalisation)."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        _sync(pl_module.device)
+        self._t = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        _sync(pl_module.device)
+        self.times.append(time.perf_counter() - self._t)
+
+
+# ---- the naive reference ---------------------------------------------------------------------
+def naive_topk_step_fn(x: torch.Tensor, F: int, k: int):
+    """Dense autograd TopK: z = relu(x W_encᵀ + b), keep the top k per row by a dense mask,
+    decode with a dense matmul, Adam (default implementation), unit-norm decoder."""
+    d = x.shape[1]
+    W_enc = torch.nn.Parameter(torch.randn(F, d, device=x.device) / d**0.5)
+    b_enc = torch.nn.Parameter(torch.zeros(F, device=x.device))
+    W_dec = torch.nn.Parameter(torch.nn.functional.normalize(W_enc.detach().clone(), dim=1))
+    b_pre = torch.nn.Parameter(torch.zeros(d, device=x.device))
+    opt = torch.optim.Adam([W_enc, b_enc, W_dec, b_pre], lr=1e-4, eps=6.25e-10)
+
+    def step():
+        z = torch.relu((x - b_pre) @ W_enc.t() + b_enc)
+        idx = torch.topk(z, k, dim=1).indices
+        code = z * torch.zeros_like(z).scatter_(1, idx, 1.0)
+        x_hat = code @ W_dec + b_pre
+        loss = (x_hat - x).pow(2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        with torch.no_grad():
+            W_dec.grad -= (W_dec.grad * W_dec).sum(1, keepdim=True) * W_dec
+        opt.step()
+        with torch.no_grad():
+            W_dec.div_(W_dec.norm(dim=1, keepdim=True))
+
+    return step
+
+
+# ---- the real step ---------------------------------------------------------------------------
+def build_module(variant: str, d: int, F: int, k: int, B: int, dtype: str, extra: list[str]):
+    from .config import validate_config
+    from .module import SAEModule
+
+    overrides = [f"variant={variant}", f"variant.k={k}", f"model.n_latents={F}", f"data.batch_size={B}",
+                 f"data.d_model={d}", "data.n_features=4096", f"model.affinity_dtype={dtype}",
+                 "model.init_sample_tokens=4096", *extra]
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        cfg = compose("train", overrides=overrides)
+    config, dm = validate_config(cfg)
+    module = SAEModule(config, d)
+    return module, dm
+
+
+def time_variant(variant, d, F, k, B, dtype, steps, warmup, device, extra, profile=False) -> dict:
+    module, dm = build_module(variant, d, F, k, B, dtype, extra)
+    g = torch.Generator().manual_seed(0)
+    batches = [dm.source.batch(B, g)[0] for _ in range(4)]
+    module.init_from_data(torch.cat(batches))
+    alloc_times: list[float] = []
+    allocate = module.allocator.allocate
+
+    def timed_allocate(z, **kwargs):
+        _sync(z.device)
+        t = time.perf_counter()
+        out = allocate(z, **kwargs)
+        _sync(z.device)
+        alloc_times.append(time.perf_counter() - t)
+        return out
+
+    module.allocator.allocate = timed_allocate
+    timer = StepTimer()
+    loader = torch.utils.data.DataLoader([batches[i % len(batches)] for i in range(steps + warmup)], batch_size=None)
+    trainer = L.Trainer(max_steps=steps + warmup, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[timer], limit_val_batches=0, num_sanity_val_steps=0,
+                        accelerator=device.type, devices=1)
+    with PeakMemory(device) as mem:
+        trainer.fit(module, train_dataloaders=loader)
+    step_times = timer.times[warmup:]
+    alloc_train = alloc_times[-steps:]
+    result = {"variant": variant, "step_s": statistics.median(step_times), "alloc_s": statistics.median(alloc_train),
+              "peak_memory_bytes": mem.peak}
+    if profile:
+        result["profile"] = profile_step(module, batches[0])
+    return result
+
+
+def profile_step(module, x: torch.Tensor, rows: int = 15) -> str:
+    """Operator table of one training step (forward, backward, optimiser)."""
+    opt = torch.optim.Adam(module.parameters(), lr=1e-5, fused=True)
+    def step():
+        loss = sum(t.coef * t(*_out(module, x)) for t in module.losses.values())
+        opt.zero_grad()
+        loss.backward()
+        module.sae.project_decoder_grad()
+        opt.step()
+        module.sae.renormalise_decoder()
+
+    def _out(m, x):
+        out, _ = m.forward_step(x, "batch", update=False)
+        return out, m.sae, m.stats
+
+    step()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        step()
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--d", type=int, default=384)
+    p.add_argument("--latents", type=int, nargs="+", default=[8192, 16384])
+    p.add_argument("--k", type=int, default=32)
+    p.add_argument("--batch", type=int, default=4096)
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--variants", nargs="+", default=["topk", "mutual_choice", "feature_choice"])
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="dtype of the affinity matrix used for selection (model.affinity_dtype)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--no-reference", action="store_true", help="skip the naive dense reference")
+    p.add_argument("--profile", action="store_true", help="print an operator profile of each variant's step")
+    p.add_argument("--out", default="outputs/bench/bench.json")
+    p.add_argument("overrides", nargs="*", help="extra Hydra overrides for the variants, e.g. optim.fused=false")
+    a = p.parse_args(argv)
+    device = torch.device(a.device)
+    torch.set_float32_matmul_precision("high")
+    report = {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
+              "d": a.d, "k": a.k, "batch": a.batch, "dtype": a.dtype, "steps": a.steps, "sizes": []}
+    for F in a.latents:
+        dt = torch.bfloat16 if a.dtype == "bfloat16" else torch.float32
+        peak = matmul_peak(a.batch, a.d, F, dt, device)
+        nnz = a.k * a.batch
+        # FLOPs a step cannot avoid: the dense encoder product, and the sparse products
+        # (decode, its two gradients, the encoder's weight gradient): 2·nnz·d each.
+        flops = 2 * a.batch * a.d * F + 4 * 2 * nnz * a.d
+        size = {"n_latents": F, "matmul_peak_flops": peak, "step_flops": flops, "rows": []}
+        if not a.no_reference:
+            g = torch.Generator().manual_seed(0)
+            x = torch.randn(a.batch, a.d, generator=g).to(device)
+            with PeakMemory(device) as mem:
+                t = _median_time(naive_topk_step_fn(x, F, a.k), device, repeats=a.steps, warmup=a.warmup)
+            size["rows"].append({"variant": "naive_dense_topk", "step_s": t, "alloc_s": float("nan"),
+                                 "peak_memory_bytes": mem.peak})
+        for v in a.variants:
+            size["rows"].append(time_variant(v, a.d, F, a.k, a.batch, a.dtype, a.steps, a.warmup, device,
+                                             a.overrides, profile=a.profile))
+        ref = next((r["step_s"] for r in size["rows"] if r["variant"] == "naive_dense_topk"), None)
+        topk = next((r["step_s"] for r in size["rows"] if r["variant"] == "topk"), None)
+        for r in size["rows"]:
+            r["tokens_per_s"] = a.batch / r["step_s"]
+            r["speedup_vs_naive"] = ref / r["step_s"] if ref else None
+            r["time_vs_topk"] = r["step_s"] / topk if topk else None
+            r["peak_share"] = flops / r["step_s"] / peak
+        report["sizes"].append(size)
+        print_size(size, a)
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(report, indent=2, default=float) + "\n")
+    os.replace(tmp, out)
+    print(f"written {out}")
+    return report
+
+
+def print_size(size: dict, a) -> None:
+    print(f"\nd={a.d} F={size['n_latents']} k={a.k} B={a.batch} dtype={a.dtype}: matmul peak "
+          f"{size['matmul_peak_flops'] / 1e9:.0f} GFLOP/s, step FLOPs {size['step_flops'] / 1e9:.1f} G")
+    head = f"  {'variant':<18}{'tokens/s':>10}{'step ms':>9}{'alloc ms':>10}{'vs naive':>10}{'vs topk':>9}{'peak %':>8}{'mem MB':>8}"
+    print(head)
+    for r in size["rows"]:
+        vs_naive = f"{r['speedup_vs_naive']:.2f}x" if r["speedup_vs_naive"] else "-"
+        vs_topk = f"{r['time_vs_topk']:.2f}" if r["time_vs_topk"] else "-"
+        alloc = "-" if r["alloc_s"] != r["alloc_s"] else f"{1000 * r['alloc_s']:.1f}"
+        print(f"  {r['variant']:<18}{r['tokens_per_s']:>10.0f}{1000 * r['step_s']:>9.1f}{alloc:>10}{vs_naive:>10}"
+              f"{vs_topk:>9}{100 * r['peak_share']:>7.1f}%{r['peak_memory_bytes'] / 2**20:>8.0f}")
+        if "profile" in r:
+            print(r["profile"])
+
+
+if __name__ == "__main__":
+    main()
