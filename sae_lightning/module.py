@@ -82,17 +82,20 @@ class SAEModule(L.LightningModule):
     def on_train_start(self) -> None:
         self.first_step = self.global_step  # > 0 when resuming (restored by now)
 
-    def on_fit_start(self) -> None:
-        if not bool(self.sae.initialised):
+    def setup(self, stage: str) -> None:
+        # before configure_optimizers (which reads the encoder scale); on resume the
+        # checkpoint's weights and buffers replace these right after
+        if stage == "fit" and not bool(self.sae.initialised):
             figures = self.init_from_data(self.trainer.datamodule.sample(self.config["model"]["init_sample_tokens"]))
             self.print("initialised from data: " + ", ".join(f"{key}={value:.4g}" for key, value in figures.items()))
 
     @torch.no_grad()
     def init_from_data(self, x: Tensor) -> dict[str, float]:
         """Normalisation scale and b_pre from a sample; then, with ``model.init_encoder_scale
-        = fit``, one scalar on W_enc chosen by least squares so that the first batch
-        allocation reconstructs the sample as well as a scalar allows. (A tied random
-        init overshoots badly where an allocator gives a token many latents.)"""
+        = fit``, one scalar s on W_enc chosen by least squares so that the first batch
+        allocation reconstructs the sample as well as a scalar allows (a tied random init
+        overshoots badly where an allocator gives a token many latents). W_enc's learning
+        rate is multiplied by the same s (see configure_optimizers)."""
         x = x.to(self.device)
         figures = self.sae.init_from_sample(x)
         if self.config["model"]["init_encoder_scale"] == "fit":
@@ -104,6 +107,7 @@ class SAEModule(L.LightningModule):
                 den += float(decoded.pow(2).sum())
             if den > 0 and num > 0:
                 self.sae.W_enc.mul_(num / den)
+                self.sae.encoder_scale.fill_(num / den)
                 figures["encoder_scale"] = num / den
         return figures
 
@@ -111,7 +115,13 @@ class SAEModule(L.LightningModule):
         o = self.config["optim"]
         lr = o["lr"] if o["lr"] is not None else default_lr(self.sae.n_latents)
         fused = o["fused"] if o["fused"] != "auto" else True
-        opt = torch.optim.Adam(self.parameters(), lr=lr, betas=tuple(o["betas"]), eps=o["eps"], fused=fused)
+        # W_enc was scaled by s at init: scaling its learning rate by s too keeps Adam's steps
+        # the same size relative to the weights (the same as training W_enc / s). Without
+        # it, s ≈ 0.2 lets Mutual Choice kill ~80 % of its latents in 2000 steps.
+        enc_scale = float(self.sae.encoder_scale)
+        rest = [p for name, p in self.named_parameters() if name != "sae.W_enc"]
+        groups = [{"params": [self.sae.W_enc], "lr": lr * enc_scale}, {"params": rest, "lr": lr}]
+        opt = torch.optim.Adam(groups, lr=lr, betas=tuple(o["betas"]), eps=o["eps"], fused=fused)
         warm = max(0, int(o["warmup_steps"]))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warm) if warm else 1.0)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
