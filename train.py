@@ -5,6 +5,7 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from sae_lightning.errors import ConfigError
@@ -13,13 +14,14 @@ from sae_lightning.train import run
 
 @hydra.main(config_path="configs", config_name="train", version_base="1.3")
 def main(cfg: DictConfig):
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    hydra_cfg = HydraConfig.get()
     try:
-        metrics = run(cfg, run_dir)
+        return run(cfg, Path(hydra_cfg.runtime.output_dir))
     except ConfigError as e:
+        if hydra_cfg.mode == RunMode.MULTIRUN:
+            raise  # the sweeper records the trial as failed, with this message, and goes on
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    return metrics.get("val/batch/fvu")
 
 
 if __name__ == "__main__":

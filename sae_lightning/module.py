@@ -131,6 +131,9 @@ class SAEModule(L.LightningModule):
         out, ctx = self.forward_step(x, "batch", update=True)
         terms = {name: term(out, self.sae, self.stats) for name, term in self.losses.items()}
         loss = sum(self.losses[name].coef * value for name, value in terms.items())
+        if not torch.isfinite(loss):
+            bad = {name: float(value) for name, value in terms.items()}
+            raise FloatingPointError(f"non-finite loss at step {self.global_step}: {bad}")
         fire = out.code.fire_counts()
         n_tokens = x.shape[0]
         if torch.distributed.is_available() and torch.distributed.is_initialized():

@@ -42,7 +42,7 @@ def run(cfg, run_dir: Path) -> dict[str, Any]:
     """Train one SAE as configured; returns the final metrics (also in metrics.json)."""
     try:
         config, datamodule = validate_config(cfg)
-    except ConfigError as e:
+    except ConfigError:
         _remove_if_empty(run_dir)
         raise
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -58,6 +58,10 @@ def run(cfg, run_dir: Path) -> dict[str, Any]:
     calibration = ThresholdCalibration(enabled=config["calibration"]["enabled"])
     callbacks = [checkpoint, calibration, LatentStatsMonitor(config["logging"]["histogram_every_n_steps"]),
                  L.pytorch.callbacks.LearningRateMonitor(logging_interval="step")]
+    from .sweep import pruning
+
+    if pruning.ACTIVE is not None:  # a trial of an Optuna sweep
+        callbacks.append(pruning.OptunaPruning(pruning.ACTIVE))
     trainer = L.Trainer(**config["trainer"], logger=logger, callbacks=callbacks, default_root_dir=str(run_dir),
                         plugins=[AtomicCheckpointIO()], enable_model_summary=False)
 
@@ -71,6 +75,7 @@ def run(cfg, run_dir: Path) -> dict[str, Any]:
     tokens = trainer.global_step * config["data"]["batch_size"]
     metrics = {
         "variant": config["variant"]["name"],
+        "run_dir": str(run_dir),
         "k": config["variant"]["k"],
         "n_latents": config["model"]["n_latents"],
         "steps": trainer.global_step,

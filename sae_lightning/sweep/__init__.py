@@ -1,0 +1,1 @@
+"""Optuna sweeps of the sparsity–reconstruction Pareto front, driven by Hydra multirun."""

@@ -1,0 +1,60 @@
+"""Pruning of unpromising trials on their intermediate validation figures.
+
+Optuna's pruners are single-objective, and pruning on FVU alone would kill every trial with
+a small k, which the front needs. A trial is pruned at step s when at least ``min_trials``
+finished trials dominate its (FVU, L0) at the same step s, FVU by a relative ``margin``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import lightning as L
+import optuna
+
+# set by the sweeper around each trial it launches (trials run in this process)
+ACTIVE: "TrialContext | None" = None
+
+
+@dataclass
+class TrialContext:
+    study: optuna.Study
+    trial: optuna.Trial
+    fvu_key: str = "val/batch/fvu"
+    l0_key: str = "val/batch/l0_mean"
+    min_trials: int = 4
+    margin: float = 0.05
+    enabled: bool = True
+
+    def record(self, step: int, fvu: float, l0: float) -> None:
+        history = dict(self.trial.user_attrs.get("intermediate", {}))
+        history[str(step)] = [fvu, l0]
+        self.trial.set_user_attr("intermediate", history)
+
+    def should_prune(self, step: int, fvu: float, l0: float) -> bool:
+        if not self.enabled:
+            return False
+        dominating = 0
+        for t in self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+            other = t.user_attrs.get("intermediate", {}).get(str(step))
+            if other is not None and other[0] * (1 + self.margin) < fvu and other[1] <= l0:
+                dominating += 1
+        return dominating >= self.min_trials
+
+
+class OptunaPruning(L.Callback):
+    """Records each validation's FVU and L0 on the trial and prunes by the rule above."""
+
+    def __init__(self, ctx: TrialContext):
+        self.ctx = ctx
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking or trainer.state.fn != "fit":
+            return
+        m = pl_module.last_val
+        if self.ctx.fvu_key not in m or self.ctx.l0_key not in m:
+            return
+        step, fvu, l0 = trainer.global_step, m[self.ctx.fvu_key], m[self.ctx.l0_key]
+        self.ctx.record(step, fvu, l0)
+        if self.ctx.should_prune(step, fvu, l0):
+            raise optuna.TrialPruned(f"pruned at step {step}: FVU {fvu:.4f} at L0 {l0:.1f} is dominated")

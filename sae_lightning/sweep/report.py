@@ -1,0 +1,141 @@
+"""Report a finished or running study: ``python -m sae_lightning.sweep.report --study NAME``.
+
+Writes, under ``<out_dir>/sweeps/<study>/``: ``trials.csv`` (every trial: state, params,
+objectives, failure or pruning reason, run folder and TensorBoard folder), ``pareto.csv``
+and ``pareto.json`` (the front over all variants) and ``pareto.png`` (FVU against L0, one
+colour per variant, the overall front drawn through its points and each variant's own
+front dashed). ``optuna-dashboard <storage>`` opens the same storage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+from pathlib import Path
+
+import optuna
+
+from .pareto import pareto_front
+from .sweeper import default_storage
+
+COLOURS = {"topk": "tab:blue", "mutual_choice": "tab:orange", "feature_choice": "tab:green"}
+
+
+def trial_rows(study: optuna.Study) -> list[dict]:
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        run_dir = t.user_attrs.get("run_dir")
+        row = {"trial": t.number, "state": t.state.name.lower(),
+               "variant": t.params.get("variant") or _override(t, "variant") or "?",
+               "duration_s": round(t.duration.total_seconds(), 1) if t.duration else None}
+        names = study.metric_names or [f"objective_{i}" for i in range(len(study.directions))]
+        for i, name in enumerate(names):
+            row[name] = t.values[i] if t.values else None
+        row.update({f"param:{k}": v for k, v in t.params.items()})
+        row["reason"] = t.user_attrs.get("reason", "")
+        row["run_dir"] = run_dir or ""
+        row["tensorboard"] = str(Path(run_dir) / "tb") if run_dir else ""
+        rows.append(row)
+    return rows
+
+
+def _override(t, key: str):
+    for ov in t.user_attrs.get("overrides", []):
+        if ov.startswith(f"{key}="):
+            return ov.split("=", 1)[1]
+    return None
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    keys: list[str] = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+    os.replace(tmp, path)
+
+
+def plot(path: Path, rows: list[dict], front: list[dict], x_key: str, y_key: str, directions) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    done = [r for r in rows if r["state"] == "complete"]
+    for variant in sorted({r["variant"] for r in done}):
+        pts = [r for r in done if r["variant"] == variant]
+        colour = COLOURS.get(variant)
+        ax.scatter([r[x_key] for r in pts], [r[y_key] for r in pts], s=22, alpha=0.8, color=colour,
+                   label=f"{variant} ({len(pts)})")
+        own = [pts[i] for i in pareto_front([(r[y_key], r[x_key]) for r in pts], directions)]
+        own.sort(key=lambda r: r[x_key])
+        ax.plot([r[x_key] for r in own], [r[y_key] for r in own], "--", color=colour, linewidth=1, alpha=0.7)
+    front = sorted(front, key=lambda r: r[x_key])
+    ax.plot([r[x_key] for r in front], [r[y_key] for r in front], "-", color="black", linewidth=1.5,
+            label="Pareto front (all)", zorder=0)
+    for r in front:
+        ax.annotate(str(r["trial"]), (r[x_key], r[y_key]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel(f"{x_key} (sparsity)")
+    ax.set_ylabel(f"{y_key} (reconstruction)")
+    ax.set_title(f"{len(done)} complete trials; front of {len(front)}")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    fig.savefig(tmp, dpi=120, format="png")
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def report(study_name: str, storage: str | None = None, out_dir: str = "outputs") -> dict:
+    storage = storage or default_storage(out_dir, study_name)
+    study = optuna.load_study(study_name=study_name, storage=storage)
+    names = study.metric_names or [f"objective_{i}" for i in range(len(study.directions))]
+    directions = [d.name.lower() for d in study.directions]
+    rows = trial_rows(study)
+    done = [r for r in rows if r["state"] == "complete"]
+    front = [done[i] for i in pareto_front([[r[n] for n in names] for r in done], directions)]
+    folder = Path(out_dir) / "sweeps" / study_name
+    folder.mkdir(parents=True, exist_ok=True)
+    write_csv(folder / "trials.csv", rows)
+    write_csv(folder / "pareto.csv", front)
+    summary = {"study": study_name, "storage": storage, "objectives": names, "directions": directions,
+               "states": {s: sum(r["state"] == s for r in rows) for s in sorted({r["state"] for r in rows})},
+               "pareto_front": front}
+    tmp = folder / f".pareto.json.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    os.replace(tmp, folder / "pareto.json")
+    if len(names) >= 2 and done:
+        # x: sparsity (second objective), y: reconstruction (first)
+        plot(folder / "pareto.png", rows, front, names[1], names[0], [directions[0], directions[1]])
+    return {"folder": str(folder), **summary}
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description="Pareto front of an Optuna study (CSV, JSON, PNG)")
+    p.add_argument("--study", required=True)
+    p.add_argument("--storage", default=None, help="SQLAlchemy URL (default: sqlite under <out-dir>/sweeps/)")
+    p.add_argument("--out-dir", default="outputs")
+    a = p.parse_args(argv)
+    try:
+        out = report(a.study, a.storage, a.out_dir)
+    except KeyError:
+        raise SystemExit(f"error: no study named {a.study!r} in {a.storage or default_storage(a.out_dir, a.study)}")
+    names = out["objectives"]
+    print(f"study {out['study']}: " + ", ".join(f"{k} {v}" for k, v in out["states"].items()))
+    print(f"Pareto front ({len(out['pareto_front'])} trials):")
+    print(f"  {'trial':>5}  {'variant':<15}" + "".join(f"{n:>22}" for n in names) + "  run")
+    for r in out["pareto_front"]:
+        print(f"  {r['trial']:>5}  {r['variant']:<15}" + "".join(f"{r[n]:>22.4f}" for n in names) + f"  {r['run_dir']}")
+    print(f"written {out['folder']}/trials.csv, pareto.csv, pareto.json" + (", pareto.png" if len(names) >= 2 else ""))
+
+
+if __name__ == "__main__":
+    main()

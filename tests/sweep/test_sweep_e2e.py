@@ -1,0 +1,78 @@
+"""Tiny Optuna studies through `train.py -m`: run, resume, failures, two workers."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import optuna
+
+from ..conftest import ROOT, TINY
+
+FAST = [*TINY, "variant.k=4", "trainer.max_steps=6", "trainer.val_check_interval=3"]
+
+
+def sweep(tmp_path, *extra, study="s"):
+    cmd = [sys.executable, "train.py", "-m", "sweeps=pareto", f"out_dir={tmp_path}",
+           f"hydra.sweeper.study_name={study}", *FAST, *extra]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+def load(tmp_path, study="s"):
+    return optuna.load_study(study_name=study, storage=f"sqlite:///{tmp_path}/sweeps/{study}.db")
+
+
+def states(study):
+    return sorted(t.state.name for t in study.get_trials())
+
+
+def test_study_runs_resumes_and_reports(tmp_path):
+    proc = sweep(tmp_path, "hydra.sweeper.n_trials=3")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    study = load(tmp_path)
+    assert states(study) == ["COMPLETE"] * 3
+    for t in study.trials:
+        assert (tmp_path / "sweeps" / "s" / f"trial_{t.number}_{t.params['variant']}" / "metrics.json").is_file()
+        assert t.params["variant"] in ("topk", "mutual_choice", "feature_choice")
+        assert t.values[1] == 4.0  # L0 = k (fixed on the command line)
+    # the same command again: nothing to do; a larger budget: only the missing trials run
+    assert sweep(tmp_path, "hydra.sweeper.n_trials=3").returncode == 0
+    assert len(load(tmp_path).trials) == 3
+    assert sweep(tmp_path, "hydra.sweeper.n_trials=4").returncode == 0
+    assert states(load(tmp_path)) == ["COMPLETE"] * 4
+
+    rep = subprocess.run([sys.executable, "-m", "sae_lightning.sweep.report", "--study", "s", "--out-dir", str(tmp_path)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert rep.returncode == 0, rep.stderr
+    folder = tmp_path / "sweeps" / "s"
+    for name in ("trials.csv", "pareto.csv", "pareto.json", "pareto.png"):
+        assert (folder / name).is_file(), name
+    assert "Pareto front" in rep.stdout and "run_dir" in (folder / "pareto.csv").read_text()
+
+
+def test_a_failing_trial_is_recorded_and_the_sweep_goes_on(tmp_path):
+    # k = 5 > n_latents = 4 is infeasible: those trials fail with the config error as reason
+    proc = sweep(tmp_path, "hydra.sweeper.n_trials=5", "hydra.sweeper.sampler=random", "variant=topk",
+                 "model.n_latents=4", "variant.k=choice(3,5)", study="f")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    study = load(tmp_path, "f")
+    failed = [t for t in study.trials if t.state == optuna.trial.TrialState.FAIL]
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(study.trials) == 5 and failed and complete
+    assert all(t.params["variant.k"] == 5 for t in failed) and all(t.params["variant.k"] == 3 for t in complete)
+    assert all("variant.k=5" in t.user_attrs["reason"] and "n_latents = 4" in t.user_attrs["reason"] for t in failed)
+
+
+def test_two_workers_share_one_study(tmp_path):
+    cmd = [sys.executable, "train.py", "-m", "sweeps=pareto", f"out_dir={tmp_path}", "hydra.sweeper.study_name=w",
+           "hydra.sweeper.n_trials=4", *FAST]
+    workers = [subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+               for _ in range(2)]
+    for w in workers:
+        _, err = w.communicate(timeout=600)
+        assert w.returncode == 0, err[-3000:]
+    study = load(tmp_path, "w")
+    assert states(study) == ["COMPLETE"] * 4
+    assert sorted(t.number for t in study.trials) == [0, 1, 2, 3]
+    dirs = {t.user_attrs["run_dir"] for t in study.trials}
+    assert len(dirs) == 4  # no trial ran twice into the same folder
