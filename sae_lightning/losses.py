@@ -30,9 +30,9 @@ class StepOutput:
     layout: str
     code: SparseCode
 
-    def columns(self, latents: Tensor) -> Tensor:
-        """The affinities of some latents for every token, [B, len(latents)]."""
-        return self.z[:, latents] if self.layout == "token" else self.z[latents].t()
+    def columns(self, latents: Tensor, tokens: slice = slice(None)) -> Tensor:
+        """The affinities of some latents for (some) tokens, [tokens, len(latents)]."""
+        return self.z[tokens][:, latents] if self.layout == "token" else self.z[latents, tokens].t()
 
 
 LOSSES: dict[str, type["LossTerm"]] = {}
@@ -77,7 +77,10 @@ def aux_residual_loss(out: StepOutput, sae: SparseAutoencoder, candidates: Tenso
         return out.x.new_zeros(())
     k = min(k_aux, idx.numel())
     B = out.x.shape[0]
-    top = torch.topk(out.columns(idx), k, dim=1, sorted=False).indices
+    # the candidates' columns, a chunk of tokens at a time: never a second [B, F] tensor
+    chunk = max(1, (1 << 22) // idx.numel())
+    top = torch.cat([torch.topk(out.columns(idx, slice(i, i + chunk)), k, dim=1, sorted=False).indices
+                     for i in range(0, B, chunk)])
     sel = Selection(rows=torch.arange(B, device=idx.device).repeat_interleave(k),
                     cols=idx[top].reshape(-1), n_tokens=B)
     code = sae.code(out.x, out.z, sel, out.layout, weights)

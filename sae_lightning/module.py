@@ -115,12 +115,13 @@ class SAEModule(L.LightningModule):
         o = self.config["optim"]
         lr = o["lr"] if o["lr"] is not None else default_lr(self.sae.n_latents)
         fused = o["fused"] if o["fused"] != "auto" else True
-        # W_enc was scaled by s at init: scaling its learning rate by s too keeps Adam's steps
-        # the same size relative to the weights (the same as training W_enc / s). Without
-        # it, s ≈ 0.2 lets Mutual Choice kill ~80 % of its latents in 2000 steps.
+        # W_enc was scaled by s at init, so affinities are s times smaller: the encoder's
+        # learning rates (W_enc and b_enc) are scaled by s too, which for Adam is the same as
+        # training z' = s·(V x + c) with V, c at the unscaled init.
         enc_scale = float(self.sae.encoder_scale)
-        rest = [p for name, p in self.named_parameters() if name != "sae.W_enc"]
-        groups = [{"params": [self.sae.W_enc], "lr": lr * enc_scale}, {"params": rest, "lr": lr}]
+        encoder = [self.sae.W_enc, self.sae.b_enc]
+        rest = [p for name, p in self.named_parameters() if name not in ("sae.W_enc", "sae.b_enc")]
+        groups = [{"params": encoder, "lr": lr * enc_scale}, {"params": rest, "lr": lr}]
         opt = torch.optim.Adam(groups, lr=lr, betas=tuple(o["betas"]), eps=o["eps"], fused=fused)
         warm = max(0, int(o["warmup_steps"]))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warm) if warm else 1.0)

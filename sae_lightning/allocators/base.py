@@ -125,10 +125,11 @@ def topk_per_row(z: Tensor, k: int) -> Selection:
 
 
 class GlobalTopK:
-    """Exact top-M of a flattened [B, F] matrix by two stages: the top-c of every row, then
-    the top-M of those candidates. It is exact when no row has all c of its candidates at
-    or above the cut (such a row might hold more); otherwise c grows and it runs again.
-    The c that worked is remembered for the next batch (an optimisation, not state)."""
+    """Exact top-M of a flattened [B, F] matrix, in two stages: the top-c of every row, then
+    the top-M of those candidates. A row whose c candidates all reach the cut might hold
+    more, so only such rows are widened (×4) and the cut recomputed, until none is left;
+    the result is then exactly the flat top-M. The c for the next batch is the 99th
+    percentile of the per-row counts just selected (a hint, not state)."""
 
     def __init__(self, initial_c: int):
         self.c = max(1, initial_c)
@@ -137,23 +138,47 @@ class GlobalTopK:
         B, F = z.shape
         budget = min(budget, B * F)
         c = min(F, max(self.c, -(-budget // B)))
+        vals, idx = torch.topk(z, c, dim=1, sorted=True)
+        groups = [(torch.arange(B, device=z.device), vals, idx)]  # (rows, values [n, w], latents [n, w])
         while True:
-            vals, idx = torch.topk(z, c, dim=1, sorted=True)
-            flat = vals.reshape(-1)
+            flat = torch.cat([g[1].reshape(-1) for g in groups]) if len(groups) > 1 else vals.reshape(-1)
             top = torch.topk(flat, budget, sorted=False)
             cut = top.values.min()
-            last = vals[:, -1]
-            saturated = (c < F) and bool(((last >= cut) & (last > 0)).any())
+            saturated = []
+            for rows, v, _ in groups:
+                if v.shape[1] < F:
+                    hit = (v[:, -1] >= cut) & (v[:, -1] > 0)
+                    if bool(hit.any()):
+                        saturated.append((rows[hit], v.shape[1]))
             if not saturated:
                 break
-            c = min(F, c * 2)
-        # let the next batch start from a c that fits the largest row seen, with headroom
-        pos = torch.sort(top.indices).values  # row-major order
-        rows = torch.div(pos, c, rounding_mode="floor")
-        per_row_max = int(torch.bincount(rows, minlength=B).max()) if budget > 0 else 0
-        self.c = max(1, min(F, 2 * per_row_max if 4 * per_row_max < c else c))
-        cols = idx.reshape(-1)[pos]
-        return Selection(rows=rows, cols=cols, n_tokens=B), flat[pos]
+            wide = torch.cat([r for r, _ in saturated])
+            width = min(F, 4 * max(w for _, w in saturated))
+            kept = []
+            for rows, v, i in groups:
+                stay = ~torch.isin(rows, wide)
+                if bool(stay.any()):
+                    kept.append((rows[stay], v[stay], i[stay]))
+            v_new, i_new = torch.topk(z[wide], width, dim=1, sorted=True)
+            groups = kept + [(wide, v_new, i_new)]
+        if len(groups) == 1 and groups[0][1] is vals:
+            pos = torch.sort(top.indices).values  # row-major already
+            rows = torch.div(pos, c, rounding_mode="floor")
+            sel = Selection(rows=rows, cols=idx.reshape(-1)[pos], n_tokens=B)
+            values = flat[pos]
+        else:
+            flat_rows = torch.cat([r.repeat_interleave(v.shape[1]) for r, v, _ in groups])
+            flat_cols = torch.cat([i.reshape(-1) for _, _, i in groups])
+            key = flat_rows[top.indices] * F + flat_cols[top.indices]
+            order = torch.argsort(key)
+            key = key[order]
+            rows = torch.div(key, F, rounding_mode="floor")
+            sel = Selection(rows=rows, cols=key - rows * F, n_tokens=B)
+            values = top.values[order]
+        counts = torch.bincount(sel.rows, minlength=B)
+        p99 = int(torch.kthvalue(counts, max(1, int(0.99 * B))).values) if B > 1 else int(counts.max())
+        self.c = max(1, min(F, p99 + 1))
+        return sel, values
 
 
 def threshold_selection(z: Tensor, theta: Tensor, layout: str = "token") -> Selection:

@@ -209,3 +209,19 @@ def test_unknown_allocator_parameter_is_named():
         make("feature_choice", 2, 10, 4, capacityy="zipf")
     with pytest.raises(ConfigError, match="variant.capacity='pareto'.*'uniform', 'zipf'"):
         make("feature_choice", 2, 10, 4, capacity="pareto")
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_global_topk_is_exact_for_any_starting_width(seed):
+    g = torch.Generator().manual_seed(seed)
+    B, F = 40, 120
+    scale = torch.exp(2 * torch.randn(B, 1, generator=g))  # heavy-tailed token scales
+    z = torch.randn(B, F, generator=g) * scale
+    if seed % 2:
+        z = torch.round(z * 2) / 2  # with ties
+    budget = int(torch.randint(1, B * F // 3, (1,), generator=g))
+    for c0 in (1, 3, 17, F):
+        sel, values = GlobalTopK(initial_c=c0)(z, budget)
+        assert_row_major_unique(sel, F)
+        assert torch.equal(z[sel.rows, sel.cols], values)
+        assert torch.equal(torch.sort(values, descending=True).values, torch.topk(z.flatten(), budget).values)
