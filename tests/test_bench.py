@@ -1,0 +1,21 @@
+"""The benchmark runs at a tiny size and reports every figure (no timing assertions)."""
+
+import json
+
+from sae_lightning import bench
+
+
+def test_bench_reports_all_variants_and_ratios(tmp_path):
+    out = tmp_path / "bench.json"
+    report = bench.main(["--d", "16", "--latents", "128", "--k", "4", "--batch", "64", "--steps", "2",
+                         "--warmup", "1", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["sizes"][0]["n_latents"] == 128
+    rows = {r["variant"]: r for r in report["sizes"][0]["rows"]}
+    assert set(rows) == {"naive_dense_topk", "topk", "mutual_choice", "feature_choice"}
+    for name, r in rows.items():
+        assert r["step_s"] > 0 and r["tokens_per_s"] > 0 and r["peak_share"] > 0
+        assert r["speedup_vs_naive"] > 0 and r["time_vs_topk"] > 0
+        if name != "naive_dense_topk":
+            assert 0 < r["alloc_s"] < r["step_s"]
+    assert rows["topk"]["time_vs_topk"] == 1.0
