@@ -83,8 +83,7 @@ class SAEModule(L.LightningModule):
         self.first_step = self.global_step  # > 0 when resuming (restored by now)
 
     def setup(self, stage: str) -> None:
-        # before configure_optimizers (which reads the encoder scale); on resume the
-        # checkpoint's weights and buffers replace these right after
+        # once, before training; on resume the checkpoint's weights and buffers replace these
         if stage == "fit" and not bool(self.sae.initialised):
             figures = self.init_from_data(self.trainer.datamodule.sample(self.config["model"]["init_sample_tokens"]))
             self.print("initialised from data: " + ", ".join(f"{key}={value:.4g}" for key, value in figures.items()))
@@ -94,8 +93,7 @@ class SAEModule(L.LightningModule):
         """Normalisation scale and b_pre from a sample; then, with ``model.init_encoder_scale
         = fit``, one scalar s on W_enc chosen by least squares so that the first batch
         allocation reconstructs the sample as well as a scalar allows (a tied random init
-        overshoots badly where an allocator gives a token many latents). W_enc's learning
-        rate is multiplied by the same s (see configure_optimizers)."""
+        overshoots badly where an allocator gives a token many latents)."""
         x = x.to(self.device)
         figures = self.sae.init_from_sample(x)
         if self.config["model"]["init_encoder_scale"] == "fit":
@@ -115,14 +113,7 @@ class SAEModule(L.LightningModule):
         o = self.config["optim"]
         lr = o["lr"] if o["lr"] is not None else default_lr(self.sae.n_latents)
         fused = o["fused"] if o["fused"] != "auto" else True
-        # W_enc was scaled by s at init, so affinities are s times smaller: the encoder's
-        # learning rates (W_enc and b_enc) are scaled by s too, which for Adam is the same as
-        # training z' = s·(V x + c) with V, c at the unscaled init.
-        enc_scale = float(self.sae.encoder_scale)
-        encoder = [self.sae.W_enc, self.sae.b_enc]
-        rest = [p for name, p in self.named_parameters() if name not in ("sae.W_enc", "sae.b_enc")]
-        groups = [{"params": encoder, "lr": lr * enc_scale}, {"params": rest, "lr": lr}]
-        opt = torch.optim.Adam(groups, lr=lr, betas=tuple(o["betas"]), eps=o["eps"], fused=fused)
+        opt = torch.optim.Adam(self.parameters(), lr=lr, betas=tuple(o["betas"]), eps=o["eps"], fused=fused)
         warm = max(0, int(o["warmup_steps"]))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warm) if warm else 1.0)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
