@@ -105,7 +105,6 @@ class SAEModule(L.LightningModule):
                 den += float(decoded.pow(2).sum())
             if den > 0 and num > 0:
                 self.sae.W_enc.mul_(num / den)
-                self.sae.encoder_scale.fill_(num / den)
                 figures["encoder_scale"] = num / den
         return figures
 

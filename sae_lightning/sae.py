@@ -83,7 +83,6 @@ class SparseAutoencoder(nn.Module):
         self.b_pre = nn.Parameter(torch.zeros(d_model))
         self.register_buffer("scale", torch.ones(()))  # dataset_scale's c
         self.register_buffer("initialised", torch.zeros((), dtype=torch.bool))
-        self.register_buffer("encoder_scale", torch.ones(()))  # the init's scalar on W_enc (1: none)
         self.reset_parameters()
 
     @torch.no_grad()
