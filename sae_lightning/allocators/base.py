@@ -125,60 +125,87 @@ def topk_per_row(z: Tensor, k: int) -> Selection:
 
 
 class GlobalTopK:
-    """Exact top-M of a flattened [B, F] matrix, in two stages: the top-c of every row, then
-    the top-M of those candidates. A row whose c candidates all reach the cut might hold
-    more, so only such rows are widened (×4) and the cut recomputed, until none is left;
-    the result is then exactly the flat top-M. The c for the next batch is the 99th
-    percentile of the per-row counts just selected (a hint, not state)."""
+    """Exact top-M of a flattened [B, F] matrix without sorting it.
 
-    def __init__(self, initial_c: int):
-        self.c = max(1, initial_c)
+    1. From a strided sample of z', a threshold θ that a little more than M entries reach.
+    2. Each row's need (entries ≥ θ) is estimated on one contiguous eighth of the latents
+       (latent order is arbitrary, so it is a random sample of them). Every row takes its
+       top-w entries, w a power of two above the 75th percentile of the estimates; rows that
+       need more take their top next-power-of-two(need × 1.5).
+    3. Exactness check: a row whose last candidate still reaches θ may hold more entries ≥ θ
+       and is widened (×4); if fewer than M candidates reach θ, θ is lowered. Then every
+       entry ≥ θ is a candidate and at least M are ≥ θ, so the top-M of the candidates is
+       exactly the flat top-M (ties at the cut: ``torch.topk``'s).
+    """
+
+    SAMPLE = 1 << 16
 
     def __call__(self, z: Tensor, budget: int) -> tuple[Selection, Tensor]:
         B, F = z.shape
         budget = min(budget, B * F)
-        c = min(F, max(self.c, -(-budget // B)))
-        vals, idx = torch.topk(z, c, dim=1, sorted=True)
-        groups = [(torch.arange(B, device=z.device), vals, idx)]  # (rows, values [n, w], latents [n, w])
+        device = z.device
+        if budget == 0:
+            empty = torch.empty(0, dtype=torch.long, device=device)
+            return Selection(rows=empty, cols=empty, n_tokens=B), z.new_empty(0)
+        flat = z.reshape(-1)
+        sample = flat[:: max(1, flat.numel() // self.SAMPLE)]
+        share = min(1.0, 1.2 * budget / flat.numel())  # aim 20 % above the budget
+        block = max(1, F // 8)
+        # widths: one for most rows, wider for the rows that need more
+        theta = self._quantile_from_top(sample, share, flat)
+        need = (z[:, :block] >= theta).sum(dim=1, dtype=torch.int32).to(torch.float32) * (F / block)
+        base = _pow2(int(torch.quantile(need, 0.75)) + 4, F)
+        width = torch.exp2(torch.ceil(torch.log2(1.5 * need + 4))).clamp_(min=base, max=F).to(torch.long)
+        rows_all = torch.arange(B, device=device)
+        groups: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
+
+        def take(rows: Tensor, w: int) -> None:
+            v, i = torch.topk(z[rows], w, dim=1, sorted=True)
+            groups[w] = (rows, v, i) if w not in groups else (
+                torch.cat([groups[w][0], rows]), torch.cat([groups[w][1], v]), torch.cat([groups[w][2], i]))
+
+        v, i = torch.topk(z, base, dim=1, sorted=True)  # every row, in place (no copy of z)
+        light = width == base
+        groups[base] = (rows_all, v, i) if bool(light.all()) else (rows_all[light], v[light], i[light])
+        for w in torch.unique(width[~light]).tolist():
+            take(rows_all[width == w], int(w))
         while True:
-            flat = torch.cat([g[1].reshape(-1) for g in groups]) if len(groups) > 1 else vals.reshape(-1)
-            top = torch.topk(flat, budget, sorted=False)
-            cut = top.values.min()
-            saturated = []
-            for rows, v, _ in groups:
-                if v.shape[1] < F:
-                    hit = (v[:, -1] >= cut) & (v[:, -1] > 0)
-                    if bool(hit.any()):
-                        saturated.append((rows[hit], v.shape[1]))
-            if not saturated:
+            above = sum(int((v >= theta).sum()) for _, v, _ in groups.values())
+            saturated = [(r[(v[:, -1] >= theta)], w) for w, (r, v, _) in groups.items() if w < F]
+            saturated = [(r, w) for r, w in saturated if r.numel()]
+            if not saturated and above >= budget:
                 break
-            wide = torch.cat([r for r, _ in saturated])
-            width = min(F, 4 * max(w for _, w in saturated))
-            kept = []
-            for rows, v, i in groups:
-                stay = ~torch.isin(rows, wide)
+            if above < budget and share < 1.0:  # θ too high: lower it, keep the candidates, check again
+                share = min(1.0, 2 * share)
+                theta = self._quantile_from_top(sample, share, flat)
+                continue
+            for rows, w in saturated:  # move these rows to a wider group
+                r, v, i = groups.pop(w)
+                stay = ~torch.isin(r, rows)
                 if bool(stay.any()):
-                    kept.append((rows[stay], v[stay], i[stay]))
-            v_new, i_new = torch.topk(z[wide], width, dim=1, sorted=True)
-            groups = kept + [(wide, v_new, i_new)]
-        if len(groups) == 1 and groups[0][1] is vals:
-            pos = torch.sort(top.indices).values  # row-major already
-            rows = torch.div(pos, c, rounding_mode="floor")
-            sel = Selection(rows=rows, cols=idx.reshape(-1)[pos], n_tokens=B)
-            values = flat[pos]
-        else:
-            flat_rows = torch.cat([r.repeat_interleave(v.shape[1]) for r, v, _ in groups])
-            flat_cols = torch.cat([i.reshape(-1) for _, _, i in groups])
-            key = flat_rows[top.indices] * F + flat_cols[top.indices]
-            order = torch.argsort(key)
-            key = key[order]
-            rows = torch.div(key, F, rounding_mode="floor")
-            sel = Selection(rows=rows, cols=key - rows * F, n_tokens=B)
-            values = top.values[order]
-        counts = torch.bincount(sel.rows, minlength=B)
-        p99 = int(torch.kthvalue(counts, max(1, int(0.99 * B))).values) if B > 1 else int(counts.max())
-        self.c = max(1, min(F, p99 + 1))
-        return sel, values
+                    groups[w] = (r[stay], v[stay], i[stay])
+                take(rows, min(F, 4 * w))
+        cand_v = torch.cat([v.reshape(-1) for _, v, _ in groups.values()])
+        top = torch.topk(cand_v, budget, sorted=False)
+        cand_r = torch.cat([r.repeat_interleave(v.shape[1]) for r, v, _ in groups.values()])
+        cand_c = torch.cat([i.reshape(-1) for _, _, i in groups.values()])
+        key = cand_r[top.indices] * F + cand_c[top.indices]
+        key, order = torch.sort(key)
+        rows = torch.div(key, F, rounding_mode="floor")
+        return Selection(rows=rows, cols=key - rows * F, n_tokens=B), top.values[order]
+
+    @staticmethod
+    def _quantile_from_top(sample: Tensor, share: float, flat: Tensor) -> Tensor:
+        """A value that about ``share`` of the entries reach, judged on the sample."""
+        r = int(share * sample.numel()) + 8
+        if share >= 1.0 or r >= sample.numel():
+            return flat.min()
+        return torch.topk(sample, r, sorted=False).values.min()
+
+
+def _pow2(n: int, cap: int) -> int:
+    """The smallest power of two ≥ max(n, 1), at most ``cap``."""
+    return min(cap, 1 << max(0, int(n) - 1).bit_length())
 
 
 def threshold_selection(z: Tensor, theta: Tensor, layout: str = "token") -> Selection:

@@ -90,7 +90,7 @@ class FeatureChoice(Allocator):
         self.register_buffer("theta_calibrated", torch.zeros(n_latents))
         self.register_buffer("calibrated", torch.zeros((), dtype=torch.bool))
         self._capacity_cache: dict[int, Tensor] = {}
-        self._warmup = GlobalTopK(initial_c=2 * cfg.k)
+        self._warmup = GlobalTopK()
 
     @classmethod
     def validate(cls, cfg, n_latents, batch_size, prefix="variant"):

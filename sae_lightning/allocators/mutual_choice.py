@@ -53,7 +53,7 @@ class MutualChoice(Allocator):
         self.register_buffer("theta_ema_count", torch.zeros((), dtype=torch.long))
         self.register_buffer("theta_calibrated", torch.zeros(()))
         self.register_buffer("calibrated", torch.zeros((), dtype=torch.bool))
-        self._global = GlobalTopK(initial_c=2 * cfg.k)
+        self._global = GlobalTopK()
 
     @classmethod
     def validate(cls, cfg, n_latents, batch_size, prefix="variant"):
