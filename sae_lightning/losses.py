@@ -14,7 +14,8 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from .errors import ConfigError, require
+from .allocators.base import per_column_topk, sort_pairs
+from .errors import ConfigError, require, require_choice
 from .sae import SparseAutoencoder
 from .sparse import Selection, SparseCode, sparse_decode
 from .stats import LatentStats
@@ -68,21 +69,43 @@ class Reconstruction(LossTerm):
         return (out.x - out.x_hat).pow(2).mean()
 
 
-def aux_residual_loss(out: StepOutput, sae: SparseAutoencoder, candidates: Tensor, k_aux: int,
-                      weights: Tensor | None = None) -> Tensor:
-    """Σ‖e − ê‖² / Σ‖e − ē‖² where e = x − x̂ (detached) and ê decodes, without bias, each
-    token's top-k_aux affinities among the ``candidates`` latents; 0 when there are none."""
+def per_token_aux_selection(out: StepOutput, candidates: Tensor, k_aux: int) -> Selection | None:
+    """Each token's top-k_aux affinities among the ``candidates`` latents (aux_k's rule)."""
     idx = torch.nonzero(candidates).squeeze(1)
     if idx.numel() == 0:
-        return out.x.new_zeros(())
+        return None
     k = min(k_aux, idx.numel())
     B = out.x.shape[0]
     # the candidates' columns, a chunk of tokens at a time: never a second [B, F] tensor
     chunk = max(1, (1 << 22) // idx.numel())
     top = torch.cat([torch.topk(out.columns(idx, slice(i, i + chunk)), k, dim=1, sorted=False).indices
                      for i in range(0, B, chunk)])
-    sel = Selection(rows=torch.arange(B, device=idx.device).repeat_interleave(k),
-                    cols=idx[top].reshape(-1), n_tokens=B)
+    return Selection(rows=torch.arange(B, device=idx.device).repeat_interleave(k),
+                     cols=idx[top].reshape(-1), n_tokens=B)
+
+
+def per_latent_aux_selection(out: StepOutput, candidates: Tensor, quota: Tensor) -> Selection | None:
+    """Each candidate latent j's top-quota_j tokens (Feature Choice's rule)."""
+    idx = torch.nonzero(candidates).squeeze(1)
+    if idx.numel() == 0:
+        return None
+    B = out.x.shape[0]
+    lat, tok, _, _ = per_column_topk(out.columns(idx).t().contiguous(), quota[idx].clamp(1, B))
+    return sort_pairs(tok, idx[lat], n_tokens=B, n_latents=out.code.n_latents)
+
+
+def aux_residual_loss(out: StepOutput, sae: SparseAutoencoder, selections: list[Selection | None],
+                      weights: Tensor | None = None) -> Tensor:
+    """Σ‖e − ê‖² / Σ‖e − ē‖² where e = x − x̂ (detached) and ê decodes, without bias, the
+    selected auxiliary entries; 0 when nothing is selected."""
+    selections = [s for s in selections if s is not None]
+    if not selections:
+        return out.x.new_zeros(())
+    if len(selections) == 1:
+        sel = selections[0]
+    else:
+        sel = sort_pairs(torch.cat([s.rows for s in selections]), torch.cat([s.cols for s in selections]),
+                         n_tokens=out.x.shape[0], n_latents=out.code.n_latents)
     code = sae.code(out.x, out.z, sel, out.layout, weights)
     e = (out.x - out.x_hat).detach()
     e_hat = sparse_decode(code, sae.W_dec)
@@ -101,15 +124,20 @@ class AuxK(LossTerm):
         require(self.k_aux is None or self.k_aux >= 1, f"{prefix}.k_aux", self.k_aux, "null (d_model // 2) or an integer >= 1")
 
     def __call__(self, out, sae, stats):
-        return aux_residual_loss(out, sae, stats.dead_mask(), self.k_aux or sae.d_model // 2)
+        sel = per_token_aux_selection(out, stats.dead_mask(), self.k_aux or sae.d_model // 2)
+        return aux_residual_loss(out, sae, [sel])
 
 
 @_register
 @dataclass
 class AuxZipf(LossTerm):
-    """aux_k over U = dead ∪ {j : ρ_j < τ·t_j}, t the water-filled Zipf targets (Σ t_j = k).
-    With ``deficit_weighting`` latent j's entries are scaled by (t_j − ρ_j)/t_j (1 if dead).
-    With τ = 0 this is exactly aux_k."""
+    """aux_k generalised from dead to under-used latents: U = dead ∪ {j : ρ_j < τ·t_j}, t the
+    water-filled Zipf targets (Σ t_j = k, t_j ≤ 1). Dead latents take aux_k's per-token
+    top-k_aux slots. With ``selection = per_latent`` each live under-used latent j takes its
+    own top-q_j tokens, q_j = ⌈(t_j − ρ_j)·B⌉ (its deficit in tokens), so none is starved by
+    latents with larger affinities; ``per_token`` puts all of U in the per-token slots.
+    With ``deficit_weighting`` latent j's values are scaled by (t_j − ρ_j)/t_j (1 if dead).
+    With τ = 0, U is the dead set and this is exactly aux_k."""
 
     name: ClassVar[str] = "aux_zipf"
     coef: float = 1.0 / 32
@@ -118,6 +146,7 @@ class AuxZipf(LossTerm):
     alpha: float = 1.0
     beta: float = 0.0
     deficit_weighting: bool = True
+    selection: str = "per_latent"  # per_latent | per_token (for the live under-used latents)
 
     def validate(self, prefix, d_model):
         super().validate(prefix, d_model)
@@ -125,16 +154,23 @@ class AuxZipf(LossTerm):
         require(self.tau >= 0, f"{prefix}.tau", self.tau, "a number >= 0")
         require(self.alpha >= 0, f"{prefix}.alpha", self.alpha, "a number >= 0")
         require(self.beta > -1, f"{prefix}.beta", self.beta, "a number > -1")
+        require_choice(f"{prefix}.selection", self.selection, ("per_latent", "per_token"))
 
     def __call__(self, out, sae, stats):
         targets = stats.targets(alpha=self.alpha, beta=self.beta)
         dead = stats.dead_mask()
         under = stats.underused_mask(ratio=self.tau, targets=targets)
+        k_aux = self.k_aux or sae.d_model // 2
         weights = None
         if self.deficit_weighting:
             deficit = ((targets - stats.density) / targets.clamp_min(1e-12)).clamp(0.0, 1.0)
             weights = torch.where(dead, torch.ones_like(deficit), deficit).to(out.x.dtype)
-        return aux_residual_loss(out, sae, under, self.k_aux or sae.d_model // 2, weights)
+        if self.selection == "per_token":
+            return aux_residual_loss(out, sae, [per_token_aux_selection(out, under, k_aux)], weights)
+        B = out.x.shape[0]
+        quota = torch.ceil((targets - stats.density).clamp_min(0) * B).to(torch.long)
+        return aux_residual_loss(out, sae, [per_token_aux_selection(out, dead, k_aux),
+                                            per_latent_aux_selection(out, under & ~dead, quota)], weights)
 
 
 def build_losses(spec: dict | None, d_model: int, prefix: str = "variant.losses") -> dict[str, LossTerm]:

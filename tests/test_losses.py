@@ -69,3 +69,23 @@ def test_build_losses_validates():
         build_losses({"aux_zipf": {"tau": -1}}, 8)
     with pytest.raises(ConfigError, match="variant.losses.aux_k.kaux"):
         build_losses({"aux_k": {"kaux": 3}}, 8)
+
+
+def test_aux_zipf_per_latent_trains_every_live_under_used_latent():
+    sae, stats, out = setup(dead_fraction=0.1, B=128, F=96)
+    stats.density.fill_(1e-6)  # every live latent far below its target
+    dead = stats.dead_mask()
+    for selection, expect_all in (("per_latent", True), ("per_token", False)):
+        loss = AuxZipf(tau=0.5, k_aux=2, selection=selection)(out, sae, stats)
+        grad = torch.autograd.grad(loss, sae.W_enc)[0]
+        reached = grad.abs().sum(1) > 0
+        has_positive = (out.z > 0).any(0)  # a latent with no positive affinity cannot be reached
+        if expect_all:
+            assert torch.all(reached[~dead & has_positive])
+        else:  # 2 slots per token among ~90 latents: some are starved
+            assert not torch.all(reached[~dead & has_positive])
+
+
+def test_aux_zipf_rejects_an_unknown_selection():
+    with pytest.raises(ConfigError, match="variant.losses.aux_zipf.selection='sometimes'"):
+        build_losses({"aux_zipf": {"selection": "sometimes"}}, 8)

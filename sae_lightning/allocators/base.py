@@ -208,6 +208,40 @@ def _pow2(n: int, cap: int) -> int:
     return min(cap, 1 << max(0, int(n) - 1).bit_length())
 
 
+def per_column_topk(zt: Tensor, m: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """For each row j of ``zt`` ([F, B], latent-major) its top-m_j entries.
+
+    Latents are grouped by capacity so that each ``topk`` call asks for at most twice the
+    smallest capacity in its group: the work stays near Σ m_j even for Zipf capacities.
+    Returns (latent, token, value) of the kept entries and each latent's cutoff value
+    (its m_j-th largest, -inf where m_j = 0).
+    """
+    F_, B = zt.shape
+    order = torch.argsort(m, descending=True, stable=True)
+    m_sorted = m[order].tolist()
+    lat_out, tok_out, val_out = [], [], []
+    cutoff = torch.full((F_,), float("-inf"), dtype=zt.dtype, device=zt.device)
+    start = 0
+    while start < F_ and m_sorted[start] > 0:
+        top = m_sorted[start]
+        end = start
+        while end < F_ and m_sorted[end] > 0 and 2 * m_sorted[end] >= top:
+            end += 1
+        lat = order[start:end]
+        cap = m[lat]
+        vals, idx = torch.topk(zt[lat], top, dim=1, sorted=True)
+        keep = torch.arange(top, device=zt.device).unsqueeze(0) < cap.unsqueeze(1)
+        lat_out.append(lat.unsqueeze(1).expand(-1, top)[keep])
+        tok_out.append(idx[keep])
+        val_out.append(vals[keep])
+        cutoff[lat] = vals.gather(1, (cap - 1).unsqueeze(1)).squeeze(1)
+        start = end
+    if not lat_out:
+        empty = torch.empty(0, dtype=torch.long, device=zt.device)
+        return empty, empty, zt.new_empty(0), cutoff
+    return torch.cat(lat_out), torch.cat(tok_out), torch.cat(val_out), cutoff
+
+
 def threshold_selection(z: Tensor, theta: Tensor, layout: str = "token") -> Selection:
     """Pairs with z' > θ and z' > 0, token-major. θ is a scalar or one per latent."""
     if layout == "token":

@@ -12,8 +12,8 @@ from torch import Tensor
 from ..errors import require, require_choice
 from ..sparse import Selection
 from ..zipf import uniform_capacities, zipf_capacities
-from .base import (Allocator, AllocatorConfig, CalibrationSet, GlobalTopK, ema_update, register, sort_pairs,
-                   threshold_selection)
+from .base import (Allocator, AllocatorConfig, CalibrationSet, GlobalTopK, ema_update, per_column_topk, register,
+                   sort_pairs, threshold_selection)
 from .mutual_choice import validate_threshold_ema
 
 CAPACITIES = ("uniform", "zipf")
@@ -37,40 +37,6 @@ def capacities_by_rank(cfg: FeatureChoiceConfig, n_latents: int, batch_size: int
     if cfg.capacity == "uniform":
         return uniform_capacities(n_latents, budget)
     return zipf_capacities(n_latents, budget, batch_size, cfg.zipf_alpha, cfg.zipf_beta)
-
-
-def per_column_topk(zt: Tensor, m: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """For each row j of ``zt`` ([F, B], latent-major) its top-m_j entries.
-
-    Latents are grouped by capacity so that each ``topk`` call asks for at most twice the
-    smallest capacity in its group: the work stays near Σ m_j even for Zipf capacities.
-    Returns (latent, token, value) of the kept entries and each latent's cutoff value
-    (its m_j-th largest, -inf where m_j = 0).
-    """
-    F_, B = zt.shape
-    order = torch.argsort(m, descending=True, stable=True)
-    m_sorted = m[order].tolist()
-    lat_out, tok_out, val_out = [], [], []
-    cutoff = torch.full((F_,), float("-inf"), dtype=zt.dtype, device=zt.device)
-    start = 0
-    while start < F_ and m_sorted[start] > 0:
-        top = m_sorted[start]
-        end = start
-        while end < F_ and m_sorted[end] > 0 and 2 * m_sorted[end] >= top:
-            end += 1
-        lat = order[start:end]
-        cap = m[lat]
-        vals, idx = torch.topk(zt[lat], top, dim=1, sorted=True)
-        keep = torch.arange(top, device=zt.device).unsqueeze(0) < cap.unsqueeze(1)
-        lat_out.append(lat.unsqueeze(1).expand(-1, top)[keep])
-        tok_out.append(idx[keep])
-        val_out.append(vals[keep])
-        cutoff[lat] = vals.gather(1, (cap - 1).unsqueeze(1)).squeeze(1)
-        start = end
-    if not lat_out:
-        empty = torch.empty(0, dtype=torch.long, device=zt.device)
-        return empty, empty, zt.new_empty(0), cutoff
-    return torch.cat(lat_out), torch.cat(tok_out), torch.cat(val_out), cutoff
 
 
 @register("feature_choice")

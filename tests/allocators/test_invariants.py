@@ -7,7 +7,7 @@ import torch
 
 from sae_lightning.allocators import ALLOCATORS, get_allocator_class
 from sae_lightning.allocators.base import GlobalTopK
-from sae_lightning.allocators.feature_choice import per_column_topk
+from sae_lightning.allocators.base import per_column_topk
 from sae_lightning.errors import ConfigError
 from sae_lightning.sparse import SparseCode
 
