@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,8 @@ from .callbacks import AtomicCheckpointIO, LatentStatsMonitor, ThresholdCalibrat
 from .config import validate_config
 from .errors import ConfigError
 from .module import SAEModule
+from .plots import save_run_plots
+from .sweep import pruning
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -58,8 +59,6 @@ def run(cfg, run_dir: Path) -> dict[str, Any]:
     calibration = ThresholdCalibration(enabled=config["calibration"]["enabled"])
     callbacks = [checkpoint, calibration, LatentStatsMonitor(config["logging"]["histogram_every_n_steps"]),
                  L.pytorch.callbacks.LearningRateMonitor(logging_interval="step")]
-    from .sweep import pruning
-
     if pruning.ACTIVE is not None:  # a trial of an Optuna sweep
         callbacks.append(pruning.OptunaPruning(pruning.ACTIVE))
     trainer = L.Trainer(**config["trainer"], logger=logger, callbacks=callbacks, default_root_dir=str(run_dir),
@@ -83,16 +82,11 @@ def run(cfg, run_dir: Path) -> dict[str, Any]:
         "train_seconds": round(train_seconds, 2),
         "tokens_per_second": round(session_tokens / max(train_seconds, 1e-9), 1),
         "calibration": calibration.figures,
-        **{key: value for key, value in module.last_val.items()},
+        **module.last_val,
     }
     if trainer.is_global_zero:
         atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True) + "\n")
-        try:
-            from .plots import save_run_plots
-
-            save_run_plots(module, run_dir)
-        except ImportError:  # matplotlib is optional
-            pass
+        save_run_plots(module, run_dir)
         print_summary(metrics, run_dir)
     return metrics
 
@@ -112,4 +106,4 @@ def print_summary(metrics: dict[str, Any], run_dir: Path) -> None:
     if "val/recovery_mean_max_cos" in metrics:
         print(f"  dead {100 * metrics['val/dead_fraction']:.1f}%, feature recovery: mean max cos "
               f"{metrics['val/recovery_mean_max_cos']:.3f}, share > 0.9 {metrics['val/recovery_share_above_0.9']:.3f}")
-    print(f"  results in {run_dir}", file=sys.stdout)
+    print(f"  results in {run_dir}")

@@ -15,9 +15,10 @@ class LatentStatsMonitor(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
         stats = pl_module.stats
-        summary = stats.summary()
-        pl_module.log_dict({"train/dead_fraction": summary["dead_fraction"],
-                            "train/underused_fraction": summary["underused_fraction"]})
+        if step % max(1, trainer.log_every_n_steps) == 0:
+            summary = stats.summary()
+            pl_module.log_dict({"train/dead_fraction": summary["dead_fraction"],
+                                "train/underused_fraction": summary["underused_fraction"]})
         if self.every_n_steps and step % self.every_n_steps == 0:
             density = stats.density
             pl_module.log_histogram("train/log10_density", density[density > 0].log10())
