@@ -132,10 +132,11 @@ class AuxK(LossTerm):
 @dataclass
 class AuxZipf(LossTerm):
     """aux_k generalised from dead to under-used latents: U = dead ∪ {j : ρ_j < τ·t_j}, t the
-    water-filled Zipf targets (Σ t_j = k, t_j ≤ 1). Dead latents take aux_k's per-token
-    top-k_aux slots. With ``selection = per_latent`` each live under-used latent j takes its
-    own top-q_j tokens, q_j = ⌈(t_j − ρ_j)·B⌉ (its deficit in tokens), so none is starved by
-    latents with larger affinities; ``per_token`` puts all of U in the per-token slots.
+    water-filled Zipf targets (Σ t_j = k, t_j ≤ 1). With ``selection = per_latent`` the loss
+    is aux_k's term for the dead latents plus a second term of the same form in which each
+    live under-used latent j takes its own top-q_j tokens, q_j = ⌈(t_j − ρ_j)·B⌉ (its
+    deficit in tokens), so no latent is starved by others; ``per_token`` puts all of U in
+    aux_k's per-token slots (one term).
     With ``deficit_weighting`` latent j's values are scaled by (t_j − ρ_j)/t_j (1 if dead).
     With τ = 0, U is the dead set and this is exactly aux_k."""
 
@@ -167,10 +168,12 @@ class AuxZipf(LossTerm):
             weights = torch.where(dead, torch.ones_like(deficit), deficit).to(out.x.dtype)
         if self.selection == "per_token":
             return aux_residual_loss(out, sae, [per_token_aux_selection(out, under, k_aux)], weights)
+        # two residual reconstructions, each normalised: the dead latents' is exactly aux_k's,
+        # so the many live under-used entries cannot explain the residual in their place
         B = out.x.shape[0]
         quota = torch.ceil((targets - stats.density).clamp_min(0) * B).to(torch.long)
-        return aux_residual_loss(out, sae, [per_token_aux_selection(out, dead, k_aux),
-                                            per_latent_aux_selection(out, under & ~dead, quota)], weights)
+        return (aux_residual_loss(out, sae, [per_token_aux_selection(out, dead, k_aux)], weights)
+                + aux_residual_loss(out, sae, [per_latent_aux_selection(out, under & ~dead, quota)], weights))
 
 
 def build_losses(spec: dict | None, d_model: int, prefix: str = "variant.losses") -> dict[str, LossTerm]:
