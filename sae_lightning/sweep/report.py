@@ -82,6 +82,10 @@ def plot(path: Path, rows: list[dict], front: list[dict], x_key: str, y_key: str
     for r in front:
         ax.annotate(str(r["trial"]), (r[x_key], r[y_key]), fontsize=7, xytext=(3, 3), textcoords="offset points")
     ax.set_xscale("log")
+    from matplotlib.ticker import FormatStrFormatter
+
+    ax.xaxis.set_major_formatter(FormatStrFormatter("%g"))
+    ax.xaxis.set_minor_formatter(FormatStrFormatter("%g"))
     ax.set_xlabel(f"{x_key} (sparsity)")
     ax.set_ylabel(f"{y_key} (reconstruction)")
     ax.set_title(f"{len(done)} complete trials; front of {len(front)}")
