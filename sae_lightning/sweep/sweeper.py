@@ -79,7 +79,6 @@ class OptunaSweeper(Sweeper):
         storage_url = self.storage or default_storage(str(self.config.out_dir), self.study_name)
         storage = optuna.storages.RDBStorage(
             storage_url, heartbeat_interval=self.heartbeat, grace_period=2 * self.heartbeat,
-            failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=0),
             engine_kwargs={"connect_args": {"timeout": 60}} if storage_url.startswith("sqlite") else None)
         seed = self.seed
         study = optuna.create_study(study_name=self.study_name, storage=storage, directions=self.directions,
