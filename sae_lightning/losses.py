@@ -147,7 +147,7 @@ class AuxZipf(LossTerm):
     alpha: float = 1.0
     beta: float = 0.0
     deficit_weighting: bool = True
-    selection: str = "per_latent"  # per_latent | per_token (for the live under-used latents)
+    selection: str = "per_token"  # per_token | per_latent (for the live under-used latents)
 
     def validate(self, prefix, d_model):
         super().validate(prefix, d_model)
