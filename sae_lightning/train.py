@@ -67,11 +67,12 @@ def run(cfg, run_dir: Path) -> dict[str, Any]:
     start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=config.get("resume"))
     train_seconds = time.perf_counter() - start
-    session_tokens = (trainer.global_step - module.first_step) * config["data"]["batch_size"]
+    tokens_per_step = config["data"]["batch_size"] * trainer.world_size  # every rank trains its own batch
+    session_tokens = (trainer.global_step - module.first_step) * tokens_per_step
     trainer.validate(module, datamodule=datamodule, verbose=False)
     trainer.save_checkpoint(run_dir / "checkpoints" / "final.ckpt")
 
-    tokens = trainer.global_step * config["data"]["batch_size"]
+    tokens = trainer.global_step * tokens_per_step
     metrics = {
         "variant": config["variant"]["name"],
         "run_dir": str(run_dir),

@@ -29,3 +29,18 @@ def test_train_py_runs_each_variant(variant, tmp_path):
     assert (run_dir / "checkpoints" / "final.ckpt").is_file() and (run_dir / "checkpoints" / "last.ckpt").is_file()
     assert (run_dir / "l0_per_token.png").is_file() and (run_dir / "density_by_rank.png").is_file()
     assert not list(run_dir.rglob("*.tmp-*"))  # no half-written file left behind
+
+
+@pytest.mark.slow
+def test_train_py_runs_under_ddp_on_cpu(tmp_path):
+    """Two CPU processes (gloo): each rank trains its own batches; tokens count both."""
+    proc = subprocess.run(
+        [sys.executable, "train.py", "variant=mutual_choice", f"out_dir={tmp_path}", *TINY, "variant.k=8",
+         "trainer.max_steps=6", "trainer.val_check_interval=3", "trainer.enable_progress_bar=false",
+         "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run_dir,) = list((tmp_path / "runs").iterdir())
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["steps"] == 6 and metrics["tokens"] == 6 * 128 * 2
+    assert 0 < metrics["val/batch/fvu"] < 10

@@ -77,21 +77,24 @@ class SyntheticActivations:
         return torch.cat([self.batch(min(batch, n - i), g)[0] for i in range(0, n, batch)])
 
 
-class _TrainStream(IterableDataset):
-    """Endless training batches; batch i is a pure function of (seed, i), so the stream
-    restarts exactly at a saved position and splits across workers without overlap."""
+class TrainStream(IterableDataset):
+    """Endless training batches. Batch i of the global stream is a pure function of (seed, i);
+    rank r of a world of size W takes batches r, r + W, r + 2W, ..., starting at its
+    ``start``-th, and its loader workers split those. So the stream restarts exactly at a
+    saved step, and no two ranks or workers ever train on the same batch."""
 
-    def __init__(self, source: SyntheticActivations, batch_size: int, start: int):
-        self.source, self.batch_size, self.start = source, batch_size, start
+    def __init__(self, source: SyntheticActivations, batch_size: int, start: int = 0, rank: int = 0, world: int = 1):
+        self.source, self.batch_size, self.start, self.rank, self.world = source, batch_size, start, rank, world
 
     def __iter__(self) -> Iterator[Tensor]:
         info = torch.utils.data.get_worker_info()
         wid, nw = (info.id, info.num_workers) if info else (0, 1)
-        i = self.start + wid
+        j = self.start + wid  # this rank's j-th batch
         while True:
+            i = j * self.world + self.rank
             g = torch.Generator().manual_seed(self.source.spec.seed * 1_000_003 + 17 + i)
             yield self.source.batch(self.batch_size, g)[0]
-            i += nw
+            j += nw
 
 
 class SyntheticDataModule(L.LightningDataModule):
@@ -125,9 +128,11 @@ class SyntheticDataModule(L.LightningDataModule):
         return self._val
 
     def train_dataloader(self) -> DataLoader:
-        # on resume, continue the stream at the restored step
-        start = self.trainer.global_step if self.trainer is not None else 0
-        return DataLoader(_TrainStream(self.source, self.batch_size, start), batch_size=None,
+        # on resume, continue the stream at the restored step; under DDP each rank its own part
+        t = self.trainer
+        stream = TrainStream(self.source, self.batch_size, start=t.global_step if t else 0,
+                             rank=t.global_rank if t else 0, world=t.world_size if t else 1)
+        return DataLoader(stream, batch_size=None,
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 
     def val_dataloader(self) -> DataLoader:
