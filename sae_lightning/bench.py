@@ -203,7 +203,7 @@ def main(argv=None) -> dict:
     p.add_argument("--latents", type=int, nargs="+", default=[8192, 16384])
     p.add_argument("--k", type=int, default=32)
     p.add_argument("--batch", type=int, default=4096)
-    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--steps", type=int, default=16)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--variants", nargs="+", default=["topk", "mutual_choice", "feature_choice"])
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
