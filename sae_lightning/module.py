@@ -141,7 +141,6 @@ class SAEModule(L.LightningModule):
         logs = {"train/loss": loss.detach(), "train/fvu": fvu, "train/nmse": nmse, "train/l0_mean": l0.mean(),
                 "train/l0_std": l0.std()}
         logs.update({f"train/loss_{name}": value.detach() for name, value in terms.items()})
-        summary = self.stats.summary()
         self.log_dict(logs, prog_bar=False)
         self.log("fvu", fvu, prog_bar=True, logger=False)
         self.log("l0", l0.mean(), prog_bar=True, logger=False)

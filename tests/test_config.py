@@ -10,7 +10,7 @@ import pytest
 from sae_lightning.config import validate_config
 from sae_lightning.errors import ConfigError
 
-from .conftest import ROOT, TINY, compose_config
+from .conftest import ROOT, compose_config
 
 BAD = [
     (["variant.k=0"], r"variant.k=0 .*integer > 0"),
