@@ -177,19 +177,17 @@ def time_variant(variant, d, F, k, B, dtype, steps, warmup, device, extra, profi
 
 
 def profile_step(module, x: torch.Tensor, rows: int = 15) -> str:
-    """Operator table of one training step (forward, backward, optimiser)."""
+    """Operator table of one training step (one forward, every loss term, backward, Adam)."""
     opt = torch.optim.Adam(module.parameters(), lr=1e-5, fused=True)
+
     def step():
-        loss = sum(t.coef * t(*_out(module, x)) for t in module.losses.values())
+        out, _ = module.forward_step(x, "batch", update=False)
+        loss = sum(t.coef * t(out, module.sae, module.stats) for t in module.losses.values())
         opt.zero_grad()
         loss.backward()
         module.sae.project_decoder_grad()
         opt.step()
         module.sae.renormalise_decoder()
-
-    def _out(m, x):
-        out, _ = m.forward_step(x, "batch", update=False)
-        return out, m.sae, m.stats
 
     step()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:

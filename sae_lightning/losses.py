@@ -94,18 +94,12 @@ def per_latent_aux_selection(out: StepOutput, candidates: Tensor, quota: Tensor)
     return sort_pairs(tok, idx[lat], n_tokens=B, n_latents=out.code.n_latents)
 
 
-def aux_residual_loss(out: StepOutput, sae: SparseAutoencoder, selections: list[Selection | None],
+def aux_residual_loss(out: StepOutput, sae: SparseAutoencoder, sel: Selection | None,
                       weights: Tensor | None = None) -> Tensor:
     """Σ‖e − ê‖² / Σ‖e − ē‖² where e = x − x̂ (detached) and ê decodes, without bias, the
     selected auxiliary entries; 0 when nothing is selected."""
-    selections = [s for s in selections if s is not None]
-    if not selections:
+    if sel is None:
         return out.x.new_zeros(())
-    if len(selections) == 1:
-        sel = selections[0]
-    else:
-        sel = sort_pairs(torch.cat([s.rows for s in selections]), torch.cat([s.cols for s in selections]),
-                         n_tokens=out.x.shape[0], n_latents=out.code.n_latents)
     code = sae.code(out.x, out.z, sel, out.layout, weights)
     e = (out.x - out.x_hat).detach()
     e_hat = sparse_decode(code, sae.W_dec)
@@ -125,7 +119,7 @@ class AuxK(LossTerm):
 
     def __call__(self, out, sae, stats):
         sel = per_token_aux_selection(out, stats.dead_mask(), self.k_aux or sae.d_model // 2)
-        return aux_residual_loss(out, sae, [sel])
+        return aux_residual_loss(out, sae, sel)
 
 
 @_register
@@ -167,13 +161,13 @@ class AuxZipf(LossTerm):
             deficit = ((targets - stats.density) / targets.clamp_min(1e-12)).clamp(0.0, 1.0)
             weights = torch.where(dead, torch.ones_like(deficit), deficit).to(out.x.dtype)
         if self.selection == "per_token":
-            return aux_residual_loss(out, sae, [per_token_aux_selection(out, under, k_aux)], weights)
+            return aux_residual_loss(out, sae, per_token_aux_selection(out, under, k_aux), weights)
         # two residual reconstructions, each normalised: the dead latents' is exactly aux_k's,
         # so the many live under-used entries cannot explain the residual in their place
         B = out.x.shape[0]
         quota = torch.ceil((targets - stats.density).clamp_min(0) * B).to(torch.long)
-        return (aux_residual_loss(out, sae, [per_token_aux_selection(out, dead, k_aux)], weights)
-                + aux_residual_loss(out, sae, [per_latent_aux_selection(out, under & ~dead, quota)], weights))
+        return (aux_residual_loss(out, sae, per_token_aux_selection(out, dead, k_aux), weights)
+                + aux_residual_loss(out, sae, per_latent_aux_selection(out, under & ~dead, quota), weights))
 
 
 def build_losses(spec: dict | None, d_model: int, prefix: str = "variant.losses") -> dict[str, LossTerm]:

@@ -6,16 +6,14 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import Tensor, nn
-
 import torch.nn.functional as F
+from torch import Tensor, nn
 
 from .sparse import Selection, SparseCode, sparse_decode
 
 NORMALISATIONS = ("none", "dataset_scale", "layernorm")
 B_PRE_INITS = ("geometric_median", "mean", "zeros")
 AFFINITY_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-LAYOUTS = ("token", "latent")  # token: z' is [B, F]; latent: z' is [F, B] (contiguous either way)
 
 
 class SelectedAffinities(torch.autograd.Function):
