@@ -8,7 +8,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from sae_lightning.errors import ConfigError
+from sae_lightning.errors import ConfigError, DataError
 from sae_lightning.train import run
 
 
@@ -17,7 +17,7 @@ def main(cfg: DictConfig):
     hydra_cfg = HydraConfig.get()
     try:
         return run(cfg, Path(hydra_cfg.runtime.output_dir))
-    except ConfigError as e:
+    except (ConfigError, DataError) as e:
         if hydra_cfg.mode == RunMode.MULTIRUN:
             raise  # the sweeper records the trial as failed, with this message, and goes on
         print(f"error: {e}", file=sys.stderr)

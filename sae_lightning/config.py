@@ -68,8 +68,9 @@ def validate_config(cfg: DictConfig | dict) -> tuple[dict, Any]:
     from .data import build_datamodule
 
     datamodule = build_datamodule(c["data"])
-    d_model = datamodule.d_model
+    # an activation cache not harvested yet knows its d_model only after the harvest (run() does it)
+    d_model = datamodule.known_d_model if hasattr(datamodule, "known_d_model") else datamodule.d_model
     if v.get("losses") is not None and not isinstance(v.get("losses"), dict):
         raise ConfigError("variant.losses", v.get("losses"), "a mapping {loss_name: {param: value}}")
-    build_losses(v.get("losses"), d_model)
+    build_losses(v.get("losses"), d_model or 0)
     return c, datamodule

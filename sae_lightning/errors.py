@@ -1,4 +1,4 @@
-"""The one error type for bad configuration: names the key, the value and what is allowed."""
+"""Errors users see: ConfigError names the key, the value and what is allowed; DataError names the file or source and what to do."""
 
 from __future__ import annotations
 
@@ -19,3 +19,8 @@ def require(cond: bool, key: str, value: Any, allowed: str) -> None:
 def require_choice(key: str, value: Any, choices) -> None:
     choices = list(choices)
     require(value in choices, key, value, "one of " + ", ".join(repr(c) for c in choices))
+
+
+class DataError(RuntimeError):
+    """A problem with a model, corpus or activation cache (not a bad config value): the
+    message says what is wrong, where, and what to do about it."""

@@ -17,9 +17,9 @@ import lightning as L
 import torch
 from omegaconf import OmegaConf
 
-from .callbacks import AtomicCheckpointIO, LatentStatsMonitor, ThresholdCalibration
+from .callbacks import AtomicCheckpointIO, DownstreamLoss, LatentStatsMonitor, ThresholdCalibration
 from .config import validate_config
-from .errors import ConfigError
+from .errors import ConfigError, DataError
 from .module import SAEModule
 from .plots import save_run_plots
 from .sweep import pruning
@@ -39,11 +39,25 @@ def _remove_if_empty(run_dir: Path) -> None:
         pass
 
 
+def _check_resume(ckpt: str | None, d_model: int) -> None:
+    if not ckpt:
+        return
+    if not Path(ckpt).is_file():
+        raise ConfigError("resume", ckpt, "null or the path of an existing checkpoint (.ckpt)")
+    state = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)["state_dict"]
+    d = state["sae.W_enc"].shape[1]
+    if d != d_model:
+        raise ConfigError("resume", ckpt, f"a checkpoint of an SAE with d_model {d_model} (the data's); this one has {d}")
+
+
 def run(cfg, run_dir: Path) -> dict[str, Any]:
     """Train one SAE as configured; returns the final metrics (also in metrics.json)."""
     try:
         config, datamodule = validate_config(cfg)
-    except ConfigError:
+        if hasattr(datamodule, "prepare_data"):
+            datamodule.prepare_data()  # an activation cache is harvested on first use
+        _check_resume(config.get("resume"), datamodule.d_model)
+    except (ConfigError, DataError):
         _remove_if_empty(run_dir)
         raise
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -59,6 +73,11 @@ def run(cfg, run_dir: Path) -> dict[str, Any]:
     calibration = ThresholdCalibration(enabled=config["calibration"]["enabled"])
     callbacks = [checkpoint, calibration, LatentStatsMonitor(config["logging"]["histogram_every_n_steps"]),
                  L.pytorch.callbacks.LearningRateMonitor(logging_interval="step")]
+    downstream = getattr(datamodule, "downstream", None)
+    manifest = getattr(datamodule, "manifest", None)
+    if manifest is not None and manifest["harvest"]["lm"].get("causal") and (downstream or {}).get("enabled", True):
+        callbacks.append(DownstreamLoss(datamodule.path, manifest, (downstream or {}).get("contexts", 16),
+                                        config["data"]["batch_size"]))
     if pruning.ACTIVE is not None:  # a trial of an Optuna sweep
         callbacks.append(pruning.OptunaPruning(pruning.ACTIVE))
     trainer = L.Trainer(**config["trainer"], logger=logger, callbacks=callbacks, default_root_dir=str(run_dir),

@@ -21,7 +21,32 @@ def _synthetic(cfg: dict) -> SyntheticDataModule:
                                calibration_tokens=cfg["calibration_tokens"], num_workers=cfg.get("num_workers", 0))
 
 
-DATA_KINDS = {"synthetic": _synthetic}
+def _activations(cfg: dict):
+    from .activations import KEYS, ActivationsDataModule
+    from .harvest import HarvestSpec
+
+    for key in cfg:
+        if key not in KEYS:
+            raise ConfigError(f"data.{key}", cfg[key], f"a key of data kind 'activations': {sorted(KEYS)}")
+    require(isinstance(cfg.get("path"), str) and cfg["path"], "data.path", cfg.get("path"), "the folder of an activation cache")
+    d = cfg.get("d_model")
+    require(d is None or (isinstance(d, int) and d >= 1), "data.d_model", d, "null (the cache's) or an integer >= 1")
+    require(isinstance(cfg.get("seed", 0), int), "data.seed", cfg.get("seed"), "an integer")
+    buf = cfg.get("shuffle_buffer_tokens", 262144)
+    require(isinstance(buf, int) and buf >= 1, "data.shuffle_buffer_tokens", buf, "an integer >= 1")
+    require_choice("data.verify", cfg.get("verify", "checksum"), ("checksum", "size"))
+    spec = HarvestSpec.parse(cfg["harvest"]) if cfg.get("harvest") is not None else None
+    down = cfg.get("downstream") or {}
+    require(isinstance(down, dict), "data.downstream", down, "a mapping")
+    allowed = {"enabled": (bool,), "contexts": (int,)}
+    for key, value in down.items():
+        require(key in allowed and isinstance(value, allowed[key]), f"data.downstream.{key}", value,
+                "enabled: true|false, contexts: an integer >= 1")
+    require(down.get("contexts", 16) >= 1, "data.downstream.contexts", down.get("contexts"), "an integer >= 1")
+    return ActivationsDataModule(cfg, spec, down)
+
+
+DATA_KINDS = {"synthetic": _synthetic, "activations": _activations}
 
 
 def build_datamodule(cfg: dict):

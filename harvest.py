@@ -1,0 +1,38 @@
+"""Harvest activations into a cache: `python harvest.py data=minilm` (see README.md)."""
+
+import sys
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from sae_lightning.data import build_datamodule
+from sae_lightning.errors import ConfigError, DataError
+
+
+@hydra.main(config_path="configs", config_name="harvest", version_base="1.3")
+def main(cfg: DictConfig):
+    from sae_lightning.data.harvest import harvest
+
+    try:
+        data = OmegaConf.to_container(cfg.data, resolve=True)
+        datamodule = build_datamodule(data)  # validates the whole data config, as train.py does
+        if getattr(datamodule, "harvest_spec", None) is None:
+            raise ConfigError("data", data.get("kind"), "a data config of kind 'activations' with a harvest section")
+        manifest = harvest(datamodule.path, datamodule.harvest_spec, progress=cfg.progress)
+    except (ConfigError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    print(f"cache: {datamodule.path} ({manifest['tokens']} tokens, d_model {manifest['d_model']}, "
+          f"{len(manifest['shards'])} shards); train on it with: python train.py data={cfg_name(cfg)}")
+
+
+def cfg_name(cfg) -> str:
+    from hydra.core.hydra_config import HydraConfig
+
+    return HydraConfig.get().runtime.choices.get("data", "<this data config>")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""Downstream loss of a causal LM with the SAE spliced in: ΔCE and loss recovered.
+
+On held-out contexts of the activation cache (its last ``contexts`` contexts, whose tokens
+lie in the validation split), the language model's next-token cross-entropy is measured
+three ways: clean; with the hooked site's activations at the kept positions (special tokens
+are left alone, as the SAE never saw them) replaced by the SAE's reconstruction, for each
+inference mode; and with them replaced by zeros. ΔCE = CE_spliced − CE_clean; loss recovered
+= (CE_zero − CE_spliced) / (CE_zero − CE_clean). The model is loaded on first use, on rank 0.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..data import lm as lm_mod
+
+MODES = ("batch", "threshold")
+
+
+def eval_contexts(folder: Path, manifest: dict[str, Any], n: int) -> torch.Tensor:
+    """The cache's last ``n`` contexts as token ids [n, context_length] (-1 = padding)."""
+    rows: list[np.ndarray] = []
+    for entry in reversed(manifest["shards"]):
+        rows.insert(0, np.load(Path(folder) / entry["ids"]["file"]))
+        if sum(len(r) for r in rows) >= n:
+            break
+    return torch.from_numpy(np.concatenate(rows)[-n:].astype(np.int64))
+
+
+class DownstreamLoss(L.Callback):
+    def __init__(self, folder: Path, manifest: dict[str, Any], contexts: int = 16, batch_size: int = 1024):
+        h = manifest["harvest"]
+        self.spec, self.site, self.layer = h["lm"], h["site"], h["layer"]
+        self.ids = eval_contexts(folder, manifest, contexts)
+        self.keep = (self.ids >= 0) & ~torch.isin(self.ids, torch.tensor(h["dropped_token_ids"], dtype=torch.long))
+        self.batch_size = batch_size
+        self.model = None
+        self.reference: dict[str, float] | None = None
+        self.figures: dict[str, float] = {}
+
+    def _load(self, device) -> None:
+        source = lm_mod.LMSource(self.spec["name"], self.spec["resolved"], self.spec["gguf_file"], True)
+        self.model, _, _ = lm_mod.load(source, self.spec.get("revision"), self.spec["dtype"], str(device))
+
+    @torch.inference_mode()
+    def _ce(self, replace) -> float:
+        """Mean next-token cross-entropy over the contexts; ``replace(x_kept)`` gives the new
+        activations at the kept positions (None: clean)."""
+        device = self.model.device
+        ids, keep = self.ids.to(device), self.keep.to(device)
+        mask = ids >= 0
+
+        def fn(hidden):
+            if replace is None:
+                return None
+            new = hidden.clone()
+            new[keep] = replace(hidden[keep].float()).to(hidden.dtype)
+            return new
+
+        with lm_mod.hook_site(self.model, self.site, self.layer, fn):
+            logits = self.model(input_ids=ids.clamp_min(0), attention_mask=mask.long(), use_cache=False).logits
+        target, valid = ids[:, 1:], mask[:, 1:] & mask[:, :-1]
+        ce = F.cross_entropy(logits[:, :-1][valid].float(), target[valid])
+        return float(ce)
+
+    def measure(self, pl_module) -> dict[str, float]:
+        if self.model is None:
+            self._load(pl_module.device)
+        if self.reference is None:
+            self.reference = {"ce_clean": self._ce(None), "ce_zero_ablation": self._ce(torch.zeros_like)}
+        clean, zero = self.reference["ce_clean"], self.reference["ce_zero_ablation"]
+        out = {f"val/{k}": v for k, v in self.reference.items()}
+        for mode in MODES:
+            def splice(x, mode=mode):
+                return torch.cat([pl_module.reconstruct(chunk.to(pl_module.device), mode)
+                                  for chunk in x.split(self.batch_size)])
+            ce = self._ce(splice)
+            out[f"val/{mode}/ce_spliced"] = ce
+            out[f"val/{mode}/delta_ce"] = ce - clean
+            out[f"val/{mode}/loss_recovered"] = (zero - ce) / (zero - clean) if zero != clean else float("nan")
+        return out
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        was_training = pl_module.training
+        pl_module.eval()
+        self.figures = self.measure(pl_module)
+        pl_module.train(was_training)
+        pl_module.last_val.update(self.figures)
+        if trainer.logger is not None:
+            trainer.logger.log_metrics(self.figures, step=trainer.global_step)

@@ -1,0 +1,206 @@
+"""A LightningDataModule that streams an activation cache (see shards.py) from memory maps.
+
+Split: the cache's last ``val_tokens`` tokens are validation, the ``calibration_tokens``
+before them calibrate thresholds, the rest (cut to whole batches) is training.
+
+Training order: batch j of an endless stream; epoch e = j // n_batches. Each epoch cuts the
+training tokens into blocks of one batch, permutes the blocks (seed, e), groups them in
+windows of ``shuffle_buffer_tokens`` and permutes the tokens inside each window (seed, e, w):
+a batch mixes tokens of many far-apart contexts, only one window's pages are read at a time
+(the bounded buffer), every training token comes exactly once per epoch, and batch j is a
+pure function of (seed, j): so the position saved with a checkpoint restores the stream
+exactly. Rank r of W trains batches r, r+W, ...; loader workers split a rank's batches.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import lightning as L
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, IterableDataset
+
+from ..errors import ConfigError, DataError, require
+from .shards import ShardReader, fingerprint, read_manifest, verify_cache
+
+KEYS = ("kind", "path", "batch_size", "val_tokens", "calibration_tokens", "num_workers", "d_model", "seed",
+        "shuffle_buffer_tokens", "verify", "harvest", "downstream")
+
+
+class Order:
+    """The global token indices of training batch j (see the module docstring)."""
+
+    def __init__(self, n_batches: int, batch_size: int, window_batches: int, seed: int):
+        self.nb, self.B, self.m, self.seed = n_batches, batch_size, max(1, window_batches), seed
+        self._cache: dict[tuple[int, int], np.ndarray] = {}
+        self._blocks: dict[int, np.ndarray] = {}
+
+    def _block_perm(self, epoch: int) -> np.ndarray:
+        if epoch not in self._blocks:
+            self._blocks = {epoch: np.random.default_rng([self.seed, epoch]).permutation(self.nb)}
+        return self._blocks[epoch]
+
+    def window(self, epoch: int, w: int) -> np.ndarray:
+        """All token indices of window w of an epoch, in their shuffled order."""
+        if (epoch, w) not in self._cache:
+            blocks = self._block_perm(epoch)[w * self.m:(w + 1) * self.m]
+            tokens = (blocks[:, None] * self.B + np.arange(self.B)[None, :]).reshape(-1)
+            perm = np.random.default_rng([self.seed, epoch, w]).permutation(len(tokens))
+            self._cache = {(epoch, w): tokens[perm]}
+        return self._cache[(epoch, w)]
+
+    def batch(self, j: int) -> np.ndarray:
+        epoch, i = divmod(j, self.nb)
+        w, p = divmod(i, self.m)
+        return self.window(epoch, w)[p * self.B:(p + 1) * self.B]
+
+
+class TrainStream(IterableDataset):
+    def __init__(self, reader: ShardReader, order: Order, start: int, rank: int = 0, world: int = 1):
+        self.reader, self.order, self.start, self.rank, self.world = reader, order, start, rank, world
+
+    def __iter__(self) -> Iterator[Tensor]:
+        info = torch.utils.data.get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info else (0, 1)
+        q = self.start + wid  # this rank's q-th batch
+        while True:
+            yield self.reader.gather(self.order.batch(q * self.world + self.rank))
+            q += nw
+
+
+class ActivationsDataModule(L.LightningDataModule):
+    def __init__(self, cfg: dict[str, Any], harvest_spec=None, downstream: dict[str, Any] | None = None):
+        super().__init__()
+        self.cfg, self.path = cfg, Path(cfg["path"]).expanduser()
+        self.batch_size, self.num_workers = cfg["batch_size"], cfg.get("num_workers", 0)
+        self.harvest_spec, self.downstream = harvest_spec, downstream or {}
+        self.manifest: dict[str, Any] | None = read_manifest(self.path)
+        self._reader: ShardReader | None = None
+        self._val: Tensor | None = None
+        self._restored: dict[str, Any] | None = None
+        if self.manifest is None and harvest_spec is None:
+            raise DataError(f"no activation cache at {self.path} (no manifest.json) and no data.harvest section to make "
+                            "one: harvest it first (python harvest.py data=...) or point data.path at a cache")
+        if self.manifest is not None:
+            self._check_d_model(self.manifest["d_model"])
+
+    # ---- the cache ------------------------------------------------------------------------------
+    def _check_d_model(self, d: int) -> None:
+        want = self.cfg.get("d_model")
+        if want is not None and want != d:
+            raise ConfigError("data.d_model", want, f"null or {d}: the cache {self.path} holds d_model {d}")
+
+    def ready(self) -> bool:
+        m = self.manifest
+        return m is not None and m.get("complete", False) and (
+            self.harvest_spec is None or m["tokens"] >= self.harvest_spec.token_budget or m.get("corpus_exhausted", False))
+
+    def prepare_data(self) -> None:
+        """Harvest on first use (and finish an interrupted harvest); a no-op once the cache is
+        complete. In a multi-process run only local rank 0 harvests; the others wait."""
+        if self.ready():
+            return
+        rank = int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")))
+        if rank == 0:
+            from .harvest import harvest
+
+            print(f"activation cache {self.path} is {'incomplete' if self.manifest else 'missing'}: harvesting it now")
+            harvest(self.path, self.harvest_spec)
+        else:
+            while not self.ready():
+                time.sleep(5)
+                self.manifest = read_manifest(self.path)
+        self.manifest = read_manifest(self.path)
+        self._check_d_model(self.manifest["d_model"])
+
+    @property
+    def reader(self) -> ShardReader:
+        if self._reader is None:
+            if not self.ready():
+                self.prepare_data()
+            verify_cache(self.path, self.manifest, checksum=self.cfg.get("verify", "checksum") == "checksum")
+            self._reader = ShardReader(self.path, self.manifest)
+            self._split()
+        return self._reader
+
+    def _split(self) -> None:
+        n, B = self._reader.n_tokens, self.batch_size
+        val, cal = self.cfg["val_tokens"], self.cfg["calibration_tokens"]
+        self.n_batches = (n - val - cal) // B
+        if self.n_batches < 1:
+            raise DataError(f"activation cache {self.path} holds {n} tokens: too few for data.val_tokens={val} + "
+                            f"data.calibration_tokens={cal} + one training batch of {B}; harvest more "
+                            "(data.harvest.token_budget) or lower those")
+        self.train_tokens = self.n_batches * B
+        self.cal_range = (n - val - cal, n - val)
+        self.val_range = (n - val, n)
+        window = max(1, int(self.cfg.get("shuffle_buffer_tokens", 262144)) // B)
+        self.order = Order(self.n_batches, B, window, int(self.cfg.get("seed", 0)))
+
+    @property
+    def known_d_model(self) -> int | None:
+        return self.manifest["d_model"] if self.manifest is not None else self.cfg.get("d_model")
+
+    @property
+    def d_model(self) -> int:
+        if self.manifest is not None:
+            return self.manifest["d_model"]
+        self.prepare_data()
+        return self.manifest["d_model"]
+
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint(self.manifest)
+
+    # ---- what the module asks for -------------------------------------------------------------
+    def sample(self, n: int) -> Tensor:
+        """Training tokens for initialisation: n spread uniformly at random (fixed by data.seed)."""
+        reader = self.reader
+        n = min(n, self.train_tokens)
+        idx = np.sort(np.random.default_rng([int(self.cfg.get("seed", 0)), 7]).choice(self.train_tokens, n, replace=False))
+        return reader.gather(idx)
+
+    def calibration_tokens(self) -> Tensor:
+        return self.reader.range(*self.cal_range)
+
+    def val_tensor(self) -> Tensor:
+        if self._val is None:
+            self._val = self.reader.range(*self.val_range)
+        return self._val
+
+    # ---- loaders --------------------------------------------------------------------------------
+    def position(self) -> int:
+        """Batches this rank has trained on (the stream restarts there)."""
+        t = self.trainer
+        return t.global_step * t.accumulate_grad_batches if t is not None else 0
+
+    def train_dataloader(self) -> DataLoader:
+        t = self.trainer
+        start = self._restored.pop("position") if self._restored and "position" in self._restored else self.position()
+        stream = TrainStream(self.reader, self.order, start=start, rank=t.global_rank if t else 0,
+                             world=t.world_size if t else 1)
+        return DataLoader(stream, batch_size=None, num_workers=self.num_workers,
+                          persistent_workers=self.num_workers > 0, prefetch_factor=4 if self.num_workers else None)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_tensor(), batch_size=self.batch_size, shuffle=False)
+
+    # ---- the position in the checkpoint -------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"position": self.position(), "fingerprint": self.fingerprint, "seed": int(self.cfg.get("seed", 0)),
+                "batch_size": self.batch_size, "path": str(self.path)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("fingerprint") != self.fingerprint:
+            raise DataError(f"the checkpoint was trained on the activation cache {state.get('path')} (fingerprint "
+                            f"{state.get('fingerprint')}), but data.path={self.path} holds other activations "
+                            f"(fingerprint {self.fingerprint}); point data.path at the checkpoint's cache")
+        if state.get("seed") != int(self.cfg.get("seed", 0)) or state.get("batch_size") != self.batch_size:
+            raise ConfigError("data.seed / data.batch_size", (self.cfg.get("seed", 0), self.batch_size),
+                              f"the checkpoint's ({state.get('seed')}, {state.get('batch_size')}) to resume its data stream")
+        self._restored = state

@@ -1,0 +1,336 @@
+"""Harvest: run a language model over a corpus and store one site's activations as shards.
+
+The corpus becomes one deterministic stream of contexts: documents are tokenised without
+special tokens, joined with the tokenizer's end-of-text (or separator) token, cut into
+pieces of ``context_length`` minus the model's own framing (BOS for a causal model, CLS/SEP
+for BERT), and framed. Shard s holds contexts [s·S, (s+1)·S) for S = shard_tokens //
+context_length, run in forward batches that start at the shard's first context; so every
+shard is a pure function of the spec, and a resumed harvest writes the same bytes as one that
+was never stopped. Special tokens (BOS, EOS, SEP, CLS, padding) are dropped by default.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from ..errors import ConfigError, DataError, require, require_choice
+from . import corpus as corpus_mod
+from . import lm as lm_mod
+from .shards import (DTYPES, FORMAT, MANIFEST, atomic_save_npy, atomic_write_json, ids_name, read_manifest,
+                     remove_temporaries, shard_name, to_storage, verify_shard)
+
+LM_DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass
+class LMSpec:
+    name: str = "builtin:minilm"
+    revision: str | None = None
+    gguf_file: str | None = None
+    dtype: str = "float32"  # the model's compute dtype
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+
+
+@dataclass
+class CorpusSpec:
+    path: str = "builtin:python_docstrings"
+    format: str = "auto"  # auto | text | json | parquet (local files)
+    column: str = "text"
+    split: str = "train"  # hub datasets
+    name: str | None = None  # hub dataset config
+    revision: str | None = None
+
+
+@dataclass
+class HarvestSpec:
+    lm: LMSpec = field(default_factory=LMSpec)
+    corpus: CorpusSpec = field(default_factory=CorpusSpec)
+    site: str = "resid_post"
+    layer: int = 3
+    context_length: int = 128
+    batch_size: int = 32  # contexts per forward pass
+    token_budget: int = 1_000_000  # harvest until this many tokens are stored (or the corpus ends)
+    dtype: str = "float16"  # stored activations: float32 | float16 | bfloat16
+    drop_special: bool = True  # drop BOS/EOS/SEP/CLS positions (padding is always dropped)
+    prepend_bos: str | bool = "auto"  # auto: for causal models whose tokenizer adds none
+    shard_tokens: int = 131072  # about this many tokens per shard
+
+    @classmethod
+    def parse(cls, cfg: dict[str, Any], prefix: str = "data.harvest") -> "HarvestSpec":
+        require(isinstance(cfg, dict), prefix, cfg, "a mapping")
+        known = {f for f in cls.__dataclass_fields__}
+        for key in cfg:
+            require(key in known, f"{prefix}.{key}", cfg[key], f"a key of {prefix}: {sorted(known)}")
+        sub = {}
+        for key, sub_cls in (("lm", LMSpec), ("corpus", CorpusSpec)):
+            value = cfg.get(key) or {}
+            require(isinstance(value, dict), f"{prefix}.{key}", value, "a mapping")
+            allowed = set(sub_cls.__dataclass_fields__)
+            for k in value:
+                require(k in allowed, f"{prefix}.{key}.{k}", value[k], f"a key of {prefix}.{key}: {sorted(allowed)}")
+            sub[key] = sub_cls(**value)
+        spec = cls(**{**{k: v for k, v in cfg.items() if k not in sub}, **sub})
+        spec.validate(prefix)
+        return spec
+
+    def validate(self, prefix: str = "data.harvest") -> None:
+        require(isinstance(self.lm.name, str) and self.lm.name, f"{prefix}.lm.name", self.lm.name,
+                "builtin:minilm, builtin:smollm2, a local folder, a .gguf file or a hub name")
+        require_choice(f"{prefix}.lm.dtype", self.lm.dtype, LM_DTYPES)
+        require(isinstance(self.lm.device, str) and (self.lm.device in ("auto", "cpu") or self.lm.device.startswith("cuda")),
+                f"{prefix}.lm.device", self.lm.device, "auto, cpu, cuda or cuda:N")
+        require(isinstance(self.corpus.path, str) and self.corpus.path, f"{prefix}.corpus.path", self.corpus.path,
+                "local files (file, folder or glob), a hub dataset name or builtin:python_docstrings")
+        require_choice(f"{prefix}.corpus.format", self.corpus.format, corpus_mod.FORMATS)
+        require_choice(f"{prefix}.site", self.site, lm_mod.SITES)
+        require(isinstance(self.layer, int) and not isinstance(self.layer, bool), f"{prefix}.layer", self.layer, "an integer")
+        for key, low in (("context_length", 2), ("batch_size", 1), ("token_budget", 1), ("shard_tokens", 1)):
+            value = getattr(self, key)
+            require(isinstance(value, int) and not isinstance(value, bool) and value >= low, f"{prefix}.{key}", value,
+                    f"an integer >= {low}")
+        require_choice(f"{prefix}.dtype", self.dtype, tuple(DTYPES))
+        require(isinstance(self.drop_special, bool), f"{prefix}.drop_special", self.drop_special, "true or false")
+        require(self.prepend_bos in ("auto", True, False), f"{prefix}.prepend_bos", self.prepend_bos, "auto, true or false")
+
+
+def _device(name: str) -> str:
+    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
+
+
+class Framing:
+    """How the tokenizer frames a context (prefix/suffix ids), the document separator, and
+    which ids are dropped."""
+
+    def __init__(self, tokenizer, is_causal: bool, spec: HarvestSpec):
+        tokenizer.model_max_length = 1 << 60  # documents are cut by us, not by the tokenizer (and no warning)
+        probe = "hello world"
+        plain = tokenizer(probe, add_special_tokens=False)["input_ids"]
+        full = tokenizer(probe, add_special_tokens=True)["input_ids"]
+        i = next((i for i in range(len(full) - len(plain) + 1) if full[i:i + len(plain)] == plain), 0)
+        self.prefix, self.suffix = list(full[:i]), list(full[i + len(plain):])
+        bos = tokenizer.bos_token_id
+        want_bos = spec.prepend_bos if spec.prepend_bos != "auto" else is_causal
+        if want_bos and not self.prefix and bos is not None:
+            self.prefix = [bos]
+        sep = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+        self.separator = [] if sep is None else [sep]
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (sep if sep is not None else 0)
+        self.dropped = sorted(set(tokenizer.all_special_ids)) if spec.drop_special else []
+        self.body = spec.context_length - len(self.prefix) - len(self.suffix)
+        if self.body < 1:
+            raise ConfigError("data.harvest.context_length", spec.context_length,
+                              f"an integer > {len(self.prefix) + len(self.suffix)} (the model's framing tokens)")
+
+    def contexts(self, tokenizer, docs: Iterator[str]) -> Iterator[list[int]]:
+        """The corpus as framed contexts (each at most context_length ids)."""
+        buf: list[int] = []
+        batch: list[str] = []
+
+        def flush():
+            nonlocal buf
+            for ids in tokenizer(batch, add_special_tokens=False)["input_ids"]:
+                buf.extend(ids)
+                buf.extend(self.separator)
+            batch.clear()
+
+        for doc in docs:
+            batch.append(doc)
+            if len(batch) == 64:
+                flush()
+                while len(buf) >= self.body:
+                    yield self.prefix + buf[:self.body] + self.suffix
+                    buf = buf[self.body:]
+        flush()
+        while buf:
+            if buf == self.separator:
+                break
+            yield self.prefix + buf[:self.body] + self.suffix
+            buf = buf[self.body:]
+
+
+def _identity(spec: HarvestSpec, source: lm_mod.LMSource, corpus_desc: dict, framing: Framing, d_model: int,
+              layer: int, n_layers: int, is_causal: bool, model_name: str, revision: str | None) -> dict[str, Any]:
+    """What determines the cache's content: compared on resume."""
+    return {
+        "lm": {"name": spec.lm.name, "resolved": source.folder, "gguf_file": source.gguf_file, "revision": revision,
+               "weights_sha256": lm_mod.weights_hash(source), "dtype": spec.lm.dtype, "class": model_name,
+               "causal": is_causal, "n_layers": n_layers},
+        "corpus": {k: v for k, v in corpus_desc.items() if k != "path"} | {"path": corpus_desc["path"]},
+        "site": spec.site, "layer": layer, "site_name": f"blocks.{layer}.{spec.site}", "d_model": d_model,
+        "context_length": spec.context_length, "batch_size": spec.batch_size, "dtype": spec.dtype,
+        "prefix": framing.prefix, "suffix": framing.suffix, "separator": framing.separator,
+        "dropped_token_ids": framing.dropped, "shard_contexts": max(1, spec.shard_tokens // spec.context_length),
+    }
+
+
+def _compare(old: dict, new: dict, folder: Path) -> None:
+    keys = ["lm", "corpus", "site", "layer", "context_length", "batch_size", "dtype", "prefix", "suffix",
+            "separator", "dropped_token_ids", "shard_contexts"]
+    diff = [k for k in keys if old.get(k) != new.get(k)]
+    if diff:
+        detail = "; ".join(f"{k}: cache {json.dumps(old.get(k))[:120]} vs now {json.dumps(new.get(k))[:120]}" for k in diff)
+        raise DataError(f"the cache at {folder} was harvested with other settings ({detail}). Use another "
+                        "data.path for these settings, or delete that folder to harvest it again")
+
+
+def compute_stats(folder: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    """Normalisation statistics over the whole cache (float64 sums, one pass)."""
+    from .shards import ShardReader
+
+    reader = ShardReader(folder, manifest)
+    d = manifest["d_model"]
+    s1, sq, n, amax = np.zeros(d), 0.0, 0, 0.0
+    for start in range(0, reader.n_tokens, 65536):
+        x = reader.range(start, min(start + 65536, reader.n_tokens)).double()
+        s1 += x.sum(0).numpy()
+        sq += float(x.pow(2).sum())
+        amax = max(amax, float(x.abs().max()))
+        n += x.shape[0]
+    mean = s1 / max(n, 1)
+    return {"mean_norm": float(np.linalg.norm(mean)), "rms_norm": math.sqrt(sq / max(n, 1)),
+            "centred_rms_norm": math.sqrt(max(sq / max(n, 1) - float(mean @ mean), 0.0)), "max_abs": amax,
+            "mean": [round(float(v), 6) for v in mean]}
+
+
+def harvest(folder: str | Path, spec: HarvestSpec, progress: bool = True, log=print) -> dict[str, Any]:
+    """Harvest into ``folder`` until it holds ``spec.token_budget`` tokens (or the corpus ends);
+    resumes what is there. Returns the manifest."""
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    if manifest is not None and manifest.get("complete") and (
+            manifest["tokens"] >= spec.token_budget or manifest.get("corpus_exhausted")):
+        return manifest  # nothing to do (the identity is checked by whoever opens the cache)
+
+    source = lm_mod.resolve(spec.lm.name, spec.lm.gguf_file)
+    desc = corpus_mod.describe(asdict(spec.corpus), folder.parent / "corpora")
+    device = _device(spec.lm.device)
+    t0 = time.perf_counter()
+    model, tokenizer, is_causal = lm_mod.load(source, spec.lm.revision, spec.lm.dtype, device)
+    _, layers = lm_mod.blocks(model)
+    layer = lm_mod.check_site(spec.site, spec.layer, len(layers))
+    framing = Framing(tokenizer, is_causal, spec)
+    d_model = int(model.config.hidden_size)
+    revision = getattr(model.config, "_commit_hash", None) or spec.lm.revision
+    ident = _identity(spec, source, desc, framing, d_model, layer, len(layers), is_causal, type(model).__name__, revision)
+    log(f"harvest: {spec.lm.name} ({type(model).__name__}, {len(layers)} blocks, d_model {d_model}) loaded in "
+        f"{time.perf_counter() - t0:.1f} s; site {ident['site_name']}; corpus {desc['path']}")
+
+    shards: list[dict[str, Any]] = []
+    if manifest is not None:
+        _compare(manifest["harvest"], ident, folder)
+        for entry in manifest["shards"]:  # keep the prefix of whole shards
+            if verify_shard(folder, entry, checksum=True) is not None:
+                log(f"harvest: {entry['activations']['file']} does not match the manifest; re-creating from there")
+                break
+            shards.append(entry)
+        if shards and shards[-1]["contexts"] < ident["shard_contexts"] and not manifest.get("corpus_exhausted"):
+            shards.pop()  # a short last shard (budget reached mid-shard) is re-made to full length
+    S = ident["shard_contexts"]
+    done_contexts = sum(e["contexts"] for e in shards)
+    tokens = sum(e["tokens"] for e in shards)
+
+    def write_manifest(complete: bool, exhausted: bool = False, stats: dict | None = None):
+        atomic_write_json(folder / MANIFEST, {
+            "format": FORMAT, "harvest": ident, "d_model": d_model, "dtype": spec.dtype, "tokens": tokens,
+            "contexts": sum(e["contexts"] for e in shards), "shards": shards, "complete": complete,
+            "corpus_exhausted": exhausted, "token_budget": spec.token_budget, "stats": stats,
+            "created_by": "sae_lightning harvest", "python": sys.version.split()[0], "torch": torch.__version__})
+
+    stream = framing.contexts(tokenizer, corpus_mod.documents(desc))
+    for _ in range(done_contexts):  # resume: skip what the kept shards hold (tokenising only)
+        next(stream)
+    dropped = torch.tensor(framing.dropped, dtype=torch.long)
+    captured: list[torch.Tensor] = []
+    bar = _progress(progress, spec.token_budget, tokens)
+    exhausted = False
+    try:
+        with torch.inference_mode(), lm_mod.hook_site(model, spec.site, layer, captured.append, stop=True):
+            while tokens < spec.token_budget and not exhausted:
+                index = len(shards)
+                acts: list[np.ndarray] = []
+                ids_rows: list[list[int]] = []
+                shard_tokens = 0
+                while len(ids_rows) < S and tokens + shard_tokens < spec.token_budget:
+                    batch = [c for _, c in zip(range(min(spec.batch_size, S - len(ids_rows))), stream)]
+                    if not batch:
+                        exhausted = True
+                        break
+                    ids = torch.full((len(batch), spec.context_length), -1, dtype=torch.long)
+                    for i, c in enumerate(batch):
+                        ids[i, :len(c)] = torch.tensor(c)
+                    keep = (ids >= 0) & ~torch.isin(ids, dropped)
+                    per_context = keep.sum(1)
+                    # stop at the context that reaches the budget (independent of the batch size)
+                    cum = torch.cumsum(per_context, 0) + tokens + shard_tokens
+                    n_ctx = int((cum < spec.token_budget).sum()) + 1 if cum[-1] >= spec.token_budget else len(batch)
+                    ids, keep = ids[:n_ctx], keep[:n_ctx]
+                    captured.clear()
+                    lm_mod.run_to_site(model, ids.clamp_min(0).masked_fill(ids < 0, framing.pad_id).to(device),
+                                       (ids >= 0).long().to(device))
+                    x = captured[0][keep.to(captured[0].device)].float()
+                    stored = to_storage(x, spec.dtype)
+                    if not np.isfinite(_as_float(stored, spec.dtype)).all():
+                        finite_fp32 = bool(torch.isfinite(x).all())
+                        raise DataError(
+                            f"harvest: NaN or inf activations in contexts {done_contexts + len(ids_rows)}.."
+                            f"{done_contexts + len(ids_rows) + n_ctx - 1} at {ident['site_name']}"
+                            + (f": the model's values overflow {spec.dtype}; set data.harvest.dtype=float32 (or bfloat16)"
+                               if finite_fp32 else ": the model itself produces them (check lm.dtype and the weights)")
+                            + f". Nothing of shard {index} was written")
+                    acts.append(stored)
+                    ids_rows.extend(ids.tolist())
+                    shard_tokens += x.shape[0]
+                    bar.update(x.shape[0])
+                if not ids_rows:
+                    break
+                folder.mkdir(parents=True, exist_ok=True)
+                ids_arr = np.asarray(ids_rows, dtype=np.int32)
+                entry = {"index": index, "first_context": done_contexts, "contexts": len(ids_rows), "tokens": shard_tokens,
+                         "activations": atomic_save_npy(folder / shard_name(index), np.concatenate(acts)),
+                         "ids": atomic_save_npy(folder / ids_name(index), ids_arr)}
+                shards.append(entry)
+                done_contexts += len(ids_rows)
+                tokens += shard_tokens
+                write_manifest(False)
+                bar.set_postfix(shards=len(shards), refresh=False)
+    except KeyboardInterrupt:
+        bar.close()
+        log(f"\nharvest interrupted: {len(shards)} whole shards ({tokens} tokens) kept in {folder}; "
+            "run the same command again to resume")
+        raise
+    finally:
+        bar.close()
+        if folder.is_dir():
+            remove_temporaries(folder)
+    if tokens == 0:
+        raise DataError(f"corpus {desc['path']!r} gave no tokens (no non-empty documents, or only special tokens); "
+                        "nothing was written")
+    manifest = {"harvest": ident, "d_model": d_model, "dtype": spec.dtype, "shards": shards}
+    stats = compute_stats(folder, manifest)
+    write_manifest(True, exhausted, stats)
+    elapsed = time.perf_counter() - t0
+    log(f"harvest: {tokens} tokens in {len(shards)} shards at {folder}"
+        + (" (the corpus ended before the budget)" if exhausted else "") + f"; {elapsed:.1f} s")
+    return read_manifest(folder)
+
+
+def _as_float(stored: np.ndarray, dtype: str) -> np.ndarray:
+    if dtype == "bfloat16":  # bf16 bits: exponent all ones = inf/NaN
+        return np.where((stored & 0x7F80) == 0x7F80, np.nan, 0.0)
+    return stored
+
+
+def _progress(enabled: bool, total: int, initial: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, unit="tok", unit_scale=True, desc="harvest", disable=not enabled,
+                dynamic_ncols=True, smoothing=0.1)

@@ -1,0 +1,193 @@
+"""The activation cache on disk: shards of activations, their token ids, and a manifest.
+
+A cache is a folder::
+
+    manifest.json          what was harvested (model and its hash or revision, site, d_model,
+                           dtype, corpus, context length), the shard list with a sha256 per file,
+                           the token count, normalisation statistics, and whether it is complete
+    shard_00000.npy        activations [n_tokens, d_model] of the kept tokens, in harvest order
+    shard_00000.ids.npy    token ids [n_contexts, context_length] of the contexts those tokens
+                           came from (int32, -1 = padding); kept positions are the non-padding
+                           ids that are not in ``manifest["dropped_token_ids"]``
+
+``.npy`` files are memory-mapped for reading. ``bfloat16`` (which numpy lacks) is stored as its
+raw 16-bit pattern (uint16) and viewed back as bfloat16. Every file is written to a temporary
+name, hashed, flushed and renamed, and the manifest is rewritten (same way) after each shard:
+a shard is in the cache only once its file is whole and the manifest lists it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import DataError
+
+FORMAT = "sae_lightning.activations/1"
+MANIFEST = "manifest.json"
+DTYPES = {"float32": (torch.float32, np.float32), "float16": (torch.float16, np.float16),
+          "bfloat16": (torch.bfloat16, np.uint16)}
+
+
+def shard_name(index: int) -> str:
+    return f"shard_{index:05d}.npy"
+
+
+def ids_name(index: int) -> str:
+    return f"shard_{index:05d}.ids.npy"
+
+
+def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _tmp(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def atomic_save_npy(path: Path, array: np.ndarray) -> dict[str, Any]:
+    """Write ``array`` to ``path`` atomically; returns {file, bytes, sha256}."""
+    tmp = _tmp(path)
+    try:
+        with open(tmp, "wb") as f:
+            np.save(f, array, allow_pickle=False)
+            f.flush()
+            os.fsync(f.fileno())
+        digest = sha256_file(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return {"file": path.name, "bytes": path.stat().st_size, "sha256": digest}
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    tmp = _tmp(path)
+    try:
+        tmp.write_text(json.dumps(obj, indent=1) + "\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def remove_temporaries(folder: Path) -> None:
+    for tmp in folder.glob(".*.tmp-*"):
+        tmp.unlink(missing_ok=True)
+
+
+def to_storage(x: torch.Tensor, dtype: str) -> np.ndarray:
+    """Activations as the numpy array stored for ``dtype``."""
+    t = x.to(DTYPES[dtype][0]).contiguous().cpu()
+    return t.view(torch.uint16).numpy() if dtype == "bfloat16" else t.numpy()
+
+
+def from_storage(a: np.ndarray, dtype: str) -> torch.Tensor:
+    """A stored array back as a float32 tensor (copies)."""
+    t = torch.from_numpy(np.ascontiguousarray(a))
+    return (t.view(torch.bfloat16) if dtype == "bfloat16" else t).to(torch.float32)
+
+
+def read_manifest(folder: Path) -> dict[str, Any] | None:
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{path} is not valid JSON ({e}); the cache is damaged: delete the folder and harvest again") from e
+    if manifest.get("format") != FORMAT:
+        raise DataError(f"{path} has format {manifest.get('format')!r}, this version reads {FORMAT!r}")
+    return manifest
+
+
+def verify_shard(folder: Path, entry: dict[str, Any], checksum: bool) -> str | None:
+    """None if the shard's files match the manifest; otherwise what is wrong."""
+    for key in ("activations", "ids"):
+        f = entry[key]
+        path = Path(folder) / f["file"]
+        if not path.is_file():
+            return f"{path} is missing"
+        size = path.stat().st_size
+        if size != f["bytes"]:
+            return f"{path} has {size} bytes, the manifest says {f['bytes']} (truncated or overwritten)"
+        if checksum:
+            digest = sha256_file(path)
+            if digest != f["sha256"]:
+                return f"{path} is corrupt: sha256 {digest[:16]}… differs from the manifest's {f['sha256'][:16]}…"
+    return None
+
+
+def verify_cache(folder: Path, manifest: dict[str, Any], checksum: bool = True) -> None:
+    """Raise DataError naming the first shard whose files do not match the manifest."""
+    for entry in manifest["shards"]:
+        problem = verify_shard(folder, entry, checksum)
+        if problem is not None:
+            raise DataError(f"activation cache {folder}: {problem}. Re-run the harvest (python harvest.py with the "
+                            "same data config): it checks every shard and re-creates the cache from the first bad one")
+
+
+def fingerprint(manifest: dict[str, Any]) -> str:
+    """A short identity of a cache's content (its shards' checksums)."""
+    h = hashlib.sha256()
+    for entry in manifest["shards"]:
+        h.update(entry["activations"]["sha256"].encode())
+    return h.hexdigest()[:16]
+
+
+class ShardReader:
+    """Random access to the cache's tokens by global index, through memory maps opened lazily
+    (so that each DataLoader worker opens its own after the fork)."""
+
+    def __init__(self, folder: Path, manifest: dict[str, Any]):
+        self.folder, self.dtype = Path(folder), manifest["dtype"]
+        self.counts = [entry["tokens"] for entry in manifest["shards"]]
+        self.offsets = np.concatenate([[0], np.cumsum(self.counts)]).astype(np.int64)
+        self.files = [entry["activations"]["file"] for entry in manifest["shards"]]
+        self.n_tokens, self.d_model = int(self.offsets[-1]), manifest["d_model"]
+        self._maps: dict[int, np.ndarray] = {}
+
+    def __getstate__(self):
+        return {**self.__dict__, "_maps": {}}
+
+    def _map(self, s: int) -> np.ndarray:
+        if s not in self._maps:
+            self._maps[s] = np.load(self.folder / self.files[s], mmap_mode="r")
+        return self._maps[s]
+
+    def _check(self, x: torch.Tensor, s: int, rows: np.ndarray) -> torch.Tensor:
+        if not torch.isfinite(x).all():
+            bad = int(rows[int((~torch.isfinite(x)).any(1).nonzero()[0])])
+            raise DataError(f"activation cache {self.folder}: {self.files[s]} holds a NaN or inf at row {bad}; "
+                            "the cache is unusable: delete it and harvest again (with data.harvest.dtype=float32 "
+                            "if the model's activations overflow float16)")
+        return x
+
+    def range(self, start: int, stop: int) -> torch.Tensor:
+        """Tokens [start, stop) as float32 [stop - start, d]."""
+        return self.gather(np.arange(start, stop, dtype=np.int64))
+
+    def gather(self, index: np.ndarray) -> torch.Tensor:
+        """Tokens at global indices ``index`` (any order) as float32 [len(index), d]."""
+        index = np.asarray(index, dtype=np.int64)
+        out = torch.empty(len(index), self.d_model, dtype=torch.float32)
+        shard = np.searchsorted(self.offsets, index, side="right") - 1
+        order = np.argsort(shard, kind="stable")
+        bounds = np.searchsorted(shard[order], np.arange(len(self.counts) + 1))
+        for s in range(len(self.counts)):
+            pos = order[bounds[s]:bounds[s + 1]]
+            if len(pos) == 0:
+                continue
+            rows = index[pos] - self.offsets[s]
+            sort = np.argsort(rows, kind="stable")  # read in file order
+            block = self._check(from_storage(self._map(s)[rows[sort]], self.dtype), s, rows[sort])
+            out[torch.from_numpy(pos[sort])] = block
+        return out
