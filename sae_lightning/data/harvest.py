@@ -137,6 +137,8 @@ class Framing:
 
         def flush():
             nonlocal buf
+            if not batch:
+                return
             for ids in tokenizer(batch, add_special_tokens=False)["input_ids"]:
                 buf.extend(ids)
                 buf.extend(self.separator)
@@ -201,9 +203,10 @@ def compute_stats(folder: Path, manifest: dict[str, Any]) -> dict[str, Any]:
             "mean": [round(float(v), 6) for v in mean]}
 
 
-def harvest(folder: str | Path, spec: HarvestSpec, progress: bool = True, log=print) -> dict[str, Any]:
+def harvest(folder: str | Path, spec: HarvestSpec, progress: bool = True, log=print, loaded=None) -> dict[str, Any]:
     """Harvest into ``folder`` until it holds ``spec.token_budget`` tokens (or the corpus ends);
-    resumes what is there. Returns the manifest."""
+    resumes what is there. Returns the manifest. ``loaded``: the (model, tokenizer, is_causal)
+    of ``spec.lm`` when the caller has it already (the benchmark)."""
     folder = Path(folder)
     manifest = read_manifest(folder)
     if manifest is not None and manifest.get("complete") and (
@@ -214,7 +217,7 @@ def harvest(folder: str | Path, spec: HarvestSpec, progress: bool = True, log=pr
     desc = corpus_mod.describe(asdict(spec.corpus), folder.parent / "corpora")
     device = _device(spec.lm.device)
     t0 = time.perf_counter()
-    model, tokenizer, is_causal = lm_mod.load(source, spec.lm.revision, spec.lm.dtype, device)
+    model, tokenizer, is_causal = loaded or lm_mod.load(source, spec.lm.revision, spec.lm.dtype, device)
     _, layers = lm_mod.blocks(model)
     layer = lm_mod.check_site(spec.site, spec.layer, len(layers))
     framing = Framing(tokenizer, is_causal, spec)

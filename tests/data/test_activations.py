@@ -1,0 +1,133 @@
+"""The streaming DataModule over an activation cache: split, order, workers, position, errors."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from sae_lightning.data import build_datamodule, shards
+from sae_lightning.data.harvest import harvest
+from sae_lightning.errors import ConfigError, DataError
+
+from .test_harvest import spec_for
+
+
+@pytest.fixture(scope="module")
+def cache(tiny_lm, corpus_file, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("acts") / "cache"
+    harvest(folder, spec_for(tiny_lm, corpus_file, token_budget=1500, shard_tokens=256), progress=False, log=lambda *a: None)
+    return folder
+
+
+def make(cache, **kw):
+    cfg = {"kind": "activations", "path": str(cache), "batch_size": 64, "val_tokens": 100, "calibration_tokens": 90,
+           "num_workers": 0, "shuffle_buffer_tokens": 256, "seed": 0}
+    cfg.update(kw)
+    dm = build_datamodule(cfg)
+    dm.reader  # opens (and verifies) the cache
+    return dm
+
+
+def rows_key(x: torch.Tensor) -> list[tuple]:
+    return sorted(map(tuple, x.numpy().round(5).tolist()))
+
+
+def first_batches(dm, n, trainer=None):
+    dm.trainer = trainer
+    it = iter(dm.train_dataloader())
+    return [next(it) for _ in range(n)]
+
+
+def test_split_is_disjoint_and_covers_the_cache(cache):
+    dm = make(cache)
+    n = dm.reader.n_tokens
+    assert dm.val_range == (n - 100, n) and dm.cal_range == (n - 190, n - 100)
+    assert dm.train_tokens == dm.n_batches * 64 <= n - 190 < dm.train_tokens + 64
+    torch.testing.assert_close(dm.val_tensor(), dm.reader.range(n - 100, n))
+    assert dm.calibration_tokens().shape == (90, 32) and dm.sample(50).shape == (50, 32)
+
+
+def test_every_training_token_exactly_once_per_epoch(cache):
+    dm = make(cache)
+    nb = dm.n_batches
+    assert nb >= 8 and dm.order.m == 4  # several windows per epoch
+    for epoch in range(2):
+        idx = np.concatenate([dm.order.batch(epoch * nb + j) for j in range(nb)])
+        assert np.array_equal(np.sort(idx), np.arange(dm.train_tokens))
+    batches = first_batches(dm, nb)
+    assert rows_key(torch.cat(batches)) == rows_key(dm.reader.range(0, dm.train_tokens))
+    e0 = np.concatenate([dm.order.batch(j) for j in range(nb)])
+    e1 = np.concatenate([dm.order.batch(nb + j) for j in range(nb)])
+    assert not np.array_equal(e0, e1)  # each epoch its own order
+    # a batch mixes tokens of several blocks (the shuffle buffer works)
+    assert len(np.unique(dm.order.batch(0) // 64)) > 1
+
+
+def test_order_is_fixed_by_the_seed_and_workers_do_not_change_it(cache):
+    a = first_batches(make(cache), 6)
+    b = first_batches(make(cache, num_workers=2), 6)
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y)
+    c = first_batches(make(cache, seed=1), 6)
+    assert not torch.equal(a[0], c[0])
+
+
+def test_ranks_split_the_stream(cache):
+    dm = make(cache)
+    whole = first_batches(make(cache), 6)
+    r0 = first_batches(dm, 3, SimpleNamespace(global_step=0, accumulate_grad_batches=1, global_rank=0, world_size=2))
+    r1 = first_batches(make(cache), 3, SimpleNamespace(global_step=0, accumulate_grad_batches=1, global_rank=1, world_size=2))
+    for j in range(3):
+        torch.testing.assert_close(r0[j], whole[2 * j])
+        torch.testing.assert_close(r1[j], whole[2 * j + 1])
+
+
+def test_position_is_saved_and_restored(cache):
+    whole = first_batches(make(cache), 9)
+    dm = make(cache)
+    dm.trainer = SimpleNamespace(global_step=5, accumulate_grad_batches=1, global_rank=0, world_size=1)
+    state = dm.state_dict()
+    assert state["position"] == 5 and state["fingerprint"] == shards.fingerprint(dm.manifest)
+    fresh = make(cache)
+    fresh.load_state_dict(state)
+    resumed = first_batches(fresh, 4, SimpleNamespace(global_step=5, accumulate_grad_batches=1, global_rank=0, world_size=1))
+    for j in range(4):
+        torch.testing.assert_close(resumed[j], whole[5 + j])
+    with pytest.raises(DataError, match="trained on the activation cache .* holds other activations"):
+        make(cache).load_state_dict({**state, "fingerprint": "0" * 16})
+    with pytest.raises(ConfigError, match="data.seed / data.batch_size"):
+        make(cache, seed=3).load_state_dict(state)
+
+
+def test_d_model_must_match_the_cache(cache):
+    with pytest.raises(ConfigError, match=r"data.d_model=64 is not allowed; expected null or 32: the cache .* holds d_model 32"):
+        make(cache, d_model=64)
+    assert make(cache, d_model=32).d_model == 32
+
+
+def test_missing_cache_without_harvest_section(tmp_path):
+    with pytest.raises(DataError, match="no activation cache at .* harvest it first"):
+        make(tmp_path / "nothing")
+
+
+def test_too_small_cache_names_the_sizes(cache):
+    with pytest.raises(DataError, match="too few for data.val_tokens=100000"):
+        make(cache, val_tokens=100000)
+
+
+def test_nan_in_a_shard_is_reported_when_read(cache, tmp_path):
+    import shutil
+
+    copy = tmp_path / "nan_cache"
+    shutil.copytree(cache, copy)
+    arr = np.load(copy / "shard_00000.npy")
+    arr[3, 5] = np.nan
+    np.save(copy / "shard_00000.npy", arr)  # same size: only the checksum sees it
+    with pytest.raises(DataError, match="shard_00000.npy is corrupt: sha256"):
+        make(copy)
+    dm = make(copy, verify="size")
+    with pytest.raises(DataError, match="shard_00000.npy holds a NaN or inf at row 3"):
+        dm.reader.range(0, 10)

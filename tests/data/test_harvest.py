@@ -1,0 +1,180 @@
+"""Harvest: what it stores, resume, repair, and its errors (tiny random Llama, local text)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from sae_lightning.data import harvest as harvest_mod
+from sae_lightning.data import shards
+from sae_lightning.data.harvest import HarvestSpec, harvest
+from sae_lightning.errors import ConfigError, DataError
+
+from ..conftest import ROOT
+
+
+def spec_for(lm, corpus, **kw) -> HarvestSpec:
+    cfg = {"lm": {"name": str(lm)}, "corpus": {"path": str(corpus)}, "layer": 0, "context_length": 16,
+           "batch_size": 3, "token_budget": 400, "shard_tokens": 64, "dtype": "float32"}
+    cfg.update(kw)
+    return HarvestSpec.parse(cfg)
+
+
+def files_digest(folder):
+    return {p.name: shards.sha256_file(p) for p in sorted(folder.glob("shard_*"))}
+
+
+def test_cache_holds_the_sites_activations_of_kept_tokens(tiny_lm, corpus_file, tmp_path):
+    import transformers
+
+    manifest = harvest(tmp_path / "c", spec_for(tiny_lm, corpus_file), progress=False, log=lambda *a: None)
+    assert manifest["complete"] and manifest["tokens"] >= 400 and manifest["d_model"] == 32
+    h = manifest["harvest"]
+    assert h["site_name"] == "blocks.0.resid_post" and h["lm"]["causal"] and len(h["lm"]["weights_sha256"]) == 64
+    assert h["prefix"] == [1] and h["separator"] == [2]  # BOS prepended for a causal model; EOS between documents
+    assert h["shard_contexts"] == 4 and len(manifest["shards"]) == -(-manifest["contexts"] // 4)
+    assert manifest["stats"]["rms_norm"] > 0 and len(manifest["stats"]["mean"]) == 32
+    shards.verify_cache(tmp_path / "c", manifest, checksum=True)
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_lm).eval()
+    dropped = torch.tensor(h["dropped_token_ids"])
+    for entry in manifest["shards"]:
+        ids = torch.from_numpy(np.load(tmp_path / "c" / entry["ids"]["file"]).astype(np.int64))
+        keep = (ids >= 0) & ~torch.isin(ids, dropped)
+        assert int(keep.sum()) == entry["tokens"] and (ids[:, 0] == 1).all()  # every context starts with BOS
+        with torch.no_grad():
+            hidden = model(ids.clamp_min(0), attention_mask=(ids >= 0).long(), output_hidden_states=True).hidden_states[1]
+        stored = torch.from_numpy(np.load(tmp_path / "c" / entry["activations"]["file"]))
+        torch.testing.assert_close(stored, hidden[keep], rtol=1e-5, atol=1e-5)
+
+
+def test_resume_after_an_interruption_gives_the_same_shards(tiny_lm, corpus_file, tmp_path, monkeypatch):
+    spec = spec_for(tiny_lm, corpus_file)
+    reference = harvest(tmp_path / "ref", spec, progress=False, log=lambda *a: None)
+
+    calls = {"n": 0}
+    real_save = shards.atomic_save_npy
+
+    def interrupted_save(path, array):
+        calls["n"] += 1
+        if calls["n"] == 6:  # shard 2's activations are written, its ids and manifest entry are not
+            raise KeyboardInterrupt
+        return real_save(path, array)
+
+    monkeypatch.setattr(harvest_mod, "atomic_save_npy", interrupted_save)
+    with pytest.raises(KeyboardInterrupt):
+        harvest(tmp_path / "run", spec, progress=False, log=lambda *a: None)
+    partial = shards.read_manifest(tmp_path / "run")
+    assert not partial["complete"] and len(partial["shards"]) == 2
+    assert not list((tmp_path / "run").glob(".*tmp*"))  # nothing half-written
+    monkeypatch.setattr(harvest_mod, "atomic_save_npy", real_save)
+
+    resumed = harvest(tmp_path / "run", spec, progress=False, log=lambda *a: None)
+    assert files_digest(tmp_path / "run") == files_digest(tmp_path / "ref")
+    assert resumed["shards"] == reference["shards"] and resumed["tokens"] == reference["tokens"]
+
+
+def test_larger_budget_extends_the_cache_identically(tiny_lm, corpus_file, tmp_path):
+    small = harvest(tmp_path / "grow", spec_for(tiny_lm, corpus_file, token_budget=150), progress=False, log=lambda *a: None)
+    assert 150 <= small["tokens"] < 400
+    harvest(tmp_path / "grow", spec_for(tiny_lm, corpus_file), progress=False, log=lambda *a: None)
+    harvest(tmp_path / "once", spec_for(tiny_lm, corpus_file), progress=False, log=lambda *a: None)
+    assert files_digest(tmp_path / "grow") == files_digest(tmp_path / "once")
+
+
+def test_harvest_repairs_a_corrupt_shard_and_refuses_other_settings(tiny_lm, corpus_file, tmp_path):
+    spec = spec_for(tiny_lm, corpus_file)
+    harvest(tmp_path / "c", spec, progress=False, log=lambda *a: None)
+    before = files_digest(tmp_path / "c")
+    path = tmp_path / "c" / "shard_00001.npy"
+    raw = bytearray(path.read_bytes())
+    raw[-5] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    with pytest.raises(DataError, match="shard_00001.npy is corrupt: sha256"):
+        shards.verify_cache(tmp_path / "c", shards.read_manifest(tmp_path / "c"))
+    m = shards.read_manifest(tmp_path / "c")
+    m["complete"] = False  # as after an interruption: the harvest re-checks and re-makes from shard 1
+    shards.atomic_write_json(tmp_path / "c" / "manifest.json", m)
+    harvest(tmp_path / "c", spec, progress=False, log=lambda *a: None)
+    assert files_digest(tmp_path / "c") == before
+
+    m["complete"] = False
+    shards.atomic_write_json(tmp_path / "c" / "manifest.json", m)
+    with pytest.raises(DataError, match="other settings .*context_length"):
+        harvest(tmp_path / "c", spec_for(tiny_lm, corpus_file, context_length=32), progress=False, log=lambda *a: None)
+
+
+def test_truncated_shard_is_named(tiny_lm, corpus_file, tmp_path):
+    manifest = harvest(tmp_path / "c", spec_for(tiny_lm, corpus_file), progress=False, log=lambda *a: None)
+    path = tmp_path / "c" / "shard_00000.ids.npy"
+    path.write_bytes(path.read_bytes()[:-10])
+    with pytest.raises(DataError, match=r"shard_00000.ids.npy has \d+ bytes, the manifest says \d+ \(truncated"):
+        shards.verify_cache(tmp_path / "c", manifest, checksum=False)
+
+
+def test_layer_out_of_range_is_a_config_error_and_writes_nothing(tiny_lm, corpus_file, tmp_path):
+    with pytest.raises(ConfigError, match=r"data.harvest.layer=2 .*\[0, 1\].*2 blocks"):
+        harvest(tmp_path / "c", spec_for(tiny_lm, corpus_file, layer=2), progress=False, log=lambda *a: None)
+    assert not (tmp_path / "c").exists()
+
+
+def test_empty_corpus_is_an_error_and_writes_nothing(tiny_lm, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n   \n")
+    with pytest.raises(DataError, match="gave no tokens"):
+        harvest(tmp_path / "c", spec_for(tiny_lm, empty), progress=False, log=lambda *a: None)
+    assert not (tmp_path / "c").exists()
+
+
+def test_overflowing_activations_are_refused(tiny_lm, corpus_file, tmp_path):
+    import shutil
+
+    import transformers
+
+    big = tmp_path / "big_lm"
+    shutil.copytree(tiny_lm, big)
+    model = transformers.AutoModelForCausalLM.from_pretrained(big)
+    with torch.no_grad():
+        model.model.embed_tokens.weight.mul_(1e6)  # the residual stream overflows float16
+    model.save_pretrained(big)
+    with pytest.raises(DataError, match="overflow float16; set data.harvest.dtype=float32"):
+        harvest(tmp_path / "c", spec_for(big, corpus_file, dtype="float16"), progress=False, log=lambda *a: None)
+    assert not list((tmp_path / "c").glob("shard_*")) if (tmp_path / "c").exists() else True
+
+
+def test_spec_rejects_bad_values(tiny_lm, corpus_file):
+    with pytest.raises(ConfigError, match="data.harvest.dtype='float8'"):
+        spec_for(tiny_lm, corpus_file, dtype="float8")
+    with pytest.raises(ConfigError, match="data.harvest.site='attn_out'.*resid_post"):
+        spec_for(tiny_lm, corpus_file, site="attn_out")
+    with pytest.raises(ConfigError, match="data.harvest.lm.nme"):
+        HarvestSpec.parse({"lm": {"nme": "x"}})
+
+
+def _cli(args, tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "harvest.py", f"out_dir={tmp_path}", f"data.path={tmp_path}/cache",
+                           "progress=false", *args], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+
+
+def test_unreachable_model_says_how_to_use_local_files(corpus_file, tmp_path):
+    proc = _cli(["data.harvest.lm.name=some-org/not-a-local-model", f"data.harvest.corpus.path={corpus_file}"], tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "error: cannot load model 'some-org/not-a-local-model'" in proc.stderr
+    assert "HF_HUB_OFFLINE=1" in proc.stderr and "local folder" in proc.stderr
+    assert not (tmp_path / "cache").exists()
+
+
+def test_unreachable_dataset_says_how_to_use_local_files(tiny_lm, tmp_path):
+    proc = _cli([f"data.harvest.lm.name={tiny_lm}", "data.harvest.corpus.path=some-org/not-a-dataset",
+                 "data.harvest.layer=0"], tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "error: cannot load dataset 'some-org/not-a-dataset'" in proc.stderr
+    assert "set data.harvest.corpus.path to a .txt" in proc.stderr
+    assert not (tmp_path / "cache").exists()

@@ -1,0 +1,64 @@
+"""train.py on real-model activations: harvested on first use, reused, ΔCE measured, resumable."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+from ..conftest import ROOT
+
+SMALL = ["model.n_latents=128", "model.init_sample_tokens=256", "data.batch_size=64", "data.val_tokens=128",
+         "data.calibration_tokens=128", "data.downstream.contexts=4", "optim.warmup_steps=2",
+         "stats.dead_window_tokens=500", "stats.density_time_constant_tokens=500", "variant.k=4",
+         "trainer.val_check_interval=3", "trainer.enable_progress_bar=false"]
+
+
+def train(args, tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "train.py", f"out_dir={tmp_path}", *SMALL, *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600, env=env)
+
+
+def test_train_harvests_on_first_use_reuses_and_resumes(tiny_lm, corpus_file, tmp_path):
+    data = ["data=smollm2", f"data.path={tmp_path}/cache", f"data.harvest.lm.name={tiny_lm}",
+            f"data.harvest.corpus.path={corpus_file}", "data.harvest.layer=1", "data.harvest.context_length=32",
+            "data.harvest.token_budget=1200", "data.harvest.shard_tokens=256"]
+    first = train([*data, "variant=mutual_choice", "trainer.max_steps=6"], tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "harvesting it now" in first.stdout
+    manifest = json.loads((tmp_path / "cache" / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["tokens"] >= 1200 and manifest["d_model"] == 32
+    (run,) = (tmp_path / "runs").iterdir()
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["steps"] == 6 and 0 < metrics["val/batch/fvu"] < 10
+    # the downstream loss of the causal model, with the SAE spliced in
+    for mode in ("batch", "threshold"):
+        assert math.isfinite(metrics[f"val/{mode}/delta_ce"]) and math.isfinite(metrics[f"val/{mode}/loss_recovered"])
+        assert math.isclose(metrics[f"val/{mode}/delta_ce"], metrics[f"val/{mode}/ce_spliced"] - metrics["val/ce_clean"],
+                            rel_tol=1e-6, abs_tol=1e-6)
+    assert metrics["val/ce_zero_ablation"] != metrics["val/ce_clean"]
+
+    resumed = train([*data, "variant=mutual_choice", "trainer.max_steps=9", f"resume={run / 'checkpoints' / 'last.ckpt'}"],
+                    tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "harvesting" not in resumed.stdout  # the cache is reused
+    latest = max((tmp_path / "runs").iterdir(), key=lambda p: p.stat().st_mtime)
+    assert json.loads((latest / "metrics.json").read_text())["steps"] == 9
+
+
+def test_resume_with_another_d_model_is_refused(tiny_lm, corpus_file, tmp_path):
+    synthetic = subprocess.run([sys.executable, "train.py", f"out_dir={tmp_path}", "model.n_latents=64",
+                                "model.init_sample_tokens=256", "data.d_model=16", "data.n_features=32",
+                                "data.active_median=2", "data.active_max=8", "data.batch_size=64", "data.val_tokens=64",
+                                "data.calibration_tokens=64", "variant=topk", "variant.k=4", "trainer.max_steps=2",
+                                "trainer.enable_progress_bar=false"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert synthetic.returncode == 0, synthetic.stderr[-2000:]
+    (run,) = (tmp_path / "runs").iterdir()
+    proc = subprocess.run([sys.executable, "train.py", f"out_dir={tmp_path}", "data.d_model=24", "data.n_features=32",
+                           "data.active_max=8", f"resume={run / 'checkpoints' / 'last.ckpt'}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert "error: config error: resume=" in proc.stderr and "d_model 24 (the data's); this one has 16" in proc.stderr
