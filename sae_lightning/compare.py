@@ -20,10 +20,19 @@ COLUMNS = [
     ("L0 std", lambda m: f"{m['val/batch/l0_std']:.1f}"),
     ("dead", lambda m: f"{100 * m['val/dead_fraction']:.1f}%"),
     ("never fired (val)", lambda m: f"{100 * m['val/batch/never_fired_fraction']:.1f}%"),
-    ("recovery: mean max cos", lambda m: f"{m['val/recovery_mean_max_cos']:.3f}" if "val/recovery_mean_max_cos" in m else "-"),
-    ("recovered > 0.9", lambda m: f"{100 * m['val/recovery_share_above_0.9']:.1f}%" if "val/recovery_share_above_0.9" in m else "-"),
+    ("recovery: mean max cos", lambda m: _opt(m, "val/recovery_mean_max_cos", "{:.3f}")),
+    ("recovered > 0.9", lambda m: _opt(m, "val/recovery_share_above_0.9", "{:.1%}")),
+    ("ΔCE (batch)", lambda m: _opt(m, "val/batch/delta_ce", "{:.3f}")),
+    ("ΔCE (threshold)", lambda m: _opt(m, "val/threshold/delta_ce", "{:.3f}")),
+    ("loss recovered (batch)", lambda m: _opt(m, "val/batch/loss_recovered", "{:.1%}")),
+    ("loss recovered (threshold)", lambda m: _opt(m, "val/threshold/loss_recovered", "{:.1%}")),
     ("tokens/s", lambda m: f"{m['tokens_per_second']:.0f}"),
 ]
+
+
+def _opt(m: dict, key: str, fmt: str) -> str:
+    return fmt.format(m[key]) if key in m else "-"
+
 
 
 def table(run_dirs: list[Path]) -> str:
@@ -34,6 +43,8 @@ def table(run_dirs: list[Path]) -> str:
             m = json.loads(f.read_text())
             rows.append([fn(m) for _, fn in COLUMNS])
     head = [name for name, _ in COLUMNS]
+    keep = [i for i in range(len(head)) if not rows or any(r[i] != "-" for r in rows)]  # drop all-empty columns
+    head, rows = [head[i] for i in keep], [[r[i] for i in keep] for r in rows]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines)

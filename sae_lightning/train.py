@@ -126,4 +126,8 @@ def print_summary(metrics: dict[str, Any], run_dir: Path) -> None:
     if "val/recovery_mean_max_cos" in metrics:
         print(f"  dead {100 * metrics['val/dead_fraction']:.1f}%, feature recovery: mean max cos "
               f"{metrics['val/recovery_mean_max_cos']:.3f}, share > 0.9 {metrics['val/recovery_share_above_0.9']:.3f}")
+    if "val/ce_clean" in metrics:
+        print(f"  downstream: CE clean {metrics['val/ce_clean']:.3f}, zero-ablated {metrics['val/ce_zero_ablation']:.3f}; "
+              + "; ".join(f"{mode}: ΔCE {metrics[f'val/{mode}/delta_ce']:.3f}, loss recovered "
+                          f"{100 * metrics[f'val/{mode}/loss_recovered']:.1f}%" for mode in ("batch", "threshold")))
     print(f"  results in {run_dir}")

@@ -32,3 +32,53 @@ def compose_config(overrides: list[str] = ()):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+# ---- a tiny causal LM (random weights, built from a transformers config, no download) with a
+# tokenizer trained here, and a small local text corpus: for the real-activation tests
+TEXT = [
+    "Sparse autoencoders explain activations as sparse sums of learned features.",
+    "Each feature picks the tokens it matches best, and tokens get a variable number of features.",
+    "Mutual choice shares one budget of matches across the whole batch of tokens.",
+    "The quick brown fox jumps over the lazy dog while the cat sleeps in the sun.",
+    "Language models write text one token at a time, reading everything before it.",
+    "A shard is written to a temporary file, hashed, and renamed when it is whole.",
+]
+
+
+def write_corpus(path, n_docs: int = 120) -> None:
+    """n_docs paragraphs (blank-line separated) of varied length."""
+    paras = []
+    for i in range(n_docs):
+        sentences = [TEXT[(i * 7 + j) % len(TEXT)] for j in range(1 + i % 5)]
+        paras.append(f"Document {i}. " + " ".join(sentences))
+    path.write_text("\n\n".join(paras) + "\n")
+
+
+@pytest.fixture(scope="session")
+def corpus_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    write_corpus(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(tmp_path_factory):
+    """A 2-block Llama (d_model 32) saved with its tokenizer; returns the folder."""
+    import torch
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    folder = tmp_path_factory.mktemp("tiny_lm")
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(TEXT * 4, trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>", "<s>", "</s>", "<pad>"]))
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                                pad_token="<pad>", unk_token="<unk>")
+    fast.save_pretrained(folder)
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=tok.get_vocab_size(), hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                      max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=3)
+    transformers.LlamaForCausalLM(config).save_pretrained(folder)
+    return folder

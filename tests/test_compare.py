@@ -14,4 +14,9 @@ def test_table_has_a_row_per_run(tmp_path):
     (tmp_path / "empty").mkdir()
     out = table([tmp_path / "a", tmp_path / "b", tmp_path / "empty"]).splitlines()
     assert len(out) == 4 and out[2].startswith("| topk | 8 | 1.00M | 0.2500 | 0.2600 |")
-    assert "10.0%" in out[2] and "| - |" in out[2]  # no ground truth: no recovery figure
+    assert "10.0%" in out[2] and "recovery" not in out[0] and "ΔCE" not in out[0]  # columns nobody has are left out
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "metrics.json").write_text(json.dumps({**m, "val/batch/delta_ce": 0.1234, "val/batch/loss_recovered": 0.9}))
+    out = table([tmp_path / "a", tmp_path / "c"]).splitlines()
+    assert "ΔCE (batch)" in out[0] and "ΔCE (threshold)" not in out[0]
+    assert "| 0.123 | 90.0% |" in out[3] and "| - | - |" in out[2]

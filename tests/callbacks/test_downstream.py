@@ -1,0 +1,45 @@
+"""ΔCE / loss recovered: the splice changes exactly the kept positions, and the figures follow."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from sae_lightning.callbacks.downstream import DownstreamLoss
+from sae_lightning.data.harvest import HarvestSpec, harvest
+
+
+class FakeSAE:
+    device = torch.device("cpu")
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def reconstruct(self, x, mode):
+        return self.fn(x)
+
+
+@pytest.fixture(scope="module")
+def callback(tiny_lm, corpus_file, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("down") / "cache"
+    spec = HarvestSpec.parse({"lm": {"name": str(tiny_lm)}, "corpus": {"path": str(corpus_file)}, "layer": 0,
+                              "context_length": 16, "token_budget": 300, "dtype": "float32"})
+    manifest = harvest(folder, spec, progress=False, log=lambda *a: None)
+    return DownstreamLoss(folder, manifest, contexts=5, batch_size=7)
+
+
+def test_perfect_reconstruction_recovers_all_of_the_loss(callback):
+    f = callback.measure(FakeSAE(lambda x: x))
+    assert callback.ids.shape == (5, 16) and bool(callback.keep[:, 0].logical_not().all())  # BOS kept out
+    for mode in ("batch", "threshold"):
+        assert abs(f[f"val/{mode}/delta_ce"]) < 1e-5 and abs(f[f"val/{mode}/loss_recovered"] - 1) < 1e-4
+
+
+def test_zero_reconstruction_is_zero_ablation(callback):
+    f = callback.measure(FakeSAE(torch.zeros_like))
+    assert math.isclose(f["val/batch/ce_spliced"], f["val/ce_zero_ablation"], rel_tol=1e-6)
+    assert abs(f["val/batch/loss_recovered"]) < 1e-5
+    half = callback.measure(FakeSAE(lambda x: 0.5 * x))["val/batch/ce_spliced"]
+    assert half != f["val/ce_clean"]  # the splice reaches the model's output
