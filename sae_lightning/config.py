@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
 
 from .allocators import get_allocator_class
 from .errors import ConfigError, require, require_choice
@@ -24,7 +25,13 @@ def _int(value: Any) -> bool:
 
 def validate_config(cfg: DictConfig | dict) -> tuple[dict, Any]:
     """Resolve and check ``cfg``; returns the plain resolved dict and the built DataModule."""
-    c = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+    if isinstance(cfg, DictConfig):
+        try:
+            c = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+        except MissingMandatoryValue as e:
+            raise ConfigError(e.full_key, "???", "a value: this key has no default (set it on the command line)") from e
+    else:
+        c = dict(cfg)
     for section in ("variant", "model", "optim", "stats", "data", "trainer"):
         require(isinstance(c.get(section), dict), section, c.get(section), "a config section (mapping)")
 

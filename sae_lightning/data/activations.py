@@ -88,6 +88,10 @@ class ActivationsDataModule(L.LightningDataModule):
                             "one: harvest it first (python harvest.py data=...) or point data.path at a cache")
         if self.manifest is not None:
             self._check_d_model(self.manifest["d_model"])
+            if harvest_spec is not None:
+                from .harvest import check_matches
+
+                check_matches(self.manifest, harvest_spec, self.path)
 
     # ---- the cache ------------------------------------------------------------------------------
     def _check_d_model(self, d: int) -> None:

@@ -184,6 +184,23 @@ def _compare(old: dict, new: dict, folder: Path) -> None:
                         "data.path for these settings, or delete that folder to harvest it again")
 
 
+def check_matches(manifest: dict[str, Any], spec: HarvestSpec, folder: Path) -> None:
+    """Without loading anything: refuse a cache harvested with other settings than ``spec``
+    (so that changing, say, data.harvest.layer never silently trains on the old cache)."""
+    h = manifest["harvest"]
+    now = {"lm.name": spec.lm.name, "site": spec.site, "layer": spec.layer % h["lm"]["n_layers"],
+           "context_length": spec.context_length, "dtype": spec.dtype, "corpus.path": spec.corpus.path,
+           "batch_size": spec.batch_size, "shard_contexts": max(1, spec.shard_tokens // spec.context_length)}
+    cache = {"lm.name": h["lm"]["name"], "site": h["site"], "layer": h["layer"], "context_length": h["context_length"],
+             "dtype": h["dtype"], "corpus.path": h["corpus"]["path"], "batch_size": h["batch_size"],
+             "shard_contexts": h["shard_contexts"]}
+    diff = [k for k in now if now[k] != cache[k]]
+    if diff:
+        raise DataError(f"the cache at {folder} was harvested with other settings ("
+                        + "; ".join(f"data.harvest.{k}: cache {cache[k]!r} vs now {now[k]!r}" for k in diff)
+                        + "). Use another data.path for these settings, or delete that folder to harvest it again")
+
+
 def compute_stats(folder: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     """Normalisation statistics over the whole cache (float64 sums, one pass)."""
     from .shards import ShardReader
@@ -209,9 +226,12 @@ def harvest(folder: str | Path, spec: HarvestSpec, progress: bool = True, log=pr
     of ``spec.lm`` when the caller has it already (the benchmark)."""
     folder = Path(folder)
     manifest = read_manifest(folder)
-    if manifest is not None and manifest.get("complete") and (
-            manifest["tokens"] >= spec.token_budget or manifest.get("corpus_exhausted")):
-        return manifest  # nothing to do (the identity is checked by whoever opens the cache)
+    if manifest is not None:
+        check_matches(manifest, spec, folder)
+        if manifest.get("complete") and (manifest["tokens"] >= spec.token_budget or manifest.get("corpus_exhausted")):
+            return manifest  # nothing to do
+    if folder.is_dir():
+        remove_temporaries(folder)  # left by a killed harvest
 
     source = lm_mod.resolve(spec.lm.name, spec.lm.gguf_file)
     desc = corpus_mod.describe(asdict(spec.corpus), folder.parent / "corpora")

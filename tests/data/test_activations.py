@@ -131,3 +131,21 @@ def test_nan_in_a_shard_is_reported_when_read(cache, tmp_path):
     dm = make(copy, verify="size")
     with pytest.raises(DataError, match="shard_00000.npy holds a NaN or inf at row 3"):
         dm.reader.range(0, 10)
+
+
+def test_a_cache_of_other_settings_is_refused(cache, tiny_lm, corpus_file):
+    from dataclasses import asdict
+
+    spec = spec_for(tiny_lm, corpus_file, token_budget=1500, shard_tokens=256)
+    assert make(cache, harvest=asdict(spec)).d_model == 32  # the settings it was made with
+    with pytest.raises(DataError, match=r"other settings \(data.harvest.layer: cache 0 vs now 1\)"):
+        make(cache, harvest={**asdict(spec), "layer": 1})
+
+
+def test_data_cache_config_needs_a_path():
+    from sae_lightning.config import validate_config
+
+    from ..conftest import compose_config
+
+    with pytest.raises(ConfigError, match=r"data.path='\?\?\?' is not allowed; expected a value"):
+        validate_config(compose_config(["data=cache"]))
