@@ -178,3 +178,39 @@ def test_unreachable_dataset_says_how_to_use_local_files(tiny_lm, tmp_path):
     assert "error: cannot load dataset 'some-org/not-a-dataset'" in proc.stderr
     assert "set data.harvest.corpus.path to a .txt" in proc.stderr
     assert not (tmp_path / "cache").exists()
+
+
+def test_harvest_cli_stops_on_ctrl_c_and_resumes_to_the_same_cache(tiny_lm, tmp_path):
+    import signal
+    import time
+
+    from ..conftest import write_corpus
+
+    corpus = tmp_path / "big.txt"
+    write_corpus(corpus, n_docs=300)
+    args = [f"data.harvest.lm.name={tiny_lm}", f"data.harvest.corpus.path={corpus}", "data.harvest.layer=0",
+            "data.harvest.context_length=16", "data.harvest.batch_size=1", "data.harvest.shard_tokens=64",
+            "data.harvest.token_budget=3000"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    cmd = [sys.executable, "harvest.py", f"out_dir={tmp_path}", f"data.path={tmp_path}/cache", *args]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        m = shards.read_manifest(tmp_path / "cache") if (tmp_path / "cache" / "manifest.json").is_file() else None
+        if m is not None and len(m["shards"]) >= 3:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    partial = shards.read_manifest(tmp_path / "cache")
+    assert proc.returncode == 130 and not partial["complete"], (proc.returncode, err[-2000:])
+    assert "harvest interrupted" in out and "run the same command again to resume" in out
+    assert not list((tmp_path / "cache").glob(".*tmp*"))
+
+    again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "python train.py data=minilm" in again.stdout  # says how to train on it
+    spec = HarvestSpec.parse({"lm": {"name": str(tiny_lm)}, "corpus": {"path": str(corpus)}, "layer": 0,
+                              "context_length": 16, "batch_size": 1, "shard_tokens": 64, "token_budget": 3000})
+    harvest(tmp_path / "ref", spec, progress=False, log=lambda *a: None)
+    assert files_digest(tmp_path / "cache") == files_digest(tmp_path / "ref")
