@@ -73,11 +73,11 @@ def run(cfg, run_dir: Path) -> dict[str, Any]:
     calibration = ThresholdCalibration(enabled=config["calibration"]["enabled"])
     callbacks = [checkpoint, calibration, LatentStatsMonitor(config["logging"]["histogram_every_n_steps"]),
                  L.pytorch.callbacks.LearningRateMonitor(logging_interval="step")]
-    downstream = getattr(datamodule, "downstream", None)
+    downstream = getattr(datamodule, "downstream", None) or {}
     manifest = getattr(datamodule, "manifest", None)
-    if manifest is not None and manifest["harvest"]["lm"].get("causal") and (downstream or {}).get("enabled", True):
-        callbacks.append(DownstreamLoss(datamodule.path, manifest, (downstream or {}).get("contexts", 16),
-                                        config["data"]["batch_size"]))
+    if manifest is not None and manifest["harvest"]["lm"].get("causal") and downstream.get("enabled", True):
+        callbacks.append(DownstreamLoss(datamodule.path, manifest, downstream.get("contexts", 16),
+                                        config["data"]["batch_size"], downstream.get("final_contexts", 128)))
     if pruning.ACTIVE is not None:  # a trial of an Optuna sweep
         callbacks.append(pruning.OptunaPruning(pruning.ACTIVE))
     trainer = L.Trainer(**config["trainer"], logger=logger, callbacks=callbacks, default_root_dir=str(run_dir),

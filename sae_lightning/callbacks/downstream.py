@@ -1,7 +1,8 @@
 """Downstream loss of a causal LM with the SAE spliced in: ΔCE and loss recovered.
 
-On held-out contexts of the activation cache (its last ``contexts`` contexts, whose tokens
-lie in the validation split), the language model's next-token cross-entropy is measured
+On held-out contexts of the activation cache (its last contexts, whose tokens lie in the
+validation split: ``data.downstream.contexts`` at each validation during training,
+``data.downstream.final_contexts`` for the final figures), the language model's next-token cross-entropy is measured
 three ways: clean; with the hooked site's activations at the kept positions (special tokens
 are left alone, as the SAE never saw them) replaced by the SAE's reconstruction, for each
 inference mode; and with them replaced by zeros. ΔCE = CE_spliced − CE_clean; loss recovered
@@ -34,15 +35,27 @@ def eval_contexts(folder: Path, manifest: dict[str, Any], n: int) -> torch.Tenso
 
 
 class DownstreamLoss(L.Callback):
-    def __init__(self, folder: Path, manifest: dict[str, Any], contexts: int = 16, batch_size: int = 1024):
+    """``contexts`` at the validations during training; ``final_contexts`` at the validation
+    after training (``trainer.validate``), whose figures go to metrics.json."""
+
+    def __init__(self, folder: Path, manifest: dict[str, Any], contexts: int = 16, batch_size: int = 1024,
+                 final_contexts: int | None = None):
         h = manifest["harvest"]
         self.spec, self.site, self.layer = h["lm"], h["site"], h["layer"]
-        self.ids = eval_contexts(folder, manifest, contexts)
-        self.keep = (self.ids >= 0) & ~torch.isin(self.ids, torch.tensor(h["dropped_token_ids"], dtype=torch.long))
+        self.folder, self.manifest = Path(folder), manifest
+        self.dropped = torch.tensor(h["dropped_token_ids"], dtype=torch.long)
+        self.contexts, self.final_contexts = contexts, final_contexts or contexts
         self.batch_size = batch_size
         self.model = None
-        self.reference: dict[str, float] | None = None
+        self.references: dict[int, dict[str, float]] = {}
         self.figures: dict[str, float] = {}
+        self.use(contexts)
+
+    def use(self, n: int) -> None:
+        """Measure on the cache's last ``n`` contexts."""
+        self.n = n
+        self.ids = eval_contexts(self.folder, self.manifest, n)
+        self.keep = (self.ids >= 0) & ~torch.isin(self.ids, self.dropped)
 
     def _load(self, device) -> None:
         source = lm_mod.LMSource(self.spec["name"], self.spec["resolved"], self.spec["gguf_file"], True)
@@ -72,10 +85,12 @@ class DownstreamLoss(L.Callback):
     def measure(self, pl_module) -> dict[str, float]:
         if self.model is None:
             self._load(pl_module.device)
-        if self.reference is None:
-            self.reference = {"ce_clean": self._ce(None), "ce_zero_ablation": self._ce(torch.zeros_like)}
-        clean, zero = self.reference["ce_clean"], self.reference["ce_zero_ablation"]
-        out = {f"val/{k}": v for k, v in self.reference.items()}
+        if self.n not in self.references:
+            self.references[self.n] = {"ce_clean": self._ce(None), "ce_zero_ablation": self._ce(torch.zeros_like)}
+        ref = self.references[self.n]
+        clean, zero = ref["ce_clean"], ref["ce_zero_ablation"]
+        out = {f"val/{k}": v for k, v in ref.items()}
+        out["val/downstream_tokens"] = int(self.keep.sum())
         for mode in MODES:
             def splice(x, mode=mode):
                 return torch.cat([pl_module.reconstruct(chunk.to(pl_module.device), mode)
@@ -89,6 +104,9 @@ class DownstreamLoss(L.Callback):
     def on_validation_end(self, trainer: L.Trainer, pl_module) -> None:
         if trainer.sanity_checking or not trainer.is_global_zero:
             return
+        final = trainer.state.fn == "validate"  # the validation after training
+        if self.n != (self.final_contexts if final else self.contexts):
+            self.use(self.final_contexts if final else self.contexts)
         was_training = pl_module.training
         pl_module.eval()
         self.figures = self.measure(pl_module)

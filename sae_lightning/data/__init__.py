@@ -38,11 +38,12 @@ def _activations(cfg: dict):
     spec = HarvestSpec.parse(cfg["harvest"]) if cfg.get("harvest") is not None else None
     down = cfg.get("downstream") or {}
     require(isinstance(down, dict), "data.downstream", down, "a mapping")
-    allowed = {"enabled": (bool,), "contexts": (int,)}
+    allowed = {"enabled": (bool,), "contexts": (int,), "final_contexts": (int,)}
     for key, value in down.items():
         require(key in allowed and isinstance(value, allowed[key]), f"data.downstream.{key}", value,
-                "enabled: true|false, contexts: an integer >= 1")
-    require(down.get("contexts", 16) >= 1, "data.downstream.contexts", down.get("contexts"), "an integer >= 1")
+                "enabled: true|false, contexts / final_contexts: an integer >= 1")
+    for key in ("contexts", "final_contexts"):
+        require(down.get(key, 16) >= 1, f"data.downstream.{key}", down.get(key), "an integer >= 1")
     return ActivationsDataModule(cfg, spec, down)
 
 

@@ -11,7 +11,7 @@ import sys
 from ..conftest import ROOT
 
 SMALL = ["model.n_latents=128", "model.init_sample_tokens=256", "data.batch_size=64", "data.val_tokens=128",
-         "data.calibration_tokens=128", "data.downstream.contexts=4", "optim.warmup_steps=2",
+         "data.calibration_tokens=128", "data.downstream.contexts=2", "data.downstream.final_contexts=4", "optim.warmup_steps=2",
          "stats.dead_window_tokens=500", "stats.density_time_constant_tokens=500", "variant.k=4",
          "trainer.val_check_interval=3", "trainer.enable_progress_bar=false"]
 
@@ -40,6 +40,13 @@ def test_train_harvests_on_first_use_reuses_and_resumes(tiny_lm, corpus_file, tm
         assert math.isclose(metrics[f"val/{mode}/delta_ce"], metrics[f"val/{mode}/ce_spliced"] - metrics["val/ce_clean"],
                             rel_tol=1e-6, abs_tol=1e-6)
     assert metrics["val/ce_zero_ablation"] != metrics["val/ce_clean"]
+    # the same figures, after the run, on a chosen number of contexts
+    from sae_lightning.evaluate import main as evaluate
+
+    again = evaluate([str(run), "--contexts", "4", "--device", "cpu"])
+    for key in ("val/ce_clean", "val/batch/delta_ce", "val/threshold/loss_recovered"):
+        assert math.isclose(again[key], metrics[key], rel_tol=1e-4, abs_tol=1e-5), key
+    assert (run / "downstream_4.json").is_file()
 
     resumed = train([*data, "variant=mutual_choice", "trainer.max_steps=9", f"resume={run / 'checkpoints' / 'last.ckpt'}"],
                     tmp_path)

@@ -1,0 +1,64 @@
+"""Evaluate a trained SAE's downstream loss on more held-out contexts than validation uses.
+
+    python -m sae_lightning.evaluate outputs/runs/<run> [--contexts 128]
+
+Loads ``checkpoints/final.ckpt`` and ``config.yaml`` of the run, opens its activation cache,
+and measures CE clean / zero-ablated / spliced, ΔCE and loss recovered (both inference modes)
+on the cache's last ``--contexts`` contexts, as the DownstreamLoss callback does at every
+validation. Writes ``downstream_<contexts>.json`` into the run folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from .callbacks.downstream import DownstreamLoss
+from .data.shards import read_manifest
+from .errors import DataError
+from .module import SAEModule
+
+
+def downstream(run_dir: Path, contexts: int, device: str = "cpu") -> dict[str, float]:
+    config = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"), resolve=True)
+    if config["data"]["kind"] != "activations":
+        raise DataError(f"{run_dir} was trained on {config['data']['kind']} data: no language model to splice into")
+    folder = Path(config["data"]["path"])
+    manifest = read_manifest(folder)
+    if manifest is None or not manifest["harvest"]["lm"]["causal"]:
+        raise DataError(f"{folder}: no cache of a causal language model (ΔCE needs next-token logits)")
+    ckpt = torch.load(run_dir / "checkpoints" / "final.ckpt", map_location=device, weights_only=False)
+    module = SAEModule(ckpt["hyper_parameters"]["config"], ckpt["hyper_parameters"]["d_model"])
+    module.load_state_dict(ckpt["state_dict"])
+    module.to(device).eval()
+    callback = DownstreamLoss(folder, manifest, contexts, config["data"]["batch_size"])
+    figures = callback.measure(module)
+    figures["contexts"] = contexts
+    figures["tokens_spliced"] = int(callback.keep.sum())
+    return figures
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("run", type=Path, help="a run folder (with config.yaml and checkpoints/final.ckpt)")
+    p.add_argument("--contexts", type=int, default=128)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a = p.parse_args(argv)
+    figures = downstream(a.run, a.contexts, a.device)
+    out = a.run / f"downstream_{a.contexts}.json"
+    out.write_text(json.dumps(figures, indent=2, sort_keys=True) + "\n")
+    print(f"{a.run.name}: CE clean {figures['val/ce_clean']:.4f}, zero-ablated {figures['val/ce_zero_ablation']:.4f}, "
+          f"{figures['tokens_spliced']} tokens spliced")
+    for mode in ("batch", "threshold"):
+        print(f"  {mode}: CE {figures[f'val/{mode}/ce_spliced']:.4f}, ΔCE {figures[f'val/{mode}/delta_ce']:+.4f}, "
+              f"loss recovered {100 * figures[f'val/{mode}/loss_recovered']:.2f}%")
+    print(f"written {out}")
+    return figures
+
+
+if __name__ == "__main__":
+    main()
