@@ -43,3 +43,9 @@ def test_zero_reconstruction_is_zero_ablation(callback):
     assert abs(f["val/batch/loss_recovered"]) < 1e-5
     half = callback.measure(FakeSAE(lambda x: 0.5 * x))["val/batch/ce_spliced"]
     assert half != f["val/ce_clean"]  # the splice reaches the model's output
+
+
+def test_chunking_the_contexts_does_not_change_the_loss(callback):
+    callback.measure(FakeSAE(lambda x: x))  # loads the model
+    assert math.isclose(callback._ce(None, chunk=2), callback._ce(None, chunk=16), rel_tol=1e-5)
+    assert math.isclose(callback._ce(torch.zeros_like, chunk=1), callback._ce(torch.zeros_like), rel_tol=1e-5)
