@@ -30,7 +30,7 @@ install-real: $(BIN)/.installed-real
 train: install
 	$(BIN)/python train.py $(ARGS)
 
-# real activations of a causal LM, harvested on first use (about 4 min on 2 cores), then trained
+# real activations of a causal LM, harvested on first use (about 5 min on 2 cores), then trained
 train-real: install-real
 	$(BIN)/python train.py data=smollm2 $(ARGS)
 
