@@ -109,6 +109,9 @@ class ActivationsDataModule(L.LightningDataModule):
         complete. In a multi-process run only local rank 0 harvests; the others wait."""
         if self.ready():
             return
+        if self.harvest_spec is None:
+            raise DataError(f"the activation cache at {self.path} is incomplete (its harvest was stopped) and this data "
+                            "config has no harvest section to finish it: re-run the harvest command that made it")
         rank = int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")))
         if rank == 0:
             from .harvest import harvest
@@ -129,7 +132,11 @@ class ActivationsDataModule(L.LightningDataModule):
                 self.prepare_data()
             verify_cache(self.path, self.manifest, checksum=self.cfg.get("verify", "checksum") == "checksum")
             self._reader = ShardReader(self.path, self.manifest)
-            self._split()
+            try:
+                self._split()
+            except DataError:
+                self._reader = None
+                raise
         return self._reader
 
     def _split(self) -> None:

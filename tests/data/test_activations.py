@@ -149,3 +149,14 @@ def test_data_cache_config_needs_a_path():
 
     with pytest.raises(ConfigError, match=r"data.path='\?\?\?' is not allowed; expected a value"):
         validate_config(compose_config(["data=cache"]))
+
+
+def test_an_incomplete_cache_without_harvest_section_says_so(cache, tmp_path):
+    import shutil
+
+    copy = tmp_path / "partial"
+    shutil.copytree(cache, copy)
+    m = shards.read_manifest(copy)
+    shards.atomic_write_json(copy / "manifest.json", {**m, "complete": False})
+    with pytest.raises(DataError, match="is incomplete .* re-run the harvest command"):
+        make(copy)
