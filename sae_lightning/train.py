@@ -39,15 +39,21 @@ def _remove_if_empty(run_dir: Path) -> None:
         pass
 
 
-def _check_resume(ckpt: str | None, d_model: int) -> None:
+def _check_resume(ckpt: str | None, datamodule) -> None:
+    """Before anything is written: the checkpoint exists, fits the data's d_model, and (for an
+    activation cache) was trained on the same cache and stream."""
     if not ckpt:
         return
     if not Path(ckpt).is_file():
         raise ConfigError("resume", ckpt, "null or the path of an existing checkpoint (.ckpt)")
-    state = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)["state_dict"]
-    d = state["sae.W_enc"].shape[1]
-    if d != d_model:
-        raise ConfigError("resume", ckpt, f"a checkpoint of an SAE with d_model {d_model} (the data's); this one has {d}")
+    checkpoint = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)
+    d = checkpoint["state_dict"]["sae.W_enc"].shape[1]
+    if d != datamodule.d_model:
+        raise ConfigError("resume", ckpt, f"a checkpoint of an SAE with d_model {datamodule.d_model} (the data's); "
+                          f"this one has {d}")
+    data_state = checkpoint.get(type(datamodule).__qualname__)
+    if data_state:
+        datamodule.load_state_dict(data_state)
 
 
 def run(cfg, run_dir: Path) -> dict[str, Any]:
@@ -56,7 +62,7 @@ def run(cfg, run_dir: Path) -> dict[str, Any]:
         config, datamodule = validate_config(cfg)
         if hasattr(datamodule, "prepare_data"):
             datamodule.prepare_data()  # an activation cache is harvested on first use
-        _check_resume(config.get("resume"), datamodule.d_model)
+        _check_resume(config.get("resume"), datamodule)
     except (ConfigError, DataError):
         _remove_if_empty(run_dir)
         raise
