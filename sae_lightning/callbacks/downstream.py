@@ -58,7 +58,9 @@ class DownstreamLoss(L.Callback):
         self.keep = (self.ids >= 0) & ~torch.isin(self.ids, self.dropped)
 
     def _load(self, device) -> None:
-        source = lm_mod.LMSource(self.spec["name"], self.spec["resolved"], self.spec["gguf_file"], True)
+        name = self.spec["name"]
+        source = (lm_mod.resolve(name) if name.startswith("builtin:")  # wherever its package is installed now
+                  else lm_mod.LMSource(name, self.spec["resolved"], self.spec["gguf_file"], True))
         self.model, _, _ = lm_mod.load(source, self.spec.get("revision"), self.spec["dtype"], str(device))
 
     @torch.inference_mode()

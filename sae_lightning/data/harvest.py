@@ -166,7 +166,7 @@ def _identity(spec: HarvestSpec, source: lm_mod.LMSource, corpus_desc: dict, fra
         "lm": {"name": spec.lm.name, "resolved": source.folder, "gguf_file": source.gguf_file, "revision": revision,
                "weights_sha256": lm_mod.weights_hash(source), "dtype": spec.lm.dtype, "class": model_name,
                "causal": is_causal, "n_layers": n_layers},
-        "corpus": {k: v for k, v in corpus_desc.items() if k != "path"} | {"path": corpus_desc["path"]},
+        "corpus": dict(corpus_desc),
         "site": spec.site, "layer": layer, "site_name": f"blocks.{layer}.{spec.site}", "d_model": d_model,
         "context_length": spec.context_length, "batch_size": spec.batch_size, "dtype": spec.dtype,
         "prefix": framing.prefix, "suffix": framing.suffix, "separator": framing.separator,
@@ -174,9 +174,19 @@ def _identity(spec: HarvestSpec, source: lm_mod.LMSource, corpus_desc: dict, fra
     }
 
 
+def _comparable(ident: dict) -> dict:
+    """The identity without where files happen to be (a moved venv or cache, a relative path):
+    the model by its weights' hash, the corpus files by their hashes."""
+    out = dict(ident)
+    out["lm"] = {k: v for k, v in ident["lm"].items() if k != "resolved"}
+    out["corpus"] = {**ident["corpus"], "files": [f["sha256"] for f in ident["corpus"].get("files", [])]}
+    return out
+
+
 def _compare(old: dict, new: dict, folder: Path) -> None:
     keys = ["lm", "corpus", "site", "layer", "context_length", "batch_size", "dtype", "prefix", "suffix",
             "separator", "dropped_token_ids", "shard_contexts"]
+    old, new = _comparable(old), _comparable(new)
     diff = [k for k in keys if old.get(k) != new.get(k)]
     if diff:
         detail = "; ".join(f"{k}: cache {json.dumps(old.get(k))[:120]} vs now {json.dumps(new.get(k))[:120]}" for k in diff)
