@@ -25,13 +25,16 @@ def main(cfg: DictConfig):
     except KeyboardInterrupt:
         sys.exit(130)
     print(f"cache: {datamodule.path} ({manifest['tokens']} tokens, d_model {manifest['d_model']}, "
-          f"{len(manifest['shards'])} shards); train on it with: python train.py data={cfg_name(cfg)}")
+          f"{len(manifest['shards'])} shards); train on it with: {train_command()}")
 
 
-def cfg_name(cfg) -> str:
+def train_command() -> str:
+    """The train.py command that reads this cache: the same data config and data overrides."""
     from hydra.core.hydra_config import HydraConfig
 
-    return HydraConfig.get().runtime.choices.get("data", "<this data config>")
+    hc = HydraConfig.get()
+    data_overrides = [o for o in hc.overrides.task if o.startswith(("data.", "+data.", "out_dir="))]
+    return " ".join(["python train.py", f"data={hc.runtime.choices.get('data')}", *data_overrides])
 
 
 if __name__ == "__main__":

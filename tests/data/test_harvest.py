@@ -209,7 +209,7 @@ def test_harvest_cli_stops_on_ctrl_c_and_resumes_to_the_same_cache(tiny_lm, tmp_
 
     again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-2000:]
-    assert "python train.py data=minilm" in again.stdout  # says how to train on it
+    assert f"python train.py data=minilm out_dir={tmp_path} data.path={tmp_path}/cache" in again.stdout  # how to train on it
     spec = HarvestSpec.parse({"lm": {"name": str(tiny_lm)}, "corpus": {"path": str(corpus)}, "layer": 0,
                               "context_length": 16, "batch_size": 1, "shard_tokens": 64, "token_budget": 3000})
     harvest(tmp_path / "ref", spec, progress=False, log=lambda *a: None)
