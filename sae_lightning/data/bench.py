@@ -97,7 +97,7 @@ def loader_bench(data_cfg: dict, batches: int, workers: int) -> float:
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", default="minilm", help="a data config of kind activations (configs/data/)")
-    p.add_argument("--tokens", type=int, default=40000, help="tokens harvested for the harvest benchmark")
+    p.add_argument("--tokens", type=int, default=40000, help="about this many tokens harvested (contexts for this many, less the dropped special tokens)")
     p.add_argument("--cache", default=None, help="cache for the loader benchmark (default: the data config's path)")
     p.add_argument("--batches", type=int, default=200, help="loader batches timed")
     p.add_argument("--latents", type=int, default=4096)
