@@ -11,6 +11,7 @@ was never stopped. Special tokens (BOS, EOS, SEP, CLS, padding) are dropped by d
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
@@ -230,11 +231,35 @@ def compute_stats(folder: Path, manifest: dict[str, Any]) -> dict[str, Any]:
             "mean": [round(float(v), 6) for v in mean]}
 
 
+@contextlib.contextmanager
+def cache_lock(folder: Path, log=print):
+    """One harvest per cache at a time, across processes (sweep workers that all find the cache
+    missing): an exclusive lock on ``.<name>.lock`` beside the folder; the others wait."""
+    import fcntl
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.with_name(f".{folder.name}.lock"), "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log(f"harvest: another process is harvesting {folder}; waiting for it")
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def harvest(folder: str | Path, spec: HarvestSpec, progress: bool = True, log=print, loaded=None) -> dict[str, Any]:
     """Harvest into ``folder`` until it holds ``spec.token_budget`` tokens (or the corpus ends);
     resumes what is there. Returns the manifest. ``loaded``: the (model, tokenizer, is_causal)
     of ``spec.lm`` when the caller has it already (the benchmark)."""
     folder = Path(folder)
+    with cache_lock(folder, log):
+        return _harvest(folder, spec, progress, log, loaded)
+
+
+def _harvest(folder: Path, spec: HarvestSpec, progress: bool, log, loaded) -> dict[str, Any]:
     manifest = read_manifest(folder)
     if manifest is not None:
         check_matches(manifest, spec, folder)

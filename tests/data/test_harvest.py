@@ -214,3 +214,21 @@ def test_harvest_cli_stops_on_ctrl_c_and_resumes_to_the_same_cache(tiny_lm, tmp_
                               "context_length": 16, "batch_size": 1, "shard_tokens": 64, "token_budget": 3000})
     harvest(tmp_path / "ref", spec, progress=False, log=lambda *a: None)
     assert files_digest(tmp_path / "cache") == files_digest(tmp_path / "ref")
+
+
+def test_a_second_harvest_of_the_same_cache_waits_for_the_first(tiny_lm, corpus_file, tmp_path):
+    import fcntl
+    import threading
+    import time
+
+    spec = spec_for(tiny_lm, corpus_file)
+    lock = open(tmp_path / ".cache.lock", "a")
+    fcntl.flock(lock, fcntl.LOCK_EX)  # as if another process were harvesting
+    said = []
+    t = threading.Thread(target=harvest, args=(tmp_path / "cache", spec), kwargs={"progress": False, "log": said.append})
+    t.start()
+    time.sleep(1.0)
+    assert t.is_alive() and not (tmp_path / "cache").exists() and "waiting for it" in said[0]
+    fcntl.flock(lock, fcntl.LOCK_UN)
+    t.join(timeout=120)
+    assert shards.read_manifest(tmp_path / "cache")["complete"]
