@@ -108,7 +108,9 @@ def documents(desc: dict[str, Any]) -> Iterator[str]:
                                        revision=desc.get("revision"))
         else:
             fmt = "json" if desc["kind"] == "builtin" else desc["format"]
-            ds = datasets.load_dataset(fmt, data_files=[f["file"] for f in desc["files"]], split="train", streaming=True)
+            extra = {"sample_by": "paragraph"} if fmt == "text" else {}  # a document per blank-line-separated paragraph
+            ds = datasets.load_dataset(fmt, data_files=[f["file"] for f in desc["files"]], split="train", streaming=True,
+                                       **extra)
     except Exception as e:  # datasets raises many types for "cannot reach the hub"
         if desc["kind"] != "hub":
             raise DataError(f"cannot read corpus {desc['path']!r}: {type(e).__name__}: {e}") from e
