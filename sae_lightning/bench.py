@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import time
 from pathlib import Path
@@ -18,6 +17,8 @@ from pathlib import Path
 import lightning as L
 import torch
 from hydra import compose, initialize_config_dir
+
+from .atomic import atomic_write_text
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -245,9 +246,7 @@ def main(argv=None) -> dict:
         print_size(size, a)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(report, indent=2, default=float) + "\n")
-    os.replace(tmp, out)
+    atomic_write_text(out, json.dumps(report, indent=2, default=float) + "\n")
     print(f"written {out}")
     return report
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from .atomic import atomic_write_text
 from .callbacks.downstream import DownstreamLoss
 from .data.shards import read_manifest
 from .errors import DataError
@@ -50,7 +51,7 @@ def main(argv=None) -> dict:
     a = p.parse_args(argv)
     figures = downstream(a.run, a.contexts, a.device)
     out = a.run / f"downstream_{a.contexts}.json"
-    out.write_text(json.dumps(figures, indent=2, sort_keys=True) + "\n")
+    atomic_write_text(out, json.dumps(figures, indent=2, sort_keys=True) + "\n")
     print(f"{a.run.name}: CE clean {figures['val/ce_clean']:.4f}, zero-ablated {figures['val/ce_zero_ablation']:.4f}, "
           f"{figures['tokens_spliced']} tokens spliced")
     for mode in ("batch", "threshold"):

@@ -8,7 +8,6 @@ calibrated thresholds), ``metrics.json`` and two PNG plots.
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -17,18 +16,13 @@ import lightning as L
 import torch
 from omegaconf import OmegaConf
 
+from .atomic import atomic_write_text
 from .callbacks import AtomicCheckpointIO, DownstreamLoss, LatentStatsMonitor, ThresholdCalibration
 from .config import validate_config
 from .errors import ConfigError, DataError
 from .module import SAEModule
 from .plots import save_run_plots
 from .sweep import pruning
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _remove_if_empty(run_dir: Path) -> None:

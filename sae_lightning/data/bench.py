@@ -26,6 +26,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from ..atomic import atomic_write_text
 from . import corpus as corpus_mod
 from . import lm as lm_mod
 from .harvest import Framing, HarvestSpec, _device, harvest
@@ -137,7 +138,7 @@ def main(argv=None) -> dict:
               f"{loader[0] / tok_s:.1f}x (0 workers)")
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write_text(out, json.dumps(result, indent=2) + "\n")
     print(f"written {out}")
     return result
 

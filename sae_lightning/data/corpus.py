@@ -19,6 +19,7 @@ import sysconfig
 from pathlib import Path
 from typing import Any, Iterator
 
+from ..atomic import atomic_write_text
 from ..errors import ConfigError, DataError
 from .shards import sha256_file
 
@@ -54,11 +55,7 @@ def python_docstrings(out: Path) -> Path:
                 if doc and len(doc) >= 40:
                     docs.append({"text": doc, "source": f"{rel}:{getattr(node, 'lineno', 0)}"})
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        for doc in docs:
-            f.write(json.dumps(doc) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(json.dumps(doc) + "\n" for doc in docs))
     return path
 
 

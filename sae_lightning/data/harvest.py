@@ -11,7 +11,6 @@ was never stopped. Special tokens (BOS, EOS, SEP, CLS, padding) are dropped by d
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import sys
@@ -23,11 +22,12 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from ..atomic import file_lock, remove_temporaries
 from ..errors import ConfigError, DataError, require, require_choice
 from . import corpus as corpus_mod
 from . import lm as lm_mod
 from .shards import (DTYPES, FORMAT, MANIFEST, atomic_save_npy, atomic_write_json, ids_name, read_manifest,
-                     remove_temporaries, shard_name, to_storage, verify_shard)
+                     shard_name, to_storage, verify_shard)
 
 LM_DTYPES = ("float32", "bfloat16", "float16")
 
@@ -231,31 +231,14 @@ def compute_stats(folder: Path, manifest: dict[str, Any]) -> dict[str, Any]:
             "mean": [round(float(v), 6) for v in mean]}
 
 
-@contextlib.contextmanager
-def cache_lock(folder: Path, log=print):
-    """One harvest per cache at a time, across processes (sweep workers that all find the cache
-    missing): an exclusive lock on ``.<name>.lock`` beside the folder; the others wait."""
-    import fcntl
-
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    with open(folder.with_name(f".{folder.name}.lock"), "a") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log(f"harvest: another process is harvesting {folder}; waiting for it")
-            fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def harvest(folder: str | Path, spec: HarvestSpec, progress: bool = True, log=print, loaded=None) -> dict[str, Any]:
     """Harvest into ``folder`` until it holds ``spec.token_budget`` tokens (or the corpus ends);
     resumes what is there. Returns the manifest. ``loaded``: the (model, tokenizer, is_causal)
     of ``spec.lm`` when the caller has it already (the benchmark)."""
     folder = Path(folder)
-    with cache_lock(folder, log):
+    # one harvest per cache at a time across processes (sweep workers that all find it missing)
+    with file_lock(folder.with_name(f".{folder.name}.lock"),
+                   on_wait=lambda: log(f"harvest: another process is harvesting {folder}; waiting for it")):
         return _harvest(folder, spec, progress, log, loaded)
 
 

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..atomic import atomic_path, atomic_write_text
 from ..errors import DataError
 
 FORMAT = "sae_lightning.activations/1"
@@ -51,37 +52,20 @@ def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
     return h.hexdigest()
 
 
-def _tmp(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
-
-
 def atomic_save_npy(path: Path, array: np.ndarray) -> dict[str, Any]:
-    """Write ``array`` to ``path`` atomically; returns {file, bytes, sha256}."""
-    tmp = _tmp(path)
-    try:
+    """Write ``array`` to ``path`` atomically (flushed to disk, hashed before the rename);
+    returns {file, bytes, sha256}."""
+    with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             np.save(f, array, allow_pickle=False)
             f.flush()
             os.fsync(f.fileno())
         digest = sha256_file(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return {"file": path.name, "bytes": path.stat().st_size, "sha256": digest}
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
-    tmp = _tmp(path)
-    try:
-        tmp.write_text(json.dumps(obj, indent=1) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def remove_temporaries(folder: Path) -> None:
-    for tmp in folder.glob(".*.tmp-*"):
-        tmp.unlink(missing_ok=True)
+    atomic_write_text(path, json.dumps(obj, indent=1) + "\n")
 
 
 def to_storage(x: torch.Tensor, dtype: str) -> np.ndarray:

@@ -12,11 +12,11 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 from pathlib import Path
 
 import optuna
 
+from ..atomic import atomic_path, atomic_write_text
 from .pareto import pareto_front
 from .sweeper import default_storage
 
@@ -52,12 +52,10 @@ def write_csv(path: Path, rows: list[dict]) -> None:
     keys: list[str] = []
     for r in rows:
         keys += [k for k in r if k not in keys]
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", newline="") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=keys)
         w.writeheader()
         w.writerows(rows)
-    os.replace(tmp, path)
 
 
 def plot(path: Path, rows: list[dict], front: list[dict], x_key: str, y_key: str, directions) -> None:
@@ -92,10 +90,9 @@ def plot(path: Path, rows: list[dict], front: list[dict], x_key: str, y_key: str
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    fig.savefig(tmp, dpi=120, format="png")
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def report(study_name: str, storage: str | None = None, out_dir: str = "outputs") -> dict:
@@ -113,9 +110,7 @@ def report(study_name: str, storage: str | None = None, out_dir: str = "outputs"
     summary = {"study": study_name, "storage": storage, "objectives": names, "directions": directions,
                "states": {s: sum(r["state"] == s for r in rows) for s in sorted({r["state"] for r in rows})},
                "pareto_front": front}
-    tmp = folder / f".pareto.json.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(summary, indent=2, default=str) + "\n")
-    os.replace(tmp, folder / "pareto.json")
+    atomic_write_text(folder / "pareto.json", json.dumps(summary, indent=2, default=str) + "\n")
     if len(names) >= 2 and done:
         # x: sparsity (second objective), y: reconstruction (first)
         plot(folder / "pareto.png", rows, front, names[1], names[0], [directions[0], directions[1]])

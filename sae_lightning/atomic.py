@@ -1,0 +1,62 @@
+"""Atomic file writes, and a lock between processes that share a file.
+
+Writes: whatever is written appears whole under its name, or not at all.
+
+Every writer in the package goes through :func:`atomic_path`: write to a hidden temporary
+name beside the target (``.<name>.tmp-<pid>``), then rename over it; on an error the
+temporary is removed. ``remove_temporaries`` clears those a killed process left behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Iterator
+
+
+def temporary_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yields a temporary path to write; renamed to ``path`` when the block ends without error."""
+    path = Path(path)
+    tmp = temporary_name(path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+@contextlib.contextmanager
+def file_lock(path: str | Path, on_wait=None) -> Iterator[None]:
+    """An exclusive lock (``flock``) on the file ``path`` (created if missing), held for the
+    block; other processes block on it. ``on_wait()`` is called once if one has to wait."""
+    import fcntl
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if on_wait is not None:
+                on_wait()
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def remove_temporaries(folder: Path) -> None:
+    for tmp in Path(folder).glob(".*.tmp-*"):
+        tmp.unlink(missing_ok=True)
