@@ -9,6 +9,7 @@ storage: every worker asks the shared study for trials until the study holds ``n
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -22,6 +23,7 @@ from hydra.core.utils import JobStatus
 from hydra.plugins.sweeper import Sweeper
 from omegaconf import DictConfig, OmegaConf
 
+from ..atomic import file_lock
 from ..errors import require, require_choice
 from . import pruning
 from .space import Param, format_override, split_space, to_param
@@ -77,12 +79,17 @@ class OptunaSweeper(Sweeper):
 
     def _study(self) -> optuna.Study:
         storage_url = self.storage or default_storage(str(self.config.out_dir), self.study_name)
-        storage = optuna.storages.RDBStorage(
-            storage_url, heartbeat_interval=self.heartbeat, grace_period=2 * self.heartbeat,
-            engine_kwargs={"connect_args": {"timeout": 60}} if storage_url.startswith("sqlite") else None)
+        sqlite = storage_url.startswith("sqlite:///")
+        # workers starting together on a new SQLite file would race to create its tables
+        # ("table studies already exists"): they open it one at a time
+        lock = file_lock(storage_url.removeprefix("sqlite:///") + ".lock") if sqlite else contextlib.nullcontext()
+        with lock:
+            storage = optuna.storages.RDBStorage(
+                storage_url, heartbeat_interval=self.heartbeat, grace_period=2 * self.heartbeat,
+                engine_kwargs={"connect_args": {"timeout": 60}} if sqlite else None)
+            study = optuna.create_study(study_name=self.study_name, storage=storage, directions=self.directions,
+                                        load_if_exists=True)
         seed = self.seed
-        study = optuna.create_study(study_name=self.study_name, storage=storage, directions=self.directions,
-                                    load_if_exists=True)
         if seed is not None:  # a resumed or second worker must not replay the first one's draws
             seed = seed + len(study.get_trials(deepcopy=False))
         study.sampler = make_sampler(self.sampler_name, seed if seed is not None else os.getpid(), self.n_startup)
