@@ -1,29 +1,23 @@
 """Harvest activations into a cache: `python harvest.py data=minilm` (see README.md)."""
 
-import sys
-
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from sae_lightning.cli import run_entry, user_errors
 from sae_lightning.data import build_datamodule
-from sae_lightning.errors import ConfigError, DataError
+from sae_lightning.errors import ConfigError
 
 
 @hydra.main(config_path="configs", config_name="harvest", version_base="1.3")
 def main(cfg: DictConfig):
     from sae_lightning.data.harvest import harvest
 
-    try:
+    with user_errors():
         data = OmegaConf.to_container(cfg.data, resolve=True)
         datamodule = build_datamodule(data)  # validates the whole data config, as train.py does
         if getattr(datamodule, "harvest_spec", None) is None:
             raise ConfigError("data", data.get("kind"), "a data config of kind 'activations' with a harvest section")
         manifest = harvest(datamodule.path, datamodule.harvest_spec, progress=cfg.progress)
-    except (ConfigError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        sys.exit(130)
     print(f"cache: {datamodule.path} ({manifest['tokens']} tokens, d_model {manifest['d_model']}, "
           f"{len(manifest['shards'])} shards); train on it with: {train_command()}")
 
@@ -38,4 +32,4 @@ def train_command() -> str:
 
 
 if __name__ == "__main__":
-    main()
+    run_entry(main)

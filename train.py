@@ -1,6 +1,5 @@
 """Train a sparse autoencoder: `python train.py variant=feature_choice` (see README.md)."""
 
-import sys
 from pathlib import Path
 
 import hydra
@@ -8,21 +7,19 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from sae_lightning.errors import ConfigError, DataError
+from sae_lightning.cli import run_entry, user_errors
 from sae_lightning.train import run
 
 
 @hydra.main(config_path="configs", config_name="train", version_base="1.3")
 def main(cfg: DictConfig):
-    hydra_cfg = HydraConfig.get()
-    try:
-        return run(cfg, Path(hydra_cfg.runtime.output_dir))
-    except (ConfigError, DataError) as e:
-        if hydra_cfg.mode == RunMode.MULTIRUN:
-            raise  # the sweeper records the trial as failed, with this message, and goes on
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    hc = HydraConfig.get()
+    # a sweep trial runs in the folder Hydra made for it; a single run makes its own, once checked
+    if hc.mode == RunMode.MULTIRUN:  # errors go to the sweeper, which records them on the trial
+        return run(cfg, Path(hc.runtime.output_dir), overrides=list(hc.overrides.task))
+    with user_errors():
+        return run(cfg, None, overrides=list(hc.overrides.task))
 
 
 if __name__ == "__main__":
-    main()
+    run_entry(main)

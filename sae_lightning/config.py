@@ -7,14 +7,17 @@ here builds.
 
 from __future__ import annotations
 
-from typing import Any
+import inspect
+import logging
+from typing import Any, get_args
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from .allocators import get_allocator_class
-from .errors import ConfigError, require, require_choice
+from .errors import ConfigError, did_you_mean, non_finite_keys, require, require_choice
 from .losses import build_losses
+from .callbacks.progress import MODES as PROGRESS_MODES
 from .module import ALLOCATOR_META_KEYS
 from .sae import B_PRE_INITS, NORMALISATIONS
 
@@ -23,17 +26,90 @@ def _int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def resolve(cfg: DictConfig | dict) -> dict:
+    """The config as a plain dict with every interpolation resolved."""
+    if not isinstance(cfg, DictConfig):
+        return dict(cfg)
+    try:
+        return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except MissingMandatoryValue as e:
+        raise ConfigError(e.full_key, "???", "a value: this key has no default (set it on the command line)") from e
+
+
+# Trainer arguments the run sets itself (or replaces: progress=...)
+TRAINER_OWN = ("logger", "callbacks", "plugins", "default_root_dir", "enable_model_summary", "enable_progress_bar")
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")
+
+
+def validate_trainer(t: dict) -> None:
+    """Keys from ``lightning.Trainer``'s own signature (did-you-mean on a typo), the values this
+    project depends on, then a dry construction that catches what Lightning itself refuses."""
+    import lightning as L
+    from lightning.fabric.connector import _PRECISION_INPUT_INT, _PRECISION_INPUT_STR, _PRECISION_INPUT_STR_ALIAS
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    known = [p for p in inspect.signature(L.Trainer.__init__).parameters if p != "self"]
+    for key, value in t.items():
+        if key == "enable_progress_bar":
+            raise ConfigError("trainer.enable_progress_bar", value, "not set here: progress=auto|bar|lines|none "
+                              "chooses how training progress is shown")
+        if key in TRAINER_OWN:
+            raise ConfigError(f"trainer.{key}", value, "not set here: the run sets it itself")
+        if key not in known:
+            hint = did_you_mean(f"trainer.{key}", [f"trainer.{k}" for k in known if k not in TRAINER_OWN])
+            raise ConfigError(f"trainer.{key}", value, f"an argument of lightning.Trainer{hint or ' (see its documentation)'}")
+    require(_int(t.get("max_steps")) and t["max_steps"] >= 1, "trainer.max_steps", t.get("max_steps"), "an integer >= 1")
+    v = t.get("val_check_interval")
+    require(v is None or (_int(v) and v >= 1) or (isinstance(v, float) and 0 < v <= 1), "trainer.val_check_interval",
+            v, "null, an integer >= 1 (training steps between validations) or a fraction in (0, 1]")
+    c = t.get("check_val_every_n_epoch")
+    require(c is None or (_int(c) and c >= 1), "trainer.check_val_every_n_epoch", c, "null or an integer >= 1")
+    lv = t.get("limit_val_batches", 1.0)
+    require((_int(lv) and lv >= 0) or (isinstance(lv, float) and 0 <= lv <= 1), "trainer.limit_val_batches", lv,
+            "an integer >= 0 (batches) or a fraction in [0, 1]")
+    n = t.get("log_every_n_steps", 50)
+    require(_int(n) and n >= 1, "trainer.log_every_n_steps", n, "an integer >= 1")
+    require_choice("trainer.accelerator", t.get("accelerator", "auto"), ACCELERATORS)
+    d = t.get("devices", "auto")
+    require(d == "auto" or (_int(d) and (d >= 1 or d == -1)) or (isinstance(d, list) and d and all(_int(i) for i in d)),
+            "trainer.devices", d, "auto, an integer >= 1 (-1: all), or a list of device indices")
+    require_choice("trainer.strategy", t.get("strategy", "auto"), ["auto", *StrategyRegistry.available_strategies()])
+    precisions = [*get_args(_PRECISION_INPUT_STR), *get_args(_PRECISION_INPUT_INT), *get_args(_PRECISION_INPUT_STR_ALIAS)]
+    require(t.get("precision", "32-true") in precisions, "trainer.precision", t.get("precision"),
+            "one of " + ", ".join(repr(p) for p in precisions))
+    g = t.get("gradient_clip_val")
+    require(g is None or (isinstance(g, (int, float)) and not isinstance(g, bool) and g >= 0), "trainer.gradient_clip_val",
+            g, "null or a finite number >= 0")
+    require(t.get("deterministic", False) in (True, False, "warn"), "trainer.deterministic", t.get("deterministic"),
+            "true, false or 'warn'")
+    a = t.get("accumulate_grad_batches", 1)
+    require(_int(a) and a >= 1, "trainer.accumulate_grad_batches", a, "an integer >= 1")
+    # what Lightning itself refuses (an accelerator this machine lacks, devices it does not have, ...)
+    rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    level = rank_zero.level
+    rank_zero.setLevel(logging.ERROR)
+    try:
+        L.Trainer(**t, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    except Exception as e:  # MisconfigurationException, ValueError, RuntimeError, ...
+        message = " ".join(str(e).split())[:300]
+        key = next((k for k in ("accelerator", "devices", "strategy", "precision", "num_nodes") if k in message
+                    or (str(t.get(k, "auto")) != "auto" and str(t.get(k)).lower() in message.lower())), None)
+        raise ConfigError(f"trainer.{key}" if key else "trainer", t.get(key) if key else t,
+                          f"a setting Lightning accepts on this machine ({message})") from None
+    finally:
+        rank_zero.setLevel(level)
+
+
 def validate_config(cfg: DictConfig | dict) -> tuple[dict, Any]:
     """Resolve and check ``cfg``; returns the plain resolved dict and the built DataModule."""
-    if isinstance(cfg, DictConfig):
-        try:
-            c = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
-        except MissingMandatoryValue as e:
-            raise ConfigError(e.full_key, "???", "a value: this key has no default (set it on the command line)") from e
-    else:
-        c = dict(cfg)
+    c = resolve(cfg)
     for section in ("variant", "model", "optim", "stats", "data", "trainer"):
         require(isinstance(c.get(section), dict), section, c.get(section), "a config section (mapping)")
+    for key, value in non_finite_keys({k: v for k, v in c.items() if k != "hydra"}):
+        raise ConfigError(key, value, "a finite number")
+    require(isinstance(c.get("out_dir"), str) and c["out_dir"], "out_dir", c.get("out_dir"), "a folder path")
+    require_choice("progress", c.get("progress", "auto"), PROGRESS_MODES)
+    c.setdefault("progress", "auto")
 
     require(_int(c.get("seed")), "seed", c.get("seed"), "an integer")
     m = c["model"]
@@ -69,8 +145,7 @@ def validate_config(cfg: DictConfig | dict) -> tuple[dict, Any]:
     require(isinstance(s.get("zipf_alpha"), (int, float)) and s["zipf_alpha"] >= 0, "stats.zipf_alpha", s.get("zipf_alpha"), "a number >= 0")
     require(isinstance(s.get("zipf_beta"), (int, float)) and s["zipf_beta"] > -1, "stats.zipf_beta", s.get("zipf_beta"), "a number > -1")
 
-    t = c["trainer"]
-    require(_int(t.get("max_steps")) and t["max_steps"] >= 1, "trainer.max_steps", t.get("max_steps"), "an integer >= 1")
+    validate_trainer(c["trainer"])
 
     from .data import build_datamodule
 

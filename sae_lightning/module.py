@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from typing import Any
 
 import lightning as L
@@ -10,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from .allocators import CalibrationSet, get_allocator_class
+from .errors import DataError, TrainingDiverged
 from .losses import StepOutput, build_losses
 from .metrics import L0, Firing, Reconstruction, feature_recovery
 from .sae import AFFINITY_DTYPES, SparseAutoencoder
@@ -50,21 +52,31 @@ class SAEModule(L.LightningModule):
         })
         self.hist_every = int(config.get("logging", {}).get("histogram_every_n_steps", 200))
         self.last_val: dict[str, Any] = {}
-        self.first_step = 0
+        self.restoring = False  # set when a checkpoint will replace the initial weights (resume)
+        self.train_seconds_before = 0.0  # training time of the run before this session (from the checkpoint)
+        self._session_start: float | None = None
         self.last_val_hists: dict[str, Tensor] = {}
         self.last_val_density: Tensor | None = None
 
     # ---- the forward pass ---------------------------------------------------------------------
     def forward_step(self, x: Tensor, mode: str = "batch", update: bool = False):
-        """Returns (StepOutput in normalised units, the normalisation context)."""
+        """Returns (StepOutput in normalised units, the normalisation context). Raises
+        DataError for a non-finite input and TrainingDiverged for non-finite affinities."""
+        if not bool(torch.isfinite(x).all()):
+            bad = int((~torch.isfinite(x)).any(1).nonzero()[0])
+            raise DataError(f"non-finite input activations (NaN or inf) at token {bad} of a batch of {x.shape[0]}"
+                            + (f", training step {self.global_step}" if self._trainer is not None else ""))
         xn, ctx = self.sae.normalise(x)
         layout = self.allocator.layout
         z = self.sae.affinities(xn, layout=layout, dtype=self.affinity_dtype)  # no autograd
         with torch.no_grad():
-            if mode == "batch":
-                sel = self.allocator.allocate(z, step=self.global_step, density=self.stats.density, update=update)
-            else:
-                sel = self.allocator.threshold(z, source="ema" if mode == "threshold_ema" else "calibrated")
+            try:
+                if mode == "batch":
+                    sel = self.allocator.allocate(z, step=self.global_step, density=self.stats.density, update=update)
+                else:
+                    sel = self.allocator.threshold(z, source="ema" if mode == "threshold_ema" else "calibrated")
+            except TrainingDiverged as e:
+                raise TrainingDiverged(f"{e} at step {self.global_step}{self._non_finite_parameters()}") from None
         code = self.sae.code(xn, z, sel, layout)
         return StepOutput(x=xn, x_hat=self.sae.decode(code), z=z, layout=layout, code=code), ctx
 
@@ -78,13 +90,31 @@ class SAEModule(L.LightningModule):
         out, ctx = self.forward_step(x, mode)
         return self.sae.denormalise(out.x_hat, ctx)
 
+    def _non_finite_parameters(self) -> str:
+        bad = [name for name, p in self.named_parameters() if not bool(torch.isfinite(p).all())]
+        bad += [name for name, b in self.sae.named_buffers(prefix="sae") if b.is_floating_point()
+                and not bool(torch.isfinite(b).all())]
+        return (f" (not finite: {', '.join(bad)}; lower optim.lr)" if bad else
+                " (the input batch and the parameters are finite: their product overflowed)")
+
     # ---- set-up ---------------------------------------------------------------------------------
     def on_train_start(self) -> None:
-        self.first_step = self.global_step  # > 0 when resuming (restored by now)
+        self._session_start = time.perf_counter()
+
+    def train_seconds(self) -> float:
+        """Training time of the whole run (every session, from the checkpoints) until now."""
+        now = time.perf_counter() - self._session_start if self._session_start is not None else 0.0
+        return self.train_seconds_before + now
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["sae_lightning"] = {"train_seconds": self.train_seconds()}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.train_seconds_before = float(checkpoint.get("sae_lightning", {}).get("train_seconds", 0.0))
 
     def setup(self, stage: str) -> None:
         # once, before training; on resume the checkpoint's weights and buffers replace these
-        if stage == "fit" and not bool(self.sae.initialised):
+        if stage == "fit" and not bool(self.sae.initialised) and not self.restoring:
             figures = self.init_from_data(self.trainer.datamodule.sample(self.config["model"]["init_sample_tokens"]))
             self.print("initialised from data: " + ", ".join(f"{key}={value:.4g}" for key, value in figures.items()))
 
@@ -124,7 +154,8 @@ class SAEModule(L.LightningModule):
         loss = sum(self.losses[name].coef * value for name, value in terms.items())
         if not torch.isfinite(loss):
             bad = {name: float(value) for name, value in terms.items()}
-            raise FloatingPointError(f"non-finite loss at step {self.global_step}: {bad}")
+            raise TrainingDiverged(f"non-finite loss at step {self.global_step}: {bad}"
+                                   f"{self._non_finite_parameters()}")
         fire = out.code.fire_counts()
         n_tokens = x.shape[0]
         if torch.distributed.is_available() and torch.distributed.is_initialized():

@@ -1,14 +1,19 @@
-"""One training run: validate the config, fit, calibrate, evaluate both modes, write results.
+"""One training run: check everything, then fit, calibrate, evaluate both modes, write results.
 
-Writes under the run folder: ``config.yaml`` (resolved), ``tb/`` (TensorBoard),
-``checkpoints/`` (``last.ckpt``, the best by validation FVU, and ``final.ckpt`` with
-calibrated thresholds), ``metrics.json`` and two PNG plots.
+:func:`prepare` does every check a run can fail on before anything is written (the config,
+the data and its cache, the checkpoint to resume from, the output folder); only a missing
+activation cache is harvested there. :func:`fit` then writes, under the run folder:
+``config.yaml`` (resolved), ``tb/`` (TensorBoard), ``checkpoints/`` (``last.ckpt``, the best
+by validation FVU, and ``final.ckpt`` with calibrated thresholds), ``metrics.json`` and two
+PNG plots. A resumed run continues its own folder (see ``resume.py``).
 """
 
 from __future__ import annotations
 
 import json
+import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,63 +21,132 @@ import lightning as L
 import torch
 from omegaconf import OmegaConf
 
+from . import resume as resume_mod
 from .atomic import atomic_write_text
 from .callbacks import AtomicCheckpointIO, DownstreamLoss, LatentStatsMonitor, ThresholdCalibration
-from .config import validate_config
-from .errors import ConfigError, DataError
+from .callbacks.interrupt import GracefulStop
+from .callbacks.progress import Progress
+from .config import resolve, validate_config
+from .errors import ConfigError, DataError, Interrupted
 from .module import SAEModule
 from .plots import save_run_plots
 from .sweep import pruning
 
 
-def _remove_if_empty(run_dir: Path) -> None:
+@dataclass
+class Plan:
+    """Everything a run needs, checked; nothing written yet."""
+
+    config: dict[str, Any]
+    datamodule: Any
+    run_dir: Path | None  # None: a new folder under out_dir/runs, made by fit()
+    resume: resume_mod.ResumePoint | None = None
+    changed: list[str] = field(default_factory=list)  # keys a resumed run changed
+
+
+def _remove_if_empty(run_dir: Path | None) -> None:
     try:
-        if run_dir.is_dir() and not any(run_dir.iterdir()):
+        if run_dir is not None and run_dir.is_dir() and not any(run_dir.iterdir()):
             run_dir.rmdir()
     except OSError:
         pass
 
 
-def _check_resume(ckpt: str | None, datamodule) -> None:
-    """Before anything is written: the checkpoint exists, fits the data's d_model, and (for an
-    activation cache) was trained on the same cache and stream."""
-    if not ckpt:
-        return
-    if not Path(ckpt).is_file():
-        raise ConfigError("resume", ckpt, "null or the path of an existing checkpoint (.ckpt)")
-    checkpoint = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)
-    d = checkpoint["state_dict"]["sae.W_enc"].shape[1]
+def check_writable(out_dir: str) -> None:
+    """out_dir exists or can be made, and files can be written there (tried, then removed)."""
+    path = Path(out_dir).expanduser()
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError("out_dir", out_dir, f"a folder ({existing} is a file)")
+    try:
+        Path(tempfile.mkdtemp(prefix=".write-test-", dir=existing)).rmdir()
+    except OSError as e:
+        raise ConfigError("out_dir", out_dir, f"a folder this user can write ({existing}: {e.strerror})") from None
+
+
+def new_run_dir(out_dir: str, variant: str) -> Path:
+    """A new run folder ``<out_dir>/runs/<date>_<time>_<variant>``, unique even when runs start
+    in the same second (``_2``, ``_3``, ... appended; ``mkdir`` decides, atomically)."""
+    runs = Path(out_dir).expanduser() / "runs"
+    runs.mkdir(parents=True, exist_ok=True)
+    base = f"{time.strftime('%Y-%m-%d_%H-%M-%S')}_{variant}"
+    for i in range(1, 10_000):
+        path = runs / (base if i == 1 else f"{base}_{i}")
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+    raise ConfigError("out_dir", out_dir, f"a folder with room for another run named {base}")
+
+
+def _check_checkpoint(point: resume_mod.ResumePoint, datamodule) -> None:
+    """The checkpoint fits the data: d_model, and for an activation cache the same cache and stream."""
+    d = point.state["state_dict"]["sae.W_enc"].shape[1]
     if d != datamodule.d_model:
-        raise ConfigError("resume", ckpt, f"a checkpoint of an SAE with d_model {datamodule.d_model} (the data's); "
-                          f"this one has {d}")
-    data_state = checkpoint.get(type(datamodule).__qualname__)
+        raise ConfigError("resume", str(point.checkpoint), f"a checkpoint of an SAE with d_model {datamodule.d_model} "
+                          f"(the data's); this one has {d}")
+    data_state = point.state.get(type(datamodule).__qualname__)
     if data_state:
         datamodule.load_state_dict(data_state)
 
 
-def run(cfg, run_dir: Path) -> dict[str, Any]:
-    """Train one SAE as configured; returns the final metrics (also in metrics.json)."""
+def prepare(cfg, run_dir: Path | None = None, overrides: list[str] | None = None) -> Plan:
+    """Check the run as configured (``overrides``: the command line's, which a resumed run
+    applies to its saved config; None when ``cfg`` is the whole config on purpose)."""
     try:
-        config, datamodule = validate_config(cfg)
-        if hasattr(datamodule, "prepare_data"):
-            datamodule.prepare_data()  # an activation cache is harvested on first use
-        _check_resume(config.get("resume"), datamodule)
+        composed = resolve(cfg)
+        point, changed = None, []
+        if composed.get("resume"):
+            point = resume_mod.read(str(composed["resume"]))
+            composed, changed = resume_mod.resumed_config(point.config, composed, overrides)
+        config, datamodule = validate_config(composed)
+        datamodule.open()  # an activation cache is harvested on first use, then checked
+        if point is not None:
+            _check_checkpoint(point, datamodule)
+            run_dir = run_dir or point.run_dir
+        if run_dir is None:
+            check_writable(config["out_dir"])
     except (ConfigError, DataError):
         _remove_if_empty(run_dir)
         raise
+    return Plan(config, datamodule, run_dir, point, changed)
+
+
+def run(cfg, run_dir: Path | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
+    """Train one SAE as configured; returns the final metrics (also in metrics.json)."""
+    return fit(prepare(cfg, run_dir, overrides))
+
+
+def fit(plan: Plan) -> dict[str, Any]:
+    config, datamodule, point = plan.config, plan.datamodule, plan.resume
+    run_dir = plan.run_dir or new_run_dir(config["out_dir"], config["variant"]["name"])
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(config)))
+    if point is not None:
+        print(f"resuming {run_dir} at step {point.step}"
+              + (f"; changed: {', '.join(plan.changed)}" if plan.changed else ""), flush=True)
     L.seed_everything(config["seed"], workers=True, verbose=False)
     torch.set_float32_matmul_precision("high")
 
     module = SAEModule(config, datamodule.d_model)
-    logger = L.pytorch.loggers.TensorBoardLogger(str(run_dir), name="tb", version="", default_hp_metric=False)
+    module.restoring = point is not None
+    logger = L.pytorch.loggers.TensorBoardLogger(
+        str(run_dir), name="tb", version="", default_hp_metric=False,
+        # a resumed run drops the events its previous session wrote after the checkpoint
+        purge_step=point.step + 1 if point is not None else None)
+    ckpt_dir = run_dir / "checkpoints"
     checkpoint = L.pytorch.callbacks.ModelCheckpoint(
-        dirpath=run_dir / "checkpoints", filename="best-step{step}", monitor="val/batch/fvu", mode="min",
+        dirpath=ckpt_dir, filename="best-step{step}", monitor="val/batch/fvu", mode="min",
         save_top_k=1, save_last=True, auto_insert_metric_name=False)
+    stop = GracefulStop(ckpt_dir / "last.ckpt")
     calibration = ThresholdCalibration(enabled=config["calibration"]["enabled"])
-    callbacks = [checkpoint, calibration, LatentStatsMonitor(config["logging"]["histogram_every_n_steps"]),
-                 L.pytorch.callbacks.LearningRateMonitor(logging_interval="step")]
+    tokens_per_step = config["data"]["batch_size"] * _world_size(config["trainer"])
+    callbacks = [checkpoint, stop, calibration, LatentStatsMonitor(config["logging"]["histogram_every_n_steps"]),
+                 L.pytorch.callbacks.LearningRateMonitor(logging_interval="step"),
+                 Progress(config["progress"], tokens_per_step)]
     downstream = getattr(datamodule, "downstream", None) or {}
     manifest = getattr(datamodule, "manifest", None)
     if manifest is not None and manifest["harvest"]["lm"].get("causal") and downstream.get("enabled", True):
@@ -81,17 +155,17 @@ def run(cfg, run_dir: Path) -> dict[str, Any]:
     if pruning.ACTIVE is not None:  # a trial of an Optuna sweep
         callbacks.append(pruning.OptunaPruning(pruning.ACTIVE))
     trainer = L.Trainer(**config["trainer"], logger=logger, callbacks=callbacks, default_root_dir=str(run_dir),
-                        plugins=[AtomicCheckpointIO()], enable_model_summary=False)
+                        plugins=[AtomicCheckpointIO()], enable_model_summary=False, enable_progress_bar=False)
 
-    start = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=config.get("resume"))
-    train_seconds = time.perf_counter() - start
-    tokens_per_step = config["data"]["batch_size"] * trainer.world_size  # every rank trains its own batch
-    session_tokens = (trainer.global_step - module.first_step) * tokens_per_step
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(point.checkpoint) if point is not None else None)
+    if stop.stopped_at is not None:
+        raise Interrupted(f"stopped at step {stop.stopped_at}: saved {ckpt_dir / 'last.ckpt'}; continue with: "
+                          f"python train.py resume={run_dir}")
+    train_seconds = module.train_seconds()
     trainer.validate(module, datamodule=datamodule, verbose=False)
-    trainer.save_checkpoint(run_dir / "checkpoints" / "final.ckpt")
+    trainer.save_checkpoint(ckpt_dir / "final.ckpt")
 
-    tokens = trainer.global_step * tokens_per_step
+    tokens = trainer.global_step * config["data"]["batch_size"] * trainer.world_size  # every rank its own batch
     metrics = {
         "variant": config["variant"]["name"],
         "run_dir": str(run_dir),
@@ -100,7 +174,7 @@ def run(cfg, run_dir: Path) -> dict[str, Any]:
         "steps": trainer.global_step,
         "tokens": tokens,
         "train_seconds": round(train_seconds, 2),
-        "tokens_per_second": round(session_tokens / max(train_seconds, 1e-9), 1),
+        "tokens_per_second": round(tokens / max(train_seconds, 1e-9), 1),
         "calibration": calibration.figures,
         **module.last_val,
     }
@@ -109,6 +183,12 @@ def run(cfg, run_dir: Path) -> dict[str, Any]:
         save_run_plots(module, run_dir)
         print_summary(metrics, run_dir)
     return metrics
+
+
+def _world_size(trainer_cfg: dict) -> int:
+    devices = trainer_cfg.get("devices", "auto")
+    n = len(devices) if isinstance(devices, list) else devices if isinstance(devices, int) and devices > 0 else 1
+    return n * int(trainer_cfg.get("num_nodes", 1) or 1)
 
 
 def print_summary(metrics: dict[str, Any], run_dir: Path) -> None:

@@ -20,7 +20,7 @@ def trained(tmp_path_factory):
     for variant in VARIANTS:
         run_dir = tmp_path_factory.mktemp(variant)
         cfg = compose_config([f"variant={variant}", "variant.k=8", *TINY, "trainer.max_steps=150",
-                              "trainer.val_check_interval=75", "trainer.enable_progress_bar=false",
+                              "trainer.val_check_interval=75", "progress=none",
                               "variant.threshold_ema_warmup_steps=20" if variant != "topk" else "seed=0"])
         runs[variant] = (run_dir, run(cfg, run_dir))
     return runs

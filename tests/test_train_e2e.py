@@ -15,7 +15,7 @@ from .conftest import ROOT, TINY
 def test_train_py_runs_each_variant(variant, tmp_path):
     proc = subprocess.run(
         [sys.executable, "train.py", f"variant={variant}", f"out_dir={tmp_path}", *TINY, "variant.k=8",
-         "trainer.max_steps=6", "trainer.val_check_interval=3", "trainer.enable_progress_bar=false"],
+         "trainer.max_steps=6", "trainer.val_check_interval=3", "progress=none"],
         cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (run_dir,) = list((tmp_path / "runs").iterdir())
@@ -36,7 +36,7 @@ def test_train_py_runs_under_ddp_on_cpu(tmp_path):
     """Two CPU processes (gloo): each rank trains its own batches; tokens count both."""
     proc = subprocess.run(
         [sys.executable, "train.py", "variant=mutual_choice", f"out_dir={tmp_path}", *TINY, "variant.k=8",
-         "trainer.max_steps=6", "trainer.val_check_interval=3", "trainer.enable_progress_bar=false",
+         "trainer.max_steps=6", "trainer.val_check_interval=3", "progress=none",
          "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp"],
         cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -9,7 +9,7 @@ from typing import Callable, ClassVar, Iterator
 import torch
 from torch import Tensor, nn
 
-from ..errors import ConfigError, require
+from ..errors import ConfigError, TrainingDiverged, require
 from ..sparse import Selection
 
 ALLOCATORS: dict[str, type["Allocator"]] = {}
@@ -115,11 +115,21 @@ class Allocator(nn.Module, abc.ABC):
         return {}
 
 
+def check_finite(top_values: Tensor) -> None:
+    """Raise TrainingDiverged if any of ``top_values`` is NaN or +inf. Allocators pass the
+    values ``torch.topk`` kept: it ranks NaN above every number, so a NaN or +inf anywhere
+    in a row (or column) of z' shows among that row's top values, at no extra pass over z'."""
+    if not bool(torch.isfinite(top_values).all()):
+        raise TrainingDiverged("non-finite affinities z' (NaN or inf) reached the allocator")
+
+
 def topk_per_row(z: Tensor, k: int) -> Selection:
     """The top-k latents of every token (row-major order)."""
     B, F = z.shape
     k = min(k, F)
-    idx = torch.topk(z, k, dim=1, sorted=False).indices
+    top = torch.topk(z, k, dim=1, sorted=False)
+    check_finite(top.values)
+    idx = top.indices
     rows = torch.arange(B, device=z.device).repeat_interleave(k)
     return Selection(rows=rows, cols=idx.reshape(-1), n_tokens=B)
 
@@ -165,11 +175,12 @@ class GlobalTopK:
                 torch.cat([groups[w][0], rows]), torch.cat([groups[w][1], v]), torch.cat([groups[w][2], i]))
 
         v, i = torch.topk(z, base, dim=1, sorted=True)  # every row, in place (no copy of z)
+        check_finite(v[:, 0])  # each row's largest value; NaN would keep the loop below from ending
         light = width == base
         groups[base] = (rows_all, v, i) if bool(light.all()) else (rows_all[light], v[light], i[light])
         for w in torch.unique(width[~light]).tolist():
             take(rows_all[width == w], int(w))
-        while True:
+        for _ in range(4 * 64):  # each pass halves the gap to share = 1 or widens rows ×4: it ends long before
             above = sum(int((v >= theta).sum()) for _, v, _ in groups.values())
             saturated = [(r[(v[:, -1] >= theta)], w) for w, (r, v, _) in groups.items() if w < F]
             saturated = [(r, w) for r, w in saturated if r.numel()]
@@ -185,6 +196,8 @@ class GlobalTopK:
                 if bool(stay.any()):
                     groups[w] = (r[stay], v[stay], i[stay])
                 take(rows, min(F, 4 * w))
+        else:
+            raise RuntimeError(f"exact global top-{budget} did not converge on a [{B}, {F}] matrix (a bug: please report)")
         cand_v = torch.cat([v.reshape(-1) for _, v, _ in groups.values()])
         top = torch.topk(cand_v, budget, sorted=False)
         cand_r = torch.cat([r.repeat_interleave(v.shape[1]) for r, v, _ in groups.values()])
@@ -230,6 +243,7 @@ def per_column_topk(zt: Tensor, m: Tensor) -> tuple[Tensor, Tensor, Tensor, Tens
         lat = order[start:end]
         cap = m[lat]
         vals, idx = torch.topk(zt[lat], top, dim=1, sorted=True)
+        check_finite(vals[:, 0])  # each latent's largest value
         keep = torch.arange(top, device=zt.device).unsqueeze(0) < cap.unsqueeze(1)
         lat_out.append(lat.unsqueeze(1).expand(-1, top)[keep])
         tok_out.append(idx[keep])

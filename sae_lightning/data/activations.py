@@ -121,6 +121,12 @@ class ActivationsDataModule(L.LightningDataModule):
         self.manifest = read_manifest(self.path)
         self._check_d_model(self.manifest["d_model"])
 
+    def open(self) -> None:
+        """Harvest the cache if it is missing or incomplete, then check it against its manifest
+        (shapes, dtypes, sizes, checksums) and split it: every DataError before training."""
+        self.prepare_data()
+        _ = self.reader
+
     @property
     def reader(self) -> ShardReader:
         if self._reader is None:

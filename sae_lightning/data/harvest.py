@@ -269,7 +269,7 @@ def _harvest(folder: Path, spec: HarvestSpec, progress: bool, log, loaded) -> di
     if manifest is not None:
         _compare(manifest["harvest"], ident, folder)
         for entry in manifest["shards"]:  # keep the prefix of whole shards
-            if verify_shard(folder, entry, checksum=True) is not None:
+            if verify_shard(folder, entry, checksum=True, manifest=manifest) is not None:
                 log(f"harvest: {entry['activations']['file']} does not match the manifest; re-creating from there")
                 break
             shards.append(entry)

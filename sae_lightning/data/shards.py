@@ -88,13 +88,48 @@ def read_manifest(folder: Path) -> dict[str, Any] | None:
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DataError(f"{path} is not valid JSON ({e}); the cache is damaged: delete the folder and harvest again") from e
-    if manifest.get("format") != FORMAT:
-        raise DataError(f"{path} has format {manifest.get('format')!r}, this version reads {FORMAT!r}")
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise DataError(f"{path} has format {found!r}, this version reads {FORMAT!r}")
+    _check_manifest(path, manifest)
     return manifest
 
 
-def verify_shard(folder: Path, entry: dict[str, Any], checksum: bool) -> str | None:
-    """None if the shard's files match the manifest; otherwise what is wrong."""
+def _check_manifest(path: Path, m: dict[str, Any]) -> None:
+    """The fields this package reads, with their types: a damaged or hand-edited manifest is
+    named here, not found later as a KeyError."""
+    def bad(what: str) -> DataError:
+        return DataError(f"{path} is damaged: {what}; delete the cache folder and harvest it again")
+
+    for key, kind in (("d_model", int), ("dtype", str), ("tokens", int), ("shards", list), ("harvest", dict)):
+        if not isinstance(m.get(key), kind) or isinstance(m.get(key), bool):
+            raise bad(f"{key!r} is {m.get(key)!r}, expected a {kind.__name__}")
+    if m["dtype"] not in DTYPES:
+        raise bad(f"dtype {m['dtype']!r} is not one of {', '.join(DTYPES)}")
+    if m["d_model"] < 1:
+        raise bad(f"d_model {m['d_model']} < 1")
+    for i, entry in enumerate(m["shards"]):
+        ok = isinstance(entry, dict) and all(isinstance(entry.get(k), int) for k in ("tokens", "contexts")) and all(
+            isinstance(entry.get(k), dict) and {"file", "bytes", "sha256"} <= set(entry[k]) for k in ("activations", "ids"))
+        if not ok:
+            raise bad(f"shard entry {i} lacks tokens / contexts / activations / ids")
+    total = sum(e["tokens"] for e in m["shards"])
+    if total != m["tokens"]:
+        raise bad(f"its shards hold {total} tokens but 'tokens' says {m['tokens']}")
+
+
+def _header(path: Path) -> tuple[tuple[int, ...], np.dtype] | str:
+    """(shape, dtype) from an .npy file's header, or what is wrong with it."""
+    try:
+        a = np.load(path, mmap_mode="r", allow_pickle=False)  # reads the header; maps, does not read, the data
+        return a.shape, a.dtype
+    except (ValueError, OSError, EOFError) as e:
+        return f"{path} is not a readable .npy file ({e})"
+
+
+def verify_shard(folder: Path, entry: dict[str, Any], checksum: bool, manifest: dict[str, Any] | None = None) -> str | None:
+    """None if the shard's files match the manifest (presence, size, with ``manifest`` the
+    shapes and dtypes in the .npy headers, with ``checksum`` the sha256); else what is wrong."""
     for key in ("activations", "ids"):
         f = entry[key]
         path = Path(folder) / f["file"]
@@ -103,6 +138,19 @@ def verify_shard(folder: Path, entry: dict[str, Any], checksum: bool) -> str | N
         size = path.stat().st_size
         if size != f["bytes"]:
             return f"{path} has {size} bytes, the manifest says {f['bytes']} (truncated or overwritten)"
+        if manifest is not None:
+            header = _header(path)
+            if isinstance(header, str):
+                return header
+            shape, dtype = header
+            if key == "activations":
+                want_shape, want_dtype = (entry["tokens"], manifest["d_model"]), np.dtype(DTYPES[manifest["dtype"]][1])
+            else:
+                want_shape = (entry["contexts"], manifest["harvest"].get("context_length", shape[-1] if shape else 0))
+                want_dtype = np.dtype(np.int32)
+            if tuple(shape) != tuple(want_shape) or dtype != want_dtype:
+                return (f"{path} holds {dtype} {tuple(shape)} but the manifest describes {want_dtype} {tuple(want_shape)} "
+                        f"(tokens {entry['tokens']}, d_model {manifest['d_model']}, dtype {manifest['dtype']})")
         if checksum:
             digest = sha256_file(path)
             if digest != f["sha256"]:
@@ -113,7 +161,7 @@ def verify_shard(folder: Path, entry: dict[str, Any], checksum: bool) -> str | N
 def verify_cache(folder: Path, manifest: dict[str, Any], checksum: bool = True) -> None:
     """Raise DataError naming the first shard whose files do not match the manifest."""
     for entry in manifest["shards"]:
-        problem = verify_shard(folder, entry, checksum)
+        problem = verify_shard(folder, entry, checksum, manifest)
         if problem is not None:
             raise DataError(f"activation cache {folder}: {problem}. Re-run the harvest (python harvest.py with the "
                             "same data config): it checks every shard and re-creates the cache from the first bad one")

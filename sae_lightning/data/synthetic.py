@@ -100,6 +100,9 @@ class SyntheticDataModule(L.LightningDataModule):
         self.source = SyntheticActivations(spec)
         self._val: Tensor | None = None
 
+    def open(self) -> None:
+        """Nothing to fetch or check: the data are generated from the seed."""
+
     @property
     def d_model(self) -> int:
         return self.spec.d_model

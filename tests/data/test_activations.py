@@ -163,15 +163,18 @@ def test_an_incomplete_cache_without_harvest_section_says_so(cache, tmp_path):
 
 
 def test_resume_from_a_checkpoint_of_another_cache_is_refused_before_training(cache, tmp_path):
-    from sae_lightning.train import _check_resume
+    from sae_lightning.resume import read
+    from sae_lightning.train import _check_checkpoint
 
     dm = make(cache)
     good = {"position": 4, "fingerprint": dm.fingerprint, "seed": 0, "batch_size": 64, "path": str(cache)}
     ckpt = tmp_path / "x.ckpt"
-    torch.save({"state_dict": {"sae.W_enc": torch.zeros(8, 32)}, "ActivationsDataModule": good}, ckpt)
-    _check_resume(str(ckpt), dm)
+    hp = {"config": {"data": {}}, "d_model": 32}
+    torch.save({"state_dict": {"sae.W_enc": torch.zeros(8, 32)}, "hyper_parameters": hp, "ActivationsDataModule": good},
+               ckpt)
+    _check_checkpoint(read(str(ckpt)), dm)
     assert dm._restored["position"] == 4
-    torch.save({"state_dict": {"sae.W_enc": torch.zeros(8, 32)},
+    torch.save({"state_dict": {"sae.W_enc": torch.zeros(8, 32)}, "hyper_parameters": hp,
                 "ActivationsDataModule": {**good, "fingerprint": "f" * 16, "path": "/elsewhere"}}, ckpt)
     with pytest.raises(DataError, match="trained on the activation cache /elsewhere"):
-        _check_resume(str(ckpt), make(cache))
+        _check_checkpoint(read(str(ckpt)), make(cache))

@@ -13,7 +13,7 @@ from ..conftest import ROOT
 SMALL = ["model.n_latents=128", "model.init_sample_tokens=256", "data.batch_size=64", "data.val_tokens=128",
          "data.calibration_tokens=128", "data.downstream.contexts=2", "data.downstream.final_contexts=4", "optim.warmup_steps=2",
          "stats.dead_window_tokens=500", "stats.density_time_constant_tokens=500", "variant.k=4",
-         "trainer.val_check_interval=3", "trainer.enable_progress_bar=false"]
+         "trainer.val_check_interval=3", "progress=none"]
 
 
 def train(args, tmp_path):
@@ -61,11 +61,11 @@ def test_resume_with_another_d_model_is_refused(tiny_lm, corpus_file, tmp_path):
                                 "model.init_sample_tokens=256", "data.d_model=16", "data.n_features=32",
                                 "data.active_median=2", "data.active_max=8", "data.batch_size=64", "data.val_tokens=64",
                                 "data.calibration_tokens=64", "variant=topk", "variant.k=4", "trainer.max_steps=2",
-                                "trainer.enable_progress_bar=false"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+                                "progress=none"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert synthetic.returncode == 0, synthetic.stderr[-2000:]
     (run,) = (tmp_path / "runs").iterdir()
     proc = subprocess.run([sys.executable, "train.py", f"out_dir={tmp_path}", "data.d_model=24", "data.n_features=32",
                            "data.active_max=8", f"resume={run / 'checkpoints' / 'last.ckpt'}"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
-    assert "error: config error: resume=" in proc.stderr and "d_model 24 (the data's); this one has 16" in proc.stderr
+    assert "error: config error: resume=" in proc.stderr and "data.d_model: run 16 vs now 24" in proc.stderr

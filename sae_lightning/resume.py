@@ -1,0 +1,138 @@
+"""What a resumed run continues from: the checkpoint, its run folder, and its config.
+
+``resume=`` names a checkpoint file or a run folder (then its ``checkpoints/last.ckpt``). A
+run resumes *in place*: the same folder, TensorBoard run, checkpoints and best-score
+tracking. Its config is the checkpoint's own; keys given on the command line replace the
+saved ones only where given, and only keys that do not change what is being trained may
+differ (the training length, validation and logging cadence, devices, loader workers,
+calibration, downstream figures). Anything else is refused before anything is written.
+"""
+
+from __future__ import annotations
+
+import copy
+import pickle
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import ConfigError, DataError
+
+# keys a resumed run may change (a key, or a whole section ending in ".")
+RESUMABLE = (
+    "resume", "out_dir", "progress", "trainer.max_steps", "trainer.val_check_interval", "trainer.log_every_n_steps",
+    "trainer.limit_val_batches", "trainer.accelerator", "trainer.devices", "trainer.strategy", "trainer.num_nodes",
+    "data.num_workers", "data.verify", "data.downstream.", "calibration.", "logging.",
+)
+GROUPS = ("variant", "model", "data", "trainer", "sweeps")
+
+
+@dataclass
+class ResumePoint:
+    checkpoint: Path  # the file to restore
+    run_dir: Path | None  # the run folder it belongs to (None: a checkpoint outside a run folder)
+    state: dict[str, Any]  # the loaded checkpoint (tensors memory-mapped)
+    config: dict[str, Any]  # the training config it was made with
+    step: int
+
+
+def locate(resume: str) -> tuple[Path, Path | None]:
+    """(checkpoint file, its run folder or None) for ``resume=`` a file or a run folder."""
+    path = Path(resume).expanduser()
+    if path.is_dir():
+        ckpt = path / "checkpoints" / "last.ckpt"
+        if not ckpt.is_file():
+            raise ConfigError("resume", resume, "a checkpoint file or a run folder holding checkpoints/last.ckpt "
+                              f"({ckpt} does not exist)")
+        return ckpt, path if (path / "config.yaml").is_file() else None
+    if not path.is_file():
+        raise ConfigError("resume", resume, "null, a checkpoint file (.ckpt) or a run folder (outputs/runs/<run>)")
+    run_dir = path.parent.parent
+    in_run = path.parent.name == "checkpoints" and (run_dir / "config.yaml").is_file()
+    return path, run_dir if in_run else None
+
+
+def read(resume: str) -> ResumePoint:
+    """Load and check a checkpoint: readable, made by this package, with its config."""
+    ckpt, run_dir = locate(resume)
+    try:
+        state = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)
+    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile,
+            AttributeError, ModuleNotFoundError, IndexError, KeyError) as e:
+        raise DataError(f"resume={resume}: {ckpt} is not a readable checkpoint ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:160] if str(e) else 'truncated or not a torch file'}); "
+                        "resume from another checkpoint of the run (checkpoints/*.ckpt)") from e
+    hp = state.get("hyper_parameters") if isinstance(state, dict) else None
+    if not isinstance(hp, dict) or not isinstance(hp.get("config"), dict) or "state_dict" not in state:
+        raise DataError(f"resume={resume}: {ckpt} is a torch file but not a checkpoint of an sae_lightning run "
+                        "(no hyper_parameters.config / state_dict)")
+    return ResumePoint(ckpt, run_dir, state, hp["config"], int(state.get("global_step", 0)))
+
+
+def _get(tree: dict, path: str, missing=KeyError):
+    node: Any = tree
+    for part in path.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return missing
+        node = node[part]
+    return node
+
+
+def _set(tree: dict, path: str, value, missing=KeyError) -> None:
+    parts = path.split(".")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    if value is missing:
+        node.pop(parts[-1], None)
+    else:
+        node[parts[-1]] = copy.deepcopy(value)
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict) and tree:
+        out: dict[str, Any] = {}
+        for k, v in tree.items():
+            out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: tree}
+
+
+def explicit_keys(overrides: list[str]) -> list[str]:
+    """The config paths the command line set: a key override sets its key; a group override
+    (``variant=topk``) its whole section."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    keys = []
+    for ov in OverridesParser.create().parse_overrides(list(overrides)):
+        key = ov.key_or_group
+        if key.startswith("hydra.") or key == "hydra" or ov.is_sweep_override():
+            continue
+        keys.append(key)
+    return keys
+
+
+def resumed_config(saved: dict, composed: dict, overrides: list[str] | None) -> tuple[dict, list[str]]:
+    """The config to resume with: ``saved``, with the keys the command line set taken from
+    ``composed``. Returns it and the list of changed keys (``key: old -> new``); raises
+    ConfigError if a key outside :data:`RESUMABLE` changed."""
+    if overrides is None:  # a caller that composed the whole config on purpose
+        merged = copy.deepcopy(composed)
+    else:
+        merged = copy.deepcopy(saved)
+        for key in explicit_keys(overrides):
+            _set(merged, key, _get(composed, key))
+    merged["resume"] = composed.get("resume")
+    old, new = flatten(saved), flatten(merged)
+    changed = sorted(k for k in set(old) | set(new) if old.get(k, KeyError) != new.get(k, KeyError))
+    changed = [k for k in changed if k != "resume"]
+    refused = [k for k in changed if not any(k == r or (r.endswith(".") and k.startswith(r)) for r in RESUMABLE)]
+    if refused:
+        shown = "; ".join(f"{k}: run {old.get(k, '(absent)')!r} vs now {new.get(k, '(absent)')!r}" for k in refused[:4])
+        raise ConfigError("resume", composed.get("resume"),
+                          f"the run's own settings ({shown}). A resumed run keeps its config except "
+                          f"{', '.join(r.rstrip('.') for r in RESUMABLE[2:])}; start a new run to change the rest")
+    return merged, [f"{k}: {old.get(k, '(absent)')} -> {new.get(k, '(absent)')}" for k in changed]
