@@ -38,23 +38,46 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 @contextlib.contextmanager
 def file_lock(path: str | Path, on_wait=None) -> Iterator[None]:
-    """An exclusive lock (``flock``) on the file ``path`` (created if missing), held for the
-    block; other processes block on it. ``on_wait()`` is called once if one has to wait."""
+    """An exclusive lock (``flock``) on the file ``path``, held for the block; other processes
+    block on it. ``on_wait()`` is called once if one has to wait.
+
+    The lock file is removed when the block ends (while still locked), and so are the folders
+    made for it if they are left empty: nothing stays behind. A waiter that then gets the lock
+    of the removed file sees that ``path`` is no longer that file and locks afresh.
+    """
     import fcntl
 
     path = Path(path)
+    made = [p for p in [path.parent, *path.parent.parents] if not p.exists()]
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
+    waited = False
+    while True:
+        f = open(path, "a")
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            if on_wait is not None:
+            if on_wait is not None and not waited:
                 on_wait()
+            waited = True
             fcntl.flock(f, fcntl.LOCK_EX)
         try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+            current = os.stat(path).st_ino
+        except FileNotFoundError:
+            current = None
+        if current == os.fstat(f.fileno()).st_ino:
+            break
+        f.close()  # the previous holder removed that file: lock the one at the path now
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+        fcntl.flock(f, fcntl.LOCK_UN)
+        f.close()
+        for folder in made:  # innermost first
+            try:
+                folder.rmdir()
+            except OSError:
+                break
 
 
 def remove_temporaries(folder: Path) -> None:

@@ -24,15 +24,16 @@ from .errors import ConfigError, DataError, Interrupted, TrainingDiverged, did_y
 # known-harmless messages of the libraries, dropped from the console
 _QUIET_LOGS = re.compile(
     r"^(💡 Tip: For seamless cloud logging|`Trainer\(limit_\w+=1\.0\)` was configured so|GPU available: False|"
-    r"TPU available: False|`weights_only` was not set|Restoring states from the checkpoint|Restored all states from)"
+    r"TPU available: False|`weights_only` was not set|Restoring states from the checkpoint|Restored all states from|"
+    r"`Trainer\.fit` stopped: )"  # our progress prints the end of training
 )
 _QUIET_WARNINGS = (
     r".*isinstance\(treespec, LeafSpec\).*",  # torch's pytree deprecation, triggered inside Lightning
     r".*does not have many workers.*",  # an in-memory or streaming loader needs none
     r".*The number of training batches .* is smaller than the logging interval.*",
     r".*Heartbeat of storage is supposed to be used with Study\.optimize.*",  # our sweeper keeps its own heartbeat
-    r".*`fail_stale_trials` is experimental.*",
-    r".*RetryHeartbeatStaleTrialCallback is experimental.*",
+    r".*fail_stale_trials is experimental.*",
+    r".*Argument ``(heartbeat_interval|grace_period|heartbeat_stale_trial_callback)`` is an experimental feature.*",
     r".*Checkpoint directory .* exists and is not empty.*",  # resuming in place
     r".*Found keys that are not in the model state dict but in the checkpoint.*",
 )

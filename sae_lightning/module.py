@@ -95,7 +95,7 @@ class SAEModule(L.LightningModule):
         bad += [name for name, b in self.sae.named_buffers(prefix="sae") if b.is_floating_point()
                 and not bool(torch.isfinite(b).all())]
         return (f" (not finite: {', '.join(bad)}; lower optim.lr)" if bad else
-                " (the input batch and the parameters are finite: their product overflowed)")
+                " (the input batch and the parameters are finite but their product overflowed; lower optim.lr)")
 
     # ---- set-up ---------------------------------------------------------------------------------
     def on_train_start(self) -> None:

@@ -11,6 +11,7 @@ PNG plots. A resumed run continues its own folder (see ``resume.py``).
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from . import resume as resume_mod
 from .atomic import atomic_write_text
 from .callbacks import AtomicCheckpointIO, DownstreamLoss, LatentStatsMonitor, ThresholdCalibration
 from .callbacks.interrupt import GracefulStop
+from .callbacks.last_step import ValidateLastStep
 from .callbacks.progress import Progress
 from .config import resolve, validate_config
 from .errors import ConfigError, DataError, Interrupted
@@ -106,7 +108,10 @@ def prepare(cfg, run_dir: Path | None = None, overrides: list[str] | None = None
         datamodule.open()  # an activation cache is harvested on first use, then checked
         if point is not None:
             _check_checkpoint(point, datamodule)
-            run_dir = run_dir or point.run_dir
+            if point.run_dir is not None:  # continue in place (a sweep's retry too: its new folder goes)
+                if run_dir is not None and run_dir != point.run_dir:
+                    _remove_if_empty(run_dir)
+                run_dir = point.run_dir
         if run_dir is None:
             check_writable(config["out_dir"])
     except (ConfigError, DataError):
@@ -120,11 +125,26 @@ def run(cfg, run_dir: Path | None = None, overrides: list[str] | None = None) ->
     return fit(prepare(cfg, run_dir, overrides))
 
 
+RUN_DIR_ENV = "SAE_LIGHTNING_RUN_DIR"  # rank 0's run folder, for the processes of its other ranks
+
+
+def _process_rank() -> int:
+    """This process's global rank as the launcher set it (0 for a single process)."""
+    for key in ("RANK", "SLURM_PROCID"):
+        if key in os.environ:
+            return int(os.environ[key])
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
 def fit(plan: Plan) -> dict[str, Any]:
     config, datamodule, point = plan.config, plan.datamodule, plan.resume
-    run_dir = plan.run_dir or new_run_dir(config["out_dir"], config["variant"]["name"])
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(config)))
+    if _process_rank() != 0:  # another rank of a multi-process run: rank 0 owns the folder and writes
+        run_dir = Path(os.environ.get(RUN_DIR_ENV) or plan.run_dir or config["out_dir"])
+    else:
+        run_dir = plan.run_dir or new_run_dir(config["out_dir"], config["variant"]["name"])
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(config)))
+        os.environ[RUN_DIR_ENV] = str(run_dir)  # Lightning's DDP launcher starts the other ranks with this environment
     if point is not None:
         print(f"resuming {run_dir} at step {point.step}"
               + (f"; changed: {', '.join(plan.changed)}" if plan.changed else ""), flush=True)
@@ -144,7 +164,7 @@ def fit(plan: Plan) -> dict[str, Any]:
     stop = GracefulStop(ckpt_dir / "last.ckpt")
     calibration = ThresholdCalibration(enabled=config["calibration"]["enabled"])
     tokens_per_step = config["data"]["batch_size"] * _world_size(config["trainer"])
-    callbacks = [checkpoint, stop, calibration, LatentStatsMonitor(config["logging"]["histogram_every_n_steps"]),
+    callbacks = [checkpoint, stop, ValidateLastStep(), calibration, LatentStatsMonitor(config["logging"]["histogram_every_n_steps"]),
                  L.pytorch.callbacks.LearningRateMonitor(logging_interval="step"),
                  Progress(config["progress"], tokens_per_step)]
     downstream = getattr(datamodule, "downstream", None) or {}
@@ -157,10 +177,10 @@ def fit(plan: Plan) -> dict[str, Any]:
     trainer = L.Trainer(**config["trainer"], logger=logger, callbacks=callbacks, default_root_dir=str(run_dir),
                         plugins=[AtomicCheckpointIO()], enable_model_summary=False, enable_progress_bar=False)
 
-    trainer.fit(module, datamodule=datamodule, ckpt_path=str(point.checkpoint) if point is not None else None)
-    if stop.stopped_at is not None:
-        raise Interrupted(f"stopped at step {stop.stopped_at}: saved {ckpt_dir / 'last.ckpt'}; continue with: "
-                          f"python train.py resume={run_dir}")
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=str(point.checkpoint) if point is not None else None)
+    except Interrupted as e:
+        raise Interrupted(f"{e}; continue with: python train.py resume={run_dir}") from None
     train_seconds = module.train_seconds()
     trainer.validate(module, datamodule=datamodule, verbose=False)
     trainer.save_checkpoint(ckpt_dir / "final.ckpt")

@@ -29,6 +29,14 @@ def compose_config(overrides: list[str] = ()):
         return compose("train", overrides=list(overrides))
 
 
+@pytest.fixture(scope="session")
+def cli(tmp_path_factory):
+    """train.py / harvest.py run as from the shell, forked from one pre-imported server (tests/cli.py)."""
+    from .cli import CLI
+
+    return CLI(tmp_path_factory.mktemp("cli"))
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

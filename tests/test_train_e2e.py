@@ -12,12 +12,11 @@ from .conftest import ROOT, TINY
 
 
 @pytest.mark.parametrize("variant", ["topk", "mutual_choice", "feature_choice"])
-def test_train_py_runs_each_variant(variant, tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "train.py", f"variant={variant}", f"out_dir={tmp_path}", *TINY, "variant.k=8",
-         "trainer.max_steps=6", "trainer.val_check_interval=3", "progress=none"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300)
+def test_train_py_runs_each_variant(variant, cli, tmp_path):
+    proc = cli("train.py", f"variant={variant}", f"out_dir={tmp_path}", *TINY, "variant.k=8",
+               "trainer.max_steps=6", "trainer.val_check_interval=3", "progress=none", timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr == "", proc.stderr  # a clean console: no warnings, no adverts
     (run_dir,) = list((tmp_path / "runs").iterdir())
     assert run_dir.name.endswith(variant)
     metrics = json.loads((run_dir / "metrics.json").read_text())

@@ -29,7 +29,8 @@ class SAEOptunaSweeperConf:
     params: Any = field(default_factory=dict)
     params_by_variant: Any = field(default_factory=dict)
     pruner: Any = field(default_factory=lambda: {"enabled": True, "min_trials": 4, "margin": 0.05})
-    heartbeat_seconds: int = 60
+    heartbeat_seconds: int = 60  # a trial whose worker died is retried after 2x this without a heartbeat
+    max_retries: Optional[int] = 3  # retries of one trial (null: no limit)
 
 
 class SAEOptunaSweeper(OptunaSweeper):

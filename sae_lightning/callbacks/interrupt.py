@@ -16,6 +16,8 @@ from pathlib import Path
 
 import lightning as L
 
+from ..errors import Interrupted
+
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
@@ -52,12 +54,13 @@ class GracefulStop(L.Callback):
         if stop and self.stopped_at is None:
             trainer.save_checkpoint(self.path)
             self.stopped_at = trainer.global_step
-            trainer.should_stop = True
+            # raised, not trainer.should_stop: Lightning would first run a validation (and, on a
+            # causal model's cache, the ΔCE pass) before stopping
+            raise Interrupted(f"stopped at step {self.stopped_at}: saved {self.path}")
 
     def on_train_end(self, trainer, pl_module) -> None:
         self._restore()
-        if self.stopped_at is None:
-            trainer.save_checkpoint(self.path)
+        trainer.save_checkpoint(self.path)
 
     def on_exception(self, trainer, pl_module, exception) -> None:
         self._restore()

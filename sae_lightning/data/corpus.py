@@ -68,10 +68,14 @@ def local_files(path: str) -> list[Path]:
     return [p] if p.is_file() else []
 
 
+def is_builtin(cfg: dict[str, Any]) -> bool:
+    return cfg["path"] == "builtin:python_docstrings"
+
+
 def describe(cfg: dict[str, Any], builtin_dir: Path) -> dict[str, Any]:
     """What the corpus is, for the manifest: files with their sha256, or the hub name."""
     path = cfg["path"]
-    if path == "builtin:python_docstrings":
+    if is_builtin(cfg):
         file = python_docstrings(builtin_dir)
         return {"kind": "builtin", "path": path, "files": [{"file": str(file), "sha256": sha256_file(file)}],
                 "python": sys.version.split()[0], "split": "train", "column": "text"}

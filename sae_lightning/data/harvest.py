@@ -252,10 +252,14 @@ def _harvest(folder: Path, spec: HarvestSpec, progress: bool, log, loaded) -> di
         remove_temporaries(folder)  # left by a killed harvest
 
     source = lm_mod.resolve(spec.lm.name, spec.lm.gguf_file)
-    desc = corpus_mod.describe(asdict(spec.corpus), folder.parent / "corpora")
+    corpus_cfg, corpora = asdict(spec.corpus), folder.parent / "corpora"
+    # a local or hub corpus is checked before the (slow) model load; the built-in one is written
+    # to disk, so only once the model has loaded: a failed harvest leaves nothing behind
+    desc = None if corpus_mod.is_builtin(corpus_cfg) else corpus_mod.describe(corpus_cfg, corpora)
     device = _device(spec.lm.device)
     t0 = time.perf_counter()
     model, tokenizer, is_causal = loaded or lm_mod.load(source, spec.lm.revision, spec.lm.dtype, device)
+    desc = desc or corpus_mod.describe(corpus_cfg, corpora)
     _, layers = lm_mod.blocks(model)
     layer = lm_mod.check_site(spec.site, spec.layer, len(layers))
     framing = Framing(tokenizer, is_causal, spec)

@@ -95,6 +95,7 @@ def load(source: LMSource, revision: str | None = None, dtype: str = "float32", 
     the same object gives activations and, for the downstream loss, logits."""
     import transformers
 
+    transformers.utils.logging.disable_progress_bar()  # a bar per load; the harvest shows its own
     kwargs: dict[str, Any] = {"revision": revision} if revision else {}
     if source.gguf_file:
         kwargs["gguf_file"] = source.gguf_file

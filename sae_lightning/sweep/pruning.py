@@ -43,10 +43,16 @@ class TrialContext:
 
 
 class OptunaPruning(L.Callback):
-    """Records each validation's FVU and L0 on the trial and prunes by the rule above."""
+    """Records the trial's run folder when it starts (so that a retry of a trial whose worker
+    died resumes from its checkpoint) and each validation's FVU and L0, and prunes by the rule
+    above."""
 
     def __init__(self, ctx: TrialContext):
         self.ctx = ctx
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        if trainer.is_global_zero:
+            self.ctx.trial.set_user_attr("run_dir", str(trainer.default_root_dir))
 
     def on_validation_end(self, trainer, pl_module) -> None:
         if trainer.sanity_checking or trainer.state.fn != "fit":

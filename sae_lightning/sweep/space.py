@@ -8,6 +8,7 @@ overrides on the command line (``variant.k='tag(log,int(interval(4,64)))'``).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,18 +24,28 @@ class Param:
     name: str
     sweep: Any  # ChoiceSweep | RangeSweep | IntervalSweep
 
-    def suggest(self, trial: optuna.Trial) -> Any:
+    def distribution(self) -> optuna.distributions.BaseDistribution:
+        """The Optuna distribution of this parameter (constructing it checks the range)."""
         s = self.sweep
         log = "log" in (s.tags or set())
+        D = optuna.distributions
         if isinstance(s, ChoiceSweep):
-            return trial.suggest_categorical(self.name, list(s.list))
+            return D.CategoricalDistribution(list(s.list))
         if isinstance(s, RangeSweep):
             if all(isinstance(v, int) for v in (s.start, s.stop, s.step)):
-                return trial.suggest_int(self.name, s.start, s.stop - 1, step=s.step)
-            return trial.suggest_categorical(self.name, list(s.range()))
-        if isinstance(s, int) or (isinstance(s.start, int) and isinstance(s.end, int)):
-            return trial.suggest_int(self.name, s.start, s.end, log=log)
-        return trial.suggest_float(self.name, float(s.start), float(s.end), log=log)
+                return D.IntDistribution(s.start, s.stop - 1, step=s.step)
+            return D.CategoricalDistribution(list(s.range()))
+        if isinstance(s.start, int) and isinstance(s.end, int):
+            return D.IntDistribution(s.start, s.end, log=log)
+        return D.FloatDistribution(float(s.start), float(s.end), log=log)
+
+    def suggest(self, trial: optuna.Trial) -> Any:
+        d = self.distribution()
+        if isinstance(d, optuna.distributions.CategoricalDistribution):
+            return trial.suggest_categorical(self.name, list(d.choices))
+        if isinstance(d, optuna.distributions.IntDistribution):
+            return trial.suggest_int(self.name, d.low, d.high, step=d.step, log=d.log)
+        return trial.suggest_float(self.name, d.low, d.high, step=d.step, log=d.log)
 
 
 def parse(key: str, value: Any, where: str) -> Override:
@@ -46,12 +57,32 @@ def parse(key: str, value: Any, where: str) -> Override:
 
 
 def to_param(override: Override, where: str) -> Param:
+    """A sweep override as a parameter, checked as Optuna would check it when a trial asks for
+    it (so a bad range is refused before any trial exists, not in the middle of one)."""
     v = override.value()
-    if isinstance(v, IntervalSweep) and "log" in (v.tags or set()) and float(v.start) <= 0:
-        raise ConfigError(f"{where}.{override.get_key_element()}", override.input_line, "a log interval with low > 0")
+    key = f"{where}.{override.get_key_element()}" if where != "command line" else override.get_key_element()
+
+    def bad(allowed: str) -> ConfigError:
+        return ConfigError(key, override.input_line.split("=", 1)[-1], allowed)
+
     if isinstance(v, ChoiceSweep) and not v.list:
-        raise ConfigError(f"{where}.{override.get_key_element()}", override.input_line, "choice(...) with a value")
-    return Param(override.get_key_element(), v)
+        raise bad("choice(...) with at least one value")
+    if isinstance(v, RangeSweep) and not list(v.range()):
+        raise bad("range(start, stop[, step]) that holds at least one value (start < stop for a positive step)")
+    if isinstance(v, IntervalSweep):
+        low, high = v.start, v.end
+        if not all(isinstance(b, (int, float)) and not isinstance(b, bool) and math.isfinite(b) for b in (low, high)):
+            raise bad("interval(low, high) with finite numbers")
+        if low > high:
+            raise bad(f"interval(low, high) with low <= high (low {low} > high {high})")
+        if "log" in (v.tags or set()) and low <= 0:
+            raise bad("a log interval with low > 0")
+    param = Param(override.get_key_element(), v)
+    try:
+        param.distribution()
+    except (ValueError, TypeError) as e:
+        raise bad(f"a range Optuna accepts ({e})") from None
+    return param
 
 
 def split_space(spec: dict, where: str) -> tuple[list[Param], list[str]]:

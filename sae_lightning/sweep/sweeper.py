@@ -4,7 +4,17 @@ Why our own: the published ``hydra-optuna-sweeper`` (1.3) pins ``optuna<3``, whi
 a four-year-old Optuna and old SQLAlchemy. Hydra's sweeper interface is two methods, so
 this file implements it directly on Optuna 5. It runs one trial at a time in this
 process (Hydra's basic launcher); to run trials in parallel, start more workers on the same
-storage: every worker asks the shared study for trials until the study holds ``n_trials``.
+storage: every worker asks the shared study for trials until it holds ``n_trials`` finished.
+
+Faults. The sweep space is checked before the study is opened (a bad range is one error
+line, and no trial is created). While a trial runs, a thread records its heartbeat in the
+storage; a trial whose worker died (kill -9, a lost machine) stops beating, and after
+``2 × heartbeat_seconds`` any worker fails it and queues a retry with the same parameters,
+which resumes from the dead trial's last checkpoint when it has one. Ctrl-C stops the trial
+at a step boundary with its checkpoint saved, queues its retry the same way, and ends the
+worker with status 130. A worker whose study has no trial left to start waits for the
+trials other workers are running (they finish, or go stale and come back to be retried),
+so every worker ends with the study complete.
 """
 
 from __future__ import annotations
@@ -13,6 +23,8 @@ import contextlib
 import logging
 import math
 import os
+import threading
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -24,7 +36,7 @@ from hydra.plugins.sweeper import Sweeper
 from omegaconf import DictConfig, OmegaConf
 
 from ..atomic import file_lock
-from ..errors import require, require_choice
+from ..errors import ConfigError, DataError, Interrupted, require, require_choice
 from . import pruning
 from .space import Param, format_override, split_space, to_param
 
@@ -32,11 +44,11 @@ log = logging.getLogger(__name__)
 
 SAMPLERS = ("tpe", "nsga2", "random")
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
+RUNNING, WAITING = optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING
 
 
 def default_storage(out_dir: str, study_name: str) -> str:
     path = Path(out_dir).resolve() / "sweeps" / f"{study_name}.db"
-    path.parent.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{path}"
 
 
@@ -48,14 +60,60 @@ def make_sampler(name: str, seed: int | None, n_startup: int) -> optuna.samplers
     return optuna.samplers.RandomSampler(seed=seed)
 
 
+def retry(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    """Queue a trial again with the same parameters and attributes; the retry remembers which
+    trials it replaces (``retry_history``), so they are not counted towards ``n_trials``."""
+    system_attrs = {**trial.system_attrs, "failed_trial": trial.system_attrs.get("failed_trial", trial.number),
+                    "retry_history": [*trial.system_attrs.get("retry_history", []), trial.number]}
+    study.add_trial(optuna.trial.create_trial(state=WAITING, params=trial.params, distributions=trial.distributions,
+                                              user_attrs=trial.user_attrs, system_attrs=system_attrs))
+
+
+class Census:
+    """The study's trials as counted towards ``n_trials``: a trial replaced by a retry, and a
+    trial created beyond the budget by a worker racing another, do not count."""
+
+    def __init__(self, study: optuna.Study):
+        trials = study.get_trials(deepcopy=False)
+        replaced = {n for t in trials for n in t.system_attrs.get("retry_history", [])}
+        self.counted = [t for t in trials if t.number not in replaced and not t.user_attrs.get("over_budget")]
+        self.finished = sum(t.state in FINISHED for t in self.counted)
+        self.running = sum(t.state == RUNNING for t in self.counted)
+        self.waiting = sum(t.state == WAITING for t in self.counted)
+
+
+class Heartbeat:
+    """Records a running trial's heartbeat in the storage every ``interval`` seconds."""
+
+    def __init__(self, storage, trial_id: int, interval: float):
+        self.storage, self.trial_id, self.interval = storage, trial_id, interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, daemon=True, name=f"heartbeat-{trial_id}")
+
+    def _beat(self) -> None:
+        while True:
+            with contextlib.suppress(Exception):  # a missed beat is retried; a dead storage fails the trial anyway
+                self.storage.record_heartbeat(self.trial_id)
+            if self._stop.wait(self.interval):
+                return
+
+    def __enter__(self) -> "Heartbeat":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 class OptunaSweeper(Sweeper):
     def __init__(self, study_name: str, objectives: Sequence[str], directions: Sequence[str], n_trials: int,
                  sampler: str = "tpe", seed: int | None = 0, n_startup_trials: int = 8, storage: str | None = None,
                  params: dict | None = None, params_by_variant: dict | None = None, pruner: dict | None = None,
-                 heartbeat_seconds: int = 60):
+                 heartbeat_seconds: int = 60, max_retries: int = 3):
         self.study_name, self.objectives, self.directions = study_name, list(objectives), list(directions)
         self.n_trials, self.sampler_name, self.seed, self.n_startup = n_trials, sampler, seed, n_startup_trials
-        self.storage, self.heartbeat = storage, heartbeat_seconds
+        self.storage, self.heartbeat, self.max_retries = storage, heartbeat_seconds, max_retries
         self.params_spec = dict(params or {})
         self.by_variant_spec = {k: dict(v or {}) for k, v in (params_by_variant or {}).items()}
         self.pruner = {"enabled": True, "min_trials": 4, "margin": 0.05, **dict(pruner or {})}
@@ -66,7 +124,7 @@ class OptunaSweeper(Sweeper):
         self.launcher = Plugins.instance().instantiate_launcher(
             hydra_context=hydra_context, task_function=task_function, config=config)
 
-    # ---- set-up -----------------------------------------------------------------------------
+    # ---- set-up: everything checked before the study is opened --------------------------------
     def _validate(self) -> None:
         p = "hydra.sweeper"
         require(len(self.objectives) >= 1, f"{p}.objectives", self.objectives, "one or more metric keys")
@@ -76,26 +134,13 @@ class OptunaSweeper(Sweeper):
             require_choice(f"{p}.directions", d, ("minimize", "maximize"))
         require_choice(f"{p}.sampler", self.sampler_name, SAMPLERS)
         require(isinstance(self.n_trials, int) and self.n_trials >= 1, f"{p}.n_trials", self.n_trials, "an integer >= 1")
-
-    def _study(self) -> optuna.Study:
-        storage_url = self.storage or default_storage(str(self.config.out_dir), self.study_name)
-        sqlite = storage_url.startswith("sqlite:///")
-        # workers starting together on a new SQLite file would race to create its tables
-        # ("table studies already exists"): they open it one at a time
-        lock = file_lock(storage_url.removeprefix("sqlite:///") + ".lock") if sqlite else contextlib.nullcontext()
-        with lock:
-            storage = optuna.storages.RDBStorage(
-                storage_url, heartbeat_interval=self.heartbeat, grace_period=2 * self.heartbeat,
-                engine_kwargs={"connect_args": {"timeout": 60}} if sqlite else None)
-            study = optuna.create_study(study_name=self.study_name, storage=storage, directions=self.directions,
-                                        load_if_exists=True)
-        seed = self.seed
-        if seed is not None:  # a resumed or second worker must not replay the first one's draws
-            seed = seed + len(study.get_trials(deepcopy=False))
-        study.sampler = make_sampler(self.sampler_name, seed if seed is not None else os.getpid(), self.n_startup)
-        study.set_metric_names(list(self.objectives))
-        self.storage_url = storage_url
-        return study
+        require(isinstance(self.heartbeat, int) and self.heartbeat >= 1, f"{p}.heartbeat_seconds", self.heartbeat,
+                "an integer >= 1")
+        require(self.max_retries is None or (isinstance(self.max_retries, int) and self.max_retries >= 0),
+                f"{p}.max_retries", self.max_retries, "null (no limit) or an integer >= 0")
+        for key in ("min_trials",):
+            require(isinstance(self.pruner.get(key), int) and self.pruner[key] >= 1, f"{p}.pruner.{key}",
+                    self.pruner.get(key), "an integer >= 1")
 
     def _space(self, parsed) -> tuple[list[Param], list[str], dict[str, tuple[list[Param], list[str]]]]:
         """The preset's space with the command line on top: a sweep override on the command
@@ -114,21 +159,84 @@ class OptunaSweeper(Sweeper):
         by_variant = {var: keep(*pf) for var, pf in by_variant.items()}
         return base, fixed, by_variant
 
+    def _check_composes(self, plain: list[str], fixed: list[str], base: list[Param], by_variant) -> None:
+        """Every key of the space composes with the config (one sample per variant), so a typo
+        fails here, not in every trial."""
+        def first(p: Param) -> str:
+            d = p.distribution()
+            value = d.choices[0] if isinstance(d, optuna.distributions.CategoricalDistribution) else d.low
+            return format_override(p.name, value)
+
+        variants = next((list(p.distribution().choices) for p in base if p.name == "variant"), [None])
+        for variant in variants:
+            sample = plain + fixed + [first(p) if p.name != "variant" else f"variant={variant}" for p in base]
+            v_params, v_fixed = by_variant.get(variant, ([], []))
+            sample += v_fixed + [first(p) for p in v_params]
+            self.validate_batch_is_legal([sample])
+
+    def _study(self) -> optuna.Study:
+        storage_url = self.storage or default_storage(str(self.config.out_dir), self.study_name)
+        sqlite = storage_url.startswith("sqlite:///")
+        if sqlite:
+            Path(storage_url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        # workers starting together on a new SQLite file would race to create its tables
+        # ("table studies already exists"): they open it one at a time
+        lock = file_lock(storage_url.removeprefix("sqlite:///") + ".lock") if sqlite else contextlib.nullcontext()
+        try:
+            with lock:
+                self._storage = optuna.storages.RDBStorage(
+                    storage_url, heartbeat_interval=self.heartbeat, grace_period=2 * self.heartbeat,
+                    heartbeat_stale_trial_callback=self._retry_stale,
+                    engine_kwargs={"connect_args": {"timeout": 60}} if sqlite else None)
+                study = optuna.create_study(study_name=self.study_name, storage=self._storage,
+                                            directions=self.directions, load_if_exists=True)
+        except ValueError as e:  # e.g. the study exists with other directions
+            raise ConfigError("hydra.sweeper.directions", self.directions, f"the study's own ({e})") from None
+        except Exception as e:  # sqlalchemy: a bad URL, a missing driver, no server
+            raise DataError(f"hydra.sweeper.storage={storage_url}: cannot open the study storage "
+                            f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+        seed = self.seed
+        if seed is not None:  # a resumed or second worker must not replay the first one's draws
+            seed = seed + len(study.get_trials(deepcopy=False))
+        study.sampler = make_sampler(self.sampler_name, seed if seed is not None else os.getpid(), self.n_startup)
+        study.set_metric_names(list(self.objectives))
+        self.storage_url = storage_url
+        return study
+
+    def _retry_stale(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        retries = len(trial.system_attrs.get("retry_history", []))
+        if self.max_retries is None or retries < self.max_retries:
+            log.warning(f"trial {trial.number} stopped beating (its worker died): queued again")
+            retry(study, trial)
+
     # ---- the sweep ----------------------------------------------------------------------------
     def sweep(self, arguments: list[str]) -> Any:
         self._validate()
-        parsed = OverridesParser.create().parse_overrides(arguments)
+        try:
+            parsed = OverridesParser.create().parse_overrides(arguments)
+        except Exception as e:
+            raise ConfigError("command line", " ".join(arguments), f"Hydra overrides ({e})") from None
         base, fixed, by_variant = self._space(parsed)
         plain = [ov.input_line for ov in parsed if not ov.is_sweep_override()]
+        self._check_composes(plain, fixed, base, by_variant)
         study = self._study()
         log.info(f"study {self.study_name!r} in {self.storage_url}: {self.n_trials} trials, sampler {self.sampler_name}")
-        results = []
+        results, said_waiting = [], False
         while True:
-            counted = [t for t in study.get_trials(deepcopy=False)
-                       if t.state in FINISHED or t.state == optuna.trial.TrialState.RUNNING]
-            if len(counted) >= self.n_trials:
+            optuna.storages.fail_stale_trials(study)  # trials of dead workers: failed and queued again
+            census = Census(study)
+            if census.finished >= self.n_trials:
                 break
+            if not census.waiting and len(census.counted) >= self.n_trials:
+                if not said_waiting:  # the rest are running in other workers: wait for them
+                    log.info(f"waiting for {census.running} trial(s) running in other workers")
+                    said_waiting = True
+                time.sleep(min(5.0, self.heartbeat))
+                continue
+            said_waiting = False
             trial = study.ask()
+            if self._over_budget(study, trial):
+                continue
             overrides = plain + fixed
             for param in base:
                 overrides.append(format_override(param.name, param.suggest(trial)))
@@ -137,12 +245,37 @@ class OptunaSweeper(Sweeper):
             overrides += v_fixed
             for param in v_params:
                 overrides.append(format_override(param.name, param.suggest(trial)))
+            resume = self._resumable(trial)
+            if resume:
+                overrides.append(f"resume={resume}")
             trial.set_user_attr("overrides", overrides)
             results.append(self._run_trial(study, trial, overrides))
-        done = study.get_trials(deepcopy=False)
-        states = {s.name: sum(t.state == s for t in done) for s in optuna.trial.TrialState}
+        census = Census(study)
+        states = {s.name: sum(t.state == s for t in census.counted) for s in optuna.trial.TrialState}
         log.info("study %r: %s", self.study_name, ", ".join(f"{k.lower()} {v}" for k, v in states.items() if v))
         return results
+
+    def _over_budget(self, study: optuna.Study, trial: optuna.Trial) -> bool:
+        """Two workers that both saw room for one more trial: the later one gives its trial
+        back (recorded as failed, marked, not counted)."""
+        census = Census(study)
+        mine = next(t for t in study.get_trials(deepcopy=False) if t.number == trial.number)
+        if "retry_history" in mine.system_attrs:
+            return False
+        earlier = sum(t.number < trial.number for t in census.counted)
+        if earlier < self.n_trials:
+            return False
+        trial.set_user_attr("over_budget", True)
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        return True
+
+    @staticmethod
+    def _resumable(trial: optuna.Trial) -> str | None:
+        """A retry continues the replaced trial's run from its last checkpoint, if it has one."""
+        run_dir = trial.user_attrs.get("run_dir")
+        if run_dir and (Path(run_dir) / "checkpoints" / "last.ckpt").is_file():
+            return run_dir
+        return None
 
     def _run_trial(self, study: optuna.Study, trial: optuna.Trial, overrides: list[str]):
         pruning.ACTIVE = pruning.TrialContext(study, trial, fvu_key=self.objectives[0],
@@ -150,14 +283,17 @@ class OptunaSweeper(Sweeper):
                                               min_trials=int(self.pruner["min_trials"]),
                                               margin=float(self.pruner["margin"]), enabled=bool(self.pruner["enabled"]))
         try:
-            self.validate_batch_is_legal([overrides])
-            (ret,) = self.launcher.launch([overrides], initial_job_idx=trial.number)
+            with Heartbeat(self._storage, trial._trial_id, self.heartbeat):
+                self.validate_batch_is_legal([overrides])
+                (ret,) = self.launcher.launch([overrides], initial_job_idx=trial.number)
+        except KeyboardInterrupt:  # a second Ctrl-C, or one outside training: stop now
+            self._interrupted(study, trial, "interrupted (Ctrl-C)")
         except Exception as e:  # the overrides do not compose: a failed trial, not a failed sweep
             return self._fail(study, trial, e)
         finally:
             pruning.ACTIVE = None
         run_dir = str(ret.hydra_cfg.hydra.runtime.output_dir) if ret.hydra_cfg is not None else None
-        if run_dir:
+        if run_dir and "run_dir" not in trial.user_attrs:
             trial.set_user_attr("run_dir", run_dir)
         if ret.status != JobStatus.COMPLETED:
             err = ret._return_value
@@ -166,6 +302,8 @@ class OptunaSweeper(Sweeper):
                 study.tell(trial, state=optuna.trial.TrialState.PRUNED)
                 log.info(f"trial {trial.number} pruned: {err}")
                 return ret
+            if isinstance(err, Interrupted):  # Ctrl-C or SIGTERM: the trial saved its checkpoint
+                self._interrupted(study, trial, str(err))
             return self._fail(study, trial, err)
         metrics = ret.return_value or {}
         values = [metrics.get(key) for key in self.objectives]
@@ -174,6 +312,14 @@ class OptunaSweeper(Sweeper):
         study.tell(trial, [float(v) for v in values])
         log.info(f"trial {trial.number}: " + ", ".join(f"{k}={float(v):.4g}" for k, v in zip(self.objectives, values)))
         return ret
+
+    def _interrupted(self, study: optuna.Study, trial: optuna.Trial, message: str):
+        """The trial is failed and queued again (to resume from its checkpoint); the worker ends."""
+        trial.set_user_attr("reason", message[:2000])
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        frozen = next(t for t in study.get_trials(deepcopy=False) if t.number == trial.number)
+        retry(study, frozen)
+        raise Interrupted(f"{message}. Trial {trial.number} is queued again; the same command continues the sweep")
 
     @staticmethod
     def _fail(study: optuna.Study, trial: optuna.Trial, err: BaseException):

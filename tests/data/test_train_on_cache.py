@@ -4,11 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 
-from ..conftest import ROOT
 
 SMALL = ["model.n_latents=128", "model.init_sample_tokens=256", "data.batch_size=64", "data.val_tokens=128",
          "data.calibration_tokens=128", "data.downstream.contexts=2", "data.downstream.final_contexts=4", "optim.warmup_steps=2",
@@ -16,17 +12,15 @@ SMALL = ["model.n_latents=128", "model.init_sample_tokens=256", "data.batch_size
          "trainer.val_check_interval=3", "progress=none"]
 
 
-def train(args, tmp_path):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "train.py", f"out_dir={tmp_path}", *SMALL, *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600, env=env)
+def train(cli, args, tmp_path):
+    return cli("train.py", f"out_dir={tmp_path}", *SMALL, *args, timeout=600)
 
 
-def test_train_harvests_on_first_use_reuses_and_resumes(tiny_lm, corpus_file, tmp_path):
+def test_train_harvests_on_first_use_reuses_and_resumes(tiny_lm, corpus_file, cli, tmp_path):
     data = ["data=smollm2", f"data.path={tmp_path}/cache", f"data.harvest.lm.name={tiny_lm}",
             f"data.harvest.corpus.path={corpus_file}", "data.harvest.layer=1", "data.harvest.context_length=32",
             "data.harvest.token_budget=1200", "data.harvest.shard_tokens=256"]
-    first = train([*data, "variant=mutual_choice", "trainer.max_steps=6"], tmp_path)
+    first = train(cli, [*data, "variant=mutual_choice", "trainer.max_steps=6"], tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
     assert "harvesting it now" in first.stdout
     manifest = json.loads((tmp_path / "cache" / "manifest.json").read_text())
@@ -48,7 +42,7 @@ def test_train_harvests_on_first_use_reuses_and_resumes(tiny_lm, corpus_file, tm
         assert math.isclose(again[key], metrics[key], rel_tol=1e-4, abs_tol=1e-5), key
     assert (run / "downstream_4.json").is_file()
 
-    resumed = train([*data, "variant=mutual_choice", "trainer.max_steps=9", f"resume={run / 'checkpoints' / 'last.ckpt'}"],
+    resumed = train(cli, [*data, "variant=mutual_choice", "trainer.max_steps=9", f"resume={run / 'checkpoints' / 'last.ckpt'}"],
                     tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "harvesting" not in resumed.stdout  # the cache is reused
@@ -56,16 +50,14 @@ def test_train_harvests_on_first_use_reuses_and_resumes(tiny_lm, corpus_file, tm
     assert json.loads((latest / "metrics.json").read_text())["steps"] == 9
 
 
-def test_resume_with_another_d_model_is_refused(tiny_lm, corpus_file, tmp_path):
-    synthetic = subprocess.run([sys.executable, "train.py", f"out_dir={tmp_path}", "model.n_latents=64",
-                                "model.init_sample_tokens=256", "data.d_model=16", "data.n_features=32",
-                                "data.active_median=2", "data.active_max=8", "data.batch_size=64", "data.val_tokens=64",
-                                "data.calibration_tokens=64", "variant=topk", "variant.k=4", "trainer.max_steps=2",
-                                "progress=none"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+def test_resume_with_another_d_model_is_refused(cli, tmp_path):
+    synthetic = cli("train.py", f"out_dir={tmp_path}", "model.n_latents=64", "model.init_sample_tokens=256",
+                    "data.d_model=16", "data.n_features=32", "data.active_median=2", "data.active_max=8",
+                    "data.batch_size=64", "data.val_tokens=64", "data.calibration_tokens=64", "variant=topk",
+                    "variant.k=4", "trainer.max_steps=2", "progress=none", timeout=300)
     assert synthetic.returncode == 0, synthetic.stderr[-2000:]
     (run,) = (tmp_path / "runs").iterdir()
-    proc = subprocess.run([sys.executable, "train.py", f"out_dir={tmp_path}", "data.d_model=24", "data.n_features=32",
-                           "data.active_max=8", f"resume={run / 'checkpoints' / 'last.ckpt'}"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = cli("train.py", f"out_dir={tmp_path}", "data.d_model=24", "data.n_features=32", "data.active_max=8",
+               f"resume={run / 'checkpoints' / 'last.ckpt'}", timeout=300)
     assert proc.returncode == 2
     assert "error: config error: resume=" in proc.stderr and "data.d_model: run 16 vs now 24" in proc.stderr

@@ -12,10 +12,9 @@ from ..conftest import ROOT, TINY
 FAST = [*TINY, "variant.k=4", "trainer.max_steps=6", "trainer.val_check_interval=3"]
 
 
-def sweep(tmp_path, *extra, study="s"):
-    cmd = [sys.executable, "train.py", "-m", "sweeps=pareto", f"out_dir={tmp_path}",
-           f"hydra.sweeper.study_name={study}", *FAST, *extra]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+def sweep(cli, tmp_path, *extra, study="s"):
+    return cli("train.py", "-m", "sweeps=pareto", f"out_dir={tmp_path}", f"hydra.sweeper.study_name={study}", *FAST,
+               *extra, timeout=600)
 
 
 def load(tmp_path, study="s"):
@@ -26,8 +25,8 @@ def states(study):
     return sorted(t.state.name for t in study.get_trials())
 
 
-def test_study_runs_resumes_and_reports(tmp_path):
-    proc = sweep(tmp_path, "hydra.sweeper.n_trials=3")
+def test_study_runs_resumes_and_reports(cli, tmp_path):
+    proc = sweep(cli, tmp_path, "hydra.sweeper.n_trials=3")
     assert proc.returncode == 0, proc.stderr[-3000:]
     study = load(tmp_path)
     assert states(study) == ["COMPLETE"] * 3
@@ -36,9 +35,9 @@ def test_study_runs_resumes_and_reports(tmp_path):
         assert t.params["variant"] in ("topk", "mutual_choice", "feature_choice")
         assert t.values[1] == 4.0  # L0 = k (fixed on the command line)
     # the same command again: nothing to do; a larger budget: only the missing trials run
-    assert sweep(tmp_path, "hydra.sweeper.n_trials=3").returncode == 0
+    assert sweep(cli, tmp_path, "hydra.sweeper.n_trials=3").returncode == 0
     assert len(load(tmp_path).trials) == 3
-    assert sweep(tmp_path, "hydra.sweeper.n_trials=4").returncode == 0
+    assert sweep(cli, tmp_path, "hydra.sweeper.n_trials=4").returncode == 0
     assert states(load(tmp_path)) == ["COMPLETE"] * 4
 
     rep = subprocess.run([sys.executable, "-m", "sae_lightning.sweep.report", "--study", "s", "--out-dir", str(tmp_path)],
@@ -50,9 +49,9 @@ def test_study_runs_resumes_and_reports(tmp_path):
     assert "Pareto front" in rep.stdout and "run_dir" in (folder / "pareto.csv").read_text()
 
 
-def test_a_failing_trial_is_recorded_and_the_sweep_goes_on(tmp_path):
+def test_a_failing_trial_is_recorded_and_the_sweep_goes_on(cli, tmp_path):
     # k = 5 > n_latents = 4 is infeasible: those trials fail with the config error as reason
-    proc = sweep(tmp_path, "hydra.sweeper.n_trials=5", "hydra.sweeper.sampler=random", "variant=topk",
+    proc = sweep(cli, tmp_path, "hydra.sweeper.n_trials=5", "hydra.sweeper.sampler=random", "variant=topk",
                  "model.n_latents=4", "variant.k=choice(3,5)", study="f")
     assert proc.returncode == 0, proc.stderr[-3000:]
     study = load(tmp_path, "f")
@@ -63,14 +62,12 @@ def test_a_failing_trial_is_recorded_and_the_sweep_goes_on(tmp_path):
     assert all("variant.k=5" in t.user_attrs["reason"] and "n_latents = 4" in t.user_attrs["reason"] for t in failed)
 
 
-def test_two_workers_share_one_study(tmp_path):
-    cmd = [sys.executable, "train.py", "-m", "sweeps=pareto", f"out_dir={tmp_path}", "hydra.sweeper.study_name=w",
-           "hydra.sweeper.n_trials=4", *FAST]
-    workers = [subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-               for _ in range(2)]
+def test_two_workers_share_one_study(cli, tmp_path):
+    args = ["-m", "sweeps=pareto", f"out_dir={tmp_path}", "hydra.sweeper.study_name=w", "hydra.sweeper.n_trials=4", *FAST]
+    workers = [cli.start("train.py", *args) for _ in range(2)]
     for w in workers:
-        _, err = w.communicate(timeout=600)
-        assert w.returncode == 0, err[-3000:]
+        r = w.wait(600)
+        assert r.returncode == 0, r.stderr[-3000:]
     study = load(tmp_path, "w")
     assert states(study) == ["COMPLETE"] * 4
     assert sorted(t.number for t in study.trials) == [0, 1, 2, 3]

@@ -1,0 +1,148 @@
+"""Faults lose no finished work: Ctrl-C and kill -9 mid-run resume to the same result, in the same
+folder and TensorBoard run; runs started together get their own folders; a sweep worker that
+dies or is stopped mid-trial leaves a study that the same command completes, exactly."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+
+from sae_lightning.sweep.sweeper import Census
+
+from .conftest import TINY
+
+RUN = [*TINY, "variant.k=8", "progress=lines", "trainer.log_every_n_steps=10", "trainer.val_check_interval=100"]
+TIMINGS = {"train_seconds", "tokens_per_second", "run_dir"}
+
+
+def wait_for(predicate, timeout: float = 120, what: str = "") -> None:
+    end = time.time() + timeout
+    while not predicate():
+        if time.time() > end:
+            raise TimeoutError(what)
+        time.sleep(0.05)
+
+
+def only_run(out: Path) -> Path:
+    (run,) = (out / "runs").iterdir()
+    return run
+
+
+def tb_steps(run: Path, tag: str = "train/loss") -> list[tuple[int, float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run / "tb"), size_guidance={"scalars": 0})
+    acc.Reload()
+    return [(e.step, e.value) for e in acc.Scalars(tag)]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(cli, tmp_path_factory):
+    """Each variant trained 600 steps without a break: the reference."""
+    runs = {}
+    for variant in ("topk", "mutual_choice"):
+        out = tmp_path_factory.mktemp(f"ref_{variant}")
+        r = cli("train.py", f"out_dir={out}", f"variant={variant}", "trainer.max_steps=600", *RUN)
+        assert r.returncode == 0, r.stderr[-3000:]
+        runs[variant] = only_run(out)
+    return runs
+
+
+def assert_same_run(resumed: Path, reference: Path) -> None:
+    a = json.loads((resumed / "metrics.json").read_text())
+    b = json.loads((reference / "metrics.json").read_text())
+    assert {k: v for k, v in a.items() if k not in TIMINGS} == {k: v for k, v in b.items() if k not in TIMINGS}
+    # one TensorBoard run, its steps continuous and each once, the same values as without the break
+    steps = tb_steps(resumed)
+    assert [s for s, _ in steps] == sorted({s for s, _ in steps}), "a step logged twice"
+    assert steps == tb_steps(reference)
+    assert len(list((resumed.parent).iterdir())) == 1  # no second folder
+
+
+@pytest.mark.parametrize("variant,sig", [("topk", signal.SIGINT), ("mutual_choice", signal.SIGKILL)])
+def test_a_stopped_run_resumes_in_place_to_the_uninterrupted_result(variant, sig, cli, uninterrupted, tmp_path):
+    out = tmp_path / "out"
+    p = cli.start("train.py", f"out_dir={out}", f"variant={variant}", "trainer.max_steps=600", *RUN)
+    wait_for(lambda: list(out.glob("runs/*/checkpoints/best-step*.ckpt")) or not p.alive(), what="first checkpoint")
+    assert p.alive(), "the run ended before it could be stopped"
+    os.kill(p.pid, sig)
+    r = p.wait(60)
+    run = only_run(out)
+    assert not (run / "metrics.json").exists()
+    if sig == signal.SIGINT:  # the step in progress is finished and saved, then the run stops
+        assert r.returncode == 130, r.stderr[-2000:]
+        assert f"continue with: python train.py resume={run}" in r.stderr
+        assert "stopped at step" in r.stderr and "Traceback" not in r.stderr
+    else:
+        assert r.returncode == -signal.SIGKILL
+    again = cli("train.py", f"resume={run}")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resuming {run} at step" in again.stdout
+    assert_same_run(run, uninterrupted[variant])
+
+
+def test_runs_started_together_get_a_folder_each(cli, tmp_path):
+    out = tmp_path / "out"
+    procs = [cli.start("train.py", f"out_dir={out}", "variant=topk", "trainer.max_steps=3", *TINY, "variant.k=4",
+                       f"seed={i}", "progress=none") for i in range(4)]
+    results = [p.wait(300) for p in procs]
+    assert all(r.returncode == 0 for r in results), [r.stderr[-1000:] for r in results]
+    runs = sorted((out / "runs").iterdir())
+    assert len(runs) == 4
+    seeds = sorted(json.loads((run / "metrics.json").read_text()) and
+                   int((run / "config.yaml").read_text().split("\nseed: ")[1].split()[0]) for run in runs)
+    assert seeds == [0, 1, 2, 3]  # each run wrote its own config and metrics
+    for run in runs:
+        assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best-step3.ckpt", "final.ckpt", "last.ckpt"]
+        assert len(list((run / "tb").glob("events.out.tfevents.*"))) >= 1
+
+
+# ---- sweeps ------------------------------------------------------------------------------------
+SWEEP = ["-m", "sweeps=pareto", "hydra.sweeper.study_name=f", "hydra.sweeper.n_trials=3",
+         "hydra.sweeper.heartbeat_seconds=1", *TINY, "variant.k=4", "trainer.max_steps=400",
+         "trainer.val_check_interval=100", "hydra.sweeper.pruner.enabled=false"]
+
+
+def study(out: Path) -> optuna.Study:
+    return optuna.load_study(study_name="f", storage=f"sqlite:///{out}/sweeps/f.db")
+
+
+def first_checkpoint(out: Path) -> bool:
+    return bool(list(out.glob("sweeps/f/trial_*/checkpoints/best-step*.ckpt")))
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
+def test_a_sweep_worker_stopped_mid_trial_leaves_a_study_the_same_command_completes(sig, cli, tmp_path):
+    out = tmp_path / "out"
+    p = cli.start("train.py", *SWEEP, f"out_dir={out}")
+    wait_for(lambda: first_checkpoint(out) or not p.alive(), what="a trial's first checkpoint")
+    assert p.alive(), p.wait().stderr[-2000:]
+    os.kill(p.pid, sig)
+    r = p.wait(60)
+    s = study(out)
+    (stopped,) = [t for t in s.trials if t.state in (optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.FAIL)]
+    if sig == signal.SIGINT:
+        assert r.returncode == 130, r.stderr[-2000:]
+        assert f"Trial {stopped.number} is queued again" in r.stderr and "Traceback" not in r.stderr
+        assert [t.state.name for t in s.trials][-2:] == ["FAIL", "WAITING"]
+    else:
+        assert stopped.state == optuna.trial.TrialState.RUNNING  # dead, but nothing else knows yet
+
+    again = cli("train.py", *SWEEP, f"out_dir={out}", timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    s = study(out)
+    census = Census(s)
+    assert [t.state.name for t in census.counted] == ["COMPLETE"] * 3
+    assert not any(t.state == optuna.trial.TrialState.RUNNING for t in s.trials)
+    (retried,) = [t for t in s.trials if t.system_attrs.get("retry_history") == [stopped.number]]
+    # the retry continued the stopped trial's run from its checkpoint, in its folder
+    assert retried.state == optuna.trial.TrialState.COMPLETE and retried.params == stopped.params
+    assert retried.user_attrs["run_dir"] == stopped.user_attrs["run_dir"]
+    assert f"resume={stopped.user_attrs['run_dir']}" in retried.user_attrs["overrides"]
+    assert json.loads((Path(retried.user_attrs["run_dir"]) / "metrics.json").read_text())["steps"] == 400
