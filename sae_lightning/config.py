@@ -51,8 +51,8 @@ def validate_trainer(t: dict) -> None:
     known = [p for p in inspect.signature(L.Trainer.__init__).parameters if p != "self"]
     for key, value in t.items():
         if key == "enable_progress_bar":
-            raise ConfigError("trainer.enable_progress_bar", value, "not set here: progress=auto|bar|lines|none "
-                              "chooses how training progress is shown")
+            raise ConfigError("trainer.enable_progress_bar", value, "no value here: the top-level key "
+                              "progress=auto|bar|lines|none chooses how training progress is shown")
         if key in TRAINER_OWN:
             raise ConfigError(f"trainer.{key}", value, "not set here: the run sets it itself")
         if key not in known:
@@ -73,10 +73,14 @@ def validate_trainer(t: dict) -> None:
     d = t.get("devices", "auto")
     require(d == "auto" or (_int(d) and (d >= 1 or d == -1)) or (isinstance(d, list) and d and all(_int(i) for i in d)),
             "trainer.devices", d, "auto, an integer >= 1 (-1: all), or a list of device indices")
-    require_choice("trainer.strategy", t.get("strategy", "auto"), ["auto", *StrategyRegistry.available_strategies()])
-    precisions = [*get_args(_PRECISION_INPUT_STR), *get_args(_PRECISION_INPUT_INT), *get_args(_PRECISION_INPUT_STR_ALIAS)]
+    strategies = ["auto", *StrategyRegistry.available_strategies()]
+    st = t.get("strategy", "auto")
+    require(st in strategies, "trainer.strategy", st, "a Lightning strategy: auto, ddp, ddp_spawn, ddp_fork, fsdp, "
+            f"deepspeed, ... (lightning.pytorch.strategies.StrategyRegistry){did_you_mean(str(st), strategies)}")
+    main = get_args(_PRECISION_INPUT_STR)
+    precisions = [*main, *get_args(_PRECISION_INPUT_INT), *get_args(_PRECISION_INPUT_STR_ALIAS)]
     require(t.get("precision", "32-true") in precisions, "trainer.precision", t.get("precision"),
-            "one of " + ", ".join(repr(p) for p in precisions))
+            "one of " + ", ".join(repr(p) for p in main) + " (or the short forms 64, 32, 16, 'bf16')")
     g = t.get("gradient_clip_val")
     require(g is None or (isinstance(g, (int, float)) and not isinstance(g, bool) and g >= 0), "trainer.gradient_clip_val",
             g, "null or a finite number >= 0")

@@ -62,9 +62,8 @@ def read(resume: str) -> ResumePoint:
         state = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)
     except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile,
             AttributeError, ModuleNotFoundError, IndexError, KeyError) as e:
-        raise DataError(f"resume={resume}: {ckpt} is not a readable checkpoint ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0][:160] if str(e) else 'truncated or not a torch file'}); "
-                        "resume from another checkpoint of the run (checkpoints/*.ckpt)") from e
+        raise DataError(f"resume={resume}: {ckpt} is not a readable checkpoint (truncated, damaged or not a torch "
+                        f"file: {type(e).__name__}); resume from another checkpoint of the run (checkpoints/*.ckpt)") from e
     hp = state.get("hyper_parameters") if isinstance(state, dict) else None
     if not isinstance(hp, dict) or not isinstance(hp.get("config"), dict) or "state_dict" not in state:
         raise DataError(f"resume={resume}: {ckpt} is a torch file but not a checkpoint of an sae_lightning run "

@@ -65,7 +65,8 @@ def check_writable(out_dir: str) -> None:
     try:
         Path(tempfile.mkdtemp(prefix=".write-test-", dir=existing)).rmdir()
     except OSError as e:
-        raise ConfigError("out_dir", out_dir, f"a folder this user can write ({existing}: {e.strerror})") from None
+        raise ConfigError("out_dir", out_dir, f"a folder this user can write (cannot write in {existing}: "
+                          f"{e.strerror})") from None
 
 
 def new_run_dir(out_dir: str, variant: str) -> Path:

@@ -143,7 +143,7 @@ CASES = [
     ("typo", "train.py", ["trainer.max_step=10"], None, r"no key trainer\.max_step; did you mean trainer\.max_steps\?"),
     ("accelerator", "train.py", ["trainer.accelerator=gpu"], None, r"trainer\.accelerator='gpu'"),
     ("devices", "train.py", ["trainer.devices=0"], None, r"trainer\.devices=0"),
-    ("strategy", "train.py", ["trainer.strategy=ddpp"], None, r"trainer\.strategy='ddpp' .*'ddp'"),
+    ("strategy", "train.py", ["trainer.strategy=ddpp"], None, r"trainer\.strategy='ddpp' .*did you mean ddp\?"),
     ("progress_bar_key", "train.py", ["+trainer.enable_progress_bar=false"], None, r"progress=auto\|bar\|lines\|none"),
     # ---- Hydra's own errors ------------------------------------------------------------------
     ("group_option", "train.py", ["variant=switch"], None, r"Could not find 'variant/switch'.*mutual_choice"),
