@@ -121,7 +121,7 @@ def validate_config(cfg: DictConfig | dict) -> tuple[dict, Any]:
     require_choice("model.normalisation", m.get("normalisation"), NORMALISATIONS)
     require_choice("model.b_pre_init", m.get("b_pre_init"), B_PRE_INITS)
     require_choice("model.affinity_dtype", m.get("affinity_dtype"), ("float32", "bfloat16"))
-    require_choice("model.init_encoder_scale", m.get("init_encoder_scale"), ("fit", "none"))
+    require_choice("model.init_encoder_scale", m.get("init_encoder_scale"), ("fit", "gao", "none"))
     require(_int(m.get("init_sample_tokens")) and m["init_sample_tokens"] >= 1, "model.init_sample_tokens",
             m.get("init_sample_tokens"), "an integer >= 1")
 

@@ -46,8 +46,12 @@ def _register(cls):
 
 @dataclass
 class LossTerm(abc.ABC):
+    """A term of the loss. After each call ``metrics`` holds figures of that step to log
+    (e.g. the share of dead latents the term reached)."""
+
     name: ClassVar[str]
     coef: float = 1.0
+    metrics: dict[str, Tensor] = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
 
     @abc.abstractmethod
     def __call__(self, out: StepOutput, sae: SparseAutoencoder, stats: LatentStats) -> Tensor:
@@ -57,16 +61,30 @@ class LossTerm(abc.ABC):
         require(self.coef >= 0, f"{prefix}.coef", self.coef, "a number >= 0")
 
 
+RECON_SCALES = ("second_moment", "variance")
+
+
 @_register
 @dataclass
 class Reconstruction(LossTerm):
-    """Mean squared error per element, in normalised units (≈ normalised MSE when the
-    inputs have E‖x‖² = d)."""
+    """Mean squared error per element, divided by the inputs' per-element ``second_moment``
+    (the normalised MSE, ‖e‖²/E‖x‖²) or their ``variance`` (‖e‖²/E‖x − x̄‖², the FVU; Gao et
+    al.'s ``mse_scale``), both measured on the initialisation sample. The choice sets the
+    weight of the auxiliary terms relative to this one when the inputs have a large mean."""
 
     name: ClassVar[str] = "recon"
+    scale: str = "second_moment"
+
+    def validate(self, prefix, d_model):
+        super().validate(prefix, d_model)
+        require_choice(f"{prefix}.scale", self.scale, RECON_SCALES)
 
     def __call__(self, out, sae, stats):
-        return (out.x - out.x_hat).pow(2).mean()
+        denom = sae.x_variance if self.scale == "variance" else sae.x_second_moment
+        return (out.x - out.x_hat).pow(2).mean() / denom
+
+
+AUX_VALUES = ("relu", "softplus", "linear")
 
 
 def per_token_aux_selection(out: StepOutput, candidates: Tensor, k_aux: int) -> Selection | None:
@@ -86,7 +104,7 @@ def per_token_aux_selection(out: StepOutput, candidates: Tensor, k_aux: int) -> 
 
 def per_latent_aux_selection(out: StepOutput, candidates: Tensor, quota: Tensor) -> Selection | None:
     """Each candidate latent j's top-quota_j tokens (Feature Choice's rule)."""
-    idx = torch.nonzero(candidates).squeeze(1)
+    idx = torch.nonzero(candidates & (quota > 0)).squeeze(1)
     if idx.numel() == 0:
         return None
     B = out.x.shape[0]
@@ -94,21 +112,47 @@ def per_latent_aux_selection(out: StepOutput, candidates: Tensor, quota: Tensor)
     return sort_pairs(tok, idx[lat], n_tokens=B, n_latents=out.code.n_latents)
 
 
+def union(a: Selection | None, b: Selection | None, n_latents: int) -> Selection | None:
+    """The pairs of both selections, each once, token-major."""
+    if a is None or b is None:
+        return a if b is None else b
+    key = torch.unique(torch.cat([a.rows * n_latents + a.cols, b.rows * n_latents + b.cols]))
+    rows = torch.div(key, n_latents, rounding_mode="floor")
+    return Selection(rows=rows, cols=key - rows * n_latents, n_tokens=a.n_tokens)
+
+
 def aux_residual_loss(out: StepOutput, sae: SparseAutoencoder, sel: Selection | None,
-                      weights: Tensor | None = None) -> Tensor:
+                      weights: Tensor | None = None, values: str = "relu") -> tuple[Tensor, Tensor | None]:
     """Σ‖e − ê‖² / Σ‖e − ē‖² where e = x − x̂ (detached) and ê decodes, without bias, the
-    selected auxiliary entries; 0 when nothing is selected."""
+    selected auxiliary entries (0 when nothing is selected); and the latents that the
+    auxiliary code holds, which are the ones that receive a gradient from it."""
     if sel is None:
-        return out.x.new_zeros(())
-    code = sae.code(out.x, out.z, sel, out.layout, weights)
+        return out.x.new_zeros(()), None
+    code = sae.code(out.x, out.z, sel, out.layout, weights, values)
     e = (out.x - out.x_hat).detach()
     e_hat = sparse_decode(code, sae.W_dec)
-    return (e - e_hat).pow(2).sum() / (e - e.mean(0)).pow(2).sum().clamp_min(1e-12)
+    return (e - e_hat).pow(2).sum() / (e - e.mean(0)).pow(2).sum().clamp_min(1e-12), code.latents
+
+
+def reached_fraction(latents: Tensor | None, group: Tensor) -> Tensor | None:
+    """The share of the latents in ``group`` ([F] bool) that hold an auxiliary entry (so get a
+    gradient from it); None when the group is empty."""
+    n = int(group.sum())
+    if n == 0:
+        return None
+    if latents is None or latents.numel() == 0:
+        return torch.zeros(())
+    hit = torch.zeros_like(group)
+    hit[latents] = True
+    return (hit & group).sum().float() / n
 
 
 @_register
 @dataclass
 class AuxK(LossTerm):
+    """Gao et al.: each token's top-k_aux affinities among the dead latents, ReLU values,
+    explain the residual."""
+
     name: ClassVar[str] = "aux_k"
     coef: float = 1.0 / 32
     k_aux: int | None = None  # None: d_model // 2
@@ -118,30 +162,41 @@ class AuxK(LossTerm):
         require(self.k_aux is None or self.k_aux >= 1, f"{prefix}.k_aux", self.k_aux, "null (d_model // 2) or an integer >= 1")
 
     def __call__(self, out, sae, stats):
-        sel = per_token_aux_selection(out, stats.dead_mask(), self.k_aux or sae.d_model // 2)
-        return aux_residual_loss(out, sae, sel)
+        dead = stats.dead_mask()
+        loss, latents = aux_residual_loss(out, sae, per_token_aux_selection(out, dead, self.k_aux or sae.d_model // 2))
+        self.metrics = {"dead_reached": reached_fraction(latents, dead)}
+        return loss
 
 
 @_register
 @dataclass
 class AuxZipf(LossTerm):
-    """aux_k generalised from dead to under-used latents: U = dead ∪ {j : ρ_j < τ·t_j}, t the
-    water-filled Zipf targets (Σ t_j = k, t_j ≤ 1). With ``selection = per_latent`` the loss
-    is aux_k's term for the dead latents plus a second term of the same form in which each
-    live under-used latent j takes its own top-q_j tokens, q_j = ⌈(t_j − ρ_j)·B⌉ (its
-    deficit in tokens), so no latent is starved by others; ``per_token`` puts all of U in
-    aux_k's per-token slots (one term).
-    With ``deficit_weighting`` latent j's values are scaled by (t_j − ρ_j)/t_j (1 if dead).
-    With τ = 0, U is the dead set and this is exactly aux_k."""
+    """aux_k generalised from dead to under-used latents, as two residual reconstructions,
+    each normalised like aux_k's:
+
+    - the **dead term**: each token's top-``k_aux`` affinities among the dead latents only (so
+      live latents never take their slots), plus, with ``coverage_tokens`` = q > 0, each dead
+      latent's own top-q tokens (so every dead latent gets a gradient at every step); the
+      entries' ``values`` are ``relu`` (aux_k's: an entry with z' <= 0 is dropped, so a latent
+      whose affinities are all negative gets no gradient), ``softplus`` (positive, always a
+      gradient) or ``linear`` (z' itself, as SAELens);
+    - the **under-used term**, weighted by ``underused_coef``: each live latent j below ``tau``
+      of its Zipf target density t_j (water-filled so Σ t_j = k, t_j <= 1, ranked by density)
+      takes its own top-q_j tokens, q_j = ⌈(t_j − ρ_j)·B⌉ (its deficit in tokens), its values
+      scaled by the deficit (t_j − ρ_j)/t_j with ``deficit_weighting``.
+
+    With tau = 0, coverage_tokens = 0 and relu values it is exactly aux_k (tested)."""
 
     name: ClassVar[str] = "aux_zipf"
     coef: float = 1.0 / 32
-    k_aux: int | None = None
+    k_aux: int | None = None  # per-token slots of the dead term (None: d_model // 2)
     tau: float = 0.25
     alpha: float = 1.0
     beta: float = 0.0
+    coverage_tokens: int = 0
+    values: str = "relu"
+    underused_coef: float = 1.0
     deficit_weighting: bool = True
-    selection: str = "per_token"  # per_token | per_latent (for the live under-used latents)
 
     def validate(self, prefix, d_model):
         super().validate(prefix, d_model)
@@ -149,25 +204,29 @@ class AuxZipf(LossTerm):
         require(self.tau >= 0, f"{prefix}.tau", self.tau, "a number >= 0")
         require(self.alpha >= 0, f"{prefix}.alpha", self.alpha, "a number >= 0")
         require(self.beta > -1, f"{prefix}.beta", self.beta, "a number > -1")
-        require_choice(f"{prefix}.selection", self.selection, ("per_latent", "per_token"))
+        require(isinstance(self.coverage_tokens, int) and self.coverage_tokens >= 0, f"{prefix}.coverage_tokens",
+                self.coverage_tokens, "an integer >= 0 (0: off)")
+        require_choice(f"{prefix}.values", self.values, AUX_VALUES)
+        require(self.underused_coef >= 0, f"{prefix}.underused_coef", self.underused_coef, "a number >= 0")
 
     def __call__(self, out, sae, stats):
-        targets = stats.targets(alpha=self.alpha, beta=self.beta)
         dead = stats.dead_mask()
-        under = stats.underused_mask(ratio=self.tau, targets=targets)
-        k_aux = self.k_aux or sae.d_model // 2
-        weights = None
-        if self.deficit_weighting:
-            deficit = ((targets - stats.density) / targets.clamp_min(1e-12)).clamp(0.0, 1.0)
-            weights = torch.where(dead, torch.ones_like(deficit), deficit).to(out.x.dtype)
-        if self.selection == "per_token":
-            return aux_residual_loss(out, sae, per_token_aux_selection(out, under, k_aux), weights)
-        # two residual reconstructions, each normalised: the dead latents' is exactly aux_k's,
-        # so the many live under-used entries cannot explain the residual in their place
-        B = out.x.shape[0]
-        quota = torch.ceil((targets - stats.density).clamp_min(0) * B).to(torch.long)
-        return (aux_residual_loss(out, sae, per_token_aux_selection(out, dead, k_aux), weights)
-                + aux_residual_loss(out, sae, per_latent_aux_selection(out, under & ~dead, quota), weights))
+        sel = per_token_aux_selection(out, dead, self.k_aux or sae.d_model // 2)
+        if self.coverage_tokens:
+            quota = torch.full_like(stats.tokens_since_fired, self.coverage_tokens)
+            sel = union(sel, per_latent_aux_selection(out, dead, quota), sae.n_latents)
+        dead_loss, dead_latents = aux_residual_loss(out, sae, sel, values=self.values)
+        self.metrics = {"dead_reached": reached_fraction(dead_latents, dead)}
+        if self.tau == 0 or self.underused_coef == 0:
+            return dead_loss
+        targets = stats.targets(alpha=self.alpha, beta=self.beta)
+        under = stats.underused_mask(ratio=self.tau, targets=targets) & ~dead
+        deficit = (targets - stats.density).clamp_min(0)
+        weights = (deficit / targets.clamp_min(1e-12)).clamp(0.0, 1.0).to(out.x.dtype) if self.deficit_weighting else None
+        quota = torch.ceil(deficit * out.x.shape[0]).to(torch.long)
+        under_loss, under_latents = aux_residual_loss(out, sae, per_latent_aux_selection(out, under, quota), weights)
+        self.metrics["underused_reached"] = reached_fraction(under_latents, under)
+        return dead_loss + self.underused_coef * under_loss
 
 
 def build_losses(spec: dict | None, d_model: int, prefix: str = "variant.losses") -> dict[str, LossTerm]:
@@ -180,7 +239,7 @@ def build_losses(spec: dict | None, d_model: int, prefix: str = "variant.losses"
             raise ConfigError(f"{prefix}.{name}", name, "a loss among " + ", ".join(sorted(LOSSES)))
         params = dict(params or {})
         cls = LOSSES[name]
-        fields = {f.name for f in dataclasses.fields(cls)}
+        fields = {f.name for f in dataclasses.fields(cls) if f.init}
         for key in params:
             if key not in fields:
                 raise ConfigError(f"{prefix}.{name}.{key}", params[key], f"a parameter of loss {name!r}: {sorted(fields)}")

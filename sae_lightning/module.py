@@ -111,6 +111,8 @@ class SAEModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.train_seconds_before = float(checkpoint.get("sae_lightning", {}).get("train_seconds", 0.0))
+        for key in ("sae.x_second_moment", "sae.x_variance"):  # checkpoints from before these buffers
+            checkpoint["state_dict"].setdefault(key, torch.ones(()))
 
     def setup(self, stage: str) -> None:
         # once, before training; on resume the checkpoint's weights and buffers replace these
@@ -126,7 +128,12 @@ class SAEModule(L.LightningModule):
         overshoots badly where an allocator gives a token many latents)."""
         x = x.to(self.device)
         figures = self.sae.init_from_sample(x)
-        if self.config["model"]["init_encoder_scale"] == "fit":
+        if self.config["model"]["init_encoder_scale"] == "gao":
+            gain = self._gain_on_random_directions()
+            if gain > 0:
+                self.sae.W_enc.div_(gain)
+                figures["encoder_scale"] = 1.0 / gain
+        elif self.config["model"]["init_encoder_scale"] == "fit":
             num = den = 0.0
             for chunk in x.split(self.config["data"]["batch_size"]):
                 out, _ = self.forward_step(chunk)
@@ -137,6 +144,20 @@ class SAEModule(L.LightningModule):
                 self.sae.W_enc.mul_(num / den)
                 figures["encoder_scale"] = num / den
         return figures
+
+    @torch.no_grad()
+    def _gain_on_random_directions(self, n: int = 256) -> float:
+        """Mean ‖x̂ − b_pre‖ / ‖x − b_pre‖ of the first allocation on random unit directions
+        around b_pre (Gao et al.'s reference code divides W_enc by it, so that the untrained SAE
+        passes random inputs at unit gain). b_enc = 0 at init and every allocator is invariant
+        to a positive scale, so the gain does not depend on the directions' norm."""
+        g = torch.Generator().manual_seed(0)
+        u = torch.nn.functional.normalize(torch.randn(n, self.sae.d_model, generator=g), dim=1).to(self.device)
+        xn = u + self.sae.b_pre
+        layout = self.allocator.layout
+        z = self.sae.affinities(xn, layout=layout)
+        code = self.sae.code(xn, z, self.allocator.allocate(z), layout)
+        return float((self.sae.decode(code) - self.sae.b_pre).norm(dim=1).mean())
 
     def configure_optimizers(self):
         o = self.config["optim"]
@@ -172,6 +193,8 @@ class SAEModule(L.LightningModule):
         logs = {"train/loss": loss.detach(), "train/fvu": fvu, "train/nmse": nmse, "train/l0_mean": l0.mean(),
                 "train/l0_std": l0.std()}
         logs.update({f"train/loss_{name}": value.detach() for name, value in terms.items()})
+        logs.update({f"train/{name}_{key}": value for name, term in self.losses.items()
+                     for key, value in term.metrics.items() if value is not None})
         self.log_dict(logs, prog_bar=False)
         self.log("fvu", fvu, prog_bar=True, logger=False)
         self.log("l0", l0.mean(), prog_bar=True, logger=False)

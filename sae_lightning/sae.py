@@ -80,6 +80,10 @@ class SparseAutoencoder(nn.Module):
         self.W_dec = nn.Parameter(torch.empty(n_latents, d_model))
         self.b_pre = nn.Parameter(torch.zeros(d_model))
         self.register_buffer("scale", torch.ones(()))  # dataset_scale's c
+        # per-element second moment and variance of the normalised inputs (from the init sample):
+        # what the reconstruction loss can be divided by
+        self.register_buffer("x_second_moment", torch.ones(()))
+        self.register_buffer("x_variance", torch.ones(()))
         self.register_buffer("initialised", torch.zeros((), dtype=torch.bool))
         self.reset_parameters()
 
@@ -99,6 +103,8 @@ class SparseAutoencoder(nn.Module):
         if self.normalisation == "dataset_scale":
             self.scale.fill_(math.sqrt(self.d_model / float(x.pow(2).sum(1).mean().clamp_min(1e-30))))
         xn, _ = self.normalise(x)
+        self.x_second_moment.fill_(float(xn.pow(2).mean()))
+        self.x_variance.fill_(float((xn - xn.mean(0)).pow(2).mean()))
         if self.b_pre_init == "geometric_median":
             self.b_pre.copy_(geometric_median(xn).to(self.b_pre.dtype))
         elif self.b_pre_init == "mean":
@@ -106,7 +112,8 @@ class SparseAutoencoder(nn.Module):
         else:
             self.b_pre.zero_()
         self.initialised.fill_(True)
-        return {"scale": float(self.scale), "b_pre_norm": float(self.b_pre.norm())}
+        return {"scale": float(self.scale), "b_pre_norm": float(self.b_pre.norm()),
+                "variance_share": float(self.x_variance / self.x_second_moment)}
 
     # ---- normalisation ------------------------------------------------------------------
     def normalise(self, x: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
@@ -154,23 +161,28 @@ class SparseAutoencoder(nn.Module):
         return out
 
     def code(self, xn: Tensor, z: Tensor, selection: Selection, layout: str = "token",
-             weights: Tensor | None = None) -> SparseCode:
-        """The sparse code of a selection: ReLU(z') at the selected pairs, non-positive ones
-        dropped, differentiable with respect to the encoder through a sparse backward.
-        ``weights`` ([F]) scales each latent's values (deficit-weighted aux loss)."""
+             weights: Tensor | None = None, values: str = "relu") -> SparseCode:
+        """The sparse code of a selection, differentiable with respect to the encoder through a
+        sparse backward. ``values``: ``relu`` (the SAE's own: ReLU(z') at the selected pairs,
+        non-positive ones dropped), or, for auxiliary codes, ``linear`` (z' itself, negative
+        values kept, as SAELens's aux-k) or ``softplus`` (log(1 + e^z'): positive, with a
+        gradient however negative z' is). ``weights`` ([F]) scales each latent's values."""
         rows, cols = selection.rows, selection.cols
         with torch.no_grad():
             if z.dtype == self.W_enc.dtype:
                 raw = z[rows, cols] if layout == "token" else z[cols, rows]
             else:  # selection made in low precision: the values themselves are exact
                 raw = self.exact_affinities(xn, rows, cols)
-            keep = raw > 0
-            if not bool(keep.all()):
-                rows, cols, raw = rows[keep], cols[keep], raw[keep]
-        values = SelectedAffinities.apply(raw, self.W_enc, self.b_enc, self.b_pre, xn, rows, cols)
+            if values == "relu":
+                keep = raw > 0
+                if not bool(keep.all()):
+                    rows, cols, raw = rows[keep], cols[keep], raw[keep]
+        v = SelectedAffinities.apply(raw, self.W_enc, self.b_enc, self.b_pre, xn, rows, cols)
+        if values == "softplus":
+            v = F.softplus(v)
         if weights is not None:
-            values = values * weights[cols]
-        return SparseCode.build(rows, cols, values, selection.n_tokens, self.n_latents)
+            v = v * weights[cols]
+        return SparseCode.build(rows, cols, v, selection.n_tokens, self.n_latents)
 
     def decode(self, code: SparseCode) -> Tensor:
         return sparse_decode(code, self.W_dec) + self.b_pre

@@ -26,7 +26,7 @@ def test_aux_zipf_with_tau_zero_equals_aux_k():
     assert int(stats.dead_mask().sum()) > 0
     for weighting in (True, False):
         a = AuxK(k_aux=8)(out, sae, stats)
-        b = AuxZipf(k_aux=8, tau=0.0, deficit_weighting=weighting)(out, sae, stats)
+        b = AuxZipf(k_aux=8, tau=0.0, deficit_weighting=weighting, underused_coef=3.0)(out, sae, stats)
         assert torch.equal(a, b)
         ga = torch.autograd.grad(a, sae.W_enc, retain_graph=True)[0]
         gb = torch.autograd.grad(b, sae.W_enc, retain_graph=True)[0]
@@ -48,7 +48,7 @@ def test_aux_zipf_reaches_under_used_live_latents():
     sae, stats, out = setup(dead_fraction=0.0)
     stats.density.fill_(1e-6)  # everyone far below target
     loss = AuxZipf(tau=0.5)(out, sae, stats)
-    assert float(loss) > 0
+    assert float(loss.detach()) > 0
 
 
 def test_aux_residual_loss_is_one_for_an_empty_code():
@@ -71,21 +71,66 @@ def test_build_losses_validates():
         build_losses({"aux_k": {"kaux": 3}}, 8)
 
 
-def test_aux_zipf_per_latent_trains_every_live_under_used_latent():
+def test_aux_zipf_trains_every_live_under_used_latent():
     sae, stats, out = setup(dead_fraction=0.1, B=128, F=96)
     stats.density.fill_(1e-6)  # every live latent far below its target
     dead = stats.dead_mask()
-    for selection, expect_all in (("per_latent", True), ("per_token", False)):
-        loss = AuxZipf(tau=0.5, k_aux=2, selection=selection)(out, sae, stats)
-        grad = torch.autograd.grad(loss, sae.W_enc)[0]
-        reached = grad.abs().sum(1) > 0
-        has_positive = (out.z > 0).any(0)  # a latent with no positive affinity cannot be reached
-        if expect_all:
-            assert torch.all(reached[~dead & has_positive])
-        else:  # 2 slots per token among ~90 latents: some are starved
-            assert not torch.all(reached[~dead & has_positive])
+    term = AuxZipf(tau=0.5, k_aux=2)
+    grad = torch.autograd.grad(term(out, sae, stats), sae.W_enc)[0]
+    reached = grad.abs().sum(1) > 0
+    has_positive = (out.z > 0).any(0)  # a latent with no positive affinity cannot be reached with relu values
+    assert torch.all(reached[~dead & has_positive])
+    assert float(term.metrics["underused_reached"]) == float((~dead & has_positive).sum() / (~dead).sum())
 
 
-def test_aux_zipf_rejects_an_unknown_selection():
-    with pytest.raises(ConfigError, match="variant.losses.aux_zipf.selection='sometimes'"):
-        build_losses({"aux_zipf": {"selection": "sometimes"}}, 8)
+def test_dead_latents_keep_their_slots_however_many_live_latents_are_under_used():
+    """The crowding of the first aux_zipf: live under-used latents with higher affinities took
+    every per-token slot. Now the dead term has its own."""
+    sae, stats, out = setup(dead_fraction=0.3, B=128, F=96)
+    dead = stats.dead_mask()
+    with torch.no_grad():
+        out.z[:, ~dead] += 10.0  # every live latent outranks every dead one
+        out.z[:, dead] = out.z[:, dead].abs() + 0.01  # dead ones positive, so relu values reach them
+    stats.density.fill_(1e-6)  # and every live latent is under-used
+    term = AuxZipf(tau=0.5, k_aux=4)
+    grad = torch.autograd.grad(term(out, sae, stats), sae.b_enc)[0]
+    assert torch.all(grad[dead] != 0)
+    assert float(term.metrics["dead_reached"]) == 1.0
+
+
+@pytest.mark.parametrize("values,coverage", [("softplus", 0), ("linear", 0), ("softplus", 4), ("relu", 4)])
+def test_a_dead_latent_with_only_negative_affinities_gets_a_gradient(values, coverage):
+    sae, stats, out = setup(dead_fraction=0.0, B=64, F=96)
+    j = 7
+    stats.tokens_since_fired[j] = 10_000  # dead
+    with torch.no_grad():
+        out.z[:, j] = -out.z[:, j].abs() - 0.5  # never positive
+    for name, term in (("aux_k", AuxK(k_aux=8)),
+                       ("aux_zipf", AuxZipf(k_aux=8, tau=0.0, values=values, coverage_tokens=coverage))):
+        loss = term(out, sae, stats)
+        g_dec, g_enc = torch.autograd.grad(loss, [sae.W_dec, sae.b_enc], allow_unused=True)
+        got = g_dec is not None and bool(g_dec[j].abs().sum() > 0) and bool(g_enc[j] != 0)
+        if name == "aux_k":  # the ReLU cut: aux_k cannot move it
+            assert not got and float(term.metrics["dead_reached"]) == 0.0
+        elif values == "relu":  # coverage alone selects it, but ReLU still drops its values
+            assert not got
+        else:
+            assert got and float(term.metrics["dead_reached"]) == 1.0
+
+
+def test_coverage_gives_every_dead_latent_its_top_tokens():
+    sae, stats, out = setup(dead_fraction=0.5, B=64, F=96)
+    dead = stats.dead_mask()
+    with torch.no_grad():
+        out.z[:, dead] = out.z[:, dead].abs() + 0.01
+    plain, covered = AuxZipf(tau=0.0, k_aux=1), AuxZipf(tau=0.0, k_aux=1, coverage_tokens=3)
+    plain(out, sae, stats)
+    covered(out, sae, stats)
+    assert float(covered.metrics["dead_reached"]) == 1.0 > float(plain.metrics["dead_reached"])
+
+
+def test_aux_zipf_rejects_unknown_values():
+    with pytest.raises(ConfigError, match="variant.losses.aux_zipf.values='sometimes'"):
+        build_losses({"aux_zipf": {"values": "sometimes"}}, 8)
+    with pytest.raises(ConfigError, match="variant.losses.aux_zipf.coverage_tokens=-1"):
+        build_losses({"aux_zipf": {"coverage_tokens": -1}}, 8)

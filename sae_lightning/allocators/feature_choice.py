@@ -1,15 +1,19 @@
 """Feature Choice: latent j takes its top-m_j tokens, Σ m_j = k·B; a threshold θ_j per
-latent for threshold inference. Capacities are uniform or Zipf (water-filled, ≤ B), and
-ranks map to latents statically or by running density; optional Mutual Choice warm-up."""
+latent for threshold inference. Capacities are uniform or Zipf (water-filled, ≤ B; α, β
+given or fitted from another run's density curve), and ranks map to latents statically or
+by demand; optional Mutual Choice warm-up."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
+from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from ..errors import require, require_choice
+from ..errors import ConfigError, require, require_choice
 from ..sparse import Selection
 from ..zipf import uniform_capacities, zipf_capacities
 from .base import (Allocator, AllocatorConfig, CalibrationSet, GlobalTopK, ema_update, per_column_topk, register,
@@ -25,18 +29,40 @@ class FeatureChoiceConfig(AllocatorConfig):
     capacity: str = "uniform"  # uniform | zipf
     zipf_alpha: float = 1.0
     zipf_beta: float = 0.0
+    zipf_from: str | None = None  # a run folder: α, β of its validation density fit (metrics.json)
     rank: str = "static"  # static | by_density: which latent gets which Zipf rank
-    rerank_every_steps: int = 100  # by_density: re-rank latents by running density this often
+    rerank_every_steps: int = 100  # by_density: re-rank latents by their demand this often
+    demand_tokens: int = 256  # by_density: tokens of each batch on which demand is counted
+    demand_time_constant_tokens: int = 100_000  # by_density: EMA time constant of the demand, in tokens
     mc_warmup_steps: int = 0  # train with Mutual Choice for the first N steps
     threshold_ema_beta: float = 0.999  # EMA of each latent's cutoff (its m_j-th largest value)
     threshold_ema_warmup_steps: int = 100
+
+
+def fitted_zipf(run: str, key: str = "variant.zipf_from") -> tuple[float, float]:
+    """α, β of the Zipf fit of a finished run's validation density curve (its metrics.json)."""
+    path = Path(run).expanduser() / "metrics.json"
+    try:
+        m = json.loads(path.read_text())
+        alpha, beta = float(m["val/zipf_fit_alpha"]), float(m["val/zipf_fit_beta"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError(key, run, f"a finished run folder whose metrics.json holds val/zipf_fit_alpha and "
+                          f"val/zipf_fit_beta ({path}: {type(e).__name__})") from None
+    if not (math.isfinite(alpha) and math.isfinite(beta) and alpha >= 0 and beta > -1):
+        raise ConfigError(key, run, f"a run with a usable Zipf fit (it has alpha={alpha}, beta={beta})")
+    return alpha, beta
+
+
+def zipf_shape(cfg: FeatureChoiceConfig) -> tuple[float, float]:
+    return fitted_zipf(cfg.zipf_from) if cfg.zipf_from else (cfg.zipf_alpha, cfg.zipf_beta)
 
 
 def capacities_by_rank(cfg: FeatureChoiceConfig, n_latents: int, batch_size: int) -> Tensor:
     budget = cfg.k * batch_size
     if cfg.capacity == "uniform":
         return uniform_capacities(n_latents, budget)
-    return zipf_capacities(n_latents, budget, batch_size, cfg.zipf_alpha, cfg.zipf_beta)
+    alpha, beta = zipf_shape(cfg)
+    return zipf_capacities(n_latents, budget, batch_size, alpha, beta)
 
 
 @register("feature_choice")
@@ -55,6 +81,9 @@ class FeatureChoice(Allocator):
         self.register_buffer("theta_ema_count", torch.zeros((), dtype=torch.long))
         self.register_buffer("theta_calibrated", torch.zeros(n_latents))
         self.register_buffer("calibrated", torch.zeros((), dtype=torch.bool))
+        # by_density: each latent's demand, the share of tokens whose affinity for it clears the
+        # batch's Mutual Choice cutoff (an EMA in tokens); the prior is the uniform share k/F
+        self.register_buffer("demand", torch.full((n_latents,), cfg.k / n_latents))
         self._capacity_cache: dict[int, Tensor] = {}
         self._warmup = GlobalTopK()
 
@@ -66,6 +95,15 @@ class FeatureChoice(Allocator):
         require(cfg.zipf_alpha >= 0, f"{prefix}.zipf_alpha", cfg.zipf_alpha, "a number >= 0")
         require(cfg.zipf_beta > -1, f"{prefix}.zipf_beta", cfg.zipf_beta, "a number > -1 (so that r + beta > 0 for r >= 1)")
         require(cfg.rerank_every_steps >= 1, f"{prefix}.rerank_every_steps", cfg.rerank_every_steps, "an integer >= 1")
+        require(cfg.rank == "static" or cfg.capacity == "zipf", f"{prefix}.rank", cfg.rank,
+                "static with uniform capacities (every rank has the same capacity; set variant.capacity=zipf)")
+        require(cfg.demand_tokens >= 1, f"{prefix}.demand_tokens", cfg.demand_tokens, "an integer >= 1")
+        require(cfg.demand_time_constant_tokens >= 1, f"{prefix}.demand_time_constant_tokens",
+                cfg.demand_time_constant_tokens, "an integer >= 1 (tokens)")
+        if cfg.zipf_from is not None:
+            require(cfg.capacity == "zipf", f"{prefix}.zipf_from", cfg.zipf_from, "null with uniform capacities "
+                    "(it sets the Zipf shape: set variant.capacity=zipf)")
+            fitted_zipf(cfg.zipf_from, f"{prefix}.zipf_from")
         require(cfg.mc_warmup_steps >= 0, f"{prefix}.mc_warmup_steps", cfg.mc_warmup_steps, "an integer >= 0")
         validate_threshold_ema(cfg, prefix)
         # Σ m_j = k·B with every m_j ≤ B needs k ≤ F (checked above); Zipf water-filling then
@@ -95,14 +133,31 @@ class FeatureChoice(Allocator):
         F_, B = z.shape
         if update and step < self.cfg.mc_warmup_steps:
             return self._warmup(z.t(), self.cfg.k * B)[0]
-        if update and self.cfg.rank == "by_density" and density is not None and step % self.cfg.rerank_every_steps == 0:
-            self.rank_to_latent.copy_(torch.argsort(density, descending=True, stable=True))
+        if update and self.cfg.rank == "by_density":
+            self._update_demand(z)
+            if step % self.cfg.rerank_every_steps == 0:
+                self.rank_to_latent.copy_(torch.argsort(self.demand, descending=True, stable=True))
         m = self.capacities(B)
         lat, tok, _, cutoff = per_column_topk(z, m)
         if update and step >= self.cfg.threshold_ema_warmup_steps:
             # a column with fewer than m_j positive entries fires on every positive one
             ema_update(self.theta_ema, self.theta_ema_count, cutoff.clamp_min(0.0), self.cfg.threshold_ema_beta)
         return sort_pairs(tok, lat, n_tokens=B, n_latents=F_)
+
+    @torch.no_grad()
+    def _update_demand(self, z: Tensor) -> None:
+        """Not the latent's density, which Feature Choice fixes at m_j/B, but the share of the
+        tokens it would take if the batch's budget were shared freely: its affinities above the
+        Mutual Choice cutoff (the k·B-th largest of the batch, estimated on a strided sample),
+        counted on the first ``demand_tokens`` tokens."""
+        F_, B = z.shape
+        flat = z.reshape(-1)
+        sample = flat[:: max(1, flat.numel() // (1 << 16))]
+        keep = min(sample.numel(), max(1, math.ceil(sample.numel() * self.cfg.k / F_)))
+        theta = torch.topk(sample, keep, sorted=False).values.min().clamp_min(0.0)
+        n = min(B, self.cfg.demand_tokens)
+        share = (z[:, :n] > theta).sum(1).to(self.demand.dtype) / n
+        self.demand.lerp_(share, 1.0 - math.exp(-n / self.cfg.demand_time_constant_tokens))
 
     def current_theta(self, source: str = "calibrated") -> Tensor:
         theta = self.theta_calibrated if (source == "calibrated" and bool(self.calibrated)) else self.theta_ema

@@ -149,14 +149,38 @@ def test_feature_choice_zipf_capacities_are_water_filled():
     assert torch.all(m[:-1] >= m[1:])  # non-increasing in rank
 
 
-def test_feature_choice_by_density_gives_the_largest_capacity_to_the_densest_latent():
-    B, F, k = 64, 50, 4
-    fc = make("feature_choice", k, F, B, capacity="zipf", rank="by_density", rerank_every_steps=1)
-    density = torch.rand(F)
-    allocate(fc, affinities("mixed", B, F), step=0, density=density, update=True)
+def test_feature_choice_by_density_ranks_by_demand_and_follows_a_boosted_latent():
+    """Under Feature Choice every latent fires m_j/B of the time, so ranking by its density
+    would never change anything; by_density ranks by demand (affinities above the batch's
+    Mutual Choice cutoff), which a latent's affinities move."""
+    B, F, k = 256, 64, 4
+    fc = make("feature_choice", k, F, B, capacity="zipf", rank="by_density", rerank_every_steps=1,
+              demand_time_constant_tokens=1)  # the demand EMA follows the last batch
+    z = torch.randn(B, F, generator=torch.Generator().manual_seed(0))
+    z[:, 17] += 3.0  # latent 17 matches many tokens strongly
+    z[:, 5] -= 3.0  # latent 5 matches none
+    allocate(fc, z, step=0, update=True)
     m = fc.capacities(B)
-    assert int(m[density.argmax()]) == int(m.max())
-    assert int(m[density.argmin()]) == int(m.min())
+    assert int(m[17]) == int(m.max()) > int(m.min()) == int(m[5])
+    z[:, 17] -= 6.0
+    z[:, 40] += 3.0  # now 40 is boosted instead
+    allocate(fc, z, step=1, update=True)
+    m2 = fc.capacities(B)
+    assert int(m2[40]) == int(m2.max()) and int(m2[17]) == int(m2.min())
+    assert int(m2.sum()) == k * B
+
+
+def test_feature_choice_zipf_from_a_run_uses_its_fitted_shape(tmp_path):
+    import json
+
+    (tmp_path / "metrics.json").write_text(json.dumps({"val/zipf_fit_alpha": 0.7, "val/zipf_fit_beta": 3.0}))
+    fitted = make("feature_choice", 4, 200, 128, capacity="zipf", zipf_from=str(tmp_path))
+    direct = make("feature_choice", 4, 200, 128, capacity="zipf", zipf_alpha=0.7, zipf_beta=3.0)
+    assert torch.equal(fitted.capacity_by_rank, direct.capacity_by_rank)
+    with pytest.raises(ConfigError, match=r"variant\.zipf_from=.* a finished run folder"):
+        make("feature_choice", 4, 200, 128, capacity="zipf", zipf_from=str(tmp_path / "nowhere"))
+    with pytest.raises(ConfigError, match=r"variant\.rank='by_density'.*set variant\.capacity=zipf"):
+        make("feature_choice", 4, 200, 128, rank="by_density")
 
 
 def test_feature_choice_mc_warmup_uses_mutual_choice_first():
