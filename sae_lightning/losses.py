@@ -134,6 +134,24 @@ def aux_residual_loss(out: StepOutput, sae: SparseAutoencoder, sel: Selection | 
     return (e - e_hat).pow(2).sum() / (e - e.mean(0)).pow(2).sum().clamp_min(1e-12), code.latents
 
 
+UNDERUSED_TERMS = ("residual", "pull")
+
+
+def selection_pull_loss(out: StepOutput, sae: SparseAutoencoder, sel: Selection | None,
+                        weights: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    """Mean over the selected pairs of w_j · relu(θ − z'_ij) / θ, θ the batch's selection cutoff
+    (the smallest value of the main code): how far those affinities fall short of being
+    selected. Its gradient raises them (encoder only); the pairs already above θ add nothing."""
+    if sel is None or out.code.nnz == 0:
+        return out.x.new_zeros(()), None
+    theta = out.code.values.detach().min().clamp_min(1e-6)
+    code = sae.code(out.x, out.z, sel, out.layout, values="linear")
+    short = torch.relu(theta - code.values) / theta
+    if weights is not None:
+        short = short * weights[code.latents]
+    return short.mean(), code.latents[(code.values.detach() < theta)]
+
+
 def reached_fraction(latents: Tensor | None, group: Tensor) -> Tensor | None:
     """The share of the latents in ``group`` ([F] bool) that hold an auxiliary entry (so get a
     gradient from it); None when the group is empty."""
@@ -182,8 +200,12 @@ class AuxZipf(LossTerm):
       gradient) or ``linear`` (z' itself, as SAELens);
     - the **under-used term**, weighted by ``underused_coef``: each live latent j below ``tau``
       of its Zipf target density t_j (water-filled so Σ t_j = k, t_j <= 1, ranked by density)
-      takes its own top-q_j tokens, q_j = ⌈(t_j − ρ_j)·B⌉ (its deficit in tokens), its values
-      scaled by the deficit (t_j − ρ_j)/t_j with ``deficit_weighting``.
+      takes its own top-q_j tokens, q_j = ⌈(t_j − ρ_j)·B⌉ (its deficit in tokens), weighted by
+      the deficit (t_j − ρ_j)/t_j with ``deficit_weighting``. ``underused_term``: ``residual``
+      (those entries explain the residual, as the dead term does) or ``pull`` (a load-balancing
+      term: the mean shortfall of those affinities below the batch's selection cutoff θ — the
+      smallest value the allocator kept — relative to θ, so each under-used latent is pulled
+      towards being selected on the tokens it matches best; only the encoder is trained).
 
     With tau = 0, coverage_tokens = 0 and relu values it is exactly aux_k (tested)."""
 
@@ -196,6 +218,7 @@ class AuxZipf(LossTerm):
     coverage_tokens: int = 0
     values: str = "relu"
     underused_coef: float = 1.0
+    underused_term: str = "residual"
     deficit_weighting: bool = True
 
     def validate(self, prefix, d_model):
@@ -208,6 +231,7 @@ class AuxZipf(LossTerm):
                 self.coverage_tokens, "an integer >= 0 (0: off)")
         require_choice(f"{prefix}.values", self.values, AUX_VALUES)
         require(self.underused_coef >= 0, f"{prefix}.underused_coef", self.underused_coef, "a number >= 0")
+        require_choice(f"{prefix}.underused_term", self.underused_term, UNDERUSED_TERMS)
 
     def __call__(self, out, sae, stats):
         dead = stats.dead_mask()
@@ -224,7 +248,11 @@ class AuxZipf(LossTerm):
         deficit = (targets - stats.density).clamp_min(0)
         weights = (deficit / targets.clamp_min(1e-12)).clamp(0.0, 1.0).to(out.x.dtype) if self.deficit_weighting else None
         quota = torch.ceil(deficit * out.x.shape[0]).to(torch.long)
-        under_loss, under_latents = aux_residual_loss(out, sae, per_latent_aux_selection(out, under, quota), weights)
+        sel = per_latent_aux_selection(out, under, quota)
+        if self.underused_term == "pull":
+            under_loss, under_latents = selection_pull_loss(out, sae, sel, weights)
+        else:
+            under_loss, under_latents = aux_residual_loss(out, sae, sel, weights)
         self.metrics["underused_reached"] = reached_fraction(under_latents, under)
         return dead_loss + self.underused_coef * under_loss
 

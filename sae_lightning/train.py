@@ -172,7 +172,8 @@ def fit(plan: Plan) -> dict[str, Any]:
     manifest = getattr(datamodule, "manifest", None)
     if manifest is not None and manifest["harvest"]["lm"].get("causal") and downstream.get("enabled", True):
         callbacks.append(DownstreamLoss(datamodule.path, manifest, downstream.get("contexts", 16),
-                                        config["data"]["batch_size"], downstream.get("final_contexts", 128)))
+                                        config["data"]["batch_size"], downstream.get("final_contexts", 128),
+                                        downstream.get("during_training", True)))
     if pruning.ACTIVE is not None:  # a trial of an Optuna sweep
         callbacks.append(pruning.OptunaPruning(pruning.ACTIVE))
     trainer = L.Trainer(**config["trainer"], logger=logger, callbacks=callbacks, default_root_dir=str(run_dir),

@@ -134,3 +134,13 @@ def test_aux_zipf_rejects_unknown_values():
         build_losses({"aux_zipf": {"values": "sometimes"}}, 8)
     with pytest.raises(ConfigError, match="variant.losses.aux_zipf.coverage_tokens=-1"):
         build_losses({"aux_zipf": {"coverage_tokens": -1}}, 8)
+
+
+def test_the_pull_term_raises_under_used_affinities_towards_the_cutoff_only():
+    sae, stats, out = setup(dead_fraction=0.0, B=128, F=96)
+    stats.density.fill_(1e-6)
+    term = AuxZipf(tau=0.5, k_aux=2, underused_term="pull")
+    loss = term(out, sae, stats)
+    g_enc, g_dec = torch.autograd.grad(loss, [sae.b_enc, sae.W_dec], allow_unused=True)
+    assert float(loss.detach()) > 0 and g_dec is None  # the decoder is left alone
+    assert torch.all(g_enc <= 0) and bool((g_enc < 0).any())  # gradient descent raises b_enc, never lowers it

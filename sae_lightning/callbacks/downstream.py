@@ -11,6 +11,7 @@ inference mode; and with them replaced by zeros. ΔCE = CE_spliced − CE_clean;
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..atomic import atomic_write_text, file_lock
 from ..data import lm as lm_mod
 
 MODES = ("batch", "threshold")
@@ -35,17 +37,19 @@ def eval_contexts(folder: Path, manifest: dict[str, Any], n: int) -> torch.Tenso
 
 
 class DownstreamLoss(L.Callback):
-    """``contexts`` at the validations during training; ``final_contexts`` at the validation
-    after training (``trainer.validate``), whose figures go to metrics.json."""
+    """``contexts`` at the validations during training (unless ``during_training`` is off);
+    ``final_contexts`` at the validation after training (``trainer.validate``), whose figures
+    go to metrics.json."""
 
     def __init__(self, folder: Path, manifest: dict[str, Any], contexts: int = 16, batch_size: int = 1024,
-                 final_contexts: int | None = None):
+                 final_contexts: int | None = None, during_training: bool = True):
         h = manifest["harvest"]
         self.spec, self.site, self.layer = h["lm"], h["site"], h["layer"]
         self.folder, self.manifest = Path(folder), manifest
         self.dropped = torch.tensor(h["dropped_token_ids"], dtype=torch.long)
         self.contexts, self.final_contexts = contexts, final_contexts or contexts
         self.batch_size = batch_size
+        self.during_training = during_training
         self.model = None
         self.references: dict[int, dict[str, float]] = {}
         self.figures: dict[str, float] = {}
@@ -88,11 +92,32 @@ class DownstreamLoss(L.Callback):
             count += int(valid.sum())
         return total / max(count, 1)
 
+    def _reference(self) -> dict[str, float]:
+        """Clean and zero-ablated CE on the contexts: they do not depend on the SAE, so they are
+        kept in the cache folder (``downstream_reference.json``, keyed by the number of contexts
+        and the model's dtype) and measured once per cache. A read-only cache is measured each time."""
+        path = self.folder / "downstream_reference.json"
+        key = f"{self.n}:{self.spec.get('dtype')}:{self.manifest['harvest']['lm'].get('weights_sha256')}"
+        try:
+            known = json.loads(path.read_text()) if path.is_file() else {}
+        except (OSError, ValueError):
+            known = {}
+        if key in known:
+            return known[key]
+        ref = {"ce_clean": self._ce(None), "ce_zero_ablation": self._ce(torch.zeros_like)}
+        try:
+            with file_lock(self.folder.with_name(f".{self.folder.name}.reference.lock")):
+                current = json.loads(path.read_text()) if path.is_file() else {}
+                atomic_write_text(path, json.dumps({**current, key: ref}, indent=1) + "\n")
+        except (OSError, ValueError):
+            pass
+        return ref
+
     def measure(self, pl_module) -> dict[str, float]:
         if self.model is None:
             self._load(pl_module.device)
         if self.n not in self.references:
-            self.references[self.n] = {"ce_clean": self._ce(None), "ce_zero_ablation": self._ce(torch.zeros_like)}
+            self.references[self.n] = self._reference()
         ref = self.references[self.n]
         clean, zero = ref["ce_clean"], ref["ce_zero_ablation"]
         out = {f"val/{k}": v for k, v in ref.items()}
@@ -111,6 +136,8 @@ class DownstreamLoss(L.Callback):
         if trainer.sanity_checking or not trainer.is_global_zero:
             return
         final = trainer.state.fn == "validate"  # the validation after training
+        if not (final or self.during_training):
+            return
         if self.n != (self.final_contexts if final else self.contexts):
             self.use(self.final_contexts if final else self.contexts)
         was_training = pl_module.training

@@ -38,10 +38,10 @@ def _activations(cfg: dict):
     spec = HarvestSpec.parse(cfg["harvest"]) if cfg.get("harvest") is not None else None
     down = cfg.get("downstream") or {}
     require(isinstance(down, dict), "data.downstream", down, "a mapping")
-    allowed = {"enabled": (bool,), "contexts": (int,), "final_contexts": (int,)}
+    allowed = {"enabled": (bool,), "during_training": (bool,), "contexts": (int,), "final_contexts": (int,)}
     for key, value in down.items():
         require(key in allowed and isinstance(value, allowed[key]), f"data.downstream.{key}", value,
-                "enabled: true|false, contexts / final_contexts: an integer >= 1")
+                "enabled / during_training: true|false, contexts / final_contexts: an integer >= 1")
     for key in ("contexts", "final_contexts"):
         require(down.get(key, 16) >= 1, f"data.downstream.{key}", down.get(key), "an integer >= 1")
     return ActivationsDataModule(cfg, spec, down)
