@@ -1,4 +1,4 @@
-"""The paper's claims, measured: ``python benchmarks/claims.py`` (see docs/results.md).
+"""The paper's claims, measured: ``python -m benchmarks.claims`` (see docs/results.md).
 
 Trains every (dataset, configuration, k, seed) of the grid with ``train.py`` — TopK + aux_k,
 Mutual Choice + aux_k, Mutual Choice + aux_zipf, Feature Choice with uniform and with Zipf
@@ -27,10 +27,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from sae_lightning.atomic import atomic_path, atomic_write_text
 
-from sae_lightning.atomic import atomic_path, atomic_write_text  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 DATASETS = {
     "synthetic": {"args": ["data=synthetic"], "title": "Synthetic (d = 128, 1024 true features)"},
@@ -187,7 +186,7 @@ def report(results: dict, args, doc: Path, img_dir: Path) -> str:
     agg = aggregate(results)
     lines = ["# Results: the paper's claims, measured",
              "",
-             f"Made by `python benchmarks/claims.py` ({args.steps} steps of 1024 tokens = "
+             f"Made by `python -m benchmarks.claims` ({args.steps} steps of 1024 tokens = "
              f"{args.steps * 1024 / 1e6:.2f}M training tokens per run, F = 4096, {len(args.seeds)} training seeds, "
              "every other setting the default; the data order is the same for every run). Each cell is mean ± std "
              "over the seeds. FVU is on the 16 384 held-out validation tokens; *batch* allocates each validation "

@@ -1,162 +1,278 @@
-"""Validation of the composed training config, before any work is done or anything written.
+"""The training config as typed specs, checked whole before any work is done or anything written.
 
-Every check raises :class:`ConfigError` naming the key, the value and what is allowed. The
-checks call the same constructors the run uses (allocators, losses, data), so what passes
-here builds.
+:func:`load_config` resolves the composed Hydra config and parses it with the one parser of
+``spec.py`` into a :class:`TrainConfig`: every section typed, every value checked, the
+allocator's budget checked against the dictionary and batch sizes. What passes builds:
+``train.run`` then builds each object once from it. The defaults are the specs' own; the
+YAML under ``configs/`` restates them so that Hydra knows every key (a test keeps the two
+equal).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import logging
-from typing import Any, get_args
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal, get_args
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
-from .allocators import get_allocator_class
-from .errors import ConfigError, did_you_mean, non_finite_keys, require, require_choice
-from .losses import build_losses
-from .callbacks.progress import MODES as PROGRESS_MODES
-from .module import ALLOCATOR_META_KEYS
-from .sae import B_PRE_INITS, NORMALISATIONS
+from .allocators import AllocatorConfig, get_allocator_class
+from .data import DataSpec
+from .errors import ConfigError, did_you_mean, require
+from .losses import LossTerm, build_losses
+from .sae import AffinityDtype, BPreInit, Normalisation
+from .spec import as_dict, check_keys, parse, setting
+
+ProgressMode = Literal["auto", "bar", "lines", "none"]
+EncoderScale = Literal["fit", "gao", "none"]
 
 
-def _int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+@dataclass
+class ModelSpec:
+    n_latents: int = setting(4096, ge=1)
+    normalisation: Normalisation = "dataset_scale"
+    b_pre_init: BPreInit = "geometric_median"
+    init_sample_tokens: int = setting(8192, ge=1)  # tokens that set the scale and b_pre
+    init_encoder_scale: EncoderScale = "fit"
+    affinity_dtype: AffinityDtype = "float32"  # of the affinity matrix used for selection
 
 
-def resolve(cfg: DictConfig | dict) -> dict:
-    """The config as a plain dict with every interpolation resolved."""
-    if not isinstance(cfg, DictConfig):
-        return dict(cfg)
-    try:
-        return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
-    except MissingMandatoryValue as e:
-        raise ConfigError(e.full_key, "???", "a value: this key has no default (set it on the command line)") from e
+@dataclass
+class OptimSpec:
+    lr: float | None = setting(None, gt=0, allowed="null (2e-4 / sqrt(n_latents / 2^14)) or a number > 0")
+    warmup_steps: int = setting(100, ge=0)
+    betas: list[float] = setting(default_factory=lambda: [0.9, 0.999], ge=0, lt=1, allowed="two numbers in [0, 1)")
+    eps: float = setting(6.25e-10, gt=0)
+    fused: Literal["auto"] | bool = setting("auto", allowed="one of 'auto', true, false")
+
+    def check(self, prefix: str) -> None:
+        require(len(self.betas) == 2, f"{prefix}.betas", self.betas, "two numbers in [0, 1)")
 
 
-# Trainer arguments the run sets itself (or replaces: progress=...)
+@dataclass
+class StatsSpec:
+    dead_window_tokens: int = setting(200_000, ge=1, allowed="an integer >= 1 (tokens)")
+    density_time_constant_tokens: int = setting(100_000, ge=1, allowed="an integer >= 1 (tokens)")
+    underused_ratio: float = setting(0.25, ge=0)
+    zipf_alpha: float = setting(1.0, ge=0)
+    zipf_beta: float = setting(0.0, gt=-1)
+
+
+@dataclass
+class CalibrationSpec:
+    enabled: bool = True
+
+
+@dataclass
+class LoggingSpec:
+    histogram_every_n_steps: int = setting(200, ge=0)
+
+
+@dataclass
+class VariantSpec:
+    """A variant: its name, its allocator with that allocator's own config, its loss terms."""
+
+    name: str
+    allocator: str
+    params: AllocatorConfig
+    losses: dict[str, LossTerm]
+
+    META: ClassVar[tuple[str, ...]] = ("name", "allocator", "losses")
+
+    @classmethod
+    def from_raw(cls, raw: Any, prefix: str) -> "VariantSpec":
+        if not isinstance(raw, dict):
+            raise ConfigError(prefix, raw, "a mapping (a config section)")
+        name = raw.get("name")
+        require(isinstance(name, str) and bool(name), f"{prefix}.name", name, "a name for the variant")
+        allocator = get_allocator_class(raw.get("allocator"))
+        params = parse(allocator.Config, {k: v for k, v in raw.items() if k not in cls.META}, prefix,
+                       what=f"allocator {allocator.name!r} (or name, allocator, losses)")
+        losses = raw.get("losses")
+        if losses is not None and not isinstance(losses, dict):
+            raise ConfigError(f"{prefix}.losses", losses, "a mapping {loss_name: {param: value}} or null")
+        return cls(name, allocator.name, params, build_losses(losses, f"{prefix}.losses"))
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "allocator": self.allocator, **as_dict(self.params),
+                "losses": {n: as_dict(t) for n, t in self.losses.items()}}
+
+
+# Trainer arguments the run sets itself (progress=... replaces enable_progress_bar)
 TRAINER_OWN = ("logger", "callbacks", "plugins", "default_root_dir", "enable_model_summary", "enable_progress_bar")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")
 
 
-def validate_trainer(t: dict) -> None:
-    """Keys from ``lightning.Trainer``'s own signature (did-you-mean on a typo), the values this
-    project depends on, then a dry construction that catches what Lightning itself refuses."""
-    import lightning as L
-    from lightning.fabric.connector import _PRECISION_INPUT_INT, _PRECISION_INPUT_STR, _PRECISION_INPUT_STR_ALIAS
-    from lightning.pytorch.strategies import StrategyRegistry
+@dataclass
+class TrainerSpec:
+    """Keyword arguments of ``lightning.Trainer``: keys from its own signature, the values this
+    project depends on checked here, the rest by a dry construction of the Trainer."""
 
-    known = [p for p in inspect.signature(L.Trainer.__init__).parameters if p != "self"]
-    for key, value in t.items():
-        if key == "enable_progress_bar":
-            raise ConfigError("trainer.enable_progress_bar", value, "no value here: the top-level key "
-                              "progress=auto|bar|lines|none chooses how training progress is shown")
-        if key in TRAINER_OWN:
-            raise ConfigError(f"trainer.{key}", value, "not set here: the run sets it itself")
-        if key not in known:
-            hint = did_you_mean(f"trainer.{key}", [f"trainer.{k}" for k in known if k not in TRAINER_OWN])
-            raise ConfigError(f"trainer.{key}", value, f"an argument of lightning.Trainer{hint or ' (see its documentation)'}")
-    require(_int(t.get("max_steps")) and t["max_steps"] >= 1, "trainer.max_steps", t.get("max_steps"), "an integer >= 1")
-    v = t.get("val_check_interval")
-    require(v is None or (_int(v) and v >= 1) or (isinstance(v, float) and 0 < v <= 1), "trainer.val_check_interval",
-            v, "null, an integer >= 1 (training steps between validations) or a fraction in (0, 1]")
-    c = t.get("check_val_every_n_epoch")
-    require(c is None or (_int(c) and c >= 1), "trainer.check_val_every_n_epoch", c, "null or an integer >= 1")
-    lv = t.get("limit_val_batches", 1.0)
-    require((_int(lv) and lv >= 0) or (isinstance(lv, float) and 0 <= lv <= 1), "trainer.limit_val_batches", lv,
-            "an integer >= 0 (batches) or a fraction in [0, 1]")
-    n = t.get("log_every_n_steps", 50)
-    require(_int(n) and n >= 1, "trainer.log_every_n_steps", n, "an integer >= 1")
-    require_choice("trainer.accelerator", t.get("accelerator", "auto"), ACCELERATORS)
-    d = t.get("devices", "auto")
-    require(d == "auto" or (_int(d) and (d >= 1 or d == -1)) or (isinstance(d, list) and d and all(_int(i) for i in d)),
-            "trainer.devices", d, "auto, an integer >= 1 (-1: all), or a list of device indices")
-    strategies = ["auto", *StrategyRegistry.available_strategies()]
-    st = t.get("strategy", "auto")
-    require(st in strategies, "trainer.strategy", st, "a Lightning strategy: auto, ddp, ddp_spawn, ddp_fork, fsdp, "
-            f"deepspeed, ... (lightning.pytorch.strategies.StrategyRegistry){did_you_mean(str(st), strategies)}")
-    main = get_args(_PRECISION_INPUT_STR)
-    precisions = [*main, *get_args(_PRECISION_INPUT_INT), *get_args(_PRECISION_INPUT_STR_ALIAS)]
-    require(t.get("precision", "32-true") in precisions, "trainer.precision", t.get("precision"),
-            "one of " + ", ".join(repr(p) for p in main) + " (or the short forms 64, 32, 16, 'bf16')")
-    g = t.get("gradient_clip_val")
-    require(g is None or (isinstance(g, (int, float)) and not isinstance(g, bool) and g >= 0), "trainer.gradient_clip_val",
-            g, "null or a finite number >= 0")
-    require(t.get("deterministic", False) in (True, False, "warn"), "trainer.deterministic", t.get("deterministic"),
-            "true, false or 'warn'")
-    a = t.get("accumulate_grad_batches", 1)
-    require(_int(a) and a >= 1, "trainer.accumulate_grad_batches", a, "an integer >= 1")
-    # what Lightning itself refuses (an accelerator this machine lacks, devices it does not have, ...)
-    rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
-    level = rank_zero.level
-    rank_zero.setLevel(logging.ERROR)
-    try:
-        L.Trainer(**t, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
-    except Exception as e:  # MisconfigurationException, ValueError, RuntimeError, ...
-        message = " ".join(str(e).split())[:300]
-        key = next((k for k in ("accelerator", "devices", "strategy", "precision", "num_nodes") if k in message
-                    or (str(t.get(k, "auto")) != "auto" and str(t.get(k)).lower() in message.lower())), None)
-        raise ConfigError(f"trainer.{key}" if key else "trainer", t.get(key) if key else t,
-                          f"a setting Lightning accepts on this machine ({message})") from None
-    finally:
-        rank_zero.setLevel(level)
+    args: dict[str, Any]
+
+    @property
+    def max_steps(self) -> int:
+        return self.args["max_steps"]
+
+    def world_size(self) -> int:
+        devices = self.args.get("devices", "auto")
+        n = len(devices) if isinstance(devices, list) else devices if isinstance(devices, int) and devices > 0 else 1
+        return n * int(self.args.get("num_nodes", 1) or 1)
+
+    @classmethod
+    def from_raw(cls, raw: Any, prefix: str) -> "TrainerSpec":
+        import lightning as L
+        from lightning.fabric.connector import _PRECISION_INPUT_INT, _PRECISION_INPUT_STR, _PRECISION_INPUT_STR_ALIAS
+        from lightning.pytorch.strategies import StrategyRegistry
+
+        if not isinstance(raw, dict):
+            raise ConfigError(prefix, raw, "a mapping of lightning.Trainer arguments")
+        if "enable_progress_bar" in raw:
+            raise ConfigError(f"{prefix}.enable_progress_bar", raw["enable_progress_bar"], "no value here: the top-level "
+                              "key progress=auto|bar|lines|none chooses how training progress is shown")
+        for key in TRAINER_OWN:
+            if key in raw:
+                raise ConfigError(f"{prefix}.{key}", raw[key], "not set here: the run sets it itself")
+        known = [p for p in inspect.signature(L.Trainer.__init__).parameters if p != "self" and p not in TRAINER_OWN]
+        check_keys(raw, known, prefix, what="lightning.Trainer's arguments")
+        t = dict(raw)
+
+        def check(key: str, tp: Any, **range_):
+            from .spec import convert
+
+            if key in t:
+                t[key] = convert(t[key], tp, f"{prefix}.{key}", range_)
+
+        check("max_steps", int, ge=1)
+        require("max_steps" in t, f"{prefix}.max_steps", None, "an integer >= 1")
+        check("val_check_interval", int | float | None, allowed="null, an integer >= 1 (training steps between "
+              "validations) or a fraction in (0, 1]")
+        v = t.get("val_check_interval")
+        require(v is None or (isinstance(v, int) and v >= 1) or (isinstance(v, float) and 0 < v <= 1),
+                f"{prefix}.val_check_interval", v, "null, an integer >= 1 (training steps between validations) or a "
+                "fraction in (0, 1]")
+        check("check_val_every_n_epoch", int | None, ge=1)
+        check("limit_val_batches", int | float, ge=0)
+        lv = t.get("limit_val_batches", 1.0)
+        require(not isinstance(lv, float) or lv <= 1, f"{prefix}.limit_val_batches", lv,
+                "an integer >= 0 (batches) or a fraction in [0, 1]")
+        check("log_every_n_steps", int, ge=1)
+        check("accumulate_grad_batches", int, ge=1)
+        check("gradient_clip_val", float | None, ge=0)
+        check("deterministic", bool | Literal["warn"], allowed="true, false or 'warn'")
+        check("accelerator", Literal[ACCELERATORS])
+        d = t.get("devices", "auto")
+        require(d == "auto" or (isinstance(d, int) and not isinstance(d, bool) and (d >= 1 or d == -1))
+                or (isinstance(d, list) and bool(d) and all(isinstance(i, int) for i in d)),
+                f"{prefix}.devices", d, "auto, an integer >= 1 (-1: all), or a list of device indices")
+        strategies = ["auto", *StrategyRegistry.available_strategies()]
+        st = t.get("strategy", "auto")
+        require(st in strategies, f"{prefix}.strategy", st, "a Lightning strategy: auto, ddp, ddp_spawn, ddp_fork, fsdp, "
+                f"deepspeed, ... (lightning.pytorch.strategies.StrategyRegistry){did_you_mean(str(st), strategies)}")
+        main = get_args(_PRECISION_INPUT_STR)
+        precisions = [*main, *get_args(_PRECISION_INPUT_INT), *get_args(_PRECISION_INPUT_STR_ALIAS)]
+        require(t.get("precision", "32-true") in precisions, f"{prefix}.precision", t.get("precision"),
+                "one of " + ", ".join(repr(p) for p in main) + " (or the short forms 64, 32, 16, 'bf16')")
+        cls._dry_run(t, prefix)
+        return cls(t)
+
+    @staticmethod
+    def _dry_run(t: dict, prefix: str) -> None:
+        """What Lightning itself refuses (an accelerator this machine lacks, devices it does not have, ...)."""
+        import lightning as L
+
+        rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+        level = rank_zero.level
+        rank_zero.setLevel(logging.ERROR)
+        try:
+            L.Trainer(**t, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+        except Exception as e:  # MisconfigurationException, ValueError, RuntimeError, ...
+            message = " ".join(str(e).split())[:300]
+            key = next((k for k in ("accelerator", "devices", "strategy", "precision", "num_nodes") if k in message
+                        or (str(t.get(k, "auto")) != "auto" and str(t.get(k)).lower() in message.lower())), None)
+            raise ConfigError(f"{prefix}.{key}" if key else prefix, t.get(key) if key else t,
+                              f"a setting Lightning accepts on this machine ({message})") from None
+        finally:
+            rank_zero.setLevel(level)
+
+    def as_dict(self) -> dict:
+        return dict(self.args)
 
 
-def validate_config(cfg: DictConfig | dict) -> tuple[dict, Any]:
-    """Resolve and check ``cfg``; returns the plain resolved dict and the built DataModule."""
-    c = resolve(cfg)
-    for section in ("variant", "model", "optim", "stats", "data", "trainer"):
-        require(isinstance(c.get(section), dict), section, c.get(section), "a config section (mapping)")
-    for key, value in non_finite_keys({k: v for k, v in c.items() if k != "hydra"}):
-        raise ConfigError(key, value, "a finite number")
-    require(isinstance(c.get("out_dir"), str) and c["out_dir"], "out_dir", c.get("out_dir"), "a folder path")
-    require_choice("progress", c.get("progress", "auto"), PROGRESS_MODES)
-    c.setdefault("progress", "auto")
+@dataclass
+class TrialSpec:
+    """Set by the sweeper: the Optuna trial this run is, and how it is pruned."""
 
-    require(_int(c.get("seed")), "seed", c.get("seed"), "an integer")
-    m = c["model"]
-    require(_int(m.get("n_latents")) and m["n_latents"] >= 1, "model.n_latents", m.get("n_latents"), "an integer >= 1")
-    require_choice("model.normalisation", m.get("normalisation"), NORMALISATIONS)
-    require_choice("model.b_pre_init", m.get("b_pre_init"), B_PRE_INITS)
-    require_choice("model.affinity_dtype", m.get("affinity_dtype"), ("float32", "bfloat16"))
-    require_choice("model.init_encoder_scale", m.get("init_encoder_scale"), ("fit", "gao", "none"))
-    require(_int(m.get("init_sample_tokens")) and m["init_sample_tokens"] >= 1, "model.init_sample_tokens",
-            m.get("init_sample_tokens"), "an integer >= 1")
+    storage: str
+    study: str
+    trial_id: int
+    number: int
+    fvu_key: str = "val/batch/fvu"
+    l0_key: str = "val/batch/l0_mean"
+    min_trials: int = setting(4, ge=1)
+    margin: float = setting(0.05, ge=0)
+    pruning: bool = True
 
-    v = c["variant"]
-    cls = get_allocator_class(v.get("allocator"))
-    params = {key: value for key, value in v.items() if key not in ALLOCATOR_META_KEYS}
-    cfg_obj = cls.parse_config(params)
-    cls.validate(cfg_obj, m["n_latents"], c["data"].get("batch_size") or 1)
 
-    o = c["optim"]
-    require(o.get("lr") is None or (isinstance(o["lr"], (int, float)) and o["lr"] > 0), "optim.lr", o.get("lr"),
-            "null (2e-4 / sqrt(n_latents / 2^14)) or a number > 0")
-    require(_int(o.get("warmup_steps")) and o["warmup_steps"] >= 0, "optim.warmup_steps", o.get("warmup_steps"), "an integer >= 0")
-    betas = o.get("betas")
-    require(isinstance(betas, list) and len(betas) == 2 and all(0 <= b < 1 for b in betas), "optim.betas", betas,
-            "two numbers in [0, 1)")
-    require(isinstance(o.get("eps"), (int, float)) and o["eps"] > 0, "optim.eps", o.get("eps"), "a number > 0")
-    require(o.get("fused") in ("auto", True, False), "optim.fused", o.get("fused"), "one of 'auto', true, false")
+@dataclass
+class TrainConfig:
+    variant: VariantSpec
+    data: DataSpec
+    trainer: TrainerSpec
+    seed: int = 0
+    out_dir: str = "outputs"
+    resume: str | None = setting(None, allowed="null, a checkpoint file (.ckpt) or a run folder (outputs/runs/<run>)")
+    progress: ProgressMode = "auto"
+    model: ModelSpec = setting(default_factory=ModelSpec)
+    optim: OptimSpec = setting(default_factory=OptimSpec)
+    stats: StatsSpec = setting(default_factory=StatsSpec)
+    calibration: CalibrationSpec = setting(default_factory=CalibrationSpec)
+    logging: LoggingSpec = setting(default_factory=LoggingSpec)
+    sweep_trial: TrialSpec | None = None
 
-    s = c["stats"]
-    for key in ("dead_window_tokens", "density_time_constant_tokens"):
-        require(_int(s.get(key)) and s[key] >= 1, f"stats.{key}", s.get(key), "an integer >= 1 (tokens)")
-    require(isinstance(s.get("underused_ratio"), (int, float)) and s["underused_ratio"] >= 0, "stats.underused_ratio",
-            s.get("underused_ratio"), "a number >= 0")
-    require(isinstance(s.get("zipf_alpha"), (int, float)) and s["zipf_alpha"] >= 0, "stats.zipf_alpha", s.get("zipf_alpha"), "a number >= 0")
-    require(isinstance(s.get("zipf_beta"), (int, float)) and s["zipf_beta"] > -1, "stats.zipf_beta", s.get("zipf_beta"), "a number > -1")
+    def check(self, prefix: str) -> None:
+        get_allocator_class(self.variant.allocator).check_fits(self.variant.params, self.model.n_latents,
+                                                               self.data.batch_size, "variant")
 
-    validate_trainer(c["trainer"])
+    def as_dict(self) -> dict:
+        out = {f.name: as_dict(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        out["variant"], out["trainer"], out["data"] = self.variant.as_dict(), self.trainer.as_dict(), self.data.as_dict()
+        return out
 
-    from .data import build_datamodule
 
-    datamodule = build_datamodule(c["data"])
-    # an activation cache not harvested yet knows its d_model only after the harvest (run() does it)
-    d_model = datamodule.known_d_model if hasattr(datamodule, "known_d_model") else datamodule.d_model
-    if v.get("losses") is not None and not isinstance(v.get("losses"), dict):
-        raise ConfigError("variant.losses", v.get("losses"), "a mapping {loss_name: {param: value}}")
-    build_losses(v.get("losses"), d_model or 0)
-    return c, datamodule
+def resolve(cfg: DictConfig | dict) -> dict:
+    """The config as a plain dict with every interpolation resolved (Hydra's own section dropped)."""
+    if not isinstance(cfg, DictConfig):
+        out = dict(cfg)
+    else:
+        try:
+            out = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+        except MissingMandatoryValue as e:
+            raise ConfigError(e.full_key, "???", "a value: this key has no default (set it on the command line)") from e
+    out.pop("hydra", None)
+    out.pop("sweeps", None)  # the sweep preset group, when a preset only sets hydra keys
+    return out
+
+
+def normalised(raw: dict) -> dict:
+    """A config dict with every section but ``trainer`` parsed and written back whole (defaults
+    filled in, types settled), so that two configs compare by what they mean; the trainer
+    section stays as given (it is only checked against the machine a run starts on)."""
+    sections = {"model": ModelSpec, "optim": OptimSpec, "stats": StatsSpec, "calibration": CalibrationSpec,
+                "logging": LoggingSpec}
+    out = dict(raw)
+    for key, cls in sections.items():
+        out[key] = as_dict(parse(cls, raw.get(key), key))
+    out["variant"] = VariantSpec.from_raw(raw.get("variant"), "variant").as_dict()
+    out["data"] = DataSpec.from_raw(raw.get("data"), "data").as_dict()
+    if raw.get("sweep_trial") is not None:
+        out["sweep_trial"] = as_dict(parse(TrialSpec, raw["sweep_trial"], "sweep_trial"))
+    return out
+
+
+def load_config(cfg: DictConfig | dict) -> TrainConfig:
+    """The composed config, resolved, typed and checked (ConfigError on the first problem)."""
+    return parse(TrainConfig, resolve(cfg), "")

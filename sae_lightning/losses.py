@@ -9,13 +9,13 @@ from __future__ import annotations
 import abc
 import dataclasses
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor
 
-from .allocators.base import per_column_topk, sort_pairs
-from .errors import ConfigError, require, require_choice
+from .selection import per_column_topk, sort_pairs
+from .spec import check_keys, parse, setting
 from .sae import SparseAutoencoder
 from .sparse import Selection, SparseCode, sparse_decode
 from .stats import LatentStats
@@ -50,18 +50,12 @@ class LossTerm(abc.ABC):
     (e.g. the share of dead latents the term reached)."""
 
     name: ClassVar[str]
-    coef: float = 1.0
+    coef: float = setting(1.0, ge=0)
     metrics: dict[str, Tensor] = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
 
     @abc.abstractmethod
     def __call__(self, out: StepOutput, sae: SparseAutoencoder, stats: LatentStats) -> Tensor:
         """The unweighted value of the term for this step."""
-
-    def validate(self, prefix: str, d_model: int) -> None:
-        require(self.coef >= 0, f"{prefix}.coef", self.coef, "a number >= 0")
-
-
-RECON_SCALES = ("second_moment", "variance")
 
 
 @_register
@@ -73,18 +67,14 @@ class Reconstruction(LossTerm):
     weight of the auxiliary terms relative to this one when the inputs have a large mean."""
 
     name: ClassVar[str] = "recon"
-    scale: str = "second_moment"
-
-    def validate(self, prefix, d_model):
-        super().validate(prefix, d_model)
-        require_choice(f"{prefix}.scale", self.scale, RECON_SCALES)
+    scale: Literal["second_moment", "variance"] = "second_moment"
 
     def __call__(self, out, sae, stats):
         denom = sae.x_variance if self.scale == "variance" else sae.x_second_moment
         return (out.x - out.x_hat).pow(2).mean() / denom
 
 
-AUX_VALUES = ("relu", "softplus", "linear")
+AuxValues = Literal["relu", "softplus", "linear"]
 
 
 def per_token_aux_selection(out: StepOutput, candidates: Tensor, k_aux: int) -> Selection | None:
@@ -134,7 +124,7 @@ def aux_residual_loss(out: StepOutput, sae: SparseAutoencoder, sel: Selection | 
     return (e - e_hat).pow(2).sum() / (e - e.mean(0)).pow(2).sum().clamp_min(1e-12), code.latents
 
 
-UNDERUSED_TERMS = ("residual", "pull")
+UnderusedTerm = Literal["residual", "pull"]
 
 
 def selection_pull_loss(out: StepOutput, sae: SparseAutoencoder, sel: Selection | None,
@@ -172,12 +162,8 @@ class AuxK(LossTerm):
     explain the residual."""
 
     name: ClassVar[str] = "aux_k"
-    coef: float = 1.0 / 32
-    k_aux: int | None = None  # None: d_model // 2
-
-    def validate(self, prefix, d_model):
-        super().validate(prefix, d_model)
-        require(self.k_aux is None or self.k_aux >= 1, f"{prefix}.k_aux", self.k_aux, "null (d_model // 2) or an integer >= 1")
+    coef: float = setting(1.0 / 32, ge=0)
+    k_aux: int | None = setting(None, ge=1, allowed="null (d_model // 2) or an integer >= 1")
 
     def __call__(self, out, sae, stats):
         dead = stats.dead_mask()
@@ -204,34 +190,23 @@ class AuxZipf(LossTerm):
       the deficit (t_j − ρ_j)/t_j with ``deficit_weighting``. ``underused_term``: ``residual``
       (those entries explain the residual, as the dead term does) or ``pull`` (a load-balancing
       term: the mean shortfall of those affinities below the batch's selection cutoff θ — the
-      smallest value the allocator kept — relative to θ, so each under-used latent is pulled
-      towards being selected on the tokens it matches best; only the encoder is trained).
+      smallest value the allocator kept — relative to θ, so each under-used latent, dead ones
+      included (with the full deficit weight), is pulled towards being selected on the tokens it
+      matches best; only the encoder is trained).
 
     With tau = 0, coverage_tokens = 0 and relu values it is exactly aux_k (tested)."""
 
     name: ClassVar[str] = "aux_zipf"
-    coef: float = 1.0 / 32
-    k_aux: int | None = None  # per-token slots of the dead term (None: d_model // 2)
-    tau: float = 0.25
-    alpha: float = 1.0
-    beta: float = 0.0
-    coverage_tokens: int = 0
-    values: str = "relu"
-    underused_coef: float = 1.0
-    underused_term: str = "residual"
+    coef: float = setting(1.0 / 32, ge=0)
+    k_aux: int | None = setting(None, ge=1, allowed="null (d_model // 2) or an integer >= 1")  # dead term's slots
+    tau: float = setting(0.25, ge=0)
+    alpha: float = setting(1.0, ge=0)
+    beta: float = setting(0.0, gt=-1)
+    coverage_tokens: int = setting(0, ge=0, allowed="an integer >= 0 (0: off)")
+    values: AuxValues = "relu"
+    underused_coef: float = setting(1.0, ge=0)
+    underused_term: UnderusedTerm = "residual"
     deficit_weighting: bool = True
-
-    def validate(self, prefix, d_model):
-        super().validate(prefix, d_model)
-        require(self.k_aux is None or self.k_aux >= 1, f"{prefix}.k_aux", self.k_aux, "null (d_model // 2) or an integer >= 1")
-        require(self.tau >= 0, f"{prefix}.tau", self.tau, "a number >= 0")
-        require(self.alpha >= 0, f"{prefix}.alpha", self.alpha, "a number >= 0")
-        require(self.beta > -1, f"{prefix}.beta", self.beta, "a number > -1")
-        require(isinstance(self.coverage_tokens, int) and self.coverage_tokens >= 0, f"{prefix}.coverage_tokens",
-                self.coverage_tokens, "an integer >= 0 (0: off)")
-        require_choice(f"{prefix}.values", self.values, AUX_VALUES)
-        require(self.underused_coef >= 0, f"{prefix}.underused_coef", self.underused_coef, "a number >= 0")
-        require_choice(f"{prefix}.underused_term", self.underused_term, UNDERUSED_TERMS)
 
     def __call__(self, out, sae, stats):
         dead = stats.dead_mask()
@@ -244,7 +219,9 @@ class AuxZipf(LossTerm):
         if self.tau == 0 or self.underused_coef == 0:
             return dead_loss
         targets = stats.targets(alpha=self.alpha, beta=self.beta)
-        under = stats.underused_mask(ratio=self.tau, targets=targets) & ~dead
+        under = stats.underused_mask(ratio=self.tau, targets=targets)  # dead ∪ {ρ_j < τ·t_j}
+        if self.underused_term == "residual":  # the dead latents have the dead term
+            under = under & ~dead
         deficit = (targets - stats.density).clamp_min(0)
         weights = (deficit / targets.clamp_min(1e-12)).clamp(0.0, 1.0).to(out.x.dtype) if self.deficit_weighting else None
         quota = torch.ceil(deficit * out.x.shape[0]).to(torch.long)
@@ -257,21 +234,9 @@ class AuxZipf(LossTerm):
         return dead_loss + self.underused_coef * under_loss
 
 
-def build_losses(spec: dict | None, d_model: int, prefix: str = "variant.losses") -> dict[str, LossTerm]:
+def build_losses(spec: dict | None, prefix: str = "variant.losses") -> dict[str, LossTerm]:
     """From ``{name: {param: value}}`` (None or {} params allowed); ``recon`` is always on."""
     spec = dict(spec or {})
     spec.setdefault("recon", {})
-    terms = {}
-    for name, params in spec.items():
-        if name not in LOSSES:
-            raise ConfigError(f"{prefix}.{name}", name, "a loss among " + ", ".join(sorted(LOSSES)))
-        params = dict(params or {})
-        cls = LOSSES[name]
-        fields = {f.name for f in dataclasses.fields(cls) if f.init}
-        for key in params:
-            if key not in fields:
-                raise ConfigError(f"{prefix}.{name}.{key}", params[key], f"a parameter of loss {name!r}: {sorted(fields)}")
-        term = cls(**params)
-        term.validate(f"{prefix}.{name}", d_model)
-        terms[name] = term
-    return terms
+    check_keys(spec, LOSSES, prefix, what="the losses")
+    return {name: parse(LOSSES[name], params, f"{prefix}.{name}", what=f"loss {name!r}") for name, params in spec.items()}

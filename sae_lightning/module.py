@@ -4,62 +4,80 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any
+from dataclasses import dataclass, field
 
 import lightning as L
 import torch
 from torch import Tensor, nn
 
-from .allocators import CalibrationSet, get_allocator_class
+from . import tb
+from .allocators import CalibrationSet, Mode, get_allocator_class
+from .config import LoggingSpec, ModelSpec, OptimSpec, StatsSpec, TrainConfig, VariantSpec
 from .errors import DataError, TrainingDiverged
-from .losses import StepOutput, build_losses
+from .losses import StepOutput
+from .spec import parse
 from .metrics import L0, Firing, Reconstruction, feature_recovery
 from .sae import AFFINITY_DTYPES, SparseAutoencoder
 from .sparse import SparseCode
 from .stats import LatentStats
 from .zipf import fit_zipf
 
-ALLOCATOR_META_KEYS = ("name", "allocator", "losses")
-
-
 def default_lr(n_latents: int) -> float:
     """Gao et al.'s scaling: 2e-4 / sqrt(F / 2^14)."""
     return 2e-4 / math.sqrt(n_latents / 2**14)
 
 
-class SAEModule(L.LightningModule):
-    """``config`` is the resolved training config (a plain dict: variant, model, optim,
-    stats, data, logging); ``d_model`` comes from the data."""
+@dataclass
+class ValidationResults:
+    """The last validation's figures: scalars (FVU, L0, ..., and what callbacks add, e.g. ΔCE),
+    each mode's per-token L0 histogram, and the batch mode's latent densities."""
 
-    def __init__(self, config: dict, d_model: int):
+    scalars: dict[str, float] = field(default_factory=dict)
+    l0_hists: dict[str, Tensor] = field(default_factory=dict)
+    density: Tensor | None = None
+
+
+class SAEModule(L.LightningModule):
+    """The SAE, its allocator, loss terms, latent statistics and metrics. ``config`` is the
+    typed :class:`TrainConfig` of a run, or the plain dict a checkpoint stores (only the parts
+    the module needs are read from it); ``d_model`` comes from the data."""
+
+    def __init__(self, config: TrainConfig | dict, d_model: int):
         super().__init__()
-        self.save_hyperparameters()
-        self.config = config
-        m, v, s = config["model"], config["variant"], config["stats"]
-        F = m["n_latents"]
-        self.k = v["k"]
-        self.sae = SparseAutoencoder(d_model, F, m["normalisation"], m["b_pre_init"])
-        self.affinity_dtype = AFFINITY_DTYPES[m["affinity_dtype"]]
-        params = {key: val for key, val in v.items() if key not in ALLOCATOR_META_KEYS}
-        self.allocator = get_allocator_class(v["allocator"]).from_dict(params, F, config["data"]["batch_size"])
-        self.losses = build_losses(v.get("losses"), d_model)
-        self.stats = LatentStats(F, self.k, s["dead_window_tokens"], s["density_time_constant_tokens"],
-                                 s["underused_ratio"], s["zipf_alpha"], s["zipf_beta"])
-        self.modes = ["batch", "threshold"] + (["threshold_ema"] if self.allocator.has_thresholds else [])
+        if isinstance(config, TrainConfig):
+            self.model_spec, self.variant, self.optim_spec = config.model, config.variant, config.optim
+            self.stats_spec, self.batch_size = config.stats, config.data.batch_size
+            self.histogram_every = config.logging.histogram_every_n_steps
+            config = config.as_dict()
+        else:  # from a checkpoint: the parts this module uses, whatever the rest (trainer, data) held
+            self.model_spec = parse(ModelSpec, config["model"], "model")
+            self.variant = VariantSpec.from_raw(config["variant"], "variant")
+            self.optim_spec = parse(OptimSpec, config["optim"], "optim")
+            self.stats_spec = parse(StatsSpec, config["stats"], "stats")
+            self.batch_size = int(config["data"]["batch_size"])
+            self.histogram_every = parse(LoggingSpec, config.get("logging"), "logging").histogram_every_n_steps
+        self.save_hyperparameters({"config": config, "d_model": d_model})
+        m, s = self.model_spec, self.stats_spec
+        F = m.n_latents
+        self.k = self.variant.params.k
+        self.sae = SparseAutoencoder(d_model, F, m.normalisation, m.b_pre_init)
+        self.affinity_dtype = AFFINITY_DTYPES[m.affinity_dtype]
+        self.allocator = get_allocator_class(self.variant.allocator)(self.variant.params, F, self.batch_size)
+        self.losses = self.variant.losses
+        self.stats = LatentStats(F, self.k, s.dead_window_tokens, s.density_time_constant_tokens, s.underused_ratio,
+                                 s.zipf_alpha, s.zipf_beta)
+        self.modes = [Mode.BATCH, Mode.THRESHOLD] + ([Mode.THRESHOLD_EMA] if self.allocator.has_thresholds else [])
         self.val_metrics = nn.ModuleDict({
             mode: nn.ModuleDict({"recon": Reconstruction(d_model), "l0": L0(F), "firing": Firing(F)})
             for mode in self.modes
         })
-        self.hist_every = int(config.get("logging", {}).get("histogram_every_n_steps", 200))
-        self.last_val: dict[str, Any] = {}
+        self.results = ValidationResults()
         self.restoring = False  # set when a checkpoint will replace the initial weights (resume)
         self.train_seconds_before = 0.0  # training time of the run before this session (from the checkpoint)
         self._session_start: float | None = None
-        self.last_val_hists: dict[str, Tensor] = {}
-        self.last_val_density: Tensor | None = None
 
     # ---- the forward pass ---------------------------------------------------------------------
-    def forward_step(self, x: Tensor, mode: str = "batch", update: bool = False):
+    def forward_step(self, x: Tensor, mode: Mode | str = Mode.BATCH, update: bool = False):
         """Returns (StepOutput in normalised units, the normalisation context). Raises
         DataError for a non-finite input and TrainingDiverged for non-finite affinities."""
         if not bool(torch.isfinite(x).all()):
@@ -71,21 +89,21 @@ class SAEModule(L.LightningModule):
         z = self.sae.affinities(xn, layout=layout, dtype=self.affinity_dtype)  # no autograd
         with torch.no_grad():
             try:
-                if mode == "batch":
+                if mode == Mode.BATCH:
                     sel = self.allocator.allocate(z, step=self.global_step, density=self.stats.density, update=update)
                 else:
-                    sel = self.allocator.threshold(z, source="ema" if mode == "threshold_ema" else "calibrated")
+                    sel = self.allocator.threshold(z, source="ema" if mode == Mode.THRESHOLD_EMA else "calibrated")
             except TrainingDiverged as e:
                 raise TrainingDiverged(f"{e} at step {self.global_step}{self._non_finite_parameters()}") from None
         code = self.sae.code(xn, z, sel, layout)
         return StepOutput(x=xn, x_hat=self.sae.decode(code), z=z, layout=layout, code=code), ctx
 
     @torch.no_grad()
-    def encode(self, x: Tensor, mode: str = "batch") -> SparseCode:
+    def encode(self, x: Tensor, mode: Mode | str = Mode.BATCH) -> SparseCode:
         return self.forward_step(x, mode)[0].code
 
     @torch.no_grad()
-    def reconstruct(self, x: Tensor, mode: str = "batch") -> Tensor:
+    def reconstruct(self, x: Tensor, mode: Mode | str = Mode.BATCH) -> Tensor:
         """x̂ in the model's own units."""
         out, ctx = self.forward_step(x, mode)
         return self.sae.denormalise(out.x_hat, ctx)
@@ -117,7 +135,7 @@ class SAEModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         # once, before training; on resume the checkpoint's weights and buffers replace these
         if stage == "fit" and not bool(self.sae.initialised) and not self.restoring:
-            figures = self.init_from_data(self.trainer.datamodule.sample(self.config["model"]["init_sample_tokens"]))
+            figures = self.init_from_data(self.trainer.datamodule.sample(self.model_spec.init_sample_tokens))
             self.print("initialised from data: " + ", ".join(f"{key}={value:.4g}" for key, value in figures.items()))
 
     @torch.no_grad()
@@ -128,14 +146,14 @@ class SAEModule(L.LightningModule):
         overshoots badly where an allocator gives a token many latents)."""
         x = x.to(self.device)
         figures = self.sae.init_from_sample(x)
-        if self.config["model"]["init_encoder_scale"] == "gao":
+        if self.model_spec.init_encoder_scale == "gao":
             gain = self._gain_on_random_directions()
             if gain > 0:
                 self.sae.W_enc.div_(gain)
                 figures["encoder_scale"] = 1.0 / gain
-        elif self.config["model"]["init_encoder_scale"] == "fit":
+        elif self.model_spec.init_encoder_scale == "fit":
             num = den = 0.0
-            for chunk in x.split(self.config["data"]["batch_size"]):
+            for chunk in x.split(self.batch_size):
                 out, _ = self.forward_step(chunk)
                 decoded = out.x_hat - self.sae.b_pre
                 num += float(((out.x - self.sae.b_pre) * decoded).sum())
@@ -160,17 +178,17 @@ class SAEModule(L.LightningModule):
         return float((self.sae.decode(code) - self.sae.b_pre).norm(dim=1).mean())
 
     def configure_optimizers(self):
-        o = self.config["optim"]
-        lr = o["lr"] if o["lr"] is not None else default_lr(self.sae.n_latents)
-        fused = o["fused"] if o["fused"] != "auto" else True
-        opt = torch.optim.Adam(self.parameters(), lr=lr, betas=tuple(o["betas"]), eps=o["eps"], fused=fused)
-        warm = max(0, int(o["warmup_steps"]))
+        o = self.optim_spec
+        lr = o.lr if o.lr is not None else default_lr(self.sae.n_latents)
+        fused = o.fused if o.fused != "auto" else True
+        opt = torch.optim.Adam(self.parameters(), lr=lr, betas=tuple(o.betas), eps=o.eps, fused=fused)
+        warm = o.warmup_steps
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warm) if warm else 1.0)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # ---- training -------------------------------------------------------------------------------
     def training_step(self, x: Tensor, batch_idx: int) -> Tensor:
-        out, ctx = self.forward_step(x, "batch", update=True)
+        out, ctx = self.forward_step(x, Mode.BATCH, update=True)
         terms = {name: term(out, self.sae, self.stats) for name, term in self.losses.items()}
         loss = sum(self.losses[name].coef * value for name, value in terms.items())
         if not torch.isfinite(loss):
@@ -198,8 +216,8 @@ class SAEModule(L.LightningModule):
         self.log_dict(logs, prog_bar=False)
         self.log("fvu", fvu, prog_bar=True, logger=False)
         self.log("l0", l0.mean(), prog_bar=True, logger=False)
-        if self.hist_every and self.global_step % self.hist_every == 0:
-            self.log_histogram("train/l0_per_token", out.code.l0_per_token())
+        if self.histogram_every and self.global_step % self.histogram_every == 0:
+            tb.histogram(self._trainer, "train/l0_per_token", out.code.l0_per_token(), self.global_step)
         return loss
 
     def on_before_optimizer_step(self, optimizer) -> None:
@@ -220,32 +238,34 @@ class SAEModule(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         logs: dict[str, float] = {}
+        results = ValidationResults()
+        step = self.global_step
         for mode in self.modes:
             mets = self.val_metrics[mode]
             rec, l0, firing = mets["recon"].compute(), mets["l0"].compute(), mets["firing"].compute()
             for key, value in {**rec, **l0}.items():
                 logs[f"val/{mode}/{key}"] = float(value)
             logs[f"val/{mode}/never_fired_fraction"] = float(firing["never_fired_fraction"])
-            if mode == "batch":
-                density = firing["density"].to(torch.float32)
-                self.log_histogram(f"val/{mode}/log10_density", density[density > 0].log10())
+            results.l0_hists[mode] = mets["l0"].hist.detach().cpu().clone()
+            tb.count_histogram(self._trainer, f"val/{mode}/l0_per_token", results.l0_hists[mode], step)
+            if mode == Mode.BATCH:
+                results.density = firing["density"].detach().cpu()
+                density = results.density.to(torch.float32)
+                tb.histogram(self._trainer, f"val/{mode}/log10_density", density[density > 0].log10(), step)
                 fit = fit_zipf(density)
                 if fit is not None:
                     logs["val/zipf_fit_alpha"], logs["val/zipf_fit_beta"] = fit[0], fit[1]
-            self._l0_histogram(f"val/{mode}/l0_per_token", mets["l0"].hist)
-            self.last_val_hists[mode] = mets["l0"].hist.detach().cpu().clone()
-            if mode == "batch":
-                self.last_val_density = firing["density"].detach().cpu()
             for metric in mets.values():
                 metric.reset()
         summary = self.stats.summary()
         logs["val/dead_fraction"] = summary["dead_fraction"]
         logs["val/underused_fraction"] = summary["underused_fraction"]
-        true = getattr(self.trainer.datamodule, "true_features", None) if self._trainer is not None else None
+        true = self.trainer.datamodule.true_features if self._trainer is not None else None
         if true is not None:
             logs.update({f"val/{key}": value for key, value in feature_recovery(true, self.sae.W_dec).items()})
         self.log_dict(logs, sync_dist=False)
-        self.last_val = logs
+        results.scalars = logs
+        self.results = results
 
     # ---- thresholds ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -256,13 +276,3 @@ class SAEModule(L.LightningModule):
                              self.sae.n_latents)
         return self.allocator.calibrate(cal)
 
-    # ---- logging helpers ----------------------------------------------------------------------
-    def log_histogram(self, tag: str, values: Tensor) -> None:
-        """A TensorBoard histogram, when the logger is TensorBoard's."""
-        exp = getattr(self.logger, "experiment", None) if self._trainer is not None and self.logger else None
-        if hasattr(exp, "add_histogram") and values.numel():
-            exp.add_histogram(tag, values.detach().cpu().float(), self.global_step)
-
-    def _l0_histogram(self, tag: str, hist: Tensor) -> None:
-        values = torch.repeat_interleave(torch.arange(hist.numel()), hist.cpu())
-        self.log_histogram(tag, values)

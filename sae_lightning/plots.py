@@ -15,7 +15,7 @@ from .zipf import fit_zipf  # noqa: E402
 
 def save_run_plots(module, run_dir: Path) -> list[Path]:
     paths = []
-    hists = getattr(module, "last_val_hists", {})
+    hists = module.results.l0_hists
     if hists:
         fig, ax = plt.subplots(figsize=(6, 3.5))
         for mode, hist in hists.items():
@@ -25,13 +25,13 @@ def save_run_plots(module, run_dir: Path) -> list[Path]:
         ax.axvline(module.k, color="grey", linestyle=":", label=f"k = {module.k}")
         ax.set_xlabel("active latents per token (L0)")
         ax.set_ylabel("share of tokens")
-        ax.set_title(f"{module.config['variant']['name']}: per-token L0 (validation)")
+        ax.set_title(f"{module.variant.name}: per-token L0 (validation)")
         ax.legend()
         fig.tight_layout()
         paths.append(run_dir / "l0_per_token.png")
         fig.savefig(paths[-1], dpi=110)
         plt.close(fig)
-    density = getattr(module, "last_val_density", None)
+    density = module.results.density
     if density is not None:
         d = torch.sort(density.to(torch.float64), descending=True).values
         ranks = torch.arange(1, d.numel() + 1)
@@ -48,7 +48,7 @@ def save_run_plots(module, run_dir: Path) -> list[Path]:
             ax.set_ylim(min(lo, hi / 4) / 1.5, max(hi, lo * 4) * 1.5)
         ax.set_xlabel("latent rank")
         ax.set_ylabel("firing density")
-        ax.set_title(f"{module.config['variant']['name']}: {int((~alive).sum())} of {d.numel()} latents never fired")
+        ax.set_title(f"{module.variant.name}: {int((~alive).sum())} of {d.numel()} latents never fired")
         ax.legend()
         fig.tight_layout()
         paths.append(run_dir / "density_by_rank.png")

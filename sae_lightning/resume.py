@@ -25,7 +25,7 @@ from .errors import ConfigError, DataError
 RESUMABLE = (
     "resume", "out_dir", "progress", "trainer.max_steps", "trainer.val_check_interval", "trainer.log_every_n_steps",
     "trainer.limit_val_batches", "trainer.accelerator", "trainer.devices", "trainer.strategy", "trainer.num_nodes",
-    "data.num_workers", "data.verify", "data.downstream.", "calibration.", "logging.",
+    "data.num_workers", "data.verify", "data.downstream.", "calibration.", "logging.", "sweep_trial", "sweep_trial.",
 )
 GROUPS = ("variant", "model", "data", "trainer", "sweeps")
 
@@ -114,10 +114,12 @@ def explicit_keys(overrides: list[str]) -> list[str]:
     return keys
 
 
-def resumed_config(saved: dict, composed: dict, overrides: list[str] | None) -> tuple[dict, list[str]]:
+def resumed_config(saved: dict, composed: dict, overrides: list[str] | None,
+                   normalise=lambda d: d) -> tuple[dict, list[str]]:
     """The config to resume with: ``saved``, with the keys the command line set taken from
     ``composed``. Returns it and the list of changed keys (``key: old -> new``); raises
-    ConfigError if a key outside :data:`RESUMABLE` changed."""
+    ConfigError if a key outside :data:`RESUMABLE` changed. Both sides are compared after
+    ``normalise`` (defaults filled in), so a default that was only implicit is no change."""
     if overrides is None:  # a caller that composed the whole config on purpose
         merged = copy.deepcopy(composed)
     else:
@@ -125,7 +127,7 @@ def resumed_config(saved: dict, composed: dict, overrides: list[str] | None) -> 
         for key in explicit_keys(overrides):
             _set(merged, key, _get(composed, key))
     merged["resume"] = composed.get("resume")
-    old, new = flatten(saved), flatten(merged)
+    old, new = flatten(normalise(saved)), flatten(normalise(merged))
     changed = sorted(k for k in set(old) | set(new) if old.get(k, KeyError) != new.get(k, KeyError))
     changed = [k for k in changed if k != "resume"]
     refused = [k for k in changed if not any(k == r or (r.endswith(".") and k.startswith(r)) for r in RESUMABLE)]
@@ -133,5 +135,6 @@ def resumed_config(saved: dict, composed: dict, overrides: list[str] | None) -> 
         shown = "; ".join(f"{k}: run {old.get(k, '(absent)')!r} vs now {new.get(k, '(absent)')!r}" for k in refused[:4])
         raise ConfigError("resume", composed.get("resume"),
                           f"the run's own settings ({shown}). A resumed run keeps its config except "
-                          f"{', '.join(r.rstrip('.') for r in RESUMABLE[2:])}; start a new run to change the rest")
+                          f"{', '.join(dict.fromkeys(r.rstrip('.') for r in RESUMABLE[2:]))}; start a new run to "
+                          "change the rest")
     return merged, [f"{k}: {old.get(k, '(absent)')} -> {new.get(k, '(absent)')}" for k in changed]

@@ -4,6 +4,7 @@ the unit-norm decoder (gradient projection before a step, renormalisation after)
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -11,8 +12,9 @@ from torch import Tensor, nn
 
 from .sparse import Selection, SparseCode, sparse_decode
 
-NORMALISATIONS = ("none", "dataset_scale", "layernorm")
-B_PRE_INITS = ("geometric_median", "mean", "zeros")
+Normalisation = Literal["none", "dataset_scale", "layernorm"]
+BPreInit = Literal["geometric_median", "mean", "zeros"]
+AffinityDtype = Literal["float32", "bfloat16"]
 AFFINITY_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 

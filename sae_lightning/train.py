@@ -24,23 +24,23 @@ from omegaconf import OmegaConf
 
 from . import resume as resume_mod
 from .atomic import atomic_write_text
-from .callbacks import AtomicCheckpointIO, DownstreamLoss, LatentStatsMonitor, ThresholdCalibration
+from .callbacks import AtomicCheckpointIO, LatentStatsMonitor, ThresholdCalibration
 from .callbacks.interrupt import GracefulStop
 from .callbacks.last_step import ValidateLastStep
 from .callbacks.progress import Progress
-from .config import resolve, validate_config
+from .config import TrainConfig, load_config, normalised, resolve
 from .errors import ConfigError, DataError, Interrupted
 from .module import SAEModule
 from .plots import save_run_plots
-from .sweep import pruning
+from .sweep.pruning import OptunaPruning, TrialContext
 
 
 @dataclass
 class Plan:
     """Everything a run needs, checked; nothing written yet."""
 
-    config: dict[str, Any]
-    datamodule: Any
+    config: TrainConfig
+    datamodule: Any  # a DataSource
     run_dir: Path | None  # None: a new folder under out_dir/runs, made by fit()
     resume: resume_mod.ResumePoint | None = None
     changed: list[str] = field(default_factory=list)  # keys a resumed run changed
@@ -104,8 +104,9 @@ def prepare(cfg, run_dir: Path | None = None, overrides: list[str] | None = None
         point, changed = None, []
         if composed.get("resume"):
             point = resume_mod.read(str(composed["resume"]))
-            composed, changed = resume_mod.resumed_config(point.config, composed, overrides)
-        config, datamodule = validate_config(composed)
+            composed, changed = resume_mod.resumed_config(point.config, composed, overrides, normalised)
+        config = load_config(composed)
+        datamodule = config.data.build()
         datamodule.open()  # an activation cache is harvested on first use, then checked
         if point is not None:
             _check_checkpoint(point, datamodule)
@@ -114,7 +115,7 @@ def prepare(cfg, run_dir: Path | None = None, overrides: list[str] | None = None
                     _remove_if_empty(run_dir)
                 run_dir = point.run_dir
         if run_dir is None:
-            check_writable(config["out_dir"])
+            check_writable(config.out_dir)
     except (ConfigError, DataError):
         _remove_if_empty(run_dir)
         raise
@@ -140,16 +141,16 @@ def _process_rank() -> int:
 def fit(plan: Plan) -> dict[str, Any]:
     config, datamodule, point = plan.config, plan.datamodule, plan.resume
     if _process_rank() != 0:  # another rank of a multi-process run: rank 0 owns the folder and writes
-        run_dir = Path(os.environ.get(RUN_DIR_ENV) or plan.run_dir or config["out_dir"])
+        run_dir = Path(os.environ.get(RUN_DIR_ENV) or plan.run_dir or config.out_dir)
     else:
-        run_dir = plan.run_dir or new_run_dir(config["out_dir"], config["variant"]["name"])
+        run_dir = plan.run_dir or new_run_dir(config.out_dir, config.variant.name)
         run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(config)))
+        atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(config.as_dict())))
         os.environ[RUN_DIR_ENV] = str(run_dir)  # Lightning's DDP launcher starts the other ranks with this environment
     if point is not None:
         print(f"resuming {run_dir} at step {point.step}"
               + (f"; changed: {', '.join(plan.changed)}" if plan.changed else ""), flush=True)
-    L.seed_everything(config["seed"], workers=True, verbose=False)
+    L.seed_everything(config.seed, workers=True, verbose=False)
     torch.set_float32_matmul_precision("high")
 
     module = SAEModule(config, datamodule.d_model)
@@ -163,20 +164,16 @@ def fit(plan: Plan) -> dict[str, Any]:
         dirpath=ckpt_dir, filename="best-step{step}", monitor="val/batch/fvu", mode="min",
         save_top_k=1, save_last=True, auto_insert_metric_name=False)
     stop = GracefulStop(ckpt_dir / "last.ckpt")
-    calibration = ThresholdCalibration(enabled=config["calibration"]["enabled"])
-    tokens_per_step = config["data"]["batch_size"] * _world_size(config["trainer"])
-    callbacks = [checkpoint, stop, ValidateLastStep(), calibration, LatentStatsMonitor(config["logging"]["histogram_every_n_steps"]),
+    calibration = ThresholdCalibration(enabled=config.calibration.enabled)
+    batch_size = config.data.batch_size
+    callbacks = [checkpoint, stop, ValidateLastStep(), calibration,
+                 LatentStatsMonitor(config.logging.histogram_every_n_steps),
                  L.pytorch.callbacks.LearningRateMonitor(logging_interval="step"),
-                 Progress(config["progress"], tokens_per_step)]
-    downstream = getattr(datamodule, "downstream", None) or {}
-    manifest = getattr(datamodule, "manifest", None)
-    if manifest is not None and manifest["harvest"]["lm"].get("causal") and downstream.get("enabled", True):
-        callbacks.append(DownstreamLoss(datamodule.path, manifest, downstream.get("contexts", 16),
-                                        config["data"]["batch_size"], downstream.get("final_contexts", 128),
-                                        downstream.get("during_training", True)))
-    if pruning.ACTIVE is not None:  # a trial of an Optuna sweep
-        callbacks.append(pruning.OptunaPruning(pruning.ACTIVE))
-    trainer = L.Trainer(**config["trainer"], logger=logger, callbacks=callbacks, default_root_dir=str(run_dir),
+                 Progress(config.progress, batch_size * config.trainer.world_size()),
+                 *datamodule.callbacks(batch_size)]
+    if config.sweep_trial is not None:  # a trial of an Optuna sweep
+        callbacks.append(OptunaPruning(TrialContext.from_spec(config.sweep_trial)))
+    trainer = L.Trainer(**config.trainer.args, logger=logger, callbacks=callbacks, default_root_dir=str(run_dir),
                         plugins=[AtomicCheckpointIO()], enable_model_summary=False, enable_progress_bar=False)
 
     try:
@@ -187,30 +184,24 @@ def fit(plan: Plan) -> dict[str, Any]:
     trainer.validate(module, datamodule=datamodule, verbose=False)
     trainer.save_checkpoint(ckpt_dir / "final.ckpt")
 
-    tokens = trainer.global_step * config["data"]["batch_size"] * trainer.world_size  # every rank its own batch
+    tokens = trainer.global_step * batch_size * trainer.world_size  # every rank its own batch
     metrics = {
-        "variant": config["variant"]["name"],
+        "variant": config.variant.name,
         "run_dir": str(run_dir),
-        "k": config["variant"]["k"],
-        "n_latents": config["model"]["n_latents"],
+        "k": config.variant.params.k,
+        "n_latents": config.model.n_latents,
         "steps": trainer.global_step,
         "tokens": tokens,
         "train_seconds": round(train_seconds, 2),
         "tokens_per_second": round(tokens / max(train_seconds, 1e-9), 1),
         "calibration": calibration.figures,
-        **module.last_val,
+        **module.results.scalars,
     }
     if trainer.is_global_zero:
         atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True) + "\n")
         save_run_plots(module, run_dir)
         print_summary(metrics, run_dir)
     return metrics
-
-
-def _world_size(trainer_cfg: dict) -> int:
-    devices = trainer_cfg.get("devices", "auto")
-    n = len(devices) if isinstance(devices, list) else devices if isinstance(devices, int) and devices > 0 else 1
-    return n * int(trainer_cfg.get("num_nodes", 1) or 1)
 
 
 def print_summary(metrics: dict[str, Any], run_dir: Path) -> None:

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from sae_lightning.config import validate_config
+from sae_lightning.config import load_config
 from sae_lightning.errors import ConfigError
 
 from .conftest import ROOT, compose_config
@@ -36,12 +36,12 @@ BAD = [
 @pytest.mark.parametrize("overrides,message", BAD)
 def test_bad_values_name_key_value_and_allowed(overrides, message):
     with pytest.raises(ConfigError, match=message):
-        validate_config(compose_config(overrides))
+        load_config(compose_config(overrides))
 
 
 def test_default_config_is_valid():
-    config, dm = validate_config(compose_config())
-    assert config["variant"]["name"] == "mutual_choice" and dm.d_model == config["data"]["d_model"]
+    config = load_config(compose_config())
+    assert config.variant.name == "mutual_choice" and config.data.build().d_model == config.data.d_model == 128
 
 
 def test_train_py_reports_a_config_error_in_one_line_and_writes_nothing(tmp_path):

@@ -61,14 +61,14 @@ def test_aux_residual_loss_is_one_for_an_empty_code():
 
 
 def test_build_losses_validates():
-    terms = build_losses({"aux_k": {"coef": 0.5}}, d_model=8)
+    terms = build_losses({"aux_k": {"coef": 0.5}})
     assert set(terms) == {"recon", "aux_k"} and terms["aux_k"].coef == 0.5
     with pytest.raises(ConfigError, match="variant.losses.aux_q"):
-        build_losses({"aux_q": {}}, 8)
+        build_losses({"aux_q": {}})
     with pytest.raises(ConfigError, match="variant.losses.aux_zipf.tau=-1"):
-        build_losses({"aux_zipf": {"tau": -1}}, 8)
+        build_losses({"aux_zipf": {"tau": -1}})
     with pytest.raises(ConfigError, match="variant.losses.aux_k.kaux"):
-        build_losses({"aux_k": {"kaux": 3}}, 8)
+        build_losses({"aux_k": {"kaux": 3}})
 
 
 def test_aux_zipf_trains_every_live_under_used_latent():
@@ -131,9 +131,9 @@ def test_coverage_gives_every_dead_latent_its_top_tokens():
 
 def test_aux_zipf_rejects_unknown_values():
     with pytest.raises(ConfigError, match="variant.losses.aux_zipf.values='sometimes'"):
-        build_losses({"aux_zipf": {"values": "sometimes"}}, 8)
+        build_losses({"aux_zipf": {"values": "sometimes"}})
     with pytest.raises(ConfigError, match="variant.losses.aux_zipf.coverage_tokens=-1"):
-        build_losses({"aux_zipf": {"coverage_tokens": -1}}, 8)
+        build_losses({"aux_zipf": {"coverage_tokens": -1}})
 
 
 def test_the_pull_term_raises_under_used_affinities_towards_the_cutoff_only():

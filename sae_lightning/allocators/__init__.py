@@ -4,7 +4,7 @@ that uses ``@register("name")`` is found by name with no other edit."""
 import importlib
 import pkgutil
 
-from .base import ALLOCATORS, Allocator, AllocatorConfig, CalibrationSet, register
+from .base import ALLOCATORS, Allocator, AllocatorConfig, CalibrationSet, Mode, register
 
 for _info in pkgutil.iter_modules(__path__):
     if _info.name != "base":
@@ -18,4 +18,4 @@ def get_allocator_class(name: str) -> type[Allocator]:
     return ALLOCATORS[name]
 
 
-__all__ = ["ALLOCATORS", "Allocator", "AllocatorConfig", "CalibrationSet", "register", "get_allocator_class"]
+__all__ = ["ALLOCATORS", "Allocator", "AllocatorConfig", "CalibrationSet", "Mode", "register", "get_allocator_class"]

@@ -1,18 +1,29 @@
-"""The allocator protocol, its registry, and the selection routines the allocators share."""
+"""The allocator protocol and its registry (the selection kernels are in ``selection.py``)."""
 
 from __future__ import annotations
 
 import abc
 import dataclasses
+from enum import StrEnum
 from typing import Callable, ClassVar, Iterator
 
-import torch
 from torch import Tensor, nn
 
-from ..errors import ConfigError, TrainingDiverged, require
+from ..errors import require
 from ..sparse import Selection
+from ..spec import parse, setting
 
 ALLOCATORS: dict[str, type["Allocator"]] = {}
+
+
+class Mode(StrEnum):
+    """How a code is computed: ``batch`` allocation (training, batch evaluation), ``threshold``
+    inference with the calibrated thresholds (one token at a time), or with the running-EMA
+    thresholds (``threshold_ema``)."""
+
+    BATCH = "batch"
+    THRESHOLD = "threshold"
+    THRESHOLD_EMA = "threshold_ema"
 
 
 def register(name: str):
@@ -24,9 +35,12 @@ def register(name: str):
     return deco
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(kw_only=True)
 class AllocatorConfig:
-    k: int = 32  # target mean number of active latents per token
+    k: int = setting(32, gt=0)  # target mean number of active latents per token
+
+    def check(self, prefix: str) -> None:
+        """Rules that span fields (ranges are checked from the field metadata)."""
 
 
 class CalibrationSet:
@@ -78,21 +92,13 @@ class Allocator(nn.Module, abc.ABC):
     # ---- configuration ------------------------------------------------------------------
     @classmethod
     def from_dict(cls, params: dict, n_latents: int, batch_size: int, prefix: str = "variant") -> "Allocator":
-        cfg = cls.parse_config(params, prefix)
-        cls.validate(cfg, n_latents, batch_size, prefix)
+        cfg = parse(cls.Config, params, prefix, what=f"allocator {cls.name!r}")
+        cls.check_fits(cfg, n_latents, batch_size, prefix)
         return cls(cfg, n_latents, batch_size)
 
     @classmethod
-    def parse_config(cls, params: dict, prefix: str = "variant") -> AllocatorConfig:
-        fields = {f.name for f in dataclasses.fields(cls.Config)}
-        for key in params:
-            if key not in fields:
-                raise ConfigError(f"{prefix}.{key}", params[key], f"a key of allocator {cls.name!r}: {sorted(fields)}")
-        return cls.Config(**params)
-
-    @classmethod
-    def validate(cls, cfg: AllocatorConfig, n_latents: int, batch_size: int, prefix: str = "variant") -> None:
-        require(isinstance(cfg.k, int) and cfg.k > 0, f"{prefix}.k", cfg.k, "an integer > 0")
+    def check_fits(cls, cfg: AllocatorConfig, n_latents: int, batch_size: int, prefix: str = "variant") -> None:
+        """The config against the dictionary and batch sizes (a budget the allocator can spend)."""
         require(cfg.k <= n_latents, f"{prefix}.k", cfg.k, f"at most model.n_latents = {n_latents}")
 
     # ---- the two modes ------------------------------------------------------------------
@@ -113,164 +119,6 @@ class Allocator(nn.Module, abc.ABC):
     def calibrate(self, cal: CalibrationSet) -> dict[str, float]:
         """Set the thresholds from held-out affinities; returns figures to log."""
         return {}
-
-
-def check_finite(top_values: Tensor) -> None:
-    """Raise TrainingDiverged if any of ``top_values`` is NaN or +inf. Allocators pass the
-    values ``torch.topk`` kept: it ranks NaN above every number, so a NaN or +inf anywhere
-    in a row (or column) of z' shows among that row's top values, at no extra pass over z'."""
-    if not bool(torch.isfinite(top_values).all()):
-        raise TrainingDiverged("non-finite affinities z' (NaN or inf) reached the allocator")
-
-
-def topk_per_row(z: Tensor, k: int) -> Selection:
-    """The top-k latents of every token (row-major order)."""
-    B, F = z.shape
-    k = min(k, F)
-    top = torch.topk(z, k, dim=1, sorted=False)
-    check_finite(top.values)
-    idx = top.indices
-    rows = torch.arange(B, device=z.device).repeat_interleave(k)
-    return Selection(rows=rows, cols=idx.reshape(-1), n_tokens=B)
-
-
-class GlobalTopK:
-    """Exact top-M of a flattened [B, F] matrix without sorting it.
-
-    1. From a strided sample of z', a threshold θ that a little more than M entries reach.
-    2. Each row's need (entries ≥ θ) is estimated on one contiguous eighth of the latents
-       (latent order is arbitrary, so it is a random sample of them). Every row takes its
-       top-w entries, w a power of two above the 75th percentile of the estimates; rows that
-       need more take their top next-power-of-two(need × 1.5).
-    3. Exactness check: a row whose last candidate still reaches θ may hold more entries ≥ θ
-       and is widened (×4); if fewer than M candidates reach θ, θ is lowered. Then every
-       entry ≥ θ is a candidate and at least M are ≥ θ, so the top-M of the candidates is
-       exactly the flat top-M (ties at the cut: ``torch.topk``'s).
-    """
-
-    SAMPLE = 1 << 16
-
-    def __call__(self, z: Tensor, budget: int) -> tuple[Selection, Tensor]:
-        B, F = z.shape
-        budget = min(budget, B * F)
-        device = z.device
-        if budget == 0:
-            empty = torch.empty(0, dtype=torch.long, device=device)
-            return Selection(rows=empty, cols=empty, n_tokens=B), z.new_empty(0)
-        flat = z.reshape(-1)
-        sample = flat[:: max(1, flat.numel() // self.SAMPLE)]
-        share = min(1.0, 1.2 * budget / flat.numel())  # aim 20 % above the budget
-        block = max(1, F // 8)
-        # widths: one for most rows, wider for the rows that need more
-        theta = self._quantile_from_top(sample, share, flat)
-        need = (z[:, :block] >= theta).sum(dim=1, dtype=torch.int32).to(torch.float32) * (F / block)
-        base = _pow2(int(torch.quantile(need, 0.75)) + 4, F)
-        width = torch.exp2(torch.ceil(torch.log2(1.5 * need + 4))).clamp_(min=base, max=F).to(torch.long)
-        rows_all = torch.arange(B, device=device)
-        groups: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
-
-        def take(rows: Tensor, w: int) -> None:
-            v, i = torch.topk(z[rows], w, dim=1, sorted=True)
-            groups[w] = (rows, v, i) if w not in groups else (
-                torch.cat([groups[w][0], rows]), torch.cat([groups[w][1], v]), torch.cat([groups[w][2], i]))
-
-        v, i = torch.topk(z, base, dim=1, sorted=True)  # every row, in place (no copy of z)
-        check_finite(v[:, 0])  # each row's largest value; NaN would keep the loop below from ending
-        light = width == base
-        groups[base] = (rows_all, v, i) if bool(light.all()) else (rows_all[light], v[light], i[light])
-        for w in torch.unique(width[~light]).tolist():
-            take(rows_all[width == w], int(w))
-        for _ in range(4 * 64):  # each pass halves the gap to share = 1 or widens rows ×4: it ends long before
-            above = sum(int((v >= theta).sum()) for _, v, _ in groups.values())
-            saturated = [(r[(v[:, -1] >= theta)], w) for w, (r, v, _) in groups.items() if w < F]
-            saturated = [(r, w) for r, w in saturated if r.numel()]
-            if not saturated and above >= budget:
-                break
-            if above < budget and share < 1.0:  # θ too high: lower it, keep the candidates, check again
-                share = min(1.0, 2 * share)
-                theta = self._quantile_from_top(sample, share, flat)
-                continue
-            for rows, w in saturated:  # move these rows to a wider group
-                r, v, i = groups.pop(w)
-                stay = ~torch.isin(r, rows)
-                if bool(stay.any()):
-                    groups[w] = (r[stay], v[stay], i[stay])
-                take(rows, min(F, 4 * w))
-        else:
-            raise RuntimeError(f"exact global top-{budget} did not converge on a [{B}, {F}] matrix (a bug: please report)")
-        cand_v = torch.cat([v.reshape(-1) for _, v, _ in groups.values()])
-        top = torch.topk(cand_v, budget, sorted=False)
-        cand_r = torch.cat([r.repeat_interleave(v.shape[1]) for r, v, _ in groups.values()])
-        cand_c = torch.cat([i.reshape(-1) for _, _, i in groups.values()])
-        key = cand_r[top.indices] * F + cand_c[top.indices]
-        key, order = torch.sort(key)
-        rows = torch.div(key, F, rounding_mode="floor")
-        return Selection(rows=rows, cols=key - rows * F, n_tokens=B), top.values[order]
-
-    @staticmethod
-    def _quantile_from_top(sample: Tensor, share: float, flat: Tensor) -> Tensor:
-        """A value that about ``share`` of the entries reach, judged on the sample."""
-        r = int(share * sample.numel()) + 8
-        if share >= 1.0 or r >= sample.numel():
-            return flat.min()
-        return torch.topk(sample, r, sorted=False).values.min()
-
-
-def _pow2(n: int, cap: int) -> int:
-    """The smallest power of two ≥ max(n, 1), at most ``cap``."""
-    return min(cap, 1 << max(0, int(n) - 1).bit_length())
-
-
-def per_column_topk(zt: Tensor, m: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """For each row j of ``zt`` ([F, B], latent-major) its top-m_j entries.
-
-    Latents are grouped by capacity so that each ``topk`` call asks for at most twice the
-    smallest capacity in its group: the work stays near Σ m_j even for Zipf capacities.
-    Returns (latent, token, value) of the kept entries and each latent's cutoff value
-    (its m_j-th largest, -inf where m_j = 0).
-    """
-    F_, B = zt.shape
-    order = torch.argsort(m, descending=True, stable=True)
-    m_sorted = m[order].tolist()
-    lat_out, tok_out, val_out = [], [], []
-    cutoff = torch.full((F_,), float("-inf"), dtype=zt.dtype, device=zt.device)
-    start = 0
-    while start < F_ and m_sorted[start] > 0:
-        top = m_sorted[start]
-        end = start
-        while end < F_ and m_sorted[end] > 0 and 2 * m_sorted[end] >= top:
-            end += 1
-        lat = order[start:end]
-        cap = m[lat]
-        vals, idx = torch.topk(zt[lat], top, dim=1, sorted=True)
-        check_finite(vals[:, 0])  # each latent's largest value
-        keep = torch.arange(top, device=zt.device).unsqueeze(0) < cap.unsqueeze(1)
-        lat_out.append(lat.unsqueeze(1).expand(-1, top)[keep])
-        tok_out.append(idx[keep])
-        val_out.append(vals[keep])
-        cutoff[lat] = vals.gather(1, (cap - 1).unsqueeze(1)).squeeze(1)
-        start = end
-    if not lat_out:
-        empty = torch.empty(0, dtype=torch.long, device=zt.device)
-        return empty, empty, zt.new_empty(0), cutoff
-    return torch.cat(lat_out), torch.cat(tok_out), torch.cat(val_out), cutoff
-
-
-def threshold_selection(z: Tensor, theta: Tensor, layout: str = "token") -> Selection:
-    """Pairs with z' > θ and z' > 0, token-major. θ is a scalar or one per latent."""
-    if layout == "token":
-        rows, cols = torch.nonzero((z > theta) & (z > 0), as_tuple=True)
-        return Selection(rows=rows, cols=cols, n_tokens=z.shape[0])
-    theta = theta.unsqueeze(1) if theta.dim() == 1 else theta
-    cols, rows = torch.nonzero((z > theta) & (z > 0), as_tuple=True)
-    return sort_pairs(rows, cols, n_tokens=z.shape[1], n_latents=z.shape[0])
-
-
-def sort_pairs(rows: Tensor, cols: Tensor, n_tokens: int, n_latents: int) -> Selection:
-    """Reorder (token, latent) pairs token-major."""
-    key = torch.sort(rows * n_latents + cols).values
-    rows = torch.div(key, n_latents, rounding_mode="floor")
-    return Selection(rows=rows, cols=key - rows * n_latents, n_tokens=n_tokens)
 
 
 def ema_update(ema: Tensor, count: Tensor, value: Tensor, beta: float) -> None:

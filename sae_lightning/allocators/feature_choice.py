@@ -9,34 +9,40 @@ import dataclasses
 import json
 import math
 from pathlib import Path
+from typing import Literal
 
 import torch
 from torch import Tensor
 
-from ..errors import ConfigError, require, require_choice
+from ..errors import ConfigError, require
+from ..selection import GlobalTopK, per_column_topk, sort_pairs, threshold_selection
 from ..sparse import Selection
+from ..spec import setting
 from ..zipf import uniform_capacities, zipf_capacities
-from .base import (Allocator, AllocatorConfig, CalibrationSet, GlobalTopK, ema_update, per_column_topk, register,
-                   sort_pairs, threshold_selection)
-from .mutual_choice import validate_threshold_ema
-
-CAPACITIES = ("uniform", "zipf")
-RANKINGS = ("static", "by_density")
+from .base import Allocator, AllocatorConfig, CalibrationSet, ema_update, register
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(kw_only=True)
 class FeatureChoiceConfig(AllocatorConfig):
-    capacity: str = "uniform"  # uniform | zipf
-    zipf_alpha: float = 1.0
-    zipf_beta: float = 0.0
+    capacity: Literal["uniform", "zipf"] = "uniform"
+    zipf_alpha: float = setting(1.0, ge=0)
+    zipf_beta: float = setting(0.0, gt=-1, allowed="a number > -1 (so that r + beta > 0 for r >= 1)")
     zipf_from: str | None = None  # a run folder: α, β of its validation density fit (metrics.json)
-    rank: str = "static"  # static | by_density: which latent gets which Zipf rank
-    rerank_every_steps: int = 100  # by_density: re-rank latents by their demand this often
-    demand_tokens: int = 256  # by_density: tokens of each batch on which demand is counted
-    demand_time_constant_tokens: int = 100_000  # by_density: EMA time constant of the demand, in tokens
-    mc_warmup_steps: int = 0  # train with Mutual Choice for the first N steps
-    threshold_ema_beta: float = 0.999  # EMA of each latent's cutoff (its m_j-th largest value)
-    threshold_ema_warmup_steps: int = 100
+    rank: Literal["static", "by_density"] = "static"  # which latent gets which Zipf rank
+    rerank_every_steps: int = setting(100, ge=1)  # by_density: re-rank latents by their demand this often
+    demand_tokens: int = setting(256, ge=1)  # by_density: tokens of each batch on which demand is counted
+    demand_time_constant_tokens: int = setting(100_000, ge=1, allowed="an integer >= 1 (tokens)")
+    mc_warmup_steps: int = setting(0, ge=0)  # train with Mutual Choice for the first N steps
+    threshold_ema_beta: float = setting(0.999, ge=0, lt=1, allowed="a number in [0, 1)")  # EMA of each latent's cutoff
+    threshold_ema_warmup_steps: int = setting(100, ge=0)
+
+    def check(self, prefix: str) -> None:
+        require(self.rank == "static" or self.capacity == "zipf", f"{prefix}.rank", self.rank,
+                "static with uniform capacities (every rank has the same capacity; set variant.capacity=zipf)")
+        if self.zipf_from is not None:
+            require(self.capacity == "zipf", f"{prefix}.zipf_from", self.zipf_from, "null with uniform capacities "
+                    "(it sets the Zipf shape: set variant.capacity=zipf)")
+            fitted_zipf(self.zipf_from, f"{prefix}.zipf_from")
 
 
 def fitted_zipf(run: str, key: str = "variant.zipf_from") -> tuple[float, float]:
@@ -88,24 +94,8 @@ class FeatureChoice(Allocator):
         self._warmup = GlobalTopK()
 
     @classmethod
-    def validate(cls, cfg, n_latents, batch_size, prefix="variant"):
-        super().validate(cfg, n_latents, batch_size, prefix)
-        require_choice(f"{prefix}.capacity", cfg.capacity, CAPACITIES)
-        require_choice(f"{prefix}.rank", cfg.rank, RANKINGS)
-        require(cfg.zipf_alpha >= 0, f"{prefix}.zipf_alpha", cfg.zipf_alpha, "a number >= 0")
-        require(cfg.zipf_beta > -1, f"{prefix}.zipf_beta", cfg.zipf_beta, "a number > -1 (so that r + beta > 0 for r >= 1)")
-        require(cfg.rerank_every_steps >= 1, f"{prefix}.rerank_every_steps", cfg.rerank_every_steps, "an integer >= 1")
-        require(cfg.rank == "static" or cfg.capacity == "zipf", f"{prefix}.rank", cfg.rank,
-                "static with uniform capacities (every rank has the same capacity; set variant.capacity=zipf)")
-        require(cfg.demand_tokens >= 1, f"{prefix}.demand_tokens", cfg.demand_tokens, "an integer >= 1")
-        require(cfg.demand_time_constant_tokens >= 1, f"{prefix}.demand_time_constant_tokens",
-                cfg.demand_time_constant_tokens, "an integer >= 1 (tokens)")
-        if cfg.zipf_from is not None:
-            require(cfg.capacity == "zipf", f"{prefix}.zipf_from", cfg.zipf_from, "null with uniform capacities "
-                    "(it sets the Zipf shape: set variant.capacity=zipf)")
-            fitted_zipf(cfg.zipf_from, f"{prefix}.zipf_from")
-        require(cfg.mc_warmup_steps >= 0, f"{prefix}.mc_warmup_steps", cfg.mc_warmup_steps, "an integer >= 0")
-        validate_threshold_ema(cfg, prefix)
+    def check_fits(cls, cfg, n_latents, batch_size, prefix="variant"):
+        super().check_fits(cfg, n_latents, batch_size, prefix)
         # Σ m_j = k·B with every m_j ≤ B needs k ≤ F (checked above); Zipf water-filling then
         # always has a solution, but say so plainly if a float edge case says otherwise.
         try:

@@ -8,21 +8,16 @@ import dataclasses
 import torch
 from torch import Tensor
 
-from ..errors import require
+from ..selection import GlobalTopK, threshold_selection
 from ..sparse import Selection
-from .base import Allocator, AllocatorConfig, CalibrationSet, GlobalTopK, ema_update, register, threshold_selection
+from ..spec import setting
+from .base import Allocator, AllocatorConfig, CalibrationSet, ema_update, register
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(kw_only=True)
 class MutualChoiceConfig(AllocatorConfig):
-    threshold_ema_beta: float = 0.999  # EMA of the smallest positive selected value
-    threshold_ema_warmup_steps: int = 100  # training steps before the EMA starts
-
-
-def validate_threshold_ema(cfg, prefix: str) -> None:
-    require(0.0 <= cfg.threshold_ema_beta < 1.0, f"{prefix}.threshold_ema_beta", cfg.threshold_ema_beta, "a number in [0, 1)")
-    require(cfg.threshold_ema_warmup_steps >= 0, f"{prefix}.threshold_ema_warmup_steps",
-            cfg.threshold_ema_warmup_steps, "an integer >= 0")
+    threshold_ema_beta: float = setting(0.999, ge=0, lt=1, allowed="a number in [0, 1)")  # EMA of the cutoff
+    threshold_ema_warmup_steps: int = setting(100, ge=0)  # training steps before the EMA starts
 
 
 def global_threshold_for_rate(cal: CalibrationSet, per_token: float) -> tuple[float, float]:
@@ -54,11 +49,6 @@ class MutualChoice(Allocator):
         self.register_buffer("theta_calibrated", torch.zeros(()))
         self.register_buffer("calibrated", torch.zeros((), dtype=torch.bool))
         self._global = GlobalTopK()
-
-    @classmethod
-    def validate(cls, cfg, n_latents, batch_size, prefix="variant"):
-        super().validate(cfg, n_latents, batch_size, prefix)
-        validate_threshold_ema(cfg, prefix)
 
     @property
     def has_thresholds(self) -> bool:

@@ -5,7 +5,8 @@ from __future__ import annotations
 from torch import Tensor
 
 from ..sparse import Selection
-from .base import Allocator, register, topk_per_row
+from ..selection import topk_per_row
+from .base import Allocator, register
 
 
 @register("topk")

@@ -20,10 +20,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .. import tb
+from ..allocators import Mode
 from ..atomic import atomic_write_text, file_lock
 from ..data import lm as lm_mod
 
-MODES = ("batch", "threshold")
+MODES = (Mode.BATCH, Mode.THRESHOLD)
 
 
 def eval_contexts(folder: Path, manifest: dict[str, Any], n: int) -> torch.Tensor:
@@ -144,6 +146,5 @@ class DownstreamLoss(L.Callback):
         pl_module.eval()
         self.figures = self.measure(pl_module)
         pl_module.train(was_training)
-        pl_module.last_val.update(self.figures)
-        if trainer.logger is not None:
-            trainer.logger.log_metrics(self.figures, step=trainer.global_step)
+        pl_module.results.scalars.update(self.figures)
+        tb.scalars(trainer, self.figures, trainer.global_step)

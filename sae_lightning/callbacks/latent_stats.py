@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import lightning as L
 
+from .. import tb
 from ..zipf import fit_zipf
 
 
@@ -21,7 +22,7 @@ class LatentStatsMonitor(L.Callback):
                                 "train/underused_fraction": summary["underused_fraction"]})
         if self.every_n_steps and step % self.every_n_steps == 0:
             density = stats.density
-            pl_module.log_histogram("train/log10_density", density[density > 0].log10())
+            tb.histogram(trainer, "train/log10_density", density[density > 0].log10(), step)
             fit = fit_zipf(density)
             if fit is not None:
                 pl_module.log_dict({"train/zipf_fit_alpha": fit[0], "train/zipf_fit_beta": fit[1]})

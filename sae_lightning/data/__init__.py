@@ -1,62 +1,95 @@
-"""Data sources by kind: each kind parses and validates its config and builds a DataModule."""
+"""Data sources, by kind: each is a spec (its config section) and a LightningDataModule.
+
+A source is one module of this package that registers its spec with ``@data_kind("name")``
+(every module here is imported, so nothing else needs editing) plus ``configs/data/<name>.yaml``.
+Its DataModule meets :class:`DataSource`: what training reads besides the loaders.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import pkgutil
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
-from ..errors import ConfigError, require, require_choice
-from .synthetic import SyntheticDataModule, SyntheticSpec
+from ..errors import ConfigError, require_choice
+from ..spec import as_dict, parse, setting
 
-LOADER_KEYS = ("kind", "batch_size", "val_tokens", "calibration_tokens", "num_workers")
+if TYPE_CHECKING:
+    import lightning as L
+    from torch import Tensor
 
-
-def _synthetic(cfg: dict) -> SyntheticDataModule:
-    spec_fields = {f.name for f in dataclasses.fields(SyntheticSpec)}
-    for key in cfg:
-        if key not in spec_fields and key not in LOADER_KEYS:
-            raise ConfigError(f"data.{key}", cfg[key], f"a key of data kind 'synthetic': {sorted(spec_fields | set(LOADER_KEYS))}")
-    spec = SyntheticSpec(**{key: value for key, value in cfg.items() if key in spec_fields})
-    spec.validate()
-    return SyntheticDataModule(spec, batch_size=cfg["batch_size"], val_tokens=cfg["val_tokens"],
-                               calibration_tokens=cfg["calibration_tokens"], num_workers=cfg.get("num_workers", 0))
+DATA_KINDS: dict[str, type["DataSpec"]] = {}
 
 
-def _activations(cfg: dict):
-    from .activations import KEYS, ActivationsDataModule
-    from .harvest import HarvestSpec
-
-    for key in cfg:
-        if key not in KEYS:
-            raise ConfigError(f"data.{key}", cfg[key], f"a key of data kind 'activations': {sorted(KEYS)}")
-    require(isinstance(cfg.get("path"), str) and cfg["path"], "data.path", cfg.get("path"), "the folder of an activation cache")
-    d = cfg.get("d_model")
-    require(d is None or (isinstance(d, int) and d >= 1), "data.d_model", d, "null (the cache's) or an integer >= 1")
-    require(isinstance(cfg.get("seed", 0), int), "data.seed", cfg.get("seed"), "an integer")
-    buf = cfg.get("shuffle_buffer_tokens", 262144)
-    require(isinstance(buf, int) and buf >= 1, "data.shuffle_buffer_tokens", buf, "an integer >= 1")
-    require_choice("data.verify", cfg.get("verify", "checksum"), ("checksum", "size"))
-    spec = HarvestSpec.parse(cfg["harvest"]) if cfg.get("harvest") is not None else None
-    down = cfg.get("downstream") or {}
-    require(isinstance(down, dict), "data.downstream", down, "a mapping")
-    allowed = {"enabled": (bool,), "during_training": (bool,), "contexts": (int,), "final_contexts": (int,)}
-    for key, value in down.items():
-        require(key in allowed and isinstance(value, allowed[key]), f"data.downstream.{key}", value,
-                "enabled / during_training: true|false, contexts / final_contexts: an integer >= 1")
-    for key in ("contexts", "final_contexts"):
-        require(down.get(key, 16) >= 1, f"data.downstream.{key}", down.get(key), "an integer >= 1")
-    return ActivationsDataModule(cfg, spec, down)
+def data_kind(name: str):
+    """Register a DataSpec subclass as the spec of ``data.kind = name``."""
+    def deco(cls):
+        cls.KIND = name
+        DATA_KINDS[name] = cls
+        return cls
+    return deco
 
 
-DATA_KINDS = {"synthetic": _synthetic, "activations": _activations}
+@dataclass(kw_only=True)
+class DataSpec:
+    """The keys of every data kind; a kind adds its own."""
+
+    kind: str
+    batch_size: int = setting(1024, ge=1)
+    val_tokens: int = setting(16384, ge=1)
+    calibration_tokens: int = setting(16384, ge=1)
+    num_workers: int = setting(0, ge=0)
+
+    KIND: ClassVar[str] = ""
+
+    @classmethod
+    def from_raw(cls, raw: Any, prefix: str) -> "DataSpec":
+        if not isinstance(raw, dict):
+            raise ConfigError(prefix, raw, "a mapping (a config section)")
+        require_choice(f"{prefix}.kind", raw.get("kind"), sorted(DATA_KINDS))
+        return parse(DATA_KINDS[raw["kind"]], raw, prefix, what=f"data kind {raw['kind']!r}")
+
+    def build(self) -> "DataSource":
+        raise NotImplementedError(f"data kind {self.kind!r} does not build a DataModule")
+
+    def as_dict(self) -> dict:
+        return as_dict(self)
+
+    def replace(self, **changes) -> "DataSpec":
+        return dataclasses.replace(self, **changes)
 
 
-def build_datamodule(cfg: dict):
-    require_choice("data.kind", cfg.get("kind"), sorted(DATA_KINDS))
-    for key in ("batch_size", "val_tokens", "calibration_tokens"):
-        require(isinstance(cfg.get(key), int) and cfg[key] >= 1, f"data.{key}", cfg.get(key), "an integer >= 1")
-    require(isinstance(cfg.get("num_workers", 0), int) and cfg.get("num_workers", 0) >= 0, "data.num_workers",
-            cfg.get("num_workers"), "an integer >= 0")
-    return DATA_KINDS[cfg["kind"]](cfg)
+class DataSource(Protocol):
+    """What training asks of a data module, besides Lightning's loaders."""
+
+    @property
+    def d_model(self) -> int: ...
+
+    @property
+    def true_features(self) -> "Tensor | None":
+        """Ground-truth feature directions [n_features, d] when the data have them (synthetic)."""
+
+    def open(self) -> None:
+        """Make the data ready and check them (harvest a missing cache, verify it); DataError if unusable."""
+
+    def sample(self, n: int) -> "Tensor":
+        """n training tokens for initialisation."""
+
+    def calibration_tokens(self) -> "Tensor":
+        """Held-out tokens of the training distribution for threshold calibration."""
+
+    def callbacks(self, batch_size: int) -> "list[L.Callback]":
+        """Callbacks this source adds to a run (e.g. the downstream loss of a causal model)."""
 
 
-__all__ = ["DATA_KINDS", "build_datamodule", "SyntheticDataModule", "SyntheticSpec"]
+def build_datamodule(raw: dict, prefix: str = "data") -> DataSource:
+    """Parse a data section and build its DataModule."""
+    return DataSpec.from_raw(raw, prefix).build()
+
+
+for _info in pkgutil.iter_modules(__path__):  # every source registers itself
+    importlib.import_module(f"{__name__}.{_info.name}")
+
+__all__ = ["DATA_KINDS", "DataSource", "DataSpec", "build_datamodule", "data_kind"]

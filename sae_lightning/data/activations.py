@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Literal
 
 import lightning as L
 import numpy as np
@@ -25,11 +26,38 @@ from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 
 from ..errors import ConfigError, DataError
+from ..spec import setting
+from . import DataSpec, data_kind
+from .harvest import HarvestSpec, check_matches
 from .shards import ShardReader, fingerprint, read_manifest, verify_cache
 from .stream import batch_indices
 
-KEYS = ("kind", "path", "batch_size", "val_tokens", "calibration_tokens", "num_workers", "d_model", "seed",
-        "shuffle_buffer_tokens", "verify", "harvest", "downstream")
+@dataclass(kw_only=True)
+class DownstreamSpec:
+    """ΔCE / loss recovered of a causal model's cache (see callbacks/downstream.py)."""
+
+    enabled: bool = True
+    during_training: bool = True  # also at each validation during training (else only the final figures)
+    contexts: int = setting(16, ge=1)  # at each validation during training
+    final_contexts: int = setting(128, ge=1)  # for the final figures in metrics.json
+
+
+@data_kind("activations")
+@dataclass(kw_only=True)
+class ActivationsData(DataSpec):
+    """``data.kind = activations``: an activation cache, harvested on first use when a harvest
+    section says how."""
+
+    path: str = setting(allowed="the folder of an activation cache")
+    d_model: int | None = setting(None, ge=1, allowed="null (the cache's) or an integer >= 1")
+    seed: int = 0  # the shuffle order
+    shuffle_buffer_tokens: int = setting(262144, ge=1)  # tokens mixed at a time (the loader's memory bound)
+    verify: Literal["checksum", "size"] = "checksum"
+    harvest: HarvestSpec | None = None  # how to make the cache when it is missing (None: only read)
+    downstream: DownstreamSpec = setting(default_factory=DownstreamSpec)
+
+    def build(self) -> "ActivationsDataModule":
+        return ActivationsDataModule(self)
 
 
 class Order:
@@ -70,28 +98,26 @@ class TrainStream(IterableDataset):
 
 
 class ActivationsDataModule(L.LightningDataModule):
-    def __init__(self, cfg: dict[str, Any], harvest_spec=None, downstream: dict[str, Any] | None = None):
+    def __init__(self, spec: ActivationsData):
         super().__init__()
-        self.cfg, self.path = cfg, Path(cfg["path"]).expanduser()
-        self.batch_size, self.num_workers = cfg["batch_size"], cfg.get("num_workers", 0)
-        self.harvest_spec, self.downstream = harvest_spec, downstream or {}
+        self.spec, self.path = spec, Path(spec.path).expanduser()
+        self.batch_size, self.num_workers = spec.batch_size, spec.num_workers
+        self.harvest_spec = spec.harvest
         self.manifest: dict[str, Any] | None = read_manifest(self.path)
         self._reader: ShardReader | None = None
         self._val: Tensor | None = None
         self._restored: dict[str, Any] | None = None
-        if self.manifest is None and harvest_spec is None:
+        if self.manifest is None and self.harvest_spec is None:
             raise DataError(f"no activation cache at {self.path} (no manifest.json) and no data.harvest section to make "
                             "one: harvest it first (python harvest.py data=...) or point data.path at a cache")
         if self.manifest is not None:
             self._check_d_model(self.manifest["d_model"])
-            if harvest_spec is not None:
-                from .harvest import check_matches
-
-                check_matches(self.manifest, harvest_spec, self.path)
+            if self.harvest_spec is not None:
+                check_matches(self.manifest, self.harvest_spec, self.path)
 
     # ---- the cache ------------------------------------------------------------------------------
     def _check_d_model(self, d: int) -> None:
-        want = self.cfg.get("d_model")
+        want = self.spec.d_model
         if want is not None and want != d:
             raise ConfigError("data.d_model", want, f"null or {d}: the cache {self.path} holds d_model {d}")
 
@@ -132,7 +158,7 @@ class ActivationsDataModule(L.LightningDataModule):
         if self._reader is None:
             if not self.ready():
                 self.prepare_data()
-            verify_cache(self.path, self.manifest, checksum=self.cfg.get("verify", "checksum") == "checksum")
+            verify_cache(self.path, self.manifest, checksum=self.spec.verify == "checksum")
             self._reader = ShardReader(self.path, self.manifest)
             try:
                 self._split()
@@ -143,7 +169,7 @@ class ActivationsDataModule(L.LightningDataModule):
 
     def _split(self) -> None:
         n, B = self._reader.n_tokens, self.batch_size
-        val, cal = self.cfg["val_tokens"], self.cfg["calibration_tokens"]
+        val, cal = self.spec.val_tokens, self.spec.calibration_tokens
         self.n_batches = (n - val - cal) // B
         if self.n_batches < 1:
             raise DataError(f"activation cache {self.path} holds {n} tokens: too few for data.val_tokens={val} + "
@@ -152,12 +178,8 @@ class ActivationsDataModule(L.LightningDataModule):
         self.train_tokens = self.n_batches * B
         self.cal_range = (n - val - cal, n - val)
         self.val_range = (n - val, n)
-        window = max(1, int(self.cfg.get("shuffle_buffer_tokens", 262144)) // B)
-        self.order = Order(self.n_batches, B, window, int(self.cfg.get("seed", 0)))
-
-    @property
-    def known_d_model(self) -> int | None:
-        return self.manifest["d_model"] if self.manifest is not None else self.cfg.get("d_model")
+        window = max(1, self.spec.shuffle_buffer_tokens // B)
+        self.order = Order(self.n_batches, B, window, self.spec.seed)
 
     @property
     def d_model(self) -> int:
@@ -170,12 +192,24 @@ class ActivationsDataModule(L.LightningDataModule):
     def fingerprint(self) -> str:
         return fingerprint(self.manifest)
 
-    # ---- what the module asks for -------------------------------------------------------------
+    # ---- what training asks for (DataSource) -------------------------------------------------
+    true_features = None
+
+    def callbacks(self, batch_size: int) -> list:
+        """The downstream loss (ΔCE, loss recovered) when the cache's model is causal."""
+        down = self.spec.downstream
+        if self.manifest is None or not self.manifest["harvest"]["lm"].get("causal") or not down.enabled:
+            return []
+        from ..callbacks.downstream import DownstreamLoss
+
+        return [DownstreamLoss(self.path, self.manifest, down.contexts, batch_size, down.final_contexts,
+                               down.during_training)]
+
     def sample(self, n: int) -> Tensor:
         """Training tokens for initialisation: n spread uniformly at random (fixed by data.seed)."""
         reader = self.reader
         n = min(n, self.train_tokens)
-        idx = np.sort(np.random.default_rng([int(self.cfg.get("seed", 0)), 7]).choice(self.train_tokens, n, replace=False))
+        idx = np.sort(np.random.default_rng([self.spec.seed, 7]).choice(self.train_tokens, n, replace=False))
         return reader.gather(idx)
 
     def calibration_tokens(self) -> Tensor:
@@ -205,7 +239,7 @@ class ActivationsDataModule(L.LightningDataModule):
 
     # ---- the position in the checkpoint -------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"position": self.position(), "fingerprint": self.fingerprint, "seed": int(self.cfg.get("seed", 0)),
+        return {"position": self.position(), "fingerprint": self.fingerprint, "seed": self.spec.seed,
                 "batch_size": self.batch_size, "path": str(self.path)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -213,7 +247,7 @@ class ActivationsDataModule(L.LightningDataModule):
             raise DataError(f"the checkpoint was trained on the activation cache {state.get('path')} (fingerprint "
                             f"{state.get('fingerprint')}), but data.path={self.path} holds other activations "
                             f"(fingerprint {self.fingerprint}); point data.path at the checkpoint's cache")
-        if state.get("seed") != int(self.cfg.get("seed", 0)) or state.get("batch_size") != self.batch_size:
-            raise ConfigError("data.seed / data.batch_size", (self.cfg.get("seed", 0), self.batch_size),
+        if state.get("seed") != self.spec.seed or state.get("batch_size") != self.batch_size:
+            raise ConfigError("data.seed / data.batch_size", (self.spec.seed, self.batch_size),
                               f"the checkpoint's ({state.get('seed')}, {state.get('batch_size')}) to resume its data stream")
         self._restored = state

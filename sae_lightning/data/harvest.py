@@ -15,92 +15,66 @@ import json
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Literal
 
 import numpy as np
 import torch
 
 from ..atomic import file_lock, remove_temporaries
-from ..errors import ConfigError, DataError, require, require_choice
+from ..errors import ConfigError, DataError, require
+from ..spec import parse, setting
 from . import corpus as corpus_mod
 from . import lm as lm_mod
-from .shards import (DTYPES, FORMAT, MANIFEST, atomic_save_npy, atomic_write_json, ids_name, read_manifest,
+from .shards import (FORMAT, MANIFEST, atomic_save_npy, atomic_write_json, ids_name, read_manifest,
                      shard_name, to_storage, verify_shard)
 
-LM_DTYPES = ("float32", "bfloat16", "float16")
 
-
-@dataclass
+@dataclass(kw_only=True)
 class LMSpec:
-    name: str = "builtin:minilm"
+    name: str = setting("builtin:minilm", allowed="builtin:minilm, builtin:smollm2, a local folder, a .gguf file or "
+                        "a hub name")
     revision: str | None = None
     gguf_file: str | None = None
-    dtype: str = "float32"  # the model's compute dtype
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # the model's compute dtype
+    device: str = setting("auto", allowed="auto, cpu, cuda or cuda:N")
+
+    def check(self, prefix: str) -> None:
+        require(self.device in ("auto", "cpu") or self.device.startswith("cuda"), f"{prefix}.device", self.device,
+                "auto, cpu, cuda or cuda:N")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class CorpusSpec:
-    path: str = "builtin:python_docstrings"
-    format: str = "auto"  # auto | text | json | parquet (local files)
+    path: str = setting("builtin:python_docstrings", allowed="local files (file, folder or glob), a hub dataset "
+                        "name or builtin:python_docstrings")
+    format: Literal["auto", "text", "json", "parquet"] = "auto"  # local files
     column: str = "text"
     split: str = "train"  # hub datasets
     name: str | None = None  # hub dataset config
     revision: str | None = None
 
 
-@dataclass
+@dataclass(kw_only=True)
 class HarvestSpec:
-    lm: LMSpec = field(default_factory=LMSpec)
-    corpus: CorpusSpec = field(default_factory=CorpusSpec)
-    site: str = "resid_post"
+    """How a cache is harvested (defaults: those of configs/data/minilm.yaml, kept equal by a test)."""
+
+    lm: LMSpec = setting(default_factory=LMSpec)
+    corpus: CorpusSpec = setting(default_factory=CorpusSpec)
+    site: Literal["resid_post", "resid_pre"] = "resid_post"
     layer: int = 3
-    context_length: int = 128
-    batch_size: int = 32  # contexts per forward pass
-    token_budget: int = 1_000_000  # harvest until this many tokens are stored (or the corpus ends)
-    dtype: str = "float16"  # stored activations: float32 | float16 | bfloat16
+    context_length: int = setting(128, ge=2)
+    batch_size: int = setting(32, ge=1)  # contexts per forward pass
+    token_budget: int = setting(1_000_000, ge=1)  # harvest until this many tokens are stored (or the corpus ends)
+    dtype: Literal["float32", "float16", "bfloat16"] = "float16"  # stored activations
     drop_special: bool = True  # drop BOS/EOS/SEP/CLS positions (padding is always dropped)
-    prepend_bos: str | bool = "auto"  # auto: for causal models whose tokenizer adds none
-    shard_tokens: int = 131072  # about this many tokens per shard
+    prepend_bos: Literal["auto"] | bool = setting("auto", allowed="auto, true or false")  # auto: causal models
+    shard_tokens: int = setting(131072, ge=1)  # about this many tokens per shard
 
     @classmethod
-    def parse(cls, cfg: dict[str, Any], prefix: str = "data.harvest") -> "HarvestSpec":
-        require(isinstance(cfg, dict), prefix, cfg, "a mapping")
-        known = {f for f in cls.__dataclass_fields__}
-        for key in cfg:
-            require(key in known, f"{prefix}.{key}", cfg[key], f"a key of {prefix}: {sorted(known)}")
-        sub = {}
-        for key, sub_cls in (("lm", LMSpec), ("corpus", CorpusSpec)):
-            value = cfg.get(key) or {}
-            require(isinstance(value, dict), f"{prefix}.{key}", value, "a mapping")
-            allowed = set(sub_cls.__dataclass_fields__)
-            for k in value:
-                require(k in allowed, f"{prefix}.{key}.{k}", value[k], f"a key of {prefix}.{key}: {sorted(allowed)}")
-            sub[key] = sub_cls(**value)
-        spec = cls(**{**{k: v for k, v in cfg.items() if k not in sub}, **sub})
-        spec.validate(prefix)
-        return spec
-
-    def validate(self, prefix: str = "data.harvest") -> None:
-        require(isinstance(self.lm.name, str) and self.lm.name, f"{prefix}.lm.name", self.lm.name,
-                "builtin:minilm, builtin:smollm2, a local folder, a .gguf file or a hub name")
-        require_choice(f"{prefix}.lm.dtype", self.lm.dtype, LM_DTYPES)
-        require(isinstance(self.lm.device, str) and (self.lm.device in ("auto", "cpu") or self.lm.device.startswith("cuda")),
-                f"{prefix}.lm.device", self.lm.device, "auto, cpu, cuda or cuda:N")
-        require(isinstance(self.corpus.path, str) and self.corpus.path, f"{prefix}.corpus.path", self.corpus.path,
-                "local files (file, folder or glob), a hub dataset name or builtin:python_docstrings")
-        require_choice(f"{prefix}.corpus.format", self.corpus.format, corpus_mod.FORMATS)
-        require_choice(f"{prefix}.site", self.site, lm_mod.SITES)
-        require(isinstance(self.layer, int) and not isinstance(self.layer, bool), f"{prefix}.layer", self.layer, "an integer")
-        for key, low in (("context_length", 2), ("batch_size", 1), ("token_budget", 1), ("shard_tokens", 1)):
-            value = getattr(self, key)
-            require(isinstance(value, int) and not isinstance(value, bool) and value >= low, f"{prefix}.{key}", value,
-                    f"an integer >= {low}")
-        require_choice(f"{prefix}.dtype", self.dtype, tuple(DTYPES))
-        require(isinstance(self.drop_special, bool), f"{prefix}.drop_special", self.drop_special, "true or false")
-        require(self.prepend_bos in ("auto", True, False), f"{prefix}.prepend_bos", self.prepend_bos, "auto, true or false")
+    def parse(cls, cfg: Any, prefix: str = "data.harvest") -> "HarvestSpec":
+        return parse(cls, cfg, prefix)
 
 
 def _device(name: str) -> str:

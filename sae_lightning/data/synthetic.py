@@ -19,30 +19,38 @@ from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 
 from ..errors import require
+from ..spec import setting
+from . import DataSpec, data_kind
 from .stream import batch_indices
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(kw_only=True)
 class SyntheticSpec:
-    d_model: int = 128
-    n_features: int = 1024  # ground-truth features
-    active_median: float = 16.0  # median number of active features per token (log-normal)
-    active_sigma: float = 0.8  # log-normal σ: the heavier, the more tokens need many latents
-    active_max: int = 128
-    feature_zipf_alpha: float = 0.6  # feature frequency ∝ rank^-alpha
-    magnitude_sigma: float = 0.5  # coefficient = exp(N(0, σ²))
-    noise_std: float = 0.01  # per-dimension Gaussian noise, relative to a unit feature
-    offset_norm: float = 2.0  # a fixed mean vector added to every token
+    """The generator (defaults: those of configs/data/synthetic.yaml, kept equal by a test)."""
+
+    d_model: int = setting(128, ge=2)
+    n_features: int = setting(1024, ge=1)  # ground-truth features
+    active_median: float = setting(16.0, gt=0)  # median number of active features per token (log-normal)
+    active_sigma: float = setting(0.8, ge=0)  # log-normal σ: the heavier, the more tokens need many latents
+    active_max: int = setting(128, ge=1)
+    feature_zipf_alpha: float = setting(0.6, ge=0)  # feature frequency ∝ rank^-alpha
+    magnitude_sigma: float = setting(0.5, ge=0)  # coefficient = exp(N(0, σ²))
+    noise_std: float = setting(0.01, ge=0)  # per-dimension Gaussian noise, relative to a unit feature
+    offset_norm: float = setting(2.0, ge=0)  # a fixed mean vector added to every token
     seed: int = 0  # the data (features and token streams); separate from the training seed
 
-    def validate(self, prefix: str = "data") -> None:
-        require(self.d_model >= 2, f"{prefix}.d_model", self.d_model, "an integer >= 2")
-        require(self.n_features >= 1, f"{prefix}.n_features", self.n_features, "an integer >= 1")
-        require(1 <= self.active_max <= self.n_features, f"{prefix}.active_max", self.active_max,
+    def check(self, prefix: str = "data") -> None:
+        require(self.active_max <= self.n_features, f"{prefix}.active_max", self.active_max,
                 f"an integer in [1, data.n_features = {self.n_features}]")
-        require(self.active_median > 0, f"{prefix}.active_median", self.active_median, "a number > 0")
-        require(self.active_sigma >= 0, f"{prefix}.active_sigma", self.active_sigma, "a number >= 0")
-        require(self.noise_std >= 0, f"{prefix}.noise_std", self.noise_std, "a number >= 0")
+
+
+@data_kind("synthetic")
+@dataclasses.dataclass(kw_only=True)
+class SyntheticData(DataSpec, SyntheticSpec):
+    """``data.kind = synthetic``: the loader's keys and the generator's."""
+
+    def build(self) -> "SyntheticDataModule":
+        return SyntheticDataModule(self)
 
 
 class SyntheticActivations:
@@ -92,16 +100,18 @@ class TrainStream(IterableDataset):
 
 
 class SyntheticDataModule(L.LightningDataModule):
-    def __init__(self, spec: SyntheticSpec, batch_size: int = 1024, val_tokens: int = 16384,
-                 calibration_tokens: int = 16384, num_workers: int = 0):
+    def __init__(self, spec: SyntheticData):
         super().__init__()
-        self.spec, self.batch_size, self.num_workers = spec, batch_size, num_workers
-        self.val_tokens, self.calibration_tokens_n = val_tokens, calibration_tokens
+        self.spec, self.batch_size, self.num_workers = spec, spec.batch_size, spec.num_workers
+        self.val_tokens, self.calibration_tokens_n = spec.val_tokens, spec.calibration_tokens
         self.source = SyntheticActivations(spec)
         self._val: Tensor | None = None
 
     def open(self) -> None:
         """Nothing to fetch or check: the data are generated from the seed."""
+
+    def callbacks(self, batch_size: int) -> list:
+        return []
 
     @property
     def d_model(self) -> int:

@@ -12,10 +12,6 @@ from dataclasses import dataclass
 import lightning as L
 import optuna
 
-# set by the sweeper around each trial it launches (trials run in this process)
-ACTIVE: "TrialContext | None" = None
-
-
 @dataclass
 class TrialContext:
     study: optuna.Study
@@ -25,6 +21,14 @@ class TrialContext:
     min_trials: int = 4
     margin: float = 0.05
     enabled: bool = True
+
+    @classmethod
+    def from_spec(cls, spec) -> "TrialContext":
+        """The trial a run is, from ``config.sweep_trial`` (set by the sweeper): the study is
+        opened from its storage, so a trial can run in any process that reaches it."""
+        study = optuna.load_study(study_name=spec.study, storage=spec.storage)
+        return cls(study, optuna.trial.Trial(study, spec.trial_id), spec.fvu_key, spec.l0_key, spec.min_trials,
+                   spec.margin, spec.pruning)
 
     def record(self, step: int, fvu: float, l0: float) -> None:
         history = dict(self.trial.user_attrs.get("intermediate", {}))
@@ -57,10 +61,10 @@ class OptunaPruning(L.Callback):
     def on_validation_end(self, trainer, pl_module) -> None:
         if trainer.sanity_checking or trainer.state.fn != "fit":
             return
-        m = pl_module.last_val
+        m = trainer.callback_metrics
         if self.ctx.fvu_key not in m or self.ctx.l0_key not in m:
             return
-        step, fvu, l0 = trainer.global_step, m[self.ctx.fvu_key], m[self.ctx.l0_key]
+        step, fvu, l0 = trainer.global_step, float(m[self.ctx.fvu_key]), float(m[self.ctx.l0_key])
         self.ctx.record(step, fvu, l0)
         if self.ctx.should_prune(step, fvu, l0):
             raise optuna.TrialPruned(f"pruned at step {step}: FVU {fvu:.4f} at L0 {l0:.1f} is dominated")

@@ -37,7 +37,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..atomic import file_lock
 from ..errors import ConfigError, DataError, Interrupted, require, require_choice
-from . import pruning
 from .space import Param, format_override, split_space, to_param
 
 log = logging.getLogger(__name__)
@@ -277,21 +276,32 @@ class OptunaSweeper(Sweeper):
             return run_dir
         return None
 
+    def _trial_override(self, trial: optuna.Trial) -> str:
+        """``sweep_trial={...}``: which trial the run is and how it is pruned (see TrialSpec)."""
+        def q(v) -> str:
+            if isinstance(v, bool):
+                return "true" if v else "false"
+            if isinstance(v, str):  # quoted: storage URLs hold ':' and '/'
+                return "'" + v.replace("\\", "\\\\").replace("'", "\\'") + "'"
+            return str(v)
+
+        spec = {"storage": self.storage_url, "study": self.study_name, "trial_id": trial._trial_id,
+                "number": trial.number, "fvu_key": self.objectives[0],
+                "l0_key": self.objectives[1] if len(self.objectives) > 1 else "val/batch/l0_mean",
+                "min_trials": int(self.pruner["min_trials"]), "margin": float(self.pruner["margin"]),
+                "pruning": bool(self.pruner["enabled"])}
+        return "sweep_trial={" + ",".join(f"{k}:{q(v)}" for k, v in spec.items()) + "}"
+
     def _run_trial(self, study: optuna.Study, trial: optuna.Trial, overrides: list[str]):
-        pruning.ACTIVE = pruning.TrialContext(study, trial, fvu_key=self.objectives[0],
-                                              l0_key=self.objectives[1] if len(self.objectives) > 1 else "val/batch/l0_mean",
-                                              min_trials=int(self.pruner["min_trials"]),
-                                              margin=float(self.pruner["margin"]), enabled=bool(self.pruner["enabled"]))
         try:
             with Heartbeat(self._storage, trial._trial_id, self.heartbeat):
-                self.validate_batch_is_legal([overrides])
-                (ret,) = self.launcher.launch([overrides], initial_job_idx=trial.number)
+                job = [*overrides, self._trial_override(trial)]
+                self.validate_batch_is_legal([job])
+                (ret,) = self.launcher.launch([job], initial_job_idx=trial.number)
         except KeyboardInterrupt:  # a second Ctrl-C, or one outside training: stop now
             self._interrupted(study, trial, "interrupted (Ctrl-C)")
         except Exception as e:  # the overrides do not compose: a failed trial, not a failed sweep
             return self._fail(study, trial, e)
-        finally:
-            pruning.ACTIVE = None
         run_dir = str(ret.hydra_cfg.hydra.runtime.output_dir) if ret.hydra_cfg is not None else None
         if run_dir and "run_dir" not in trial.user_attrs:
             trial.set_user_attr("run_dir", run_dir)

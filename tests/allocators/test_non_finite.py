@@ -55,10 +55,11 @@ def test_non_finite_affinities_stop_every_allocator_at_once(name, params, bad, d
 
 @pytest.mark.parametrize("variant", ["topk", "mutual_choice", "feature_choice"])
 def test_a_non_finite_batch_is_named_with_its_token_and_step(variant):
-    from sae_lightning.config import validate_config
+    from sae_lightning.config import load_config
     from sae_lightning.module import SAEModule
 
-    config, dm = validate_config(compose_config([f"variant={variant}", *TINY, "variant.k=8"]))
+    config = load_config(compose_config([f"variant={variant}", *TINY, "variant.k=8"]))
+    dm = config.data.build()
     module = SAEModule(config, dm.d_model)
     x = dm.sample(128)
     x[17, 3] = float("nan")
@@ -69,10 +70,11 @@ def test_a_non_finite_batch_is_named_with_its_token_and_step(variant):
 
 
 def test_the_step_and_the_tensor_are_named_when_the_weights_diverge():
-    from sae_lightning.config import validate_config
+    from sae_lightning.config import load_config
     from sae_lightning.module import SAEModule
 
-    config, dm = validate_config(compose_config(["variant=mutual_choice", *TINY, "variant.k=8"]))
+    config = load_config(compose_config(["variant=mutual_choice", *TINY, "variant.k=8"]))
+    dm = config.data.build()
     module = SAEModule(config, dm.d_model)
     with torch.no_grad():
         module.sae.W_enc[5, 2] = float("nan")

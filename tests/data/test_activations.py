@@ -143,12 +143,12 @@ def test_a_cache_of_other_settings_is_refused(cache, tiny_lm, corpus_file):
 
 
 def test_data_cache_config_needs_a_path():
-    from sae_lightning.config import validate_config
+    from sae_lightning.config import load_config
 
     from ..conftest import compose_config
 
     with pytest.raises(ConfigError, match=r"data.path='\?\?\?' is not allowed; expected a value"):
-        validate_config(compose_config(["data=cache"]))
+        load_config(compose_config(["data=cache"]))
 
 
 def test_an_incomplete_cache_without_harvest_section_says_so(cache, tmp_path):

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from sae_lightning.data.bench import harvest_bench, loader_bench
+from benchmarks.data_pipeline import harvest_bench, loader_bench
 from sae_lightning.data.harvest import harvest
 
-from .test_harvest import spec_for
+from ..data.test_harvest import spec_for
 
 
 def test_pipeline_benchmark_figures(tiny_lm, corpus_file, tmp_path):

@@ -1,4 +1,4 @@
-"""Benchmark of the training step: ``python -m sae_lightning.bench``.
+"""Benchmark of the training step: ``python -m benchmarks.step``.
 
 In one process, for each dictionary size: the measured matmul peak, a naive dense-autograd
 TopK reference step (written here), and the real training step of each variant, run by a
@@ -18,7 +18,7 @@ import lightning as L
 import torch
 from hydra import compose, initialize_config_dir
 
-from .atomic import atomic_write_text
+from sae_lightning.atomic import atomic_write_text
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -131,15 +131,16 @@ def naive_topk_step_fn(x: torch.Tensor, F: int, k: int):
 
 # ---- the real step ---------------------------------------------------------------------------
 def build_module(variant: str, d: int, F: int, k: int, B: int, dtype: str, extra: list[str]):
-    from .config import validate_config
-    from .module import SAEModule
+    from sae_lightning.config import load_config
+    from sae_lightning.module import SAEModule
 
     overrides = [f"variant={variant}", f"variant.k={k}", f"model.n_latents={F}", f"data.batch_size={B}",
                  f"data.d_model={d}", "data.n_features=4096", f"model.affinity_dtype={dtype}",
                  "model.init_sample_tokens=4096", *extra]
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
         cfg = compose("train", overrides=overrides)
-    config, dm = validate_config(cfg)
+    config = load_config(cfg)
+    dm = config.data.build()
     module = SAEModule(config, d)
     return module, dm
 

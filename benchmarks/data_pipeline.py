@@ -1,6 +1,6 @@
 """Benchmark of the data pipeline: harvest against the bare model forward, loader against training.
 
-    python -m sae_lightning.data.bench --data minilm [--tokens 40000] [--cache PATH]
+    python -m benchmarks.data_pipeline --data minilm [--tokens 40000] [--cache PATH]
 
 1. Harvest: the same contexts (same batches) through the model, (a) bare: a forward pass that
    stops at the hooked site, nothing kept; (b) the harvest itself (tokenising, forward, gather,
@@ -26,12 +26,12 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from ..atomic import atomic_write_text
-from . import corpus as corpus_mod
-from . import lm as lm_mod
-from .harvest import Framing, HarvestSpec, _device, harvest
+from sae_lightning.atomic import atomic_write_text
+from sae_lightning.data import corpus as corpus_mod
+from sae_lightning.data import lm as lm_mod
+from sae_lightning.data.harvest import Framing, HarvestSpec, _device, harvest
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def harvest_bench(spec: HarvestSpec, tokens: int) -> dict:
@@ -82,7 +82,7 @@ def harvest_bench(spec: HarvestSpec, tokens: int) -> dict:
 
 
 def loader_bench(data_cfg: dict, batches: int, workers: int) -> float:
-    from . import build_datamodule
+    from sae_lightning.data import build_datamodule
 
     dm = build_datamodule({**data_cfg, "num_workers": workers})
     dm.reader  # open and verify before timing
@@ -124,8 +124,8 @@ def main(argv=None) -> dict:
     print(f"loader ({data['path']}, batch {data['batch_size']}): " +
           ", ".join(f"{v:.0f} tok/s with {w} workers" for w, v in loader.items()))
 
-    from ..bench import time_variant
-    from .shards import read_manifest
+    from benchmarks.step import time_variant
+    from sae_lightning.data.shards import read_manifest
 
     d = read_manifest(Path(data["path"]))["d_model"]
     B = data["batch_size"]

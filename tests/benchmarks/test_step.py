@@ -2,7 +2,7 @@
 
 import json
 
-from sae_lightning import bench
+from benchmarks import step as bench
 
 
 def test_bench_reports_all_variants_and_ratios(tmp_path):

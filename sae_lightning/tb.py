@@ -1,0 +1,33 @@
+"""The one place that writes to TensorBoard directly (histograms, scalars from callbacks, and
+more to come). Scalars of the training step go through Lightning's ``LightningModule.log``.
+Every function is a no-op without a TensorBoard logger (a bare Trainer, non-zero ranks)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+def _writer(trainer: Any):
+    logger = getattr(trainer, "logger", None) if trainer is not None else None
+    exp = getattr(logger, "experiment", None) if logger is not None and getattr(trainer, "is_global_zero", True) else None
+    return exp if hasattr(exp, "add_histogram") else None
+
+
+def histogram(trainer: Any, tag: str, values: Tensor, step: int) -> None:
+    w = _writer(trainer)
+    if w is not None and values.numel():
+        w.add_histogram(tag, values.detach().cpu().float(), step)
+
+
+def count_histogram(trainer: Any, tag: str, counts: Tensor, step: int) -> None:
+    """A histogram of the integers 0..n-1 given how often each occurs (e.g. L0 per token)."""
+    histogram(trainer, tag, torch.repeat_interleave(torch.arange(counts.numel()), counts.cpu()), step)
+
+
+def scalars(trainer: Any, values: dict[str, float], step: int) -> None:
+    logger = getattr(trainer, "logger", None) if trainer is not None else None
+    if logger is not None and getattr(trainer, "is_global_zero", True):
+        logger.log_metrics(values, step=step)
