@@ -18,8 +18,10 @@ def main(cfg: DictConfig):
         if getattr(datamodule, "harvest_spec", None) is None:
             raise ConfigError("data", data.get("kind"), "a data config of kind 'activations' with a harvest section")
         manifest = harvest(datamodule.path, datamodule.harvest_spec, progress=cfg.progress)
-    print(f"cache: {datamodule.path} ({manifest['tokens']} tokens, d_model {manifest['d_model']}, "
-          f"{len(manifest['shards'])} shards); train on it with: {train_command()}")
+    print(
+        f"cache: {datamodule.path} ({manifest['tokens']} tokens, d_model {manifest['d_model']}, "
+        f"{len(manifest['shards'])} shards); train on it with: {train_command()}"
+    )
 
 
 def train_command() -> str:

@@ -33,10 +33,16 @@ ROOT = Path(__file__).resolve().parents[1]
 
 DATASETS = {
     "synthetic": {"args": ["data=synthetic"], "title": "Synthetic (d = 128, 1024 true features)"},
-    "minilm": {"args": ["data=minilm"], "cache": "minilm_l3_pydocs",
-               "title": "MiniLM (all-MiniLM-L6-v2), residual stream after block 3 of 6, d = 384"},
-    "smollm2": {"args": ["data=smollm2", "data.downstream.during_training=false"], "cache": "smollm2_l9_pydocs",
-                "title": "SmolLM2-135M, residual stream after block 9 of 30, d = 576"},
+    "minilm": {
+        "args": ["data=minilm"],
+        "cache": "minilm_l3_pydocs",
+        "title": "MiniLM (all-MiniLM-L6-v2), residual stream after block 3 of 6, d = 384",
+    },
+    "smollm2": {
+        "args": ["data=smollm2", "data.downstream.during_training=false"],
+        "cache": "smollm2_l9_pydocs",
+        "title": "SmolLM2-135M, residual stream after block 9 of 30, d = 576",
+    },
 }
 AUX_K = ["~variant.losses.aux_zipf", "+variant.losses.aux_k.coef=0.03125"]
 CONFIGS = {
@@ -49,16 +55,24 @@ CONFIGS = {
 TIMINGS = ("train_seconds", "tokens_per_second")
 
 
-def run_one(out: Path, dataset: str, config: str, k: int, seed: int, extra: list[str], cache_dir: Path,
-            threads: int) -> dict | None:
+def run_one(
+    out: Path, dataset: str, config: str, k: int, seed: int, extra: list[str], cache_dir: Path, threads: int
+) -> dict | None:
     folder = out / dataset / config / f"k{k}_s{seed}"
     runs = sorted((folder / "runs").glob("*")) if (folder / "runs").is_dir() else []
     done = [r for r in runs if (r / "metrics.json").is_file()]
     if done:
         return json.loads((done[-1] / "metrics.json").read_text())
     spec = DATASETS[dataset]
-    args = [*spec["args"], *CONFIGS[config], f"variant.k={k}", f"seed={seed}", f"out_dir={folder}", "progress=none",
-            *extra]
+    args = [
+        *spec["args"],
+        *CONFIGS[config],
+        f"variant.k={k}",
+        f"seed={seed}",
+        f"out_dir={folder}",
+        "progress=none",
+        *extra,
+    ]
     if "cache" in spec:
         args.append(f"data.path={cache_dir / spec['cache']}")
     resumable = [r for r in runs if (r / "checkpoints" / "last.ckpt").is_file()]
@@ -84,15 +98,21 @@ def harvest(dataset: str, cache_dir: Path) -> None:
     if m.is_file() and json.loads(m.read_text()).get("complete"):
         return
     print(f"harvesting {dataset} into {path} (once)", flush=True)
-    subprocess.run([sys.executable, "harvest.py", spec["args"][0], f"data.path={path}", "progress=false"], cwd=ROOT,
-                   check=True)
+    subprocess.run(
+        [sys.executable, "harvest.py", spec["args"][0], f"data.path={path}", "progress=false"], cwd=ROOT, check=True
+    )
 
 
 # ---- aggregation -------------------------------------------------------------------------------
 KEYS = {
-    "FVU batch": "val/batch/fvu", "FVU threshold": "val/threshold/fvu", "L0 batch": "val/batch/l0_mean",
-    "L0 threshold": "val/threshold/l0_mean", "dead": "val/dead_fraction", "under-used": "val/underused_fraction",
-    "ΔCE batch": "val/batch/delta_ce", "ΔCE threshold": "val/threshold/delta_ce",
+    "FVU batch": "val/batch/fvu",
+    "FVU threshold": "val/threshold/fvu",
+    "L0 batch": "val/batch/l0_mean",
+    "L0 threshold": "val/threshold/l0_mean",
+    "dead": "val/dead_fraction",
+    "under-used": "val/underused_fraction",
+    "ΔCE batch": "val/batch/delta_ce",
+    "ΔCE threshold": "val/threshold/delta_ce",
 }
 
 
@@ -106,12 +126,20 @@ def mean_std(values: list[float]) -> tuple[float, float, int]:
 def aggregate(results: dict) -> dict:
     """{dataset: {config: {k: {figure: (mean, std, n)}}}}"""
     agg: dict = {}
-    for (dataset, config, k, seed), m in results.items():
+    for (dataset, config, k, _seed), m in results.items():
         if m is None:
             continue
         agg.setdefault(dataset, {}).setdefault(config, {}).setdefault(k, []).append(m)
-    return {d: {c: {k: {name: mean_std([m.get(key) for m in ms]) for name, key in KEYS.items()}
-                    for k, ms in sorted(by_k.items())} for c, by_k in by_c.items()} for d, by_c in agg.items()}
+    return {
+        d: {
+            c: {
+                k: {name: mean_std([m.get(key) for m in ms]) for name, key in KEYS.items()}
+                for k, ms in sorted(by_k.items())
+            }
+            for c, by_k in by_c.items()
+        }
+        for d, by_c in agg.items()
+    }
 
 
 def fmt(ms: tuple[float, float, int], pct: bool = False, digits: int = 4) -> str:
@@ -134,21 +162,41 @@ def check_claims(agg: dict) -> list[tuple[str, str, bool | None, str]]:
             for name, mc in (("MC+aux_k", mck), ("MC+aux_zipf", mcz)):
                 if k in mc:
                     f = mc[k]["FVU batch"][0]
-                    rows.append((dataset, f"k={k}: FVU({name}) ≤ 0.95·FVU(TopK)", f <= 0.95 * t,
-                                 f"{f:.4f} vs 0.95 × {t:.4f} = {0.95 * t:.4f} (ratio {f / t:.3f})"))
+                    rows.append(
+                        (
+                            dataset,
+                            f"k={k}: FVU({name}) ≤ 0.95·FVU(TopK)",
+                            f <= 0.95 * t,
+                            f"{f:.4f} vs 0.95 × {t:.4f} = {0.95 * t:.4f} (ratio {f / t:.3f})",
+                        )
+                    )
             for name, fc in fcs.items():
                 if k in fc:
                     fb, ft = fc[k]["FVU batch"][0], fc[k]["FVU threshold"][0]
-                    rows.append((dataset, f"k={k}: FVU({name}) ≤ FVU(TopK), batch / threshold", fb <= t or ft <= t,
-                                 f"batch {fb:.4f}, threshold {ft:.4f} vs TopK {t:.4f}"))
+                    rows.append(
+                        (
+                            dataset,
+                            f"k={k}: FVU({name}) ≤ FVU(TopK), batch / threshold",
+                            fb <= t or ft <= t,
+                            f"batch {fb:.4f}, threshold {ft:.4f} vs TopK {t:.4f}",
+                        )
+                    )
         for k in sorted(mcz):
             if k in mck:
                 dz, dk = mcz[k]["dead"][0], mck[k]["dead"][0]
-                rows.append((dataset, f"k={k}: dead(MC+aux_zipf) ≤ dead(MC+aux_k)", dz <= dk,
-                             f"{100 * dz:.2f} % vs {100 * dk:.2f} %"))
+                rows.append(
+                    (
+                        dataset,
+                        f"k={k}: dead(MC+aux_zipf) ≤ dead(MC+aux_k)",
+                        dz <= dk,
+                        f"{100 * dz:.2f} % vs {100 * dk:.2f} %",
+                    )
+                )
         for name, fc in fcs.items():
             worst = max((fc[k]["dead"][0] for k in fc), default=float("nan"))
-            rows.append((dataset, f"{name}: 0 dead latents (every k)", worst == 0.0, f"largest dead share {100 * worst:.2f} %"))
+            rows.append(
+                (dataset, f"{name}: 0 dead latents (every k)", worst == 0.0, f"largest dead share {100 * worst:.2f} %")
+            )
     return rows
 
 
@@ -158,8 +206,13 @@ def plot(agg: dict, dataset: str, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colours = {"topk+aux_k": "tab:blue", "mc+aux_k": "tab:orange", "mc+aux_zipf": "tab:red",
-               "fc_uniform": "tab:green", "fc_zipf": "tab:olive"}
+    colours = {
+        "topk+aux_k": "tab:blue",
+        "mc+aux_k": "tab:orange",
+        "mc+aux_zipf": "tab:red",
+        "fc_uniform": "tab:green",
+        "fc_zipf": "tab:olive",
+    }
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
     for ax, mode in zip(axes, ("batch", "threshold")):
         for config, by_k in agg[dataset].items():
@@ -184,34 +237,48 @@ def plot(agg: dict, dataset: str, path: Path) -> None:
 
 def report(results: dict, args, doc: Path, img_dir: Path) -> str:
     agg = aggregate(results)
-    lines = ["# Results: the paper's claims, measured",
-             "",
-             f"Made by `python -m benchmarks.claims` ({args.steps} steps of 1024 tokens = "
-             f"{args.steps * 1024 / 1e6:.2f}M training tokens per run, F = 4096, {len(args.seeds)} training seeds, "
-             "every other setting the default; the data order is the same for every run). Each cell is mean ± std "
-             "over the seeds. FVU is on the 16 384 held-out validation tokens; *batch* allocates each validation "
-             "batch of 1024 tokens as in training, *threshold* uses the thresholds calibrated on held-out tokens "
-             "after training (what one token at a time gets); L0 is the mean number of active latents per token "
-             "in that mode; dead = not fired in the last 200k training tokens; under-used = density below "
-             "0.25 × its Zipf target (or dead). ΔCE: SmolLM2's next-token loss with the SAE spliced in, minus "
-             "the clean loss, on the last 128 contexts of the cache.", ""]
+    lines = [
+        "# Results: the paper's claims, measured",
+        "",
+        f"Made by `python -m benchmarks.claims` ({args.steps} steps of 1024 tokens = "
+        f"{args.steps * 1024 / 1e6:.2f}M training tokens per run, F = 4096, {len(args.seeds)} training seeds, "
+        "every other setting the default; the data order is the same for every run). Each cell is mean ± std "
+        "over the seeds. FVU is on the 16 384 held-out validation tokens; *batch* allocates each validation "
+        "batch of 1024 tokens as in training, *threshold* uses the thresholds calibrated on held-out tokens "
+        "after training (what one token at a time gets); L0 is the mean number of active latents per token "
+        "in that mode; dead = not fired in the last 200k training tokens; under-used = density below "
+        "0.25 × its Zipf target (or dead). ΔCE: SmolLM2's next-token loss with the SAE spliced in, minus "
+        "the clean loss, on the last 128 contexts of the cache.",
+        "",
+    ]
     claims = check_claims(agg)
     if claims:
         met = sum(1 for c in claims if c[2])
-        lines += ["## The claims against their targets", "",
-                  f"{met} of {len(claims)} targets met. Where a target is missed the numbers say by how much; "
-                  "nothing here was tuned per dataset.", "",
-                  "| data | target | met | numbers (means) |", "|---|---|---|---|"]
+        lines += [
+            "## The claims against their targets",
+            "",
+            f"{met} of {len(claims)} targets met. Where a target is missed the numbers say by how much; "
+            "nothing here was tuned per dataset.",
+            "",
+            "| data | target | met | numbers (means) |",
+            "|---|---|---|---|",
+        ]
         lines += [f"| {d} | {c} | {'yes' if ok else '**no**'} | {n} |" for d, c, ok, n in claims]
         lines.append("")
     for dataset in [d for d in DATASETS if d in agg]:
-        lines += [f"## {DATASETS[dataset]['title']}", "", f"![FVU against L0]({os.path.relpath(img_dir, doc.parent)}/results_{dataset}.png)", ""]
+        lines += [
+            f"## {DATASETS[dataset]['title']}",
+            "",
+            f"![FVU against L0]({os.path.relpath(img_dir, doc.parent)}/results_{dataset}.png)",
+            "",
+        ]
         names = [n for n in KEYS if not n.startswith("ΔCE") or dataset == "smollm2"]
         lines += ["| config | k | " + " | ".join(names) + " | seeds |", "|---|---|" + "---|" * (len(names) + 1)]
         for config in [c for c in CONFIGS if c in agg[dataset]]:
             for k, figs in agg[dataset][config].items():
-                cells = [fmt(figs[n], pct=n in ("dead", "under-used"), digits=2 if n.startswith("L0") else 4)
-                         for n in names]
+                cells = [
+                    fmt(figs[n], pct=n in ("dead", "under-used"), digits=2 if n.startswith("L0") else 4) for n in names
+                ]
                 lines.append(f"| {config} | {k} | " + " | ".join(cells) + f" | {figs['FVU batch'][2]} |")
         lines.append("")
         plot(agg, dataset, img_dir / f"results_{dataset}.png")
@@ -251,9 +318,12 @@ def main(argv=None) -> None:
             m = run_one(args.out, *key, extra, args.cache_dir, threads=1 if args.jobs > 1 else os.cpu_count() or 1)
             finished += 1
             eta = (time.time() - start) / finished * (len(grid) - finished)
-            print(f"[{finished}/{len(grid)}] {' '.join(map(str, key))}: "
-                  + (f"FVU {m['val/batch/fvu']:.4f}, dead {100 * m['val/dead_fraction']:.1f} %" if m else "failed")
-                  + f"; about {eta / 60:.0f} min left", flush=True)
+            print(
+                f"[{finished}/{len(grid)}] {' '.join(map(str, key))}: "
+                + (f"FVU {m['val/batch/fvu']:.4f}, dead {100 * m['val/dead_fraction']:.1f} %" if m else "failed")
+                + f"; about {eta / 60:.0f} min left",
+                flush=True,
+            )
             return key, m
 
         with ThreadPoolExecutor(args.jobs) as ex:
@@ -263,9 +333,18 @@ def main(argv=None) -> None:
             folder = args.out / key[0] / key[1] / f"k{key[2]}_s{key[3]}" / "runs"
             done = sorted(folder.glob("*/metrics.json")) if folder.is_dir() else []
             results[key] = json.loads(done[-1].read_text()) if done else None
-    atomic_write_text(args.out / "results.json", json.dumps(
-        {"|".join(map(str, k)): ({kk: v for kk, v in m.items() if kk not in TIMINGS} if m else None)
-         for k, m in results.items()}, indent=1, default=str) + "\n")
+    atomic_write_text(
+        args.out / "results.json",
+        json.dumps(
+            {
+                "|".join(map(str, k)): ({kk: v for kk, v in m.items() if kk not in TIMINGS} if m else None)
+                for k, m in results.items()
+            },
+            indent=1,
+            default=str,
+        )
+        + "\n",
+    )
     report(results, args, args.doc, args.img_dir)
     print(f"written {args.doc} and {args.out / 'results.json'}")
 

@@ -47,10 +47,10 @@ def harvest_bench(spec: HarvestSpec, tokens: int) -> dict:
         contexts = list(itertools.islice(framing.contexts(tokenizer, corpus_mod.documents(desc)), n_ctx))
         batches = []
         for i in range(0, len(contexts), spec.batch_size):
-            chunk = contexts[i:i + spec.batch_size]
+            chunk = contexts[i : i + spec.batch_size]
             ids = torch.full((len(chunk), spec.context_length), -1, dtype=torch.long)
             for r, c in enumerate(chunk):
-                ids[r, :len(c)] = torch.tensor(c)
+                ids[r, : len(c)] = torch.tensor(c)
             batches.append(ids)
         dropped = torch.tensor(framing.dropped, dtype=torch.long)
         kept = int(sum(((b >= 0) & ~torch.isin(b, dropped)).sum() for b in batches))
@@ -73,19 +73,30 @@ def harvest_bench(spec: HarvestSpec, tokens: int) -> dict:
         full_s = bare(False)
         spec.token_budget = kept
         t = time.perf_counter()
-        manifest = harvest(Path(tmp) / "cache", spec, progress=False, log=lambda *a: None, loaded=(model, tokenizer, causal))
+        manifest = harvest(
+            Path(tmp) / "cache", spec, progress=False, log=lambda *a: None, loaded=(model, tokenizer, causal)
+        )
         harvest_s = time.perf_counter() - t
     assert manifest["tokens"] == kept, (manifest["tokens"], kept)
-    return {"model": spec.lm.name, "site": f"blocks.{layer}.{spec.site}", "n_layers": len(layers), "tokens": kept,
-            "contexts": len(contexts), "bare_forward_to_site_tok_s": kept / bare_s, "full_forward_tok_s": kept / full_s,
-            "harvest_tok_s": kept / harvest_s, "harvest_vs_bare": bare_s / harvest_s, "d_model": manifest["d_model"]}
+    return {
+        "model": spec.lm.name,
+        "site": f"blocks.{layer}.{spec.site}",
+        "n_layers": len(layers),
+        "tokens": kept,
+        "contexts": len(contexts),
+        "bare_forward_to_site_tok_s": kept / bare_s,
+        "full_forward_tok_s": kept / full_s,
+        "harvest_tok_s": kept / harvest_s,
+        "harvest_vs_bare": bare_s / harvest_s,
+        "d_model": manifest["d_model"],
+    }
 
 
 def loader_bench(data_cfg: dict, batches: int, workers: int) -> float:
     from sae_lightning.data import build_datamodule
 
     dm = build_datamodule({**data_cfg, "num_workers": workers})
-    dm.reader  # open and verify before timing
+    dm.open()  # open and verify before timing
     it = iter(dm.train_dataloader())
     next(it)  # workers started
     t = time.perf_counter()
@@ -97,7 +108,12 @@ def loader_bench(data_cfg: dict, batches: int, workers: int) -> float:
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", default="minilm", help="a data config of kind activations (configs/data/)")
-    p.add_argument("--tokens", type=int, default=40000, help="about this many tokens harvested (contexts for this many, less the dropped special tokens)")
+    p.add_argument(
+        "--tokens",
+        type=int,
+        default=40000,
+        help="about this many tokens harvested (contexts for this many, less the dropped special tokens)",
+    )
     p.add_argument("--cache", default=None, help="cache for the loader benchmark (default: the data config's path)")
     p.add_argument("--batches", type=int, default=200, help="loader batches timed")
     p.add_argument("--latents", type=int, default=4096)
@@ -116,13 +132,17 @@ def main(argv=None) -> dict:
     if not a.skip_harvest:
         h = harvest_bench(HarvestSpec.parse(data["harvest"]), a.tokens)
         result["harvest"] = h
-        print(f"harvest {h['model']} {h['site']} ({h['n_layers']} blocks), {h['tokens']} tokens: bare forward to the "
-              f"site {h['bare_forward_to_site_tok_s']:.0f} tok/s, harvest {h['harvest_tok_s']:.0f} tok/s "
-              f"({100 * h['harvest_vs_bare']:.0f}% of bare); full forward {h['full_forward_tok_s']:.0f} tok/s")
+        print(
+            f"harvest {h['model']} {h['site']} ({h['n_layers']} blocks), {h['tokens']} tokens: bare forward to the "
+            f"site {h['bare_forward_to_site_tok_s']:.0f} tok/s, harvest {h['harvest_tok_s']:.0f} tok/s "
+            f"({100 * h['harvest_vs_bare']:.0f}% of bare); full forward {h['full_forward_tok_s']:.0f} tok/s"
+        )
     loader = {w: loader_bench(data, a.batches, w) for w in (0, 2)}
     result["loader_tok_s"] = loader
-    print(f"loader ({data['path']}, batch {data['batch_size']}): " +
-          ", ".join(f"{v:.0f} tok/s with {w} workers" for w, v in loader.items()))
+    print(
+        f"loader ({data['path']}, batch {data['batch_size']}): "
+        + ", ".join(f"{v:.0f} tok/s with {w} workers" for w, v in loader.items())
+    )
 
     from benchmarks.step import time_variant
     from sae_lightning.data.shards import read_manifest
@@ -134,8 +154,10 @@ def main(argv=None) -> dict:
         r = time_variant(v, d, a.latents, a.k, B, "float32", a.steps, 2, torch.device("cpu"), [])
         tok_s = B / r["step_s"]
         result["training"][v] = tok_s
-        print(f"training {v} (d={d}, F={a.latents}, k={a.k}, B={B}): {tok_s:.0f} tok/s; loader/training = "
-              f"{loader[0] / tok_s:.1f}x (0 workers)")
+        print(
+            f"training {v} (d={d}, F={a.latents}, k={a.k}, B={B}): {tok_s:.0f} tok/s; loader/training = "
+            f"{loader[0] / tok_s:.1f}x (0 workers)"
+        )
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out, json.dumps(result, indent=2) + "\n")

@@ -134,9 +134,17 @@ def build_module(variant: str, d: int, F: int, k: int, B: int, dtype: str, extra
     from sae_lightning.config import load_config
     from sae_lightning.module import SAEModule
 
-    overrides = [f"variant={variant}", f"variant.k={k}", f"model.n_latents={F}", f"data.batch_size={B}",
-                 f"data.d_model={d}", "data.n_features=4096", f"model.affinity_dtype={dtype}",
-                 "model.init_sample_tokens=4096", *extra]
+    overrides = [
+        f"variant={variant}",
+        f"variant.k={k}",
+        f"model.n_latents={F}",
+        f"data.batch_size={B}",
+        f"data.d_model={d}",
+        "data.n_features=4096",
+        f"model.affinity_dtype={dtype}",
+        "model.init_sample_tokens=4096",
+        *extra,
+    ]
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
         cfg = compose("train", overrides=overrides)
     config = load_config(cfg)
@@ -164,15 +172,28 @@ def time_variant(variant, d, F, k, B, dtype, steps, warmup, device, extra, profi
     module.allocator.allocate = timed_allocate
     timer = StepTimer()
     loader = torch.utils.data.DataLoader([batches[i % len(batches)] for i in range(steps + warmup)], batch_size=None)
-    trainer = L.Trainer(max_steps=steps + warmup, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, callbacks=[timer], limit_val_batches=0, num_sanity_val_steps=0,
-                        accelerator=device.type, devices=1)
+    trainer = L.Trainer(
+        max_steps=steps + warmup,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[timer],
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        accelerator=device.type,
+        devices=1,
+    )
     with PeakMemory(device) as mem:
         trainer.fit(module, train_dataloaders=loader)
     step_times = timer.times[warmup:]
     alloc_train = alloc_times[-steps:]
-    result = {"variant": variant, "step_s": statistics.median(step_times), "alloc_s": statistics.median(alloc_train),
-              "peak_memory_bytes": mem.peak}
+    result = {
+        "variant": variant,
+        "step_s": statistics.median(step_times),
+        "alloc_s": statistics.median(alloc_train),
+        "peak_memory_bytes": mem.peak,
+    }
     if profile:
         result["profile"] = profile_step(module, batches[0])
     return result
@@ -206,8 +227,12 @@ def main(argv=None) -> dict:
     p.add_argument("--steps", type=int, default=16)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--variants", nargs="+", default=["topk", "mutual_choice", "feature_choice"])
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
-                   help="dtype of the affinity matrix used for selection (model.affinity_dtype)")
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16"],
+        default="float32",
+        help="dtype of the affinity matrix used for selection (model.affinity_dtype)",
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--no-reference", action="store_true", help="skip the naive dense reference")
     p.add_argument("--profile", action="store_true", help="print an operator profile of each variant's step")
@@ -216,8 +241,17 @@ def main(argv=None) -> dict:
     a = p.parse_args(argv)
     device = torch.device(a.device)
     torch.set_float32_matmul_precision("high")
-    report = {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
-              "d": a.d, "k": a.k, "batch": a.batch, "dtype": a.dtype, "steps": a.steps, "sizes": []}
+    report = {
+        "device": str(device),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "d": a.d,
+        "k": a.k,
+        "batch": a.batch,
+        "dtype": a.dtype,
+        "steps": a.steps,
+        "sizes": [],
+    }
     for F in a.latents:
         dt = torch.bfloat16 if a.dtype == "bfloat16" else torch.float32
         peak = matmul_peak(a.batch, a.d, F, dt, device)
@@ -231,11 +265,15 @@ def main(argv=None) -> dict:
             x = torch.randn(a.batch, a.d, generator=g).to(device)
             with PeakMemory(device) as mem:
                 t = _median_time(naive_topk_step_fn(x, F, a.k), device, repeats=a.steps, warmup=a.warmup)
-            size["rows"].append({"variant": "naive_dense_topk", "step_s": t, "alloc_s": float("nan"),
-                                 "peak_memory_bytes": mem.peak})
+            size["rows"].append(
+                {"variant": "naive_dense_topk", "step_s": t, "alloc_s": float("nan"), "peak_memory_bytes": mem.peak}
+            )
         for v in a.variants:
-            size["rows"].append(time_variant(v, a.d, F, a.k, a.batch, a.dtype, a.steps, a.warmup, device,
-                                             a.overrides, profile=a.profile))
+            size["rows"].append(
+                time_variant(
+                    v, a.d, F, a.k, a.batch, a.dtype, a.steps, a.warmup, device, a.overrides, profile=a.profile
+                )
+            )
         ref = next((r["step_s"] for r in size["rows"] if r["variant"] == "naive_dense_topk"), None)
         topk = next((r["step_s"] for r in size["rows"] if r["variant"] == "topk"), None)
         for r in size["rows"]:
@@ -253,16 +291,20 @@ def main(argv=None) -> dict:
 
 
 def print_size(size: dict, a) -> None:
-    print(f"\nd={a.d} F={size['n_latents']} k={a.k} B={a.batch} dtype={a.dtype}: matmul peak "
-          f"{size['matmul_peak_flops'] / 1e9:.0f} GFLOP/s, step FLOPs {size['step_flops'] / 1e9:.1f} G")
+    print(
+        f"\nd={a.d} F={size['n_latents']} k={a.k} B={a.batch} dtype={a.dtype}: matmul peak "
+        f"{size['matmul_peak_flops'] / 1e9:.0f} GFLOP/s, step FLOPs {size['step_flops'] / 1e9:.1f} G"
+    )
     head = f"  {'variant':<18}{'tokens/s':>10}{'step ms':>9}{'alloc ms':>10}{'vs naive':>10}{'vs topk':>9}{'peak %':>8}{'mem MB':>8}"
     print(head)
     for r in size["rows"]:
         vs_naive = f"{r['speedup_vs_naive']:.2f}x" if r["speedup_vs_naive"] else "-"
         vs_topk = f"{r['time_vs_topk']:.2f}" if r["time_vs_topk"] else "-"
         alloc = "-" if r["alloc_s"] != r["alloc_s"] else f"{1000 * r['alloc_s']:.1f}"
-        print(f"  {r['variant']:<18}{r['tokens_per_s']:>10.0f}{1000 * r['step_s']:>9.1f}{alloc:>10}{vs_naive:>10}"
-              f"{vs_topk:>9}{100 * r['peak_share']:>7.1f}%{r['peak_memory_bytes'] / 2**20:>8.0f}")
+        print(
+            f"  {r['variant']:<18}{r['tokens_per_s']:>10.0f}{1000 * r['step_s']:>9.1f}{alloc:>10}{vs_naive:>10}"
+            f"{vs_topk:>9}{100 * r['peak_share']:>7.1f}%{r['peak_memory_bytes'] / 2**20:>8.0f}"
+        )
         if "profile" in r:
             print(r["profile"])
 

@@ -17,7 +17,8 @@ import os
 import re
 import sys
 import warnings
-from typing import Callable, Iterator, NoReturn
+from collections.abc import Callable, Iterator
+from typing import NoReturn
 
 from .errors import ConfigError, DataError, Interrupted, TrainingDiverged, did_you_mean
 
@@ -46,8 +47,11 @@ class _DropHarmless(logging.Filter):
 
 def quiet() -> None:
     """Silence the known-harmless log lines and warnings of Lightning, torch and Optuna."""
-    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero",
-                 "lightning.pytorch.trainer.connectors.checkpoint_connector"):
+    for name in (
+        "lightning.pytorch.utilities.rank_zero",
+        "lightning.fabric.utilities.rank_zero",
+        "lightning.pytorch.trainer.connectors.checkpoint_connector",
+    ):
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropHarmless) for f in logger.filters):
             logger.addFilter(_DropHarmless())
@@ -78,16 +82,17 @@ def describe_hydra_error(err: BaseException) -> str:
             hint = did_you_mean(key, [prefix + str(k) for k in parent.keys()])
         value = re.search(r"use \+\S+?=(.*)$", text, re.M)
         shown = f"{key}={value.group(1).strip()}" if value else key
-        return (f"config error: {shown}: the config has no key {key}{hint}"
-                f" (to add a new key on purpose, write +{shown})")
+        return f"config error: {shown}: the config has no key {key}{hint} (to add a new key on purpose, write +{shown})"
     # a config group option that does not exist: "Could not find 'variant/switch'" + the available options
     m = re.search(r"Could not find '([^']+)/([^']+)'", text)
     if m:
         group, option = m.groups()
         options = re.findall(r"^\t(\S+)$", text, re.M)
         hint = did_you_mean(option, options)
-        return (f"config error: {group}={option}: Could not find '{group}/{option}'; available options in "
-                f"'{group}': {', '.join(options)}{hint}")
+        return (
+            f"config error: {group}={option}: Could not find '{group}/{option}'; available options in "
+            f"'{group}': {', '.join(options)}{hint}"
+        )
     if type(err).__name__ == "OverrideParseException":
         first = text.strip().splitlines()[0] if text.strip() else type(err).__name__
         return f"config error: cannot parse a command-line override: {first}"

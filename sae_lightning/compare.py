@@ -15,8 +15,12 @@ COLUMNS = [
     ("FVU (threshold)", lambda m: f"{m['val/threshold/fvu']:.4f}"),
     ("L0 batch", lambda m: f"{m['val/batch/l0_mean']:.2f}"),
     ("L0 threshold", lambda m: f"{m['val/threshold/l0_mean']:.2f}"),
-    ("L0 per token p10 / p50 / p90 / max", lambda m: "{:.0f} / {:.0f} / {:.0f} / {:.0f}".format(
-        m["val/batch/l0_p10"], m["val/batch/l0_p50"], m["val/batch/l0_p90"], m["val/batch/l0_max"])),
+    (
+        "L0 per token p10 / p50 / p90 / max",
+        lambda m: "{:.0f} / {:.0f} / {:.0f} / {:.0f}".format(
+            m["val/batch/l0_p10"], m["val/batch/l0_p50"], m["val/batch/l0_p90"], m["val/batch/l0_max"]
+        ),
+    ),
     ("L0 std", lambda m: f"{m['val/batch/l0_std']:.1f}"),
     ("dead", lambda m: f"{100 * m['val/dead_fraction']:.1f}%"),
     ("never fired (val)", lambda m: f"{100 * m['val/batch/never_fired_fraction']:.1f}%"),
@@ -32,7 +36,6 @@ COLUMNS = [
 
 def _opt(m: dict, key: str, fmt: str) -> str:
     return fmt.format(m[key]) if key in m else "-"
-
 
 
 def table(run_dirs: list[Path]) -> str:

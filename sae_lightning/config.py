@@ -83,22 +83,30 @@ class VariantSpec:
     META: ClassVar[tuple[str, ...]] = ("name", "allocator", "losses")
 
     @classmethod
-    def from_raw(cls, raw: Any, prefix: str) -> "VariantSpec":
+    def from_raw(cls, raw: Any, prefix: str) -> VariantSpec:
         if not isinstance(raw, dict):
             raise ConfigError(prefix, raw, "a mapping (a config section)")
         name = raw.get("name")
         require(isinstance(name, str) and bool(name), f"{prefix}.name", name, "a name for the variant")
         allocator = get_allocator_class(raw.get("allocator"))
-        params = parse(allocator.Config, {k: v for k, v in raw.items() if k not in cls.META}, prefix,
-                       what=f"allocator {allocator.name!r} (or name, allocator, losses)")
+        params = parse(
+            allocator.Config,
+            {k: v for k, v in raw.items() if k not in cls.META},
+            prefix,
+            what=f"allocator {allocator.name!r} (or name, allocator, losses)",
+        )
         losses = raw.get("losses")
         if losses is not None and not isinstance(losses, dict):
             raise ConfigError(f"{prefix}.losses", losses, "a mapping {loss_name: {param: value}} or null")
         return cls(name, allocator.name, params, build_losses(losses, f"{prefix}.losses"))
 
     def as_dict(self) -> dict:
-        return {"name": self.name, "allocator": self.allocator, **as_dict(self.params),
-                "losses": {n: as_dict(t) for n, t in self.losses.items()}}
+        return {
+            "name": self.name,
+            "allocator": self.allocator,
+            **as_dict(self.params),
+            "losses": {n: as_dict(t) for n, t in self.losses.items()},
+        }
 
 
 # Trainer arguments the run sets itself (progress=... replaces enable_progress_bar)
@@ -123,7 +131,7 @@ class TrainerSpec:
         return n * int(self.args.get("num_nodes", 1) or 1)
 
     @classmethod
-    def from_raw(cls, raw: Any, prefix: str) -> "TrainerSpec":
+    def from_raw(cls, raw: Any, prefix: str) -> TrainerSpec:
         import lightning as L
         from lightning.fabric.connector import _PRECISION_INPUT_INT, _PRECISION_INPUT_STR, _PRECISION_INPUT_STR_ALIAS
         from lightning.pytorch.strategies import StrategyRegistry
@@ -131,8 +139,11 @@ class TrainerSpec:
         if not isinstance(raw, dict):
             raise ConfigError(prefix, raw, "a mapping of lightning.Trainer arguments")
         if "enable_progress_bar" in raw:
-            raise ConfigError(f"{prefix}.enable_progress_bar", raw["enable_progress_bar"], "no value here: the top-level "
-                              "key progress=auto|bar|lines|none chooses how training progress is shown")
+            raise ConfigError(
+                f"{prefix}.enable_progress_bar",
+                raw["enable_progress_bar"],
+                "no value here: the top-level key progress=auto|bar|lines|none chooses how training progress is shown",
+            )
         for key in TRAINER_OWN:
             if key in raw:
                 raise ConfigError(f"{prefix}.{key}", raw[key], "not set here: the run sets it itself")
@@ -148,34 +159,58 @@ class TrainerSpec:
 
         check("max_steps", int, ge=1)
         require("max_steps" in t, f"{prefix}.max_steps", None, "an integer >= 1")
-        check("val_check_interval", int | float | None, allowed="null, an integer >= 1 (training steps between "
-              "validations) or a fraction in (0, 1]")
+        check(
+            "val_check_interval",
+            int | float | None,
+            allowed="null, an integer >= 1 (training steps between validations) or a fraction in (0, 1]",
+        )
         v = t.get("val_check_interval")
-        require(v is None or (isinstance(v, int) and v >= 1) or (isinstance(v, float) and 0 < v <= 1),
-                f"{prefix}.val_check_interval", v, "null, an integer >= 1 (training steps between validations) or a "
-                "fraction in (0, 1]")
+        require(
+            v is None or (isinstance(v, int) and v >= 1) or (isinstance(v, float) and 0 < v <= 1),
+            f"{prefix}.val_check_interval",
+            v,
+            "null, an integer >= 1 (training steps between validations) or a fraction in (0, 1]",
+        )
         check("check_val_every_n_epoch", int | None, ge=1)
         check("limit_val_batches", int | float, ge=0)
         lv = t.get("limit_val_batches", 1.0)
-        require(not isinstance(lv, float) or lv <= 1, f"{prefix}.limit_val_batches", lv,
-                "an integer >= 0 (batches) or a fraction in [0, 1]")
+        require(
+            not isinstance(lv, float) or lv <= 1,
+            f"{prefix}.limit_val_batches",
+            lv,
+            "an integer >= 0 (batches) or a fraction in [0, 1]",
+        )
         check("log_every_n_steps", int, ge=1)
         check("accumulate_grad_batches", int, ge=1)
         check("gradient_clip_val", float | None, ge=0)
         check("deterministic", bool | Literal["warn"], allowed="true, false or 'warn'")
         check("accelerator", Literal[ACCELERATORS])
         d = t.get("devices", "auto")
-        require(d == "auto" or (isinstance(d, int) and not isinstance(d, bool) and (d >= 1 or d == -1))
-                or (isinstance(d, list) and bool(d) and all(isinstance(i, int) for i in d)),
-                f"{prefix}.devices", d, "auto, an integer >= 1 (-1: all), or a list of device indices")
+        require(
+            d == "auto"
+            or (isinstance(d, int) and not isinstance(d, bool) and (d >= 1 or d == -1))
+            or (isinstance(d, list) and bool(d) and all(isinstance(i, int) for i in d)),
+            f"{prefix}.devices",
+            d,
+            "auto, an integer >= 1 (-1: all), or a list of device indices",
+        )
         strategies = ["auto", *StrategyRegistry.available_strategies()]
         st = t.get("strategy", "auto")
-        require(st in strategies, f"{prefix}.strategy", st, "a Lightning strategy: auto, ddp, ddp_spawn, ddp_fork, fsdp, "
-                f"deepspeed, ... (lightning.pytorch.strategies.StrategyRegistry){did_you_mean(str(st), strategies)}")
+        require(
+            st in strategies,
+            f"{prefix}.strategy",
+            st,
+            "a Lightning strategy: auto, ddp, ddp_spawn, ddp_fork, fsdp, "
+            f"deepspeed, ... (lightning.pytorch.strategies.StrategyRegistry){did_you_mean(str(st), strategies)}",
+        )
         main = get_args(_PRECISION_INPUT_STR)
         precisions = [*main, *get_args(_PRECISION_INPUT_INT), *get_args(_PRECISION_INPUT_STR_ALIAS)]
-        require(t.get("precision", "32-true") in precisions, f"{prefix}.precision", t.get("precision"),
-                "one of " + ", ".join(repr(p) for p in main) + " (or the short forms 64, 32, 16, 'bf16')")
+        require(
+            t.get("precision", "32-true") in precisions,
+            f"{prefix}.precision",
+            t.get("precision"),
+            "one of " + ", ".join(repr(p) for p in main) + " (or the short forms 64, 32, 16, 'bf16')",
+        )
         cls._dry_run(t, prefix)
         return cls(t)
 
@@ -188,13 +223,24 @@ class TrainerSpec:
         level = rank_zero.level
         rank_zero.setLevel(logging.ERROR)
         try:
-            L.Trainer(**t, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+            L.Trainer(
+                **t, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False
+            )
         except Exception as e:  # MisconfigurationException, ValueError, RuntimeError, ...
             message = " ".join(str(e).split())[:300]
-            key = next((k for k in ("accelerator", "devices", "strategy", "precision", "num_nodes") if k in message
-                        or (str(t.get(k, "auto")) != "auto" and str(t.get(k)).lower() in message.lower())), None)
-            raise ConfigError(f"{prefix}.{key}" if key else prefix, t.get(key) if key else t,
-                              f"a setting Lightning accepts on this machine ({message})") from None
+            key = next(
+                (
+                    k
+                    for k in ("accelerator", "devices", "strategy", "precision", "num_nodes")
+                    if k in message or (str(t.get(k, "auto")) != "auto" and str(t.get(k)).lower() in message.lower())
+                ),
+                None,
+            )
+            raise ConfigError(
+                f"{prefix}.{key}" if key else prefix,
+                t.get(key) if key else t,
+                f"a setting Lightning accepts on this machine ({message})",
+            ) from None
         finally:
             rank_zero.setLevel(level)
 
@@ -234,12 +280,17 @@ class TrainConfig:
     sweep_trial: TrialSpec | None = None
 
     def check(self, prefix: str) -> None:
-        get_allocator_class(self.variant.allocator).check_fits(self.variant.params, self.model.n_latents,
-                                                               self.data.batch_size, "variant")
+        get_allocator_class(self.variant.allocator).check_fits(
+            self.variant.params, self.model.n_latents, self.data.batch_size, "variant"
+        )
 
     def as_dict(self) -> dict:
         out = {f.name: as_dict(getattr(self, f.name)) for f in dataclasses.fields(self)}
-        out["variant"], out["trainer"], out["data"] = self.variant.as_dict(), self.trainer.as_dict(), self.data.as_dict()
+        out["variant"], out["trainer"], out["data"] = (
+            self.variant.as_dict(),
+            self.trainer.as_dict(),
+            self.data.as_dict(),
+        )
         return out
 
 
@@ -261,8 +312,13 @@ def normalised(raw: dict) -> dict:
     """A config dict with every section but ``trainer`` parsed and written back whole (defaults
     filled in, types settled), so that two configs compare by what they mean; the trainer
     section stays as given (it is only checked against the machine a run starts on)."""
-    sections = {"model": ModelSpec, "optim": OptimSpec, "stats": StatsSpec, "calibration": CalibrationSpec,
-                "logging": LoggingSpec}
+    sections = {
+        "model": ModelSpec,
+        "optim": OptimSpec,
+        "stats": StatsSpec,
+        "calibration": CalibrationSpec,
+        "logging": LoggingSpec,
+    }
     out = dict(raw)
     for key, cls in sections.items():
         out[key] = as_dict(parse(cls, raw.get(key), key))

@@ -52,11 +52,15 @@ def main(argv=None) -> dict:
     figures = downstream(a.run, a.contexts, a.device)
     out = a.run / f"downstream_{a.contexts}.json"
     atomic_write_text(out, json.dumps(figures, indent=2, sort_keys=True) + "\n")
-    print(f"{a.run.name}: CE clean {figures['val/ce_clean']:.4f}, zero-ablated {figures['val/ce_zero_ablation']:.4f}, "
-          f"{figures['tokens_spliced']} tokens spliced")
+    print(
+        f"{a.run.name}: CE clean {figures['val/ce_clean']:.4f}, zero-ablated {figures['val/ce_zero_ablation']:.4f}, "
+        f"{figures['tokens_spliced']} tokens spliced"
+    )
     for mode in ("batch", "threshold"):
-        print(f"  {mode}: CE {figures[f'val/{mode}/ce_spliced']:.4f}, ΔCE {figures[f'val/{mode}/delta_ce']:+.4f}, "
-              f"loss recovered {100 * figures[f'val/{mode}/loss_recovered']:.2f}%")
+        print(
+            f"  {mode}: CE {figures[f'val/{mode}/ce_spliced']:.4f}, ΔCE {figures[f'val/{mode}/delta_ce']:+.4f}, "
+            f"loss recovered {100 * figures[f'val/{mode}/loss_recovered']:.2f}%"
+        )
     print(f"written {out}")
     return figures
 

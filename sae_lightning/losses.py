@@ -14,10 +14,10 @@ from typing import ClassVar, Literal
 import torch
 from torch import Tensor
 
-from .selection import per_column_topk, sort_pairs
-from .spec import check_keys, parse, setting
 from .sae import SparseAutoencoder
+from .selection import per_column_topk, sort_pairs
 from .sparse import Selection, SparseCode, sparse_decode
+from .spec import check_keys, parse, setting
 from .stats import LatentStats
 
 
@@ -36,7 +36,7 @@ class StepOutput:
         return self.z[tokens][:, latents] if self.layout == "token" else self.z[latents, tokens].t()
 
 
-LOSSES: dict[str, type["LossTerm"]] = {}
+LOSSES: dict[str, type[LossTerm]] = {}
 
 
 def _register(cls):
@@ -86,10 +86,12 @@ def per_token_aux_selection(out: StepOutput, candidates: Tensor, k_aux: int) -> 
     B = out.x.shape[0]
     # the candidates' columns, a chunk of tokens at a time: never a second [B, F] tensor
     chunk = max(1, (1 << 22) // idx.numel())
-    top = torch.cat([torch.topk(out.columns(idx, slice(i, i + chunk)), k, dim=1, sorted=False).indices
-                     for i in range(0, B, chunk)])
-    return Selection(rows=torch.arange(B, device=idx.device).repeat_interleave(k),
-                     cols=idx[top].reshape(-1), n_tokens=B)
+    top = torch.cat(
+        [torch.topk(out.columns(idx, slice(i, i + chunk)), k, dim=1, sorted=False).indices for i in range(0, B, chunk)]
+    )
+    return Selection(
+        rows=torch.arange(B, device=idx.device).repeat_interleave(k), cols=idx[top].reshape(-1), n_tokens=B
+    )
 
 
 def per_latent_aux_selection(out: StepOutput, candidates: Tensor, quota: Tensor) -> Selection | None:
@@ -111,8 +113,9 @@ def union(a: Selection | None, b: Selection | None, n_latents: int) -> Selection
     return Selection(rows=rows, cols=key - rows * n_latents, n_tokens=a.n_tokens)
 
 
-def aux_residual_loss(out: StepOutput, sae: SparseAutoencoder, sel: Selection | None,
-                      weights: Tensor | None = None, values: str = "relu") -> tuple[Tensor, Tensor | None]:
+def aux_residual_loss(
+    out: StepOutput, sae: SparseAutoencoder, sel: Selection | None, weights: Tensor | None = None, values: str = "relu"
+) -> tuple[Tensor, Tensor | None]:
     """Σ‖e − ê‖² / Σ‖e − ē‖² where e = x − x̂ (detached) and ê decodes, without bias, the
     selected auxiliary entries (0 when nothing is selected); and the latents that the
     auxiliary code holds, which are the ones that receive a gradient from it."""
@@ -127,8 +130,9 @@ def aux_residual_loss(out: StepOutput, sae: SparseAutoencoder, sel: Selection | 
 UnderusedTerm = Literal["residual", "pull"]
 
 
-def selection_pull_loss(out: StepOutput, sae: SparseAutoencoder, sel: Selection | None,
-                        weights: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+def selection_pull_loss(
+    out: StepOutput, sae: SparseAutoencoder, sel: Selection | None, weights: Tensor | None = None
+) -> tuple[Tensor, Tensor | None]:
     """Mean over the selected pairs of w_j · relu(θ − z'_ij) / θ, θ the batch's selection cutoff
     (the smallest value of the main code): how far those affinities fall short of being
     selected. Its gradient raises them (encoder only); the pairs already above θ add nothing."""
@@ -223,7 +227,9 @@ class AuxZipf(LossTerm):
         if self.underused_term == "residual":  # the dead latents have the dead term
             under = under & ~dead
         deficit = (targets - stats.density).clamp_min(0)
-        weights = (deficit / targets.clamp_min(1e-12)).clamp(0.0, 1.0).to(out.x.dtype) if self.deficit_weighting else None
+        weights = (
+            (deficit / targets.clamp_min(1e-12)).clamp(0.0, 1.0).to(out.x.dtype) if self.deficit_weighting else None
+        )
         quota = torch.ceil(deficit * out.x.shape[0]).to(torch.long)
         sel = per_latent_aux_selection(out, under, quota)
         if self.underused_term == "pull":
@@ -239,4 +245,6 @@ def build_losses(spec: dict | None, prefix: str = "variant.losses") -> dict[str,
     spec = dict(spec or {})
     spec.setdefault("recon", {})
     check_keys(spec, LOSSES, prefix, what="the losses")
-    return {name: parse(LOSSES[name], params, f"{prefix}.{name}", what=f"loss {name!r}") for name, params in spec.items()}
+    return {
+        name: parse(LOSSES[name], params, f"{prefix}.{name}", what=f"loss {name!r}") for name, params in spec.items()
+    }

@@ -61,9 +61,16 @@ def l0_summary(hist: Tensor) -> dict[str, Tensor]:
         return torch.searchsorted(cdf, torch.tensor(p, dtype=torch.float64, device=h.device)).to(torch.float64)
 
     nz = torch.nonzero(hist)
-    return {"l0_mean": mean, "l0_std": std, "l0_p10": q(0.10), "l0_p50": q(0.5), "l0_p90": q(0.90),
-            "l0_p99": q(0.99), "l0_max": nz.max().to(torch.float64) if nz.numel() else mean * 0,
-            "l0_zero_fraction": h[0] / n}
+    return {
+        "l0_mean": mean,
+        "l0_std": std,
+        "l0_p10": q(0.10),
+        "l0_p50": q(0.5),
+        "l0_p90": q(0.90),
+        "l0_p99": q(0.99),
+        "l0_max": nz.max().to(torch.float64) if nz.numel() else mean * 0,
+        "l0_zero_fraction": h[0] / n,
+    }
 
 
 class Firing(Metric):
@@ -92,4 +99,7 @@ def feature_recovery(true_features: Tensor, decoder_rows: Tensor, threshold: flo
     t = torch.nn.functional.normalize(true_features.to(torch.float32), dim=1)
     d = torch.nn.functional.normalize(decoder_rows.detach().to(t.device, torch.float32), dim=1)
     best = torch.cat([(chunk @ d.t()).max(dim=1).values for chunk in t.split(1024)])
-    return {"recovery_mean_max_cos": float(best.mean()), f"recovery_share_above_{threshold}": float((best > threshold).float().mean())}
+    return {
+        "recovery_mean_max_cos": float(best.mean()),
+        f"recovery_share_above_{threshold}": float((best > threshold).float().mean()),
+    }

@@ -15,12 +15,13 @@ from .allocators import CalibrationSet, Mode, get_allocator_class
 from .config import LoggingSpec, ModelSpec, OptimSpec, StatsSpec, TrainConfig, VariantSpec
 from .errors import DataError, TrainingDiverged
 from .losses import StepOutput
-from .spec import parse
 from .metrics import L0, Firing, Reconstruction, feature_recovery
 from .sae import AFFINITY_DTYPES, SparseAutoencoder
 from .sparse import SparseCode
+from .spec import parse
 from .stats import LatentStats
 from .zipf import fit_zipf
+
 
 def default_lr(n_latents: int) -> float:
     """Gao et al.'s scaling: 2e-4 / sqrt(F / 2^14)."""
@@ -64,13 +65,22 @@ class SAEModule(L.LightningModule):
         self.affinity_dtype = AFFINITY_DTYPES[m.affinity_dtype]
         self.allocator = get_allocator_class(self.variant.allocator)(self.variant.params, F, self.batch_size)
         self.losses = self.variant.losses
-        self.stats = LatentStats(F, self.k, s.dead_window_tokens, s.density_time_constant_tokens, s.underused_ratio,
-                                 s.zipf_alpha, s.zipf_beta)
+        self.stats = LatentStats(
+            F,
+            self.k,
+            s.dead_window_tokens,
+            s.density_time_constant_tokens,
+            s.underused_ratio,
+            s.zipf_alpha,
+            s.zipf_beta,
+        )
         self.modes = [Mode.BATCH, Mode.THRESHOLD] + ([Mode.THRESHOLD_EMA] if self.allocator.has_thresholds else [])
-        self.val_metrics = nn.ModuleDict({
-            mode: nn.ModuleDict({"recon": Reconstruction(d_model), "l0": L0(F), "firing": Firing(F)})
-            for mode in self.modes
-        })
+        self.val_metrics = nn.ModuleDict(
+            {
+                mode: nn.ModuleDict({"recon": Reconstruction(d_model), "l0": L0(F), "firing": Firing(F)})
+                for mode in self.modes
+            }
+        )
         self.results = ValidationResults()
         self.restoring = False  # set when a checkpoint will replace the initial weights (resume)
         self.train_seconds_before = 0.0  # training time of the run before this session (from the checkpoint)
@@ -82,8 +92,10 @@ class SAEModule(L.LightningModule):
         DataError for a non-finite input and TrainingDiverged for non-finite affinities."""
         if not bool(torch.isfinite(x).all()):
             bad = int((~torch.isfinite(x)).any(1).nonzero()[0])
-            raise DataError(f"non-finite input activations (NaN or inf) at token {bad} of a batch of {x.shape[0]}"
-                            + (f", training step {self.global_step}" if self._trainer is not None else ""))
+            raise DataError(
+                f"non-finite input activations (NaN or inf) at token {bad} of a batch of {x.shape[0]}"
+                + (f", training step {self.global_step}" if self._trainer is not None else "")
+            )
         xn, ctx = self.sae.normalise(x)
         layout = self.allocator.layout
         z = self.sae.affinities(xn, layout=layout, dtype=self.affinity_dtype)  # no autograd
@@ -110,10 +122,16 @@ class SAEModule(L.LightningModule):
 
     def _non_finite_parameters(self) -> str:
         bad = [name for name, p in self.named_parameters() if not bool(torch.isfinite(p).all())]
-        bad += [name for name, b in self.sae.named_buffers(prefix="sae") if b.is_floating_point()
-                and not bool(torch.isfinite(b).all())]
-        return (f" (not finite: {', '.join(bad)}; lower optim.lr)" if bad else
-                " (the input batch and the parameters are finite but their product overflowed; lower optim.lr)")
+        bad += [
+            name
+            for name, b in self.sae.named_buffers(prefix="sae")
+            if b.is_floating_point() and not bool(torch.isfinite(b).all())
+        ]
+        return (
+            f" (not finite: {', '.join(bad)}; lower optim.lr)"
+            if bad
+            else " (the input batch and the parameters are finite but their product overflowed; lower optim.lr)"
+        )
 
     # ---- set-up ---------------------------------------------------------------------------------
     def on_train_start(self) -> None:
@@ -193,8 +211,7 @@ class SAEModule(L.LightningModule):
         loss = sum(self.losses[name].coef * value for name, value in terms.items())
         if not torch.isfinite(loss):
             bad = {name: float(value) for name, value in terms.items()}
-            raise TrainingDiverged(f"non-finite loss at step {self.global_step}: {bad}"
-                                   f"{self._non_finite_parameters()}")
+            raise TrainingDiverged(f"non-finite loss at step {self.global_step}: {bad}{self._non_finite_parameters()}")
         fire = out.code.fire_counts()
         n_tokens = x.shape[0]
         if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -208,11 +225,22 @@ class SAEModule(L.LightningModule):
             sse = (x - x_hat).pow(2).sum()
             fvu = sse / (x - x.mean(0)).pow(2).sum().clamp_min(1e-30)
             nmse = sse / x.pow(2).sum().clamp_min(1e-30)
-        logs = {"train/loss": loss.detach(), "train/fvu": fvu, "train/nmse": nmse, "train/l0_mean": l0.mean(),
-                "train/l0_std": l0.std()}
+        logs = {
+            "train/loss": loss.detach(),
+            "train/fvu": fvu,
+            "train/nmse": nmse,
+            "train/l0_mean": l0.mean(),
+            "train/l0_std": l0.std(),
+        }
         logs.update({f"train/loss_{name}": value.detach() for name, value in terms.items()})
-        logs.update({f"train/{name}_{key}": value for name, term in self.losses.items()
-                     for key, value in term.metrics.items() if value is not None})
+        logs.update(
+            {
+                f"train/{name}_{key}": value
+                for name, term in self.losses.items()
+                for key, value in term.metrics.items()
+                if value is not None
+            }
+        )
         self.log_dict(logs, prog_bar=False)
         self.log("fvu", fvu, prog_bar=True, logger=False)
         self.log("l0", l0.mean(), prog_bar=True, logger=False)
@@ -272,7 +300,7 @@ class SAEModule(L.LightningModule):
     def calibrate(self, x: Tensor) -> dict[str, float]:
         """Set the allocator's inference thresholds from held-out raw activations ``x``."""
         xn, _ = self.sae.normalise(x.to(self.device))
-        cal = CalibrationSet(xn, lambda xs, cols: self.sae.affinities(xs, cols, dtype=self.affinity_dtype).float(),
-                             self.sae.n_latents)
+        cal = CalibrationSet(
+            xn, lambda xs, cols: self.sae.affinities(xs, cols, dtype=self.affinity_dtype).float(), self.sae.n_latents
+        )
         return self.allocator.calibrate(cal)
-

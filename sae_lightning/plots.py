@@ -42,7 +42,12 @@ def save_run_plots(module, run_dir: Path) -> list[Path]:
         if fit is not None:
             alpha, beta, c, r2 = fit
             pred = torch.exp(c - alpha * torch.log(ranks.to(torch.float64) + beta))
-            ax.loglog(ranks.tolist(), pred.tolist(), "--", label=f"Zipf fit: alpha={round(alpha, 2) + 0.0:.2f}, beta={beta:g}, r2={r2:.2f}")
+            ax.loglog(
+                ranks.tolist(),
+                pred.tolist(),
+                "--",
+                label=f"Zipf fit: alpha={round(alpha, 2) + 0.0:.2f}, beta={beta:g}, r2={r2:.2f}",
+            )
         if bool(alive.any()):  # Feature Choice gives every latent about the same density: keep a visible range
             lo, hi = float(d[alive].min()), float(d[alive].max())
             ax.set_ylim(min(lo, hi / 4) / 1.5, max(hi, lo * 4) * 1.5)

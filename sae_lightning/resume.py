@@ -23,9 +23,24 @@ from .errors import ConfigError, DataError
 
 # keys a resumed run may change (a key, or a whole section ending in ".")
 RESUMABLE = (
-    "resume", "out_dir", "progress", "trainer.max_steps", "trainer.val_check_interval", "trainer.log_every_n_steps",
-    "trainer.limit_val_batches", "trainer.accelerator", "trainer.devices", "trainer.strategy", "trainer.num_nodes",
-    "data.num_workers", "data.verify", "data.downstream.", "calibration.", "logging.", "sweep_trial", "sweep_trial.",
+    "resume",
+    "out_dir",
+    "progress",
+    "trainer.max_steps",
+    "trainer.val_check_interval",
+    "trainer.log_every_n_steps",
+    "trainer.limit_val_batches",
+    "trainer.accelerator",
+    "trainer.devices",
+    "trainer.strategy",
+    "trainer.num_nodes",
+    "data.num_workers",
+    "data.verify",
+    "data.downstream.",
+    "calibration.",
+    "logging.",
+    "sweep_trial",
+    "sweep_trial.",
 )
 GROUPS = ("variant", "model", "data", "trainer", "sweeps")
 
@@ -45,8 +60,11 @@ def locate(resume: str) -> tuple[Path, Path | None]:
     if path.is_dir():
         ckpt = path / "checkpoints" / "last.ckpt"
         if not ckpt.is_file():
-            raise ConfigError("resume", resume, "a checkpoint file or a run folder holding checkpoints/last.ckpt "
-                              f"({ckpt} does not exist)")
+            raise ConfigError(
+                "resume",
+                resume,
+                f"a checkpoint file or a run folder holding checkpoints/last.ckpt ({ckpt} does not exist)",
+            )
         return ckpt, path if (path / "config.yaml").is_file() else None
     if not path.is_file():
         raise ConfigError("resume", resume, "null, a checkpoint file (.ckpt) or a run folder (outputs/runs/<run>)")
@@ -60,14 +78,28 @@ def read(resume: str) -> ResumePoint:
     ckpt, run_dir = locate(resume)
     try:
         state = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)
-    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile,
-            AttributeError, ModuleNotFoundError, IndexError, KeyError) as e:
-        raise DataError(f"resume={resume}: {ckpt} is not a readable checkpoint (truncated, damaged or not a torch "
-                        f"file: {type(e).__name__}); resume from another checkpoint of the run (checkpoints/*.ckpt)") from e
+    except (
+        RuntimeError,
+        EOFError,
+        OSError,
+        ValueError,
+        pickle.UnpicklingError,
+        zipfile.BadZipFile,
+        AttributeError,
+        ModuleNotFoundError,
+        IndexError,
+        KeyError,
+    ) as e:
+        raise DataError(
+            f"resume={resume}: {ckpt} is not a readable checkpoint (truncated, damaged or not a torch "
+            f"file: {type(e).__name__}); resume from another checkpoint of the run (checkpoints/*.ckpt)"
+        ) from e
     hp = state.get("hyper_parameters") if isinstance(state, dict) else None
     if not isinstance(hp, dict) or not isinstance(hp.get("config"), dict) or "state_dict" not in state:
-        raise DataError(f"resume={resume}: {ckpt} is a torch file but not a checkpoint of an sae_lightning run "
-                        "(no hyper_parameters.config / state_dict)")
+        raise DataError(
+            f"resume={resume}: {ckpt} is a torch file but not a checkpoint of an sae_lightning run "
+            "(no hyper_parameters.config / state_dict)"
+        )
     return ResumePoint(ckpt, run_dir, state, hp["config"], int(state.get("global_step", 0)))
 
 
@@ -114,8 +146,9 @@ def explicit_keys(overrides: list[str]) -> list[str]:
     return keys
 
 
-def resumed_config(saved: dict, composed: dict, overrides: list[str] | None,
-                   normalise=lambda d: d) -> tuple[dict, list[str]]:
+def resumed_config(
+    saved: dict, composed: dict, overrides: list[str] | None, normalise=lambda d: d
+) -> tuple[dict, list[str]]:
     """The config to resume with: ``saved``, with the keys the command line set taken from
     ``composed``. Returns it and the list of changed keys (``key: old -> new``); raises
     ConfigError if a key outside :data:`RESUMABLE` changed. Both sides are compared after
@@ -133,8 +166,11 @@ def resumed_config(saved: dict, composed: dict, overrides: list[str] | None,
     refused = [k for k in changed if not any(k == r or (r.endswith(".") and k.startswith(r)) for r in RESUMABLE)]
     if refused:
         shown = "; ".join(f"{k}: run {old.get(k, '(absent)')!r} vs now {new.get(k, '(absent)')!r}" for k in refused[:4])
-        raise ConfigError("resume", composed.get("resume"),
-                          f"the run's own settings ({shown}). A resumed run keeps its config except "
-                          f"{', '.join(dict.fromkeys(r.rstrip('.') for r in RESUMABLE[2:]))}; start a new run to "
-                          "change the rest")
+        raise ConfigError(
+            "resume",
+            composed.get("resume"),
+            f"the run's own settings ({shown}). A resumed run keeps its config except "
+            f"{', '.join(dict.fromkeys(r.rstrip('.') for r in RESUMABLE[2:]))}; start a new run to "
+            "change the rest",
+        )
     return merged, [f"{k}: {old.get(k, '(absent)')} -> {new.get(k, '(absent)')}" for k in changed]

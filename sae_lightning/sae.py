@@ -45,8 +45,14 @@ class SelectedAffinities(torch.autograd.Function):
             perm = torch.argsort(cols, stable=True)
             offsets = torch.zeros(n_latents + 1, dtype=torch.long, device=g.device)
             torch.cumsum(torch.bincount(cols, minlength=n_latents), 0, out=offsets[1:])
-            g_W = F.embedding_bag(rows[perm], (xn - b_pre).to(g.dtype), offsets, mode="sum",
-                                  per_sample_weights=g[perm], include_last_offset=True)
+            g_W = F.embedding_bag(
+                rows[perm],
+                (xn - b_pre).to(g.dtype),
+                offsets,
+                mode="sum",
+                per_sample_weights=g[perm],
+                include_last_offset=True,
+            )
         g_pre = -(g_b @ W_enc) if ctx.needs_input_grad[3] else None
         return None, g_W, g_b if ctx.needs_input_grad[2] else None, g_pre, None, None, None
 
@@ -72,8 +78,9 @@ class SparseAutoencoder(nn.Module):
     W_dec of the paper), which is the layout ``embedding_bag`` reads.
     """
 
-    def __init__(self, d_model: int, n_latents: int, normalisation: str = "dataset_scale",
-                 b_pre_init: str = "geometric_median"):
+    def __init__(
+        self, d_model: int, n_latents: int, normalisation: str = "dataset_scale", b_pre_init: str = "geometric_median"
+    ):
         super().__init__()
         self.d_model, self.n_latents = d_model, n_latents
         self.normalisation, self.b_pre_init = normalisation, b_pre_init
@@ -114,8 +121,11 @@ class SparseAutoencoder(nn.Module):
         else:
             self.b_pre.zero_()
         self.initialised.fill_(True)
-        return {"scale": float(self.scale), "b_pre_norm": float(self.b_pre.norm()),
-                "variance_share": float(self.x_variance / self.x_second_moment)}
+        return {
+            "scale": float(self.scale),
+            "b_pre_norm": float(self.b_pre.norm()),
+            "variance_share": float(self.x_variance / self.x_second_moment),
+        }
 
     # ---- normalisation ------------------------------------------------------------------
     def normalise(self, x: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
@@ -139,8 +149,9 @@ class SparseAutoencoder(nn.Module):
 
     # ---- encode / decode ----------------------------------------------------------------
     @torch.no_grad()
-    def affinities(self, xn: Tensor, cols: slice | None = None, layout: str = "token",
-                   dtype: torch.dtype = torch.float32) -> Tensor:
+    def affinities(
+        self, xn: Tensor, cols: slice | None = None, layout: str = "token", dtype: torch.dtype = torch.float32
+    ) -> Tensor:
         """z' = W_enc (x − b_pre) + b_enc for normalised x, without autograd: [B, F] for the
         ``token`` layout, [F, B] for ``latent``; ``cols`` restricts the latents. A bfloat16
         ``dtype`` computes the matrix in bf16 (for selection only; see :meth:`code`)."""
@@ -162,8 +173,15 @@ class SparseAutoencoder(nn.Module):
             out[i : i + chunk] = torch.einsum("nd,nd->n", xc[r], self.W_enc[c]) + self.b_enc[c]
         return out
 
-    def code(self, xn: Tensor, z: Tensor, selection: Selection, layout: str = "token",
-             weights: Tensor | None = None, values: str = "relu") -> SparseCode:
+    def code(
+        self,
+        xn: Tensor,
+        z: Tensor,
+        selection: Selection,
+        layout: str = "token",
+        weights: Tensor | None = None,
+        values: str = "relu",
+    ) -> SparseCode:
         """The sparse code of a selection, differentiable with respect to the encoder through a
         sparse backward. ``values``: ``relu`` (the SAE's own: ReLU(z') at the selected pairs,
         non-positive ones dropped), or, for auxiliary codes, ``linear`` (z' itself, negative

@@ -70,8 +70,11 @@ class GlobalTopK:
 
         def take(rows: Tensor, w: int) -> None:
             v, i = torch.topk(z[rows], w, dim=1, sorted=True)
-            groups[w] = (rows, v, i) if w not in groups else (
-                torch.cat([groups[w][0], rows]), torch.cat([groups[w][1], v]), torch.cat([groups[w][2], i]))
+            groups[w] = (
+                (rows, v, i)
+                if w not in groups
+                else (torch.cat([groups[w][0], rows]), torch.cat([groups[w][1], v]), torch.cat([groups[w][2], i]))
+            )
 
         v, i = torch.topk(z, base, dim=1, sorted=True)  # every row, in place (no copy of z)
         check_finite(v[:, 0])  # each row's largest value; NaN would keep the loop below from ending
@@ -96,7 +99,9 @@ class GlobalTopK:
                     groups[w] = (r[stay], v[stay], i[stay])
                 take(rows, min(F, 4 * w))
         else:
-            raise RuntimeError(f"exact global top-{budget} did not converge on a [{B}, {F}] matrix (a bug: please report)")
+            raise RuntimeError(
+                f"exact global top-{budget} did not converge on a [{B}, {F}] matrix (a bug: please report)"
+            )
         cand_v = torch.cat([v.reshape(-1) for _, v, _ in groups.values()])
         top = torch.topk(cand_v, budget, sorted=False)
         cand_r = torch.cat([r.repeat_interleave(v.shape[1]) for r, v, _ in groups.values()])

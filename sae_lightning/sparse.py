@@ -51,9 +51,7 @@ class SparseCode:
         return torch.bincount(self.latents, minlength=self.n_latents)
 
     def token_index(self) -> Tensor:
-        return torch.repeat_interleave(
-            torch.arange(self.n_tokens, device=self.offsets.device), self.l0_per_token()
-        )
+        return torch.repeat_interleave(torch.arange(self.n_tokens, device=self.offsets.device), self.l0_per_token())
 
     def to_dense(self) -> Tensor:
         dense = self.values.new_zeros(self.n_tokens, self.n_latents)
@@ -61,14 +59,14 @@ class SparseCode:
         return dense
 
     @staticmethod
-    def build(rows: Tensor, cols: Tensor, values: Tensor, n_tokens: int, n_latents: int) -> "SparseCode":
+    def build(rows: Tensor, cols: Tensor, values: Tensor, n_tokens: int, n_latents: int) -> SparseCode:
         """CSR from (row, col, value) triples already sorted by row."""
         offsets = torch.zeros(n_tokens + 1, dtype=torch.long, device=rows.device)
         torch.cumsum(torch.bincount(rows, minlength=n_tokens), 0, out=offsets[1:])
         return SparseCode(offsets=offsets, latents=cols, values=values, n_latents=n_latents)
 
     @staticmethod
-    def from_selection(affinities: Tensor, selection: Selection) -> "SparseCode":
+    def from_selection(affinities: Tensor, selection: Selection) -> SparseCode:
         """ReLU(z') at the selected pairs of a token-major matrix, non-positive ones dropped.
 
         A plain (autograd) gather for dense inputs, used by tests and analysis; training

@@ -14,7 +14,8 @@ import dataclasses
 import math
 import types
 import typing
-from typing import Any, Iterable, Literal, TypeVar, get_args, get_origin, get_type_hints
+from collections.abc import Iterable
+from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
 
 from .errors import ConfigError, did_you_mean
 
@@ -22,8 +23,16 @@ T = TypeVar("T")
 MISSING = dataclasses.MISSING
 
 
-def setting(default: Any = MISSING, *, ge: float | None = None, gt: float | None = None, le: float | None = None,
-            lt: float | None = None, allowed: str | None = None, default_factory: Any = MISSING) -> Any:
+def setting(
+    default: Any = MISSING,
+    *,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    lt: float | None = None,
+    allowed: str | None = None,
+    default_factory: Any = MISSING,
+) -> Any:
     """A spec field with its range (``ge``/``gt``/``le``/``lt``) or a description of what is
     ``allowed`` (used in the error message instead of the generated one)."""
     meta = {k: v for k, v in {"ge": ge, "gt": gt, "le": le, "lt": lt, "allowed": allowed}.items() if v is not None}
@@ -76,8 +85,12 @@ def describe(tp: Any, meta: dict | None = None) -> str:
 
 
 def _in_range(value: float, meta: dict) -> bool:
-    return not (("ge" in meta and value < meta["ge"]) or ("gt" in meta and value <= meta["gt"])
-                or ("le" in meta and value > meta["le"]) or ("lt" in meta and value >= meta["lt"]))
+    return not (
+        ("ge" in meta and value < meta["ge"])
+        or ("gt" in meta and value <= meta["gt"])
+        or ("le" in meta and value > meta["le"])
+        or ("lt" in meta and value >= meta["lt"])
+    )
 
 
 def convert(value: Any, tp: Any, key: str, meta: dict | None = None) -> Any:

@@ -15,8 +15,16 @@ from .zipf import zipf_targets
 
 
 class LatentStats(nn.Module):
-    def __init__(self, n_latents: int, k: int, dead_window_tokens: int, density_time_constant_tokens: int,
-                 underused_ratio: float, zipf_alpha: float = 1.0, zipf_beta: float = 0.0):
+    def __init__(
+        self,
+        n_latents: int,
+        k: int,
+        dead_window_tokens: int,
+        density_time_constant_tokens: int,
+        underused_ratio: float,
+        zipf_alpha: float = 1.0,
+        zipf_beta: float = 0.0,
+    ):
         super().__init__()
         self.n_latents, self.k = n_latents, k
         self.dead_window_tokens = dead_window_tokens
@@ -40,8 +48,12 @@ class LatentStats(nn.Module):
 
     def targets(self, k: float | None = None, alpha: float | None = None, beta: float | None = None) -> Tensor:
         """Zipf target densities t_j (Σ t_j = k, t_j ≤ 1), ranks by current density."""
-        return zipf_targets(self.density, self.k if k is None else k,
-                            self.zipf_alpha if alpha is None else alpha, self.zipf_beta if beta is None else beta)
+        return zipf_targets(
+            self.density,
+            self.k if k is None else k,
+            self.zipf_alpha if alpha is None else alpha,
+            self.zipf_beta if beta is None else beta,
+        )
 
     def underused_mask(self, ratio: float | None = None, targets: Tensor | None = None) -> Tensor:
         """dead ∪ {j : ρ_j < ratio · t_j}."""

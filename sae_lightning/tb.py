@@ -12,7 +12,9 @@ from torch import Tensor
 
 def _writer(trainer: Any):
     logger = getattr(trainer, "logger", None) if trainer is not None else None
-    exp = getattr(logger, "experiment", None) if logger is not None and getattr(trainer, "is_global_zero", True) else None
+    exp = (
+        getattr(logger, "experiment", None) if logger is not None and getattr(trainer, "is_global_zero", True) else None
+    )
     return exp if hasattr(exp, "add_histogram") else None
 
 

@@ -65,8 +65,9 @@ def check_writable(out_dir: str) -> None:
     try:
         Path(tempfile.mkdtemp(prefix=".write-test-", dir=existing)).rmdir()
     except OSError as e:
-        raise ConfigError("out_dir", out_dir, f"a folder this user can write (cannot write in {existing}: "
-                          f"{e.strerror})") from None
+        raise ConfigError(
+            "out_dir", out_dir, f"a folder this user can write (cannot write in {existing}: {e.strerror})"
+        ) from None
 
 
 def new_run_dir(out_dir: str, variant: str) -> Path:
@@ -89,8 +90,11 @@ def _check_checkpoint(point: resume_mod.ResumePoint, datamodule) -> None:
     """The checkpoint fits the data: d_model, and for an activation cache the same cache and stream."""
     d = point.state["state_dict"]["sae.W_enc"].shape[1]
     if d != datamodule.d_model:
-        raise ConfigError("resume", str(point.checkpoint), f"a checkpoint of an SAE with d_model {datamodule.d_model} "
-                          f"(the data's); this one has {d}")
+        raise ConfigError(
+            "resume",
+            str(point.checkpoint),
+            f"a checkpoint of an SAE with d_model {datamodule.d_model} (the data's); this one has {d}",
+        )
     data_state = point.state.get(type(datamodule).__qualname__)
     if data_state:
         datamodule.load_state_dict(data_state)
@@ -148,33 +152,58 @@ def fit(plan: Plan) -> dict[str, Any]:
         atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(config.as_dict())))
         os.environ[RUN_DIR_ENV] = str(run_dir)  # Lightning's DDP launcher starts the other ranks with this environment
     if point is not None:
-        print(f"resuming {run_dir} at step {point.step}"
-              + (f"; changed: {', '.join(plan.changed)}" if plan.changed else ""), flush=True)
+        print(
+            f"resuming {run_dir} at step {point.step}"
+            + (f"; changed: {', '.join(plan.changed)}" if plan.changed else ""),
+            flush=True,
+        )
     L.seed_everything(config.seed, workers=True, verbose=False)
     torch.set_float32_matmul_precision("high")
 
     module = SAEModule(config, datamodule.d_model)
     module.restoring = point is not None
     logger = L.pytorch.loggers.TensorBoardLogger(
-        str(run_dir), name="tb", version="", default_hp_metric=False,
+        str(run_dir),
+        name="tb",
+        version="",
+        default_hp_metric=False,
         # a resumed run drops the events its previous session wrote after the checkpoint
-        purge_step=point.step + 1 if point is not None else None)
+        purge_step=point.step + 1 if point is not None else None,
+    )
     ckpt_dir = run_dir / "checkpoints"
     checkpoint = L.pytorch.callbacks.ModelCheckpoint(
-        dirpath=ckpt_dir, filename="best-step{step}", monitor="val/batch/fvu", mode="min",
-        save_top_k=1, save_last=True, auto_insert_metric_name=False)
+        dirpath=ckpt_dir,
+        filename="best-step{step}",
+        monitor="val/batch/fvu",
+        mode="min",
+        save_top_k=1,
+        save_last=True,
+        auto_insert_metric_name=False,
+    )
     stop = GracefulStop(ckpt_dir / "last.ckpt")
     calibration = ThresholdCalibration(enabled=config.calibration.enabled)
     batch_size = config.data.batch_size
-    callbacks = [checkpoint, stop, ValidateLastStep(), calibration,
-                 LatentStatsMonitor(config.logging.histogram_every_n_steps),
-                 L.pytorch.callbacks.LearningRateMonitor(logging_interval="step"),
-                 Progress(config.progress, batch_size * config.trainer.world_size()),
-                 *datamodule.callbacks(batch_size)]
+    callbacks = [
+        checkpoint,
+        stop,
+        ValidateLastStep(),
+        calibration,
+        LatentStatsMonitor(config.logging.histogram_every_n_steps),
+        L.pytorch.callbacks.LearningRateMonitor(logging_interval="step"),
+        Progress(config.progress, batch_size * config.trainer.world_size()),
+        *datamodule.callbacks(batch_size),
+    ]
     if config.sweep_trial is not None:  # a trial of an Optuna sweep
         callbacks.append(OptunaPruning(TrialContext.from_spec(config.sweep_trial)))
-    trainer = L.Trainer(**config.trainer.args, logger=logger, callbacks=callbacks, default_root_dir=str(run_dir),
-                        plugins=[AtomicCheckpointIO()], enable_model_summary=False, enable_progress_bar=False)
+    trainer = L.Trainer(
+        **config.trainer.args,
+        logger=logger,
+        callbacks=callbacks,
+        default_root_dir=str(run_dir),
+        plugins=[AtomicCheckpointIO()],
+        enable_model_summary=False,
+        enable_progress_bar=False,
+    )
 
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=str(point.checkpoint) if point is not None else None)
@@ -208,19 +237,34 @@ def print_summary(metrics: dict[str, Any], run_dir: Path) -> None:
     rows = [("mode", "FVU", "L0 mean", "L0 p10-p90", "never fired")]
     for mode in ("batch", "threshold", "threshold_ema"):
         if f"val/{mode}/fvu" in metrics:
-            rows.append((mode, f"{metrics[f'val/{mode}/fvu']:.4f}", f"{metrics[f'val/{mode}/l0_mean']:.2f}",
-                         f"{metrics[f'val/{mode}/l0_p10']:.0f}-{metrics[f'val/{mode}/l0_p90']:.0f}",
-                         f"{100 * metrics[f'val/{mode}/never_fired_fraction']:.1f}%"))
+            rows.append(
+                (
+                    mode,
+                    f"{metrics[f'val/{mode}/fvu']:.4f}",
+                    f"{metrics[f'val/{mode}/l0_mean']:.2f}",
+                    f"{metrics[f'val/{mode}/l0_p10']:.0f}-{metrics[f'val/{mode}/l0_p90']:.0f}",
+                    f"{100 * metrics[f'val/{mode}/never_fired_fraction']:.1f}%",
+                )
+            )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    print(f"\n{metrics['variant']}: k={metrics['k']}, F={metrics['n_latents']}, {metrics['tokens']} tokens "
-          f"in {metrics['train_seconds']} s ({metrics['tokens_per_second']:.0f} tokens/s)")
+    print(
+        f"\n{metrics['variant']}: k={metrics['k']}, F={metrics['n_latents']}, {metrics['tokens']} tokens "
+        f"in {metrics['train_seconds']} s ({metrics['tokens_per_second']:.0f} tokens/s)"
+    )
     for r in rows:
         print("  " + "  ".join(cell.ljust(w) for cell, w in zip(r, widths)))
     if "val/recovery_mean_max_cos" in metrics:
-        print(f"  dead {100 * metrics['val/dead_fraction']:.1f}%, feature recovery: mean max cos "
-              f"{metrics['val/recovery_mean_max_cos']:.3f}, share > 0.9 {metrics['val/recovery_share_above_0.9']:.3f}")
+        print(
+            f"  dead {100 * metrics['val/dead_fraction']:.1f}%, feature recovery: mean max cos "
+            f"{metrics['val/recovery_mean_max_cos']:.3f}, share > 0.9 {metrics['val/recovery_share_above_0.9']:.3f}"
+        )
     if "val/ce_clean" in metrics:
-        print(f"  downstream: CE clean {metrics['val/ce_clean']:.3f}, zero-ablated {metrics['val/ce_zero_ablation']:.3f}; "
-              + "; ".join(f"{mode}: ΔCE {metrics[f'val/{mode}/delta_ce']:.3f}, loss recovered "
-                          f"{100 * metrics[f'val/{mode}/loss_recovered']:.1f}%" for mode in ("batch", "threshold")))
+        print(
+            f"  downstream: CE clean {metrics['val/ce_clean']:.3f}, zero-ablated {metrics['val/ce_zero_ablation']:.3f}; "
+            + "; ".join(
+                f"{mode}: ΔCE {metrics[f'val/{mode}/delta_ce']:.3f}, loss recovered "
+                f"{100 * metrics[f'val/{mode}/loss_recovered']:.1f}%"
+                for mode in ("batch", "threshold")
+            )
+        )
     print(f"  results in {run_dir}")

@@ -47,7 +47,7 @@ def round_preserving_sum(x: Tensor, total: int, cap: int) -> Tensor:
         order = torch.argsort(-frac, stable=True)[:short]
         base[order] += 1
     elif short < 0:  # only from floating error; take back from the largest
-        order = torch.argsort(-x, stable=True)[: -short]
+        order = torch.argsort(-x, stable=True)[:-short]
         base[order] -= 1
     return base
 

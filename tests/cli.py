@@ -16,8 +16,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PRELOAD = ["lightning", "hydra", "optuna", "transformers", "sae_lightning.train", "sae_lightning.sweep.sweeper",
-           "sae_lightning.data.harvest", "sae_lightning.cli"]
+PRELOAD = [
+    "lightning",
+    "hydra",
+    "optuna",
+    "transformers",
+    "sae_lightning.train",
+    "sae_lightning.sweep.sweeper",
+    "sae_lightning.data.harvest",
+    "sae_lightning.cli",
+]
 
 
 @dataclass
@@ -51,7 +59,7 @@ class CLI:
         self.workdir = Path(workdir)
         self.n = 0
 
-    def start(self, script: str, *args: str, env: dict[str, str] | None = None) -> "Running":
+    def start(self, script: str, *args: str, env: dict[str, str] | None = None) -> Running:
         """Start the entry point and return at once (to signal or kill it, or run several together)."""
         self.n += 1
         out, err = self.workdir / f"{self.n}.out", self.workdir / f"{self.n}.err"

@@ -25,24 +25,55 @@ from sae_lightning.data.harvest import harvest
 from .cli import ROOT
 from .data.test_harvest import spec_for
 
-SMALL = ["model.n_latents=128", "model.init_sample_tokens=256", "variant.k=4", "optim.warmup_steps=2",
-         "progress=none"]
-ON_CACHE = ["data=cache", "data.path={ws}/cache", "data.batch_size=64", "data.val_tokens=100",
-            "data.calibration_tokens=90", *SMALL]
-SYNTH = ["data.d_model=16", "data.n_features=32", "data.active_median=2", "data.active_max=8", "data.batch_size=64",
-         "data.val_tokens=64", "data.calibration_tokens=64", *SMALL]
-HARVEST = ["data=smollm2", "data.path={ws}/newcache", "data.harvest.lm.name={lm}", "data.harvest.corpus.path={corpus}",
-           "data.harvest.layer=1", "data.harvest.context_length=16", "data.harvest.token_budget=300", "progress=false"]
+SMALL = ["model.n_latents=128", "model.init_sample_tokens=256", "variant.k=4", "optim.warmup_steps=2", "progress=none"]
+ON_CACHE = [
+    "data=cache",
+    "data.path={ws}/cache",
+    "data.batch_size=64",
+    "data.val_tokens=100",
+    "data.calibration_tokens=90",
+    *SMALL,
+]
+SYNTH = [
+    "data.d_model=16",
+    "data.n_features=32",
+    "data.active_median=2",
+    "data.active_max=8",
+    "data.batch_size=64",
+    "data.val_tokens=64",
+    "data.calibration_tokens=64",
+    *SMALL,
+]
+HARVEST = [
+    "data=smollm2",
+    "data.path={ws}/newcache",
+    "data.harvest.lm.name={lm}",
+    "data.harvest.corpus.path={corpus}",
+    "data.harvest.layer=1",
+    "data.harvest.context_length=16",
+    "data.harvest.token_budget=300",
+    "progress=false",
+]
 
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory, tiny_lm, corpus_file, cli):
     """A small cache and a short finished run (topk on synthetic data) to copy into workspaces."""
     root = tmp_path_factory.mktemp("assets")
-    harvest(root / "cache", spec_for(tiny_lm, corpus_file, token_budget=1500, shard_tokens=256, dtype="float16"),
-            progress=False, log=lambda *a: None)
-    r = cli("train.py", f"out_dir={root / 'out'}", "variant=topk", "trainer.max_steps=4", "trainer.val_check_interval=2",
-            *SYNTH)
+    harvest(
+        root / "cache",
+        spec_for(tiny_lm, corpus_file, token_budget=1500, shard_tokens=256, dtype="float16"),
+        progress=False,
+        log=lambda *a: None,
+    )
+    r = cli(
+        "train.py",
+        f"out_dir={root / 'out'}",
+        "variant=topk",
+        "trainer.max_steps=4",
+        "trainer.val_check_interval=2",
+        *SYNTH,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     (run,) = (root / "out" / "runs").iterdir()
     shutil.move(str(run), root / "run")
@@ -64,6 +95,7 @@ def edit_manifest(fn):
         m = json.loads((ws / "cache" / "manifest.json").read_text())
         fn(m)
         (ws / "cache" / "manifest.json").write_text(json.dumps(m))
+
     return setup
 
 
@@ -71,6 +103,7 @@ def edit_shard(fn):
     def setup(ws: Path, a: dict) -> None:
         with_cache(ws, a)
         fn(ws / "cache" / "shard_00001.npy")
+
     return setup
 
 
@@ -89,6 +122,7 @@ def write(name: str, content: bytes | str):
     def setup(ws: Path, a: dict) -> None:
         (ws / name).parent.mkdir(parents=True, exist_ok=True)
         (ws / name).write_bytes(content.encode() if isinstance(content, str) else content)
+
     return setup
 
 
@@ -113,7 +147,13 @@ def a_file_as_out_dir_parent(ws: Path, a: dict) -> None:
 # (id, script, arguments, set-up, what the error line must say)
 CASES = [
     # ---- config values ---------------------------------------------------------------------
-    ("k_above_F", "train.py", ["model.n_latents=16", "variant.k=32"], None, r"variant\.k=32 .*at most model\.n_latents = 16"),
+    (
+        "k_above_F",
+        "train.py",
+        ["model.n_latents=16", "variant.k=32"],
+        None,
+        r"variant\.k=32 .*at most model\.n_latents = 16",
+    ),
     ("k_zero", "train.py", ["variant.k=0"], None, r"variant\.k=0 .*integer > 0"),
     ("k_string", "train.py", ["variant.k=many"], None, r"variant\.k='many' .*integer"),
     ("lr_inf", "train.py", ["optim.lr=inf"], None, r"optim\.lr=inf .*finite number"),
@@ -121,12 +161,29 @@ CASES = [
     ("betas", "train.py", ["optim.betas=[0.9,1.5]"], None, r"optim\.betas=\[0\.9, 1\.5\] .*\[0, 1\)"),
     ("eps_nan", "train.py", ["optim.eps=nan"], None, r"optim\.eps=nan .*finite"),
     ("seed_float", "train.py", ["seed=1.5"], None, r"seed=1\.5 .*integer"),
-    ("normalisation", "train.py", ["model.normalisation=batchnorm"], None, r"model\.normalisation='batchnorm'.*'layernorm'"),
+    (
+        "normalisation",
+        "train.py",
+        ["model.normalisation=batchnorm"],
+        None,
+        r"model\.normalisation='batchnorm'.*'layernorm'",
+    ),
     ("n_latents_string", "train.py", ["model.n_latents=abc"], None, r"model\.n_latents='abc' .*integer"),
     ("allocator", "train.py", ["variant.allocator=switch"], None, r"variant\.allocator='switch'.*'topk'"),
-    ("capacity", "train.py", ["variant=feature_choice", "variant.capacity=pareto"], None, r"variant\.capacity='pareto'.*'zipf'"),
-    ("allocator_key_typo", "train.py", ["variant=feature_choice", "+variant.capacty=zipf"], None,
-     r"variant\.capacty.*a key of allocator 'feature_choice'"),
+    (
+        "capacity",
+        "train.py",
+        ["variant=feature_choice", "variant.capacity=pareto"],
+        None,
+        r"variant\.capacity='pareto'.*'zipf'",
+    ),
+    (
+        "allocator_key_typo",
+        "train.py",
+        ["variant=feature_choice", "+variant.capacty=zipf"],
+        None,
+        r"variant\.capacty.*a key of allocator 'feature_choice'",
+    ),
     ("unknown_loss", "train.py", ["+variant.losses.aux_q.coef=1"], None, r"variant\.losses\.aux_q"),
     ("loss_tau", "train.py", ["variant.losses.aux_zipf.tau=-1"], None, r"variant\.losses\.aux_zipf\.tau=-1"),
     ("dead_window", "train.py", ["stats.dead_window_tokens=0"], None, r"stats\.dead_window_tokens=0"),
@@ -139,7 +196,13 @@ CASES = [
     ("val_interval_zero", "train.py", ["trainer.val_check_interval=0"], None, r"trainer\.val_check_interval=0"),
     ("precision", "train.py", ["trainer.precision=17"], None, r"trainer\.precision=17 .*'bf16-mixed'"),
     ("clip_nan", "train.py", ["trainer.gradient_clip_val=nan"], None, r"trainer\.gradient_clip_val=nan .*finite"),
-    ("added_typo", "train.py", ["+trainer.max_step=10"], None, r"trainer\.max_step=10 .*did you mean trainer\.max_steps\?"),
+    (
+        "added_typo",
+        "train.py",
+        ["+trainer.max_step=10"],
+        None,
+        r"trainer\.max_step=10 .*did you mean trainer\.max_steps\?",
+    ),
     ("typo", "train.py", ["trainer.max_step=10"], None, r"no key trainer\.max_step; did you mean trainer\.max_steps\?"),
     ("accelerator", "train.py", ["trainer.accelerator=gpu"], None, r"trainer\.accelerator='gpu'"),
     ("devices", "train.py", ["trainer.devices=0"], None, r"trainer\.devices=0"),
@@ -150,56 +213,176 @@ CASES = [
     ("parse", "train.py", ["variant.k=("], None, r"cannot parse a command-line override"),
     # ---- paths ---------------------------------------------------------------------------------
     ("out_dir_unwritable", "train.py", ["out_dir=/proc/sae_lightning_out"], None, r"out_dir='/proc/sae_lightning_out'"),
-    ("out_dir_under_a_file", "train.py", ["out_dir={ws}/afile/out"], a_file_as_out_dir_parent, r"out_dir=.*afile is a file"),
-    ("cache_folder_missing", "train.py", [*ON_CACHE[:1], "data.path={ws}/nowhere", *ON_CACHE[2:]], None,
-     r"no activation cache at .*nowhere"),
+    (
+        "out_dir_under_a_file",
+        "train.py",
+        ["out_dir={ws}/afile/out"],
+        a_file_as_out_dir_parent,
+        r"out_dir=.*afile is a file",
+    ),
+    (
+        "cache_folder_missing",
+        "train.py",
+        [*ON_CACHE[:1], "data.path={ws}/nowhere", *ON_CACHE[2:]],
+        None,
+        r"no activation cache at .*nowhere",
+    ),
     # ---- activation caches and manifests -----------------------------------------------------
-    ("manifest_d_model", "train.py", ON_CACHE, edit_manifest(lambda m: m.update(d_model=m["d_model"] + 1)),
-     r"shard_00000\.npy holds float16 \(\d+, 32\) but the manifest describes float16 \(\d+, 33\)"),
-    ("manifest_tokens", "train.py", ON_CACHE, edit_manifest(lambda m: m.update(tokens=m["tokens"] + 5)),
-     r"manifest\.json is damaged: its shards hold \d+ tokens but 'tokens' says"),
-    ("manifest_shard_tokens", "train.py", ON_CACHE,
-     edit_manifest(lambda m: (m["shards"][1].update(tokens=m["shards"][1]["tokens"] + 3), m.update(tokens=m["tokens"] + 3))),
-     r"shard_00001\.npy holds float16 \(\d+, 32\) but the manifest describes"),
-    ("manifest_dtype", "train.py", ON_CACHE, edit_manifest(lambda m: m.update(dtype="float32")),
-     r"holds float16 .* but the manifest describes float32"),
-    ("manifest_dtype_unknown", "train.py", ON_CACHE, edit_manifest(lambda m: m.update(dtype="int8")),
-     r"manifest\.json is damaged: dtype 'int8'"),
+    (
+        "manifest_d_model",
+        "train.py",
+        ON_CACHE,
+        edit_manifest(lambda m: m.update(d_model=m["d_model"] + 1)),
+        r"shard_00000\.npy holds float16 \(\d+, 32\) but the manifest describes float16 \(\d+, 33\)",
+    ),
+    (
+        "manifest_tokens",
+        "train.py",
+        ON_CACHE,
+        edit_manifest(lambda m: m.update(tokens=m["tokens"] + 5)),
+        r"manifest\.json is damaged: its shards hold \d+ tokens but 'tokens' says",
+    ),
+    (
+        "manifest_shard_tokens",
+        "train.py",
+        ON_CACHE,
+        edit_manifest(
+            lambda m: (m["shards"][1].update(tokens=m["shards"][1]["tokens"] + 3), m.update(tokens=m["tokens"] + 3))
+        ),
+        r"shard_00001\.npy holds float16 \(\d+, 32\) but the manifest describes",
+    ),
+    (
+        "manifest_dtype",
+        "train.py",
+        ON_CACHE,
+        edit_manifest(lambda m: m.update(dtype="float32")),
+        r"holds float16 .* but the manifest describes float32",
+    ),
+    (
+        "manifest_dtype_unknown",
+        "train.py",
+        ON_CACHE,
+        edit_manifest(lambda m: m.update(dtype="int8")),
+        r"manifest\.json is damaged: dtype 'int8'",
+    ),
     ("manifest_missing_field", "train.py", ON_CACHE, edit_manifest(lambda m: m.pop("shards")), r"damaged: 'shards'"),
     ("manifest_format", "train.py", ON_CACHE, edit_manifest(lambda m: m.update(format="other/9")), r"format 'other/9'"),
-    ("manifest_not_json", "train.py", ON_CACHE, lambda ws, a: (with_cache(ws, a), (ws / "cache" / "manifest.json").write_text("{")),
-     r"manifest\.json is not valid JSON"),
-    ("shard_truncated", "train.py", ON_CACHE, edit_shard(truncate), r"shard_00001\.npy has \d+ bytes, the manifest says"),
+    (
+        "manifest_not_json",
+        "train.py",
+        ON_CACHE,
+        lambda ws, a: (with_cache(ws, a), (ws / "cache" / "manifest.json").write_text("{")),
+        r"manifest\.json is not valid JSON",
+    ),
+    (
+        "shard_truncated",
+        "train.py",
+        ON_CACHE,
+        edit_shard(truncate),
+        r"shard_00001\.npy has \d+ bytes, the manifest says",
+    ),
     ("shard_missing", "train.py", ON_CACHE, edit_shard(lambda p: p.unlink()), r"shard_00001\.npy is missing"),
     ("shard_corrupt", "train.py", ON_CACHE, edit_shard(flip_byte), r"shard_00001\.npy is corrupt: sha256"),
-    ("cache_too_small", "train.py", [*ON_CACHE, "data.val_tokens=100000"], with_cache, r"too few for data\.val_tokens=100000"),
+    (
+        "cache_too_small",
+        "train.py",
+        [*ON_CACHE, "data.val_tokens=100000"],
+        with_cache,
+        r"too few for data\.val_tokens=100000",
+    ),
     ("cache_d_model", "train.py", [*ON_CACHE, "data.d_model=48"], with_cache, r"data\.d_model=48 .*holds d_model 32"),
     # ---- checkpoints to resume from ----------------------------------------------------------
     ("resume_missing", "train.py", ["resume={ws}/nothing.ckpt"], None, r"resume='.*nothing\.ckpt' .*a checkpoint file"),
-    ("resume_truncated", "train.py", ["resume={ws}/run"], truncated_checkpoint, r"last\.ckpt is not a readable checkpoint"),
-    ("resume_text_file", "train.py", ["resume={ws}/notes.ckpt"], write("notes.ckpt", "hello"), r"not a readable checkpoint"),
-    ("resume_foreign", "train.py", ["resume={ws}/other.ckpt"], foreign_torch_file, r"not a checkpoint of an sae_lightning run"),
-    ("resume_other_variant", "train.py", ["resume={ws}/run", "variant=mutual_choice"], with_run,
-     r"variant\.allocator: run 'topk' vs now 'mutual_choice'"),
-    ("resume_other_width", "train.py", ["resume={ws}/run", "model.n_latents=256"], with_run,
-     r"model\.n_latents: run 128 vs now 256"),
-    ("resume_no_checkpoints", "train.py", ["resume={ws}/run"], run_without_checkpoints, r"holding checkpoints/last\.ckpt"),
+    (
+        "resume_truncated",
+        "train.py",
+        ["resume={ws}/run"],
+        truncated_checkpoint,
+        r"last\.ckpt is not a readable checkpoint",
+    ),
+    (
+        "resume_text_file",
+        "train.py",
+        ["resume={ws}/notes.ckpt"],
+        write("notes.ckpt", "hello"),
+        r"not a readable checkpoint",
+    ),
+    (
+        "resume_foreign",
+        "train.py",
+        ["resume={ws}/other.ckpt"],
+        foreign_torch_file,
+        r"not a checkpoint of an sae_lightning run",
+    ),
+    (
+        "resume_other_variant",
+        "train.py",
+        ["resume={ws}/run", "variant=mutual_choice"],
+        with_run,
+        r"variant\.allocator: run 'topk' vs now 'mutual_choice'",
+    ),
+    (
+        "resume_other_width",
+        "train.py",
+        ["resume={ws}/run", "model.n_latents=256"],
+        with_run,
+        r"model\.n_latents: run 128 vs now 256",
+    ),
+    (
+        "resume_no_checkpoints",
+        "train.py",
+        ["resume={ws}/run"],
+        run_without_checkpoints,
+        r"holding checkpoints/last\.ckpt",
+    ),
     # ---- sweep spaces and settings -----------------------------------------------------------
     ("sweep_interval", "train.py", ["-m", "sweeps=pareto", "variant.k=interval(64,4)"], None, r"low 64\.0 > high 4\.0"),
-    ("sweep_log_zero", "train.py", ["-m", "sweeps=pareto", "optim.lr=tag(log,interval(0,1))"], None, r"log interval with low > 0"),
+    (
+        "sweep_log_zero",
+        "train.py",
+        ["-m", "sweeps=pareto", "optim.lr=tag(log,interval(0,1))"],
+        None,
+        r"log interval with low > 0",
+    ),
     ("sweep_range_empty", "train.py", ["-m", "sweeps=pareto", "variant.k=range(8,2)"], None, r"range\(start, stop"),
-    ("sweep_unknown_key", "train.py", ["-m", "sweeps=pareto", "variant.kk=choice(1,2)"], None, r"did you mean variant\.k\?"),
+    (
+        "sweep_unknown_key",
+        "train.py",
+        ["-m", "sweeps=pareto", "variant.kk=choice(1,2)"],
+        None,
+        r"did you mean variant\.k\?",
+    ),
     ("sweep_sampler", "train.py", ["-m", "sweeps=pareto", "hydra.sweeper.sampler=cmaes"], None, r"sampler='cmaes'"),
     ("sweep_n_trials", "train.py", ["-m", "sweeps=pareto", "hydra.sweeper.n_trials=0"], None, r"n_trials=0 .*>= 1"),
-    ("sweep_directions", "train.py", ["-m", "sweeps=pareto", "hydra.sweeper.directions=[minimize]"], None,
-     r"hydra\.sweeper\.directions=\['minimize'\]"),
-    ("sweep_storage", "train.py", ["-m", "sweeps=pareto", "hydra.sweeper.storage=nodb://x"], None,
-     r"hydra\.sweeper\.storage=nodb://x: cannot open the study storage"),
+    (
+        "sweep_directions",
+        "train.py",
+        ["-m", "sweeps=pareto", "hydra.sweeper.directions=[minimize]"],
+        None,
+        r"hydra\.sweeper\.directions=\['minimize'\]",
+    ),
+    (
+        "sweep_storage",
+        "train.py",
+        ["-m", "sweeps=pareto", "hydra.sweeper.storage=nodb://x"],
+        None,
+        r"hydra\.sweeper\.storage=nodb://x: cannot open the study storage",
+    ),
     # ---- harvest settings --------------------------------------------------------------------
-    ("harvest_model_missing", "harvest.py", [*HARVEST, "data.harvest.lm.name={ws}/no_model"], None,
-     r"model folder .*no_model does not exist"),
-    ("harvest_corpus_missing", "harvest.py", [*HARVEST, "data.harvest.corpus.path={ws}/none.txt"], None,
-     r"corpus '.*none\.txt': no such file"),
+    (
+        "harvest_model_missing",
+        "harvest.py",
+        [*HARVEST, "data.harvest.lm.name={ws}/no_model"],
+        None,
+        r"model folder .*no_model does not exist",
+    ),
+    (
+        "harvest_corpus_missing",
+        "harvest.py",
+        [*HARVEST, "data.harvest.corpus.path={ws}/none.txt"],
+        None,
+        r"corpus '.*none\.txt': no such file",
+    ),
     ("harvest_layer", "harvest.py", [*HARVEST, "data.harvest.layer=99"], None, r"data\.harvest\.layer=99 .*2 blocks"),
     ("harvest_site", "harvest.py", [*HARVEST, "data.harvest.site=mlp_out"], None, r"data\.harvest\.site='mlp_out'"),
     ("harvest_context", "harvest.py", [*HARVEST, "data.harvest.context_length=1"], None, r"context_length=1"),
@@ -223,8 +406,9 @@ def test_the_battery_is_large_enough():
 
 
 @pytest.mark.parametrize("name,script,args,setup,message", CASES, ids=[c[0] for c in CASES])
-def test_bad_input_is_one_error_line_exit_2_and_leaves_nothing(name, script, args, setup, message, cli, assets,
-                                                              tmp_path):
+def test_bad_input_is_one_error_line_exit_2_and_leaves_nothing(
+    name, script, args, setup, message, cli, assets, tmp_path
+):
     ws = tmp_path / "ws"
     ws.mkdir()
     if setup is not None:

@@ -20,8 +20,10 @@ def hydra_error(overrides):
 
 def test_a_key_typo_gets_a_did_you_mean_and_how_to_add_a_key():
     line = hydra_error(["model.n_latent=64"])
-    assert line == ("config error: model.n_latent=64: the config has no key model.n_latent; did you mean "
-                    "model.n_latents? (to add a new key on purpose, write +model.n_latent=64)")
+    assert line == (
+        "config error: model.n_latent=64: the config has no key model.n_latent; did you mean "
+        "model.n_latents? (to add a new key on purpose, write +model.n_latent=64)"
+    )
 
 
 def test_a_missing_group_option_lists_the_options():

@@ -46,8 +46,13 @@ def test_default_config_is_valid():
 
 def test_train_py_reports_a_config_error_in_one_line_and_writes_nothing(tmp_path):
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "train.py", f"out_dir={out}", "model.n_latents=16", "variant.k=32"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "train.py", f"out_dir={out}", "model.n_latents=16", "variant.k=32"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert "error: config error: variant.k=32 is not allowed; expected at most model.n_latents = 16" in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -55,8 +60,13 @@ def test_train_py_reports_a_config_error_in_one_line_and_writes_nothing(tmp_path
 
 
 def test_unknown_variant_is_refused_by_hydra_with_the_options(tmp_path):
-    proc = subprocess.run([sys.executable, "train.py", f"out_dir={tmp_path}", "variant=switch"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "train.py", f"out_dir={tmp_path}", "variant=switch"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode != 0
     assert "Could not find 'variant/switch'" in proc.stderr and "mutual_choice" in proc.stderr
     assert not any(tmp_path.iterdir())

@@ -89,14 +89,28 @@ def test_a_stopped_run_resumes_in_place_to_the_uninterrupted_result(variant, sig
 
 def test_runs_started_together_get_a_folder_each(cli, tmp_path):
     out = tmp_path / "out"
-    procs = [cli.start("train.py", f"out_dir={out}", "variant=topk", "trainer.max_steps=3", *TINY, "variant.k=4",
-                       f"seed={i}", "progress=none") for i in range(4)]
+    procs = [
+        cli.start(
+            "train.py",
+            f"out_dir={out}",
+            "variant=topk",
+            "trainer.max_steps=3",
+            *TINY,
+            "variant.k=4",
+            f"seed={i}",
+            "progress=none",
+        )
+        for i in range(4)
+    ]
     results = [p.wait(300) for p in procs]
     assert all(r.returncode == 0 for r in results), [r.stderr[-1000:] for r in results]
     runs = sorted((out / "runs").iterdir())
     assert len(runs) == 4
-    seeds = sorted(json.loads((run / "metrics.json").read_text()) and
-                   int((run / "config.yaml").read_text().split("\nseed: ")[1].split()[0]) for run in runs)
+    seeds = sorted(
+        json.loads((run / "metrics.json").read_text())
+        and int((run / "config.yaml").read_text().split("\nseed: ")[1].split()[0])
+        for run in runs
+    )
     assert seeds == [0, 1, 2, 3]  # each run wrote its own config and metrics
     for run in runs:
         assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best-step3.ckpt", "final.ckpt", "last.ckpt"]
@@ -104,9 +118,18 @@ def test_runs_started_together_get_a_folder_each(cli, tmp_path):
 
 
 # ---- sweeps ------------------------------------------------------------------------------------
-SWEEP = ["-m", "sweeps=pareto", "hydra.sweeper.study_name=f", "hydra.sweeper.n_trials=3",
-         "hydra.sweeper.heartbeat_seconds=1", *TINY, "variant.k=4", "trainer.max_steps=400",
-         "trainer.val_check_interval=100", "hydra.sweeper.pruner.enabled=false"]
+SWEEP = [
+    "-m",
+    "sweeps=pareto",
+    "hydra.sweeper.study_name=f",
+    "hydra.sweeper.n_trials=3",
+    "hydra.sweeper.heartbeat_seconds=1",
+    *TINY,
+    "variant.k=4",
+    "trainer.max_steps=400",
+    "trainer.val_check_interval=100",
+    "hydra.sweeper.pruner.enabled=false",
+]
 
 
 def study(out: Path) -> optuna.Study:

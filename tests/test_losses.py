@@ -1,10 +1,10 @@
 import pytest
 import torch
 
+from sae_lightning.allocators.topk import TopK
 from sae_lightning.errors import ConfigError
 from sae_lightning.losses import AuxK, AuxZipf, StepOutput, build_losses
 from sae_lightning.sae import SparseAutoencoder
-from sae_lightning.allocators.topk import TopK
 from sae_lightning.stats import LatentStats
 
 
@@ -105,8 +105,10 @@ def test_a_dead_latent_with_only_negative_affinities_gets_a_gradient(values, cov
     stats.tokens_since_fired[j] = 10_000  # dead
     with torch.no_grad():
         out.z[:, j] = -out.z[:, j].abs() - 0.5  # never positive
-    for name, term in (("aux_k", AuxK(k_aux=8)),
-                       ("aux_zipf", AuxZipf(k_aux=8, tau=0.0, values=values, coverage_tokens=coverage))):
+    for name, term in (
+        ("aux_k", AuxK(k_aux=8)),
+        ("aux_zipf", AuxZipf(k_aux=8, tau=0.0, values=values, coverage_tokens=coverage)),
+    ):
         loss = term(out, sae, stats)
         g_dec, g_enc = torch.autograd.grad(loss, [sae.W_dec, sae.b_enc], allow_unused=True)
         got = g_dec is not None and bool(g_dec[j].abs().sum() > 0) and bool(g_enc[j] != 0)

@@ -19,9 +19,17 @@ def trained(tmp_path_factory):
     runs = {}
     for variant in VARIANTS:
         run_dir = tmp_path_factory.mktemp(variant)
-        cfg = compose_config([f"variant={variant}", "variant.k=8", *TINY, "trainer.max_steps=150",
-                              "trainer.val_check_interval=75", "progress=none",
-                              "variant.threshold_ema_warmup_steps=20" if variant != "topk" else "seed=0"])
+        cfg = compose_config(
+            [
+                f"variant={variant}",
+                "variant.k=8",
+                *TINY,
+                "trainer.max_steps=150",
+                "trainer.val_check_interval=75",
+                "progress=none",
+                "variant.threshold_ema_warmup_steps=20" if variant != "topk" else "seed=0",
+            ]
+        )
         runs[variant] = (run_dir, run(cfg, run_dir))
     return runs
 
@@ -73,10 +81,17 @@ def test_checkpoint_round_trip_gives_identical_outputs_in_both_modes(trained, va
 
 
 def test_training_reduces_fvu_and_reports_all_figures(trained):
-    for variant, (run_dir, m) in trained.items():
+    for variant, (_, m) in trained.items():
         assert m["val/batch/fvu"] < 0.9, (variant, m["val/batch/fvu"])
-        for key in ("val/batch/nmse", "val/batch/l0_std", "val/threshold/fvu", "val/dead_fraction",
-                    "val/recovery_mean_max_cos", "val/recovery_share_above_0.9", "tokens_per_second"):
+        for key in (
+            "val/batch/nmse",
+            "val/batch/l0_std",
+            "val/threshold/fvu",
+            "val/dead_fraction",
+            "val/recovery_mean_max_cos",
+            "val/recovery_share_above_0.9",
+            "tokens_per_second",
+        ):
             assert key in m, (variant, key)
 
 

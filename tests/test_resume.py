@@ -8,10 +8,15 @@ import pytest
 from sae_lightning.errors import ConfigError
 from sae_lightning.resume import explicit_keys, resumed_config
 
-SAVED = {"seed": 0, "resume": None, "out_dir": "outputs",
-         "variant": {"name": "topk", "allocator": "topk", "k": 32, "losses": {"aux_k": {"coef": 0.03}}},
-         "model": {"n_latents": 4096}, "trainer": {"max_steps": 2000, "val_check_interval": 500},
-         "data": {"kind": "synthetic", "batch_size": 1024, "num_workers": 0}}
+SAVED = {
+    "seed": 0,
+    "resume": None,
+    "out_dir": "outputs",
+    "variant": {"name": "topk", "allocator": "topk", "k": 32, "losses": {"aux_k": {"coef": 0.03}}},
+    "model": {"n_latents": 4096},
+    "trainer": {"max_steps": 2000, "val_check_interval": 500},
+    "data": {"kind": "synthetic", "batch_size": 1024, "num_workers": 0},
+}
 
 
 def composed(**changes):
@@ -36,23 +41,34 @@ def test_keys_not_on_the_command_line_come_from_the_run():
 
 
 def test_the_training_length_and_cadence_may_change():
-    config, changed = resumed_config(SAVED, composed(trainer__max_steps=4000, data__num_workers=2),
-                                     ["resume=outputs/runs/x", "trainer.max_steps=4000", "data.num_workers=2"])
+    config, changed = resumed_config(
+        SAVED,
+        composed(trainer__max_steps=4000, data__num_workers=2),
+        ["resume=outputs/runs/x", "trainer.max_steps=4000", "data.num_workers=2"],
+    )
     assert config["trainer"]["max_steps"] == 4000 and config["data"]["num_workers"] == 2
     assert changed == ["data.num_workers: 0 -> 2", "trainer.max_steps: 2000 -> 4000"]
 
 
-@pytest.mark.parametrize("overrides,changes,message", [
-    (["variant.k=8"], {"variant__k": 8}, r"variant\.k: run 32 vs now 8"),
-    (["variant=mutual_choice"], {}, r"variant\.allocator: run 'topk' vs now 'mutual_choice'"),
-    (["~variant.losses.aux_k"], {"variant__losses": {}}, r"variant\.losses\.aux_k\.coef: run 0\.03 vs now '\(absent\)'"),
-    (["data.batch_size=64"], {"data__batch_size": 64}, r"data\.batch_size: run 1024 vs now 64"),
-])
+@pytest.mark.parametrize(
+    "overrides,changes,message",
+    [
+        (["variant.k=8"], {"variant__k": 8}, r"variant\.k: run 32 vs now 8"),
+        (["variant=mutual_choice"], {}, r"variant\.allocator: run 'topk' vs now 'mutual_choice'"),
+        (
+            ["~variant.losses.aux_k"],
+            {"variant__losses": {}},
+            r"variant\.losses\.aux_k\.coef: run 0\.03 vs now '\(absent\)'",
+        ),
+        (["data.batch_size=64"], {"data__batch_size": 64}, r"data\.batch_size: run 1024 vs now 64"),
+    ],
+)
 def test_anything_else_is_refused_naming_the_key(overrides, changes, message):
     with pytest.raises(ConfigError, match=message):
         resumed_config(SAVED, composed(**changes), ["resume=outputs/runs/x", *overrides])
 
 
 def test_explicit_keys_from_hydra_overrides():
-    assert explicit_keys(["variant=topk", "trainer.max_steps=3", "+a.b=1", "~c.d", "hydra.run.dir=x",
-                          "variant.k=choice(1,2)"]) == ["variant", "trainer.max_steps", "a.b", "c.d"]
+    assert explicit_keys(
+        ["variant=topk", "trainer.max_steps=3", "+a.b=1", "~c.d", "hydra.run.dir=x", "variant.k=choice(1,2)"]
+    ) == ["variant", "trainer.max_steps", "a.b", "c.d"]

@@ -1,7 +1,7 @@
 import torch
 
 from sae_lightning.sae import SparseAutoencoder, geometric_median
-from sae_lightning.sparse import SparseCode, Selection, sparse_decode
+from sae_lightning.sparse import Selection, SparseCode, sparse_decode
 
 
 def test_geometric_median_resists_outliers():

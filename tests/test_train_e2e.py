@@ -13,8 +13,17 @@ from .conftest import ROOT, TINY
 
 @pytest.mark.parametrize("variant", ["topk", "mutual_choice", "feature_choice"])
 def test_train_py_runs_each_variant(variant, cli, tmp_path):
-    proc = cli("train.py", f"variant={variant}", f"out_dir={tmp_path}", *TINY, "variant.k=8",
-               "trainer.max_steps=6", "trainer.val_check_interval=3", "progress=none", timeout=300)
+    proc = cli(
+        "train.py",
+        f"variant={variant}",
+        f"out_dir={tmp_path}",
+        *TINY,
+        "variant.k=8",
+        "trainer.max_steps=6",
+        "trainer.val_check_interval=3",
+        "progress=none",
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stderr == "", proc.stderr  # a clean console: no warnings, no adverts
     (run_dir,) = list((tmp_path / "runs").iterdir())
@@ -34,10 +43,25 @@ def test_train_py_runs_each_variant(variant, cli, tmp_path):
 def test_train_py_runs_under_ddp_on_cpu(tmp_path):
     """Two CPU processes (gloo): each rank trains its own batches; tokens count both."""
     proc = subprocess.run(
-        [sys.executable, "train.py", "variant=mutual_choice", f"out_dir={tmp_path}", *TINY, "variant.k=8",
-         "trainer.max_steps=6", "trainer.val_check_interval=3", "progress=none",
-         "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp"],
-        cwd=ROOT, capture_output=True, text=True, timeout=600)
+        [
+            sys.executable,
+            "train.py",
+            "variant=mutual_choice",
+            f"out_dir={tmp_path}",
+            *TINY,
+            "variant.k=8",
+            "trainer.max_steps=6",
+            "trainer.val_check_interval=3",
+            "progress=none",
+            "trainer.accelerator=cpu",
+            "trainer.devices=2",
+            "trainer.strategy=ddp",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     (run_dir,) = list((tmp_path / "runs").iterdir())
     metrics = json.loads((run_dir / "metrics.json").read_text())

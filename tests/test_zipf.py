@@ -1,7 +1,15 @@
 import pytest
 import torch
 
-from sae_lightning.zipf import fit_zipf, round_preserving_sum, uniform_capacities, waterfill, zipf_capacities, zipf_targets, zipf_weights
+from sae_lightning.zipf import (
+    fit_zipf,
+    round_preserving_sum,
+    uniform_capacities,
+    waterfill,
+    zipf_capacities,
+    zipf_targets,
+    zipf_weights,
+)
 
 
 def test_waterfill_sums_to_total_and_respects_the_cap():

@@ -4,7 +4,7 @@ sweeper itself lives in ``sae_lightning.sweep.sweeper``; this registers its conf
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from hydra.core.config_search_path import ConfigSearchPath
 from hydra.core.config_store import ConfigStore
@@ -23,22 +23,23 @@ class SAEOptunaSweeperConf:
     directions: Any = field(default_factory=lambda: ["minimize", "minimize"])
     n_trials: int = 20
     sampler: str = "tpe"
-    seed: Optional[int] = 0
+    seed: int | None = 0
     n_startup_trials: int = 8
-    storage: Optional[str] = None
+    storage: str | None = None
     params: Any = field(default_factory=dict)
     params_by_variant: Any = field(default_factory=dict)
     pruner: Any = field(default_factory=lambda: {"enabled": True, "min_trials": 4, "margin": 0.05})
     heartbeat_seconds: int = 60  # a trial whose worker died is retried after 2x this without a heartbeat
-    max_retries: Optional[int] = 3  # retries of one trial (null: no limit)
+    max_retries: int | None = 3  # retries of one trial (null: no limit)
 
 
 class SAEOptunaSweeper(OptunaSweeper):
     """Hydra accepts plugin classes defined under ``hydra_plugins`` only."""
 
 
-ConfigStore.instance().store(group="hydra/sweeper", name="sae_optuna", node=SAEOptunaSweeperConf,
-                             provider="sae_lightning")
+ConfigStore.instance().store(
+    group="hydra/sweeper", name="sae_optuna", node=SAEOptunaSweeperConf, provider="sae_lightning"
+)
 
 
 class SweepPresets(SearchPathPlugin):

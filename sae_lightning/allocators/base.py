@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+from collections.abc import Callable, Iterator
 from enum import StrEnum
-from typing import Callable, ClassVar, Iterator
+from typing import ClassVar
 
 from torch import Tensor, nn
 
@@ -13,7 +14,7 @@ from ..errors import require
 from ..sparse import Selection
 from ..spec import parse, setting
 
-ALLOCATORS: dict[str, type["Allocator"]] = {}
+ALLOCATORS: dict[str, type[Allocator]] = {}
 
 
 class Mode(StrEnum):
@@ -50,8 +51,13 @@ class CalibrationSet:
     column-wise (all tokens for some latents); it never holds the whole [N, F] matrix.
     """
 
-    def __init__(self, x: Tensor, affinities: Callable[[Tensor, slice | None], Tensor], n_latents: int,
-                 max_elements: int = 1 << 24):
+    def __init__(
+        self,
+        x: Tensor,
+        affinities: Callable[[Tensor, slice | None], Tensor],
+        n_latents: int,
+        max_elements: int = 1 << 24,
+    ):
         self.x, self._aff, self.n_latents, self.max_elements = x, affinities, n_latents, max_elements
 
     @property
@@ -91,7 +97,7 @@ class Allocator(nn.Module, abc.ABC):
 
     # ---- configuration ------------------------------------------------------------------
     @classmethod
-    def from_dict(cls, params: dict, n_latents: int, batch_size: int, prefix: str = "variant") -> "Allocator":
+    def from_dict(cls, params: dict, n_latents: int, batch_size: int, prefix: str = "variant") -> Allocator:
         cfg = parse(cls.Config, params, prefix, what=f"allocator {cls.name!r}")
         cls.check_fits(cfg, n_latents, batch_size, prefix)
         return cls(cfg, n_latents, batch_size)

@@ -37,11 +37,19 @@ class FeatureChoiceConfig(AllocatorConfig):
     threshold_ema_warmup_steps: int = setting(100, ge=0)
 
     def check(self, prefix: str) -> None:
-        require(self.rank == "static" or self.capacity == "zipf", f"{prefix}.rank", self.rank,
-                "static with uniform capacities (every rank has the same capacity; set variant.capacity=zipf)")
+        require(
+            self.rank == "static" or self.capacity == "zipf",
+            f"{prefix}.rank",
+            self.rank,
+            "static with uniform capacities (every rank has the same capacity; set variant.capacity=zipf)",
+        )
         if self.zipf_from is not None:
-            require(self.capacity == "zipf", f"{prefix}.zipf_from", self.zipf_from, "null with uniform capacities "
-                    "(it sets the Zipf shape: set variant.capacity=zipf)")
+            require(
+                self.capacity == "zipf",
+                f"{prefix}.zipf_from",
+                self.zipf_from,
+                "null with uniform capacities (it sets the Zipf shape: set variant.capacity=zipf)",
+            )
             fitted_zipf(self.zipf_from, f"{prefix}.zipf_from")
 
 
@@ -52,8 +60,12 @@ def fitted_zipf(run: str, key: str = "variant.zipf_from") -> tuple[float, float]
         m = json.loads(path.read_text())
         alpha, beta = float(m["val/zipf_fit_alpha"]), float(m["val/zipf_fit_beta"])
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ConfigError(key, run, f"a finished run folder whose metrics.json holds val/zipf_fit_alpha and "
-                          f"val/zipf_fit_beta ({path}: {type(e).__name__})") from None
+        raise ConfigError(
+            key,
+            run,
+            f"a finished run folder whose metrics.json holds val/zipf_fit_alpha and "
+            f"val/zipf_fit_beta ({path}: {type(e).__name__})",
+        ) from None
     if not (math.isfinite(alpha) and math.isfinite(beta) and alpha >= 0 and beta > -1):
         raise ConfigError(key, run, f"a run with a usable Zipf fit (it has alpha={alpha}, beta={beta})")
     return alpha, beta

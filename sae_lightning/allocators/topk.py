@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from ..sparse import Selection
 from ..selection import topk_per_row
+from ..sparse import Selection
 from .base import Allocator, register
 
 

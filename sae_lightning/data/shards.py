@@ -32,8 +32,11 @@ from ..errors import DataError
 
 FORMAT = "sae_lightning.activations/1"
 MANIFEST = "manifest.json"
-DTYPES = {"float32": (torch.float32, np.float32), "float16": (torch.float16, np.float16),
-          "bfloat16": (torch.bfloat16, np.uint16)}
+DTYPES = {
+    "float32": (torch.float32, np.float32),
+    "float16": (torch.float16, np.float16),
+    "bfloat16": (torch.bfloat16, np.uint16),
+}
 
 
 def shard_name(index: int) -> str:
@@ -87,7 +90,9 @@ def read_manifest(folder: Path) -> dict[str, Any] | None:
     try:
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{path} is not valid JSON ({e}); the cache is damaged: delete the folder and harvest again") from e
+        raise DataError(
+            f"{path} is not valid JSON ({e}); the cache is damaged: delete the folder and harvest again"
+        ) from e
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
         raise DataError(f"{path} has format {found!r}, this version reads {FORMAT!r}")
@@ -98,6 +103,7 @@ def read_manifest(folder: Path) -> dict[str, Any] | None:
 def _check_manifest(path: Path, m: dict[str, Any]) -> None:
     """The fields this package reads, with their types: a damaged or hand-edited manifest is
     named here, not found later as a KeyError."""
+
     def bad(what: str) -> DataError:
         return DataError(f"{path} is damaged: {what}; delete the cache folder and harvest it again")
 
@@ -109,8 +115,14 @@ def _check_manifest(path: Path, m: dict[str, Any]) -> None:
     if m["d_model"] < 1:
         raise bad(f"d_model {m['d_model']} < 1")
     for i, entry in enumerate(m["shards"]):
-        ok = isinstance(entry, dict) and all(isinstance(entry.get(k), int) for k in ("tokens", "contexts")) and all(
-            isinstance(entry.get(k), dict) and {"file", "bytes", "sha256"} <= set(entry[k]) for k in ("activations", "ids"))
+        ok = (
+            isinstance(entry, dict)
+            and all(isinstance(entry.get(k), int) for k in ("tokens", "contexts"))
+            and all(
+                isinstance(entry.get(k), dict) and {"file", "bytes", "sha256"} <= set(entry[k])
+                for k in ("activations", "ids")
+            )
+        )
         if not ok:
             raise bad(f"shard entry {i} lacks tokens / contexts / activations / ids")
     total = sum(e["tokens"] for e in m["shards"])
@@ -127,7 +139,9 @@ def _header(path: Path) -> tuple[tuple[int, ...], np.dtype] | str:
         return f"{path} is not a readable .npy file ({e})"
 
 
-def verify_shard(folder: Path, entry: dict[str, Any], checksum: bool, manifest: dict[str, Any] | None = None) -> str | None:
+def verify_shard(
+    folder: Path, entry: dict[str, Any], checksum: bool, manifest: dict[str, Any] | None = None
+) -> str | None:
     """None if the shard's files match the manifest (presence, size, with ``manifest`` the
     shapes and dtypes in the .npy headers, with ``checksum`` the sha256); else what is wrong."""
     for key in ("activations", "ids"):
@@ -149,8 +163,10 @@ def verify_shard(folder: Path, entry: dict[str, Any], checksum: bool, manifest: 
                 want_shape = (entry["contexts"], manifest["harvest"].get("context_length", shape[-1] if shape else 0))
                 want_dtype = np.dtype(np.int32)
             if tuple(shape) != tuple(want_shape) or dtype != want_dtype:
-                return (f"{path} holds {dtype} {tuple(shape)} but the manifest describes {want_dtype} {tuple(want_shape)} "
-                        f"(tokens {entry['tokens']}, d_model {manifest['d_model']}, dtype {manifest['dtype']})")
+                return (
+                    f"{path} holds {dtype} {tuple(shape)} but the manifest describes {want_dtype} {tuple(want_shape)} "
+                    f"(tokens {entry['tokens']}, d_model {manifest['d_model']}, dtype {manifest['dtype']})"
+                )
         if checksum:
             digest = sha256_file(path)
             if digest != f["sha256"]:
@@ -163,8 +179,10 @@ def verify_cache(folder: Path, manifest: dict[str, Any], checksum: bool = True) 
     for entry in manifest["shards"]:
         problem = verify_shard(folder, entry, checksum, manifest)
         if problem is not None:
-            raise DataError(f"activation cache {folder}: {problem}. Re-run the harvest (python harvest.py with the "
-                            "same data config): it checks every shard and re-creates the cache from the first bad one")
+            raise DataError(
+                f"activation cache {folder}: {problem}. Re-run the harvest (python harvest.py with the "
+                "same data config): it checks every shard and re-creates the cache from the first bad one"
+            )
 
 
 def fingerprint(manifest: dict[str, Any]) -> str:
@@ -198,9 +216,11 @@ class ShardReader:
     def _check(self, x: torch.Tensor, s: int, rows: np.ndarray) -> torch.Tensor:
         if not torch.isfinite(x).all():
             bad = int(rows[int((~torch.isfinite(x)).any(1).nonzero()[0])])
-            raise DataError(f"activation cache {self.folder}: {self.files[s]} holds a NaN or inf at row {bad}; "
-                            "the cache is unusable: delete it and harvest again (with data.harvest.dtype=float32 "
-                            "if the model's activations overflow float16)")
+            raise DataError(
+                f"activation cache {self.folder}: {self.files[s]} holds a NaN or inf at row {bad}; "
+                "the cache is unusable: delete it and harvest again (with data.harvest.dtype=float32 "
+                "if the model's activations overflow float16)"
+            )
         return x
 
     def range(self, start: int, stop: int) -> torch.Tensor:
@@ -215,7 +235,7 @@ class ShardReader:
         order = np.argsort(shard, kind="stable")
         bounds = np.searchsorted(shard[order], np.arange(len(self.counts) + 1))
         for s in range(len(self.counts)):
-            pos = order[bounds[s]:bounds[s + 1]]
+            pos = order[bounds[s] : bounds[s + 1]]
             if len(pos) == 0:
                 continue
             rows = index[pos] - self.offsets[s]

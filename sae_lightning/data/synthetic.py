@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Iterator
+from collections.abc import Iterator
 
 import lightning as L
 import torch
@@ -40,8 +40,12 @@ class SyntheticSpec:
     seed: int = 0  # the data (features and token streams); separate from the training seed
 
     def check(self, prefix: str = "data") -> None:
-        require(self.active_max <= self.n_features, f"{prefix}.active_max", self.active_max,
-                f"an integer in [1, data.n_features = {self.n_features}]")
+        require(
+            self.active_max <= self.n_features,
+            f"{prefix}.active_max",
+            self.active_max,
+            f"an integer in [1, data.n_features = {self.n_features}]",
+        )
 
 
 @data_kind("synthetic")
@@ -49,7 +53,7 @@ class SyntheticSpec:
 class SyntheticData(DataSpec, SyntheticSpec):
     """``data.kind = synthetic``: the loader's keys and the generator's."""
 
-    def build(self) -> "SyntheticDataModule":
+    def build(self) -> SyntheticDataModule:
         return SyntheticDataModule(self)
 
 
@@ -137,10 +141,16 @@ class SyntheticDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         # on resume, continue the stream at the restored step; under DDP each rank its own part
         t = self.trainer
-        stream = TrainStream(self.source, self.batch_size, start=t.global_step if t else 0,
-                             rank=t.global_rank if t else 0, world=t.world_size if t else 1)
-        return DataLoader(stream, batch_size=None,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+        stream = TrainStream(
+            self.source,
+            self.batch_size,
+            start=t.global_step if t else 0,
+            rank=t.global_rank if t else 0,
+            world=t.world_size if t else 1,
+        )
+        return DataLoader(
+            stream, batch_size=None, num_workers=self.num_workers, persistent_workers=self.num_workers > 0
+        )
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_tensor(), batch_size=self.batch_size, shuffle=False)

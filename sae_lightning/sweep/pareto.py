@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 
 def dominates(a: Sequence[float], b: Sequence[float], directions: Sequence[str]) -> bool:
@@ -21,6 +21,7 @@ def dominates(a: Sequence[float], b: Sequence[float], directions: Sequence[str])
 def pareto_front(points: Sequence[Sequence[float]], directions: Sequence[str]) -> list[int]:
     """Indices of the points no other point dominates. Equal points are all kept (each is
     optimal); the result is sorted by the first objective, then the second."""
-    idx = [i for i, p in enumerate(points)
-           if not any(dominates(q, p, directions) for j, q in enumerate(points) if j != i)]
+    idx = [
+        i for i, p in enumerate(points) if not any(dominates(q, p, directions) for j, q in enumerate(points) if j != i)
+    ]
     return sorted(idx, key=lambda i: tuple(points[i]))

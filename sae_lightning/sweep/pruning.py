@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import lightning as L
 import optuna
 
+
 @dataclass
 class TrialContext:
     study: optuna.Study
@@ -23,12 +24,19 @@ class TrialContext:
     enabled: bool = True
 
     @classmethod
-    def from_spec(cls, spec) -> "TrialContext":
+    def from_spec(cls, spec) -> TrialContext:
         """The trial a run is, from ``config.sweep_trial`` (set by the sweeper): the study is
         opened from its storage, so a trial can run in any process that reaches it."""
         study = optuna.load_study(study_name=spec.study, storage=spec.storage)
-        return cls(study, optuna.trial.Trial(study, spec.trial_id), spec.fvu_key, spec.l0_key, spec.min_trials,
-                   spec.margin, spec.pruning)
+        return cls(
+            study,
+            optuna.trial.Trial(study, spec.trial_id),
+            spec.fvu_key,
+            spec.l0_key,
+            spec.min_trials,
+            spec.margin,
+            spec.pruning,
+        )
 
     def record(self, step: int, fvu: float, l0: float) -> None:
         history = dict(self.trial.user_attrs.get("intermediate", {}))

@@ -27,9 +27,12 @@ def trial_rows(study: optuna.Study) -> list[dict]:
     rows = []
     for t in study.get_trials(deepcopy=False):
         run_dir = t.user_attrs.get("run_dir")
-        row = {"trial": t.number, "state": t.state.name.lower(),
-               "variant": t.params.get("variant") or _override(t, "variant") or "?",
-               "duration_s": round(t.duration.total_seconds(), 1) if t.duration else None}
+        row = {
+            "trial": t.number,
+            "state": t.state.name.lower(),
+            "variant": t.params.get("variant") or _override(t, "variant") or "?",
+            "duration_s": round(t.duration.total_seconds(), 1) if t.duration else None,
+        }
         names = study.metric_names or [f"objective_{i}" for i in range(len(study.directions))]
         for i, name in enumerate(names):
             row[name] = t.values[i] if t.values else None
@@ -69,14 +72,27 @@ def plot(path: Path, rows: list[dict], front: list[dict], x_key: str, y_key: str
     for variant in sorted({r["variant"] for r in done}):
         pts = [r for r in done if r["variant"] == variant]
         colour = COLOURS.get(variant)
-        ax.scatter([r[x_key] for r in pts], [r[y_key] for r in pts], s=22, alpha=0.8, color=colour,
-                   label=f"{variant} ({len(pts)})")
+        ax.scatter(
+            [r[x_key] for r in pts],
+            [r[y_key] for r in pts],
+            s=22,
+            alpha=0.8,
+            color=colour,
+            label=f"{variant} ({len(pts)})",
+        )
         own = [pts[i] for i in pareto_front([(r[y_key], r[x_key]) for r in pts], directions)]
         own.sort(key=lambda r: r[x_key])
         ax.plot([r[x_key] for r in own], [r[y_key] for r in own], "--", color=colour, linewidth=1, alpha=0.7)
     front = sorted(front, key=lambda r: r[x_key])
-    ax.plot([r[x_key] for r in front], [r[y_key] for r in front], "-", color="black", linewidth=1.5,
-            label="Pareto front (all)", zorder=0)
+    ax.plot(
+        [r[x_key] for r in front],
+        [r[y_key] for r in front],
+        "-",
+        color="black",
+        linewidth=1.5,
+        label="Pareto front (all)",
+        zorder=0,
+    )
     for r in front:
         ax.annotate(str(r["trial"]), (r[x_key], r[y_key]), fontsize=7, xytext=(3, 3), textcoords="offset points")
     ax.set_xscale("log")
@@ -107,9 +123,14 @@ def report(study_name: str, storage: str | None = None, out_dir: str = "outputs"
     folder.mkdir(parents=True, exist_ok=True)
     write_csv(folder / "trials.csv", rows)
     write_csv(folder / "pareto.csv", front)
-    summary = {"study": study_name, "storage": storage, "objectives": names, "directions": directions,
-               "states": {s: sum(r["state"] == s for r in rows) for s in sorted({r["state"] for r in rows})},
-               "pareto_front": front}
+    summary = {
+        "study": study_name,
+        "storage": storage,
+        "objectives": names,
+        "directions": directions,
+        "states": {s: sum(r["state"] == s for r in rows) for s in sorted({r["state"] for r in rows})},
+        "pareto_front": front,
+    }
     atomic_write_text(folder / "pareto.json", json.dumps(summary, indent=2, default=str) + "\n")
     if len(names) >= 2 and done:
         # x: sparsity (second objective), y: reconstruction (first)
@@ -126,7 +147,9 @@ def main(argv=None) -> None:
     try:
         out = report(a.study, a.storage, a.out_dir)
     except KeyError:
-        raise SystemExit(f"error: no study named {a.study!r} in {a.storage or default_storage(a.out_dir, a.study)}")
+        raise SystemExit(
+            f"error: no study named {a.study!r} in {a.storage or default_storage(a.out_dir, a.study)}"
+        ) from None
     names = out["objectives"]
     print(f"study {out['study']}: " + ", ".join(f"{k} {v}" for k, v in out["states"].items()))
     print(f"Pareto front ({len(out['pareto_front'])} trials):")

@@ -53,7 +53,9 @@ def parse(key: str, value: Any, where: str) -> Override:
     try:
         return OverridesParser.create().parse_overrides([f"{key}={text}"])[0]
     except Exception as e:
-        raise ConfigError(f"{where}.{key}", value, f"a value or a Hydra sweep (choice, range, interval, tag(log, ...)): {e}")
+        raise ConfigError(
+            f"{where}.{key}", value, f"a value or a Hydra sweep (choice, range, interval, tag(log, ...)): {e}"
+        ) from None
 
 
 def to_param(override: Override, where: str) -> Param:

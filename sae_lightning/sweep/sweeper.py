@@ -25,8 +25,9 @@ import math
 import os
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import optuna
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -62,10 +63,20 @@ def make_sampler(name: str, seed: int | None, n_startup: int) -> optuna.samplers
 def retry(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
     """Queue a trial again with the same parameters and attributes; the retry remembers which
     trials it replaces (``retry_history``), so they are not counted towards ``n_trials``."""
-    system_attrs = {**trial.system_attrs, "failed_trial": trial.system_attrs.get("failed_trial", trial.number),
-                    "retry_history": [*trial.system_attrs.get("retry_history", []), trial.number]}
-    study.add_trial(optuna.trial.create_trial(state=WAITING, params=trial.params, distributions=trial.distributions,
-                                              user_attrs=trial.user_attrs, system_attrs=system_attrs))
+    system_attrs = {
+        **trial.system_attrs,
+        "failed_trial": trial.system_attrs.get("failed_trial", trial.number),
+        "retry_history": [*trial.system_attrs.get("retry_history", []), trial.number],
+    }
+    study.add_trial(
+        optuna.trial.create_trial(
+            state=WAITING,
+            params=trial.params,
+            distributions=trial.distributions,
+            user_attrs=trial.user_attrs,
+            system_attrs=system_attrs,
+        )
+    )
 
 
 class Census:
@@ -96,7 +107,7 @@ class Heartbeat:
             if self._stop.wait(self.interval):
                 return
 
-    def __enter__(self) -> "Heartbeat":
+    def __enter__(self) -> Heartbeat:
         self._thread.start()
         return self
 
@@ -106,10 +117,22 @@ class Heartbeat:
 
 
 class OptunaSweeper(Sweeper):
-    def __init__(self, study_name: str, objectives: Sequence[str], directions: Sequence[str], n_trials: int,
-                 sampler: str = "tpe", seed: int | None = 0, n_startup_trials: int = 8, storage: str | None = None,
-                 params: dict | None = None, params_by_variant: dict | None = None, pruner: dict | None = None,
-                 heartbeat_seconds: int = 60, max_retries: int = 3):
+    def __init__(
+        self,
+        study_name: str,
+        objectives: Sequence[str],
+        directions: Sequence[str],
+        n_trials: int,
+        sampler: str = "tpe",
+        seed: int | None = 0,
+        n_startup_trials: int = 8,
+        storage: str | None = None,
+        params: dict | None = None,
+        params_by_variant: dict | None = None,
+        pruner: dict | None = None,
+        heartbeat_seconds: int = 60,
+        max_retries: int = 3,
+    ):
         self.study_name, self.objectives, self.directions = study_name, list(objectives), list(directions)
         self.n_trials, self.sampler_name, self.seed, self.n_startup = n_trials, sampler, seed, n_startup_trials
         self.storage, self.heartbeat, self.max_retries = storage, heartbeat_seconds, max_retries
@@ -121,37 +144,60 @@ class OptunaSweeper(Sweeper):
     def setup(self, *, hydra_context, task_function, config: DictConfig) -> None:
         self.config, self.hydra_context = config, hydra_context
         self.launcher = Plugins.instance().instantiate_launcher(
-            hydra_context=hydra_context, task_function=task_function, config=config)
+            hydra_context=hydra_context, task_function=task_function, config=config
+        )
 
     # ---- set-up: everything checked before the study is opened --------------------------------
     def _validate(self) -> None:
         p = "hydra.sweeper"
         require(len(self.objectives) >= 1, f"{p}.objectives", self.objectives, "one or more metric keys")
-        require(len(self.directions) == len(self.objectives), f"{p}.directions", self.directions,
-                f"one of 'minimize'/'maximize' per objective ({len(self.objectives)})")
+        require(
+            len(self.directions) == len(self.objectives),
+            f"{p}.directions",
+            self.directions,
+            f"one of 'minimize'/'maximize' per objective ({len(self.objectives)})",
+        )
         for d in self.directions:
             require_choice(f"{p}.directions", d, ("minimize", "maximize"))
         require_choice(f"{p}.sampler", self.sampler_name, SAMPLERS)
-        require(isinstance(self.n_trials, int) and self.n_trials >= 1, f"{p}.n_trials", self.n_trials, "an integer >= 1")
-        require(isinstance(self.heartbeat, int) and self.heartbeat >= 1, f"{p}.heartbeat_seconds", self.heartbeat,
-                "an integer >= 1")
-        require(self.max_retries is None or (isinstance(self.max_retries, int) and self.max_retries >= 0),
-                f"{p}.max_retries", self.max_retries, "null (no limit) or an integer >= 0")
+        require(
+            isinstance(self.n_trials, int) and self.n_trials >= 1, f"{p}.n_trials", self.n_trials, "an integer >= 1"
+        )
+        require(
+            isinstance(self.heartbeat, int) and self.heartbeat >= 1,
+            f"{p}.heartbeat_seconds",
+            self.heartbeat,
+            "an integer >= 1",
+        )
+        require(
+            self.max_retries is None or (isinstance(self.max_retries, int) and self.max_retries >= 0),
+            f"{p}.max_retries",
+            self.max_retries,
+            "null (no limit) or an integer >= 0",
+        )
         for key in ("min_trials",):
-            require(isinstance(self.pruner.get(key), int) and self.pruner[key] >= 1, f"{p}.pruner.{key}",
-                    self.pruner.get(key), "an integer >= 1")
+            require(
+                isinstance(self.pruner.get(key), int) and self.pruner[key] >= 1,
+                f"{p}.pruner.{key}",
+                self.pruner.get(key),
+                "an integer >= 1",
+            )
 
     def _space(self, parsed) -> tuple[list[Param], list[str], dict[str, tuple[list[Param], list[str]]]]:
         """The preset's space with the command line on top: a sweep override on the command
         line replaces (or adds) that parameter's range, a plain override fixes it."""
         base, fixed = split_space(self.params_spec, "hydra.sweeper.params")
-        by_variant = {var: split_space(spec, f"hydra.sweeper.params_by_variant.{var}")
-                      for var, spec in self.by_variant_spec.items()}
+        by_variant = {
+            var: split_space(spec, f"hydra.sweeper.params_by_variant.{var}")
+            for var, spec in self.by_variant_spec.items()
+        }
         user = {ov.get_key_element().lstrip("+~"): ov for ov in parsed}
 
         def keep(params, fixed_list):
-            return ([p for p in params if p.name not in user],
-                    [f for f in fixed_list if f.split("=", 1)[0].lstrip("+~") not in user])
+            return (
+                [p for p in params if p.name not in user],
+                [f for f in fixed_list if f.split("=", 1)[0].lstrip("+~") not in user],
+            )
 
         base, fixed = keep(base, fixed)
         base += [to_param(ov, "command line") for ov in parsed if ov.is_sweep_override()]
@@ -161,6 +207,7 @@ class OptunaSweeper(Sweeper):
     def _check_composes(self, plain: list[str], fixed: list[str], base: list[Param], by_variant) -> None:
         """Every key of the space composes with the config (one sample per variant), so a typo
         fails here, not in every trial."""
+
         def first(p: Param) -> str:
             d = p.distribution()
             value = d.choices[0] if isinstance(d, optuna.distributions.CategoricalDistribution) else d.low
@@ -184,16 +231,22 @@ class OptunaSweeper(Sweeper):
         try:
             with lock:
                 self._storage = optuna.storages.RDBStorage(
-                    storage_url, heartbeat_interval=self.heartbeat, grace_period=2 * self.heartbeat,
+                    storage_url,
+                    heartbeat_interval=self.heartbeat,
+                    grace_period=2 * self.heartbeat,
                     heartbeat_stale_trial_callback=self._retry_stale,
-                    engine_kwargs={"connect_args": {"timeout": 60}} if sqlite else None)
-                study = optuna.create_study(study_name=self.study_name, storage=self._storage,
-                                            directions=self.directions, load_if_exists=True)
+                    engine_kwargs={"connect_args": {"timeout": 60}} if sqlite else None,
+                )
+                study = optuna.create_study(
+                    study_name=self.study_name, storage=self._storage, directions=self.directions, load_if_exists=True
+                )
         except ValueError as e:  # e.g. the study exists with other directions
             raise ConfigError("hydra.sweeper.directions", self.directions, f"the study's own ({e})") from None
         except Exception as e:  # sqlalchemy: a bad URL, a missing driver, no server
-            raise DataError(f"hydra.sweeper.storage={storage_url}: cannot open the study storage "
-                            f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+            raise DataError(
+                f"hydra.sweeper.storage={storage_url}: cannot open the study storage "
+                f"({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+            ) from None
         seed = self.seed
         if seed is not None:  # a resumed or second worker must not replay the first one's draws
             seed = seed + len(study.get_trials(deepcopy=False))
@@ -219,7 +272,9 @@ class OptunaSweeper(Sweeper):
         plain = [ov.input_line for ov in parsed if not ov.is_sweep_override()]
         self._check_composes(plain, fixed, base, by_variant)
         study = self._study()
-        log.info(f"study {self.study_name!r} in {self.storage_url}: {self.n_trials} trials, sampler {self.sampler_name}")
+        log.info(
+            f"study {self.study_name!r} in {self.storage_url}: {self.n_trials} trials, sampler {self.sampler_name}"
+        )
         results, said_waiting = [], False
         while True:
             optuna.storages.fail_stale_trials(study)  # trials of dead workers: failed and queued again
@@ -278,6 +333,7 @@ class OptunaSweeper(Sweeper):
 
     def _trial_override(self, trial: optuna.Trial) -> str:
         """``sweep_trial={...}``: which trial the run is and how it is pruned (see TrialSpec)."""
+
         def q(v) -> str:
             if isinstance(v, bool):
                 return "true" if v else "false"
@@ -285,11 +341,17 @@ class OptunaSweeper(Sweeper):
                 return "'" + v.replace("\\", "\\\\").replace("'", "\\'") + "'"
             return str(v)
 
-        spec = {"storage": self.storage_url, "study": self.study_name, "trial_id": trial._trial_id,
-                "number": trial.number, "fvu_key": self.objectives[0],
-                "l0_key": self.objectives[1] if len(self.objectives) > 1 else "val/batch/l0_mean",
-                "min_trials": int(self.pruner["min_trials"]), "margin": float(self.pruner["margin"]),
-                "pruning": bool(self.pruner["enabled"])}
+        spec = {
+            "storage": self.storage_url,
+            "study": self.study_name,
+            "trial_id": trial._trial_id,
+            "number": trial.number,
+            "fvu_key": self.objectives[0],
+            "l0_key": self.objectives[1] if len(self.objectives) > 1 else "val/batch/l0_mean",
+            "min_trials": int(self.pruner["min_trials"]),
+            "margin": float(self.pruner["margin"]),
+            "pruning": bool(self.pruner["enabled"]),
+        }
         return "sweep_trial={" + ",".join(f"{k}:{q(v)}" for k, v in spec.items()) + "}"
 
     def _run_trial(self, study: optuna.Study, trial: optuna.Trial, overrides: list[str]):

@@ -142,8 +142,16 @@ def test_feature_choice_by_density_ranks_by_demand_and_follows_a_boosted_latent(
     would never change anything; by_density ranks by demand (affinities above the batch's
     Mutual Choice cutoff), which a latent's affinities move."""
     B, F, k = 256, 64, 4
-    fc = make("feature_choice", k, F, B, capacity="zipf", rank="by_density", rerank_every_steps=1,
-              demand_time_constant_tokens=1)  # the demand EMA follows the last batch
+    fc = make(
+        "feature_choice",
+        k,
+        F,
+        B,
+        capacity="zipf",
+        rank="by_density",
+        rerank_every_steps=1,
+        demand_time_constant_tokens=1,
+    )  # the demand EMA follows the last batch
     z = torch.randn(B, F, generator=torch.Generator().manual_seed(0))
     z[:, 17] += 3.0  # latent 17 matches many tokens strongly
     z[:, 5] -= 3.0  # latent 5 matches none
@@ -191,7 +199,7 @@ def test_threshold_mode_selects_exactly_the_values_above_threshold(name):
     sel = threshold(alloc, z)
     if alloc.has_thresholds:
         theta = alloc.current_theta()
-        expected = (in_layout(alloc, z) > (theta if alloc.layout == "token" else theta.unsqueeze(1)))
+        expected = in_layout(alloc, z) > (theta if alloc.layout == "token" else theta.unsqueeze(1))
         expected = (expected if alloc.layout == "token" else expected.t()) & (z > 0)
         got = torch.zeros(B, F, dtype=torch.bool)
         got[sel.rows, sel.cols] = True

@@ -19,6 +19,7 @@ B, F, K = 256, 512, 8
 @pytest.fixture
 def deadline():
     """Fail (instead of hanging the suite) if the block takes more than 5 s."""
+
     def on_alarm(signum, frame):
         raise TimeoutError("the allocator did not stop within 5 s")
 
@@ -41,7 +42,7 @@ def test_non_finite_affinities_stop_every_allocator_at_once(name, params, bad, d
     cls = get_allocator_class(name.split("+")[0])
     alloc = cls.from_dict(params, F, B)
     g = torch.Generator().manual_seed(1)
-    for trial in range(5):  # anywhere in the matrix
+    for _ in range(5):  # anywhere in the matrix
         z = torch.randn(B, F, generator=g)
         i, j = int(torch.randint(B, (1,), generator=g)), int(torch.randint(F, (1,), generator=g))
         z[i, j] = bad
@@ -85,8 +86,18 @@ def test_the_step_and_the_tensor_are_named_when_the_weights_diverge():
 @pytest.mark.parametrize("variant", ["topk", "mutual_choice", "feature_choice"])
 def test_a_diverging_run_ends_in_one_line_with_status_1(variant, cli, tmp_path_factory):
     out = tmp_path_factory.mktemp("out")
-    r = cli("train.py", f"out_dir={out}", f"variant={variant}", "optim.lr=1e30", "optim.warmup_steps=0", *TINY,
-            "variant.k=8", "trainer.max_steps=50", "progress=none", timeout=120)
+    r = cli(
+        "train.py",
+        f"out_dir={out}",
+        f"variant={variant}",
+        "optim.lr=1e30",
+        "optim.warmup_steps=0",
+        *TINY,
+        "variant.k=8",
+        "trainer.max_steps=50",
+        "progress=none",
+        timeout=120,
+    )
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 1 and len(lines) == 1, r.stderr[-3000:]
     assert lines[0].startswith("error: training diverged: ") and "at step " in lines[0], lines[0]

@@ -14,6 +14,11 @@ def test_pipeline_benchmark_figures(tiny_lm, corpus_file, tmp_path):
     assert h["bare_forward_to_site_tok_s"] > 0 and h["harvest_tok_s"] > 0 and 0 < h["harvest_vs_bare"]
 
     harvest(tmp_path / "cache", spec_for(tiny_lm, corpus_file, token_budget=800), progress=False, log=lambda *a: None)
-    cfg = {"kind": "activations", "path": str(tmp_path / "cache"), "batch_size": 32, "val_tokens": 64,
-           "calibration_tokens": 64}
+    cfg = {
+        "kind": "activations",
+        "path": str(tmp_path / "cache"),
+        "batch_size": 32,
+        "val_tokens": 64,
+        "calibration_tokens": 64,
+    }
     assert loader_bench(cfg, batches=10, workers=0) > 0

@@ -7,8 +7,24 @@ from benchmarks import step as bench
 
 def test_bench_reports_all_variants_and_ratios(tmp_path):
     out = tmp_path / "bench.json"
-    report = bench.main(["--d", "16", "--latents", "128", "--k", "4", "--batch", "64", "--steps", "2",
-                         "--warmup", "1", "--out", str(out)])
+    report = bench.main(
+        [
+            "--d",
+            "16",
+            "--latents",
+            "128",
+            "--k",
+            "4",
+            "--batch",
+            "64",
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--out",
+            str(out),
+        ]
+    )
     saved = json.loads(out.read_text())
     assert saved["sizes"][0]["n_latents"] == 128
     rows = {r["variant"]: r for r in report["sizes"][0]["rows"]}

@@ -24,8 +24,16 @@ class FakeSAE:
 @pytest.fixture(scope="module")
 def callback(tiny_lm, corpus_file, tmp_path_factory):
     folder = tmp_path_factory.mktemp("down") / "cache"
-    spec = HarvestSpec.parse({"lm": {"name": str(tiny_lm)}, "corpus": {"path": str(corpus_file)}, "layer": 0,
-                              "context_length": 16, "token_budget": 300, "dtype": "float32"})
+    spec = HarvestSpec.parse(
+        {
+            "lm": {"name": str(tiny_lm)},
+            "corpus": {"path": str(corpus_file)},
+            "layer": 0,
+            "context_length": 16,
+            "token_budget": 300,
+            "dtype": "float32",
+        }
+    )
     manifest = harvest(folder, spec, progress=False, log=lambda *a: None)
     return DownstreamLoss(folder, manifest, contexts=5, batch_size=7)
 

@@ -18,16 +18,26 @@ from .test_harvest import spec_for
 @pytest.fixture(scope="module")
 def cache(tiny_lm, corpus_file, tmp_path_factory):
     folder = tmp_path_factory.mktemp("acts") / "cache"
-    harvest(folder, spec_for(tiny_lm, corpus_file, token_budget=1500, shard_tokens=256), progress=False, log=lambda *a: None)
+    harvest(
+        folder, spec_for(tiny_lm, corpus_file, token_budget=1500, shard_tokens=256), progress=False, log=lambda *a: None
+    )
     return folder
 
 
 def make(cache, **kw):
-    cfg = {"kind": "activations", "path": str(cache), "batch_size": 64, "val_tokens": 100, "calibration_tokens": 90,
-           "num_workers": 0, "shuffle_buffer_tokens": 256, "seed": 0}
+    cfg = {
+        "kind": "activations",
+        "path": str(cache),
+        "batch_size": 64,
+        "val_tokens": 100,
+        "calibration_tokens": 90,
+        "num_workers": 0,
+        "shuffle_buffer_tokens": 256,
+        "seed": 0,
+    }
     cfg.update(kw)
     dm = build_datamodule(cfg)
-    dm.reader  # opens (and verifies) the cache
+    dm.open()  # opens (and verifies) the cache
     return dm
 
 
@@ -79,7 +89,9 @@ def test_ranks_split_the_stream(cache):
     dm = make(cache)
     whole = first_batches(make(cache), 6)
     r0 = first_batches(dm, 3, SimpleNamespace(global_step=0, accumulate_grad_batches=1, global_rank=0, world_size=2))
-    r1 = first_batches(make(cache), 3, SimpleNamespace(global_step=0, accumulate_grad_batches=1, global_rank=1, world_size=2))
+    r1 = first_batches(
+        make(cache), 3, SimpleNamespace(global_step=0, accumulate_grad_batches=1, global_rank=1, world_size=2)
+    )
     for j in range(3):
         torch.testing.assert_close(r0[j], whole[2 * j])
         torch.testing.assert_close(r1[j], whole[2 * j + 1])
@@ -93,7 +105,9 @@ def test_position_is_saved_and_restored(cache):
     assert state["position"] == 5 and state["fingerprint"] == shards.fingerprint(dm.manifest)
     fresh = make(cache)
     fresh.load_state_dict(state)
-    resumed = first_batches(fresh, 4, SimpleNamespace(global_step=5, accumulate_grad_batches=1, global_rank=0, world_size=1))
+    resumed = first_batches(
+        fresh, 4, SimpleNamespace(global_step=5, accumulate_grad_batches=1, global_rank=0, world_size=1)
+    )
     for j in range(4):
         torch.testing.assert_close(resumed[j], whole[5 + j])
     with pytest.raises(DataError, match="trained on the activation cache .* holds other activations"):
@@ -103,7 +117,9 @@ def test_position_is_saved_and_restored(cache):
 
 
 def test_d_model_must_match_the_cache(cache):
-    with pytest.raises(ConfigError, match=r"data.d_model=64 is not allowed; expected null or 32: the cache .* holds d_model 32"):
+    with pytest.raises(
+        ConfigError, match=r"data.d_model=64 is not allowed; expected null or 32: the cache .* holds d_model 32"
+    ):
         make(cache, d_model=64)
     assert make(cache, d_model=32).d_model == 32
 
@@ -170,11 +186,18 @@ def test_resume_from_a_checkpoint_of_another_cache_is_refused_before_training(ca
     good = {"position": 4, "fingerprint": dm.fingerprint, "seed": 0, "batch_size": 64, "path": str(cache)}
     ckpt = tmp_path / "x.ckpt"
     hp = {"config": {"data": {}}, "d_model": 32}
-    torch.save({"state_dict": {"sae.W_enc": torch.zeros(8, 32)}, "hyper_parameters": hp, "ActivationsDataModule": good},
-               ckpt)
+    torch.save(
+        {"state_dict": {"sae.W_enc": torch.zeros(8, 32)}, "hyper_parameters": hp, "ActivationsDataModule": good}, ckpt
+    )
     _check_checkpoint(read(str(ckpt)), dm)
     assert dm._restored["position"] == 4
-    torch.save({"state_dict": {"sae.W_enc": torch.zeros(8, 32)}, "hyper_parameters": hp,
-                "ActivationsDataModule": {**good, "fingerprint": "f" * 16, "path": "/elsewhere"}}, ckpt)
+    torch.save(
+        {
+            "state_dict": {"sae.W_enc": torch.zeros(8, 32)},
+            "hyper_parameters": hp,
+            "ActivationsDataModule": {**good, "fingerprint": "f" * 16, "path": "/elsewhere"},
+        },
+        ckpt,
+    )
     with pytest.raises(DataError, match="trained on the activation cache /elsewhere"):
         _check_checkpoint(read(str(ckpt)), make(cache))

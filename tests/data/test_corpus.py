@@ -11,7 +11,9 @@ from sae_lightning.errors import ConfigError, DataError
 
 
 def desc(path, tmp_path, **kw):
-    return describe({"path": str(path), "format": "auto", "column": "text", "split": "train", **kw}, tmp_path / "corpora")
+    return describe(
+        {"path": str(path), "format": "auto", "column": "text", "split": "train", **kw}, tmp_path / "corpora"
+    )
 
 
 def test_text_files_are_split_at_blank_lines(tmp_path):
@@ -27,7 +29,9 @@ def test_json_lines_and_parquet_by_column(tmp_path):
     import pyarrow.parquet as pq
 
     (tmp_path / "j").mkdir()
-    (tmp_path / "j" / "a.jsonl").write_text("\n".join(json.dumps({"body": f"doc {i}", "id": i}) for i in range(3)) + "\n")
+    (tmp_path / "j" / "a.jsonl").write_text(
+        "\n".join(json.dumps({"body": f"doc {i}", "id": i}) for i in range(3)) + "\n"
+    )
     assert list(documents(desc(tmp_path / "j", tmp_path, column="body"))) == ["doc 0", "doc 1", "doc 2"]
     pq.write_table(pa.table({"text": ["p0", "p1"]}), tmp_path / "t.parquet")
     assert list(documents(desc(tmp_path / "t.parquet", tmp_path))) == ["p0", "p1"]

@@ -19,8 +19,16 @@ from ..conftest import ROOT
 
 
 def spec_for(lm, corpus, **kw) -> HarvestSpec:
-    cfg = {"lm": {"name": str(lm)}, "corpus": {"path": str(corpus)}, "layer": 0, "context_length": 16,
-           "batch_size": 3, "token_budget": 400, "shard_tokens": 64, "dtype": "float32"}
+    cfg = {
+        "lm": {"name": str(lm)},
+        "corpus": {"path": str(corpus)},
+        "layer": 0,
+        "context_length": 16,
+        "batch_size": 3,
+        "token_budget": 400,
+        "shard_tokens": 64,
+        "dtype": "float32",
+    }
     cfg.update(kw)
     return HarvestSpec.parse(cfg)
 
@@ -48,7 +56,9 @@ def test_cache_holds_the_sites_activations_of_kept_tokens(tiny_lm, corpus_file, 
         keep = (ids >= 0) & ~torch.isin(ids, dropped)
         assert int(keep.sum()) == entry["tokens"] and (ids[:, 0] == 1).all()  # every context starts with BOS
         with torch.no_grad():
-            hidden = model(ids.clamp_min(0), attention_mask=(ids >= 0).long(), output_hidden_states=True).hidden_states[1]
+            hidden = model(ids.clamp_min(0), attention_mask=(ids >= 0).long(), output_hidden_states=True).hidden_states[
+                1
+            ]
         stored = torch.from_numpy(np.load(tmp_path / "c" / entry["activations"]["file"]))
         torch.testing.assert_close(stored, hidden[keep], rtol=1e-5, atol=1e-5)
 
@@ -80,7 +90,9 @@ def test_resume_after_an_interruption_gives_the_same_shards(tiny_lm, corpus_file
 
 
 def test_larger_budget_extends_the_cache_identically(tiny_lm, corpus_file, tmp_path):
-    small = harvest(tmp_path / "grow", spec_for(tiny_lm, corpus_file, token_budget=150), progress=False, log=lambda *a: None)
+    small = harvest(
+        tmp_path / "grow", spec_for(tiny_lm, corpus_file, token_budget=150), progress=False, log=lambda *a: None
+    )
     assert 150 <= small["tokens"] < 400
     harvest(tmp_path / "grow", spec_for(tiny_lm, corpus_file), progress=False, log=lambda *a: None)
     harvest(tmp_path / "once", spec_for(tiny_lm, corpus_file), progress=False, log=lambda *a: None)
@@ -158,12 +170,20 @@ def test_spec_rejects_bad_values(tiny_lm, corpus_file):
 
 def _cli(args, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "harvest.py", f"out_dir={tmp_path}", f"data.path={tmp_path}/cache",
-                           "progress=false", *args], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    return subprocess.run(
+        [sys.executable, "harvest.py", f"out_dir={tmp_path}", f"data.path={tmp_path}/cache", "progress=false", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
 
 
 def test_unreachable_model_says_how_to_use_local_files(corpus_file, tmp_path):
-    proc = _cli(["data.harvest.lm.name=some-org/not-a-local-model", f"data.harvest.corpus.path={corpus_file}"], tmp_path)
+    proc = _cli(
+        ["data.harvest.lm.name=some-org/not-a-local-model", f"data.harvest.corpus.path={corpus_file}"], tmp_path
+    )
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "error: cannot load model 'some-org/not-a-local-model'" in proc.stderr
     assert "HF_HUB_OFFLINE=1" in proc.stderr and "local folder" in proc.stderr
@@ -171,8 +191,10 @@ def test_unreachable_model_says_how_to_use_local_files(corpus_file, tmp_path):
 
 
 def test_unreachable_dataset_says_how_to_use_local_files(tiny_lm, tmp_path):
-    proc = _cli([f"data.harvest.lm.name={tiny_lm}", "data.harvest.corpus.path=some-org/not-a-dataset",
-                 "data.harvest.layer=0"], tmp_path)
+    proc = _cli(
+        [f"data.harvest.lm.name={tiny_lm}", "data.harvest.corpus.path=some-org/not-a-dataset", "data.harvest.layer=0"],
+        tmp_path,
+    )
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "error: cannot load dataset 'some-org/not-a-dataset'" in proc.stderr
     assert "set data.harvest.corpus.path to a .txt" in proc.stderr
@@ -187,9 +209,15 @@ def test_harvest_cli_stops_on_ctrl_c_and_resumes_to_the_same_cache(tiny_lm, tmp_
 
     corpus = tmp_path / "big.txt"
     write_corpus(corpus, n_docs=300)
-    args = [f"data.harvest.lm.name={tiny_lm}", f"data.harvest.corpus.path={corpus}", "data.harvest.layer=0",
-            "data.harvest.context_length=16", "data.harvest.batch_size=1", "data.harvest.shard_tokens=64",
-            "data.harvest.token_budget=3000"]
+    args = [
+        f"data.harvest.lm.name={tiny_lm}",
+        f"data.harvest.corpus.path={corpus}",
+        "data.harvest.layer=0",
+        "data.harvest.context_length=16",
+        "data.harvest.batch_size=1",
+        "data.harvest.shard_tokens=64",
+        "data.harvest.token_budget=3000",
+    ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     cmd = [sys.executable, "harvest.py", f"out_dir={tmp_path}", f"data.path={tmp_path}/cache", *args]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -208,9 +236,20 @@ def test_harvest_cli_stops_on_ctrl_c_and_resumes_to_the_same_cache(tiny_lm, tmp_
 
     again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-2000:]
-    assert f"python train.py data=minilm out_dir={tmp_path} data.path={tmp_path}/cache" in again.stdout  # how to train on it
-    spec = HarvestSpec.parse({"lm": {"name": str(tiny_lm)}, "corpus": {"path": str(corpus)}, "layer": 0,
-                              "context_length": 16, "batch_size": 1, "shard_tokens": 64, "token_budget": 3000})
+    assert (
+        f"python train.py data=minilm out_dir={tmp_path} data.path={tmp_path}/cache" in again.stdout
+    )  # how to train on it
+    spec = HarvestSpec.parse(
+        {
+            "lm": {"name": str(tiny_lm)},
+            "corpus": {"path": str(corpus)},
+            "layer": 0,
+            "context_length": 16,
+            "batch_size": 1,
+            "shard_tokens": 64,
+            "token_budget": 3000,
+        }
+    )
     harvest(tmp_path / "ref", spec, progress=False, log=lambda *a: None)
     assert files_digest(tmp_path / "cache") == files_digest(tmp_path / "ref")
 
@@ -224,7 +263,9 @@ def test_a_second_harvest_of_the_same_cache_waits_for_the_first(tiny_lm, corpus_
     lock = open(tmp_path / ".cache.lock", "a")
     fcntl.flock(lock, fcntl.LOCK_EX)  # as if another process were harvesting
     said = []
-    t = threading.Thread(target=harvest, args=(tmp_path / "cache", spec), kwargs={"progress": False, "log": said.append})
+    t = threading.Thread(
+        target=harvest, args=(tmp_path / "cache", spec), kwargs={"progress": False, "log": said.append}
+    )
     t.start()
     time.sleep(1.0)
     assert t.is_alive() and not (tmp_path / "cache").exists() and "waiting for it" in said[0]

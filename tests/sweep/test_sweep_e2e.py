@@ -13,8 +13,16 @@ FAST = [*TINY, "variant.k=4", "trainer.max_steps=6", "trainer.val_check_interval
 
 
 def sweep(cli, tmp_path, *extra, study="s"):
-    return cli("train.py", "-m", "sweeps=pareto", f"out_dir={tmp_path}", f"hydra.sweeper.study_name={study}", *FAST,
-               *extra, timeout=600)
+    return cli(
+        "train.py",
+        "-m",
+        "sweeps=pareto",
+        f"out_dir={tmp_path}",
+        f"hydra.sweeper.study_name={study}",
+        *FAST,
+        *extra,
+        timeout=600,
+    )
 
 
 def load(tmp_path, study="s"):
@@ -40,8 +48,13 @@ def test_study_runs_resumes_and_reports(cli, tmp_path):
     assert sweep(cli, tmp_path, "hydra.sweeper.n_trials=4").returncode == 0
     assert states(load(tmp_path)) == ["COMPLETE"] * 4
 
-    rep = subprocess.run([sys.executable, "-m", "sae_lightning.sweep.report", "--study", "s", "--out-dir", str(tmp_path)],
-                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    rep = subprocess.run(
+        [sys.executable, "-m", "sae_lightning.sweep.report", "--study", "s", "--out-dir", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert rep.returncode == 0, rep.stderr
     folder = tmp_path / "sweeps" / "s"
     for name in ("trials.csv", "pareto.csv", "pareto.json", "pareto.png"):
@@ -51,8 +64,16 @@ def test_study_runs_resumes_and_reports(cli, tmp_path):
 
 def test_a_failing_trial_is_recorded_and_the_sweep_goes_on(cli, tmp_path):
     # k = 5 > n_latents = 4 is infeasible: those trials fail with the config error as reason
-    proc = sweep(cli, tmp_path, "hydra.sweeper.n_trials=5", "hydra.sweeper.sampler=random", "variant=topk",
-                 "model.n_latents=4", "variant.k=choice(3,5)", study="f")
+    proc = sweep(
+        cli,
+        tmp_path,
+        "hydra.sweeper.n_trials=5",
+        "hydra.sweeper.sampler=random",
+        "variant=topk",
+        "model.n_latents=4",
+        "variant.k=choice(3,5)",
+        study="f",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     study = load(tmp_path, "f")
     failed = [t for t in study.trials if t.state == optuna.trial.TrialState.FAIL]
@@ -63,7 +84,14 @@ def test_a_failing_trial_is_recorded_and_the_sweep_goes_on(cli, tmp_path):
 
 
 def test_two_workers_share_one_study(cli, tmp_path):
-    args = ["-m", "sweeps=pareto", f"out_dir={tmp_path}", "hydra.sweeper.study_name=w", "hydra.sweeper.n_trials=4", *FAST]
+    args = [
+        "-m",
+        "sweeps=pareto",
+        f"out_dir={tmp_path}",
+        "hydra.sweeper.study_name=w",
+        "hydra.sweeper.n_trials=4",
+        *FAST,
+    ]
     workers = [cli.start("train.py", *args) for _ in range(2)]
     for w in workers:
         r = w.wait(600)
