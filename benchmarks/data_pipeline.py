@@ -24,11 +24,13 @@ from pathlib import Path
 
 import torch
 from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
 from sae_lightning.atomic import atomic_write_text
+from sae_lightning.config import resolve
+from sae_lightning.data import DataSpec
 from sae_lightning.data import corpus as corpus_mod
 from sae_lightning.data import lm as lm_mod
+from sae_lightning.data.activations import ActivationsData, ActivationsDataModule
 from sae_lightning.data.harvest import Framing, HarvestSpec, _device, harvest
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -92,10 +94,8 @@ def harvest_bench(spec: HarvestSpec, tokens: int) -> dict:
     }
 
 
-def loader_bench(data_cfg: dict, batches: int, workers: int) -> float:
-    from sae_lightning.data import build_datamodule
-
-    dm = build_datamodule({**data_cfg, "num_workers": workers})
+def loader_bench(data: ActivationsData, batches: int, workers: int) -> float:
+    dm: ActivationsDataModule = ActivationsDataModule(data.replace(num_workers=workers))
     dm.open()  # open and verify before timing
     it = iter(dm.train_dataloader())
     next(it)  # workers started
@@ -125,12 +125,14 @@ def main(argv=None) -> dict:
     a = p.parse_args(argv)
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
         cfg = compose("train", overrides=[f"data={a.data}"])
-    data = OmegaConf.to_container(cfg.data, resolve=True)
-    if a.cache:
-        data["path"] = a.cache
+    spec = DataSpec.from_raw(resolve(cfg)["data"], "data")
+    if not isinstance(spec, ActivationsData) or spec.harvest is None:
+        raise SystemExit(f"error: data={a.data} is not a data config of kind 'activations' with a harvest section")
+    data: ActivationsData = spec.replace(path=a.cache) if a.cache else spec
+    assert data.harvest is not None
     result: dict = {"data": a.data, "torch_threads": torch.get_num_threads()}
     if not a.skip_harvest:
-        h = harvest_bench(HarvestSpec.parse(data["harvest"]), a.tokens)
+        h = harvest_bench(data.harvest, a.tokens)
         result["harvest"] = h
         print(
             f"harvest {h['model']} {h['site']} ({h['n_layers']} blocks), {h['tokens']} tokens: bare forward to the "
@@ -140,15 +142,16 @@ def main(argv=None) -> dict:
     loader = {w: loader_bench(data, a.batches, w) for w in (0, 2)}
     result["loader_tok_s"] = loader
     print(
-        f"loader ({data['path']}, batch {data['batch_size']}): "
+        f"loader ({data.path}, batch {data.batch_size}): "
         + ", ".join(f"{v:.0f} tok/s with {w} workers" for w, v in loader.items())
     )
 
     from benchmarks.step import time_variant
     from sae_lightning.data.shards import read_manifest
 
-    d = read_manifest(Path(data["path"]))["d_model"]
-    B = data["batch_size"]
+    manifest = read_manifest(Path(data.path))
+    assert manifest is not None  # the loader benchmark opened it
+    d, B = manifest["d_model"], data.batch_size
     result["training"] = {}
     for v in a.variants:
         r = time_variant(v, d, a.latents, a.k, B, "float32", a.steps, 2, torch.device("cpu"), [])

@@ -13,6 +13,7 @@ import json
 import statistics
 import time
 from pathlib import Path
+from typing import Any, cast
 
 import lightning as L
 import torch
@@ -171,7 +172,8 @@ def time_variant(variant, d, F, k, B, dtype, steps, warmup, device, extra, profi
 
     module.allocator.allocate = timed_allocate
     timer = StepTimer()
-    loader = torch.utils.data.DataLoader([batches[i % len(batches)] for i in range(steps + warmup)], batch_size=None)
+    stream = cast(Any, [batches[i % len(batches)] for i in range(steps + warmup)])  # a list of batches is a dataset
+    loader: torch.utils.data.DataLoader = torch.utils.data.DataLoader(stream, batch_size=None)
     trainer = L.Trainer(
         max_steps=steps + warmup,
         logger=False,

@@ -14,7 +14,7 @@ import dataclasses
 import inspect
 import logging
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal, get_args
+from typing import Any, ClassVar, Literal, cast, get_args
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
@@ -98,7 +98,7 @@ class VariantSpec:
         losses = raw.get("losses")
         if losses is not None and not isinstance(losses, dict):
             raise ConfigError(f"{prefix}.losses", losses, "a mapping {loss_name: {param: value}} or null")
-        return cls(name, allocator.name, params, build_losses(losses, f"{prefix}.losses"))
+        return cls(str(name), allocator.name, params, build_losses(losses, f"{prefix}.losses"))
 
     def as_dict(self) -> dict:
         return {
@@ -300,9 +300,11 @@ def resolve(cfg: DictConfig | dict) -> dict:
         out = dict(cfg)
     else:
         try:
-            out = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+            out = cast(dict, OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True))
         except MissingMandatoryValue as e:
-            raise ConfigError(e.full_key, "???", "a value: this key has no default (set it on the command line)") from e
+            raise ConfigError(
+                str(e.full_key), "???", "a value: this key has no default (set it on the command line)"
+            ) from e
     out.pop("hydra", None)
     out.pop("sweeps", None)  # the sweep preset group, when a preset only sets hydra keys
     return out

@@ -15,28 +15,38 @@ import json
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 
 from .atomic import atomic_write_text
 from .callbacks.downstream import DownstreamLoss
+from .data import DataSpec
+from .data.activations import ActivationsData
 from .data.shards import read_manifest
 from .errors import DataError
 from .module import SAEModule
 
 
+def load_run(run_dir: Path, device: str = "cpu") -> tuple[SAEModule, DataSpec]:
+    """A finished run's SAE (``checkpoints/final.ckpt``) and the spec of the data it was trained on."""
+    path = Path(run_dir) / "checkpoints" / "final.ckpt"
+    if not path.is_file():
+        raise DataError(f"{path} does not exist: {run_dir} is not a finished run folder")
+    ckpt = torch.load(path, map_location=device, weights_only=False)
+    config = ckpt["hyper_parameters"]["config"]
+    module = SAEModule(config, ckpt["hyper_parameters"]["d_model"])
+    module.load_state_dict(ckpt["state_dict"])
+    module.to(device).eval()
+    return module, DataSpec.from_raw(config["data"], "data")
+
+
 def downstream(run_dir: Path, contexts: int, device: str = "cpu") -> dict[str, float]:
-    config = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"), resolve=True)
-    if config["data"]["kind"] != "activations":
-        raise DataError(f"{run_dir} was trained on {config['data']['kind']} data: no language model to splice into")
-    folder = Path(config["data"]["path"])
+    module, data = load_run(run_dir, device)
+    if not isinstance(data, ActivationsData):
+        raise DataError(f"{run_dir} was trained on {data.kind} data: no language model to splice into")
+    folder = Path(data.path)
     manifest = read_manifest(folder)
     if manifest is None or not manifest["harvest"]["lm"]["causal"]:
         raise DataError(f"{folder}: no cache of a causal language model (ΔCE needs next-token logits)")
-    ckpt = torch.load(run_dir / "checkpoints" / "final.ckpt", map_location=device, weights_only=False)
-    module = SAEModule(ckpt["hyper_parameters"]["config"], ckpt["hyper_parameters"]["d_model"])
-    module.load_state_dict(ckpt["state_dict"])
-    module.to(device).eval()
-    callback = DownstreamLoss(folder, manifest, contexts, config["data"]["batch_size"])
+    callback = DownstreamLoss(folder, manifest, contexts, data.batch_size)
     figures = callback.measure(module)
     figures["contexts"] = contexts
     figures["tokens_spliced"] = int(callback.keep.sum())

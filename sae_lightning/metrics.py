@@ -12,6 +12,10 @@ class Reconstruction(Metric):
     """FVU = Σ‖x − x̂‖² / Σ‖x − x̄‖² and normalised MSE = Σ‖x − x̂‖² / Σ‖x‖², in the
     model's own units (call with de-normalised reconstructions)."""
 
+    sse: Tensor
+    sum_x: Tensor
+    sum_sq: Tensor
+    n: Tensor
     full_state_update = False
 
     def __init__(self, d_model: int):
@@ -36,6 +40,7 @@ class Reconstruction(Metric):
 class L0(Metric):
     """Distribution over tokens of the number of active latents (a histogram of counts)."""
 
+    hist: Tensor
     full_state_update = False
 
     def __init__(self, n_latents: int):
@@ -76,6 +81,8 @@ def l0_summary(hist: Tensor) -> dict[str, Tensor]:
 class Firing(Metric):
     """Per-latent firing counts over an evaluation: density and the share never fired."""
 
+    counts: Tensor
+    n: Tensor
     full_state_update = False
 
     def __init__(self, n_latents: int):

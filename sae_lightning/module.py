@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
+from typing import cast
 
 import lightning as L
 import torch
@@ -13,6 +14,7 @@ from torch import Tensor, nn
 from . import tb
 from .allocators import CalibrationSet, Mode, get_allocator_class
 from .config import LoggingSpec, ModelSpec, OptimSpec, StatsSpec, TrainConfig, VariantSpec
+from .data import DataSource
 from .errors import DataError, TrainingDiverged
 from .losses import StepOutput
 from .metrics import L0, Firing, Reconstruction, feature_recovery
@@ -153,7 +155,7 @@ class SAEModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         # once, before training; on resume the checkpoint's weights and buffers replace these
         if stage == "fit" and not bool(self.sae.initialised) and not self.restoring:
-            figures = self.init_from_data(self.trainer.datamodule.sample(self.model_spec.init_sample_tokens))
+            figures = self.init_from_data(self.data().sample(self.model_spec.init_sample_tokens))
             self.print("initialised from data: " + ", ".join(f"{key}={value:.4g}" for key, value in figures.items()))
 
     @torch.no_grad()
@@ -208,7 +210,7 @@ class SAEModule(L.LightningModule):
     def training_step(self, x: Tensor, batch_idx: int) -> Tensor:
         out, ctx = self.forward_step(x, Mode.BATCH, update=True)
         terms = {name: term(out, self.sae, self.stats) for name, term in self.losses.items()}
-        loss = sum(self.losses[name].coef * value for name, value in terms.items())
+        loss = torch.stack([self.losses[name].coef * value for name, value in terms.items()]).sum()
         if not torch.isfinite(loss):
             bad = {name: float(value) for name, value in terms.items()}
             raise TrainingDiverged(f"non-finite loss at step {self.global_step}: {bad}{self._non_finite_parameters()}")
@@ -256,25 +258,33 @@ class SAEModule(L.LightningModule):
         self.sae.renormalise_decoder()
 
     # ---- validation -----------------------------------------------------------------------------
+    def _metrics(self, mode: str) -> tuple[Reconstruction, L0, Firing]:
+        mets = cast(nn.ModuleDict, self.val_metrics[mode])
+        return cast(Reconstruction, mets["recon"]), cast(L0, mets["l0"]), cast(Firing, mets["firing"])
+
+    def data(self) -> DataSource:
+        """The run's data source (its DataModule)."""
+        return cast(DataSource, self.trainer.datamodule)  # type: ignore[attr-defined]
+
     def validation_step(self, x: Tensor, batch_idx: int) -> None:
         for mode in self.modes:
             out, ctx = self.forward_step(x, mode)
-            mets = self.val_metrics[mode]
-            mets["recon"].update(x, self.sae.denormalise(out.x_hat, ctx))
-            mets["l0"].update(out.code.l0_per_token())
-            mets["firing"].update(out.code.fire_counts(), x.shape[0])
+            recon, l0, firing = self._metrics(mode)
+            recon.update(x, self.sae.denormalise(out.x_hat, ctx))
+            l0.update(out.code.l0_per_token())
+            firing.update(out.code.fire_counts(), x.shape[0])
 
     def on_validation_epoch_end(self) -> None:
         logs: dict[str, float] = {}
         results = ValidationResults()
         step = self.global_step
         for mode in self.modes:
-            mets = self.val_metrics[mode]
-            rec, l0, firing = mets["recon"].compute(), mets["l0"].compute(), mets["firing"].compute()
+            rec_m, l0_m, firing_m = self._metrics(mode)
+            rec, l0, firing = rec_m.compute(), l0_m.compute(), firing_m.compute()
             for key, value in {**rec, **l0}.items():
                 logs[f"val/{mode}/{key}"] = float(value)
             logs[f"val/{mode}/never_fired_fraction"] = float(firing["never_fired_fraction"])
-            results.l0_hists[mode] = mets["l0"].hist.detach().cpu().clone()
+            results.l0_hists[mode] = l0_m.hist.detach().cpu().clone()
             tb.count_histogram(self._trainer, f"val/{mode}/l0_per_token", results.l0_hists[mode], step)
             if mode == Mode.BATCH:
                 results.density = firing["density"].detach().cpu()
@@ -283,12 +293,12 @@ class SAEModule(L.LightningModule):
                 fit = fit_zipf(density)
                 if fit is not None:
                     logs["val/zipf_fit_alpha"], logs["val/zipf_fit_beta"] = fit[0], fit[1]
-            for metric in mets.values():
+            for metric in (rec_m, l0_m, firing_m):
                 metric.reset()
         summary = self.stats.summary()
         logs["val/dead_fraction"] = summary["dead_fraction"]
         logs["val/underused_fraction"] = summary["underused_fraction"]
-        true = self.trainer.datamodule.true_features if self._trainer is not None else None
+        true = self.data().true_features if self._trainer is not None else None
         if true is not None:
             logs.update({f"val/{key}": value for key, value in feature_recovery(true, self.sae.W_dec).items()})
         self.log_dict(logs, sync_dist=False)

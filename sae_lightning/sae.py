@@ -78,6 +78,11 @@ class SparseAutoencoder(nn.Module):
     W_dec of the paper), which is the layout ``embedding_bag`` reads.
     """
 
+    scale: Tensor
+    x_second_moment: Tensor
+    x_variance: Tensor
+    initialised: Tensor
+
     def __init__(
         self, d_model: int, n_latents: int, normalisation: str = "dataset_scale", b_pre_init: str = "geometric_median"
     ):
@@ -143,6 +148,7 @@ class SparseAutoencoder(nn.Module):
         if self.normalisation == "dataset_scale":
             return x_hat / self.scale
         if self.normalisation == "layernorm":
+            assert ctx is not None, "layernorm needs the (mean, scale) that normalise() returned"
             mu, sigma = ctx
             return x_hat * sigma + mu
         return x_hat

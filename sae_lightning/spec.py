@@ -15,7 +15,7 @@ import math
 import types
 import typing
 from collections.abc import Iterable
-from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
+from typing import Any, Literal, TypeVar, cast, get_args, get_origin, get_type_hints
 
 from .errors import ConfigError, did_you_mean
 
@@ -159,7 +159,7 @@ def convert(value: Any, tp: Any, key: str, meta: dict | None = None) -> Any:
         if not isinstance(value, dict):
             raise bad()
         return dict(value)
-    if dataclasses.is_dataclass(tp):
+    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
         return parse(tp, value, key)
     raise TypeError(f"spec annotation {tp!r} of {key} is not supported")
 
@@ -170,7 +170,7 @@ def parse(cls: type[T], raw: Any, prefix: str, what: str | None = None) -> T:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(prefix, raw, "a mapping (a config section)")
-    init_fields = [f for f in dataclasses.fields(cls) if f.init]
+    init_fields = [f for f in dataclasses.fields(cast(Any, cls)) if f.init]
     check_keys(raw, [f.name for f in init_fields], prefix, what)
     hints = get_type_hints(cls)
     values = {}

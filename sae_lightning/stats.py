@@ -15,6 +15,10 @@ from .zipf import zipf_targets
 
 
 class LatentStats(nn.Module):
+    tokens_since_fired: Tensor
+    density: Tensor
+    tokens_seen: Tensor
+
     def __init__(
         self,
         n_latents: int,

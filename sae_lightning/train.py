@@ -105,7 +105,8 @@ def prepare(cfg, run_dir: Path | None = None, overrides: list[str] | None = None
     applies to its saved config; None when ``cfg`` is the whole config on purpose)."""
     try:
         composed = resolve(cfg)
-        point, changed = None, []
+        point: resume_mod.ResumePoint | None = None
+        changed: list[str] = []
         if composed.get("resume"):
             point = resume_mod.read(str(composed["resume"]))
             composed, changed = resume_mod.resumed_config(point.config, composed, overrides, normalised)

@@ -48,7 +48,7 @@ def fresh_tokens(module_cfg, n=4096):
 def test_threshold_mode_l0_within_15_percent_of_k_after_calibration(trained, variant):
     run_dir, metrics = trained[variant]
     module = load(run_dir)
-    x = fresh_tokens(module.config)
+    x = fresh_tokens(module.hparams["config"])
     l0 = module.encode(x, mode="threshold").l0_per_token().float().mean().item()
     assert abs(l0 - 8) <= 0.15 * 8, f"{variant}: threshold-mode mean L0 {l0:.2f} for k = 8"
     assert abs(metrics["val/threshold/l0_mean"] - 8) <= 0.15 * 8
@@ -61,7 +61,7 @@ def test_threshold_mode_l0_within_15_percent_of_k_after_calibration(trained, var
 def test_checkpoint_round_trip_gives_identical_outputs_in_both_modes(trained, variant, tmp_path):
     run_dir, _ = trained[variant]
     a = load(run_dir)
-    x = fresh_tokens(a.config, 512)[:128]
+    x = fresh_tokens(a.hparams["config"], 512)[:128]
     import lightning as L
 
     trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, max_steps=1)

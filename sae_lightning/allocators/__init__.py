@@ -3,6 +3,7 @@ that uses ``@register("name")`` is found by name with no other edit."""
 
 import importlib
 import pkgutil
+from typing import Any
 
 from .base import ALLOCATORS, Allocator, AllocatorConfig, CalibrationSet, Mode, register
 
@@ -11,7 +12,7 @@ for _info in pkgutil.iter_modules(__path__):
         importlib.import_module(f"{__name__}.{_info.name}")
 
 
-def get_allocator_class(name: str) -> type[Allocator]:
+def get_allocator_class(name: Any) -> type[Allocator]:
     from ..errors import require_choice
 
     require_choice("variant.allocator", name, sorted(ALLOCATORS))

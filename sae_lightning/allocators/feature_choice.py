@@ -90,6 +90,14 @@ class FeatureChoice(Allocator):
 
     Config = FeatureChoiceConfig
     layout = "latent"
+    cfg: FeatureChoiceConfig
+    capacity_by_rank: Tensor
+    rank_to_latent: Tensor
+    theta_ema: Tensor
+    theta_ema_count: Tensor
+    theta_calibrated: Tensor
+    calibrated: Tensor
+    demand: Tensor
 
     def __init__(self, cfg: FeatureChoiceConfig, n_latents: int, batch_size: int):
         super().__init__(cfg, n_latents, batch_size)

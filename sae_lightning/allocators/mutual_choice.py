@@ -25,14 +25,14 @@ def global_threshold_for_rate(cal: CalibrationSet, per_token: float) -> tuple[fl
     the largest value that is not among the top round(per_token·N). Returns (θ, kept)."""
     keep = int(round(per_token * cal.n_tokens))
     want = keep + 1  # the top `keep` plus the first one left out
-    buf = None
+    buf: Tensor | None = None
     for z in cal.row_chunks():
         cand = z.reshape(-1)
         if buf is not None and buf.numel() >= want:
             cand = cand[cand >= buf.min()]
         pool = cand if buf is None else torch.cat([buf, cand])
         buf = torch.topk(pool, min(want, pool.numel()), sorted=False).values
-    if buf.numel() < want:  # fewer affinities than asked for: keep everything positive
+    if buf is None or buf.numel() < want:  # fewer affinities than asked for: keep everything positive
         return 0.0, float(keep)
     theta = float(buf.min())
     return max(theta, 0.0), float(keep)
@@ -41,6 +41,11 @@ def global_threshold_for_rate(cal: CalibrationSet, per_token: float) -> tuple[fl
 @register("mutual_choice")
 class MutualChoice(Allocator):
     Config = MutualChoiceConfig
+    cfg: MutualChoiceConfig
+    theta_ema: Tensor
+    theta_ema_count: Tensor
+    theta_calibrated: Tensor
+    calibrated: Tensor
 
     def __init__(self, cfg: MutualChoiceConfig, n_latents: int, batch_size: int):
         super().__init__(cfg, n_latents, batch_size)

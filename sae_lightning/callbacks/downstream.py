@@ -84,6 +84,7 @@ class DownstreamLoss(L.Callback):
         """Mean next-token cross-entropy over the contexts; ``replace(x_kept)`` gives the new
         activations at the kept positions (None: clean). Runs ``chunk`` contexts at a time (the
         logits of 128 contexts of a 49k-token vocabulary would take 3 GB)."""
+        assert self.model is not None, "the language model is loaded by measure()"
         device = self.model.device
         total, count = 0.0, 0
         for ids, keep in zip(self.ids.split(chunk), self.keep.split(chunk)):

@@ -13,6 +13,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 
@@ -26,7 +27,7 @@ class GracefulStop(L.Callback):
         self.path = Path(checkpoint_path)
         self.requested: int | None = None
         self.stopped_at: int | None = None
-        self._previous: dict[int, object] = {}
+        self._previous: dict[int, Any] = {}
 
     def _handler(self, signum, frame) -> None:
         if self.requested is not None:  # a second signal: stop now

@@ -11,7 +11,7 @@ import dataclasses
 import importlib
 import pkgutil
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, Self
 
 from ..errors import ConfigError, require_choice
 from ..spec import as_dict, parse, setting
@@ -59,7 +59,7 @@ class DataSpec:
     def as_dict(self) -> dict:
         return as_dict(self)
 
-    def replace(self, **changes) -> DataSpec:
+    def replace(self, **changes) -> Self:
         return dataclasses.replace(self, **changes)
 
 

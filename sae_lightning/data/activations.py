@@ -19,7 +19,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import lightning as L
 import numpy as np
@@ -158,7 +158,16 @@ class ActivationsDataModule(L.LightningDataModule):
                 time.sleep(5)
                 self.manifest = read_manifest(self.path)
         self.manifest = read_manifest(self.path)
+        if self.manifest is None:
+            raise DataError(f"no activation cache at {self.path} (no manifest.json) after its harvest")
         self._check_d_model(self.manifest["d_model"])
+
+    def complete_manifest(self) -> dict[str, Any]:
+        """The manifest of the cache, harvested first if it is missing or incomplete."""
+        if not self.ready():
+            self.prepare_data()
+        assert self.manifest is not None  # prepare_data raised otherwise
+        return self.manifest
 
     def open(self) -> None:
         """Harvest the cache if it is missing or incomplete, then check it against its manifest
@@ -169,19 +178,15 @@ class ActivationsDataModule(L.LightningDataModule):
     @property
     def reader(self) -> ShardReader:
         if self._reader is None:
-            if not self.ready():
-                self.prepare_data()
-            verify_cache(self.path, self.manifest, checksum=self.spec.verify == "checksum")
-            self._reader = ShardReader(self.path, self.manifest)
-            try:
-                self._split()
-            except DataError:
-                self._reader = None
-                raise
+            manifest = self.complete_manifest()
+            verify_cache(self.path, manifest, checksum=self.spec.verify == "checksum")
+            reader = ShardReader(self.path, manifest)
+            self._split(reader.n_tokens)  # a DataError leaves the reader unopened
+            self._reader = reader
         return self._reader
 
-    def _split(self) -> None:
-        n, B = self._reader.n_tokens, self.batch_size
+    def _split(self, n: int) -> None:
+        B = self.batch_size
         val, cal = self.spec.val_tokens, self.spec.calibration_tokens
         self.n_batches = (n - val - cal) // B
         if self.n_batches < 1:
@@ -198,14 +203,11 @@ class ActivationsDataModule(L.LightningDataModule):
 
     @property
     def d_model(self) -> int:
-        if self.manifest is not None:
-            return self.manifest["d_model"]
-        self.prepare_data()
-        return self.manifest["d_model"]
+        return (self.manifest or self.complete_manifest())["d_model"]
 
     @property
     def fingerprint(self) -> str:
-        return fingerprint(self.manifest)
+        return fingerprint(self.manifest or self.complete_manifest())
 
     # ---- what training asks for (DataSource) -------------------------------------------------
     true_features = None
@@ -259,7 +261,7 @@ class ActivationsDataModule(L.LightningDataModule):
         )
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_tensor(), batch_size=self.batch_size, shuffle=False)
+        return DataLoader(cast(Any, self.val_tensor()), batch_size=self.batch_size, shuffle=False)  # rows of a tensor
 
     # ---- the position in the checkpoint -------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

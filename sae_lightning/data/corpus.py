@@ -124,7 +124,8 @@ def _format(cfg: dict[str, Any], files: list[Path]) -> str:
             "auto",
             f"text, json or parquet: the files' suffixes ({sorted({f.suffix for f in files})}) do not name one format",
         )
-    return kinds.pop()
+    (kind,) = kinds
+    return str(kind)
 
 
 def documents(desc: dict[str, Any]) -> Iterator[str]:

@@ -460,7 +460,9 @@ def _harvest(folder: Path, spec: HarvestSpec, progress: bool, log, loaded) -> di
         + (" (the corpus ended before the budget)" if exhausted else "")
         + f"; {elapsed:.1f} s"
     )
-    return read_manifest(folder)
+    done = read_manifest(folder)
+    assert done is not None  # written just above
+    return done
 
 
 def _as_float(stored: np.ndarray, dtype: str) -> np.ndarray:

@@ -128,7 +128,7 @@ def load(source: LMSource, revision: str | None = None, dtype: str = "float32", 
         model = cls.from_pretrained(source.folder, dtype=getattr(torch, dtype), **kwargs)
     except (OSError, ValueError) as e:
         raise _offline_hint("model", source.name, e) from e
-    return model.to(device).eval().requires_grad_(False), tokenizer, is_causal
+    return model.to(device).eval().requires_grad_(False), tokenizer, is_causal  # type: ignore[arg-type]
 
 
 def blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Iterator
+from typing import Any, cast
 
 import lightning as L
 import torch
@@ -153,4 +154,4 @@ class SyntheticDataModule(L.LightningDataModule):
         )
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_tensor(), batch_size=self.batch_size, shuffle=False)
+        return DataLoader(cast(Any, self.val_tensor()), batch_size=self.batch_size, shuffle=False)  # rows of a tensor

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import optuna
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -18,22 +18,29 @@ from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, Overrid
 
 from ..errors import ConfigError
 
+Distribution = (
+    optuna.distributions.CategoricalDistribution
+    | optuna.distributions.IntDistribution
+    | optuna.distributions.FloatDistribution
+)
+
 
 @dataclass
 class Param:
     name: str
     sweep: Any  # ChoiceSweep | RangeSweep | IntervalSweep
 
-    def distribution(self) -> optuna.distributions.BaseDistribution:
+    def distribution(self) -> Distribution:
         """The Optuna distribution of this parameter (constructing it checks the range)."""
-        s = self.sweep
+        s: Any = self.sweep  # Hydra's sweep types leave their bounds Optional; a parsed sweep has them
         log = "log" in (s.tags or set())
         D = optuna.distributions
         if isinstance(s, ChoiceSweep):
-            return D.CategoricalDistribution(list(s.list))
+            return D.CategoricalDistribution(cast(Any, list(s.list)))
         if isinstance(s, RangeSweep):
-            if all(isinstance(v, int) for v in (s.start, s.stop, s.step)):
-                return D.IntDistribution(s.start, s.stop - 1, step=s.step)
+            start, stop, step = cast(Any, (s.start, s.stop, s.step))
+            if all(isinstance(v, int) for v in (start, stop, step)):
+                return D.IntDistribution(start, stop - 1, step=step)
             return D.CategoricalDistribution(list(s.range()))
         if isinstance(s.start, int) and isinstance(s.end, int):
             return D.IntDistribution(s.start, s.end, log=log)
@@ -65,7 +72,7 @@ def to_param(override: Override, where: str) -> Param:
     key = f"{where}.{override.get_key_element()}" if where != "command line" else override.get_key_element()
 
     def bad(allowed: str) -> ConfigError:
-        return ConfigError(key, override.input_line.split("=", 1)[-1], allowed)
+        return ConfigError(key, str(override.input_line).split("=", 1)[-1], allowed)
 
     if isinstance(v, ChoiceSweep) and not v.list:
         raise bad("choice(...) with at least one value")
@@ -73,7 +80,12 @@ def to_param(override: Override, where: str) -> Param:
         raise bad("range(start, stop[, step]) that holds at least one value (start < stop for a positive step)")
     if isinstance(v, IntervalSweep):
         low, high = v.start, v.end
-        if not all(isinstance(b, (int, float)) and not isinstance(b, bool) and math.isfinite(b) for b in (low, high)):
+        if not (
+            isinstance(low, (int, float))
+            and isinstance(high, (int, float))
+            and math.isfinite(low)
+            and math.isfinite(high)
+        ):
             raise bad("interval(low, high) with finite numbers")
         if low > high:
             raise bad(f"interval(low, high) with low <= high (low {low} > high {high})")
@@ -89,13 +101,14 @@ def to_param(override: Override, where: str) -> Param:
 
 def split_space(spec: dict, where: str) -> tuple[list[Param], list[str]]:
     """A preset's ``{key: value or sweep}`` → (searched parameters, fixed overrides)."""
-    params, fixed = [], []
+    params: list[Param] = []
+    fixed: list[str] = []
     for key, value in (spec or {}).items():
         ov = parse(key, value, where)
         if ov.is_sweep_override():
             params.append(to_param(ov, where))
         else:
-            fixed.append(ov.input_line)
+            fixed.append(str(ov.input_line))
     return params, fixed
 
 

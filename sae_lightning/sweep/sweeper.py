@@ -27,7 +27,7 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import optuna
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -139,7 +139,8 @@ class OptunaSweeper(Sweeper):
         self.params_spec = dict(params or {})
         self.by_variant_spec = {k: dict(v or {}) for k, v in (params_by_variant or {}).items()}
         self.pruner = {"enabled": True, "min_trials": 4, "margin": 0.05, **dict(pruner or {})}
-        self.config: DictConfig | None = None
+        self.config: DictConfig = OmegaConf.create()  # the composed config, from setup()
+        self.launcher: Any = None  # Hydra's launcher, from setup()
 
     def setup(self, *, hydra_context, task_function, config: DictConfig) -> None:
         self.config, self.hydra_context = config, hydra_context
@@ -213,7 +214,11 @@ class OptunaSweeper(Sweeper):
             value = d.choices[0] if isinstance(d, optuna.distributions.CategoricalDistribution) else d.low
             return format_override(p.name, value)
 
-        variants = next((list(p.distribution().choices) for p in base if p.name == "variant"), [None])
+        variants: list[Any] = [None]
+        for p in base:
+            d = p.distribution()
+            if p.name == "variant" and isinstance(d, optuna.distributions.CategoricalDistribution):
+                variants = list(d.choices)
         for variant in variants:
             sample = plain + fixed + [first(p) if p.name != "variant" else f"variant={variant}" for p in base]
             v_params, v_fixed = by_variant.get(variant, ([], []))
@@ -238,7 +243,10 @@ class OptunaSweeper(Sweeper):
                     engine_kwargs={"connect_args": {"timeout": 60}} if sqlite else None,
                 )
                 study = optuna.create_study(
-                    study_name=self.study_name, storage=self._storage, directions=self.directions, load_if_exists=True
+                    study_name=self.study_name,
+                    storage=self._storage,
+                    directions=cast(Any, self.directions),
+                    load_if_exists=True,
                 )
         except ValueError as e:  # e.g. the study exists with other directions
             raise ConfigError("hydra.sweeper.directions", self.directions, f"the study's own ({e})") from None
@@ -269,7 +277,7 @@ class OptunaSweeper(Sweeper):
         except Exception as e:
             raise ConfigError("command line", " ".join(arguments), f"Hydra overrides ({e})") from None
         base, fixed, by_variant = self._space(parsed)
-        plain = [ov.input_line for ov in parsed if not ov.is_sweep_override()]
+        plain = [str(ov.input_line) for ov in parsed if not ov.is_sweep_override()]
         self._check_composes(plain, fixed, base, by_variant)
         study = self._study()
         log.info(
@@ -378,11 +386,12 @@ class OptunaSweeper(Sweeper):
                 self._interrupted(study, trial, str(err))
             return self._fail(study, trial, err)
         metrics = ret.return_value or {}
-        values = [metrics.get(key) for key in self.objectives]
-        if any(v is None or not math.isfinite(float(v)) for v in values):
-            return self._fail(study, trial, ValueError(f"objectives {self.objectives} missing or not finite: {values}"))
-        study.tell(trial, [float(v) for v in values])
-        log.info(f"trial {trial.number}: " + ", ".join(f"{k}={float(v):.4g}" for k, v in zip(self.objectives, values)))
+        raw = [metrics.get(key) for key in self.objectives]
+        values = [float(v) for v in raw if v is not None]
+        if len(values) != len(raw) or not all(math.isfinite(v) for v in values):
+            return self._fail(study, trial, ValueError(f"objectives {self.objectives} missing or not finite: {raw}"))
+        study.tell(trial, values)
+        log.info(f"trial {trial.number}: " + ", ".join(f"{k}={v:.4g}" for k, v in zip(self.objectives, values)))
         return ret
 
     def _interrupted(self, study: optuna.Study, trial: optuna.Trial, message: str):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from benchmarks.data_pipeline import harvest_bench, loader_bench
+from sae_lightning.data.activations import ActivationsData
 from sae_lightning.data.harvest import harvest
 
 from ..data.test_harvest import spec_for
@@ -14,11 +15,7 @@ def test_pipeline_benchmark_figures(tiny_lm, corpus_file, tmp_path):
     assert h["bare_forward_to_site_tok_s"] > 0 and h["harvest_tok_s"] > 0 and 0 < h["harvest_vs_bare"]
 
     harvest(tmp_path / "cache", spec_for(tiny_lm, corpus_file, token_budget=800), progress=False, log=lambda *a: None)
-    cfg = {
-        "kind": "activations",
-        "path": str(tmp_path / "cache"),
-        "batch_size": 32,
-        "val_tokens": 64,
-        "calibration_tokens": 64,
-    }
-    assert loader_bench(cfg, batches=10, workers=0) > 0
+    data = ActivationsData(
+        kind="activations", path=str(tmp_path / "cache"), batch_size=32, val_tokens=64, calibration_tokens=64
+    )
+    assert loader_bench(data, batches=10, workers=0) > 0
