@@ -49,7 +49,11 @@ AUX_K = ["~variant.losses.aux_zipf", "+variant.losses.aux_k.coef=0.03125"]
 CONFIGS = {
     "topk+aux_k": ["variant=topk"],
     "mc+aux_k": ["variant=mutual_choice", *AUX_K],
-    "mc+aux_zipf": ["variant=mutual_choice"],
+    "mc+aux_zipf": [
+        "variant=mutual_choice",
+        "variant.losses.aux_zipf.underused_term=pull",
+        "variant.losses.aux_zipf.underused_coef=0.1",
+    ],
     "fc_uniform": ["variant=feature_choice"],
     "fc_zipf": ["variant=feature_choice", "variant.capacity=zipf", "variant.rank=by_density"],
 }
@@ -231,6 +235,7 @@ def plot(agg: dict, dataset: str, path: Path) -> None:
     axes[1].legend(fontsize=8)
     fig.suptitle(f"{dataset}: FVU against L0, mean ± std over seeds")
     fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
@@ -249,7 +254,8 @@ def report(results: dict, args, doc: Path, img_dir: Path) -> str:
         "after training (what one token at a time gets); L0 is the mean number of active latents per token "
         "in that mode; dead = not fired in the last 200k training tokens; under-used = density below "
         "0.25 × its Zipf target (or dead). ΔCE: SmolLM2's next-token loss with the SAE spliced in, minus "
-        "the clean loss, on the last 128 contexts of the cache.",
+        "the clean loss, on the last 128 contexts of the cache."
+        + (f" Extra overrides for every run: `{' '.join(args.overrides)}`." if args.overrides else ""),
         "",
     ]
     claims = check_claims(agg)
@@ -297,7 +303,7 @@ def main(argv=None) -> None:
     p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     p.add_argument("--k", nargs="+", type=int, default=[16, 32, 64])
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--jobs", type=int, default=2, help="trainings at once (each on one thread)")
     p.add_argument("--out", type=Path, default=ROOT / "outputs" / "claims")
     p.add_argument("--cache-dir", type=Path, default=ROOT / "outputs" / "cache")
