@@ -19,7 +19,6 @@ import json
 import statistics
 import tempfile
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -44,7 +43,7 @@ def harvest_bench(spec: HarvestSpec, tokens: int) -> dict:
     layer = lm_mod.check_site(spec.site, spec.layer, len(layers))
     framing = Framing(tokenizer, causal, spec)
     with tempfile.TemporaryDirectory() as tmp:
-        desc = corpus_mod.describe(asdict(spec.corpus), Path(tmp) / "corpora")  # where harvest() will look
+        desc = corpus_mod.describe(spec.corpus, Path(tmp) / "corpora")  # where harvest() will look
         n_ctx = -(-tokens // (spec.context_length - len(framing.prefix) - len(framing.suffix)))
         contexts = list(itertools.islice(framing.contexts(tokenizer, corpus_mod.documents(desc)), n_ctx))
         batches = []

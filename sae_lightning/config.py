@@ -133,8 +133,6 @@ class TrainerSpec:
     @classmethod
     def from_raw(cls, raw: Any, prefix: str) -> TrainerSpec:
         import lightning as L
-        from lightning.fabric.connector import _PRECISION_INPUT_INT, _PRECISION_INPUT_STR, _PRECISION_INPUT_STR_ALIAS
-        from lightning.pytorch.strategies import StrategyRegistry
 
         if not isinstance(raw, dict):
             raise ConfigError(prefix, raw, "a mapping of lightning.Trainer arguments")
@@ -149,7 +147,15 @@ class TrainerSpec:
                 raise ConfigError(f"{prefix}.{key}", raw[key], "not set here: the run sets it itself")
         known = [p for p in inspect.signature(L.Trainer.__init__).parameters if p != "self" and p not in TRAINER_OWN]
         check_keys(raw, known, prefix, what="lightning.Trainer's arguments")
-        t = dict(raw)
+        t = cls._checked_values(dict(raw), prefix)
+        cls._dry_run(t, prefix)
+        return cls(t)
+
+    @staticmethod
+    def _checked_values(t: dict, prefix: str) -> dict:
+        """The values this project depends on (an int where Lightning would also take a float, ...)."""
+        from lightning.fabric.connector import _PRECISION_INPUT_INT, _PRECISION_INPUT_STR, _PRECISION_INPUT_STR_ALIAS
+        from lightning.pytorch.strategies import StrategyRegistry
 
         def check(key: str, tp: Any, **range_):
             from .spec import convert
@@ -211,8 +217,7 @@ class TrainerSpec:
             t.get("precision"),
             "one of " + ", ".join(repr(p) for p in main) + " (or the short forms 64, 32, 16, 'bf16')",
         )
-        cls._dry_run(t, prefix)
-        return cls(t)
+        return t
 
     @staticmethod
     def _dry_run(t: dict, prefix: str) -> None:

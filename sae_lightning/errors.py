@@ -11,7 +11,6 @@ exit status 2 for the first two (bad input), 1 for a run that diverged.
 from __future__ import annotations
 
 import difflib
-import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -36,28 +35,6 @@ def did_you_mean(name: str, candidates: Iterable[str]) -> str:
     """'; did you mean X?' for the closest candidate, or ''."""
     close = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)
     return f"; did you mean {close[0]}?" if close else ""
-
-
-def unknown_key(prefix: str, key: str, value: Any, known: Iterable[str]) -> ConfigError:
-    """The one error for a key that a section does not have: the known keys and the closest."""
-    known = sorted(known)
-    full = f"{prefix}.{key}" if prefix else key
-    hint = did_you_mean(full, [f"{prefix}.{k}" if prefix else k for k in known])
-    return ConfigError(full, value, f"a key of {prefix or 'the config'}: {', '.join(known)}{hint}")
-
-
-def non_finite_keys(tree: Any, prefix: str = "") -> list[tuple[str, float]]:
-    """Every (dotted key, value) of a nested dict/list whose value is a NaN or infinite float."""
-    out: list[tuple[str, float]] = []
-    if isinstance(tree, dict):
-        for k, v in tree.items():
-            out += non_finite_keys(v, f"{prefix}.{k}" if prefix else str(k))
-    elif isinstance(tree, (list, tuple)):
-        for i, v in enumerate(tree):
-            out += non_finite_keys(v, f"{prefix}[{i}]")
-    elif isinstance(tree, float) and not math.isfinite(tree):
-        out.append((prefix, tree))
-    return out
 
 
 class DataError(RuntimeError):

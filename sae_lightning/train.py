@@ -143,90 +143,74 @@ def _process_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", 0))
 
 
-def fit(plan: Plan) -> dict[str, Any]:
-    config, datamodule, point = plan.config, plan.datamodule, plan.resume
-    if _process_rank() != 0:  # another rank of a multi-process run: rank 0 owns the folder and writes
-        run_dir = Path(os.environ.get(RUN_DIR_ENV) or plan.run_dir or config.out_dir)
-    else:
-        run_dir = plan.run_dir or new_run_dir(config.out_dir, config.variant.name)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(config.as_dict())))
-        os.environ[RUN_DIR_ENV] = str(run_dir)  # Lightning's DDP launcher starts the other ranks with this environment
-    if point is not None:
-        print(
-            f"resuming {run_dir} at step {point.step}"
-            + (f"; changed: {', '.join(plan.changed)}" if plan.changed else ""),
-            flush=True,
-        )
-    L.seed_everything(config.seed, workers=True, verbose=False)
-    torch.set_float32_matmul_precision("high")
+def _run_dir(plan: Plan) -> Path:
+    """Rank 0 makes (or reuses) the run folder and writes config.yaml; other ranks of a
+    multi-process run get rank 0's folder and write nothing there."""
+    config = plan.config
+    if _process_rank() != 0:
+        return Path(os.environ.get(RUN_DIR_ENV) or plan.run_dir or config.out_dir)
+    run_dir = plan.run_dir or new_run_dir(config.out_dir, config.variant.name)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(config.as_dict())))
+    os.environ[RUN_DIR_ENV] = str(run_dir)  # Lightning's DDP launcher starts the other ranks with this environment
+    return run_dir
 
-    module = SAEModule(config, datamodule.d_model)
-    module.restoring = point is not None
+
+def _trainer(plan: Plan, run_dir: Path) -> tuple[L.Trainer, GracefulStop, ThresholdCalibration]:
+    config, point = plan.config, plan.resume
     logger = L.pytorch.loggers.TensorBoardLogger(
-        str(run_dir),
-        name="tb",
-        version="",
-        default_hp_metric=False,
+        str(run_dir), name="tb", version="", default_hp_metric=False,
         # a resumed run drops the events its previous session wrote after the checkpoint
         purge_step=point.step + 1 if point is not None else None,
-    )
+    )  # fmt: skip
     ckpt_dir = run_dir / "checkpoints"
     checkpoint = L.pytorch.callbacks.ModelCheckpoint(
-        dirpath=ckpt_dir,
-        filename="best-step{step}",
-        monitor="val/batch/fvu",
-        mode="min",
-        save_top_k=1,
-        save_last=True,
-        auto_insert_metric_name=False,
-    )
+        dirpath=ckpt_dir, filename="best-step{step}", monitor="val/batch/fvu", mode="min", save_top_k=1,
+        save_last=True, auto_insert_metric_name=False,
+    )  # fmt: skip
     stop = GracefulStop(ckpt_dir / "last.ckpt")
     calibration = ThresholdCalibration(enabled=config.calibration.enabled)
     batch_size = config.data.batch_size
     callbacks = [
-        checkpoint,
-        stop,
-        ValidateLastStep(),
-        calibration,
-        LatentStatsMonitor(config.logging.histogram_every_n_steps),
+        checkpoint, stop, ValidateLastStep(), calibration, LatentStatsMonitor(config.logging.histogram_every_n_steps),
         L.pytorch.callbacks.LearningRateMonitor(logging_interval="step"),
-        Progress(config.progress, batch_size * config.trainer.world_size()),
-        *datamodule.callbacks(batch_size),
-    ]
+        Progress(config.progress, batch_size * config.trainer.world_size()), *plan.datamodule.callbacks(batch_size),
+    ]  # fmt: skip
     if config.sweep_trial is not None:  # a trial of an Optuna sweep
         callbacks.append(OptunaPruning(TrialContext.from_spec(config.sweep_trial)))
     trainer = L.Trainer(
-        **config.trainer.args,
-        logger=logger,
-        callbacks=callbacks,
-        default_root_dir=str(run_dir),
-        plugins=[AtomicCheckpointIO()],
-        enable_model_summary=False,
-        enable_progress_bar=False,
-    )
+        **config.trainer.args, logger=logger, callbacks=callbacks, default_root_dir=str(run_dir),
+        plugins=[AtomicCheckpointIO()], enable_model_summary=False, enable_progress_bar=False,
+    )  # fmt: skip
+    return trainer, stop, calibration
 
+
+def fit(plan: Plan) -> dict[str, Any]:
+    config, datamodule, point = plan.config, plan.datamodule, plan.resume
+    run_dir = _run_dir(plan)
+    if point is not None:
+        changed = f"; changed: {', '.join(plan.changed)}" if plan.changed else ""
+        print(f"resuming {run_dir} at step {point.step}{changed}", flush=True)
+    L.seed_everything(config.seed, workers=True, verbose=False)
+    torch.set_float32_matmul_precision("high")
+    module = SAEModule(config, datamodule.d_model)
+    module.restoring = point is not None
+    trainer, stop, calibration = _trainer(plan, run_dir)
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=str(point.checkpoint) if point is not None else None)
     except Interrupted as e:
         raise Interrupted(f"{e}; continue with: python train.py resume={run_dir}") from None
     train_seconds = module.train_seconds()
     trainer.validate(module, datamodule=datamodule, verbose=False)
-    trainer.save_checkpoint(ckpt_dir / "final.ckpt")
+    trainer.save_checkpoint(run_dir / "checkpoints" / "final.ckpt")
 
-    tokens = trainer.global_step * batch_size * trainer.world_size  # every rank its own batch
+    tokens = trainer.global_step * config.data.batch_size * trainer.world_size  # every rank its own batch
     metrics = {
-        "variant": config.variant.name,
-        "run_dir": str(run_dir),
-        "k": config.variant.params.k,
-        "n_latents": config.model.n_latents,
-        "steps": trainer.global_step,
-        "tokens": tokens,
-        "train_seconds": round(train_seconds, 2),
-        "tokens_per_second": round(tokens / max(train_seconds, 1e-9), 1),
-        "calibration": calibration.figures,
-        **module.results.scalars,
-    }
+        "variant": config.variant.name, "run_dir": str(run_dir), "k": config.variant.params.k,
+        "n_latents": config.model.n_latents, "steps": trainer.global_step, "tokens": tokens,
+        "train_seconds": round(train_seconds, 2), "tokens_per_second": round(tokens / max(train_seconds, 1e-9), 1),
+        "calibration": calibration.figures, **module.results.scalars,
+    }  # fmt: skip
     if trainer.is_global_zero:
         atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True) + "\n")
         save_run_plots(module, run_dir)

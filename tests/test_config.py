@@ -70,3 +70,52 @@ def test_unknown_variant_is_refused_by_hydra_with_the_options(tmp_path):
     assert proc.returncode != 0
     assert "Could not find 'variant/switch'" in proc.stderr and "mutual_choice" in proc.stderr
     assert not any(tmp_path.iterdir())
+
+
+# deliberate differences between a config file and the spec defaults (what makes it that config)
+OWN = {
+    "minilm": {"data.path"},
+    "smollm2": {"data.path", "data.harvest.lm.name", "data.harvest.layer"},
+    "cache": {"data.path"},
+    "synthetic": set(),
+}
+
+
+@pytest.mark.parametrize("data", sorted(OWN))
+@pytest.mark.parametrize("variant", ["topk", "mutual_choice", "feature_choice"])
+def test_the_yaml_restates_the_spec_defaults(data, variant):
+    """Defaults live in the specs; configs/ restates them so Hydra knows every key. They must agree."""
+    import dataclasses
+
+    from sae_lightning.allocators import get_allocator_class
+    from sae_lightning.config import TrainConfig, normalised, resolve
+    from sae_lightning.data import DATA_KINDS
+    from sae_lightning.losses import LOSSES
+    from sae_lightning.resume import flatten
+    from sae_lightning.spec import as_dict
+
+    raw = resolve(
+        compose_config([f"data={data}", f"variant={variant}"] + (["data.path=/x"] if data == "cache" else []))
+    )
+    got = flatten(normalised(raw))
+    kind = DATA_KINDS[raw["data"]["kind"]]
+    want = {
+        **flatten(
+            {
+                f.name: as_dict(f.default_factory() if f.default is dataclasses.MISSING else f.default)
+                for f in dataclasses.fields(TrainConfig)
+                if f.name not in ("variant", "data", "trainer")
+                and (f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING)
+            }
+        ),
+        **flatten({"data": as_dict(kind(kind=kind.KIND, **({"path": "/x"} if kind.KIND == "activations" else {})))}),
+        **flatten({"variant": as_dict(get_allocator_class(variant).Config())}),
+        **flatten({"variant": {"losses": {n: as_dict(LOSSES[n]()) for n in raw["variant"].get("losses") or {}}}}),
+    }
+    if data != "synthetic":  # the harvest section: compared with HarvestSpec's defaults where there is one
+        from sae_lightning.data.harvest import HarvestSpec
+
+        if raw["data"].get("harvest") is not None:
+            want.update(flatten({"data": {"harvest": as_dict(HarvestSpec())}}))
+    differ = {k: (got.get(k), v) for k, v in want.items() if k in got and got[k] != v and k not in OWN[data]}
+    assert not differ, differ

@@ -69,7 +69,7 @@ def assert_same_run(resumed: Path, reference: Path) -> None:
 def test_a_stopped_run_resumes_in_place_to_the_uninterrupted_result(variant, sig, cli, uninterrupted, tmp_path):
     out = tmp_path / "out"
     p = cli.start("train.py", f"out_dir={out}", f"variant={variant}", "trainer.max_steps=600", *RUN)
-    wait_for(lambda: list(out.glob("runs/*/checkpoints/best-step*.ckpt")) or not p.alive(), what="first checkpoint")
+    wait_for(lambda: list(out.glob("runs/*/checkpoints/last.ckpt")) or not p.alive(), what="first checkpoint")
     assert p.alive(), "the run ended before it could be stopped"
     os.kill(p.pid, sig)
     r = p.wait(60)
@@ -137,7 +137,7 @@ def study(out: Path) -> optuna.Study:
 
 
 def first_checkpoint(out: Path) -> bool:
-    return bool(list(out.glob("sweeps/f/trial_*/checkpoints/best-step*.ckpt")))
+    return bool(list(out.glob("sweeps/f/trial_*/checkpoints/last.ckpt")))
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])

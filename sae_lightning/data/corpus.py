@@ -17,14 +17,15 @@ import os
 import sys
 import sysconfig
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from ..atomic import atomic_write_text
 from ..errors import ConfigError, DataError
+from ..spec import setting
 from .shards import sha256_file
 
-FORMATS = ("auto", "text", "json", "parquet")
 _SUFFIX = {
     ".txt": "text",
     ".text": "text",
@@ -76,13 +77,26 @@ def local_files(path: str) -> list[Path]:
     return [p] if p.is_file() else []
 
 
-def is_builtin(cfg: dict[str, Any]) -> bool:
-    return cfg["path"] == "builtin:python_docstrings"
+@dataclass(kw_only=True)
+class CorpusSpec:
+    path: str = setting(
+        "builtin:python_docstrings",
+        allowed="local files (file, folder or glob), a hub dataset name or builtin:python_docstrings",
+    )
+    format: Literal["auto", "text", "json", "parquet"] = "auto"  # local files
+    column: str = "text"
+    split: str = "train"  # hub datasets
+    name: str | None = None  # hub dataset config
+    revision: str | None = None
 
 
-def describe(cfg: dict[str, Any], builtin_dir: Path) -> dict[str, Any]:
+def is_builtin(cfg: CorpusSpec) -> bool:
+    return cfg.path == "builtin:python_docstrings"
+
+
+def describe(cfg: CorpusSpec, builtin_dir: Path) -> dict[str, Any]:
     """What the corpus is, for the manifest: files with their sha256, or the hub name."""
-    path = cfg["path"]
+    path = cfg.path
     if is_builtin(cfg):
         file = python_docstrings(builtin_dir)
         return {
@@ -99,7 +113,7 @@ def describe(cfg: dict[str, Any], builtin_dir: Path) -> dict[str, Any]:
             "kind": "local",
             "path": path,
             "format": _format(cfg, files),
-            "column": cfg["column"],
+            "column": cfg.column,
             "files": [{"file": str(f), "sha256": sha256_file(f)} for f in files],
         }
     if path.startswith(("/", ".", "~")) or os.sep in path.strip("/") and Path(path).parent.exists():
@@ -107,16 +121,16 @@ def describe(cfg: dict[str, Any], builtin_dir: Path) -> dict[str, Any]:
     return {
         "kind": "hub",
         "path": path,
-        "name": cfg.get("name"),
-        "split": cfg["split"],
-        "column": cfg["column"],
-        "revision": cfg.get("revision"),
+        "name": cfg.name,
+        "split": cfg.split,
+        "column": cfg.column,
+        "revision": cfg.revision,
     }
 
 
-def _format(cfg: dict[str, Any], files: list[Path]) -> str:
-    if cfg["format"] != "auto":
-        return cfg["format"]
+def _format(cfg: CorpusSpec, files: list[Path]) -> str:
+    if cfg.format != "auto":
+        return cfg.format
     kinds = {_SUFFIX.get(f.suffix) for f in files}
     if len(kinds) != 1 or None in kinds:
         raise ConfigError(

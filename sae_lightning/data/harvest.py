@@ -16,7 +16,7 @@ import math
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -28,6 +28,7 @@ from ..errors import ConfigError, DataError, require
 from ..spec import parse, setting
 from . import corpus as corpus_mod
 from . import lm as lm_mod
+from .corpus import CorpusSpec
 from .shards import (
     FORMAT,
     MANIFEST,
@@ -58,19 +59,6 @@ class LMSpec:
             self.device,
             "auto, cpu, cuda or cuda:N",
         )
-
-
-@dataclass(kw_only=True)
-class CorpusSpec:
-    path: str = setting(
-        "builtin:python_docstrings",
-        allowed="local files (file, folder or glob), a hub dataset name or builtin:python_docstrings",
-    )
-    format: Literal["auto", "text", "json", "parquet"] = "auto"  # local files
-    column: str = "text"
-    split: str = "train"  # hub datasets
-    name: str | None = None  # hub dataset config
-    revision: str | None = None
 
 
 @dataclass(kw_only=True)
@@ -308,161 +296,171 @@ def _harvest(folder: Path, spec: HarvestSpec, progress: bool, log, loaded) -> di
             return manifest  # nothing to do
     if folder.is_dir():
         remove_temporaries(folder)  # left by a killed harvest
+    return HarvestRun(folder, spec, log, loaded).run(manifest, progress)
 
-    source = lm_mod.resolve(spec.lm.name, spec.lm.gguf_file)
-    corpus_cfg, corpora = asdict(spec.corpus), folder.parent / "corpora"
-    # a local or hub corpus is checked before the (slow) model load; the built-in one is written
-    # to disk, so only once the model has loaded: a failed harvest leaves nothing behind
-    desc = None if corpus_mod.is_builtin(corpus_cfg) else corpus_mod.describe(corpus_cfg, corpora)
-    device = _device(spec.lm.device)
-    t0 = time.perf_counter()
-    model, tokenizer, is_causal = loaded or lm_mod.load(source, spec.lm.revision, spec.lm.dtype, device)
-    desc = desc or corpus_mod.describe(corpus_cfg, corpora)
-    _, layers = lm_mod.blocks(model)
-    layer = lm_mod.check_site(spec.site, spec.layer, len(layers))
-    framing = Framing(tokenizer, is_causal, spec)
-    d_model = int(model.config.hidden_size)
-    revision = getattr(model.config, "_commit_hash", None) or spec.lm.revision
-    ident = _identity(
-        spec, source, desc, framing, d_model, layer, len(layers), is_causal, type(model).__name__, revision
-    )
-    log(
-        f"harvest: {spec.lm.name} ({type(model).__name__}, {len(layers)} blocks, d_model {d_model}) loaded in "
-        f"{time.perf_counter() - t0:.1f} s; site {ident['site_name']}; corpus {desc['path']}"
-    )
 
-    shards: list[dict[str, Any]] = []
-    if manifest is not None:
-        _compare(manifest["harvest"], ident, folder)
-        for entry in manifest["shards"]:  # keep the prefix of whole shards
-            if verify_shard(folder, entry, checksum=True, manifest=manifest) is not None:
-                log(f"harvest: {entry['activations']['file']} does not match the manifest; re-creating from there")
-                break
-            shards.append(entry)
-        if shards and shards[-1]["contexts"] < ident["shard_contexts"] and not manifest.get("corpus_exhausted"):
-            shards.pop()  # a short last shard (budget reached mid-shard) is re-made to full length
-    S = ident["shard_contexts"]
-    done_contexts = sum(e["contexts"] for e in shards)
-    tokens = sum(e["tokens"] for e in shards)
+class HarvestRun:
+    """One harvest session: the model and corpus loaded, the cache's identity, the whole
+    shards kept from an earlier session, and the loop that appends shards until the budget."""
 
-    def write_manifest(complete: bool, exhausted: bool = False, stats: dict | None = None):
-        atomic_write_json(
-            folder / MANIFEST,
-            {
-                "format": FORMAT,
-                "harvest": ident,
-                "d_model": d_model,
-                "dtype": spec.dtype,
-                "tokens": tokens,
-                "contexts": sum(e["contexts"] for e in shards),
-                "shards": shards,
-                "complete": complete,
-                "corpus_exhausted": exhausted,
-                "token_budget": spec.token_budget,
-                "stats": stats,
-                "created_by": "sae_lightning harvest",
-                "python": sys.version.split()[0],
-                "torch": torch.__version__,
-            },
+    def __init__(self, folder: Path, spec: HarvestSpec, log, loaded):
+        self.folder, self.spec, self.log = folder, spec, log
+        source = lm_mod.resolve(spec.lm.name, spec.lm.gguf_file)
+        corpus_cfg, corpora = spec.corpus, folder.parent / "corpora"
+        # a local or hub corpus is checked before the (slow) model load; the built-in one is written
+        # to disk, so only once the model has loaded: a failed harvest leaves nothing behind
+        desc = None if corpus_mod.is_builtin(corpus_cfg) else corpus_mod.describe(corpus_cfg, corpora)
+        self.device = _device(spec.lm.device)
+        self.t0 = time.perf_counter()
+        self.model, self.tokenizer, is_causal = loaded or lm_mod.load(
+            source, spec.lm.revision, spec.lm.dtype, self.device
         )
-
-    stream = framing.contexts(tokenizer, corpus_mod.documents(desc))
-    for _ in range(done_contexts):  # resume: skip what the kept shards hold (tokenising only)
-        next(stream)
-    dropped = torch.tensor(framing.dropped, dtype=torch.long)
-    captured: list[torch.Tensor] = []
-    bar = _progress(progress, spec.token_budget, tokens)
-    exhausted = False
-    try:
-        with torch.inference_mode(), lm_mod.hook_site(model, spec.site, layer, captured.append, stop=True):
-            while tokens < spec.token_budget and not exhausted:
-                index = len(shards)
-                acts: list[np.ndarray] = []
-                ids_rows: list[list[int]] = []
-                shard_tokens = 0
-                while len(ids_rows) < S and tokens + shard_tokens < spec.token_budget:
-                    batch = [c for _, c in zip(range(min(spec.batch_size, S - len(ids_rows))), stream)]
-                    if not batch:
-                        exhausted = True
-                        break
-                    ids = torch.full((len(batch), spec.context_length), -1, dtype=torch.long)
-                    for i, c in enumerate(batch):
-                        ids[i, : len(c)] = torch.tensor(c)
-                    keep = (ids >= 0) & ~torch.isin(ids, dropped)
-                    per_context = keep.sum(1)
-                    # stop at the context that reaches the budget (independent of the batch size)
-                    cum = torch.cumsum(per_context, 0) + tokens + shard_tokens
-                    n_ctx = int((cum < spec.token_budget).sum()) + 1 if cum[-1] >= spec.token_budget else len(batch)
-                    ids, keep = ids[:n_ctx], keep[:n_ctx]
-                    captured.clear()
-                    lm_mod.run_to_site(
-                        model,
-                        ids.clamp_min(0).masked_fill(ids < 0, framing.pad_id).to(device),
-                        (ids >= 0).long().to(device),
-                    )
-                    x = captured[0][keep.to(captured[0].device)].float()
-                    stored = to_storage(x, spec.dtype)
-                    if not np.isfinite(_as_float(stored, spec.dtype)).all():
-                        finite_fp32 = bool(torch.isfinite(x).all())
-                        raise DataError(
-                            f"harvest: NaN or inf activations in contexts {done_contexts + len(ids_rows)}.."
-                            f"{done_contexts + len(ids_rows) + n_ctx - 1} at {ident['site_name']}"
-                            + (
-                                f": the model's values overflow {spec.dtype}; set data.harvest.dtype=float32 (or bfloat16)"
-                                if finite_fp32
-                                else ": the model itself produces them (check lm.dtype and the weights)"
-                            )
-                            + f". Nothing of shard {index} was written"
-                        )
-                    acts.append(stored)
-                    ids_rows.extend(ids.tolist())
-                    shard_tokens += x.shape[0]
-                    bar.update(x.shape[0])
-                if not ids_rows:
-                    break
-                folder.mkdir(parents=True, exist_ok=True)
-                ids_arr = np.asarray(ids_rows, dtype=np.int32)
-                entry = {
-                    "index": index,
-                    "first_context": done_contexts,
-                    "contexts": len(ids_rows),
-                    "tokens": shard_tokens,
-                    "activations": atomic_save_npy(folder / shard_name(index), np.concatenate(acts)),
-                    "ids": atomic_save_npy(folder / ids_name(index), ids_arr),
-                }
-                shards.append(entry)
-                done_contexts += len(ids_rows)
-                tokens += shard_tokens
-                write_manifest(False)
-                bar.set_postfix(shards=len(shards), refresh=False)
-    except KeyboardInterrupt:
-        bar.close()
+        self.desc = desc or corpus_mod.describe(corpus_cfg, corpora)
+        _, layers = lm_mod.blocks(self.model)
+        self.layer = lm_mod.check_site(spec.site, spec.layer, len(layers))
+        self.framing = Framing(self.tokenizer, is_causal, spec)
+        self.d_model = int(self.model.config.hidden_size)
+        revision = getattr(self.model.config, "_commit_hash", None) or spec.lm.revision
+        self.ident = _identity(
+            spec, source, self.desc, self.framing, self.d_model, self.layer, len(layers), is_causal,
+            type(self.model).__name__, revision,
+        )  # fmt: skip
         log(
-            f"\nharvest interrupted: {len(shards)} whole shards ({tokens} tokens) kept in {folder}; "
-            "run the same command again to resume"
+            f"harvest: {spec.lm.name} ({type(self.model).__name__}, {len(layers)} blocks, d_model {self.d_model}) "
+            f"loaded in {time.perf_counter() - self.t0:.1f} s; site {self.ident['site_name']}; corpus {self.desc['path']}"
         )
-        raise
-    finally:
-        bar.close()
-        if folder.is_dir():
-            remove_temporaries(folder)
-    if tokens == 0:
-        raise DataError(
-            f"corpus {desc['path']!r} gave no tokens (no non-empty documents, or only special tokens); "
-            "nothing was written"
+        self.shards: list[dict[str, Any]] = []
+        self.tokens = self.done_contexts = 0
+        self.dropped = torch.tensor(self.framing.dropped, dtype=torch.long)
+        self.captured: list[torch.Tensor] = []
+
+    # ---- what an earlier session left ---------------------------------------------------------
+    def _keep_whole_shards(self, manifest: dict[str, Any]) -> None:
+        """The prefix of shards whose files match the manifest; a short last one is re-made."""
+        _compare(manifest["harvest"], self.ident, self.folder)
+        for entry in manifest["shards"]:
+            if verify_shard(self.folder, entry, checksum=True, manifest=manifest) is not None:
+                self.log(f"harvest: {entry['activations']['file']} does not match the manifest; re-creating from there")
+                break
+            self.shards.append(entry)
+        full = self.ident["shard_contexts"]
+        if self.shards and self.shards[-1]["contexts"] < full and not manifest.get("corpus_exhausted"):
+            self.shards.pop()  # a short last shard (budget reached mid-shard) is re-made to full length
+        self.done_contexts = sum(e["contexts"] for e in self.shards)
+        self.tokens = sum(e["tokens"] for e in self.shards)
+
+    # ---- one forward batch, one shard ---------------------------------------------------------
+    def _forward(self, batch: list[list[int]], shard_tokens: int, first_context: int, index: int):
+        """The kept activations of a batch of contexts, stopping at the context that reaches the
+        budget (independent of the batch size): (token ids [n, L], stored activations, n tokens)."""
+        spec = self.spec
+        ids = torch.full((len(batch), spec.context_length), -1, dtype=torch.long)
+        for i, c in enumerate(batch):
+            ids[i, : len(c)] = torch.tensor(c)
+        keep = (ids >= 0) & ~torch.isin(ids, self.dropped)
+        cum = torch.cumsum(keep.sum(1), 0) + self.tokens + shard_tokens
+        n_ctx = int((cum < spec.token_budget).sum()) + 1 if cum[-1] >= spec.token_budget else len(batch)
+        ids, keep = ids[:n_ctx], keep[:n_ctx]
+        self.captured.clear()
+        padded = ids.clamp_min(0).masked_fill(ids < 0, self.framing.pad_id)
+        lm_mod.run_to_site(self.model, padded.to(self.device), (ids >= 0).long().to(self.device))
+        x = self.captured[0][keep.to(self.captured[0].device)].float()
+        stored = to_storage(x, spec.dtype)
+        if not np.isfinite(_as_float(stored, spec.dtype)).all():
+            reason = (
+                f": the model's values overflow {spec.dtype}; set data.harvest.dtype=float32 (or bfloat16)"
+                if bool(torch.isfinite(x).all())
+                else ": the model itself produces them (check lm.dtype and the weights)"
+            )
+            raise DataError(
+                f"harvest: NaN or inf activations in contexts {first_context}..{first_context + n_ctx - 1} at "
+                f"{self.ident['site_name']}{reason}. Nothing of shard {index} was written"
+            )
+        return ids, stored, x.shape[0]
+
+    def _next_shard(self, stream, bar) -> tuple[list[np.ndarray], list[list[int]], int, bool]:
+        """The contexts of the next shard (forward batches restart at its first context, so every
+        shard is a pure function of the spec): activations, ids, tokens, and whether the corpus ended."""
+        spec, full, index = self.spec, self.ident["shard_contexts"], len(self.shards)
+        acts: list[np.ndarray] = []
+        ids_rows: list[list[int]] = []
+        shard_tokens = 0
+        while len(ids_rows) < full and self.tokens + shard_tokens < spec.token_budget:
+            batch = [c for _, c in zip(range(min(spec.batch_size, full - len(ids_rows))), stream)]
+            if not batch:
+                return acts, ids_rows, shard_tokens, True
+            ids, stored, n = self._forward(batch, shard_tokens, self.done_contexts + len(ids_rows), index)
+            acts.append(stored)
+            ids_rows.extend(ids.tolist())
+            shard_tokens += n
+            bar.update(n)
+        return acts, ids_rows, shard_tokens, False
+
+    def _write_shard(self, acts: list[np.ndarray], ids_rows: list[list[int]], shard_tokens: int) -> None:
+        index = len(self.shards)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.shards.append({
+            "index": index, "first_context": self.done_contexts, "contexts": len(ids_rows), "tokens": shard_tokens,
+            "activations": atomic_save_npy(self.folder / shard_name(index), np.concatenate(acts)),
+            "ids": atomic_save_npy(self.folder / ids_name(index), np.asarray(ids_rows, dtype=np.int32)),
+        })  # fmt: skip
+        self.done_contexts += len(ids_rows)
+        self.tokens += shard_tokens
+        self._write_manifest(False)
+
+    def _write_manifest(self, complete: bool, exhausted: bool = False, stats: dict | None = None) -> None:
+        atomic_write_json(self.folder / MANIFEST, {
+            "format": FORMAT, "harvest": self.ident, "d_model": self.d_model, "dtype": self.spec.dtype,
+            "tokens": self.tokens, "contexts": sum(e["contexts"] for e in self.shards), "shards": self.shards,
+            "complete": complete, "corpus_exhausted": exhausted, "token_budget": self.spec.token_budget,
+            "stats": stats, "created_by": "sae_lightning harvest", "python": sys.version.split()[0],
+            "torch": torch.__version__,
+        })  # fmt: skip
+
+    # ---- the session --------------------------------------------------------------------------
+    def run(self, manifest: dict[str, Any] | None, progress: bool) -> dict[str, Any]:
+        if manifest is not None:
+            self._keep_whole_shards(manifest)
+        stream = self.framing.contexts(self.tokenizer, corpus_mod.documents(self.desc))
+        for _ in range(self.done_contexts):  # resume: skip what the kept shards hold (tokenising only)
+            next(stream)
+        bar = _progress(progress, self.spec.token_budget, self.tokens)
+        exhausted = False
+        hook = lm_mod.hook_site(self.model, self.spec.site, self.layer, self.captured.append, stop=True)
+        try:
+            with torch.inference_mode(), hook:
+                while self.tokens < self.spec.token_budget and not exhausted:
+                    acts, ids_rows, shard_tokens, exhausted = self._next_shard(stream, bar)
+                    if not ids_rows:
+                        break
+                    self._write_shard(acts, ids_rows, shard_tokens)
+                    bar.set_postfix(shards=len(self.shards), refresh=False)
+        except KeyboardInterrupt:
+            bar.close()
+            self.log(
+                f"\nharvest interrupted: {len(self.shards)} whole shards ({self.tokens} tokens) kept in "
+                f"{self.folder}; run the same command again to resume"
+            )
+            raise
+        finally:
+            bar.close()
+            if self.folder.is_dir():
+                remove_temporaries(self.folder)
+        if self.tokens == 0:
+            raise DataError(
+                f"corpus {self.desc['path']!r} gave no tokens (no non-empty documents, or only special tokens); "
+                "nothing was written"
+            )
+        described = {"harvest": self.ident, "d_model": self.d_model, "dtype": self.spec.dtype, "shards": self.shards}
+        self._write_manifest(True, exhausted, compute_stats(self.folder, described))
+        self.log(
+            f"harvest: {self.tokens} tokens in {len(self.shards)} shards at {self.folder}"
+            + (" (the corpus ended before the budget)" if exhausted else "")
+            + f"; {time.perf_counter() - self.t0:.1f} s"
         )
-    manifest = {"harvest": ident, "d_model": d_model, "dtype": spec.dtype, "shards": shards}
-    stats = compute_stats(folder, manifest)
-    write_manifest(True, exhausted, stats)
-    elapsed = time.perf_counter() - t0
-    log(
-        f"harvest: {tokens} tokens in {len(shards)} shards at {folder}"
-        + (" (the corpus ended before the budget)" if exhausted else "")
-        + f"; {elapsed:.1f} s"
-    )
-    done = read_manifest(folder)
-    assert done is not None  # written just above
-    return done
+        done = read_manifest(self.folder)
+        assert done is not None  # written just above
+        return done
 
 
 def _as_float(stored: np.ndarray, dtype: str) -> np.ndarray:

@@ -6,14 +6,12 @@ import json
 
 import pytest
 
-from sae_lightning.data.corpus import describe, documents, python_docstrings
+from sae_lightning.data.corpus import CorpusSpec, describe, documents, python_docstrings
 from sae_lightning.errors import ConfigError, DataError
 
 
 def desc(path, tmp_path, **kw):
-    return describe(
-        {"path": str(path), "format": "auto", "column": "text", "split": "train", **kw}, tmp_path / "corpora"
-    )
+    return describe(CorpusSpec(path=str(path), **kw), tmp_path / "corpora")
 
 
 def test_text_files_are_split_at_blank_lines(tmp_path):
