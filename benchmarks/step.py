@@ -9,7 +9,6 @@ projection, Adam, decoder renormalisation). Prints a table and writes JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
@@ -19,7 +18,7 @@ import lightning as L
 import torch
 from hydra import compose, initialize_config_dir
 
-from sae_lightning.atomic import atomic_write_text
+from sae_lightning.atomic import atomic_write_json
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -222,23 +221,27 @@ def profile_step(module, x: torch.Tensor, rows: int = 15) -> str:
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--d", type=int, default=384)
-    p.add_argument("--latents", type=int, nargs="+", default=[8192, 16384])
-    p.add_argument("--k", type=int, default=32)
-    p.add_argument("--batch", type=int, default=4096)
-    p.add_argument("--steps", type=int, default=16)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--variants", nargs="+", default=["topk", "mutual_choice", "feature_choice"])
+    p.add_argument("--d", type=int, default=384, help="d_model of the synthetic inputs")
+    p.add_argument(
+        "--latents", type=int, nargs="+", default=[8192, 16384], help="dictionary sizes F to time, one table each"
+    )
+    p.add_argument("--k", type=int, default=32, help="target active latents per token")
+    p.add_argument("--batch", type=int, default=4096, help="tokens per training step")
+    p.add_argument("--steps", type=int, default=16, help="measured steps per variant (the median is reported)")
+    p.add_argument("--warmup", type=int, default=3, help="steps run before measuring")
+    p.add_argument(
+        "--variants", nargs="+", default=["topk", "mutual_choice", "feature_choice"], help="variants to time"
+    )
     p.add_argument(
         "--dtype",
         choices=["float32", "bfloat16"],
         default="float32",
         help="dtype of the affinity matrix used for selection (model.affinity_dtype)",
     )
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--no-reference", action="store_true", help="skip the naive dense reference")
     p.add_argument("--profile", action="store_true", help="print an operator profile of each variant's step")
-    p.add_argument("--out", default="outputs/bench/bench.json")
+    p.add_argument("--out", default="outputs/bench/bench.json", help="where the JSON report goes")
     p.add_argument("overrides", nargs="*", help="extra Hydra overrides for the variants, e.g. optim.fused=false")
     a = p.parse_args(argv)
     device = torch.device(a.device)
@@ -287,7 +290,7 @@ def main(argv=None) -> dict:
         print_size(size, a)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out, json.dumps(report, indent=2, default=float) + "\n")
+    atomic_write_json(out, report)
     print(f"written {out}")
     return report
 

@@ -10,9 +10,12 @@ temporary is removed. ``remove_temporaries`` clears those a killed process left 
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 
 def temporary_name(path: Path) -> Path:
@@ -34,6 +37,23 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 def atomic_write_text(path: str | Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+def strict(obj: Any) -> Any:
+    """``obj`` with every NaN or infinite float replaced by None (JSON has no NaN)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: strict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict(v) for v in obj]
+    return obj
+
+
+def atomic_write_json(path: str | Path, obj: Any, indent: int = 2, sort_keys: bool = False) -> None:
+    """Strict JSON (NaN and inf written as null), written atomically."""
+    text = json.dumps(strict(obj), indent=indent, sort_keys=sort_keys, allow_nan=False, default=str)
+    atomic_write_text(path, text + "\n")
 
 
 @contextlib.contextmanager

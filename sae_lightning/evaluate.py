@@ -11,12 +11,11 @@ validation. Writes ``downstream_<contexts>.json`` into the run folder.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
 
-from .atomic import atomic_write_text
+from .atomic import atomic_write_json
 from .callbacks.downstream import DownstreamLoss
 from .data import DataSpec
 from .data.activations import ActivationsData
@@ -61,7 +60,7 @@ def main(argv=None) -> dict:
     a = p.parse_args(argv)
     figures = downstream(a.run, a.contexts, a.device)
     out = a.run / f"downstream_{a.contexts}.json"
-    atomic_write_text(out, json.dumps(figures, indent=2, sort_keys=True) + "\n")
+    atomic_write_json(out, figures, sort_keys=True)
     print(
         f"{a.run.name}: CE clean {figures['val/ce_clean']:.4f}, zero-ablated {figures['val/ce_zero_ablation']:.4f}, "
         f"{figures['tokens_spliced']} tokens spliced"

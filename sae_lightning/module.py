@@ -266,8 +266,14 @@ class SAEModule(L.LightningModule):
         """The run's data source (its DataModule)."""
         return cast(DataSource, self.trainer.datamodule)  # type: ignore[attr-defined]
 
+    def active_modes(self) -> list[Mode]:
+        """The modes a validation evaluates: ``threshold`` only once its thresholds are calibrated
+        (before that it would repeat ``threshold_ema``, under another name)."""
+        calibrated = not self.allocator.has_thresholds or bool(getattr(self.allocator, "calibrated", True))
+        return [m for m in self.modes if m != Mode.THRESHOLD or calibrated]
+
     def validation_step(self, x: Tensor, batch_idx: int) -> None:
-        for mode in self.modes:
+        for mode in self.active_modes():
             out, ctx = self.forward_step(x, mode)
             recon, l0, firing = self._metrics(mode)
             recon.update(x, self.sae.denormalise(out.x_hat, ctx))
@@ -278,7 +284,7 @@ class SAEModule(L.LightningModule):
         logs: dict[str, float] = {}
         results = ValidationResults()
         step = self.global_step
-        for mode in self.modes:
+        for mode in self.active_modes():
             rec_m, l0_m, firing_m = self._metrics(mode)
             rec, l0, firing = rec_m.compute(), l0_m.compute(), firing_m.compute()
             for key, value in {**rec, **l0}.items():

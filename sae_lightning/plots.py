@@ -1,4 +1,6 @@
-"""PNG plots of a finished run: per-token L0 distribution per mode, latent density by rank."""
+"""The figures of a run, from its last validation: the per-token L0 distribution of each mode,
+latent density against rank with its Zipf fit, and FVU against L0 of the modes. The same
+figures go to TensorBoard (images) and, at the end of a run, to PNG files in its folder."""
 
 from __future__ import annotations
 
@@ -9,54 +11,91 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
 
+from .atomic import atomic_path  # noqa: E402
 from .zipf import fit_zipf  # noqa: E402
 
+FILES = {"l0_per_token": "l0_per_token.png", "density_by_rank": "density_by_rank.png", "fvu_vs_l0": "fvu_vs_l0.png"}
 
-def save_run_plots(module, run_dir: Path) -> list[Path]:
-    paths = []
-    hists = module.results.l0_hists
-    if hists:
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        for mode, hist in hists.items():
-            h = hist.to(torch.float64)
-            top = int(torch.nonzero(hist).max()) + 1 if int(hist.sum()) else 1
-            ax.step(range(top), (h[:top] / h.sum()).tolist(), where="mid", label=mode)
-        ax.axvline(module.k, color="grey", linestyle=":", label=f"k = {module.k}")
-        ax.set_xlabel("active latents per token (L0)")
-        ax.set_ylabel("share of tokens")
-        ax.set_title(f"{module.variant.name}: per-token L0 (validation)")
-        ax.legend()
-        fig.tight_layout()
-        paths.append(run_dir / "l0_per_token.png")
-        fig.savefig(paths[-1], dpi=110)
+
+def l0_figure(hists: dict[str, torch.Tensor], k: int, name: str) -> Figure:
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for mode, hist in hists.items():
+        h = hist.to(torch.float64)
+        top = int(torch.nonzero(hist).max()) + 1 if int(hist.sum()) else 1
+        ax.step(range(top), (h[:top] / h.sum()).tolist(), where="mid", label=str(mode))
+    ax.axvline(k, color="grey", linestyle=":", label=f"k = {k}")
+    ax.set_xlabel("active latents per token (L0)")
+    ax.set_ylabel("share of tokens")
+    ax.set_title(f"{name}: per-token L0 (validation)")
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def density_figure(density: torch.Tensor, name: str) -> Figure:
+    d = torch.sort(density.to(torch.float64), descending=True).values
+    ranks = torch.arange(1, d.numel() + 1)
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    alive = d > 0
+    ax.loglog(ranks[alive].tolist(), d[alive].tolist(), label="validation density")
+    fit = fit_zipf(density)
+    if fit is not None:
+        alpha, beta, c, r2 = fit
+        pred = torch.exp(c - alpha * torch.log(ranks.to(torch.float64) + beta))
+        ax.loglog(ranks.tolist(), pred.tolist(), "--", label=f"Zipf fit: alpha={round(alpha, 2) + 0.0:.2f}, "
+                  f"beta={beta:g}, r2={r2:.2f}")  # fmt: skip
+    if bool(alive.any()):  # Feature Choice gives every latent about the same density: keep a visible range
+        lo, hi = float(d[alive].min()), float(d[alive].max())
+        ax.set_ylim(min(lo, hi / 4) / 1.5, max(hi, lo * 4) * 1.5)
+    ax.set_xlabel("latent rank")
+    ax.set_ylabel("firing density")
+    ax.set_title(f"{name}: {int((~alive).sum())} of {d.numel()} latents never fired")
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def modes_figure(scalars: dict[str, float], k: int, name: str) -> Figure:
+    """FVU against mean L0 of each mode evaluated (batch allocation, calibrated and EMA thresholds)."""
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for mode, marker in (("batch", "o"), ("threshold", "s"), ("threshold_ema", "^")):
+        if f"val/{mode}/fvu" in scalars:
+            x, y = scalars[f"val/{mode}/l0_mean"], scalars[f"val/{mode}/fvu"]
+            ax.plot([x], [y], marker, markersize=8, label=f"{mode}: L0 {x:.1f}, FVU {y:.4f}")
+    ax.axvline(k, color="grey", linestyle=":", label=f"k = {k}")
+    ax.set_xscale("log")
+    from matplotlib.ticker import FormatStrFormatter
+
+    ax.xaxis.set_major_formatter(FormatStrFormatter("%g"))
+    ax.xaxis.set_minor_formatter(FormatStrFormatter("%g"))
+    ax.set_xlabel("mean L0")
+    ax.set_ylabel("FVU")
+    ax.set_title(f"{name}: the modes at this validation")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def run_figures(module) -> dict[str, Figure]:
+    """The figures of the module's last validation, by name (some may be missing)."""
+    r, name = module.results, module.variant.name
+    figs = {}
+    if r.l0_hists:
+        figs["l0_per_token"] = l0_figure(r.l0_hists, module.k, name)
+    if r.density is not None:
+        figs["density_by_rank"] = density_figure(r.density, name)
+    if any(key.endswith("/fvu") for key in r.scalars):
+        figs["fvu_vs_l0"] = modes_figure(r.scalars, module.k, name)
+    return figs
+
+
+def save(fig: Figure, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+
+
+def close(figs: dict[str, Figure]) -> None:
+    for fig in figs.values():
         plt.close(fig)
-    density = module.results.density
-    if density is not None:
-        d = torch.sort(density.to(torch.float64), descending=True).values
-        ranks = torch.arange(1, d.numel() + 1)
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        alive = d > 0
-        ax.loglog(ranks[alive].tolist(), d[alive].tolist(), label="validation density")
-        fit = fit_zipf(density)
-        if fit is not None:
-            alpha, beta, c, r2 = fit
-            pred = torch.exp(c - alpha * torch.log(ranks.to(torch.float64) + beta))
-            ax.loglog(
-                ranks.tolist(),
-                pred.tolist(),
-                "--",
-                label=f"Zipf fit: alpha={round(alpha, 2) + 0.0:.2f}, beta={beta:g}, r2={r2:.2f}",
-            )
-        if bool(alive.any()):  # Feature Choice gives every latent about the same density: keep a visible range
-            lo, hi = float(d[alive].min()), float(d[alive].max())
-            ax.set_ylim(min(lo, hi / 4) / 1.5, max(hi, lo * 4) * 1.5)
-        ax.set_xlabel("latent rank")
-        ax.set_ylabel("firing density")
-        ax.set_title(f"{module.variant.name}: {int((~alive).sum())} of {d.numel()} latents never fired")
-        ax.legend()
-        fig.tight_layout()
-        paths.append(run_dir / "density_by_rank.png")
-        fig.savefig(paths[-1], dpi=110)
-        plt.close(fig)
-    return paths

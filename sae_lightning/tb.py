@@ -1,5 +1,5 @@
-"""The one place that writes to TensorBoard directly (histograms, scalars from callbacks, and
-more to come). Scalars of the training step go through Lightning's ``LightningModule.log``.
+"""The one place that writes to TensorBoard directly (histograms, scalars from callbacks,
+figures, the HParams session). Scalars of the training step go through Lightning's ``LightningModule.log``.
 Every function is a no-op without a TensorBoard logger (a bare Trainer, non-zero ranks)."""
 
 from __future__ import annotations
@@ -33,3 +33,20 @@ def scalars(trainer: Any, values: dict[str, float], step: int) -> None:
     logger = getattr(trainer, "logger", None) if trainer is not None else None
     if logger is not None and getattr(trainer, "is_global_zero", True):
         logger.log_metrics(values, step=step)
+
+
+def figure(trainer: Any, tag: str, fig: Any, step: int) -> None:
+    """A matplotlib figure as an image (the Images tab)."""
+    w = _writer(trainer)
+    if w is not None:
+        w.add_figure(tag, fig, step, close=False)
+
+
+def hparams(trainer: Any, params: dict[str, Any], metrics: dict[str, float]) -> None:
+    """The run's hyperparameters and final figures (the HParams tab: runs and sweep trials in one
+    table). Values must be numbers, strings or booleans; None becomes the string 'null'."""
+    logger = getattr(trainer, "logger", None) if trainer is not None else None
+    if logger is not None and getattr(trainer, "is_global_zero", True) and hasattr(logger, "log_hyperparams"):
+        clean = {k: ("null" if v is None else v) for k, v in params.items() if isinstance(v, (int, float, str, bool))
+                 or v is None}  # fmt: skip
+        logger.log_hyperparams(clean, metrics={k: v for k, v in metrics.items() if v == v})

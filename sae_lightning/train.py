@@ -10,7 +10,6 @@ PNG plots. A resumed run continues its own folder (see ``resume.py``).
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 import time
@@ -23,15 +22,16 @@ import torch
 from omegaconf import OmegaConf
 
 from . import resume as resume_mod
-from .atomic import atomic_write_text
+from . import tb
+from .atomic import atomic_write_json, atomic_write_text
 from .callbacks import AtomicCheckpointIO, LatentStatsMonitor, ThresholdCalibration
+from .callbacks.figures import RunFigures
 from .callbacks.interrupt import GracefulStop
 from .callbacks.last_step import ValidateLastStep
 from .callbacks.progress import Progress
 from .config import TrainConfig, load_config, normalised, resolve
 from .errors import ConfigError, DataError, Interrupted
 from .module import SAEModule
-from .plots import save_run_plots
 from .sweep.pruning import OptunaPruning, TrialContext
 
 
@@ -71,7 +71,7 @@ def check_writable(out_dir: str) -> None:
 
 
 def new_run_dir(out_dir: str, variant: str) -> Path:
-    """A new run folder ``<out_dir>/runs/<date>_<time>_<variant>``, unique even when runs start
+    """A new run folder ``<out_dir>/runs/<date>_<time>_<variant>_k<k>_F<n_latents>``, unique even when runs start
     in the same second (``_2``, ``_3``, ... appended; ``mkdir`` decides, atomically)."""
     runs = Path(out_dir).expanduser() / "runs"
     runs.mkdir(parents=True, exist_ok=True)
@@ -149,7 +149,8 @@ def _run_dir(plan: Plan) -> Path:
     config = plan.config
     if _process_rank() != 0:
         return Path(os.environ.get(RUN_DIR_ENV) or plan.run_dir or config.out_dir)
-    run_dir = plan.run_dir or new_run_dir(config.out_dir, config.variant.name)
+    name = f"{config.variant.name}_k{config.variant.params.k}_F{config.model.n_latents}"
+    run_dir = plan.run_dir or new_run_dir(config.out_dir, name)
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(config.as_dict())))
     os.environ[RUN_DIR_ENV] = str(run_dir)  # Lightning's DDP launcher starts the other ranks with this environment
@@ -174,7 +175,8 @@ def _trainer(plan: Plan, run_dir: Path) -> tuple[L.Trainer, GracefulStop, Thresh
     callbacks = [
         checkpoint, stop, ValidateLastStep(), calibration, LatentStatsMonitor(config.logging.histogram_every_n_steps),
         L.pytorch.callbacks.LearningRateMonitor(logging_interval="step"),
-        Progress(config.progress, batch_size * config.trainer.world_size()), *plan.datamodule.callbacks(batch_size),
+        Progress(config.progress, batch_size * config.trainer.world_size()), RunFigures(run_dir),
+        *plan.datamodule.callbacks(batch_size),
     ]  # fmt: skip
     if config.sweep_trial is not None:  # a trial of an Optuna sweep
         callbacks.append(OptunaPruning(TrialContext.from_spec(config.sweep_trial)))
@@ -211,11 +213,37 @@ def fit(plan: Plan) -> dict[str, Any]:
         "train_seconds": round(train_seconds, 2), "tokens_per_second": round(tokens / max(train_seconds, 1e-9), 1),
         "calibration": calibration.figures, **module.results.scalars,
     }  # fmt: skip
+    finals = {f"hparams/{k.removeprefix('val/').replace('/', '_')}": float(module.results.scalars[k])
+              for k in HPARAM_METRICS if k in module.results.scalars}  # fmt: skip
+    tb.hparams(trainer, hparams_of(config), finals)
     if trainer.is_global_zero:
-        atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True) + "\n")
-        save_run_plots(module, run_dir)
+        atomic_write_json(run_dir / "metrics.json", metrics, sort_keys=True)
         print_summary(metrics, run_dir)
     return metrics
+
+
+HPARAM_METRICS = (
+    "val/batch/fvu",
+    "val/threshold/fvu",
+    "val/batch/l0_mean",
+    "val/threshold/l0_mean",
+    "val/dead_fraction",
+    "val/underused_fraction",
+    "val/batch/delta_ce",
+    "val/threshold/delta_ce",
+)
+
+
+def hparams_of(config: TrainConfig) -> dict[str, Any]:
+    """What distinguishes runs, flat: the variant with its allocator and loss settings, the
+    dictionary, the optimiser, the data, the training length."""
+    flat = resume_mod.flatten({
+        "variant": config.variant.as_dict(), "model": {"n_latents": config.model.n_latents,
+        "normalisation": config.model.normalisation, "init_encoder_scale": config.model.init_encoder_scale},
+        "optim": {"lr": config.optim.lr}, "data": {"kind": config.data.kind, "batch_size": config.data.batch_size},
+        "trainer": {"max_steps": config.trainer.max_steps}, "seed": config.seed,
+    })  # fmt: skip
+    return {k: v for k, v in flat.items() if not isinstance(v, (dict, list))}
 
 
 def print_summary(metrics: dict[str, Any], run_dir: Path) -> None:
@@ -238,6 +266,10 @@ def print_summary(metrics: dict[str, Any], run_dir: Path) -> None:
     )
     for r in rows:
         print("  " + "  ".join(cell.ljust(w) for cell, w in zip(r, widths)))
+    ema = metrics.get("val/threshold_ema/l0_mean")
+    if ema is not None and abs(ema - metrics["k"]) > 0.25 * metrics["k"]:
+        print(f"  (threshold_ema: running-EMA thresholds give L0 {ema:.1f} for k = {metrics['k']}; they lag early in "
+              "training — use threshold, calibrated on held-out tokens)")  # fmt: skip
     if "val/recovery_mean_max_cos" in metrics:
         print(
             f"  dead {100 * metrics['val/dead_fraction']:.1f}%, feature recovery: mean max cos "

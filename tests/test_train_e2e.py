@@ -27,7 +27,7 @@ def test_train_py_runs_each_variant(variant, cli, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stderr == "", proc.stderr  # a clean console: no warnings, no adverts
     (run_dir,) = list((tmp_path / "runs").iterdir())
-    assert run_dir.name.endswith(variant)
+    assert run_dir.name.endswith(f"{variant}_k8_F256")
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["variant"] == variant and metrics["steps"] == 6
     assert 0 < metrics["val/batch/fvu"] < 10 and metrics["val/batch/l0_mean"] > 0
@@ -35,7 +35,17 @@ def test_train_py_runs_each_variant(variant, cli, tmp_path):
     assert (run_dir / "config.yaml").read_text().count(f"allocator: {variant}") == 1
     assert list((run_dir / "tb").glob("events.out.tfevents.*"))
     assert (run_dir / "checkpoints" / "final.ckpt").is_file() and (run_dir / "checkpoints" / "last.ckpt").is_file()
-    assert (run_dir / "l0_per_token.png").is_file() and (run_dir / "density_by_rank.png").is_file()
+    for png in ("l0_per_token.png", "density_by_rank.png", "fvu_vs_l0.png"):
+        assert (run_dir / png).is_file(), png
+    # TensorBoard: the figures as images, and an HParams session with the final metrics
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir / "tb"), size_guidance={"images": 0, "scalars": 0})
+    acc.Reload()
+    assert {"figures/l0_per_token", "figures/density_by_rank", "figures/fvu_vs_l0"} <= set(acc.Tags()["images"])
+    assert "hparams/batch_fvu" in acc.Tags()["scalars"]
+    assert acc.Scalars("hparams/batch_fvu")[-1].value == pytest.approx(metrics["val/batch/fvu"], rel=1e-5)
+    assert "_hparams_/session_start_info" in acc.PluginTagToContent("hparams")
     assert not list(run_dir.rglob("*.tmp-*"))  # no half-written file left behind
 
 

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from .. import tb
 from ..allocators import Mode
-from ..atomic import atomic_write_text, file_lock
+from ..atomic import atomic_write_json, file_lock
 from ..data import lm as lm_mod
 
 MODES = (Mode.BATCH, Mode.THRESHOLD)
@@ -121,7 +121,7 @@ class DownstreamLoss(L.Callback):
         try:
             with file_lock(self.folder.with_name(f".{self.folder.name}.reference.lock")):
                 current = json.loads(path.read_text()) if path.is_file() else {}
-                atomic_write_text(path, json.dumps({**current, key: ref}, indent=1) + "\n")
+                atomic_write_json(path, {**current, key: ref}, indent=1)
         except (OSError, ValueError):
             pass
         return ref

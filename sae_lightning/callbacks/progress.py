@@ -88,8 +88,9 @@ class Progress(L.Callback):
             f"validation at step {trainer.global_step}: FVU {float(m['val/batch/fvu']):.4f} "
             f"(L0 {float(m['val/batch/l0_mean']):.2f})"
         )
-        if "val/threshold/fvu" in m:
-            text += f", threshold FVU {float(m['val/threshold/fvu']):.4f} (L0 {float(m['val/threshold/l0_mean']):.2f})"
+        for mode, label in (("threshold", "calibrated thresholds"), ("threshold_ema", "EMA thresholds")):
+            if f"val/{mode}/fvu" in m:
+                text += f"; {label}: FVU {float(m[f'val/{mode}/fvu']):.4f} (L0 {float(m[f'val/{mode}/l0_mean']):.2f})"
         if self.bar is not None:
             self.bar.write(text, file=sys.stderr)
         else:

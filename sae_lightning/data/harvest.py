@@ -23,7 +23,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from ..atomic import file_lock, remove_temporaries
+from ..atomic import atomic_write_json, file_lock, remove_temporaries
 from ..errors import ConfigError, DataError, require
 from ..spec import parse, setting
 from . import corpus as corpus_mod
@@ -33,7 +33,6 @@ from .shards import (
     FORMAT,
     MANIFEST,
     atomic_save_npy,
-    atomic_write_json,
     ids_name,
     read_manifest,
     shard_name,
@@ -409,7 +408,7 @@ class HarvestRun:
         self._write_manifest(False)
 
     def _write_manifest(self, complete: bool, exhausted: bool = False, stats: dict | None = None) -> None:
-        atomic_write_json(self.folder / MANIFEST, {
+        atomic_write_json(self.folder / MANIFEST, indent=1, obj={
             "format": FORMAT, "harvest": self.ident, "d_model": self.d_model, "dtype": self.spec.dtype,
             "tokens": self.tokens, "contexts": sum(e["contexts"] for e in self.shards), "shards": self.shards,
             "complete": complete, "corpus_exhausted": exhausted, "token_budget": self.spec.token_budget,

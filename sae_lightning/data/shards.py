@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..atomic import atomic_path, atomic_write_text
+from ..atomic import atomic_path
 from ..errors import DataError
 
 FORMAT = "sae_lightning.activations/1"
@@ -65,10 +65,6 @@ def atomic_save_npy(path: Path, array: np.ndarray) -> dict[str, Any]:
             os.fsync(f.fileno())
         digest = sha256_file(tmp)
     return {"file": path.name, "bytes": path.stat().st_size, "sha256": digest}
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=1) + "\n")
 
 
 def to_storage(x: torch.Tensor, dtype: str) -> np.ndarray:

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 from pathlib import Path
 
 import optuna
 
-from ..atomic import atomic_path, atomic_write_text
+from ..atomic import atomic_path, atomic_write_json
 from .pareto import pareto_front
 from .sweeper import default_storage
 
@@ -131,7 +130,7 @@ def report(study_name: str, storage: str | None = None, out_dir: str = "outputs"
         "states": {s: sum(r["state"] == s for r in rows) for s in sorted({r["state"] for r in rows})},
         "pareto_front": front,
     }
-    atomic_write_text(folder / "pareto.json", json.dumps(summary, indent=2, default=str) + "\n")
+    atomic_write_json(folder / "pareto.json", summary)
     if len(names) >= 2 and done:
         # x: sparsity (second objective), y: reconstruction (first)
         plot(folder / "pareto.png", rows, front, names[1], names[0], [directions[0], directions[1]])

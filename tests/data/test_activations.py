@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from sae_lightning.atomic import atomic_write_json
 from sae_lightning.data import build_datamodule, shards
 from sae_lightning.data.harvest import harvest
 from sae_lightning.errors import ConfigError, DataError
@@ -173,7 +174,7 @@ def test_an_incomplete_cache_without_harvest_section_says_so(cache, tmp_path):
     copy = tmp_path / "partial"
     shutil.copytree(cache, copy)
     m = shards.read_manifest(copy)
-    shards.atomic_write_json(copy / "manifest.json", {**m, "complete": False})
+    atomic_write_json(copy / "manifest.json", {**m, "complete": False})
     with pytest.raises(DataError, match="is incomplete .* re-run the harvest command"):
         make(copy)
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from sae_lightning.atomic import atomic_write_json
 from sae_lightning.data import harvest as harvest_mod
 from sae_lightning.data import shards
 from sae_lightning.data.harvest import HarvestSpec, harvest
@@ -111,12 +112,12 @@ def test_harvest_repairs_a_corrupt_shard_and_refuses_other_settings(tiny_lm, cor
         shards.verify_cache(tmp_path / "c", shards.read_manifest(tmp_path / "c"))
     m = shards.read_manifest(tmp_path / "c")
     m["complete"] = False  # as after an interruption: the harvest re-checks and re-makes from shard 1
-    shards.atomic_write_json(tmp_path / "c" / "manifest.json", m)
+    atomic_write_json(tmp_path / "c" / "manifest.json", m)
     harvest(tmp_path / "c", spec, progress=False, log=lambda *a: None)
     assert files_digest(tmp_path / "c") == before
 
     m["complete"] = False
-    shards.atomic_write_json(tmp_path / "c" / "manifest.json", m)
+    atomic_write_json(tmp_path / "c" / "manifest.json", m)
     with pytest.raises(DataError, match="other settings .*context_length"):
         harvest(tmp_path / "c", spec_for(tiny_lm, corpus_file, context_length=32), progress=False, log=lambda *a: None)
 

@@ -39,7 +39,9 @@ def test_study_runs_resumes_and_reports(cli, tmp_path):
     study = load(tmp_path)
     assert states(study) == ["COMPLETE"] * 3
     for t in study.trials:
-        assert (tmp_path / "sweeps" / "s" / f"trial_{t.number}_{t.params['variant']}" / "metrics.json").is_file()
+        assert (
+            tmp_path / "sweeps" / "s" / f"trial_{t.number}_{t.params['variant']}_k4_F256" / "metrics.json"
+        ).is_file()
         assert t.params["variant"] in ("topk", "mutual_choice", "feature_choice")
         assert t.values[1] == 4.0  # L0 = k (fixed on the command line)
     # the same command again: nothing to do; a larger budget: only the missing trials run
