@@ -71,13 +71,8 @@ class DownstreamLoss(L.Callback):
         self.keep = (self.ids >= 0) & ~torch.isin(self.ids, self.dropped)
 
     def _load(self, device) -> None:
-        name = self.spec["name"]
-        source = (
-            lm_mod.resolve(name)
-            if name.startswith("builtin:")  # wherever its package is installed now
-            else lm_mod.LMSource(name, self.spec["resolved"], self.spec["gguf_file"], True)
-        )
-        self.model, _, _ = lm_mod.load(source, self.spec.get("revision"), self.spec["dtype"], str(device))
+        self.model, _, _ = lm_mod.load(lm_mod.source_of(self.spec), self.spec.get("revision"), self.spec["dtype"],
+                                       str(device))  # fmt: skip
 
     @torch.inference_mode()
     def _ce(self, replace, chunk: int = 16) -> float:

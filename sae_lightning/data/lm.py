@@ -105,6 +105,27 @@ def _offline_hint(what: str, name: str, err: Exception) -> DataError:
     )
 
 
+def source_of(harvested: dict[str, Any]) -> LMSource:
+    """The model a cache was harvested from (its manifest's ``harvest.lm``), found where it is now:
+    a built-in model wherever its package is installed, else the folder or file it was read from."""
+    name = harvested["name"]
+    if name.startswith("builtin:"):
+        return resolve(name)
+    return LMSource(name, harvested["resolved"], harvested.get("gguf_file"), True)
+
+
+def load_tokenizer(source: LMSource, revision: str | None = None):
+    import transformers
+
+    kwargs: dict[str, Any] = {"revision": revision} if revision else {}
+    if source.gguf_file:
+        kwargs["gguf_file"] = source.gguf_file
+    try:
+        return transformers.AutoTokenizer.from_pretrained(source.folder, **kwargs)
+    except (OSError, ValueError) as e:
+        raise _offline_hint("tokenizer", source.name, e) from e
+
+
 def load(source: LMSource, revision: str | None = None, dtype: str = "float32", device: str = "cpu"):
     """(model, tokenizer, is_causal). The causal-LM class is used when the config says so, so
     the same object gives activations and, for the downstream loss, logits."""
