@@ -1,6 +1,8 @@
-"""Evaluate a trained SAE's downstream loss on more held-out contexts than validation uses.
+"""Evaluate a trained SAE: its downstream loss on more held-out contexts than validation uses,
+or its dark matter (``--dark-matter``; see :func:`dark_matter`).
 
     python -m sae_lightning.evaluate outputs/runs/<run> [--contexts 128]
+    python -m sae_lightning.evaluate outputs/runs/<run> --dark-matter [--tokens N]
 
 Loads ``checkpoints/final.ckpt`` and ``config.yaml`` of the run, opens its activation cache,
 and measures CE clean / zero-ablated / spliced, ΔCE and loss recovered (both inference modes)
@@ -12,11 +14,14 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 import torch
+from torch import Tensor
 
 from .atomic import atomic_write_json
 from .callbacks.downstream import DownstreamLoss
+from .cli import user_errors
 from .data import DataSpec
 from .data.activations import ActivationsData
 from .data.shards import read_manifest
@@ -52,13 +57,89 @@ def downstream(run_dir: Path, contexts: int, device: str = "cpu") -> dict[str, f
     return figures
 
 
+def ridge(x: Tensor, y: Tensor, lam: float) -> tuple[Tensor, Tensor]:
+    """Least squares y ≈ x W + b with a ridge penalty λ·mean(eig(XᵀX))·‖W‖² (float64)."""
+    xm, ym = x.mean(0), y.mean(0)
+    xc, yc = x - xm, y - ym
+    gram = xc.T @ xc
+    reg = lam * torch.trace(gram) / gram.shape[0]
+    W = torch.linalg.solve(gram + reg * torch.eye(gram.shape[0], dtype=gram.dtype), xc.T @ yc)
+    return W, ym - xm @ W
+
+
+def r2(y: Tensor, pred: Tensor) -> float:
+    """Share of the variance of y (summed over its columns) that ``pred`` explains."""
+    return float(1 - (y - pred).pow(2).sum() / (y - y.mean(0)).pow(2).sum().clamp_min(1e-30))
+
+
+@torch.no_grad()
+def dark_matter(module, x: Tensor, mode: str = "threshold", lam: float = 1e-3) -> dict[str, Any]:
+    """Engels et al. (2024), "Decomposing the dark matter of sparse autoencoders", on held-out
+    tokens x (model units): the SAE error e = x − x̂ is regressed on x (ridge, fitted on the
+    first half of the tokens, scored on the second). Reports the share of the error's variance
+    that is linearly predictable from x, the share of the variance of its per-token norm ‖e‖
+    that is, and the FVU split into its nonlinear part (what the prediction leaves) and its linear
+    part (what it removes)."""
+    x = x.to(module.device)
+    x_hat = torch.cat([module.reconstruct(chunk, mode) for chunk in x.split(4096)])
+    x, e = x.double().cpu(), (x - x_hat).double().cpu()
+    n = x.shape[0] // 2
+    if n < 2 * x.shape[1]:
+        raise DataError(f"{x.shape[0]} held-out tokens are too few for a {x.shape[1]}-dimensional fit (need "
+                        f"{4 * x.shape[1]}); pass more with --tokens")  # fmt: skip
+    W, b = ridge(x[:n], e[:n], lam)
+    test_x, test_e = x[n:], e[n:]
+    e_lin = test_x @ W + b
+    norm = e.norm(dim=1, keepdim=True)
+    Wn, bn = ridge(x[:n], norm[:n], lam)
+    total = (test_x - test_x.mean(0)).pow(2).sum()
+    return {
+        "tokens_fit": n, "tokens_scored": x.shape[0] - n, "ridge": lam, "mode": mode,
+        "fvu": float(test_e.pow(2).sum() / total),
+        "error_variance_linearly_predictable": r2(test_e, e_lin),
+        "error_norm_predictable": r2(norm[n:], test_x @ Wn + bn),
+        # the nonlinear error is what the linear map leaves; the linear error, what it removes (the
+        # two add up to the FVU; ‖ê_lin‖² would not, out of sample)
+        "fvu_linear_error": float((test_e.pow(2).sum() - (test_e - e_lin).pow(2).sum()) / total),
+        "fvu_nonlinear_error": float((test_e - e_lin).pow(2).sum() / total),
+    }  # fmt: skip
+
+
+def heldout_tokens(data: DataSpec, n: int | None) -> Tensor:
+    """The data's held-out tokens (validation and calibration splits), or a cache's last n."""
+    dm = data.build()
+    dm.open()
+    if n is not None and isinstance(data, ActivationsData):
+        reader = dm.reader  # type: ignore[attr-defined]
+        return reader.range(max(0, reader.n_tokens - n), reader.n_tokens)
+    return torch.cat([dm.val_tensor(), dm.calibration_tokens()])
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("run", type=Path, help="a run folder (with config.yaml and checkpoints/final.ckpt)")
-    p.add_argument("--contexts", type=int, default=128)
+    p.add_argument("--contexts", type=int, default=128, help="ΔCE: held-out contexts of the cache")
+    p.add_argument(
+        "--dark-matter",
+        action="store_true",
+        help="instead of ΔCE: how much of the SAE's error is linearly predictable (Engels et al.)",
+    )
+    p.add_argument(
+        "--tokens",
+        type=int,
+        default=None,
+        help="dark matter: the cache's last N tokens (default: the validation and calibration splits)",
+    )
+    p.add_argument("--mode", choices=["threshold", "batch"], default="threshold", help="dark matter: the code's mode")
+    p.add_argument(
+        "--ridge", type=float, default=1e-3, help="dark matter: ridge penalty, relative to the mean eigenvalue"
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = p.parse_args(argv)
-    figures = downstream(a.run, a.contexts, a.device)
+    with user_errors():
+        if a.dark_matter:
+            return _dark_matter_main(a)
+        figures = downstream(a.run, a.contexts, a.device)
     out = a.run / f"downstream_{a.contexts}.json"
     atomic_write_json(out, figures, sort_keys=True)
     print(
@@ -71,6 +152,26 @@ def main(argv=None) -> dict:
             f"loss recovered {100 * figures[f'val/{mode}/loss_recovered']:.2f}%"
         )
     print(f"written {out}")
+    return figures
+
+
+def _dark_matter_main(a) -> dict:
+    module, data = load_run(a.run, a.device)
+    figures = dark_matter(module, heldout_tokens(data, a.tokens), a.mode, a.ridge)
+    out = a.run / "dark_matter.json"
+    atomic_write_json(out, figures, sort_keys=True)
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(str(a.run / "tb")) as w:
+        for key, value in figures.items():
+            if isinstance(value, float) and key != "ridge":
+                w.add_scalar(f"dark_matter/{key}", value, 0)
+    print(f"{a.run.name} ({module.variant.name}, {a.mode} mode), {figures['tokens_scored']} held-out tokens scored:")
+    print(f"  FVU {figures['fvu']:.4f} = linear error {figures['fvu_linear_error']:.4f} + nonlinear "
+          f"{figures['fvu_nonlinear_error']:.4f}")  # fmt: skip
+    print(f"  error variance linearly predictable from x: {100 * figures['error_variance_linearly_predictable']:.1f}%;"
+          f" per-token error norm predictable: {100 * figures['error_norm_predictable']:.1f}%")  # fmt: skip
+    print(f"written {out} and dark_matter/* in {a.run / 'tb'}")
     return figures
 
 

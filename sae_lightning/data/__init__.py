@@ -82,6 +82,9 @@ class DataSource(Protocol):
     def calibration_tokens(self) -> Tensor:
         """Held-out tokens of the training distribution for threshold calibration."""
 
+    def val_tensor(self) -> Tensor:
+        """The held-out validation tokens."""
+
     def callbacks(self, batch_size: int) -> list[L.Callback]:
         """Callbacks this source adds to a run (e.g. the downstream loss of a causal model)."""
 
