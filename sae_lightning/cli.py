@@ -103,7 +103,7 @@ def describe_hydra_error(err: BaseException) -> str:
     return f"config error: {detail}"
 
 
-def _is_hydra_error(err: BaseException) -> bool:
+def is_hydra_error(err: BaseException) -> bool:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
@@ -138,6 +138,6 @@ def run_entry(main: Callable[[], object]) -> None:
         try:
             main()
         except Exception as e:
-            if _is_hydra_error(e):
+            if is_hydra_error(e):
                 fail(describe_hydra_error(e), 2)
             raise

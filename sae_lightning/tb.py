@@ -50,3 +50,6 @@ def hparams(trainer: Any, params: dict[str, Any], metrics: dict[str, float]) -> 
         clean = {k: ("null" if v is None else v) for k, v in params.items() if isinstance(v, (int, float, str, bool))
                  or v is None}  # fmt: skip
         logger.log_hyperparams(clean, metrics={k: v for k, v in metrics.items() if v == v})
+        # written after the trainer closed its writer: the logger opened a new one, which nothing
+        # else flushes (a process that exits without running finalisers would lose the session)
+        logger.finalize("success")

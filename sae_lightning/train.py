@@ -4,8 +4,8 @@
 the data and its cache, the checkpoint to resume from, the output folder); only a missing
 activation cache is harvested there. :func:`fit` then writes, under the run folder:
 ``config.yaml`` (resolved), ``tb/`` (TensorBoard), ``checkpoints/`` (``last.ckpt``, the best
-by validation FVU, and ``final.ckpt`` with calibrated thresholds), ``metrics.json`` and two
-PNG plots. A resumed run continues its own folder (see ``resume.py``).
+by validation FVU, and ``final.ckpt`` with calibrated thresholds), ``sae.safetensors`` (the
+weights alone, see ``interop.py``), ``metrics.json`` and the PNG plots. A resumed run continues its own folder (see ``resume.py``).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from omegaconf import OmegaConf
 
 from . import resume as resume_mod
 from . import tb
+from .allocators import get_allocator_class
 from .atomic import atomic_write_json, atomic_write_text
 from .callbacks import AtomicCheckpointIO, LatentStatsMonitor, ThresholdCalibration
 from .callbacks.figures import RunFigures
@@ -31,6 +32,7 @@ from .callbacks.last_step import ValidateLastStep
 from .callbacks.progress import Progress
 from .config import TrainConfig, load_config, normalised, resolve
 from .errors import ConfigError, DataError, Interrupted
+from .interop import NATIVE, save_native
 from .module import SAEModule
 from .sweep.pruning import OptunaPruning, TrialContext
 
@@ -111,6 +113,12 @@ def prepare(cfg, run_dir: Path | None = None, overrides: list[str] | None = None
             point = resume_mod.read(str(composed["resume"]))
             composed, changed = resume_mod.resumed_config(point.config, composed, overrides, normalised)
         config = load_config(composed)
+        if not get_allocator_class(config.variant.allocator).trainable:
+            raise ConfigError(
+                "variant", config.variant.allocator,
+                "topk, mutual_choice or feature_choice: jumprelu holds an imported SAE's fixed thresholds "
+                "(python -m sae_lightning.interop import) and has nothing to train them with",
+            )  # fmt: skip
         datamodule = config.data.build()
         datamodule.open()  # an activation cache is harvested on first use, then checked
         if point is not None:
@@ -205,6 +213,8 @@ def fit(plan: Plan) -> dict[str, Any]:
     train_seconds = module.train_seconds()
     trainer.validate(module, datamodule=datamodule, verbose=False)
     trainer.save_checkpoint(run_dir / "checkpoints" / "final.ckpt")
+    if trainer.is_global_zero:
+        save_native(module, run_dir / NATIVE, config.as_dict())
 
     tokens = trainer.global_step * config.data.batch_size * trainer.world_size  # every rank its own batch
     metrics = {

@@ -171,6 +171,13 @@ CASES = [
     ("n_latents_string", "train.py", ["model.n_latents=abc"], None, r"model\.n_latents='abc' .*integer"),
     ("allocator", "train.py", ["variant.allocator=switch"], None, r"variant\.allocator='switch'.*'topk'"),
     (
+        "train an imported jumprelu",
+        "train.py",
+        ["variant=jumprelu"],
+        None,
+        r"variant=.jumprelu. is not allowed.*nothing to train",
+    ),
+    (
         "capacity",
         "train.py",
         ["variant=feature_choice", "variant.capacity=pareto"],

@@ -90,6 +90,7 @@ class Allocator(nn.Module, abc.ABC):
     Config: ClassVar[type[AllocatorConfig]] = AllocatorConfig
     # the layout of z' it reads: "token" = [B, F] (row per token), "latent" = [F, B]
     layout: ClassVar[str] = "token"
+    trainable: ClassVar[bool] = True  # False: only for SAEs trained elsewhere (JumpReLU)
 
     def __init__(self, cfg: AllocatorConfig, n_latents: int, batch_size: int):
         super().__init__()

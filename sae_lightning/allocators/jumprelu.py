@@ -1,0 +1,37 @@
+"""JumpReLU: fixed per-latent thresholds θ_j (z = z' where z' > θ_j and z' > 0), in both modes.
+
+Not trained here: it is what an SAE imported from SAELens with thresholds (``jumprelu``) or plain
+ReLU (``standard``, θ = 0) becomes, so that every tool of this package can evaluate it."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import Tensor
+
+from ..selection import threshold_selection
+from ..sparse import Selection
+from .base import Allocator, AllocatorConfig, register
+
+
+@dataclasses.dataclass(kw_only=True)
+class JumpReLUConfig(AllocatorConfig):
+    """``k`` is the SAE's nominal sparsity (informational: the thresholds set the L0)."""
+
+
+@register("jumprelu")
+class JumpReLU(Allocator):
+    Config = JumpReLUConfig
+    trainable = False
+    theta: Tensor
+
+    def __init__(self, cfg: JumpReLUConfig, n_latents: int, batch_size: int):
+        super().__init__(cfg, n_latents, batch_size)
+        self.register_buffer("theta", torch.zeros(n_latents))
+
+    def allocate(self, z: Tensor, *, step: int = 0, density: Tensor | None = None, update: bool = False) -> Selection:
+        return threshold_selection(z, self.theta)
+
+    def threshold(self, z: Tensor, source: str = "calibrated") -> Selection:
+        return threshold_selection(z, self.theta)
