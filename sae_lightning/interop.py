@@ -53,13 +53,9 @@ IMPORTABLE = ("topk", "jumprelu", "standard")
 def thresholds(module) -> Tensor | None:
     """The threshold mode's θ per latent ([F]), or None for an allocator without thresholds."""
     alloc = module.allocator
-    if not alloc.has_thresholds and not hasattr(alloc, "theta"):
+    if not alloc.has_thresholds:
         return None
-    if hasattr(alloc, "theta"):  # JumpReLU (imported)
-        theta = alloc.theta
-    else:
-        theta = alloc.current_theta("calibrated")
-    theta = theta.detach().to(torch.float32)
+    theta = alloc.current_theta("calibrated").detach().to(torch.float32)
     return theta.expand(module.sae.n_latents).clone() if theta.dim() == 0 else theta.clone()
 
 

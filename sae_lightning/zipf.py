@@ -59,9 +59,16 @@ def uniform_capacities(n_latents: int, budget: int) -> Tensor:
     return m
 
 
-def zipf_capacities(n_latents: int, budget: int, cap: int, alpha: float, beta: float) -> Tensor:
-    """Integer capacities by rank: water-filled Zipf weights, Σ m_r = M, m_r ≤ cap (= B)."""
-    x = waterfill(zipf_weights(n_latents, alpha, beta), float(budget), float(cap))
+def zipf_capacities(n_latents: int, budget: int, cap: int, alpha: float, beta: float, floor: int = 0) -> Tensor:
+    """Integer capacities by rank: water-filled Zipf weights, Σ m_r = M, floor ≤ m_r ≤ cap (= B).
+
+    ``floor`` tokens go to every rank first and the rest of the budget is water-filled on top,
+    so that no latent's capacity rounds down to zero (a latent with m = 0 can never fire)."""
+    if n_latents * floor > budget or floor > cap:
+        raise ValueError(
+            f"a floor of {floor} for {n_latents} latents needs {n_latents * floor} of a budget of {budget}"
+        )
+    x = floor + waterfill(zipf_weights(n_latents, alpha, beta), float(budget - n_latents * floor), float(cap - floor))
     return round_preserving_sum(x, budget, cap)
 
 

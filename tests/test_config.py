@@ -18,7 +18,10 @@ BAD = [
     (["model.n_latents=64", "variant.k=65"], r"variant.k=65 .*at most model.n_latents = 64"),
     (["model.normalisation=batchnorm"], r"model.normalisation='batchnorm'.*'none', 'dataset_scale', 'layernorm'"),
     (["model.b_pre_init=median"], r"model.b_pre_init='median'.*'geometric_median'"),
-    (["variant.allocator=switch"], r"variant.allocator='switch'.*'feature_choice', 'jumprelu', 'mutual_choice', 'topk'"),
+    (
+        ["variant.allocator=switch"],
+        r"variant.allocator='switch'.*'feature_choice', 'jumprelu', 'mutual_choice', 'topk'",
+    ),
     (["+variant.losses.aux_q.coef=1"], r"variant.losses.aux_q"),
     (["variant=feature_choice", "variant.capacity=pareto"], r"variant.capacity='pareto'.*'uniform', 'zipf'"),
     (["variant=feature_choice", "variant.rank=random"], r"variant.rank='random'.*'static', 'by_density'"),

@@ -60,3 +60,15 @@ def test_fit_zipf_recovers_alpha_and_beta():
     density = 0.3 * (r + 10.0).pow(-1.3)
     alpha, beta, c, r2 = fit_zipf(density[torch.randperm(2000)], tail_fraction=0.0, betas=(0.0, 10.0, 100.0))
     assert alpha == pytest.approx(1.3, rel=1e-6) and beta == 10.0 and r2 > 0.999999
+
+
+def test_a_capacity_floor_leaves_no_latent_without_tokens():
+    # 4096 latents, k = 16, B = 1024: with α = 1 the plain water-filling gives the tail ranks
+    # under half a token, which rounds to 0 (those latents can never fire)
+    plain = zipf_capacities(4096, 16 * 1024, 1024, 1.0, 0.0)
+    assert int((plain == 0).sum()) > 0
+    floored = zipf_capacities(4096, 16 * 1024, 1024, 1.0, 0.0, floor=1)
+    assert int(floored.min()) == 1 and int(floored.sum()) == 16 * 1024 and int(floored.max()) <= 1024
+    assert bool((floored[:-1] >= floored[1:]).all())  # still non-increasing by rank
+    with pytest.raises(ValueError):
+        zipf_capacities(100, 50, 10, 1.0, 0.0, floor=1)

@@ -27,6 +27,9 @@ class FeatureChoiceConfig(AllocatorConfig):
     capacity: Literal["uniform", "zipf"] = "uniform"
     zipf_alpha: float = setting(1.0, ge=0)
     zipf_beta: float = setting(0.0, gt=-1, allowed="a number > -1 (so that r + beta > 0 for r >= 1)")
+    # zipf: tokens every latent may take per batch before the Zipf water-filling (0: a tail rank
+    # may get no capacity and never fire)
+    min_capacity: int = setting(1, ge=0)
     zipf_from: str | None = None  # a run folder: α, β of its validation density fit (metrics.json)
     rank: Literal["static", "by_density"] = "static"  # which latent gets which Zipf rank
     rerank_every_steps: int = setting(100, ge=1)  # by_density: re-rank latents by their demand this often
@@ -80,7 +83,7 @@ def capacities_by_rank(cfg: FeatureChoiceConfig, n_latents: int, batch_size: int
     if cfg.capacity == "uniform":
         return uniform_capacities(n_latents, budget)
     alpha, beta = zipf_shape(cfg)
-    return zipf_capacities(n_latents, budget, batch_size, alpha, beta)
+    return zipf_capacities(n_latents, budget, batch_size, alpha, beta, cfg.min_capacity)
 
 
 @register("feature_choice")

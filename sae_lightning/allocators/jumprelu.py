@@ -10,7 +10,7 @@ import dataclasses
 import torch
 from torch import Tensor
 
-from ..selection import threshold_selection
+from ..selection import check_finite, threshold_selection
 from ..sparse import Selection
 from .base import Allocator, AllocatorConfig, register
 
@@ -30,8 +30,16 @@ class JumpReLU(Allocator):
         super().__init__(cfg, n_latents, batch_size)
         self.register_buffer("theta", torch.zeros(n_latents))
 
+    @property
+    def has_thresholds(self) -> bool:
+        return True
+
+    def current_theta(self, source: str = "calibrated") -> Tensor:
+        return self.theta  # fixed: no calibration, no running estimate
+
     def allocate(self, z: Tensor, *, step: int = 0, density: Tensor | None = None, update: bool = False) -> Selection:
-        return threshold_selection(z, self.theta)
+        return self.threshold(z)
 
     def threshold(self, z: Tensor, source: str = "calibrated") -> Selection:
+        check_finite(z.amax(1))  # NaN and +inf propagate through the row maximum
         return threshold_selection(z, self.theta)
