@@ -54,7 +54,7 @@ CONFIGS = {
         "variant.losses.aux_zipf.underused_term=pull",
         "variant.losses.aux_zipf.underused_coef=0.1",
     ],
-    "fc_uniform": ["variant=feature_choice"],
+    "fc_uniform": ["variant=feature_choice", "variant.capacity=uniform", "variant.rank=static"],
     "fc_zipf": ["variant=feature_choice", "variant.capacity=zipf", "variant.rank=by_density"],
 }
 TIMINGS = ("train_seconds", "tokens_per_second")

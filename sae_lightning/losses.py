@@ -208,8 +208,8 @@ class AuxZipf(LossTerm):
     beta: float = setting(0.0, gt=-1)
     coverage_tokens: int = setting(0, ge=0, allowed="an integer >= 0 (0: off)")
     values: AuxValues = "relu"
-    underused_coef: float = setting(1.0, ge=0)
-    underused_term: UnderusedTerm = "residual"
+    underused_coef: float = setting(0.1, ge=0)
+    underused_term: UnderusedTerm = "pull"
     deficit_weighting: bool = True
 
     def __call__(self, out, sae, stats):

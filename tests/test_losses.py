@@ -71,11 +71,11 @@ def test_build_losses_validates():
         build_losses({"aux_k": {"kaux": 3}})
 
 
-def test_aux_zipf_trains_every_live_under_used_latent():
+def test_aux_zipf_residual_term_trains_every_live_under_used_latent():
     sae, stats, out = setup(dead_fraction=0.1, B=128, F=96)
     stats.density.fill_(1e-6)  # every live latent far below its target
     dead = stats.dead_mask()
-    term = AuxZipf(tau=0.5, k_aux=2)
+    term = AuxZipf(tau=0.5, k_aux=2, underused_term="residual", underused_coef=1.0)
     grad = torch.autograd.grad(term(out, sae, stats), sae.W_enc)[0]
     reached = grad.abs().sum(1) > 0
     has_positive = (out.z > 0).any(0)  # a latent with no positive affinity cannot be reached with relu values

@@ -24,14 +24,15 @@ from .base import Allocator, AllocatorConfig, CalibrationSet, ema_update, regist
 
 @dataclasses.dataclass(kw_only=True)
 class FeatureChoiceConfig(AllocatorConfig):
-    capacity: Literal["uniform", "zipf"] = "uniform"
+    capacity: Literal["uniform", "zipf"] = "zipf"
     zipf_alpha: float = setting(1.0, ge=0)
     zipf_beta: float = setting(0.0, gt=-1, allowed="a number > -1 (so that r + beta > 0 for r >= 1)")
     # zipf: tokens every latent may take per batch before the Zipf water-filling (0: a tail rank
     # may get no capacity and never fire)
     min_capacity: int = setting(1, ge=0)
     zipf_from: str | None = None  # a run folder: α, β of its validation density fit (metrics.json)
-    rank: Literal["static", "by_density"] = "static"  # which latent gets which Zipf rank
+    # which latent gets which Zipf rank (no effect with uniform capacities: every rank is equal)
+    rank: Literal["static", "by_density"] = "by_density"
     rerank_every_steps: int = setting(100, ge=1)  # by_density: re-rank latents by their demand this often
     demand_tokens: int = setting(256, ge=1)  # by_density: tokens of each batch on which demand is counted
     demand_time_constant_tokens: int = setting(100_000, ge=1, allowed="an integer >= 1 (tokens)")
@@ -40,12 +41,6 @@ class FeatureChoiceConfig(AllocatorConfig):
     threshold_ema_warmup_steps: int = setting(100, ge=0)
 
     def check(self, prefix: str) -> None:
-        require(
-            self.rank == "static" or self.capacity == "zipf",
-            f"{prefix}.rank",
-            self.rank,
-            "static with uniform capacities (every rank has the same capacity; set variant.capacity=zipf)",
-        )
         if self.zipf_from is not None:
             require(
                 self.capacity == "zipf",
@@ -146,7 +141,7 @@ class FeatureChoice(Allocator):
         F_, B = z.shape
         if update and step < self.cfg.mc_warmup_steps:
             return self._warmup(z.t(), self.cfg.k * B)[0]
-        if update and self.cfg.rank == "by_density":
+        if update and self.cfg.rank == "by_density" and self.cfg.capacity == "zipf":
             self._update_demand(z)
             if step % self.cfg.rerank_every_steps == 0:
                 self.rank_to_latent.copy_(torch.argsort(self.demand, descending=True, stable=True))

@@ -175,8 +175,12 @@ def test_feature_choice_zipf_from_a_run_uses_its_fitted_shape(tmp_path):
     assert torch.equal(fitted.capacity_by_rank, direct.capacity_by_rank)
     with pytest.raises(ConfigError, match=r"variant\.zipf_from=.* a finished run folder"):
         make("feature_choice", 4, 200, 128, capacity="zipf", zipf_from=str(tmp_path / "nowhere"))
-    with pytest.raises(ConfigError, match=r"variant\.rank='by_density'.*set variant\.capacity=zipf"):
-        make("feature_choice", 4, 200, 128, rank="by_density")
+    # with uniform capacities the ranking has nothing to change: no demand is tracked, no re-rank
+    uniform = make("feature_choice", 4, 200, 128, capacity="uniform", rank="by_density")
+    z = torch.randn(128, 200)
+    z[:, 7] += 5
+    allocate(uniform, z, step=0, update=True)
+    assert torch.equal(uniform.rank_to_latent, torch.arange(200))
 
 
 def test_feature_choice_mc_warmup_uses_mutual_choice_first():
