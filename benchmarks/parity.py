@@ -1,0 +1,187 @@
+"""TopK parity with SAELens on identical batches: ``python -m benchmarks.parity``.
+
+Trains our TopK (``train.py``, our recipe, then one recipe difference at a time) and SAELens's
+``TopKTrainingSAE`` with its own ``SAETrainer`` (in ``.venv-saelens``: ``make
+install-saelens``) on the same batches of one activation cache, in the same order (ours
+reads the cache through its loader; the harness writes the indices of every batch it will
+read, and SAELens reads exactly those). Both final SAEs are then scored by one function (in
+the SAELens environment, ours exported with ``sae_lightning.interop``): FVU, mean L0 and the
+share of latents that never fire on the cache's held-out tokens. Training tokens/s come from
+each trainer (ours: the whole run, validation included).
+
+    python -m benchmarks.parity --data minilm --cache outputs/cache/minilm_l3_pydocs
+    python -m benchmarks.parity --data smollm2 --cache outputs/cache/smollm2_l9_pydocs --ablations none
+
+Resumable: a finished run is kept. Writes ``<out>/<data>/parity.json`` and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from hydra import compose, initialize_config_dir
+
+from sae_lightning.atomic import atomic_write_json, atomic_write_text
+from sae_lightning.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+SAELENS_PY = ROOT / ".venv-saelens" / "bin" / "python"
+
+# SAELens's TopK recipe, against ours, one difference at a time (the overrides that make ours
+# like theirs in that respect)
+ABLATIONS: dict[str, list[str]] = {
+    "ours": [],
+    "b_dec init 0 (not the geometric median)": ["model.b_pre_init=zeros"],
+    "no input normalisation": ["model.normalisation=none"],
+    "gradient clipping at 1.0": ["+trainer.gradient_clip_val=1.0"],
+    "aux_k coefficient 1.0 (not 1/32)": ["variant.losses.aux_k.coef=1.0"],
+    "no learning-rate warm-up": ["optim.warmup_steps=0"],
+    "encoder scale: none (tied init as is)": ["model.init_encoder_scale=none"],
+    "main loss / variance (not second moment)": ["variant.losses.recon.scale=variance"],
+    "all of the above": [
+        "model.b_pre_init=zeros",
+        "model.normalisation=none",
+        "+trainer.gradient_clip_val=1.0",
+        "variant.losses.aux_k.coef=1.0",
+        "optim.warmup_steps=0",
+        "model.init_encoder_scale=none",
+    ],
+}
+
+
+def data_overrides(a) -> list[str]:
+    return [
+        f"data={a.data}",
+        f"data.path={a.cache}",
+        f"data.batch_size={a.batch}",
+        f"data.val_tokens={a.heldout}",
+        "data.downstream.enabled=false" if a.data == "smollm2" else "data.seed=0",
+        *a.data_overrides,
+    ]
+
+
+def plan(a, out: Path) -> Path:
+    """The batches both trainers read, and the held-out range both are scored on."""
+    path = out / "plan.json"
+    if path.is_file():
+        return path
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        cfg = compose("train", overrides=data_overrides(a))
+    dm: Any = load_config(cfg).data.build()
+    dm.open()
+    steps = a.tokens // a.batch
+    order = np.stack([dm.order.batch(j) for j in range(steps)]).astype(np.int64)
+    np.save(out / "order.npy", order)
+    folder = Path(dm.path)
+    shards = [str(folder / e["activations"]["file"]) for e in dm.manifest["shards"]]
+    atomic_write_json(path, {
+        "shards": shards, "order": str(out / "order.npy"), "heldout": list(dm.val_range),
+        "d_model": dm.d_model, "n_latents": a.latents, "k": a.k, "lr": a.lr, "seed": 0, "threads": a.threads,
+    })  # fmt: skip
+    return path
+
+
+def ours(a, out: Path, name: str, extra: list[str]) -> dict[str, Any] | None:
+    folder = out / "ours" / name.split(" (")[0].replace(" ", "_").replace("/", "")
+    done = sorted(folder.glob("runs/*/metrics.json"))
+    if not done:
+        args = [
+            *data_overrides(a), "variant=topk", f"variant.k={a.k}", f"model.n_latents={a.latents}",
+            f"optim.lr={a.lr}", f"trainer.max_steps={a.tokens // a.batch}",
+            f"trainer.val_check_interval={a.tokens // a.batch}", f"out_dir={folder}", "progress=none", *extra,
+        ]  # fmt: skip
+        env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "MKL_NUM_THREADS": str(a.threads)}
+        folder.mkdir(parents=True, exist_ok=True)
+        p = subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, env=env, capture_output=True, text=True)
+        atomic_write_text(folder / "train.log", p.stdout + p.stderr)
+        if p.returncode != 0:
+            print(f"  FAILED ours / {name}: {p.stderr.strip().splitlines()[-1:]}", flush=True)
+            return None
+        done = sorted(folder.glob("runs/*/metrics.json"))
+    run = done[-1].parent
+    export = folder / "saelens_export"
+    if not export.is_dir():
+        from sae_lightning.interop import export_saelens
+
+        export_saelens(run, export)
+    m = json.loads(done[-1].read_text())
+    return {"folder": str(export), "tokens_per_second": m["tokens_per_second"], "dead_training": m["val/dead_fraction"]}
+
+
+def theirs(a, out: Path, plan_path: Path) -> dict[str, Any] | None:
+    folder = out / "saelens"
+    if not (folder / "train.json").is_file():
+        p = subprocess.run(
+            [str(SAELENS_PY), str(ROOT / "benchmarks" / "saelens_side.py"), "train", str(plan_path), str(folder)],
+            capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(a.threads)},
+        )  # fmt: skip
+        if p.returncode != 0:
+            print(f"  FAILED SAELens: {p.stderr[-2000:]}", flush=True)
+            return None
+    t = json.loads((folder / "train.json").read_text())
+    return {"folder": str(folder), "tokens_per_second": t["tokens_per_second"]}
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data", choices=["minilm", "smollm2", "cache"], default="minilm",
+                   help="the data config of the cache (cache: any cache, only read)")  # fmt: skip
+    p.add_argument(
+        "--data-overrides", nargs="*", default=[], help="more data.* overrides, e.g. data.calibration_tokens=4096"
+    )
+    p.add_argument("--cache", type=Path, required=True, help="the activation cache (harvested with that data config)")
+    p.add_argument("--k", type=int, default=32)
+    p.add_argument("--latents", type=int, default=8192)
+    p.add_argument("--batch", type=int, default=4096)
+    p.add_argument("--tokens", type=int, default=900_000, help="training tokens (whole batches)")
+    p.add_argument("--heldout", type=int, default=50_000, help="held-out tokens both are scored on")
+    p.add_argument("--lr", type=float, default=4e-4)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--ablations", nargs="*", default=None,
+                   help="which of our variants (default: all; 'none': ours only)")  # fmt: skip
+    p.add_argument("--out", type=Path, default=ROOT / "outputs" / "bench" / "parity")
+    a = p.parse_args(argv)
+    if not SAELENS_PY.exists():
+        sys.exit(f"error: {SAELENS_PY} does not exist: run make install-saelens first")
+    out = a.out / a.data
+    out.mkdir(parents=True, exist_ok=True)
+    plan_path = plan(a, out)
+    names = list(ABLATIONS) if a.ablations is None else ["ours"] + [n for n in ABLATIONS if n in a.ablations]
+    rows: dict[str, dict[str, Any]] = {}
+    for name in names:
+        print(f"ours: {name}", flush=True)
+        r = ours(a, out, name, ABLATIONS[name])
+        if r is not None:
+            rows[name] = r
+    print("SAELens TopK", flush=True)
+    sl = theirs(a, out, plan_path)
+    if sl is not None:
+        rows["SAELens TopK (its defaults)"] = sl
+    scored = subprocess.run(
+        [str(SAELENS_PY), str(ROOT / "benchmarks" / "saelens_side.py"), "evaluate", str(plan_path),
+         *[r["folder"] for r in rows.values()]],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    figures = json.loads(scored.stdout.strip().splitlines()[-1])
+    for r in rows.values():
+        r.update(figures[r["folder"]])
+    result = {"settings": {k: str(v) for k, v in vars(a).items()}, "rows": rows}
+    atomic_write_json(out / "parity.json", result)
+    print(f"\n{a.data}: k = {a.k}, F = {a.latents}, B = {a.batch}, {a.tokens // a.batch * a.batch} training tokens, "
+          f"lr {a.lr}, scored on {a.heldout} held-out tokens")  # fmt: skip
+    print("| system | FVU | L0 | never fired (held-out) | tokens/s |\n|---|---|---|---|---|")
+    for name, r in rows.items():
+        print(f"| {name} | {r['fvu']:.4f} | {r['l0']:.1f} | {r['never_fired']:.1%} | {r['tokens_per_second']:.0f} |")
+    return result
+
+
+if __name__ == "__main__":
+    main()

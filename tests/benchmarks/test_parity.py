@@ -1,0 +1,41 @@
+"""The parity harness gives SAELens exactly the batches our trainer reads."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+import torch
+
+from benchmarks.parity import plan
+from benchmarks.saelens_side import gather, load_plan
+from sae_lightning.data.activations import TrainStream
+from sae_lightning.data.harvest import harvest
+
+from ..conftest import compose_config
+from ..data.test_harvest import spec_for
+
+
+def test_the_plan_holds_the_batches_our_loader_yields_in_order(tiny_lm, corpus_file, tmp_path):
+    cache = tmp_path / "cache"
+    harvest(
+        cache, spec_for(tiny_lm, corpus_file, token_budget=1500, shard_tokens=256), progress=False, log=lambda *a: None
+    )
+    overrides = ["data.calibration_tokens=90", "data.shuffle_buffer_tokens=256"]
+    a = argparse.Namespace(data="cache", cache=cache, batch=64, heldout=100, tokens=64 * 40, data_overrides=overrides,
+                           latents=128, k=4, lr=1e-3, threads=1)  # fmt: skip
+    path = plan(a, tmp_path)
+    p, shards, starts = load_plan(path)
+    order = np.load(p["order"])
+    assert order.shape == (40, 64)  # more batches than one epoch holds: the order goes on into the next
+    from sae_lightning.config import load_config
+
+    cfg = compose_config(["data=cache", f"data.path={cache}", "data.batch_size=64", "data.val_tokens=100", *overrides])
+    dm = load_config(cfg).data.build()
+    dm.open()
+    assert dm.n_batches < 40
+    stream = iter(TrainStream(dm.reader, dm.order, start=0))
+    for j in range(40):
+        assert torch.equal(next(stream).float(), gather(shards, starts, order[j]))
+    assert json.loads(path.read_text())["heldout"] == list(dm.val_range)
