@@ -181,7 +181,7 @@ def check_claims(agg: dict) -> list[tuple[str, str, bool | None, str]]:
                     rows.append(
                         (
                             dataset,
-                            f"k={k}: FVU({name}) ≤ FVU(TopK), batch / threshold",
+                            f"k={k}: FVU({name}) ≤ FVU(TopK) in batch or threshold mode",
                             fb <= t or ft <= t,
                             f"batch {fb:.4f}, threshold {ft:.4f} vs TopK {t:.4f}",
                         )
