@@ -118,4 +118,6 @@ def test_two_workers_one_killed_mid_trial_end_with_exactly_n_trials(postgres, cl
     retried = {n for t in study.trials for n in t.system_attrs.get("retry_history", [])}
     (failed,) = [t.number for t in study.trials if t.state == optuna.trial.TrialState.FAIL]
     assert failed in {t.number for t in killed} and retried == {failed}, (states, retried)
+    (retry,) = [t for t in study.trials if t.system_attrs.get("retry_history") == [failed]]
+    assert retry.user_attrs["run_dir"] == study.trials[failed].user_attrs["run_dir"]  # resumed in its folder
     print(f"trials: {states} (retried: {sorted(retried)})")
