@@ -247,9 +247,9 @@ def report(results: dict, args, doc: Path, img_dir: Path) -> str:
         "# Results: the paper's claims, measured",
         "",
         f"Made by `python -m benchmarks.claims` ({args.steps} steps of 1024 tokens = "
-        f"{args.steps * 1024 / 1e6:.2f}M training tokens per run, F = 4096, {len(args.seeds)} training seeds, "
-        "every other setting the default; the data order is the same for every run). Each cell is mean ± std "
-        "over the seeds. FVU is on the 16 384 held-out validation tokens; *batch* allocates each validation "
+        f"{args.steps * 1024 / 1e6:.2f}M training tokens per run, F = 4096, training seeds "
+        f"{', '.join(map(str, args.seeds))}, every other setting the default; the data order is the same for "
+        "every run). Each cell is mean ± std over the seeds that ran (the last column counts them). FVU is on the 16 384 held-out validation tokens; *batch* allocates each validation "
         "batch of 1024 tokens as in training, *threshold* uses the thresholds calibrated on held-out tokens "
         "after training (what one token at a time gets); L0 is the mean number of active latents per token "
         "in that mode; dead = not fired in the last 200k training tokens; under-used = density below "
