@@ -28,5 +28,5 @@ def test_a_key_typo_gets_a_did_you_mean_and_how_to_add_a_key():
 
 def test_a_missing_group_option_lists_the_options():
     line = hydra_error(["variant=mutual"])
-    assert "Could not find 'variant/mutual'" in line and "feature_choice, mutual_choice, topk" in line
+    assert "Could not find 'variant/mutual'" in line and "feature_choice, jumprelu, mutual_choice, topk" in line
     assert "did you mean mutual_choice?" in line and "\n" not in line

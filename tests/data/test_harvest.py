@@ -209,7 +209,7 @@ def test_harvest_cli_stops_on_ctrl_c_and_resumes_to_the_same_cache(tiny_lm, tmp_
     from ..conftest import write_corpus
 
     corpus = tmp_path / "big.txt"
-    write_corpus(corpus, n_docs=300)
+    write_corpus(corpus, n_docs=2000)
     args = [
         f"data.harvest.lm.name={tiny_lm}",
         f"data.harvest.corpus.path={corpus}",
@@ -217,7 +217,7 @@ def test_harvest_cli_stops_on_ctrl_c_and_resumes_to_the_same_cache(tiny_lm, tmp_
         "data.harvest.context_length=16",
         "data.harvest.batch_size=1",
         "data.harvest.shard_tokens=64",
-        "data.harvest.token_budget=3000",
+        "data.harvest.token_budget=20000",  # long enough that the signal lands mid-harvest
     ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     cmd = [sys.executable, "harvest.py", f"out_dir={tmp_path}", f"data.path={tmp_path}/cache", *args]
@@ -248,7 +248,7 @@ def test_harvest_cli_stops_on_ctrl_c_and_resumes_to_the_same_cache(tiny_lm, tmp_
             "context_length": 16,
             "batch_size": 1,
             "shard_tokens": 64,
-            "token_budget": 3000,
+            "token_budget": 20000,
         }
     )
     harvest(tmp_path / "ref", spec, progress=False, log=lambda *a: None)
