@@ -4,3 +4,23 @@
 - ``data_pipeline``: harvest against the bare forward pass, the loader against training;
 - ``claims``: the paper's claims measured on three datasets (docs/results.md).
 """
+
+
+def train_in_subprocess(args: list[str], folder, threads: int, what: str) -> bool:
+    """``python train.py ARGS`` from the repository root on ``threads`` threads, its output kept
+    in ``folder/train.log``; prints one line and returns False if it failed."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from sae_lightning.atomic import atomic_write_text
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run([sys.executable, "train.py", *args], cwd=root, env=env, capture_output=True, text=True)
+    atomic_write_text(Path(folder) / "train.log", proc.stdout + proc.stderr)
+    if proc.returncode != 0:
+        print(f"  FAILED {what}: {proc.stderr.strip().splitlines()[-1:]}", flush=True)
+    return proc.returncode == 0

@@ -28,6 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from benchmarks import train_in_subprocess
 from sae_lightning.atomic import atomic_path, atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,12 +84,7 @@ def run_one(
     resumable = [r for r in runs if (r / "checkpoints" / "last.ckpt").is_file()]
     if resumable:  # stopped midway: continue it
         args = [f"resume={resumable[-1]}", "progress=none"]
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    folder.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, env=env, capture_output=True, text=True)
-    atomic_write_text(folder / "train.log", proc.stdout + proc.stderr)
-    if proc.returncode != 0:
-        print(f"  FAILED {dataset} {config} k={k} seed={seed}: {proc.stderr.strip().splitlines()[-1:]}", flush=True)
+    if not train_in_subprocess(args, folder, threads, f"{dataset} {config} k={k} seed={seed}"):
         return None
     run = max((folder / "runs").iterdir(), key=lambda p: p.stat().st_mtime)
     return json.loads((run / "metrics.json").read_text())

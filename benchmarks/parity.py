@@ -28,7 +28,8 @@ from typing import Any
 import numpy as np
 from hydra import compose, initialize_config_dir
 
-from sae_lightning.atomic import atomic_write_json, atomic_write_text
+from benchmarks import train_in_subprocess
+from sae_lightning.atomic import atomic_write_json
 from sae_lightning.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,12 +99,7 @@ def ours(a, out: Path, name: str, extra: list[str]) -> dict[str, Any] | None:
             f"optim.lr={a.lr}", f"trainer.max_steps={a.tokens // a.batch}",
             f"trainer.val_check_interval={a.tokens // a.batch}", f"out_dir={folder}", "progress=none", *extra,
         ]  # fmt: skip
-        env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "MKL_NUM_THREADS": str(a.threads)}
-        folder.mkdir(parents=True, exist_ok=True)
-        p = subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, env=env, capture_output=True, text=True)
-        atomic_write_text(folder / "train.log", p.stdout + p.stderr)
-        if p.returncode != 0:
-            print(f"  FAILED ours / {name}: {p.stderr.strip().splitlines()[-1:]}", flush=True)
+        if not train_in_subprocess(args, folder, a.threads, f"ours / {name}"):
             return None
         done = sorted(folder.glob("runs/*/metrics.json"))
     run = done[-1].parent

@@ -132,11 +132,12 @@ def export_saelens(run_dir: Path, out: Path) -> Path:
     module, data = load_run(Path(run_dir))
     cfg, weights = saelens_state(module)
     meta: dict[str, Any] = {"sae_lightning_run": str(Path(run_dir).resolve()), "allocator": module.variant.allocator}
-    manifest = getattr(data, "manifest", None)
-    if manifest is None and data.kind == "activations":
-        from .data.shards import read_manifest
+    from .data.activations import ActivationsData
+    from .data.shards import read_manifest
 
-        manifest = read_manifest(Path(data.path))  # type: ignore[attr-defined]
+    manifest = None
+    if isinstance(data, ActivationsData):
+        manifest = read_manifest(Path(data.path))
     if manifest:
         lm = manifest.get("harvest", {}).get("lm", {})
         meta.update(model_name=lm.get("name") or lm.get("path"), hook_name=f"layer {lm.get('layer')}")
