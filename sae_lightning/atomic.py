@@ -100,6 +100,26 @@ def file_lock(path: str | Path, on_wait=None) -> Iterator[None]:
                 break
 
 
+def check_writable(path: str | Path, key: str) -> None:
+    """The folder ``path`` exists or can be made, and files can be written there (tried, then
+    removed); else a ConfigError naming ``key``. Writes nothing that stays."""
+    import tempfile
+
+    from .errors import ConfigError
+
+    existing = Path(path).expanduser()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(key, str(path), f"a folder ({existing} is a file)")
+    try:
+        Path(tempfile.mkdtemp(prefix=".write-test-", dir=existing)).rmdir()
+    except OSError as e:
+        raise ConfigError(
+            key, str(path), f"a folder this user can write (cannot write in {existing}: {e.strerror})"
+        ) from None
+
+
 def remove_temporaries(folder: Path) -> None:
     for tmp in Path(folder).glob(".*.tmp-*"):
         tmp.unlink(missing_ok=True)

@@ -103,6 +103,14 @@ def describe_hydra_error(err: BaseException) -> str:
     return f"config error: {detail}"
 
 
+def describe_yaml_error(err: BaseException) -> str:
+    """A config file that is not valid YAML, as one line: the file, the line and column, the problem."""
+    mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+    where = f"{mark.name}, line {mark.line + 1}, column {mark.column + 1}" if mark is not None else "a config file"
+    problem = " ".join(filter(None, (getattr(err, "context", None), getattr(err, "problem", None)))) or str(err)
+    return f"config error: {where} is not valid YAML: {problem}"
+
+
 def is_hydra_error(err: BaseException) -> bool:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
@@ -138,6 +146,10 @@ def run_entry(main: Callable[[], object]) -> None:
         try:
             main()
         except Exception as e:
+            import yaml
+
+            if isinstance(e, yaml.YAMLError):
+                fail(describe_yaml_error(e), 2)
             if is_hydra_error(e):
                 fail(describe_hydra_error(e), 2)
             raise

@@ -11,7 +11,6 @@ weights alone, see ``interop.py``), ``metrics.json`` and the PNG plots. A resume
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +23,7 @@ from omegaconf import OmegaConf
 from . import resume as resume_mod
 from . import tb
 from .allocators import get_allocator_class
-from .atomic import atomic_write_json, atomic_write_text
+from .atomic import atomic_write_json, atomic_write_text, check_writable
 from .callbacks import AtomicCheckpointIO, LatentStatsMonitor, ThresholdCalibration
 from .callbacks.figures import RunFigures
 from .callbacks.interrupt import GracefulStop
@@ -54,22 +53,6 @@ def _remove_if_empty(run_dir: Path | None) -> None:
             run_dir.rmdir()
     except OSError:
         pass
-
-
-def check_writable(out_dir: str) -> None:
-    """out_dir exists or can be made, and files can be written there (tried, then removed)."""
-    path = Path(out_dir).expanduser()
-    existing = path
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        raise ConfigError("out_dir", out_dir, f"a folder ({existing} is a file)")
-    try:
-        Path(tempfile.mkdtemp(prefix=".write-test-", dir=existing)).rmdir()
-    except OSError as e:
-        raise ConfigError(
-            "out_dir", out_dir, f"a folder this user can write (cannot write in {existing}: {e.strerror})"
-        ) from None
 
 
 def new_run_dir(out_dir: str, variant: str) -> Path:
@@ -128,7 +111,7 @@ def prepare(cfg, run_dir: Path | None = None, overrides: list[str] | None = None
                     _remove_if_empty(run_dir)
                 run_dir = point.run_dir
         if run_dir is None:
-            check_writable(config.out_dir)
+            check_writable(config.out_dir, "out_dir")
     except (ConfigError, DataError):
         _remove_if_empty(run_dir)
         raise
@@ -210,6 +193,8 @@ def fit(plan: Plan) -> dict[str, Any]:
         trainer.fit(module, datamodule=datamodule, ckpt_path=str(point.checkpoint) if point is not None else None)
     except Interrupted as e:
         raise Interrupted(f"{e}; continue with: python train.py resume={run_dir}") from None
+    except DataError as e:  # found while training (a cache opened with data.verify=size): the folder stays
+        raise DataError(f"{e} (found during training; the run folder {run_dir} keeps what was written)") from None
     train_seconds = module.train_seconds()
     trainer.validate(module, datamodule=datamodule, verbose=False)
     trainer.save_checkpoint(run_dir / "checkpoints" / "final.ckpt")

@@ -4,8 +4,9 @@ stderr that names the problem, no traceback, and nothing written or left behind.
 Inputs: configs (incl. trainer keys and Hydra's own errors), activation caches and their
 manifests, checkpoints to resume from, sweep spaces, paths, harvest settings. Each case runs
 the real entry point (``train.py`` / ``harvest.py`` with its command line) in a fresh
-workspace holding whatever the case needs (a cache, a run folder), and compares the
-workspace and the repository before and after.
+workspace holding whatever the case needs (a cache, a run folder), started in that workspace
+(so that a relative path lands there too), and compares the workspace before and after; it never
+looks at the repository's own ``outputs/``, where the user may be training meanwhile.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ import torch
 from sae_lightning.data import shards
 from sae_lightning.data.harvest import harvest
 
-from .cli import ROOT
 from .data.test_harvest import spec_for
 
 SMALL = ["model.n_latents=128", "model.init_sample_tokens=256", "variant.k=4", "optim.warmup_steps=2", "progress=none"]
@@ -144,6 +144,22 @@ def a_file_as_out_dir_parent(ws: Path, a: dict) -> None:
     (ws / "afile").write_text("not a folder")
 
 
+def nan_in_a_checksummed_shard(ws: Path, a: dict) -> None:
+    """A NaN that passes the checksum (written with a matching manifest): found when the cache is opened."""
+    with_cache(ws, a)
+    path = ws / "cache" / "shard_00000.npy"
+    arr = np.load(path)
+    arr[3, 5] = np.nan
+    np.save(path, arr)
+    m = json.loads((ws / "cache" / "manifest.json").read_text())
+    m["shards"][0]["activations"].update(bytes=path.stat().st_size, sha256=shards.sha256_file(path))
+    (ws / "cache" / "manifest.json").write_text(json.dumps(m))
+
+
+# the environment of a case's process, where it needs its own (the tests run with the hub off)
+ENV = {"hub_unreachable": {"HF_HUB_OFFLINE": "0", "TRANSFORMERS_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"}}
+
+
 # (id, script, arguments, set-up, what the error line must say)
 CASES = [
     # ---- config values ---------------------------------------------------------------------
@@ -218,6 +234,13 @@ CASES = [
     # ---- Hydra's own errors ------------------------------------------------------------------
     ("group_option", "train.py", ["variant=switch"], None, r"Could not find 'variant/switch'.*mutual_choice"),
     ("parse", "train.py", ["variant.k=("], None, r"cannot parse a command-line override"),
+    (
+        "config_file_yaml_syntax",
+        "train.py",
+        ["--config-dir", "{ws}/cfg", "--config-name", "bad"],
+        write("cfg/bad.yaml", "defaults:\n  - train\nseed: [1, 2\n"),
+        r"bad\.yaml, line 4, column 1 is not valid YAML: .*expected ',' or '\]'",
+    ),
     # ---- paths ---------------------------------------------------------------------------------
     ("out_dir_unwritable", "train.py", ["out_dir=/proc/sae_lightning_out"], None, r"out_dir='/proc/sae_lightning_out'"),
     (
@@ -290,6 +313,13 @@ CASES = [
     ),
     ("shard_missing", "train.py", ON_CACHE, edit_shard(lambda p: p.unlink()), r"shard_00001\.npy is missing"),
     ("shard_corrupt", "train.py", ON_CACHE, edit_shard(flip_byte), r"shard_00001\.npy is corrupt: sha256"),
+    (
+        "shard_nan_checksummed",
+        "train.py",
+        ON_CACHE,
+        nan_in_a_checksummed_shard,
+        r"shard_00000\.npy holds a NaN or inf at row 3",
+    ),
     (
         "cache_too_small",
         "train.py",
@@ -375,7 +405,35 @@ CASES = [
         None,
         r"hydra\.sweeper\.storage=nodb://x: cannot open the study storage",
     ),
+    (
+        "sweep_storage_folder",
+        "train.py",
+        ["-m", "sweeps=pareto", "hydra.sweeper.storage=sqlite:////proc/nope/s.db"],
+        None,
+        r"storage=sqlite:////proc/nope/s\.db: cannot make the folder /proc/nope",
+    ),
     # ---- harvest settings --------------------------------------------------------------------
+    (
+        "harvest_unwritable",
+        "harvest.py",
+        [*HARVEST, "data.path=/proc/sae_x"],
+        None,
+        r"data\.path='/proc/sae_x' .*write",
+    ),
+    (
+        "harvest_layer_builtin_corpus",  # checked before the built-in corpus is written beside the cache
+        "harvest.py",
+        [*HARVEST, "data.harvest.corpus.path=builtin:python_docstrings", "data.harvest.layer=99"],
+        None,
+        r"data\.harvest\.layer=99 .*2 blocks",
+    ),
+    (
+        "hub_unreachable",  # one line at once, not the hub client's retries
+        "harvest.py",
+        [*HARVEST, "data.harvest.lm.name=nosuchorg/nosuchmodel"],
+        None,
+        r"cannot load model 'nosuchorg/nosuchmodel'.*the hub \(http://127\.0\.0\.1:9\) cannot be reached",
+    ),
     (
         "harvest_model_missing",
         "harvest.py",
@@ -424,31 +482,26 @@ def test_bad_input_is_one_error_line_exit_2_and_leaves_nothing(
     argv = [a.format(**fill) for a in args]
     if not any(a.startswith("out_dir=") for a in argv):
         argv.append(f"out_dir={ws}/out")
-    before, repo_before = tree(ws), sorted(p.name for p in ROOT.iterdir())
-    outputs_before = tree(ROOT / "outputs")
-    r = cli(script, *argv)
+    before = tree(ws)
+    r = cli(script, *argv, env=ENV.get(name), cwd=ws)  # anything written to a relative path lands in ws
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2, (r.returncode, r.stderr[-3000:], r.stdout[-1000:])
     assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr[-3000:]
     assert "Traceback" not in r.stderr + r.stdout
     assert re.search(message, lines[0]), lines[0]
     assert tree(ws) == before, "the workspace changed"
-    assert sorted(p.name for p in ROOT.iterdir()) == repo_before and tree(ROOT / "outputs") == outputs_before
 
 
-def test_a_nan_in_the_cache_stops_training_with_one_line(cli, assets, tmp_path):
-    """A NaN that passes the checksum (written with a matching manifest) is found by the loader."""
+def test_a_nan_found_during_training_names_the_run_folder(cli, assets, tmp_path):
+    """With data.verify=size the shards are not read when opened: a NaN is found by the loader
+    mid-training, and the one line names the run folder that stays (docs/errors.md)."""
     ws = tmp_path / "ws"
-    with_cache(ws, assets)
-    path = ws / "cache" / "shard_00000.npy"
-    a = np.load(path)
-    a[3, 5] = np.nan
-    np.save(path, a)
-    m = json.loads((ws / "cache" / "manifest.json").read_text())
-    m["shards"][0]["activations"].update(bytes=path.stat().st_size, sha256=shards.sha256_file(path))
-    (ws / "cache" / "manifest.json").write_text(json.dumps(m))
+    ws.mkdir()
+    nan_in_a_checksummed_shard(ws, assets)
     argv = [a.format(ws=ws) for a in ON_CACHE]
-    r = cli("train.py", *argv, "trainer.max_steps=50", f"out_dir={ws}/out", "data.seed=3", timeout=120)
+    r = cli("train.py", *argv, "data.verify=size", "trainer.max_steps=50", f"out_dir={ws}/out", "data.seed=3")
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1, r.stderr[-3000:]
     assert re.search(r"shard_00000\.npy holds a NaN or inf at row 3", lines[0]), lines[0]
+    (run,) = (ws / "out" / "runs").iterdir()
+    assert f"the run folder {run} keeps what was written" in lines[0]

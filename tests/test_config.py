@@ -10,6 +10,7 @@ import pytest
 from sae_lightning.config import load_config
 from sae_lightning.errors import ConfigError
 
+from .cli import hang_guard
 from .conftest import ROOT, compose_config
 
 BAD = [
@@ -54,7 +55,7 @@ def test_train_py_reports_a_config_error_in_one_line_and_writes_nothing(tmp_path
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=hang_guard(120),
     )
     assert proc.returncode == 2
     assert "error: config error: variant.k=32 is not allowed; expected at most model.n_latents = 16" in proc.stderr
@@ -68,7 +69,7 @@ def test_unknown_variant_is_refused_by_hydra_with_the_options(tmp_path):
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=hang_guard(120),
     )
     assert proc.returncode != 0
     assert "Could not find 'variant/switch'" in proc.stderr and "mutual_choice" in proc.stderr

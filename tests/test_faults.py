@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import time
 from pathlib import Path
 
 import optuna
@@ -15,18 +14,11 @@ import pytest
 
 from sae_lightning.sweep.sweeper import Census
 
+from .cli import wait_for
 from .conftest import TINY
 
 RUN = [*TINY, "variant.k=8", "progress=lines", "trainer.log_every_n_steps=10", "trainer.val_check_interval=100"]
 TIMINGS = {"train_seconds", "tokens_per_second", "run_dir"}
-
-
-def wait_for(predicate, timeout: float = 120, what: str = "") -> None:
-    end = time.time() + timeout
-    while not predicate():
-        if time.time() > end:
-            raise TimeoutError(what)
-        time.sleep(0.05)
 
 
 def only_run(out: Path) -> Path:

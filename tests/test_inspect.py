@@ -16,7 +16,7 @@ from sae_lightning.data.shards import ShardReader, read_manifest
 from sae_lightning.evaluate import load_run
 from sae_lightning.inspect import main as inspect_main
 
-from .cli import ROOT
+from .cli import ROOT, hang_guard
 from .data.test_harvest import spec_for
 
 
@@ -73,7 +73,7 @@ def test_a_headless_browser_renders_the_page_and_lists_the_latents(run, tmp_path
         [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
          "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
          "--dump-dom", out.as_uri()],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True, text=True, timeout=hang_guard(120),
     )  # fmt: skip
     dom = proc.stdout
     assert proc.returncode == 0 and dom, proc.stderr[-2000:]
@@ -90,5 +90,5 @@ def test_a_run_on_synthetic_data_is_refused_in_one_line(tmp_path, cli):
     assert r.returncode == 0, r.stderr[-1000:]
     (run,) = (tmp_path / "runs").iterdir()
     p = subprocess.run([sys.executable, "-m", "sae_lightning.inspect", str(run)], capture_output=True, text=True,
-                       cwd=ROOT, timeout=120)  # fmt: skip
+                       cwd=ROOT, timeout=hang_guard(120))  # fmt: skip
     assert p.returncode == 2 and p.stderr.strip().startswith("error: ") and "synthetic data" in p.stderr

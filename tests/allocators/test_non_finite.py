@@ -11,6 +11,7 @@ import torch
 from sae_lightning.allocators import ALLOCATORS, get_allocator_class
 from sae_lightning.errors import DataError, TrainingDiverged
 
+from ..cli import hang_guard
 from ..conftest import TINY, compose_config
 
 B, F, K = 256, 512, 8
@@ -51,7 +52,7 @@ def test_non_finite_affinities_stop_every_allocator_at_once(name, params, bad, d
         start = time.perf_counter()
         with pytest.raises(TrainingDiverged, match="non-finite affinities"):
             alloc.allocate(z, step=0, update=True)
-        assert time.perf_counter() - start < 1.0
+        assert time.perf_counter() - start < hang_guard(1.0)
 
 
 @pytest.mark.parametrize("variant", ["topk", "mutual_choice", "feature_choice"])
@@ -67,7 +68,7 @@ def test_a_non_finite_batch_is_named_with_its_token_and_step(variant):
     start = time.perf_counter()
     with pytest.raises(DataError, match=r"non-finite input activations \(NaN or inf\) at token 17 of a batch of 128"):
         module.forward_step(x, "batch", update=True)
-    assert time.perf_counter() - start < 1.0
+    assert time.perf_counter() - start < hang_guard(1.0)
 
 
 def test_the_step_and_the_tensor_are_named_when_the_weights_diverge():

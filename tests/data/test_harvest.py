@@ -16,6 +16,7 @@ from sae_lightning.data import shards
 from sae_lightning.data.harvest import HarvestSpec, harvest
 from sae_lightning.errors import ConfigError, DataError
 
+from ..cli import hang_guard
 from ..conftest import ROOT
 
 
@@ -176,7 +177,7 @@ def _cli(args, tmp_path):
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=hang_guard(300),
         env=env,
     )
 
@@ -222,20 +223,20 @@ def test_harvest_cli_stops_on_ctrl_c_and_resumes_to_the_same_cache(tiny_lm, tmp_
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     cmd = [sys.executable, "harvest.py", f"out_dir={tmp_path}", f"data.path={tmp_path}/cache", *args]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
+    deadline = time.time() + hang_guard(120)
     while time.time() < deadline:
         m = shards.read_manifest(tmp_path / "cache") if (tmp_path / "cache" / "manifest.json").is_file() else None
         if m is not None and len(m["shards"]) >= 3:
             break
         time.sleep(0.02)
     proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=120)
+    out, err = proc.communicate(timeout=hang_guard(120))
     partial = shards.read_manifest(tmp_path / "cache")
     assert proc.returncode == 130 and not partial["complete"], (proc.returncode, err[-2000:])
     assert "harvest interrupted" in out and "run the same command again to resume" in out
     assert not list((tmp_path / "cache").glob(".*tmp*"))
 
-    again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=hang_guard(300))
     assert again.returncode == 0, again.stderr[-2000:]
     assert (
         f"python train.py data=minilm out_dir={tmp_path} data.path={tmp_path}/cache" in again.stdout
@@ -271,5 +272,5 @@ def test_a_second_harvest_of_the_same_cache_waits_for_the_first(tiny_lm, corpus_
     time.sleep(1.0)
     assert t.is_alive() and not (tmp_path / "cache").exists() and "waiting for it" in said[0]
     fcntl.flock(lock, fcntl.LOCK_UN)
-    t.join(timeout=120)
+    t.join(timeout=hang_guard(120))
     assert shards.read_manifest(tmp_path / "cache")["complete"]

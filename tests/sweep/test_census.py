@@ -42,3 +42,24 @@ def test_a_trial_beyond_the_budget_is_given_back():
     assert sweeper._over_budget(study, third)
     assert study.trials[2].state == optuna.trial.TrialState.FAIL and study.trials[2].user_attrs["over_budget"]
     assert len(Census(study).counted) == 2
+
+
+def test_the_report_says_why_a_trial_without_a_recorded_reason_failed():
+    """A trial failed for a dead worker (its heartbeat went stale) carries no reason of the
+    sweeper's: the report says that its worker died, when, and which trial retried it."""
+    from sae_lightning.sweep.report import trial_rows
+
+    study = make_study()
+    for _ in range(2):  # trial 0: worker died, retried as 1, whose worker died too and was not retried
+        dead = study.ask()
+        dead.suggest_int("k", 1, 9)
+        study.tell(dead, state=optuna.trial.TrialState.FAIL)
+        if dead.number == 0:
+            retry(study, study.trials[0])
+    ok = study.ask()
+    ok.set_user_attr("reason", "recorded")
+    study.tell(ok, state=optuna.trial.TrialState.FAIL)
+    rows = {r["trial"]: r["reason"] for r in trial_rows(study)}
+    assert rows[0].startswith("its worker died: the trial's heartbeat stopped (found at 20")
+    assert rows[0].endswith("retried as trial 1") and rows[1].endswith("not retried (max_retries)")
+    assert rows[2] == "recorded"

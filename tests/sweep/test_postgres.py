@@ -19,10 +19,11 @@ from pathlib import Path
 import optuna
 import pytest
 
+from sae_lightning.sweep.report import trial_rows
 from sae_lightning.sweep.sweeper import Census
 
+from ..cli import wait_for
 from ..conftest import TINY
-from ..test_faults import wait_for
 
 N_TRIALS = 4
 
@@ -120,4 +121,8 @@ def test_two_workers_one_killed_mid_trial_end_with_exactly_n_trials(postgres, cl
     assert failed in {t.number for t in killed} and retried == {failed}, (states, retried)
     (retry,) = [t for t in study.trials if t.system_attrs.get("retry_history") == [failed]]
     assert retry.user_attrs["run_dir"] == study.trials[failed].user_attrs["run_dir"]  # resumed in its folder
+    reasons = {row["trial"]: row["reason"] for row in trial_rows(study)}
+    assert reasons[failed].startswith("its worker died") and reasons[failed].endswith(
+        f"retried as trial {retry.number}"
+    )
     print(f"trials: {states} (retried: {sorted(retried)})")

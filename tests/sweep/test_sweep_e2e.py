@@ -7,6 +7,7 @@ import sys
 
 import optuna
 
+from ..cli import hang_guard
 from ..conftest import ROOT, TINY
 
 FAST = [*TINY, "variant.k=4", "trainer.max_steps=6", "trainer.val_check_interval=3"]
@@ -55,7 +56,7 @@ def test_study_runs_resumes_and_reports(cli, tmp_path):
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=hang_guard(120),
     )
     assert rep.returncode == 0, rep.stderr
     folder = tmp_path / "sweeps" / "s"
