@@ -22,13 +22,23 @@ def temporary_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
+def umask_mode() -> int:
+    """The mode a new file gets under the process's umask (0o644 under umask 022)."""
+    mask = os.umask(0)  # reading the umask means setting it: put it back at once
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yields a temporary path to write; renamed to ``path`` when the block ends without error."""
+    """Yields a temporary path to write; renamed to ``path`` when the block ends without error.
+    The file gets the mode the umask gives a new file, whatever the writer made it (some, like
+    safetensors, write a private 0600 temporary of their own)."""
     path = Path(path)
     tmp = temporary_name(path)
     try:
         yield tmp
+        os.chmod(tmp, umask_mode())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -140,13 +140,15 @@ def export_saelens(run_dir: Path, out: Path) -> Path:
         manifest = read_manifest(Path(data.path))
     if manifest:
         lm = manifest.get("harvest", {}).get("lm", {})
-        meta.update(model_name=lm.get("name") or lm.get("path"), hook_name=f"layer {lm.get('layer')}")
+        h = manifest["harvest"]  # SAELens names hooks as TransformerLens does: blocks.<layer>.hook_<site>
+        meta.update(model_name=lm.get("name"), hook_name=f"blocks.{h['layer']}.hook_{h['site']}", hook_site=h["site"])
     cfg["metadata"] = meta
     tmp = out.with_name(f".{out.name}.tmp-export")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        save_file(weights, str(tmp / SAELENS_WEIGHTS))
+        with atomic_path(tmp / SAELENS_WEIGHTS) as weights_tmp:
+            save_file(weights, str(weights_tmp))
         atomic_write_json(tmp / SAELENS_CFG, cfg)
         tmp.rename(out)
     finally:

@@ -151,6 +151,10 @@ class SAEModule(L.LightningModule):
         self.train_seconds_before = float(checkpoint.get("sae_lightning", {}).get("train_seconds", 0.0))
         for key in ("sae.x_second_moment", "sae.x_variance"):  # checkpoints from before these buffers
             checkpoint["state_dict"].setdefault(key, torch.ones(()))
+        if self.restoring and "allocator.calibrated" in checkpoint["state_dict"]:
+            # training goes on (from a finished run's final.ckpt too): its thresholds are calibrated
+            # anew when it ends, and until then validation shows the running EMA, as in the first session
+            checkpoint["state_dict"]["allocator.calibrated"] = torch.zeros((), dtype=torch.bool)
 
     def setup(self, stage: str) -> None:
         # once, before training; on resume the checkpoint's weights and buffers replace these

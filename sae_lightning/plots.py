@@ -21,11 +21,17 @@ FILES = {"l0_per_token": "l0_per_token.png", "density_by_rank": "density_by_rank
 
 def l0_figure(hists: dict[str, torch.Tensor], k: int, name: str) -> Figure:
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    for mode, hist in hists.items():
+    top = 1
+    for i, (mode, hist) in enumerate(hists.items()):
         h = hist.to(torch.float64)
-        top = int(torch.nonzero(hist).max()) + 1 if int(hist.sum()) else 1
-        ax.step(range(top), (h[:top] / h.sum()).tolist(), where="mid", label=str(mode))
+        n = int(torch.nonzero(hist).max()) + 1 if int(hist.sum()) else 1
+        top = max(top, n)
+        # bin L spans [L - 0.5, L + 0.5]: a spike at L = k stands on the k line; modes that
+        # coincide (TopK's) stay visible as lines of decreasing width
+        ax.stairs((h[:n] / h.sum().clamp_min(1)).tolist(), [e - 0.5 for e in range(n + 1)], label=str(mode),
+                  linewidth=2.5 - 0.8 * i, alpha=0.9)  # fmt: skip
     ax.axvline(k, color="grey", linestyle=":", label=f"k = {k}")
+    ax.set_xlim(-0.5, max(top, k + 1) + 0.5)
     ax.set_xlabel("active latents per token (L0)")
     ax.set_ylabel("share of tokens")
     ax.set_title(f"{name}: per-token L0 (validation)")
@@ -60,16 +66,28 @@ def density_figure(density: torch.Tensor, name: str) -> Figure:
 def modes_figure(scalars: dict[str, float], k: int, name: str) -> Figure:
     """FVU against mean L0 of each mode evaluated (batch allocation, calibrated and EMA thresholds)."""
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    for mode, marker in (("batch", "o"), ("threshold", "s"), ("threshold_ema", "^")):
+    xs, ys = [float(k)], []
+    # coinciding modes (TopK's batch and threshold) stay visible: a large hollow marker under a small filled one
+    styles = (("batch", "o", 12, "none"), ("threshold", "s", 6, None), ("threshold_ema", "^", 8, None))
+    for mode, marker, size, face in styles:
         if f"val/{mode}/fvu" in scalars:
             x, y = scalars[f"val/{mode}/l0_mean"], scalars[f"val/{mode}/fvu"]
-            ax.plot([x], [y], marker, markersize=8, label=f"{mode}: L0 {x:.1f}, FVU {y:.4f}")
+            xs.append(x)
+            ys.append(y)
+            ax.plot([x], [y], marker, markersize=size, markerfacecolor=face, markeredgewidth=1.5,
+                    label=f"{mode}: L0 {x:.1f}, FVU {y:.4f}")  # fmt: skip
     ax.axvline(k, color="grey", linestyle=":", label=f"k = {k}")
     ax.set_xscale("log")
-    from matplotlib.ticker import FormatStrFormatter
+    lo, hi = max(min(xs), 1e-3), max(xs)
+    ax.set_xlim(min(lo, hi / 2) / 1.3, max(hi, lo * 2) * 1.3)  # at least a factor 2 wide: L0 all = k is a range
+    if ys:
+        span = max(max(ys) - min(ys), 0.05 * max(abs(max(ys)), 1e-3))
+        ax.set_ylim(min(ys) - span, max(ys) + span)
+    from matplotlib.ticker import FormatStrFormatter, LogLocator
 
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
     ax.xaxis.set_major_formatter(FormatStrFormatter("%g"))
-    ax.xaxis.set_minor_formatter(FormatStrFormatter("%g"))
+    ax.xaxis.set_minor_formatter(FormatStrFormatter(""))
     ax.set_xlabel("mean L0")
     ax.set_ylabel("FVU")
     ax.set_title(f"{name}: the modes at this validation")

@@ -159,6 +159,7 @@ def _trainer(plan: Plan, run_dir: Path) -> tuple[L.Trainer, GracefulStop, Thresh
     checkpoint = L.pytorch.callbacks.ModelCheckpoint(
         dirpath=ckpt_dir, filename="best-step{step}", monitor="val/batch/fvu", mode="min", save_top_k=1,
         save_last=True, auto_insert_metric_name=False,
+        enable_version_counter=False,  # a resumed run overwrites last.ckpt, never adds last-v1.ckpt beside it
     )  # fmt: skip
     stop = GracefulStop(ckpt_dir / "last.ckpt")
     calibration = ThresholdCalibration(enabled=config.calibration.enabled)
@@ -199,6 +200,7 @@ def fit(plan: Plan) -> dict[str, Any]:
     trainer.validate(module, datamodule=datamodule, verbose=False)
     trainer.save_checkpoint(run_dir / "checkpoints" / "final.ckpt")
     if trainer.is_global_zero:
+        one_file_per_checkpoint(run_dir / "checkpoints", trainer.global_step)
         save_native(module, run_dir / NATIVE, config.as_dict())
 
     tokens = trainer.global_step * config.data.batch_size * trainer.world_size  # every rank its own batch
@@ -213,8 +215,22 @@ def fit(plan: Plan) -> dict[str, Any]:
     tb.hparams(trainer, hparams_of(config), finals)
     if trainer.is_global_zero:
         atomic_write_json(run_dir / "metrics.json", metrics, sort_keys=True)
-        print_summary(metrics, run_dir)
+        print_summary(metrics, run_dir, config)
     return metrics
+
+
+def one_file_per_checkpoint(folder: Path, step: int) -> None:
+    """At the end of training ``last.ckpt`` (and ``best-step<N>.ckpt`` when the last step is
+    the best) hold the weights ``final.ckpt`` holds: they become hard links to it, one file on
+    disk. final.ckpt is a full training checkpoint, so resuming from it continues the run (its
+    calibration is dropped then: see SAEModule.on_load_checkpoint)."""
+    final = folder / "final.ckpt"
+    for path in (folder / "last.ckpt", folder / f"best-step{step}.ckpt"):
+        if path.is_file() and not path.samefile(final):
+            tmp = path.with_name(f".{path.name}.link")
+            tmp.unlink(missing_ok=True)
+            os.link(final, tmp)
+            os.replace(tmp, path)
 
 
 HPARAM_METRICS = (
@@ -241,13 +257,20 @@ def hparams_of(config: TrainConfig) -> dict[str, Any]:
     return {k: v for k, v in flat.items() if not isinstance(v, (dict, list))}
 
 
-def print_summary(metrics: dict[str, Any], run_dir: Path) -> None:
-    rows = [("mode", "FVU", "L0 mean", "L0 p10-p90", "never fired")]
-    for mode in ("batch", "threshold", "threshold_ema"):
+def print_summary(metrics: dict[str, Any], run_dir: Path, config: TrainConfig | None = None) -> None:
+    """The final figures on the console, each with what it means. The running-EMA threshold
+    mode is left out once calibrated thresholds exist (it lags early in training; it stays in
+    metrics.json and TensorBoard); under-used figures are in metrics.json only."""
+    calibrated = "val/threshold/fvu" in metrics
+    modes = [("batch", "batch (the allocator on each batch)"), ("threshold", "threshold (calibrated, per token)")]
+    if not calibrated:
+        modes.append(("threshold_ema", "threshold (running EMA; calibration off)"))
+    rows = [("mode", "FVU", "L0 mean", "L0 p10-p90", "never fired on val")]
+    for mode, label in modes:
         if f"val/{mode}/fvu" in metrics:
             rows.append(
                 (
-                    mode,
+                    label,
                     f"{metrics[f'val/{mode}/fvu']:.4f}",
                     f"{metrics[f'val/{mode}/l0_mean']:.2f}",
                     f"{metrics[f'val/{mode}/l0_p10']:.0f}-{metrics[f'val/{mode}/l0_p90']:.0f}",
@@ -261,14 +284,22 @@ def print_summary(metrics: dict[str, Any], run_dir: Path) -> None:
     )
     for r in rows:
         print("  " + "  ".join(cell.ljust(w) for cell, w in zip(r, widths)))
-    ema = metrics.get("val/threshold_ema/l0_mean")
-    if ema is not None and abs(ema - metrics["k"]) > 0.25 * metrics["k"]:
-        print(f"  (threshold_ema: running-EMA thresholds give L0 {ema:.1f} for k = {metrics['k']}; they lag early in "
-              "training — use threshold, calibrated on held-out tokens)")  # fmt: skip
+    if config is not None:
+        window = config.stats.dead_window_tokens
+        dead = (
+            f"dead {100 * metrics['val/dead_fraction']:.1f}%: none in the last {window} training tokens"
+            if metrics["tokens"] >= window
+            else f"dead: not measured yet (a latent is dead after {window} training tokens without firing)"
+        )
+        print(
+            f"  never fired on val: latents with no activation on the {config.data.val_tokens} validation tokens "
+            f"(a rare latent may not occur there); {dead}"
+        )
     if "val/recovery_mean_max_cos" in metrics:
         print(
-            f"  dead {100 * metrics['val/dead_fraction']:.1f}%, feature recovery: mean max cos "
-            f"{metrics['val/recovery_mean_max_cos']:.3f}, share > 0.9 {metrics['val/recovery_share_above_0.9']:.3f}"
+            "  feature recovery (synthetic data, known features): the best decoder cosine per true feature, mean "
+            f"{metrics['val/recovery_mean_max_cos']:.3f}; share above 0.9 {metrics['val/recovery_share_above_0.9']:.3f}"
+            + (" (short runs recover few)" if metrics["val/recovery_share_above_0.9"] < 0.5 else "")
         )
     if "val/ce_clean" in metrics:
         print(
@@ -277,6 +308,7 @@ def print_summary(metrics: dict[str, Any], run_dir: Path) -> None:
                 f"{mode}: ΔCE {metrics[f'val/{mode}/delta_ce']:.3f}, loss recovered "
                 f"{100 * metrics[f'val/{mode}/loss_recovered']:.1f}%"
                 for mode in ("batch", "threshold")
+                if f"val/{mode}/delta_ce" in metrics
             )
         )
     print(f"  results in {run_dir}")

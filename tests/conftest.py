@@ -103,3 +103,23 @@ def tiny_lm(tmp_path_factory):
     )
     transformers.LlamaForCausalLM(config).save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def cache_run(tiny_lm, corpus_file, tmp_path_factory, cli):
+    """A short Mutual Choice run on a cache harvested from the tiny LM: ``<root>/out/runs/<run>``,
+    its cache at ``<root>/cache``."""
+    from sae_lightning.data.harvest import harvest
+
+    from .data.test_harvest import spec_for
+
+    root = tmp_path_factory.mktemp("cache_run")
+    harvest(root / "cache", spec_for(tiny_lm, corpus_file, token_budget=2500, shard_tokens=512), progress=False,
+            log=lambda *a: None)  # fmt: skip
+    r = cli("train.py", f"out_dir={root / 'out'}", "data=cache", f"data.path={root / 'cache'}", "data.batch_size=64",
+            "data.val_tokens=256", "data.calibration_tokens=256", "model.n_latents=64", "model.init_sample_tokens=256",
+            "variant=mutual_choice", "variant.k=4", "trainer.max_steps=40", "trainer.val_check_interval=20",
+            "progress=none")  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    (run_dir,) = (root / "out" / "runs").iterdir()
+    return run_dir

@@ -387,7 +387,7 @@ CASES = [
         "train.py",
         ["-m", "sweeps=pareto", "variant.kk=choice(1,2)"],
         None,
-        r"did you mean variant\.k\?",
+        r"variant\.kk='choice\(1,2\)' .*did you mean variant\.k=choice\(1,2\)\?",  # in the sweep's syntax
     ),
     ("sweep_sampler", "train.py", ["-m", "sweeps=pareto", "hydra.sweeper.sampler=cmaes"], None, r"sampler='cmaes'"),
     ("sweep_n_trials", "train.py", ["-m", "sweeps=pareto", "hydra.sweeper.n_trials=0"], None, r"n_trials=0 .*>= 1"),

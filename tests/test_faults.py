@@ -55,6 +55,7 @@ def assert_same_run(resumed: Path, reference: Path) -> None:
     assert [s for s, _ in steps] == sorted({s for s, _ in steps}), "a step logged twice"
     assert steps == tb_steps(reference)
     assert len(list((resumed.parent).iterdir())) == 1  # no second folder
+    assert not list((resumed / "checkpoints").glob("*-v*.ckpt")), "a versioned checkpoint (last-v1.ckpt) was left"
 
 
 @pytest.mark.parametrize("variant,sig", [("topk", signal.SIGINT), ("mutual_choice", signal.SIGKILL)])

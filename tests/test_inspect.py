@@ -11,27 +11,16 @@ import sys
 import numpy as np
 import pytest
 
-from sae_lightning.data.harvest import harvest
 from sae_lightning.data.shards import ShardReader, read_manifest
 from sae_lightning.evaluate import load_run
 from sae_lightning.inspect import main as inspect_main
 
 from .cli import ROOT, hang_guard
-from .data.test_harvest import spec_for
 
 
 @pytest.fixture(scope="module")
-def run(tiny_lm, corpus_file, tmp_path_factory, cli):
-    root = tmp_path_factory.mktemp("inspect")
-    harvest(root / "cache", spec_for(tiny_lm, corpus_file, token_budget=2500, shard_tokens=512), progress=False,
-            log=lambda *a: None)  # fmt: skip
-    r = cli("train.py", f"out_dir={root / 'out'}", "data=cache", f"data.path={root / 'cache'}", "data.batch_size=64",
-            "data.val_tokens=256", "data.calibration_tokens=256", "model.n_latents=64", "model.init_sample_tokens=256",
-            "variant=mutual_choice", "variant.k=4", "trainer.max_steps=40", "trainer.val_check_interval=20",
-            "progress=none")  # fmt: skip
-    assert r.returncode == 0, r.stderr[-2000:]
-    (run_dir,) = (root / "out" / "runs").iterdir()
-    return run_dir
+def run(cache_run):
+    return cache_run
 
 
 def page_data(path):

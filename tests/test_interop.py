@@ -154,3 +154,31 @@ def test_sae_lens_loads_the_export_and_reconstructs_the_same(runs, variant, tmp_
     assert diff < 1e-4
     module, _ = load_run(run)
     assert torch.equal(theirs["l0"], module.encode(x, "threshold").l0_per_token().float())
+
+
+def test_the_export_names_the_hook_and_every_written_file_gets_the_umask_mode(cache_run, tmp_path):
+    """SAELens's metadata names the site the cache was harvested at; every file of a run, its
+    cache, its export and its feature browser has the mode the umask gives (0644 under 022),
+    not the private 0600 that some writers (safetensors) give their own temporaries."""
+    import os
+
+    from sae_lightning.atomic import umask_mode
+    from sae_lightning.inspect import main as inspect_main
+
+    exported = export_saelens(cache_run, tmp_path / "export")
+    meta = json.loads((exported / "cfg.json").read_text())["metadata"]
+    assert meta["hook_name"] == "blocks.0.hook_resid_post" and meta["hook_site"] == "resid_post"
+    inspect_main([str(cache_run), "--examples", "2", "--device", "cpu", "--out", str(tmp_path / "page.html")])
+    files = [p for root in (cache_run, cache_run.parents[2] / "cache", exported, tmp_path) for p in root.rglob("*")]
+    files = [p for p in files if p.is_file()]
+    assert any(p.name == NATIVE for p in files) and any(p.suffix == ".ckpt" for p in files)
+    assert any(p.name == "shard_00000.npy" for p in files) and len(files) > 15
+    wrong = {str(p): oct(p.stat().st_mode & 0o777) for p in files if p.stat().st_mode & 0o777 != umask_mode()}
+    assert not wrong, wrong
+    old = os.umask(0o027)
+    try:
+        assert umask_mode() == 0o640
+        export_saelens(cache_run, tmp_path / "export_027")
+        assert {oct(p.stat().st_mode & 0o777) for p in (tmp_path / "export_027").iterdir()} == {"0o640"}
+    finally:
+        os.umask(old)

@@ -98,3 +98,16 @@ def test_training_reduces_fvu_and_reports_all_figures(trained):
 def test_feature_choice_never_leaves_a_latent_unfired_in_batch_mode(trained):
     _, m = trained["feature_choice"]
     assert m["val/batch/never_fired_fraction"] == 0.0
+
+
+def test_feature_choice_batch_mode_on_a_batch_too_small_for_the_capacity_floor(trained):
+    """8 tokens of an F = 256, k = 8 SAE: a budget of 64 cannot give each of 256 latents its
+    floor of 1 token; the floor shrinks to what fits (0), and the code spends exactly k·B."""
+    module = load(trained["feature_choice"][0])
+    x = fresh_tokens(module.hparams["config"], n=8)
+    code = module.encode(x, mode="batch").to_dense()
+    m = module.allocator.capacities(8)
+    assert int(m.sum()) == 8 * 8 and int(m.max()) <= 8 and int(m.min()) == 0
+    assert int((code != 0).sum()) <= 64 and bool(((code != 0).sum(0) <= m).all())
+    threshold = module.encode(x, mode="threshold").l0_per_token()  # the per-token mode is unaffected
+    assert threshold.shape == (8,)

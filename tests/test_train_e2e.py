@@ -35,7 +35,12 @@ def test_train_py_runs_each_variant(variant, cli, tmp_path):
     assert "val/threshold/l0_mean" in metrics
     assert (run_dir / "config.yaml").read_text().count(f"allocator: {variant}") == 1
     assert list((run_dir / "tb").glob("events.out.tfevents.*"))
-    assert (run_dir / "checkpoints" / "final.ckpt").is_file() and (run_dir / "checkpoints" / "last.ckpt").is_file()
+    ckpts = run_dir / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["best-step6.ckpt", "final.ckpt", "last.ckpt"]
+    # the last step is the best here: one file on disk for the three roles (hard links)
+    assert (ckpts / "last.ckpt").samefile(ckpts / "final.ckpt") and (ckpts / "best-step6.ckpt").samefile(
+        ckpts / "final.ckpt"
+    )
     for png in ("l0_per_token.png", "density_by_rank.png", "fvu_vs_l0.png"):
         assert (run_dir / png).is_file(), png
     # TensorBoard: the figures as images, and an HParams session with the final metrics

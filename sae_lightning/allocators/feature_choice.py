@@ -73,12 +73,17 @@ def zipf_shape(cfg: FeatureChoiceConfig) -> tuple[float, float]:
     return fitted_zipf(cfg.zipf_from) if cfg.zipf_from else (cfg.zipf_alpha, cfg.zipf_beta)
 
 
-def capacities_by_rank(cfg: FeatureChoiceConfig, n_latents: int, batch_size: int) -> Tensor:
+def capacities_by_rank(cfg: FeatureChoiceConfig, n_latents: int, batch_size: int, training: bool = True) -> Tensor:
+    """m_r by rank for a batch of ``batch_size`` tokens. At the training batch size the floor
+    (``min_capacity``) must fit the budget (checked with the config); a smaller batch given to
+    batch mode later (encode on a few tokens) whose budget k·B cannot give every latent its floor
+    gets the floor that fits, ⌊k·B/F⌋ (0 for B < F/k: only the Zipf head then fires)."""
     budget = cfg.k * batch_size
     if cfg.capacity == "uniform":
         return uniform_capacities(n_latents, budget)
     alpha, beta = zipf_shape(cfg)
-    return zipf_capacities(n_latents, budget, batch_size, alpha, beta, cfg.min_capacity)
+    floor = cfg.min_capacity if training else min(cfg.min_capacity, budget // n_latents)
+    return zipf_capacities(n_latents, budget, batch_size, alpha, beta, floor)
 
 
 @register("feature_choice")
@@ -131,7 +136,7 @@ class FeatureChoice(Allocator):
             by_rank = self.capacity_by_rank
         else:  # e.g. a short last validation batch: same rule, that batch's budget
             if batch_size not in self._capacity_cache:
-                self._capacity_cache[batch_size] = capacities_by_rank(self.cfg, self.n_latents, batch_size)
+                self._capacity_cache[batch_size] = capacities_by_rank(self.cfg, self.n_latents, batch_size, False)
             by_rank = self._capacity_cache[batch_size].to(self.capacity_by_rank.device)
         m = torch.empty_like(by_rank)
         m[self.rank_to_latent] = by_rank

@@ -15,6 +15,47 @@ import lightning as L
 MODES = ("auto", "bar", "lines", "none")
 
 
+def format_eta(seconds: float) -> str:
+    """``1h02m``, ``3m05s``, ``42s``."""
+    s = max(0, round(seconds))
+    if s >= 3600:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
+class PlainProgress:
+    """What a tqdm bar shows, as a plain line at most every ``every_seconds`` (and at the end):
+    for log files, where a bar writes a carriage-return update per refresh. Has the tqdm calls
+    the harvest uses (``update``, ``set_postfix``, ``close``, ``total``)."""
+
+    def __init__(self, desc: str, total: int, initial: int = 0, unit: str = "tok", every_seconds: float = 30.0):
+        self.desc, self.total, self.n, self.unit, self.every = desc, total, initial, unit, every_seconds
+        self._n0, self._t0 = initial, time.perf_counter()
+        self._last, self._postfix, self._closed = self._t0, "", False
+
+    def update(self, n: int) -> None:
+        self.n += n
+        if time.perf_counter() - self._last >= self.every:
+            self._print()
+
+    def set_postfix(self, refresh: bool = False, **values) -> None:
+        self._postfix = ", ".join(f"{k} {v}" for k, v in values.items())
+
+    def _print(self) -> None:
+        elapsed = time.perf_counter() - self._t0
+        rate = (self.n - self._n0) / max(elapsed, 1e-9)
+        eta = f", ETA {format_eta((self.total - self.n) / rate)}" if rate > 0 and self.n < self.total else ""
+        share = f" ({100 * self.n / self.total:.0f}%)" if self.total else ""
+        post = f", {self._postfix}" if self._postfix else ""
+        print(f"{self.desc}: {self.n}/{self.total} {self.unit}{share}, {rate:.0f} {self.unit}/s{eta}{post}", flush=True)
+        self._last = time.perf_counter()
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._print()
+
+
 def resolve_mode(mode: str) -> str:
     if mode == "auto":
         return "bar" if sys.stderr.isatty() else "lines"
@@ -57,8 +98,12 @@ class Progress(L.Callback):
     def _line(self, trainer, note: str = "") -> None:
         figures = ", ".join(f"{k} {v:.4g}" for k, v in self._figures(trainer).items())
         step, total = trainer.global_step, trainer.max_steps
+        done = step - self._start_step
+        eta = ""
+        if 0 < done and step < total:  # the steps left at this session's pace (validations included)
+            eta = f", ETA {format_eta((total - step) * (time.perf_counter() - self._t0) / done)}"
         print(
-            f"step {step}/{total} ({100 * step / max(total, 1):.0f}%), {self._rate(trainer):.0f} tokens/s"
+            f"step {step}/{total} ({100 * step / max(total, 1):.0f}%), {self._rate(trainer):.0f} tokens/s{eta}"
             + (f", {figures}" if figures else "")
             + (f" [{note}]" if note else ""),
             flush=True,
@@ -88,7 +133,8 @@ class Progress(L.Callback):
             f"validation at step {trainer.global_step}: FVU {float(m['val/batch/fvu']):.4f} "
             f"(L0 {float(m['val/batch/l0_mean']):.2f})"
         )
-        for mode, label in (("threshold", "calibrated thresholds"), ("threshold_ema", "EMA thresholds")):
+        # before calibration (at the end of training) the threshold mode is the running EMA, which lags
+        for mode, label in (("threshold", "calibrated thresholds"), ("threshold_ema", "running-EMA thresholds")):
             if f"val/{mode}/fvu" in m:
                 text += f"; {label}: FVU {float(m[f'val/{mode}/fvu']):.4f} (L0 {float(m[f'val/{mode}/l0_mean']):.2f})"
         if self.bar is not None:

@@ -417,6 +417,20 @@ class HarvestRun:
             "torch": torch.__version__,
         })  # fmt: skip
 
+    def _planned_tokens(self) -> int:
+        """What this harvest will store, for the progress total: the budget, or less where a local
+        corpus ends first (counted by tokenising it up to the budget, no model run: about 2 s for
+        the built-in corpus). A hub corpus is not read twice: its total is the budget."""
+        budget = self.spec.token_budget
+        if self.desc["kind"] == "hub":
+            return budget
+        dropped, n = set(self.framing.dropped), 0
+        for context in self.framing.contexts(self.tokenizer, corpus_mod.documents(self.desc)):
+            n += sum(t not in dropped for t in context)
+            if n >= budget:
+                return budget
+        return n
+
     # ---- the session --------------------------------------------------------------------------
     def run(self, manifest: dict[str, Any] | None, progress: bool) -> dict[str, Any]:
         if manifest is not None:
@@ -424,7 +438,7 @@ class HarvestRun:
         stream = self.framing.contexts(self.tokenizer, corpus_mod.documents(self.desc))
         for _ in range(self.done_contexts):  # resume: skip what the kept shards hold (tokenising only)
             next(stream)
-        bar = _progress(progress, self.spec.token_budget, self.tokens)
+        bar = _progress(progress, self._planned_tokens() if progress else self.spec.token_budget, self.tokens)
         exhausted = False
         hook = lm_mod.hook_site(self.model, self.spec.site, self.layer, self.captured.append, stop=True)
         try:
@@ -470,6 +484,11 @@ def _as_float(stored: np.ndarray, dtype: str) -> np.ndarray:
 
 
 def _progress(enabled: bool, total: int, initial: int):
+    """A tqdm bar on a terminal, plain lines every 30 s in a log file, nothing when disabled."""
+    if enabled and not sys.stderr.isatty():
+        from ..callbacks.progress import PlainProgress
+
+        return PlainProgress("harvest", total, initial)
     from tqdm.auto import tqdm
 
     return tqdm(

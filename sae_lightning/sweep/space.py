@@ -29,6 +29,7 @@ Distribution = (
 class Param:
     name: str
     sweep: Any  # ChoiceSweep | RangeSweep | IntervalSweep
+    text: str = ""  # the sweep as written (``tag(log,interval(1e-4,1e-3))``), for messages
 
     def distribution(self) -> Distribution:
         """The Optuna distribution of this parameter (constructing it checks the range)."""
@@ -91,7 +92,7 @@ def to_param(override: Override, where: str) -> Param:
             raise bad(f"interval(low, high) with low <= high (low {low} > high {high})")
         if "log" in (v.tags or set()) and low <= 0:
             raise bad("a log interval with low > 0")
-    param = Param(override.get_key_element(), v)
+    param = Param(override.get_key_element(), v, str(override.input_line).split("=", 1)[-1])
     try:
         param.distribution()
     except (ValueError, TypeError) as e:

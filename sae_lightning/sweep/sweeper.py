@@ -23,6 +23,7 @@ import contextlib
 import logging
 import math
 import os
+import re
 import threading
 import time
 from collections.abc import Sequence
@@ -223,7 +224,28 @@ class OptunaSweeper(Sweeper):
             sample = plain + fixed + [first(p) if p.name != "variant" else f"variant={variant}" for p in base]
             v_params, v_fixed = by_variant.get(variant, ([], []))
             sample += v_fixed + [first(p) for p in v_params]
-            self.validate_batch_is_legal([sample])
+            try:
+                self.validate_batch_is_legal([sample])
+            except Exception as e:
+                raise self._in_sweep_syntax(e, [*base, *v_params]) from e
+
+    @staticmethod
+    def _in_sweep_syntax(err: Exception, params: list[Param]) -> Exception:
+        """A searched key the config lacks: Hydra's message shows one sampled value and advises
+        ``+key=value``, which would fix that value; say it with the sweep as written instead."""
+        from ..cli import describe_hydra_error, is_hydra_error
+
+        if not is_hydra_error(err):
+            return err
+        text = describe_hydra_error(err)
+        missing = re.search(r"the config has no key ([^\s;]+)", text)
+        hint = re.search(r"; did you mean ([^\s?]+)\?", text)
+        for p in params:
+            if missing and p.name.lstrip("+") == missing.group(1):
+                fix = f"; did you mean {hint.group(1)}={p.text}?" if hint else ""
+                allowed = f"a key of the config to sweep{fix} (to sweep a new key on purpose: +{p.name}={p.text})"
+                return ConfigError(p.name, p.text, allowed)
+        return err
 
     def _study(self) -> optuna.Study:
         storage_url = self.storage or default_storage(str(self.config.out_dir), self.study_name)
