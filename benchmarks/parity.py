@@ -38,6 +38,18 @@ SAELENS_PY = ROOT / ".venv-saelens" / "bin" / "python"
 
 # SAELens's TopK recipe, against ours, one difference at a time (the overrides that make ours
 # like theirs in that respect)
+SAELENS_RECIPE = [  # every difference at once: our trainer with SAELens's TopK recipe
+    "model.b_pre_init=zeros",
+    "model.normalisation=none",
+    "+trainer.gradient_clip_val=1.0",
+    "variant.losses.aux_k.coef=1.0",
+    "optim.warmup_steps=0",
+    "model.init_encoder_scale=none",
+    "model.decoder_norm=free",
+    "model.decoder_init_norm=0.1",
+    "optim.eps=1e-8",
+    "stats.dead_window_tokens=4096000",
+]
 ABLATIONS: dict[str, list[str]] = {
     "ours": [],
     "b_dec init 0 (not the geometric median)": ["model.b_pre_init=zeros"],
@@ -47,14 +59,15 @@ ABLATIONS: dict[str, list[str]] = {
     "no learning-rate warm-up": ["optim.warmup_steps=0"],
     "encoder scale: none (tied init as is)": ["model.init_encoder_scale=none"],
     "main loss / variance (not second moment)": ["variant.losses.recon.scale=variance"],
-    "all of the above": [
-        "model.b_pre_init=zeros",
-        "model.normalisation=none",
-        "+trainer.gradient_clip_val=1.0",
-        "variant.losses.aux_k.coef=1.0",
-        "optim.warmup_steps=0",
+    "decoder norms free, ranking z'·‖d‖": ["model.decoder_norm=free"],
+    "decoder init norm 0.1, encoder tied": [
+        "model.decoder_norm=free",
+        "model.decoder_init_norm=0.1",
         "model.init_encoder_scale=none",
     ],
+    "Adam eps 1e-8 (not 6.25e-10)": ["optim.eps=1e-8"],
+    "dead window 1000 steps (no aux_k here)": ["stats.dead_window_tokens=4096000"],
+    "SAELens's recipe, all of the above": SAELENS_RECIPE,
 }
 
 

@@ -23,7 +23,7 @@ from .allocators import AllocatorConfig, get_allocator_class
 from .data import DataSpec
 from .errors import ConfigError, did_you_mean, require
 from .losses import LossTerm, build_losses
-from .sae import AffinityDtype, BPreInit, Normalisation
+from .sae import AffinityDtype, BPreInit, DecoderNorm, Normalisation
 from .spec import as_dict, check_keys, parse, setting
 
 ProgressMode = Literal["auto", "bar", "lines", "none"]
@@ -38,6 +38,20 @@ class ModelSpec:
     init_sample_tokens: int = setting(8192, ge=1)  # tokens that set the scale and b_pre
     init_encoder_scale: EncoderScale = "fit"
     affinity_dtype: AffinityDtype = "float32"  # of the affinity matrix used for selection
+    # unit: decoder rows held at norm 1 (gradient projection, renormalisation); free: their norms
+    # train, and selection ranks z'_j·‖d_j‖ (SAELens's rescale_acts_by_decoder_norm)
+    decoder_norm: DecoderNorm = "unit"
+    decoder_init_norm: float | None = setting(
+        None, gt=0, allowed="null (unit rows, the encoder as drawn) or a number > 0 (with decoder_norm=free)"
+    )  # rows of this norm at init, the encoder tied to them (W_enc = W_dec, SAELens's 0.1)
+
+    def check(self, prefix: str) -> None:
+        require(
+            self.decoder_init_norm is None or self.decoder_norm == "free",
+            f"{prefix}.decoder_init_norm",
+            self.decoder_init_norm,
+            "null with model.decoder_norm=unit (the rows are renormalised to 1 after every step)",
+        )
 
 
 @dataclass

@@ -62,10 +62,11 @@ def thresholds(module) -> Tensor | None:
 def save_native(module, path: Path, config: dict) -> None:
     """``sae.safetensors``: the SAE in our own layout and units (see the module docstring)."""
     sae = module.sae
+    W_enc, b_enc, W_dec = sae.folded()  # a free decoder's norms folded in: unit rows, same codes and x̂
     tensors = {
-        "W_enc": sae.W_enc,
-        "b_enc": sae.b_enc,
-        "W_dec": sae.W_dec,
+        "W_enc": W_enc,
+        "b_enc": b_enc,
+        "W_dec": W_dec,
         "b_pre": sae.b_pre,
         "scale": sae.scale.reshape(1),
     }
@@ -87,11 +88,12 @@ def saelens_state(module) -> tuple[dict[str, Any], dict[str, Tensor]]:
             "model.normalisation", "layernorm", "dataset_scale or none for a SAELens export (see sae_lightning.interop)"
         )
     c = float(sae.scale) if sae.normalisation == "dataset_scale" else 1.0
+    W_enc, b_enc, W_dec = sae.folded()  # a free decoder's norms folded in (SAELens's rescale off)
     with torch.no_grad():
         weights = {
-            "W_enc": (sae.W_enc * c).t(),  # [d_in, d_sae]
-            "b_enc": sae.b_enc.clone(),
-            "W_dec": sae.W_dec / c,  # [d_sae, d_in]
+            "W_enc": (W_enc * c).t(),  # [d_in, d_sae]
+            "b_enc": b_enc.clone(),
+            "W_dec": W_dec / c,  # [d_sae, d_in]
             "b_dec": sae.b_pre / c,
         }
     cfg: dict[str, Any] = {

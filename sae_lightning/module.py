@@ -63,7 +63,7 @@ class SAEModule(L.LightningModule):
         m, s = self.model_spec, self.stats_spec
         F = m.n_latents
         self.k = self.variant.params.k
-        self.sae = SparseAutoencoder(d_model, F, m.normalisation, m.b_pre_init)
+        self.sae = SparseAutoencoder(d_model, F, m.normalisation, m.b_pre_init, m.decoder_norm, m.decoder_init_norm)
         self.affinity_dtype = AFFINITY_DTYPES[m.affinity_dtype]
         self.allocator = get_allocator_class(self.variant.allocator)(self.variant.params, F, self.batch_size)
         self.losses = self.variant.losses

@@ -1,5 +1,6 @@
 """The autoencoder: parameters, normalisation, initialisation, encode, sparse decode, and
-the unit-norm decoder (gradient projection before a step, renormalisation after)."""
+the decoder's norm: held at 1 (gradient projection before a step, renormalisation after), or
+free, with selection on z'_j·‖d_j‖."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from .sparse import Selection, SparseCode, sparse_decode
 Normalisation = Literal["none", "dataset_scale", "layernorm"]
 BPreInit = Literal["geometric_median", "mean", "zeros"]
 AffinityDtype = Literal["float32", "bfloat16"]
+DecoderNorm = Literal["unit", "free"]
 AFFINITY_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -84,11 +86,18 @@ class SparseAutoencoder(nn.Module):
     initialised: Tensor
 
     def __init__(
-        self, d_model: int, n_latents: int, normalisation: str = "dataset_scale", b_pre_init: str = "geometric_median"
+        self,
+        d_model: int,
+        n_latents: int,
+        normalisation: str = "dataset_scale",
+        b_pre_init: str = "geometric_median",
+        decoder_norm: str = "unit",
+        decoder_init_norm: float | None = None,
     ):
         super().__init__()
         self.d_model, self.n_latents = d_model, n_latents
         self.normalisation, self.b_pre_init = normalisation, b_pre_init
+        self.decoder_norm, self.decoder_init_norm = decoder_norm, decoder_init_norm
         self.W_enc = nn.Parameter(torch.empty(n_latents, d_model))
         self.b_enc = nn.Parameter(torch.zeros(n_latents))
         self.W_dec = nn.Parameter(torch.empty(n_latents, d_model))
@@ -106,7 +115,10 @@ class SparseAutoencoder(nn.Module):
         bound = 1.0 / math.sqrt(self.d_model)
         self.W_enc.uniform_(-bound, bound)
         self.W_dec.copy_(self.W_enc)  # tied init, untied afterwards
-        self.renormalise_decoder()
+        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
+        if self.decoder_init_norm is not None:  # SAELens: rows of this norm, the encoder tied to them
+            self.W_dec.mul_(self.decoder_init_norm)
+            self.W_enc.copy_(self.W_dec)
         self.b_enc.zero_()
         self.b_pre.zero_()
 
@@ -162,6 +174,9 @@ class SparseAutoencoder(nn.Module):
         ``token`` layout, [F, B] for ``latent``; ``cols`` restricts the latents. A bfloat16
         ``dtype`` computes the matrix in bf16 (for selection only; see :meth:`code`)."""
         W, b = (self.W_enc, self.b_enc) if cols is None else (self.W_enc[cols], self.b_enc[cols])
+        norms = self.decoder_norms(cols)
+        if norms is not None:  # rank z'_j·‖d_j‖: one [F, d] scaling, not a pass over [B, F]
+            W, b = W * norms.unsqueeze(1), b * norms
         xc = xn - self.b_pre
         if dtype != W.dtype:
             W, b, xc = W.to(dtype), b.to(dtype), xc.to(dtype)
@@ -171,13 +186,32 @@ class SparseAutoencoder(nn.Module):
 
     @torch.no_grad()
     def exact_affinities(self, xn: Tensor, rows: Tensor, cols: Tensor, chunk: int = 1 << 15) -> Tensor:
-        """z'[r_e, c_e] in the parameters' dtype, computed pair by pair (O(nnz·d))."""
+        """z'[r_e, c_e] in the parameters' dtype, computed pair by pair (O(nnz·d)); without the
+        decoder norms that a free decoder's affinity matrix carries."""
         xc = xn - self.b_pre
         out = torch.empty(rows.numel(), dtype=self.W_enc.dtype, device=rows.device)
         for i in range(0, rows.numel(), chunk):
             r, c = rows[i : i + chunk], cols[i : i + chunk]
             out[i : i + chunk] = torch.einsum("nd,nd->n", xc[r], self.W_enc[c]) + self.b_enc[c]
         return out
+
+    @torch.no_grad()
+    def decoder_norms(self, cols: slice | None = None) -> Tensor | None:
+        """‖d_j‖ of a free decoder (what the affinity matrix is scaled by), None for a unit one."""
+        if self.decoder_norm != "free":
+            return None
+        W = self.W_dec if cols is None else self.W_dec[cols]
+        return W.norm(dim=1).clamp_min(1e-12)
+
+    @torch.no_grad()
+    def folded(self) -> tuple[Tensor, Tensor, Tensor]:
+        """(W_enc, b_enc, W_dec) with a free decoder's norms folded in (W_enc_j·‖d_j‖,
+        b_enc_j·‖d_j‖, d_j/‖d_j‖): unit rows, the same codes' ranking and the same x̂, the form
+        other tools read (and the only one for a unit decoder)."""
+        norms = self.decoder_norms()
+        if norms is None:
+            return self.W_enc, self.b_enc, self.W_dec
+        return self.W_enc * norms.unsqueeze(1), self.b_enc * norms, self.W_dec / norms.unsqueeze(1)
 
     def code(
         self,
@@ -197,6 +231,10 @@ class SparseAutoencoder(nn.Module):
         with torch.no_grad():
             if z.dtype == self.W_enc.dtype:
                 raw = z[rows, cols] if layout == "token" else z[cols, rows]
+                if self.decoder_norm == "free":  # the matrix ranks z'·‖d‖; the code holds z'
+                    norms = self.decoder_norms()
+                    assert norms is not None
+                    raw = raw / norms[cols]
             else:  # selection made in low precision: the values themselves are exact
                 raw = self.exact_affinities(xn, rows, cols)
             if values == "relu":
@@ -213,14 +251,15 @@ class SparseAutoencoder(nn.Module):
     def decode(self, code: SparseCode) -> Tensor:
         return sparse_decode(code, self.W_dec) + self.b_pre
 
-    # ---- unit-norm decoder ----------------------------------------------------------------
+    # ---- unit-norm decoder (nothing to do for a free one) -----------------------------------
     @torch.no_grad()
     def project_decoder_grad(self) -> None:
         """Remove from each decoder direction's gradient its component along the direction."""
         g = self.W_dec.grad
-        if g is not None:
+        if g is not None and self.decoder_norm == "unit":
             g.sub_((g * self.W_dec).sum(1, keepdim=True) * self.W_dec)
 
     @torch.no_grad()
     def renormalise_decoder(self) -> None:
-        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
+        if self.decoder_norm == "unit":
+            self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))

@@ -22,6 +22,7 @@ from .conftest import ROOT, TINY
 SAELENS_PY = ROOT / ".venv-saelens" / "bin" / "python"
 VARIANTS = {
     "topk": ["variant=topk", "variant.k=8"],
+    "topk_free": ["variant=topk", "variant.k=8", "model.decoder_norm=free", "model.decoder_init_norm=0.1"],
     "mutual_choice": ["variant=mutual_choice", "variant.k=8"],
     "feature_choice": ["variant=feature_choice", "variant.k=8"],
 }
@@ -61,7 +62,7 @@ def test_the_native_file_alone_reproduces_the_reconstruction(runs, variant):
     x = tokens(run, 500)
     c = float(w["scale"])
     z = (x * c - w["b_pre"]) @ w["W_enc"].t() + w["b_enc"]
-    if variant == "topk":
+    if variant.startswith("topk"):
         top = torch.topk(z, 8, dim=1)
         z = torch.zeros_like(z).scatter_(1, top.indices, top.values.clamp_min(0))
     else:  # the threshold mode: z' > θ_j and z' > 0
@@ -76,7 +77,7 @@ def test_export_then_import_gives_the_same_sae(runs, variant, tmp_path):
     run = runs[variant]
     exported = export_saelens(run, tmp_path / "export")
     cfg = json.loads((exported / "cfg.json").read_text())
-    assert cfg["architecture"] == ("topk" if variant == "topk" else "jumprelu")
+    assert cfg["architecture"] == ("topk" if variant.startswith("topk") else "jumprelu")
     assert cfg["d_in"] == 32 and cfg["d_sae"] == 256 and cfg["normalize_activations"] == "none"
     w = load_file(str(exported / "sae_weights.safetensors"))
     assert w["W_enc"].shape == (32, 256) and w["W_dec"].shape == (256, 32)

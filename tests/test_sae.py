@@ -37,6 +37,47 @@ def test_decoder_columns_stay_unit_norm_after_steps():
         assert torch.allclose(sae.W_dec.norm(dim=1), torch.ones(64), atol=1e-6)
 
 
+def test_a_free_decoder_ranks_by_contribution_and_keeps_its_norms():
+    """model.decoder_norm=free (SAELens's rescale_acts_by_decoder_norm): selection ranks
+    z'_j·‖d_j‖, the code holds z'_j and decodes with d_j as it is, the norms train, and the
+    folded form (unit rows) gives the same ranking and the same x̂."""
+    torch.manual_seed(0)
+    sae = SparseAutoencoder(
+        16, 64, normalisation="none", b_pre_init="zeros", decoder_norm="free", decoder_init_norm=0.1
+    )
+    assert torch.allclose(sae.W_dec.norm(dim=1), torch.full((64,), 0.1)) and torch.equal(sae.W_enc, sae.W_dec)
+    with torch.no_grad():
+        sae.W_dec.mul_(torch.rand(64, 1) * 3)  # norms that differ per latent
+        sae.b_enc.normal_()
+    x = torch.randn(32, 16)
+    z = sae.affinities(x)
+    plain = x @ sae.W_enc.t() + sae.b_enc
+    norms = sae.W_dec.norm(dim=1)
+    assert torch.allclose(z, plain * norms, atol=1e-5)
+    idx = torch.topk(z, 4, dim=1).indices
+    sel = Selection(rows=torch.arange(32).repeat_interleave(4), cols=idx.flatten(), n_tokens=32)
+    code = sae.code(x, z, sel)
+    dense = torch.zeros(32, 64).scatter_(1, idx, plain.gather(1, idx).clamp_min(0))
+    assert torch.allclose(code.to_dense(), dense, atol=1e-5)
+    x_hat = sae.decode(code)
+    assert torch.allclose(x_hat, dense @ sae.W_dec, atol=1e-5)
+    W_enc, b_enc, W_dec = sae.folded()
+    assert torch.allclose(W_dec.norm(dim=1), torch.ones(64), atol=1e-5)
+    zf = x @ W_enc.t() + b_enc
+    assert torch.equal(torch.topk(zf, 4, dim=1).indices.sort(1).values, idx.sort(1).values)
+    folded = torch.zeros(32, 64).scatter_(1, idx, zf.gather(1, idx).clamp_min(0)) @ W_dec
+    assert torch.allclose(folded, x_hat, atol=1e-5)
+    # a step changes the norms (no projection, no renormalisation)
+    x_hat.pow(2).sum().backward()
+    before = sae.W_dec.grad.clone()
+    sae.project_decoder_grad()
+    assert torch.equal(sae.W_dec.grad, before)
+    with torch.no_grad():
+        sae.W_dec.sub_(0.1 * sae.W_dec.grad)
+    sae.renormalise_decoder()
+    assert not torch.allclose(sae.W_dec.norm(dim=1), norms)
+
+
 def test_normalisations_round_trip_and_dataset_scale():
     x = torch.randn(256, 8) * 5 + 3
     for norm in ("none", "dataset_scale", "layernorm"):
