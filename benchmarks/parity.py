@@ -29,7 +29,7 @@ import numpy as np
 from hydra import compose, initialize_config_dir
 
 from benchmarks import train_in_subprocess
-from sae_lightning.atomic import atomic_write_json
+from sae_lightning.atomic import atomic_write_json, atomic_write_text
 from sae_lightning.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -103,14 +103,23 @@ def plan(a, out: Path) -> Path:
     return path
 
 
+def slug(name: str) -> str:
+    return name.split(" (")[0].replace(" ", "_").replace("/", "")
+
+
+def suffix(seed: int) -> str:
+    return f"_s{seed}" if seed else ""
+
+
 def ours(a, out: Path, name: str, extra: list[str]) -> dict[str, Any] | None:
-    folder = out / "ours" / name.split(" (")[0].replace(" ", "_").replace("/", "")
+    folder = out / ("ours" if a.variant == "topk" else a.variant) / (slug(name) + suffix(a.seed))
     done = sorted(folder.glob("runs/*/metrics.json"))
     if not done:
         args = [
-            *data_overrides(a), "variant=topk", f"variant.k={a.k}", f"model.n_latents={a.latents}",
+            *data_overrides(a), f"variant={a.variant}", f"variant.k={a.k}", f"model.n_latents={a.latents}",
             f"optim.lr={a.lr}", f"trainer.max_steps={a.tokens // a.batch}",
-            f"trainer.val_check_interval={a.tokens // a.batch}", f"out_dir={folder}", "progress=none", *extra,
+            f"trainer.val_check_interval={a.tokens // a.batch}", f"out_dir={folder}", "progress=none",
+            f"seed={a.seed}", *extra,
         ]  # fmt: skip
         if not train_in_subprocess(args, folder, a.threads, f"ours / {name}"):
             return None
@@ -126,10 +135,11 @@ def ours(a, out: Path, name: str, extra: list[str]) -> dict[str, Any] | None:
 
 
 def theirs(a, out: Path, plan_path: Path) -> dict[str, Any] | None:
-    folder = out / "saelens"
+    folder = out / ("saelens" + suffix(a.seed))
     if not (folder / "train.json").is_file():
         p = subprocess.run(
-            [str(SAELENS_PY), str(ROOT / "benchmarks" / "saelens_side.py"), "train", str(plan_path), str(folder)],
+            [str(SAELENS_PY), str(ROOT / "benchmarks" / "saelens_side.py"), "train", str(plan_path), str(folder),
+             str(a.seed)],
             capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(a.threads)},
         )  # fmt: skip
         if p.returncode != 0:
@@ -139,6 +149,110 @@ def theirs(a, out: Path, plan_path: Path) -> dict[str, Any] | None:
     return {"folder": str(folder), "tokens_per_second": t["tokens_per_second"]}
 
 
+# what each change does, for the page (docs/parity.md)
+EXPLAIN = {
+    "b_dec init 0 (not the geometric median)": "SAELens starts b_dec at 0; we start b_pre at the geometric median "
+    "of a sample, so the first codes explain deviations from a typical token.",
+    "no input normalisation": "We divide activations by one dataset-wide scale (mean ‖x‖ = √d); SAELens's "
+    "default trains on raw activations. Adam is nearly invariant to that scale; the initial encoder is not.",
+    "gradient clipping at 1.0": "SAELens's trainer clips the global gradient norm at 1.0, always; ours does "
+    "not clip by default.",
+    "aux_k coefficient 1.0 (not 1/32)": "Gao et al. weight aux_k 1/32; SAELens weights it 1.0 (and scales it by "
+    "the share of dead latents among d/2).",
+    "no learning-rate warm-up": "Ours warms the learning rate up linearly over 100 steps; SAELens's default "
+    "schedule is constant. At ~220 steps the warm-up is almost half the run.",
+    "encoder scale: none (tied init as is)": "Ours rescales the initial encoder by least squares on a sample "
+    "(`model.init_encoder_scale=fit`); SAELens keeps the tied initialisation as drawn.",
+    "main loss / variance (not second moment)": "The reconstruction loss divided by the inputs' variance instead "
+    "of their second moment: a constant factor, which changes only the weight of aux_k relative to it "
+    "(Adam is invariant to a constant loss scale; SAELens sums squared errors over d, unnormalised).",
+    "decoder norms free, ranking z'·‖d‖": "SAELens 6 leaves the decoder rows' norms free and ranks latents by "
+    "z'_j·‖d_j‖ (`rescale_acts_by_decoder_norm`), where ours holds every row at norm 1 (gradient projection and "
+    "renormalisation, Gao et al.). `model.decoder_norm=free`.",
+    "decoder init norm 0.1, encoder tied": "SAELens's initialisation: decoder rows of norm 0.1 (Anthropic's "
+    "April 2024 update), W_enc = W_decᵀ, no rescaling; with free norms. `model.decoder_init_norm=0.1`.",
+    "Adam eps 1e-8 (not 6.25e-10)": "torch's default ε, which SAELens keeps; ours follows Gao et al.",
+    "dead window 1000 steps (no aux_k here)": "SAELens counts a latent dead after 1000 steps without firing, so "
+    "in a 220-step run aux_k never acts; ours after 200k tokens (49 steps here).",
+}
+
+
+DECISION = ""  # written once the runs are in
+
+
+def _stats(values: list[float]) -> tuple[float, float]:
+    arr = np.asarray(values, dtype=np.float64)
+    return float(arr.mean()), float(arr.std(ddof=1)) if arr.size > 1 else 0.0
+
+
+def report(out: Path, page: Path, decision: str = "") -> str:
+    """docs/parity.md from every seed's parity*.json under ``out`` (one data set)."""
+    runs = {}
+    for path in sorted(out.glob("parity*.json")):
+        seed = int(path.stem.removeprefix("parity_s") or 0) if path.stem != "parity" else 0
+        runs[seed] = json.loads(path.read_text())
+    if 0 not in runs:
+        raise SystemExit(f"error: no {out / 'parity.json'} yet: run the harness (seed 0) first")
+    settings, rows0 = runs[0]["settings"], runs[0]["rows"]
+    base = rows0["ours"]
+    lines = [
+        "# TopK parity with SAELens",
+        "",
+        f"Our TopK against SAELens {settings.get('saelens_version', '6.54')}'s own `SAETrainer` + `TopKTrainingSAE`, "
+        f"on identical batches of the MiniLM layer-3 cache (d = 384): k = {settings['k']}, F = {settings['latents']}, "
+        f"B = {settings['batch']}, {int(settings['tokens']) // int(settings['batch'])} steps "
+        f"({int(settings['tokens']) // int(settings['batch']) * int(settings['batch'])} tokens), lr {settings['lr']}, "
+        f"{settings['threads']} CPU threads. Every system is scored by one function in the SAELens environment (ours "
+        f"exported with `sae_lightning.interop`) on the same {settings['heldout']} held-out tokens: FVU, mean L0, and "
+        "the share of latents that never fire there. Measured with",
+        "",
+        "```bash",
+        "python harvest.py data=minilm                       # the cache (outputs/cache/minilm_l3_pydocs)",
+        "python -m benchmarks.parity --cache outputs/cache/minilm_l3_pydocs            # seed 0, every row",
+        "python -m benchmarks.parity --cache outputs/cache/minilm_l3_pydocs --seed 1 --ablations none 'best combination'",
+        "python -m benchmarks.parity --cache outputs/cache/minilm_l3_pydocs --report  # this page",
+        "```",
+        "",
+        "## One change at a time (seed 0)",
+        "",
+        "Each row turns one of our recipe's choices into SAELens's. Lower FVU is better; a latent that never fires on "
+        "held-out tokens is wasted capacity.",
+        "",
+        "| system | FVU | ΔFVU vs ours | L0 | never fired (held-out) | dead at the end (training) | tokens/s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, r in rows0.items():
+        dead = f"{r['dead_training']:.1%}" if "dead_training" in r else "—"
+        lines.append(
+            f"| {name} | {r['fvu']:.4f} | {r['fvu'] - base['fvu']:+.4f} | {r['l0']:.1f} | {r['never_fired']:.1%} "
+            f"| {dead} | {r['tokens_per_second']:.0f} |"
+        )
+    multi = {name for name in rows0 if sum(name in run["rows"] for run in runs.values()) > 1}
+    if multi:
+        seeds = sorted(runs)
+        lines += [
+            "",
+            f"## The rows that decide (seeds {', '.join(map(str, seeds))}: mean ± std)",
+            "",
+            "| system | FVU | never fired (held-out) | seeds |",
+            "|---|---|---|---|",
+        ]
+        for name in rows0:
+            if name not in multi:
+                continue
+            got = [run["rows"][name] for run in runs.values() if name in run["rows"]]
+            f_m, f_s = _stats([g["fvu"] for g in got])
+            n_m, n_s = _stats([g["never_fired"] for g in got])
+            lines.append(f"| {name} | {f_m:.4f} ± {f_s:.4f} | {n_m:.2%} ± {n_s:.2%} | {len(got)} |")
+    lines += ["", "## What each change does", ""]
+    lines += [f"- **{name}**: {text}" for name, text in EXPLAIN.items() if name in rows0]
+    if decision:
+        lines += ["", "## What we adopt", "", decision]
+    text = "\n".join(lines) + "\n"
+    atomic_write_text(page, text)
+    return text
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", choices=["minilm", "smollm2", "cache"], default="minilm",
@@ -146,7 +260,7 @@ def main(argv=None) -> dict:
     p.add_argument(
         "--data-overrides", nargs="*", default=[], help="more data.* overrides, e.g. data.calibration_tokens=4096"
     )
-    p.add_argument("--cache", type=Path, required=True, help="the activation cache (harvested with that data config)")
+    p.add_argument("--cache", type=Path, help="the activation cache (harvested with that data config)")
     p.add_argument("--k", type=int, default=32)
     p.add_argument("--latents", type=int, default=8192)
     p.add_argument("--batch", type=int, default=4096)
@@ -154,10 +268,19 @@ def main(argv=None) -> dict:
     p.add_argument("--heldout", type=int, default=50_000, help="held-out tokens both are scored on")
     p.add_argument("--lr", type=float, default=4e-4)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--variant", choices=["topk", "mutual_choice", "feature_choice"], default="topk",
+                   help="our allocator (MC/FC are scored in threshold mode, as exported); SAELens is always TopK")  # fmt: skip
+    p.add_argument("--seed", type=int, default=0, help="the training seed of every system (the batches stay the same)")
     p.add_argument("--ablations", nargs="*", default=None,
                    help="which of our variants (default: all; 'none': ours only)")  # fmt: skip
     p.add_argument("--out", type=Path, default=ROOT / "outputs" / "bench" / "parity")
+    p.add_argument("--report", action="store_true", help="write docs/parity.md from the runs there are, and stop")
     a = p.parse_args(argv)
+    if a.report:
+        print(report(a.out / a.data, ROOT / "docs" / "parity.md", DECISION))
+        return {}
+    if a.cache is None:
+        sys.exit("error: --cache is required (the activation cache to train on)")
     if not SAELENS_PY.exists():
         sys.exit(f"error: {SAELENS_PY} does not exist: run make install-saelens first")
     out = a.out / a.data
@@ -183,7 +306,8 @@ def main(argv=None) -> dict:
     for r in rows.values():
         r.update(figures[r["folder"]])
     result = {"settings": {k: str(v) for k, v in vars(a).items()}, "rows": rows}
-    atomic_write_json(out / "parity.json", result)
+    tag = "" if a.variant == "topk" else f"_{a.variant}"
+    atomic_write_json(out / f"parity{tag}{suffix(a.seed)}.json", result)
     print(f"\n{a.data}: k = {a.k}, F = {a.latents}, B = {a.batch}, {a.tokens // a.batch * a.batch} training tokens, "
           f"lr {a.lr}, scored on {a.heldout} held-out tokens")  # fmt: skip
     print("| system | FVU | L0 | never fired (held-out) | tokens/s |\n|---|---|---|---|---|")

@@ -1,7 +1,7 @@
 """The SAELens half of ``benchmarks.parity``, run with the Python of ``.venv-saelens`` (never
 imported by the project; sae-lens is not a dependency of ours).
 
-    .venv-saelens/bin/python benchmarks/saelens_side.py train PLAN.json OUT_DIR
+    .venv-saelens/bin/python benchmarks/saelens_side.py train PLAN.json OUT_DIR [SEED]
     .venv-saelens/bin/python benchmarks/saelens_side.py evaluate PLAN.json SAE_DIR... > figures.json
 
 ``PLAN.json`` (written by ``benchmarks.parity``) names the cache's shard files, the training
@@ -39,14 +39,14 @@ def gather(shards, starts, index):
     return torch.from_numpy(out)
 
 
-def train(plan_path, out_dir):
+def train(plan_path, out_dir, seed=None):
     from sae_lens import SAETrainer, TopKTrainingSAE, TopKTrainingSAEConfig
     from sae_lens.config import SAETrainerConfig
 
     torch.set_num_threads(int(json.loads(Path(plan_path).read_text()).get("threads", 2)))
     plan, shards, starts = load_plan(plan_path)
     order = np.load(plan["order"])  # [steps, B]
-    torch.manual_seed(plan["seed"])
+    torch.manual_seed(plan["seed"] if seed is None else int(seed))
     sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=plan["d_model"], d_sae=plan["n_latents"], k=plan["k"]))
     batches = (gather(shards, starts, order[j]) for j in range(order.shape[0]))
     cfg = SAETrainerConfig(
@@ -92,6 +92,6 @@ def evaluate(plan_path, folders):
 
 if __name__ == "__main__":
     if sys.argv[1] == "train":
-        train(sys.argv[2], sys.argv[3])
+        train(*sys.argv[2:5])
     else:
         evaluate(sys.argv[2], sys.argv[3:])
