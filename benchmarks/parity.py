@@ -59,15 +59,23 @@ ABLATIONS: dict[str, list[str]] = {
     "no learning-rate warm-up": ["optim.warmup_steps=0"],
     "encoder scale: none (tied init as is)": ["model.init_encoder_scale=none"],
     "main loss / variance (not second moment)": ["variant.losses.recon.scale=variance"],
-    "decoder norms free, ranking z'·‖d‖": ["model.decoder_norm=free"],
-    "decoder init norm 0.1, encoder tied": [
+    "decoder norms free (ranking z'·‖d‖)": ["model.decoder_norm=free"],
+    "decoder init norm 0.1 (encoder tied)": [
         "model.decoder_norm=free",
         "model.decoder_init_norm=0.1",
         "model.init_encoder_scale=none",
     ],
     "Adam eps 1e-8 (not 6.25e-10)": ["optim.eps=1e-8"],
     "dead window 1000 steps (no aux_k here)": ["stats.dead_window_tokens=4096000"],
-    "SAELens's recipe, all of the above": SAELENS_RECIPE,
+    "SAELens recipe (all of the above)": SAELENS_RECIPE,
+    # combinations of the changes that helped alone
+    "no warm-up + free decoder norms": ["optim.warmup_steps=0", "model.decoder_norm=free"],
+    "no warm-up + SAELens decoder init": [
+        "optim.warmup_steps=0",
+        "model.decoder_norm=free",
+        "model.decoder_init_norm=0.1",
+        "model.init_encoder_scale=none",
+    ],
 }
 
 
@@ -104,7 +112,10 @@ def plan(a, out: Path) -> Path:
 
 
 def slug(name: str) -> str:
-    return name.split(" (")[0].replace(" ", "_").replace("/", "")
+    """A row's folder name: the name up to its parenthesis, as a Hydra override value can hold it."""
+    return "".join(
+        c if c.isalnum() or c in "._-:" else "_" for c in name.split(" (")[0].replace(" ", "_").replace("/", "")
+    )
 
 
 def suffix(seed: int) -> str:
@@ -166,10 +177,10 @@ EXPLAIN = {
     "main loss / variance (not second moment)": "The reconstruction loss divided by the inputs' variance instead "
     "of their second moment: a constant factor, which changes only the weight of aux_k relative to it "
     "(Adam is invariant to a constant loss scale; SAELens sums squared errors over d, unnormalised).",
-    "decoder norms free, ranking z'·‖d‖": "SAELens 6 leaves the decoder rows' norms free and ranks latents by "
+    "decoder norms free (ranking z'·‖d‖)": "SAELens 6 leaves the decoder rows' norms free and ranks latents by "
     "z'_j·‖d_j‖ (`rescale_acts_by_decoder_norm`), where ours holds every row at norm 1 (gradient projection and "
     "renormalisation, Gao et al.). `model.decoder_norm=free`.",
-    "decoder init norm 0.1, encoder tied": "SAELens's initialisation: decoder rows of norm 0.1 (Anthropic's "
+    "decoder init norm 0.1 (encoder tied)": "SAELens's initialisation: decoder rows of norm 0.1 (Anthropic's "
     "April 2024 update), W_enc = W_decᵀ, no rescaling; with free norms. `model.decoder_init_norm=0.1`.",
     "Adam eps 1e-8 (not 6.25e-10)": "torch's default ε, which SAELens keeps; ours follows Gao et al.",
     "dead window 1000 steps (no aux_k here)": "SAELens counts a latent dead after 1000 steps without firing, so "
