@@ -68,6 +68,8 @@ ABLATIONS: dict[str, list[str]] = {
     "Adam eps 1e-8 (not 6.25e-10)": ["optim.eps=1e-8"],
     "dead window 1000 steps (no aux_k here)": ["stats.dead_window_tokens=4096000"],
     "SAELens recipe (all of the above)": SAELENS_RECIPE,
+    "SAELens recipe + its loss (sum over d)": [*SAELENS_RECIPE, "variant.losses.recon.scale=sum"],
+    "loss summed over d, clipped at 1.0": ["variant.losses.recon.scale=sum", "+trainer.gradient_clip_val=1.0"],
     # combinations of the changes that helped alone
     "no warm-up + free decoder norms": ["optim.warmup_steps=0", "model.decoder_norm=free"],
     "no warm-up + SAELens decoder init": [
@@ -75,6 +77,12 @@ ABLATIONS: dict[str, list[str]] = {
         "model.decoder_norm=free",
         "model.decoder_init_norm=0.1",
         "model.init_encoder_scale=none",
+    ],
+    "no warm-up + free decoder + summed loss clipped at 1.0": [
+        "optim.warmup_steps=0",
+        "model.decoder_norm=free",
+        "variant.losses.recon.scale=sum",
+        "+trainer.gradient_clip_val=1.0",
     ],
 }
 

@@ -63,13 +63,17 @@ class LossTerm(abc.ABC):
 class Reconstruction(LossTerm):
     """Mean squared error per element, divided by the inputs' per-element ``second_moment``
     (the normalised MSE, ‖e‖²/E‖x‖²) or their ``variance`` (‖e‖²/E‖x − x̄‖², the FVU; Gao et
-    al.'s ``mse_scale``), both measured on the initialisation sample. The choice sets the
-    weight of the auxiliary terms relative to this one when the inputs have a large mean."""
+    al.'s ``mse_scale``), both measured on the initialisation sample; or ``sum``: ‖e‖² summed
+    over the d dimensions, mean over tokens, not normalised (SAELens's loss: its size follows
+    the inputs' norm, which matters only with gradient clipping). The choice sets the weight of
+    the auxiliary terms relative to this one."""
 
     name: ClassVar[str] = "recon"
-    scale: Literal["second_moment", "variance"] = "second_moment"
+    scale: Literal["second_moment", "variance", "sum"] = "second_moment"
 
     def __call__(self, out, sae, stats):
+        if self.scale == "sum":
+            return (out.x - out.x_hat).pow(2).sum(1).mean()
         denom = sae.x_variance if self.scale == "variance" else sae.x_second_moment
         return (out.x - out.x_hat).pow(2).mean() / denom
 
