@@ -38,10 +38,18 @@ SAELENS_PY = ROOT / ".venv-saelens" / "bin" / "python"
 
 # SAELens's TopK recipe, against ours, one difference at a time (the overrides that make ours
 # like theirs in that respect)
+# Every row starts from the recipe our defaults held before this comparison (so the rows, and the
+# runs kept under --out, mean the same whatever the defaults are now); ADOPTED is today's default.
+OLD_RECIPE = [
+    "optim.warmup_steps=100",
+    "model.decoder_norm=unit",
+    "variant.losses.recon.scale=second_moment",
+    "trainer.gradient_clip_val=null",
+]
 SAELENS_RECIPE = [  # every difference at once: our trainer with SAELens's TopK recipe
     "model.b_pre_init=zeros",
     "model.normalisation=none",
-    "+trainer.gradient_clip_val=1.0",
+    "trainer.gradient_clip_val=1.0",
     "variant.losses.aux_k.coef=1.0",
     "optim.warmup_steps=0",
     "model.init_encoder_scale=none",
@@ -54,7 +62,7 @@ ABLATIONS: dict[str, list[str]] = {
     "ours": [],
     "b_dec init 0 (not the geometric median)": ["model.b_pre_init=zeros"],
     "no input normalisation": ["model.normalisation=none"],
-    "gradient clipping at 1.0": ["+trainer.gradient_clip_val=1.0"],
+    "gradient clipping at 1.0": ["trainer.gradient_clip_val=1.0"],
     "aux_k coefficient 1.0 (not 1/32)": ["variant.losses.aux_k.coef=1.0"],
     "no learning-rate warm-up": ["optim.warmup_steps=0"],
     "encoder scale: none (tied init as is)": ["model.init_encoder_scale=none"],
@@ -69,7 +77,7 @@ ABLATIONS: dict[str, list[str]] = {
     "dead window 1000 steps (no aux_k here)": ["stats.dead_window_tokens=4096000"],
     "SAELens recipe (all of the above)": SAELENS_RECIPE,
     "SAELens recipe + its loss (sum over d)": [*SAELENS_RECIPE, "variant.losses.recon.scale=sum"],
-    "loss summed over d, clipped at 1.0": ["variant.losses.recon.scale=sum", "+trainer.gradient_clip_val=1.0"],
+    "loss summed over d, clipped at 1.0": ["variant.losses.recon.scale=sum", "trainer.gradient_clip_val=1.0"],
     # combinations of the changes that helped alone
     "no warm-up + free decoder norms": ["optim.warmup_steps=0", "model.decoder_norm=free"],
     "no warm-up + SAELens decoder init": [
@@ -82,7 +90,7 @@ ABLATIONS: dict[str, list[str]] = {
         "optim.warmup_steps=0",
         "model.decoder_norm=free",
         "variant.losses.recon.scale=sum",
-        "+trainer.gradient_clip_val=1.0",
+        "trainer.gradient_clip_val=1.0",
     ],
 }
 
@@ -138,7 +146,7 @@ def ours(a, out: Path, name: str, extra: list[str]) -> dict[str, Any] | None:
             *data_overrides(a), f"variant={a.variant}", f"variant.k={a.k}", f"model.n_latents={a.latents}",
             f"optim.lr={a.lr}", f"trainer.max_steps={a.tokens // a.batch}",
             f"trainer.val_check_interval={a.tokens // a.batch}", f"out_dir={folder}", "progress=none",
-            f"seed={a.seed}", *extra,
+            f"seed={a.seed}", *OLD_RECIPE, *extra,
         ]  # fmt: skip
         if not train_in_subprocess(args, folder, a.threads, f"ours / {name}"):
             return None
@@ -196,7 +204,18 @@ EXPLAIN = {
 }
 
 
-DECISION = ""  # written once the runs are in
+ADOPTED = "no warm-up + free decoder + summed loss clipped at 1.0"  # the recipe the defaults now hold
+SAELENS_ROW = "SAELens TopK (its defaults)"
+
+EXPLAIN["SAELens recipe + its loss (sum over d)"] = (
+    "All of SAELens's choices in our trainer, with its loss as well: Σ_d (x − x̂)² per token, unnormalised "
+    "(`variant.losses.recon.scale=sum`). With gradient clipping at 1.0 the loss's size matters: on raw "
+    "activations every step is clipped."
+)
+EXPLAIN["loss summed over d, clipped at 1.0"] = (
+    "Our recipe with the summed loss and clipping at 1.0: every gradient is clipped to norm 1 (normalised-gradient "
+    "Adam), so the large gradients of the first steps no longer inflate Adam's second-moment estimate."
+)
 
 
 def _stats(values: list[float]) -> tuple[float, float]:
@@ -204,40 +223,66 @@ def _stats(values: list[float]) -> tuple[float, float]:
     return float(arr.mean()), float(arr.std(ddof=1)) if arr.size > 1 else 0.0
 
 
-def report(out: Path, page: Path, decision: str = "") -> str:
+def _runs(out: Path, variant: str = "") -> dict[int, dict]:
+    """seed → that run of the harness (``parity[_<variant>][_s<seed>].json``)."""
+    tag = f"_{variant}" if variant else ""
+    found = {}
+    for path in sorted(out.glob(f"parity{tag}*.json")):
+        rest = path.stem.removeprefix(f"parity{tag}")
+        if rest == "" or (rest.startswith("_s") and rest[2:].isdigit()):
+            found[int(rest[2:] or 0)] = json.loads(path.read_text())
+    return found
+
+
+def _mean_row(runs: dict[int, dict], name: str, keys=("fvu", "l0", "never_fired", "dead_training")) -> dict:
+    got = [run["rows"][name] for run in runs.values() if name in run["rows"]]
+    return {"n": len(got), **{k: _stats([g[k] for g in got]) for k in keys if all(k in g for g in got)}}
+
+
+def _fmt(row: dict, key: str, pct: bool = False) -> str:
+    if key not in row:
+        return "—"
+    m, sd = row[key]
+    return f"{m:.2%} ± {sd:.2%}" if pct else f"{m:.4f} ± {sd:.4f}"
+
+
+def report(out: Path, page: Path) -> str:
     """docs/parity.md from every seed's parity*.json under ``out`` (one data set)."""
-    runs = {}
-    for path in sorted(out.glob("parity*.json")):
-        seed = int(path.stem.removeprefix("parity_s") or 0) if path.stem != "parity" else 0
-        runs[seed] = json.loads(path.read_text())
+    runs = _runs(out)
     if 0 not in runs:
         raise SystemExit(f"error: no {out / 'parity.json'} yet: run the harness (seed 0) first")
     settings, rows0 = runs[0]["settings"], runs[0]["rows"]
     base = rows0["ours"]
+    steps = int(settings["tokens"]) // int(settings["batch"])
     lines = [
         "# TopK parity with SAELens",
         "",
-        f"Our TopK against SAELens {settings.get('saelens_version', '6.54')}'s own `SAETrainer` + `TopKTrainingSAE`, "
-        f"on identical batches of the MiniLM layer-3 cache (d = 384): k = {settings['k']}, F = {settings['latents']}, "
-        f"B = {settings['batch']}, {int(settings['tokens']) // int(settings['batch'])} steps "
-        f"({int(settings['tokens']) // int(settings['batch']) * int(settings['batch'])} tokens), lr {settings['lr']}, "
-        f"{settings['threads']} CPU threads. Every system is scored by one function in the SAELens environment (ours "
-        f"exported with `sae_lightning.interop`) on the same {settings['heldout']} held-out tokens: FVU, mean L0, and "
-        "the share of latents that never fire there. Measured with",
+        f"Our TopK against SAELens 6.54's own `SAETrainer` + `TopKTrainingSAE` on identical batches of the MiniLM "
+        f"layer-3 cache (d = 384): k = {settings['k']}, F = {settings['latents']}, B = {settings['batch']}, {steps} "
+        f"steps ({steps * int(settings['batch'])} tokens), lr {settings['lr']} for both, {settings['threads']} CPU "
+        "threads. Every system is scored by one function in the SAELens environment (ours exported with "
+        f"`sae_lightning.interop`) on the same {settings['heldout']} held-out tokens: FVU, mean L0 and the share of "
+        "latents that never fire there; *dead* is our trainer's own count at the end (no firing in the last "
+        "200k training tokens). Measured with",
         "",
         "```bash",
-        "python harvest.py data=minilm                       # the cache (outputs/cache/minilm_l3_pydocs)",
-        "python -m benchmarks.parity --cache outputs/cache/minilm_l3_pydocs            # seed 0, every row",
-        "python -m benchmarks.parity --cache outputs/cache/minilm_l3_pydocs --seed 1 --ablations none 'best combination'",
-        "python -m benchmarks.parity --cache outputs/cache/minilm_l3_pydocs --report  # this page",
+        "python harvest.py data=minilm        # the cache: outputs/cache/minilm_l3_pydocs",
+        "C=outputs/cache/minilm_l3_pydocs",
+        "python -m benchmarks.parity --cache $C                                # seed 0, every row",
+        f"python -m benchmarks.parity --cache $C --seed 1 --ablations '{ADOPTED}'   # and --seed 2",
+        f"python -m benchmarks.parity --cache $C --variant mutual_choice --seed 0 --ablations '{ADOPTED}'  # 0-2; and FC",
+        "python -m benchmarks.parity --report                                  # this page",
         "```",
+        "",
+        "The recipe rows were measured before the defaults changed: `ours` is the old default recipe (unit-norm "
+        f"decoder, 100 warm-up steps, normalised loss, no clipping); `{ADOPTED}` is today's default.",
         "",
         "## One change at a time (seed 0)",
         "",
-        "Each row turns one of our recipe's choices into SAELens's. Lower FVU is better; a latent that never fires on "
-        "held-out tokens is wasted capacity.",
+        "Each row turns one or more of our recipe's choices into SAELens's. Lower FVU is better; a latent that never "
+        "fires on held-out tokens is wasted capacity.",
         "",
-        "| system | FVU | ΔFVU vs ours | L0 | never fired (held-out) | dead at the end (training) | tokens/s |",
+        "| system | FVU | ΔFVU vs ours | L0 | never fired (held-out) | dead (training) | tokens/s |",
         "|---|---|---|---|---|---|---|",
     ]
     for name, r in rows0.items():
@@ -246,30 +291,52 @@ def report(out: Path, page: Path, decision: str = "") -> str:
             f"| {name} | {r['fvu']:.4f} | {r['fvu'] - base['fvu']:+.4f} | {r['l0']:.1f} | {r['never_fired']:.1%} "
             f"| {dead} | {r['tokens_per_second']:.0f} |"
         )
-    multi = {name for name in rows0 if sum(name in run["rows"] for run in runs.values()) > 1}
-    if multi:
-        seeds = sorted(runs)
+    lines += [
+        "",
+        "Tokens/s are the whole run's (validation included) on a machine shared with other jobs: compare them in "
+        "`python -m benchmarks.step`, not here.",
+        "",
+        f"## The rows that decide (seeds {', '.join(map(str, sorted(runs)))}: mean ± std)",
+        "",
+        "| system | FVU | never fired (held-out) | dead (training) | seeds |",
+        "|---|---|---|---|---|",
+    ]
+    decide = {name: _mean_row(runs, name) for name in ("ours", ADOPTED, SAELENS_ROW) if name in rows0}
+    for name, row in decide.items():
+        lines.append(
+            f"| {name} | {_fmt(row, 'fvu')} | {_fmt(row, 'never_fired', True)} | {_fmt(row, 'dead_training', True)} "
+            f"| {row['n']} |"
+        )
+    variants = {v: _runs(out, v) for v in ("mutual_choice", "feature_choice")}
+    if any(variants.values()):
         lines += [
             "",
-            f"## The rows that decide (seeds {', '.join(map(str, seeds))}: mean ± std)",
+            "## Mutual Choice and Feature Choice with the new recipe",
             "",
-            "| system | FVU | never fired (held-out) | seeds |",
-            "|---|---|---|---|",
+            "The same harness and batches, our MC (+ aux_zipf) and FC (Zipf capacities by demand) with their default "
+            "losses, scored as exported: the threshold mode with calibrated thresholds (so L0 is near, not at, k). "
+            "Mean ± std over the seeds.",
+            "",
+            "| variant | recipe | FVU | L0 | never fired (held-out) | dead (training) | seeds |",
+            "|---|---|---|---|---|---|---|",
         ]
-        for name in rows0:
-            if name not in multi:
-                continue
-            got = [run["rows"][name] for run in runs.values() if name in run["rows"]]
-            f_m, f_s = _stats([g["fvu"] for g in got])
-            n_m, n_s = _stats([g["never_fired"] for g in got])
-            lines.append(f"| {name} | {f_m:.4f} ± {f_s:.4f} | {n_m:.2%} ± {n_s:.2%} | {len(got)} |")
+        for v, vr in variants.items():
+            for name, label in (("ours", "old default"), (ADOPTED, "new default")):
+                row = _mean_row(vr, name)
+                if row["n"]:
+                    lines.append(
+                        f"| {v} | {label} | {_fmt(row, 'fvu')} | {row['l0'][0]:.1f} | {_fmt(row, 'never_fired', True)} "
+                        f"| {_fmt(row, 'dead_training', True)} | {row['n']} |"
+                    )
     lines += ["", "## What each change does", ""]
     lines += [f"- **{name}**: {text}" for name, text in EXPLAIN.items() if name in rows0]
-    if decision:
-        lines += ["", "## What we adopt", "", decision]
+    lines += ["", "## What we adopt, and why", "", DECISION]
     text = "\n".join(lines) + "\n"
     atomic_write_text(page, text)
     return text
+
+
+DECISION = """TBD"""
 
 
 def main(argv=None) -> dict:
@@ -296,7 +363,7 @@ def main(argv=None) -> dict:
     p.add_argument("--report", action="store_true", help="write docs/parity.md from the runs there are, and stop")
     a = p.parse_args(argv)
     if a.report:
-        print(report(a.out / a.data, ROOT / "docs" / "parity.md", DECISION))
+        print(report(a.out / a.data, ROOT / "docs" / "parity.md"))
         return {}
     if a.cache is None:
         sys.exit("error: --cache is required (the activation cache to train on)")

@@ -40,7 +40,7 @@ class ModelSpec:
     affinity_dtype: AffinityDtype = "float32"  # of the affinity matrix used for selection
     # unit: decoder rows held at norm 1 (gradient projection, renormalisation); free: their norms
     # train, and selection ranks z'_j·‖d_j‖ (SAELens's rescale_acts_by_decoder_norm)
-    decoder_norm: DecoderNorm = "unit"
+    decoder_norm: DecoderNorm = "free"
     decoder_init_norm: float | None = setting(
         None, gt=0, allowed="null (unit rows, the encoder as drawn) or a number > 0 (with decoder_norm=free)"
     )  # rows of this norm at init, the encoder tied to them (W_enc = W_dec, SAELens's 0.1)
@@ -57,7 +57,7 @@ class ModelSpec:
 @dataclass
 class OptimSpec:
     lr: float | None = setting(None, gt=0, allowed="null (2e-4 / sqrt(n_latents / 2^14)) or a number > 0")
-    warmup_steps: int = setting(100, ge=0)
+    warmup_steps: int = setting(0, ge=0)  # docs/parity.md: a warm-up costs a short run most of its FVU lead
     betas: list[float] = setting(default_factory=lambda: [0.9, 0.999], ge=0, lt=1, allowed="two numbers in [0, 1)")
     eps: float = setting(6.25e-10, gt=0)
     fused: Literal["auto"] | bool = setting("auto", allowed="one of 'auto', true, false")

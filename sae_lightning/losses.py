@@ -69,7 +69,7 @@ class Reconstruction(LossTerm):
     the auxiliary terms relative to this one."""
 
     name: ClassVar[str] = "recon"
-    scale: Literal["second_moment", "variance", "sum"] = "second_moment"
+    scale: Literal["second_moment", "variance", "sum"] = "sum"
 
     def __call__(self, out, sae, stats):
         if self.scale == "sum":
