@@ -9,10 +9,15 @@ the SAELens environment, ours exported with ``sae_lightning.interop``): FVU, mea
 share of latents that never fire on the cache's held-out tokens. Training tokens/s come from
 each trainer (ours: the whole run, validation included).
 
-    python -m benchmarks.parity --data minilm --cache outputs/cache/minilm_l3_pydocs
+    python -m benchmarks.parity --data minilm --cache outputs/cache/minilm_l3_pydocs --all   # docs/parity.md
+    python -m benchmarks.parity --data minilm --cache outputs/cache/minilm_l3_pydocs           # seed 0, every row
     python -m benchmarks.parity --data smollm2 --cache outputs/cache/smollm2_l9_pydocs --ablations none
 
-Resumable: a finished run is kept. Writes ``<out>/<data>/parity.json`` and prints a table.
+Every row of ours starts from ``OLD_RECIPE`` (the defaults before this comparison) plus its own
+changes, so rows and kept runs mean the same whatever today's defaults are; ``ADOPTED`` is the
+row today's defaults equal. Resumable: a finished run is kept. Writes
+``<out>/<data>/parity[_<variant>][_s<seed>].json`` and prints a table; ``--report`` writes
+docs/parity.md from them.
 """
 
 from __future__ import annotations
@@ -268,10 +273,8 @@ def report(out: Path, page: Path) -> str:
         "```bash",
         "python harvest.py data=minilm        # the cache: outputs/cache/minilm_l3_pydocs",
         "C=outputs/cache/minilm_l3_pydocs",
-        "python -m benchmarks.parity --cache $C                                # seed 0, every row",
-        f"python -m benchmarks.parity --cache $C --seed 1 --ablations '{ADOPTED}'   # and --seed 2",
-        f"python -m benchmarks.parity --cache $C --variant mutual_choice --seed 0 --ablations '{ADOPTED}'  # 0-2; and FC",
-        "python -m benchmarks.parity --report                                  # this page",
+        "python -m benchmarks.parity --cache $C --all   # every run below (resumable: about 1 h on 2 cores), then this page",
+        "python -m benchmarks.parity --report           # this page again, from the runs there are",
         "```",
         "",
         "The recipe rows were measured before the defaults changed: `ours` is the old default recipe (unit-norm "
@@ -361,8 +364,21 @@ def main(argv=None) -> dict:
                    help="which of our variants (default: all; 'none': ours only)")  # fmt: skip
     p.add_argument("--out", type=Path, default=ROOT / "outputs" / "bench" / "parity")
     p.add_argument("--report", action="store_true", help="write docs/parity.md from the runs there are, and stop")
+    p.add_argument("--all", action="store_true",
+                   help="the whole page: every row on seed 0, ours / adopted / SAELens on seeds 1 and 2, MC and FC "
+                   "(old and adopted recipe) on seeds 0-2, then the report; resumable")  # fmt: skip
     a = p.parse_args(argv)
     if a.report:
+        print(report(a.out / a.data, ROOT / "docs" / "parity.md"))
+        return {}
+    if a.all:
+        rest = [x for x in (argv if argv is not None else sys.argv[1:]) if x != "--all"]
+        main(rest)
+        for seed in (1, 2):
+            main([*rest, "--seed", str(seed), "--ablations", ADOPTED])
+        for variant in ("mutual_choice", "feature_choice"):
+            for seed in (0, 1, 2):
+                main([*rest, "--variant", variant, "--seed", str(seed), "--ablations", ADOPTED])
         print(report(a.out / a.data, ROOT / "docs" / "parity.md"))
         return {}
     if a.cache is None:

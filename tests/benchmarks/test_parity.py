@@ -39,3 +39,20 @@ def test_the_plan_holds_the_batches_our_loader_yields_in_order(tiny_lm, corpus_f
     for j in range(40):
         assert torch.equal(next(stream).float(), gather(shards, starts, order[j]))
     assert json.loads(path.read_text())["heldout"] == list(dm.val_range)
+
+
+def test_the_adopted_row_is_todays_default_and_ours_is_the_old_recipe():
+    """docs/parity.md says so: every row starts from OLD_RECIPE, and the adopted row then equals
+    the defaults of every variant (the recipe is shared)."""
+    from benchmarks.parity import ABLATIONS, ADOPTED, OLD_RECIPE
+    from sae_lightning.config import load_config
+
+    from ..conftest import compose_config
+
+    for variant in ("topk", "mutual_choice", "feature_choice"):
+        default = load_config(compose_config([f"variant={variant}"])).as_dict()
+        adopted = load_config(compose_config([f"variant={variant}", *OLD_RECIPE, *ABLATIONS[ADOPTED]])).as_dict()
+        old = load_config(compose_config([f"variant={variant}", *OLD_RECIPE])).as_dict()
+        assert adopted == default
+        assert old["optim"]["warmup_steps"] == 100 and old["model"]["decoder_norm"] == "unit"
+        assert old["variant"]["losses"]["recon"]["scale"] == "second_moment" and old != default
