@@ -205,6 +205,9 @@ def import_saelens(folder: Path, overrides: list[str], out: Path | None = None) 
     variant = "topk" if arch == "topk" else "jumprelu"
     base = [f"variant={variant}", f"variant.k={min(k, F)}", f"model.n_latents={F}"]
     base += ["model.normalisation=none", "model.b_pre_init=zeros", "calibration.enabled=false"]
+    # a saved SAELens SAE selects on z' as it is (rescale_acts_by_decoder_norm folded in, read_saelens
+    # refuses it otherwise): no ranking by decoder norm, which our default (free) would add
+    base += ["model.decoder_norm=unit"]
     try:
         with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
             composed = compose("train", overrides=base + list(overrides))

@@ -227,7 +227,10 @@ class OptunaSweeper(Sweeper):
             try:
                 self.validate_batch_is_legal([sample])
             except Exception as e:
-                raise self._in_sweep_syntax(e, [*base, *v_params]) from e
+                said = self._in_sweep_syntax(e, [*base, *v_params])
+                if said is e:
+                    raise
+                raise said from None
 
     @staticmethod
     def _in_sweep_syntax(err: Exception, params: list[Param]) -> Exception:
