@@ -241,6 +241,8 @@ def _runs(out: Path, variant: str = "") -> dict[int, dict]:
 
 def _mean_row(runs: dict[int, dict], name: str, keys=("fvu", "l0", "never_fired", "dead_training")) -> dict:
     got = [run["rows"][name] for run in runs.values() if name in run["rows"]]
+    if not got:
+        return {"n": 0}
     return {"n": len(got), **{k: _stats([g[k] for g in got]) for k in keys if all(k in g for g in got)}}
 
 
