@@ -391,13 +391,19 @@ def decision(rows0: dict, decide: dict, variants: dict) -> str:
         if not (old_row["n"] and new_row["n"]):
             continue
         (o_m, o_s), (n_m, n_s) = old_row["fvu"], new_row["fvu"]
-        worse = n_m - o_m > max(o_s, n_s)
+        tol = max(o_s, n_s)
+        verdict = (
+            "worse by more than the seeds' std."
+            if n_m - o_m > tol
+            else f"better by {o_m - n_m:.4f}, beyond the seeds' std."
+            if o_m - n_m > tol
+            else "the same within the seeds' std."
+        )
         text += [
             "",
             f"**{v.replace('_', ' ').capitalize()}** on the new recipe (threshold mode, {new_row['n']} seeds): FVU "
             f"{n_m:.4f} ± {n_s:.4f} against {o_m:.4f} ± {o_s:.4f} on the old one, dead "
-            f"{new_row['dead_training'][0]:.2%} against {old_row['dead_training'][0]:.2%}: "
-            + ("worse by more than the seeds' std." if worse else "not worse by more than the seeds' std."),
+            f"{new_row['dead_training'][0]:.2%} against {old_row['dead_training'][0]:.2%}: " + verdict,
         ]
     return "\n".join(text)
 
