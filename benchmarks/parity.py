@@ -271,7 +271,7 @@ def report(out: Path, page: Path) -> str:
         "```bash",
         "python harvest.py data=minilm        # the cache: outputs/cache/minilm_l3_pydocs",
         "C=outputs/cache/minilm_l3_pydocs",
-        "python -m benchmarks.parity --cache $C --all   # every run below (resumable: about 1 h on 2 cores), then this page",
+        "python -m benchmarks.parity --cache $C --all   # every run below (resumable: 1-2 h on 2 cores), then this page",
         "python -m benchmarks.parity --report           # this page again, from the runs there are",
         "```",
         "",
