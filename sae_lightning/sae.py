@@ -231,9 +231,8 @@ class SparseAutoencoder(nn.Module):
         with torch.no_grad():
             if z.dtype == self.W_enc.dtype:
                 raw = z[rows, cols] if layout == "token" else z[cols, rows]
-                if self.decoder_norm == "free":  # the matrix ranks z'·‖d‖; the code holds z'
-                    norms = self.decoder_norms()
-                    assert norms is not None
+                norms = self.decoder_norms()
+                if norms is not None:  # a free decoder's matrix ranks z'·‖d‖; the code holds z'
                     raw = raw / norms[cols]
             else:  # selection made in low precision: the values themselves are exact
                 raw = self.exact_affinities(xn, rows, cols)
