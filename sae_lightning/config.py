@@ -71,7 +71,8 @@ class StatsSpec:
     dead_window_tokens: int = setting(200_000, ge=1, allowed="an integer >= 1 (tokens)")
     density_time_constant_tokens: int = setting(100_000, ge=1, allowed="an integer >= 1 (tokens)")
     underused_ratio: float = setting(0.25, ge=0)
-    zipf_alpha: float = setting(1.0, ge=0)
+    underused_reference: Literal["fitted", "zipf"] = "fitted"
+    zipf_alpha: float = setting(1.0, ge=0)  # the zipf reference's curve
     zipf_beta: float = setting(0.0, gt=-1)
 
 

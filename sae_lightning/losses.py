@@ -122,10 +122,11 @@ def aux_residual_loss(
 ) -> tuple[Tensor, Tensor | None]:
     """Σ‖e − ê‖² / Σ‖e − ē‖² where e = x − x̂ (detached) and ê decodes, without bias, the
     selected auxiliary entries (0 when nothing is selected); and the latents that the
-    auxiliary code holds, which are the ones that receive a gradient from it."""
+    auxiliary code holds, which are the ones that receive a gradient from it: their encoder
+    rows and biases and their decoder rows, never b_pre."""
     if sel is None:
         return out.x.new_zeros(()), None
-    code = sae.code(out.x, out.z, sel, out.layout, weights, values)
+    code = sae.code(out.x, out.z, sel, out.layout, weights, values, train_b_pre=False)
     e = (out.x - out.x_hat).detach()
     e_hat = sparse_decode(code, sae.W_dec)
     return (e - e_hat).pow(2).sum() / (e - e.mean(0)).pow(2).sum().clamp_min(1e-12), code.latents
@@ -139,11 +140,12 @@ def selection_pull_loss(
 ) -> tuple[Tensor, Tensor | None]:
     """Mean over the selected pairs of w_j · relu(θ − z'_ij) / θ, θ the batch's selection cutoff
     (the smallest value of the main code): how far those affinities fall short of being
-    selected. Its gradient raises them (encoder only); the pairs already above θ add nothing."""
+    selected. Its gradient raises them (W_enc and b_enc only: not W_dec, not b_pre); the pairs
+    already above θ add nothing."""
     if sel is None or out.code.nnz == 0:
         return out.x.new_zeros(()), None
     theta = out.code.values.detach().min().clamp_min(1e-6)
-    code = sae.code(out.x, out.z, sel, out.layout, values="linear")
+    code = sae.code(out.x, out.z, sel, out.layout, values="linear", train_b_pre=False)
     short = torch.relu(theta - code.values) / theta
     if weights is not None:
         short = short * weights[code.latents]

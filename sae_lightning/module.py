@@ -75,6 +75,7 @@ class SAEModule(L.LightningModule):
             s.underused_ratio,
             s.zipf_alpha,
             s.zipf_beta,
+            s.underused_reference,
         )
         self.modes = [Mode.BATCH, Mode.THRESHOLD] + ([Mode.THRESHOLD_EMA] if self.allocator.has_thresholds else [])
         self.val_metrics = nn.ModuleDict(

@@ -221,12 +221,15 @@ class SparseAutoencoder(nn.Module):
         layout: str = "token",
         weights: Tensor | None = None,
         values: str = "relu",
+        train_b_pre: bool = True,
     ) -> SparseCode:
         """The sparse code of a selection, differentiable with respect to the encoder through a
         sparse backward. ``values``: ``relu`` (the SAE's own: ReLU(z') at the selected pairs,
         non-positive ones dropped), or, for auxiliary codes, ``linear`` (z' itself, negative
         values kept, as SAELens's aux-k) or ``softplus`` (log(1 + e^z'): positive, with a
-        gradient however negative z' is). ``weights`` ([F]) scales each latent's values."""
+        gradient however negative z' is). ``weights`` ([F]) scales each latent's values.
+        ``train_b_pre=False`` (the auxiliary codes): the values' gradient reaches W_enc and b_enc
+        only, not b_pre (which the reconstruction alone trains)."""
         rows, cols = selection.rows, selection.cols
         with torch.no_grad():
             if z.dtype == self.W_enc.dtype:
@@ -240,7 +243,8 @@ class SparseAutoencoder(nn.Module):
                 keep = raw > 0
                 if not bool(keep.all()):
                     rows, cols, raw = rows[keep], cols[keep], raw[keep]
-        v = SelectedAffinities.apply(raw, self.W_enc, self.b_enc, self.b_pre, xn, rows, cols)
+        b_pre = self.b_pre if train_b_pre else self.b_pre.detach()
+        v = SelectedAffinities.apply(raw, self.W_enc, self.b_enc, b_pre, xn, rows, cols)
         if values == "softplus":
             v = F.softplus(v)
         if weights is not None:

@@ -1,5 +1,11 @@
 """Per-latent firing statistics, counted in tokens: dead, density EMA, under-used.
 
+Under-used (the metric) is relative to the run's own density curve: a latent is under-used
+when it is dead or fires at under ``underused_ratio`` of what a Zipf fit of all latents'
+densities gives at its rank (``fitted``), so an SAE whose density curve is smooth, whatever its
+slope, has none; ``zipf`` keeps the older reference, a fixed Zipf(α, β) curve water-filled to
+Σ t = k (what aux_zipf's targets are), which calls a flatter or steeper healthy curve under-used.
+
 The one place these live; aux losses, metrics, Feature Choice's density ranking and the
 logging callback all read them, and they are saved with the checkpoint (buffers).
 """
@@ -11,7 +17,9 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .zipf import zipf_targets
+from .zipf import fit_zipf, zipf_targets
+
+UNDERUSED_REFERENCES = ("fitted", "zipf")
 
 
 class LatentStats(nn.Module):
@@ -28,12 +36,14 @@ class LatentStats(nn.Module):
         underused_ratio: float,
         zipf_alpha: float = 1.0,
         zipf_beta: float = 0.0,
+        underused_reference: str = "fitted",
     ):
         super().__init__()
         self.n_latents, self.k = n_latents, k
         self.dead_window_tokens = dead_window_tokens
         self.density_time_constant_tokens = density_time_constant_tokens
         self.underused_ratio, self.zipf_alpha, self.zipf_beta = underused_ratio, zipf_alpha, zipf_beta
+        self.underused_reference = underused_reference
         self.register_buffer("tokens_since_fired", torch.zeros(n_latents, dtype=torch.long))
         # prior: every latent at the uniform share k/F, so nothing looks under-used at step 0
         self.register_buffer("density", torch.full((n_latents,), k / n_latents))
@@ -65,9 +75,32 @@ class LatentStats(nn.Module):
         t = self.targets() if targets is None else targets
         return self.dead_mask() | (self.density < ratio * t)
 
+    def fitted_curve(self) -> Tensor | None:
+        """ρ̂_j = e^c·(r_j + β)^(−α): the Zipf fit of the current densities (``fit_zipf``: the
+        firing latents of the top 90 % of ranks) at latent j's density rank r_j; None when fewer
+        than 3 latents fire."""
+        fit = fit_zipf(self.density)
+        if fit is None:
+            return None
+        alpha, beta, c, _ = fit
+        order = torch.argsort(self.density.detach().cpu().to(torch.float64), descending=True, stable=True)
+        rank = torch.empty(self.n_latents, dtype=torch.float64)
+        rank[order] = torch.arange(1, self.n_latents + 1, dtype=torch.float64)
+        return (math.exp(c) * (rank + beta).pow(-alpha)).to(self.density.device, torch.float32)
+
+    def underused_metric_mask(self) -> Tensor:
+        """The under-used metric's latents: dead ∪ {j : ρ_j < ratio · reference_j}, the reference
+        being the fitted curve (``fitted``; every latent when fewer than 3 fire) or the Zipf targets."""
+        if self.underused_reference == "zipf":
+            return self.underused_mask()
+        curve = self.fitted_curve()
+        if curve is None:
+            return self.dead_mask() | (self.density <= 0)
+        return self.dead_mask() | (self.density < self.underused_ratio * curve)
+
     def summary(self) -> dict[str, float]:
         return {
             "dead_fraction": float(self.dead_mask().float().mean()),
-            "underused_fraction": float(self.underused_mask().float().mean()),
+            "underused_fraction": float(self.underused_metric_mask().float().mean()),
             "tokens_seen": float(self.tokens_seen),
         }

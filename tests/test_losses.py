@@ -146,3 +146,44 @@ def test_the_pull_term_raises_under_used_affinities_towards_the_cutoff_only():
     g_enc, g_dec = torch.autograd.grad(loss, [sae.b_enc, sae.W_dec], allow_unused=True)
     assert float(loss.detach()) > 0 and g_dec is None  # the decoder is left alone
     assert torch.all(g_enc <= 0) and bool((g_enc < 0).any())  # gradient descent raises b_enc, never lowers it
+
+
+def grads(loss, sae):
+    params = {"W_enc": sae.W_enc, "b_enc": sae.b_enc, "W_dec": sae.W_dec, "b_pre": sae.b_pre}
+    got = torch.autograd.grad(loss, list(params.values()), retain_graph=True, allow_unused=True)
+    return {name: torch.zeros_like(p) if g is None else g for (name, p), g in zip(params.items(), got)}
+
+
+@pytest.mark.parametrize(
+    "term, trains_decoder",
+    [
+        (AuxK(k_aux=8), True),
+        (AuxZipf(k_aux=8, tau=0.0, coverage_tokens=2, values="softplus"), True),  # the dead term alone
+        (AuxZipf(k_aux=8, tau=0.5, underused_term="residual", underused_coef=1.0), True),
+        (AuxZipf(k_aux=8, tau=0.5, underused_term="pull", underused_coef=1.0), True),  # dead term + pull
+    ],
+)
+def test_auxiliary_terms_never_train_b_pre(term, trains_decoder):
+    """No auxiliary term moves b_pre (only the reconstruction does); the residual terms train the
+    encoder and the decoder rows of the latents they reach, nothing else."""
+    sae, stats, out = setup(dead_fraction=0.3)
+    stats.density[~stats.dead_mask()] = 1e-6  # the live latents far below any target too
+    g = grads(term(out, sae, stats), sae)
+    assert g["b_pre"].abs().sum() == 0
+    assert g["W_enc"].abs().sum() > 0 and g["b_enc"].abs().sum() > 0
+    reached = g["W_enc"].abs().sum(1) > 0
+    assert (g["W_dec"].abs().sum(1) > 0).any() == trains_decoder
+    assert not (g["W_dec"].abs().sum(1) > 0)[~reached].any()  # a decoder row only with its encoder row
+
+
+def test_the_pull_term_trains_the_encoder_only():
+    from sae_lightning.losses import per_latent_aux_selection, selection_pull_loss
+
+    sae, stats, out = setup(dead_fraction=0.0)
+    quota = torch.full((sae.n_latents,), 3)
+    loss, _ = selection_pull_loss(
+        out, sae, per_latent_aux_selection(out, torch.ones(sae.n_latents, dtype=torch.bool), quota)
+    )
+    g = grads(loss, sae)
+    assert float(loss.detach()) > 0 and g["W_enc"].abs().sum() > 0
+    assert g["W_dec"].abs().sum() == 0 and g["b_pre"].abs().sum() == 0

@@ -1,7 +1,10 @@
 """A LightningDataModule that streams an activation cache (see shards.py) from memory maps.
 
 Split: the cache's last ``val_tokens`` tokens are validation, the ``calibration_tokens``
-before them calibrate thresholds, the rest (cut to whole batches) is training.
+before them calibrate thresholds, the rest (cut to whole batches) is training. The two
+held-out splits are read in a fixed permutation of their own tokens (seeded by ``data.seed``),
+so that a validation or calibration batch mixes many contexts as a training batch does (read in
+order, a batch of 1024 tokens would be ~8 neighbouring contexts of one document).
 
 Training order: batch j of an endless stream; epoch e = j // n_batches. Each epoch cuts the
 training tokens into blocks of one batch, permutes the blocks (seed, e), groups them in
@@ -232,12 +235,21 @@ class ActivationsDataModule(L.LightningDataModule):
         idx = np.sort(np.random.default_rng([self.spec.seed, 7]).choice(self.train_tokens, n, replace=False))
         return reader.gather(idx)
 
+    def heldout_index(self, split: Literal["validation", "calibration"]) -> np.ndarray:
+        """The global token indices of a held-out split in the order they are read: a permutation
+        of the split's range, fixed by (data.seed, split)."""
+        start, stop = self.val_range if split == "validation" else self.cal_range
+        rng = np.random.default_rng([self.spec.seed, 11 if split == "validation" else 13])
+        return start + rng.permutation(stop - start)
+
     def calibration_tokens(self) -> Tensor:
-        return self.reader.range(*self.cal_range)
+        _ = self.reader  # opens the cache and sets the split
+        return self.reader.gather(self.heldout_index("calibration"))
 
     def val_tensor(self) -> Tensor:
         if self._val is None:
-            self._val = self.reader.range(*self.val_range)
+            _ = self.reader
+            self._val = self.reader.gather(self.heldout_index("validation"))
         return self._val
 
     # ---- loaders --------------------------------------------------------------------------------

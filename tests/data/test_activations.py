@@ -57,8 +57,44 @@ def test_split_is_disjoint_and_covers_the_cache(cache):
     n = dm.reader.n_tokens
     assert dm.val_range == (n - 100, n) and dm.cal_range == (n - 190, n - 100)
     assert dm.train_tokens == dm.n_batches * 64 <= n - 190 < dm.train_tokens + 64
-    torch.testing.assert_close(dm.val_tensor(), dm.reader.range(n - 100, n))
+    # each held-out split is its own range, read in a fixed permutation
+    assert sorted(dm.heldout_index("validation")) == list(range(n - 100, n))
+    assert sorted(dm.heldout_index("calibration")) == list(range(n - 190, n - 100))
+    torch.testing.assert_close(dm.val_tensor(), dm.reader.gather(dm.heldout_index("validation")))
+    assert rows_key(dm.val_tensor()) == rows_key(dm.reader.range(n - 100, n))
+    assert rows_key(dm.calibration_tokens()) == rows_key(dm.reader.range(n - 190, n - 100))
     assert dm.calibration_tokens().shape == (90, 32) and dm.sample(50).shape == (50, 32)
+    again = make(cache)
+    torch.testing.assert_close(again.val_tensor(), dm.val_tensor())  # fixed by data.seed
+    assert not np.array_equal(make(cache, seed=1).heldout_index("validation"), dm.heldout_index("validation"))
+
+
+def context_of_token(cache) -> np.ndarray:
+    """For each token of the cache, the index of the context it came from (from the ids files)."""
+    manifest = shards.read_manifest(cache)
+    dropped = set(manifest["harvest"]["dropped_token_ids"])
+    kept = [
+        sum(1 for t in row.tolist() if t >= 0 and t not in dropped)
+        for entry in manifest["shards"]
+        for row in np.load(cache / entry["ids"]["file"])
+    ]
+    return np.repeat(np.arange(len(kept)), kept)
+
+
+def test_validation_batches_span_many_contexts(cache):
+    """A validation batch mixes the contexts of its split as a training batch does, not the
+    few neighbouring contexts that reading the split in order would give."""
+    dm = make(cache, val_tokens=400, batch_size=64)
+    context = context_of_token(cache)
+    assert len(context) == dm.reader.n_tokens
+    split = context[dm.val_range[0] : dm.val_range[1]]
+    n_split = len(np.unique(split))
+    first = context[dm.heldout_index("validation")[:64]]
+    in_order = len(np.unique(split[:64]))
+    assert n_split >= 20 and in_order <= 6
+    assert len(np.unique(first)) >= 0.8 * n_split
+    val_batch = next(iter(dm.val_dataloader()))
+    torch.testing.assert_close(val_batch, dm.reader.gather(dm.heldout_index("validation")[:64]))
 
 
 def test_every_training_token_exactly_once_per_epoch(cache):
