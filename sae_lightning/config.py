@@ -79,6 +79,7 @@ class StatsSpec:
 @dataclass
 class CalibrationSpec:
     enabled: bool = True
+    match_l0: bool = True  # then scale the calibrated thresholds by one factor so that L0 = k on the calibration tokens
 
 
 @dataclass

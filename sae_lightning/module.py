@@ -13,16 +13,30 @@ from torch import Tensor, nn
 
 from . import tb
 from .allocators import CalibrationSet, Mode, get_allocator_class
+from .allocators.base import ThresholdAllocator, l0_matching_scale, threshold_l0
 from .config import LoggingSpec, ModelSpec, OptimSpec, StatsSpec, TrainConfig, VariantSpec
 from .data import DataSource
 from .errors import DataError, TrainingDiverged
 from .losses import StepOutput
 from .metrics import L0, Firing, Reconstruction, feature_recovery
 from .sae import AFFINITY_DTYPES, SparseAutoencoder
+from .selection import threshold_selection
 from .sparse import SparseCode
 from .spec import parse
 from .stats import LatentStats
 from .zipf import fit_zipf
+
+
+def fvu_at_l0(points: list[dict[str, float]], target: float) -> float:
+    """FVU at mean L0 = ``target``, interpolated linearly in log L0 and log FVU between the two
+    points of a sweep (sorted by L0) that bracket it; NaN when none do."""
+    for a, b in zip(points, points[1:]):
+        if a["l0"] <= target <= b["l0"] and a["l0"] > 0 and a["fvu"] > 0 and b["fvu"] > 0:
+            if b["l0"] == a["l0"]:
+                return a["fvu"]
+            t = (math.log(target) - math.log(a["l0"])) / (math.log(b["l0"]) - math.log(a["l0"]))
+            return math.exp(math.log(a["fvu"]) + t * (math.log(b["fvu"]) - math.log(a["fvu"])))
+    return float("nan")
 
 
 def default_lr(n_latents: int) -> float:
@@ -33,11 +47,13 @@ def default_lr(n_latents: int) -> float:
 @dataclass
 class ValidationResults:
     """The last validation's figures: scalars (FVU, L0, ..., and what callbacks add, e.g. ΔCE),
-    each mode's per-token L0 histogram, and the batch mode's latent densities."""
+    each mode's per-token L0 histogram, the batch mode's latent densities, and the calibrated
+    thresholds' sweep around L0 = k."""
 
     scalars: dict[str, float] = field(default_factory=dict)
     l0_hists: dict[str, Tensor] = field(default_factory=dict)
     density: Tensor | None = None
+    l0_sweep: list[dict[str, float]] = field(default_factory=list)  # threshold mode's FVU against L0 near k
 
 
 class SAEModule(L.LightningModule):
@@ -306,6 +322,11 @@ class SAEModule(L.LightningModule):
                     logs["val/zipf_fit_alpha"], logs["val/zipf_fit_beta"] = fit[0], fit[1]
             for metric in (rec_m, l0_m, firing_m):
                 metric.reset()
+        if isinstance(self.allocator, ThresholdAllocator) and bool(self.allocator.calibrated):
+            results.l0_sweep = self.l0_sweep(self.data().val_tensor())
+            logs["val/threshold/fvu_at_k"] = fvu_at_l0(results.l0_sweep, self.k)
+        elif Mode.THRESHOLD in self.active_modes() and not self.allocator.has_thresholds:  # TopK: L0 = k per token
+            logs["val/threshold/fvu_at_k"] = logs["val/threshold/fvu"]
         summary = self.stats.summary()
         logs["val/dead_fraction"] = summary["dead_fraction"]
         logs["val/underused_fraction"] = summary["underused_fraction"]
@@ -317,11 +338,53 @@ class SAEModule(L.LightningModule):
         self.results = results
 
     # ---- thresholds ---------------------------------------------------------------------------
-    @torch.no_grad()
-    def calibrate(self, x: Tensor) -> dict[str, float]:
-        """Set the allocator's inference thresholds from held-out raw activations ``x``."""
+    def _calibration_set(self, x: Tensor) -> CalibrationSet:
         xn, _ = self.sae.normalise(x.to(self.device))
-        cal = CalibrationSet(
+        return CalibrationSet(
             xn, lambda xs, cols: self.sae.affinities(xs, cols, dtype=self.affinity_dtype).float(), self.sae.n_latents
         )
-        return self.allocator.calibrate(cal)
+
+    @torch.no_grad()
+    def calibrate(self, x: Tensor, match_l0: bool = True) -> dict[str, float]:
+        """Set the allocator's inference thresholds from held-out raw activations ``x``; with
+        ``match_l0``, then scale them by the one factor that makes the mean L0 on ``x`` equal k
+        (the allocators' own rules land near k, not on it: FC's per-latent rates are rounded,
+        and either rule ignores what the ReLU drops)."""
+        cal = self._calibration_set(x)
+        figures = self.allocator.calibrate(cal)
+        if match_l0 and isinstance(self.allocator, ThresholdAllocator):
+            factor = l0_matching_scale(cal, self.allocator.current_theta("calibrated"), self.k)
+            self.allocator.scale_calibrated(factor)
+            figures["theta_scale"] = factor
+        if isinstance(self.allocator, ThresholdAllocator):
+            figures["l0"] = threshold_l0(cal, self.allocator.current_theta("calibrated"))
+        return figures
+
+    @torch.no_grad()
+    def l0_sweep(self, x: Tensor, spread: tuple[float, ...] = (0.9, 0.95, 1.0, 1.05, 1.1)) -> list[dict[str, float]]:
+        """Threshold mode with the calibrated thresholds times a few factors, on tokens ``x``
+        (model units): (factor, mean L0, FVU) for factor 1 and for ``spread`` times the factor
+        that gives L0 = k on ``x`` itself, sorted by L0."""
+        assert isinstance(self.allocator, ThresholdAllocator)
+        theta = self.allocator.current_theta("calibrated")
+        on_x = l0_matching_scale(self._calibration_set(x), theta, self.k)
+        factors = sorted({1.0, *(on_x * c for c in spread)})
+        x = x.to(self.device)
+        sse = torch.zeros(len(factors), dtype=torch.float64)
+        fired = torch.zeros(len(factors), dtype=torch.float64)
+        layout = self.allocator.layout
+        for chunk in x.split(self.batch_size):
+            xn, ctx = self.sae.normalise(chunk)
+            z = self.sae.affinities(xn, layout=layout, dtype=self.affinity_dtype)
+            for i, factor in enumerate(factors):
+                code = self.sae.code(xn, z, threshold_selection(z, theta * factor, layout), layout)
+                x_hat = self.sae.denormalise(self.sae.decode(code), ctx)
+                sse[i] += float((chunk.double() - x_hat.double()).pow(2).sum())
+                fired[i] += code.nnz
+        x64 = x.double()
+        total = float((x64 - x64.mean(0)).pow(2).sum())
+        points = [
+            {"factor": f, "l0": float(fired[i]) / x.shape[0], "fvu": float(sse[i]) / max(total, 1e-30)}
+            for i, f in enumerate(factors)
+        ]
+        return sorted(points, key=lambda p: p["l0"])

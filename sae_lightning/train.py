@@ -162,7 +162,7 @@ def _trainer(plan: Plan, run_dir: Path) -> tuple[L.Trainer, GracefulStop, Thresh
         enable_version_counter=False,  # a resumed run overwrites last.ckpt, never adds last-v1.ckpt beside it
     )  # fmt: skip
     stop = GracefulStop(ckpt_dir / "last.ckpt")
-    calibration = ThresholdCalibration(enabled=config.calibration.enabled)
+    calibration = ThresholdCalibration(config.calibration.enabled, config.calibration.match_l0)
     batch_size = config.data.batch_size
     callbacks = [
         checkpoint, stop, ValidateLastStep(), calibration, LatentStatsMonitor(config.logging.histogram_every_n_steps),
@@ -210,6 +210,8 @@ def fit(plan: Plan) -> dict[str, Any]:
         "train_seconds": round(train_seconds, 2), "tokens_per_second": round(tokens / max(train_seconds, 1e-9), 1),
         "calibration": calibration.figures, **module.results.scalars,
     }  # fmt: skip
+    if module.results.l0_sweep:
+        metrics["val/threshold/l0_sweep"] = module.results.l0_sweep
     finals = {f"hparams/{k.removeprefix('val/').replace('/', '_')}": float(module.results.scalars[k])
               for k in HPARAM_METRICS if k in module.results.scalars}  # fmt: skip
     tb.hparams(trainer, hparams_of(config), finals)
@@ -236,6 +238,7 @@ def one_file_per_checkpoint(folder: Path, step: int) -> None:
 HPARAM_METRICS = (
     "val/batch/fvu",
     "val/threshold/fvu",
+    "val/threshold/fvu_at_k",
     "val/batch/l0_mean",
     "val/threshold/l0_mean",
     "val/dead_fraction",
@@ -284,6 +287,11 @@ def print_summary(metrics: dict[str, Any], run_dir: Path, config: TrainConfig | 
     )
     for r in rows:
         print("  " + "  ".join(cell.ljust(w) for cell, w in zip(r, widths)))
+    if "val/threshold/fvu_at_k" in metrics and "val/threshold/l0_sweep" in metrics:
+        print(
+            f"  at L0 = k in threshold mode (the thresholds scaled by one factor, interpolated on the validation "
+            f"tokens): FVU {metrics['val/threshold/fvu_at_k']:.4f}"
+        )
     if config is not None:
         window = config.stats.dead_window_tokens
         dead = (

@@ -111,3 +111,45 @@ def test_feature_choice_batch_mode_on_a_batch_too_small_for_the_capacity_floor(t
     assert int((code != 0).sum()) <= 64 and bool(((code != 0).sum(0) <= m).all())
     threshold = module.encode(x, mode="threshold").l0_per_token()  # the per-token mode is unaffected
     assert threshold.shape == (8,)
+
+
+@pytest.mark.parametrize("variant", ["mutual_choice", "feature_choice"])
+def test_matched_l0_scaling_hits_k_on_the_calibration_tokens(trained, variant):
+    """Calibration scales the thresholds by one factor so that threshold mode's mean L0 on the
+    calibration tokens is k (within 1 %); the validation sweep around it brackets L0 = k and
+    gives the headline FVU at L0 = k."""
+    from sae_lightning.module import fvu_at_l0
+
+    run_dir, metrics = trained[variant]
+    module = load(run_dir)
+    x = fresh_tokens(module.hparams["config"], 8192)
+    module.allocator.calibrated.fill_(False)  # from the EMA thresholds: start well away from k
+    module.allocator.theta_ema.mul_(1.5)
+    module.calibrate(x, match_l0=False)
+    unscaled = module.encode(x, mode="threshold").l0_per_token().float().mean().item()
+    module.allocator.theta_calibrated.mul_(1.3)  # as if the allocator's own rule had missed k
+    figures = module.calibrate(x)
+    l0 = module.encode(x, mode="threshold").l0_per_token().float().mean().item()
+    assert abs(l0 - 8) <= 0.01 * 8, (unscaled, l0, figures)
+    assert abs(figures["l0"] - l0) < 1e-6 and figures["theta_scale"] > 0
+    # the run's own figures: the sweep on validation tokens brackets k, and the headline is on it
+    sweep = metrics["val/threshold/l0_sweep"]
+    assert [p["l0"] for p in sweep] == sorted(p["l0"] for p in sweep)
+    assert sweep[0]["l0"] <= 8 <= sweep[-1]["l0"]
+    assert abs(fvu_at_l0(sweep, 8) - metrics["val/threshold/fvu_at_k"]) < 1e-12
+    near = min(sweep, key=lambda p: abs(p["l0"] - 8))
+    assert abs(near["l0"] - 8) <= 0.01 * 8 and abs(near["fvu"] - metrics["val/threshold/fvu_at_k"]) < 1e-9
+    assert abs(metrics["calibration"]["l0"] - 8) <= 0.01 * 8
+
+
+def test_topk_headline_is_its_threshold_mode(trained):
+    _, m = trained["topk"]
+    assert m["val/threshold/fvu_at_k"] == m["val/threshold/fvu"] and "val/threshold/l0_sweep" not in m
+
+
+def test_fvu_at_l0_interpolates_in_log_space():
+    from sae_lightning.module import fvu_at_l0
+
+    points = [{"l0": 4.0, "fvu": 0.4}, {"l0": 16.0, "fvu": 0.1}]
+    assert abs(fvu_at_l0(points, 8.0) - 0.2) < 1e-12  # halfway in log L0: the geometric mean
+    assert fvu_at_l0(points, 4.0) == pytest.approx(0.4) and fvu_at_l0(points, 32.0) != fvu_at_l0(points, 32.0)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from enum import StrEnum
 from typing import ClassVar
 
+import torch
 from torch import Tensor, nn
 
 from ..errors import require
@@ -135,3 +136,84 @@ def ema_update(ema: Tensor, count: Tensor, value: Tensor, beta: float) -> None:
     else:
         ema.mul_(beta).add_(value.to(ema.dtype), alpha=1 - beta)
     count.add_(1)
+
+
+class ThresholdAllocator(Allocator):
+    """An allocator with inference thresholds θ (one, or one per latent): a running EMA of its
+    batch cutoffs, updated in training steps after a warm-up, and calibrated ones set from
+    held-out tokens (:meth:`calibrate`), then scaled by one factor so that the mean L0 there is
+    k (:meth:`scale_calibrated`). Subclasses say how a cutoff is measured and calibrated."""
+
+    theta_ema: Tensor
+    theta_ema_count: Tensor
+    theta_calibrated: Tensor
+    calibrated: Tensor
+
+    def __init__(self, cfg: AllocatorConfig, n_latents: int, batch_size: int, theta_shape: tuple[int, ...]):
+        super().__init__(cfg, n_latents, batch_size)
+        self.register_buffer("theta_ema", torch.zeros(theta_shape))
+        self.register_buffer("theta_ema_count", torch.zeros((), dtype=torch.long))
+        self.register_buffer("theta_calibrated", torch.zeros(theta_shape))
+        self.register_buffer("calibrated", torch.zeros((), dtype=torch.bool))
+
+    @property
+    def has_thresholds(self) -> bool:
+        return True
+
+    def current_theta(self, source: str = "calibrated") -> Tensor:
+        """The calibrated θ (once calibrated; else the EMA) or, with ``source='ema'``, the EMA."""
+        return self.theta_calibrated if (source == "calibrated" and bool(self.calibrated)) else self.theta_ema
+
+    def set_calibrated(self, theta: Tensor | float) -> None:
+        if isinstance(theta, Tensor):
+            self.theta_calibrated.copy_(theta)
+        else:
+            self.theta_calibrated.fill_(theta)
+        self.calibrated.fill_(True)
+
+    def scale_calibrated(self, factor: float) -> None:
+        """θ ← factor·θ for the calibrated thresholds (see :func:`l0_matching_scale`)."""
+        self.theta_calibrated.mul_(factor)
+
+
+def largest_beyond(chunks: Iterable[Tensor], keep: int) -> float | None:
+    """The largest value that is not among the ``keep`` largest of all the chunks' values (the
+    (keep+1)-th largest), streamed chunk by chunk with a buffer of keep + 1 values; None when
+    there are no more than ``keep`` values."""
+    want = keep + 1
+    buf: Tensor | None = None
+    for chunk in chunks:
+        cand = chunk.reshape(-1)
+        if buf is not None and buf.numel() >= want:
+            cand = cand[cand >= buf.min()]
+        pool = cand if buf is None else torch.cat([buf, cand])
+        buf = torch.topk(pool, min(want, pool.numel()), sorted=False).values
+    if buf is None or buf.numel() < want:
+        return None
+    return float(buf.min())
+
+
+def l0_matching_scale(cal: CalibrationSet, theta: Tensor, k: float) -> float:
+    """The factor s for which threshold inference with s·θ gives mean L0 = k on the calibration
+    tokens: an entry fires when z' > s·θ_j and z' > 0, i.e. when its ratio z'/θ_j exceeds s, so
+    s is the (round(k·N) + 1)-th largest ratio (exact, no bisection: the same streaming top-M
+    as Mutual Choice's calibration). θ_j = 0 fires on every positive entry (ratio +inf), θ_j = +inf
+    never (ratio 0). Clamped to [1e-12, 1e12] so that s·θ stays well defined."""
+    theta = theta.to(torch.float32)
+
+    def ratios() -> Iterator[Tensor]:
+        for z in cal.row_chunks():
+            th = theta.to(z.device)
+            yield torch.where(z > 0, z / th, torch.zeros((), dtype=z.dtype, device=z.device))
+
+    s = largest_beyond(ratios(), int(round(k * cal.n_tokens)))
+    if s is None:  # no more entries than k·N: every positive one fires at any scale
+        return 1e-12
+    return min(max(s, 1e-12), 1e12)
+
+
+def threshold_l0(cal: CalibrationSet, theta: Tensor) -> float:
+    """Mean L0 of threshold inference with θ on the calibration tokens."""
+    theta = theta.to(torch.float32)
+    fired = sum(int(((z > theta.to(z.device)) & (z > 0)).sum()) for z in cal.row_chunks())
+    return fired / max(1, cal.n_tokens)

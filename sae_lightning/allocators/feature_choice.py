@@ -19,7 +19,7 @@ from ..selection import GlobalTopK, per_column_topk, sort_pairs, threshold_selec
 from ..sparse import Selection
 from ..spec import setting
 from ..zipf import uniform_capacities, zipf_capacities
-from .base import Allocator, AllocatorConfig, CalibrationSet, ema_update, register
+from .base import AllocatorConfig, CalibrationSet, ThresholdAllocator, ema_update, register
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -87,7 +87,7 @@ def capacities_by_rank(cfg: FeatureChoiceConfig, n_latents: int, batch_size: int
 
 
 @register("feature_choice")
-class FeatureChoice(Allocator):
+class FeatureChoice(ThresholdAllocator):
     """Reads z' latent-major ([F, B]): each latent's tokens are one contiguous row, so the
     per-latent top-m_j needs no transposed copy of the matrix."""
 
@@ -96,20 +96,12 @@ class FeatureChoice(Allocator):
     cfg: FeatureChoiceConfig
     capacity_by_rank: Tensor
     rank_to_latent: Tensor
-    theta_ema: Tensor
-    theta_ema_count: Tensor
-    theta_calibrated: Tensor
-    calibrated: Tensor
     demand: Tensor
 
     def __init__(self, cfg: FeatureChoiceConfig, n_latents: int, batch_size: int):
-        super().__init__(cfg, n_latents, batch_size)
+        super().__init__(cfg, n_latents, batch_size, theta_shape=(n_latents,))
         self.register_buffer("capacity_by_rank", capacities_by_rank(cfg, n_latents, batch_size))
         self.register_buffer("rank_to_latent", torch.arange(n_latents))  # latent holding rank r
-        self.register_buffer("theta_ema", torch.zeros(n_latents))
-        self.register_buffer("theta_ema_count", torch.zeros((), dtype=torch.long))
-        self.register_buffer("theta_calibrated", torch.zeros(n_latents))
-        self.register_buffer("calibrated", torch.zeros((), dtype=torch.bool))
         # by_density: each latent's demand, the share of tokens whose affinity for it clears the
         # batch's Mutual Choice cutoff (an EMA in tokens); the prior is the uniform share k/F
         self.register_buffer("demand", torch.full((n_latents,), cfg.k / n_latents))
@@ -125,10 +117,6 @@ class FeatureChoice(Allocator):
             capacities_by_rank(cfg, n_latents, batch_size)
         except ValueError as e:
             require(False, f"{prefix}.k", cfg.k, f"a feasible capacity budget ({e})")
-
-    @property
-    def has_thresholds(self) -> bool:
-        return True
 
     def capacities(self, batch_size: int) -> Tensor:
         """m_j for each latent (latent order) at this batch size."""
@@ -173,7 +161,7 @@ class FeatureChoice(Allocator):
         self.demand.lerp_(share, 1.0 - math.exp(-n / self.cfg.demand_time_constant_tokens))
 
     def current_theta(self, source: str = "calibrated") -> Tensor:
-        theta = self.theta_calibrated if (source == "calibrated" and bool(self.calibrated)) else self.theta_ema
+        theta = super().current_theta(source)
         # a latent with no capacity never fires
         return torch.where(self.capacities(self.batch_size) > 0, theta, torch.full_like(theta, float("inf")))
 
@@ -191,6 +179,5 @@ class FeatureChoice(Allocator):
             q = want[cols].to(zs.device)
             padded = torch.cat([zs, zs.new_zeros(zs.shape[0], 1)], dim=1)  # q = N: no value left out
             theta[cols] = padded.gather(1, q.unsqueeze(1)).squeeze(1).clamp_min(0.0).to(theta.dtype)
-        self.theta_calibrated.copy_(theta)
-        self.calibrated.fill_(True)
+        self.set_calibrated(theta)
         return {"theta_mean": float(theta.mean()), "theta_ema_mean": float(self.theta_ema.mean())}

@@ -11,7 +11,7 @@ from torch import Tensor
 from ..selection import GlobalTopK, threshold_selection
 from ..sparse import Selection
 from ..spec import setting
-from .base import Allocator, AllocatorConfig, CalibrationSet, ema_update, register
+from .base import AllocatorConfig, CalibrationSet, ThresholdAllocator, ema_update, largest_beyond, register
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -24,40 +24,20 @@ def global_threshold_for_rate(cal: CalibrationSet, per_token: float) -> tuple[fl
     """θ such that exactly round(per_token·N) affinities of the calibration set exceed it:
     the largest value that is not among the top round(per_token·N). Returns (θ, kept)."""
     keep = int(round(per_token * cal.n_tokens))
-    want = keep + 1  # the top `keep` plus the first one left out
-    buf: Tensor | None = None
-    for z in cal.row_chunks():
-        cand = z.reshape(-1)
-        if buf is not None and buf.numel() >= want:
-            cand = cand[cand >= buf.min()]
-        pool = cand if buf is None else torch.cat([buf, cand])
-        buf = torch.topk(pool, min(want, pool.numel()), sorted=False).values
-    if buf is None or buf.numel() < want:  # fewer affinities than asked for: keep everything positive
+    theta = largest_beyond(cal.row_chunks(), keep)
+    if theta is None:  # fewer affinities than asked for: keep everything positive
         return 0.0, float(keep)
-    theta = float(buf.min())
     return max(theta, 0.0), float(keep)
 
 
 @register("mutual_choice")
-class MutualChoice(Allocator):
+class MutualChoice(ThresholdAllocator):
     Config = MutualChoiceConfig
     cfg: MutualChoiceConfig
-    theta_ema: Tensor
-    theta_ema_count: Tensor
-    theta_calibrated: Tensor
-    calibrated: Tensor
 
     def __init__(self, cfg: MutualChoiceConfig, n_latents: int, batch_size: int):
-        super().__init__(cfg, n_latents, batch_size)
-        self.register_buffer("theta_ema", torch.zeros(()))
-        self.register_buffer("theta_ema_count", torch.zeros((), dtype=torch.long))
-        self.register_buffer("theta_calibrated", torch.zeros(()))
-        self.register_buffer("calibrated", torch.zeros((), dtype=torch.bool))
+        super().__init__(cfg, n_latents, batch_size, theta_shape=())
         self._global = GlobalTopK()
-
-    @property
-    def has_thresholds(self) -> bool:
-        return True
 
     def allocate(self, z: Tensor, *, step: int = 0, density: Tensor | None = None, update: bool = False) -> Selection:
         sel, values = self._global(z, self.cfg.k * z.shape[0])
@@ -67,17 +47,11 @@ class MutualChoice(Allocator):
                 ema_update(self.theta_ema, self.theta_ema_count, positive.min(), self.cfg.threshold_ema_beta)
         return sel
 
-    def current_theta(self, source: str = "calibrated") -> Tensor:
-        if source == "calibrated" and bool(self.calibrated):
-            return self.theta_calibrated
-        return self.theta_ema
-
     def threshold(self, z: Tensor, source: str = "calibrated") -> Selection:
         return threshold_selection(z, self.current_theta(source))
 
     @torch.no_grad()
     def calibrate(self, cal: CalibrationSet) -> dict[str, float]:
         theta, _ = global_threshold_for_rate(cal, float(self.cfg.k))
-        self.theta_calibrated.fill_(theta)
-        self.calibrated.fill_(True)
+        self.set_calibrated(theta)
         return {"theta": theta, "theta_ema": float(self.theta_ema)}
