@@ -52,6 +52,26 @@ def round_preserving_sum(x: Tensor, total: int, cap: int) -> Tensor:
     return base
 
 
+def stochastic_round(x: Tensor, total: int, cap: int, u: float) -> Tensor:
+    """Integers m with E[m_j] = x_j, |m_j − x_j| < 1 and Σ m_j = ``total`` exactly (x sums to
+    it), each ≤ ``cap``: systematic sampling, one uniform ``u`` in [0, 1) for the whole vector:
+    latent j rounds up when the running sum of the fractional parts crosses an integer + u in
+    its stretch, which happens with probability frac(x_j)."""
+    x = x.to(torch.float64)
+    base = torch.floor(x + 1e-12)
+    frac = (x - base).clamp(0.0, 1.0)
+    ends = torch.cumsum(frac, 0)
+    up = torch.floor(ends + u) - torch.floor(torch.cat([ends.new_zeros(1), ends[:-1]]) + u)
+    m = (base + up).to(torch.long).clamp(max=cap)
+    short = int(total - m.sum())  # only floating error in Σ frac can leave it one off
+    if short > 0:  # round up where rounding took the most, never past the cap
+        gap = (x - m.to(torch.float64)).masked_fill(m >= cap, -math.inf)
+        m[torch.argsort(gap, descending=True, stable=True)[:short]] += 1
+    elif short < 0:
+        m[torch.argsort(m.to(torch.float64) - x, descending=True, stable=True)[:-short]] -= 1
+    return m
+
+
 def uniform_capacities(n_latents: int, budget: int) -> Tensor:
     """m = ⌊M/F⌋ for all, the remainder one each to the first latents; Σ m_j = M."""
     m = torch.full((n_latents,), budget // n_latents, dtype=torch.long)

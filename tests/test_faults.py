@@ -19,6 +19,12 @@ from .conftest import TINY
 
 RUN = [*TINY, "variant.k=8", "progress=lines", "trainer.log_every_n_steps=10", "trainer.val_check_interval=100"]
 TIMINGS = {"train_seconds", "tokens_per_second", "run_dir"}
+VARIANTS = {
+    "topk": ["variant=topk"],
+    "mutual_choice": ["variant=mutual_choice"],
+    # capacities drawn by seeded stochastic rounding each step, from a demand EMA
+    "fc_demand": ["variant=feature_choice", "variant.capacity=demand"],
+}
 
 
 def only_run(out: Path) -> Path:
@@ -38,9 +44,9 @@ def tb_steps(run: Path, tag: str = "train/loss") -> list[tuple[int, float]]:
 def uninterrupted(cli, tmp_path_factory):
     """Each variant trained 600 steps without a break: the reference."""
     runs = {}
-    for variant in ("topk", "mutual_choice"):
+    for variant, args in VARIANTS.items():
         out = tmp_path_factory.mktemp(f"ref_{variant}")
-        r = cli("train.py", f"out_dir={out}", f"variant={variant}", "trainer.max_steps=600", *RUN)
+        r = cli("train.py", f"out_dir={out}", *args, "trainer.max_steps=600", *RUN)
         assert r.returncode == 0, r.stderr[-3000:]
         runs[variant] = only_run(out)
     return runs
@@ -58,10 +64,12 @@ def assert_same_run(resumed: Path, reference: Path) -> None:
     assert not list((resumed / "checkpoints").glob("*-v*.ckpt")), "a versioned checkpoint (last-v1.ckpt) was left"
 
 
-@pytest.mark.parametrize("variant,sig", [("topk", signal.SIGINT), ("mutual_choice", signal.SIGKILL)])
+@pytest.mark.parametrize(
+    "variant,sig", [("topk", signal.SIGINT), ("mutual_choice", signal.SIGKILL), ("fc_demand", signal.SIGKILL)]
+)
 def test_a_stopped_run_resumes_in_place_to_the_uninterrupted_result(variant, sig, cli, uninterrupted, tmp_path):
     out = tmp_path / "out"
-    p = cli.start("train.py", f"out_dir={out}", f"variant={variant}", "trainer.max_steps=600", *RUN)
+    p = cli.start("train.py", f"out_dir={out}", *VARIANTS[variant], "trainer.max_steps=600", *RUN)
     wait_for(lambda: list(out.glob("runs/*/checkpoints/last.ckpt")) or not p.alive(), what="first checkpoint")
     assert p.alive(), "the run ended before it could be stopped"
     os.kill(p.pid, sig)

@@ -72,3 +72,19 @@ def test_a_capacity_floor_leaves_no_latent_without_tokens():
     assert bool((floored[:-1] >= floored[1:]).all())  # still non-increasing by rank
     with pytest.raises(ValueError):
         zipf_capacities(100, 50, 10, 1.0, 0.0, floor=1)
+
+
+def test_stochastic_round_is_unbiased_and_keeps_the_total():
+    from sae_lightning.zipf import stochastic_round
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(300, generator=g, dtype=torch.float64) * 5
+    x = x / x.sum() * 600
+    x[0] = 7.0  # at the cap
+    total = round(float(x.sum()))
+    mean = torch.zeros_like(x)
+    for _ in range(1000):
+        m = stochastic_round(x, total, 7, float(torch.rand((), generator=g)))
+        assert int(m.sum()) == total and int(m.max()) <= 7 and bool(((m - x).abs() < 1).all())
+        mean += m / 1000
+    assert float((mean - x).abs().max()) < 0.08

@@ -1,7 +1,8 @@
 """Feature Choice: latent j takes its top-m_j tokens, Σ m_j = k·B; a threshold θ_j per
-latent for threshold inference. Capacities are uniform or Zipf (water-filled, ≤ B; α, β
-given or fitted from another run's density curve), and ranks map to latents statically or
-by demand; optional Mutual Choice warm-up."""
+latent for threshold inference. Capacities are uniform, Zipf (water-filled, ≤ B; α, β given
+or fitted from another run's density curve; ranks map to latents statically or by demand), or
+proportional to each latent's demand (water-filled, ≤ B, a small floor, stochastically
+rounded each training step); optional Mutual Choice warm-up."""
 
 from __future__ import annotations
 
@@ -18,19 +19,21 @@ from ..errors import ConfigError, require
 from ..selection import GlobalTopK, per_column_topk, sort_pairs, threshold_selection
 from ..sparse import Selection
 from ..spec import setting
-from ..zipf import uniform_capacities, zipf_capacities
+from ..zipf import round_preserving_sum, stochastic_round, uniform_capacities, waterfill, zipf_capacities
 from .base import AllocatorConfig, CalibrationSet, ThresholdAllocator, ema_update, register
 
 
 @dataclasses.dataclass(kw_only=True)
 class FeatureChoiceConfig(AllocatorConfig):
-    capacity: Literal["uniform", "zipf"] = "zipf"
+    capacity: Literal["uniform", "zipf", "demand"] = "zipf"
     zipf_alpha: float = setting(1.0, ge=0)
     zipf_beta: float = setting(0.0, gt=-1, allowed="a number > -1 (so that r + beta > 0 for r >= 1)")
     # zipf: tokens every latent may take per batch before the Zipf water-filling (0: a tail rank
     # may get no capacity and never fire)
     min_capacity: int = setting(1, ge=0)
     zipf_from: str | None = None  # a run folder: α, β of its validation density fit (metrics.json)
+    # demand: tokens every latent may take per batch in expectation, before the rest is shared by demand
+    demand_floor: float = setting(0.25, ge=0, allowed="a number >= 0 (tokens per batch, in expectation)")
     # which latent gets which Zipf rank (no effect with uniform capacities: every rank is equal)
     rank: Literal["static", "by_density"] = "by_density"
     rerank_every_steps: int = setting(100, ge=1)  # by_density: re-rank latents by their demand this often
@@ -73,13 +76,27 @@ def zipf_shape(cfg: FeatureChoiceConfig) -> tuple[float, float]:
     return fitted_zipf(cfg.zipf_from) if cfg.zipf_from else (cfg.zipf_alpha, cfg.zipf_beta)
 
 
+def demand_capacities(demand: Tensor, budget: int, batch_size: int, floor: float) -> Tensor:
+    """Expected capacities x_j (float64, latent order) proportional to demand: ``floor`` for every
+    latent, the rest of the budget water-filled by demand on top, so that Σ x_j = k·B and
+    floor ≤ x_j ≤ B. A floor that does not fit a small batch's budget shrinks to what fits."""
+    n = demand.numel()
+    floor = min(floor, budget / n, float(batch_size))
+    w = demand.detach().to("cpu", torch.float64).clamp_min(0)
+    w = w + 1e-12 * max(float(w.max()), 1.0)  # no zero weight: water-filling divides by the tail's sum
+    order = torch.argsort(w, descending=True, stable=True)
+    x = torch.empty_like(w)
+    x[order] = floor + waterfill(w[order], budget - n * floor, batch_size - floor)
+    return x
+
+
 def capacities_by_rank(cfg: FeatureChoiceConfig, n_latents: int, batch_size: int, training: bool = True) -> Tensor:
     """m_r by rank for a batch of ``batch_size`` tokens. At the training batch size the floor
     (``min_capacity``) must fit the budget (checked with the config); a smaller batch given to
     batch mode later (encode on a few tokens) whose budget k·B cannot give every latent its floor
     gets the floor that fits, ⌊k·B/F⌋ (0 for B < F/k: only the Zipf head then fires)."""
     budget = cfg.k * batch_size
-    if cfg.capacity == "uniform":
+    if cfg.capacity in ("uniform", "demand"):  # demand: its prior (every latent the same demand)
         return uniform_capacities(n_latents, budget)
     alpha, beta = zipf_shape(cfg)
     floor = cfg.min_capacity if training else min(cfg.min_capacity, budget // n_latents)
@@ -97,11 +114,15 @@ class FeatureChoice(ThresholdAllocator):
     capacity_by_rank: Tensor
     rank_to_latent: Tensor
     demand: Tensor
+    rounding_seed: Tensor
 
     def __init__(self, cfg: FeatureChoiceConfig, n_latents: int, batch_size: int):
         super().__init__(cfg, n_latents, batch_size, theta_shape=(n_latents,))
         self.register_buffer("capacity_by_rank", capacities_by_rank(cfg, n_latents, batch_size))
         self.register_buffer("rank_to_latent", torch.arange(n_latents))  # latent holding rank r
+        # capacity=demand: the stochastic rounding of step t draws from (rounding_seed, t), so a
+        # resumed run rounds as the uninterrupted one (the seed is the run's, saved with it)
+        self.register_buffer("rounding_seed", torch.tensor(torch.initial_seed() % (1 << 62), dtype=torch.long))
         # by_density: each latent's demand, the share of tokens whose affinity for it clears the
         # batch's Mutual Choice cutoff (an EMA in tokens); the prior is the uniform share k/F
         self.register_buffer("demand", torch.full((n_latents,), cfg.k / n_latents))
@@ -113,13 +134,24 @@ class FeatureChoice(ThresholdAllocator):
         super().check_fits(cfg, n_latents, batch_size, prefix)
         # Σ m_j = k·B with every m_j ≤ B needs k ≤ F (checked above); Zipf water-filling then
         # always has a solution, but say so plainly if a float edge case says otherwise.
+        if cfg.capacity == "demand":
+            require(
+                cfg.demand_floor * n_latents <= cfg.k * batch_size and cfg.demand_floor <= batch_size,
+                f"{prefix}.demand_floor",
+                cfg.demand_floor,
+                f"a floor that fits the budget: at most k·B/F = {cfg.k * batch_size / n_latents:g} tokens",
+            )
         try:
             capacities_by_rank(cfg, n_latents, batch_size)
         except ValueError as e:
             require(False, f"{prefix}.k", cfg.k, f"a feasible capacity budget ({e})")
 
     def capacities(self, batch_size: int) -> Tensor:
-        """m_j for each latent (latent order) at this batch size."""
+        """m_j for each latent (latent order) at this batch size, outside training (validation,
+        inference): under capacity=demand the expected capacities rounded by largest remainder."""
+        if self.cfg.capacity == "demand":
+            x = self.expected_capacities(batch_size)
+            return round_preserving_sum(x, self.cfg.k * batch_size, batch_size).to(self.demand.device)
         if batch_size == self.batch_size:
             by_rank = self.capacity_by_rank
         else:  # e.g. a short last validation batch: same rule, that batch's budget
@@ -130,15 +162,33 @@ class FeatureChoice(ThresholdAllocator):
         m[self.rank_to_latent] = by_rank
         return m
 
+    def expected_capacities(self, batch_size: int) -> Tensor:
+        """E[m_j] (float64, latent order): what calibration sets each latent's firing rate from."""
+        if self.cfg.capacity == "demand":
+            return demand_capacities(self.demand, self.cfg.k * batch_size, batch_size, self.cfg.demand_floor)
+        return self.capacities(batch_size).to("cpu", torch.float64)
+
+    def training_capacities(self, batch_size: int, step: int) -> Tensor:
+        """m_j for training step ``step``: under capacity=demand drawn by stochastic rounding of
+        the expected capacities (Σ m_j = k·B exactly, E[m_j] = x_j), seeded by (run, step)."""
+        if self.cfg.capacity != "demand":
+            return self.capacities(batch_size)
+        g = torch.Generator().manual_seed((int(self.rounding_seed) * 1_000_003 + step) % (1 << 63))
+        u = float(torch.rand((), generator=g, dtype=torch.float64))
+        x = self.expected_capacities(batch_size)
+        return stochastic_round(x, self.cfg.k * batch_size, batch_size, u).to(self.demand.device)
+
     def allocate(self, z: Tensor, *, step: int = 0, density: Tensor | None = None, update: bool = False) -> Selection:
         F_, B = z.shape
+        by_demand = self.cfg.capacity == "demand" or (self.cfg.capacity == "zipf" and self.cfg.rank == "by_density")
+        if update and by_demand:  # during a Mutual Choice warm-up too: demand then measures MC's own allocation
+            self._update_demand(z)
         if update and step < self.cfg.mc_warmup_steps:
             return self._warmup(z.t(), self.cfg.k * B)[0]
-        if update and self.cfg.rank == "by_density" and self.cfg.capacity == "zipf":
-            self._update_demand(z)
-            if step % self.cfg.rerank_every_steps == 0:
+        if update and by_demand:
+            if self.cfg.capacity == "zipf" and step % self.cfg.rerank_every_steps == 0:
                 self.rank_to_latent.copy_(torch.argsort(self.demand, descending=True, stable=True))
-        m = self.capacities(B)
+        m = self.training_capacities(B, step) if update else self.capacities(B)
         lat, tok, _, cutoff = per_column_topk(z, m)
         if update and step >= self.cfg.threshold_ema_warmup_steps:
             # a column with fewer than m_j positive entries fires on every positive one
@@ -163,15 +213,16 @@ class FeatureChoice(ThresholdAllocator):
     def current_theta(self, source: str = "calibrated") -> Tensor:
         theta = super().current_theta(source)
         # a latent with no capacity never fires
-        return torch.where(self.capacities(self.batch_size) > 0, theta, torch.full_like(theta, float("inf")))
+        can = (self.expected_capacities(self.batch_size) > 0).to(theta.device)
+        return torch.where(can, theta, torch.full_like(theta, float("inf")))
 
     def threshold(self, z: Tensor, source: str = "calibrated") -> Selection:
         return threshold_selection(z, self.current_theta(source), self.layout)
 
     @torch.no_grad()
     def calibrate(self, cal: CalibrationSet) -> dict[str, float]:
-        """θ_j so that latent j fires on round(m_j·N/B) of the N held-out tokens."""
-        m = self.capacities(self.batch_size).to(torch.float64)
+        """θ_j so that latent j fires on round(E[m_j]·N/B) of the N held-out tokens."""
+        m = self.expected_capacities(self.batch_size)
         want = torch.round(m * cal.n_tokens / self.batch_size).to(torch.long).clamp(max=cal.n_tokens)
         theta = torch.zeros(self.n_latents, dtype=self.theta_calibrated.dtype, device=self.theta_calibrated.device)
         for cols, z in cal.column_chunks():

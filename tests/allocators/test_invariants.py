@@ -102,7 +102,7 @@ def test_mutual_choice_with_one_token_equals_topk():
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("capacity", ["uniform", "zipf"])
+@pytest.mark.parametrize("capacity", ["uniform", "zipf", "demand"])
 def test_feature_choice_columns_take_their_top_m(kind, capacity):
     B, F, k = 96, 160, 6
     fc = make("feature_choice", k, F, B, capacity=capacity)
@@ -181,6 +181,57 @@ def test_feature_choice_zipf_from_a_run_uses_its_fitted_shape(tmp_path):
     z[:, 7] += 5
     allocate(uniform, z, step=0, update=True)
     assert torch.equal(uniform.rank_to_latent, torch.arange(200))
+
+
+def demand_fc(B=256, F=64, k=4, **params):
+    fc = make("feature_choice", k, F, B, capacity="demand", demand_time_constant_tokens=1, **params)
+    z = torch.randn(B, F, generator=torch.Generator().manual_seed(0))
+    z[:, 17] += 3.0  # latent 17 matches many tokens strongly: it is in demand
+    z[:, 5] -= 3.0  # latent 5 matches none
+    return fc, z
+
+
+@pytest.mark.parametrize("floor", [0.25, 1.0, 0.0])
+def test_feature_choice_demand_capacities_sum_to_the_budget_within_bounds(floor):
+    """capacity=demand: E[m_j] ∝ demand, water-filled, floor ≤ E[m_j] ≤ B, Σ = k·B; each step's
+    m_j (stochastic rounding) sums to k·B exactly, is within 1 of E[m_j], and the selection
+    takes exactly those m_j."""
+    B, F, k = 256, 64, 4
+    fc, z = demand_fc(B, F, k, demand_floor=floor)
+    sel = allocate(fc, z, step=0, update=True)
+    x = fc.expected_capacities(B)
+    assert abs(float(x.sum()) - k * B) < 1e-6 and float(x.max()) <= B + 1e-9 and float(x.min()) >= floor - 1e-9
+    assert int(x.argmax()) == 17 and float(x[5]) == pytest.approx(floor, abs=1e-6)  # the floor, no more
+    draws = torch.stack([fc.training_capacities(B, step) for step in range(400)]).to(torch.float64)
+    assert torch.all(draws.sum(1) == k * B) and int(draws.max()) <= B and torch.all(draws >= int(floor))
+    assert torch.all((draws - x).abs() < 1)
+    assert torch.allclose(draws.mean(0), x, atol=0.1)  # unbiased: the floor's 1/4 token is spent 1 step in 4
+    m = fc.training_capacities(B, 7)
+    sel = allocate(fc, z, step=7, update=True)
+    assert torch.equal(counts_per_col(sel, F), fc.training_capacities(B, 7)) and torch.equal(
+        m, fc.training_capacities(B, 7)
+    )
+    evaluation = fc.capacities(B)  # validation and inference: deterministic
+    assert int(evaluation.sum()) == k * B and torch.equal(evaluation, fc.capacities(B))
+
+
+def test_feature_choice_demand_rounding_is_fixed_by_the_run_seed_and_step():
+    a, z = demand_fc()
+    b, _ = demand_fc()
+    b.load_state_dict(a.state_dict())  # a resumed run: the same buffers, the rounding seed among them
+    allocate(a, z, step=0, update=True)
+    allocate(b, z, step=0, update=True)
+    assert torch.equal(a.training_capacities(256, 5), b.training_capacities(256, 5))
+    assert any(not torch.equal(a.training_capacities(256, 5), a.training_capacities(256, s)) for s in range(6, 12))
+    c, _ = demand_fc()
+    c.rounding_seed.fill_(int(a.rounding_seed) + 1)
+    allocate(c, z, step=0, update=True)
+    assert any(not torch.equal(a.training_capacities(256, s), c.training_capacities(256, s)) for s in range(5, 12))
+
+
+def test_feature_choice_demand_floor_must_fit_the_budget():
+    with pytest.raises(ConfigError, match=r"variant\.demand_floor=5\.0.*at most k·B/F = 4"):
+        make("feature_choice", 4, 64, 64, capacity="demand", demand_floor=5.0)
 
 
 def test_feature_choice_mc_warmup_uses_mutual_choice_first():

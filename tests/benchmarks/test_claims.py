@@ -1,0 +1,71 @@
+"""The claims page: its targets are judged on the headline figure, FVU at L0 = k in threshold
+mode, with the seeds' spread; a finished run is never trained again."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+from benchmarks import claims
+
+
+def metrics(fvu_at_k: float, dead: float = 0.0, batch: float | None = None) -> dict:
+    return {
+        "val/threshold/fvu_at_k": fvu_at_k,
+        "val/batch/fvu": fvu_at_k if batch is None else batch,
+        "val/threshold/l0_mean": 32.0,
+        "val/dead_fraction": dead,
+        "val/underused_fraction": dead,
+        "val/threshold/l0_sweep": [
+            {"factor": 1.0, "l0": 31.0, "fvu": fvu_at_k},
+            {"factor": 0.9, "l0": 33.0, "fvu": fvu_at_k * 0.95},
+        ],
+    }
+
+
+def grid(topk, mc_k, mc_z, fc_z, fc_d, dead_k=0.01, dead_z=0.0):
+    results = {}
+    for seed, noise in enumerate((-1.0, 0.0, 1.0)):
+        results[("synthetic", "topk+aux_k", 32, seed)] = metrics(topk[0] + noise * topk[1])
+        results[("synthetic", "mc+aux_k", 32, seed)] = metrics(mc_k[0] + noise * mc_k[1], dead=dead_k)
+        results[("synthetic", "mc+aux_zipf", 32, seed)] = metrics(mc_z[0] + noise * mc_z[1], dead=dead_z)
+        results[("synthetic", "fc_zipf", 32, seed)] = metrics(fc_z, batch=0.1)  # batch mode never counts
+        results[("synthetic", "fc_demand", 32, seed)] = metrics(fc_d, batch=0.1)
+    return results
+
+
+def verdicts(results) -> dict[str, bool]:
+    return {claim: ok for _, claim, ok, _ in claims.check_claims(claims.aggregate(results))}
+
+
+def test_targets_are_judged_on_the_headline_with_the_seeds_spread():
+    v = verdicts(grid(topk=(0.30, 0.002), mc_k=(0.29, 0.002), mc_z=(0.299, 0.002), fc_z=0.35, fc_d=0.30))
+    assert v["k=32: FVU(MC+aux_k) < FVU(TopK) by more than the seeds' std"] is True
+    # 0.001 better, but within the seeds' spread: not a win
+    assert v["k=32: FVU(MC+aux_zipf) < FVU(TopK) by more than the seeds' std"] is False
+    assert v["k=32: FVU(FC demand) ≤ FVU(TopK)"] is True  # equal counts
+    assert v["k=32: dead(MC+aux_zipf) ≤ dead(MC+aux_k)"] is True
+    assert v["fc_zipf: 0 dead latents (every k)"] is True
+    worse = verdicts(grid(topk=(0.30, 0.0), mc_k=(0.31, 0.0), mc_z=(0.3, 0.0), fc_z=0.3, fc_d=0.3001, dead_z=0.02))
+    assert worse["k=32: FVU(FC demand) ≤ FVU(TopK)"] is False
+    assert worse["k=32: FVU(MC+aux_k) < FVU(TopK) by more than the seeds' std"] is False
+    assert worse["k=32: dead(MC+aux_zipf) ≤ dead(MC+aux_k)"] is False
+
+
+def test_the_page_counts_the_runs_and_plots_each_dataset(tmp_path):
+    results = grid(topk=(0.30, 0.002), mc_k=(0.29, 0.002), mc_z=(0.299, 0.002), fc_z=0.35, fc_d=0.30)
+    results[("synthetic", "fc_demand", 64, 0)] = None  # not run yet
+    args = SimpleNamespace(steps=10, seeds=[0, 1, 2], overrides=[])
+    text = claims.report(results, args, tmp_path / "results.md", tmp_path / "img")
+    assert "15 of the grid's 16 runs are in" in text
+    assert "| topk+aux_k | 32 | 0.3000 ± 0.0020 |" in text
+    assert (tmp_path / "img" / "results_synthetic.png").stat().st_size > 10_000
+
+
+def test_a_finished_run_is_read_not_trained_again(tmp_path, monkeypatch):
+    run = tmp_path / "synthetic" / "topk+aux_k" / "k32_s0" / "runs" / "r1"
+    run.mkdir(parents=True)
+    (run / "metrics.json").write_text(json.dumps(metrics(0.25)))
+    monkeypatch.setattr(claims, "train_in_subprocess", lambda *a, **k: (_ for _ in ()).throw(AssertionError("trained")))
+    m = claims.run_one(tmp_path, "synthetic", "topk+aux_k", 32, 0, [], tmp_path, threads=1)
+    assert m["val/threshold/fvu_at_k"] == 0.25
