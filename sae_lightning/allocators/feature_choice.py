@@ -208,7 +208,9 @@ class FeatureChoice(ThresholdAllocator):
         theta = torch.topk(sample, keep, sorted=False).values.min().clamp_min(0.0)
         n = min(B, self.cfg.demand_tokens)
         share = (z[:, :n] > theta).sum(1).to(self.demand.dtype) / n
-        self.demand.lerp_(share, 1.0 - math.exp(-n / self.cfg.demand_time_constant_tokens))
+        # the time constant counts training tokens (B a step), not the n counted: the EMA follows the
+        # model at the same pace whatever demand_tokens is (counted tokens made it lag 4x at 256)
+        self.demand.lerp_(share, 1.0 - math.exp(-B / self.cfg.demand_time_constant_tokens))
 
     def current_theta(self, source: str = "calibrated") -> Tensor:
         theta = super().current_theta(source)
