@@ -11,6 +11,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import runpy
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -58,6 +59,9 @@ class Result:
 
 
 def _child(script: str, args: list[str], out: str, err: str, env: dict[str, str], cwd: str) -> None:
+    # Ctrl-C as on a terminal, even when the test session was started with SIGINT ignored
+    # (a background job of a shell without job control)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     os.chdir(cwd)
     os.environ.update(env)
     for fd, path in ((1, out), (2, err)):

@@ -222,7 +222,10 @@ def test_harvest_cli_stops_on_ctrl_c_and_resumes_to_the_same_cache(tiny_lm, tmp_
     ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     cmd = [sys.executable, "harvest.py", f"out_dir={tmp_path}", f"data.path={tmp_path}/cache", *args]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # even if this session ignores Ctrl-C
+    )  # fmt: skip
     deadline = time.time() + hang_guard(120)
     while time.time() < deadline:
         m = shards.read_manifest(tmp_path / "cache") if (tmp_path / "cache" / "manifest.json").is_file() else None
