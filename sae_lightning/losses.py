@@ -14,6 +14,7 @@ from typing import ClassVar, Literal
 import torch
 from torch import Tensor
 
+from .registry import Registry
 from .sae import SparseAutoencoder
 from .selection import per_column_topk, sort_pairs
 from .sparse import Selection, SparseCode, sparse_decode
@@ -36,12 +37,12 @@ class StepOutput:
         return self.z[tokens][:, latents] if self.layout == "token" else self.z[latents, tokens].t()
 
 
-LOSSES: dict[str, type[LossTerm]] = {}
+LOSSES = Registry("loss term")
 
 
 def _register(cls):
-    LOSSES[cls.name] = cls
-    return cls
+    """Register a LossTerm subclass under its ``name`` (a key of ``variant.losses``)."""
+    return LOSSES.register(cls.name, attribute=None)(cls)
 
 
 @dataclass

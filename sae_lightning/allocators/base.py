@@ -12,10 +12,11 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import require
+from ..registry import Registry
 from ..sparse import Selection
 from ..spec import parse, setting
 
-ALLOCATORS: dict[str, type[Allocator]] = {}
+ALLOCATORS = Registry("allocator")
 
 
 class Mode(StrEnum):
@@ -29,12 +30,8 @@ class Mode(StrEnum):
 
 
 def register(name: str):
-    def deco(cls):
-        cls.name = name
-        ALLOCATORS[name] = cls
-        return cls
-
-    return deco
+    """Register an Allocator subclass under ``name`` (the value of ``variant.allocator``)."""
+    return ALLOCATORS.register(name)
 
 
 @dataclasses.dataclass(kw_only=True)

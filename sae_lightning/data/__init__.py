@@ -14,24 +14,19 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, Self
 
 from ..errors import ConfigError, require_choice
+from ..registry import Registry
 from ..spec import as_dict, parse, setting
 
 if TYPE_CHECKING:
     import lightning as L
     from torch import Tensor
 
-DATA_KINDS: dict[str, type[DataSpec]] = {}
+DATA_KINDS = Registry("data kind")
 
 
 def data_kind(name: str):
     """Register a DataSpec subclass as the spec of ``data.kind = name``."""
-
-    def deco(cls):
-        cls.KIND = name
-        DATA_KINDS[name] = cls
-        return cls
-
-    return deco
+    return DATA_KINDS.register(name, attribute="KIND")
 
 
 @dataclass(kw_only=True)
