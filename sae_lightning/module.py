@@ -325,7 +325,7 @@ class SAEModule(L.LightningModule):
         if isinstance(self.allocator, ThresholdAllocator) and bool(self.allocator.calibrated):
             results.l0_sweep = self.l0_sweep(self.data().val_tensor())
             logs["val/threshold/fvu_at_k"] = fvu_at_l0(results.l0_sweep, self.k)
-        elif Mode.THRESHOLD in self.active_modes() and not self.allocator.has_thresholds:  # TopK: L0 = k per token
+        elif not self.allocator.has_thresholds:  # TopK: k per token, its threshold mode is itself
             logs["val/threshold/fvu_at_k"] = logs["val/threshold/fvu"]
         summary = self.stats.summary()
         logs["val/dead_fraction"] = summary["dead_fraction"]

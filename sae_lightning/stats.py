@@ -17,9 +17,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .zipf import fit_zipf, zipf_targets
-
-UNDERUSED_REFERENCES = ("fitted", "zipf")
+from .zipf import by_density_rank, fit_zipf, zipf_targets
 
 
 class LatentStats(nn.Module):
@@ -83,10 +81,8 @@ class LatentStats(nn.Module):
         if fit is None:
             return None
         alpha, beta, c, _ = fit
-        order = torch.argsort(self.density.detach().cpu().to(torch.float64), descending=True, stable=True)
-        rank = torch.empty(self.n_latents, dtype=torch.float64)
-        rank[order] = torch.arange(1, self.n_latents + 1, dtype=torch.float64)
-        return (math.exp(c) * (rank + beta).pow(-alpha)).to(self.density.device, torch.float32)
+        rank = torch.arange(1, self.n_latents + 1, dtype=torch.float64)
+        return by_density_rank(self.density, math.exp(c) * (rank + beta).pow(-alpha))
 
     def underused_metric_mask(self) -> Tensor:
         """The under-used metric's latents: dead ∪ {j : ρ_j < ratio · reference_j}, the reference

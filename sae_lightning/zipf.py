@@ -92,15 +92,19 @@ def zipf_capacities(n_latents: int, budget: int, cap: int, alpha: float, beta: f
     return round_preserving_sum(x, budget, cap)
 
 
+def by_density_rank(density: Tensor, values_by_rank: Tensor) -> Tensor:
+    """Values given by rank (rank 1 = the densest latent) put in latent order, float32, on the
+    density's device (ties ranked by index)."""
+    order = torch.argsort(density.detach().cpu().to(torch.float64), descending=True, stable=True)
+    out = torch.empty(density.numel(), dtype=torch.float64)
+    out[order] = values_by_rank.to(torch.float64)
+    return out.to(density.device, torch.float32)
+
+
 def zipf_targets(density: Tensor, k: float, alpha: float, beta: float) -> Tensor:
     """Target firing densities t_j: latents ranked by density (descending), Zipf weights
     water-filled so that Σ t_j = k and t_j ≤ 1. Returned in latent order, float32."""
-    n = density.numel()
-    t_by_rank = waterfill(zipf_weights(n, alpha, beta), float(k), 1.0)
-    order = torch.argsort(density.detach().cpu().to(torch.float64), descending=True, stable=True)
-    t = torch.empty(n, dtype=torch.float64)
-    t[order] = t_by_rank
-    return t.to(density.device, torch.float32)
+    return by_density_rank(density, waterfill(zipf_weights(density.numel(), alpha, beta), float(k), 1.0))
 
 
 def fit_zipf(density: Tensor, tail_fraction: float = 0.1, betas=(0.0, 1.0, 3.0, 10.0, 30.0, 100.0)):

@@ -135,18 +135,27 @@ def ema_update(ema: Tensor, count: Tensor, value: Tensor, beta: float) -> None:
     count.add_(1)
 
 
+@dataclasses.dataclass(kw_only=True)
+class ThresholdConfig(AllocatorConfig):
+    """The keys of every allocator with thresholds: the running EMA of its batch cutoffs."""
+
+    threshold_ema_beta: float = setting(0.999, ge=0, lt=1, allowed="a number in [0, 1)")
+    threshold_ema_warmup_steps: int = setting(100, ge=0)  # training steps before the EMA starts
+
+
 class ThresholdAllocator(Allocator):
     """An allocator with inference thresholds θ (one, or one per latent): a running EMA of its
     batch cutoffs, updated in training steps after a warm-up, and calibrated ones set from
     held-out tokens (:meth:`calibrate`), then scaled by one factor so that the mean L0 there is
     k (:meth:`scale_calibrated`). Subclasses say how a cutoff is measured and calibrated."""
 
+    cfg: ThresholdConfig
     theta_ema: Tensor
     theta_ema_count: Tensor
     theta_calibrated: Tensor
     calibrated: Tensor
 
-    def __init__(self, cfg: AllocatorConfig, n_latents: int, batch_size: int, theta_shape: tuple[int, ...]):
+    def __init__(self, cfg: ThresholdConfig, n_latents: int, batch_size: int, theta_shape: tuple[int, ...]):
         super().__init__(cfg, n_latents, batch_size)
         self.register_buffer("theta_ema", torch.zeros(theta_shape))
         self.register_buffer("theta_ema_count", torch.zeros((), dtype=torch.long))
@@ -160,6 +169,11 @@ class ThresholdAllocator(Allocator):
     def current_theta(self, source: str = "calibrated") -> Tensor:
         """The calibrated θ (once calibrated; else the EMA) or, with ``source='ema'``, the EMA."""
         return self.theta_calibrated if (source == "calibrated" and bool(self.calibrated)) else self.theta_ema
+
+    def update_theta_ema(self, cutoff: Tensor, step: int) -> None:
+        """Fold a training batch's cutoff into the EMA once the warm-up has passed."""
+        if step >= self.cfg.threshold_ema_warmup_steps:
+            ema_update(self.theta_ema, self.theta_ema_count, cutoff, self.cfg.threshold_ema_beta)
 
     def set_calibrated(self, theta: Tensor | float) -> None:
         if isinstance(theta, Tensor):

@@ -20,11 +20,11 @@ from ..selection import GlobalTopK, per_column_topk, sort_pairs, threshold_selec
 from ..sparse import Selection
 from ..spec import setting
 from ..zipf import round_preserving_sum, stochastic_round, uniform_capacities, waterfill, zipf_capacities
-from .base import AllocatorConfig, CalibrationSet, ThresholdAllocator, ema_update, register
+from .base import CalibrationSet, ThresholdAllocator, ThresholdConfig, register
 
 
 @dataclasses.dataclass(kw_only=True)
-class FeatureChoiceConfig(AllocatorConfig):
+class FeatureChoiceConfig(ThresholdConfig):
     capacity: Literal["uniform", "zipf", "demand"] = "zipf"
     zipf_alpha: float = setting(1.0, ge=0)
     zipf_beta: float = setting(0.0, gt=-1, allowed="a number > -1 (so that r + beta > 0 for r >= 1)")
@@ -40,8 +40,6 @@ class FeatureChoiceConfig(AllocatorConfig):
     demand_tokens: int = setting(256, ge=1)  # by_density: tokens of each batch on which demand is counted
     demand_time_constant_tokens: int = setting(100_000, ge=1, allowed="an integer >= 1 (tokens)")
     mc_warmup_steps: int = setting(0, ge=0)  # train with Mutual Choice for the first N steps
-    threshold_ema_beta: float = setting(0.999, ge=0, lt=1, allowed="a number in [0, 1)")  # EMA of each latent's cutoff
-    threshold_ema_warmup_steps: int = setting(100, ge=0)
 
     def check(self, prefix: str) -> None:
         if self.zipf_from is not None:
@@ -180,19 +178,17 @@ class FeatureChoice(ThresholdAllocator):
 
     def allocate(self, z: Tensor, *, step: int = 0, density: Tensor | None = None, update: bool = False) -> Selection:
         F_, B = z.shape
-        by_demand = self.cfg.capacity == "demand" or (self.cfg.capacity == "zipf" and self.cfg.rank == "by_density")
-        if update and by_demand:  # during a Mutual Choice warm-up too: demand then measures MC's own allocation
-            self._update_demand(z)
+        zipf_by_demand = self.cfg.capacity == "zipf" and self.cfg.rank == "by_density"
+        if update and (self.cfg.capacity == "demand" or zipf_by_demand):
+            self._update_demand(z)  # during a Mutual Choice warm-up too: demand then measures MC's own allocation
         if update and step < self.cfg.mc_warmup_steps:
             return self._warmup(z.t(), self.cfg.k * B)[0]
-        if update and by_demand:
-            if self.cfg.capacity == "zipf" and step % self.cfg.rerank_every_steps == 0:
-                self.rank_to_latent.copy_(torch.argsort(self.demand, descending=True, stable=True))
+        if update and zipf_by_demand and step % self.cfg.rerank_every_steps == 0:
+            self.rank_to_latent.copy_(torch.argsort(self.demand, descending=True, stable=True))
         m = self.training_capacities(B, step) if update else self.capacities(B)
         lat, tok, _, cutoff = per_column_topk(z, m)
-        if update and step >= self.cfg.threshold_ema_warmup_steps:
-            # a column with fewer than m_j positive entries fires on every positive one
-            ema_update(self.theta_ema, self.theta_ema_count, cutoff.clamp_min(0.0), self.cfg.threshold_ema_beta)
+        if update:  # a column with fewer than m_j positive entries fires on every positive one
+            self.update_theta_ema(cutoff.clamp_min(0.0), step)
         return sort_pairs(tok, lat, n_tokens=B, n_latents=F_)
 
     @torch.no_grad()

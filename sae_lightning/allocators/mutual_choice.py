@@ -10,14 +10,12 @@ from torch import Tensor
 
 from ..selection import GlobalTopK, threshold_selection
 from ..sparse import Selection
-from ..spec import setting
-from .base import AllocatorConfig, CalibrationSet, ThresholdAllocator, ema_update, largest_beyond, register
+from .base import CalibrationSet, ThresholdAllocator, ThresholdConfig, largest_beyond, register
 
 
 @dataclasses.dataclass(kw_only=True)
-class MutualChoiceConfig(AllocatorConfig):
-    threshold_ema_beta: float = setting(0.999, ge=0, lt=1, allowed="a number in [0, 1)")  # EMA of the cutoff
-    threshold_ema_warmup_steps: int = setting(100, ge=0)  # training steps before the EMA starts
+class MutualChoiceConfig(ThresholdConfig):
+    """Mutual Choice has no keys of its own beyond k and the threshold EMA's."""
 
 
 def global_threshold_for_rate(cal: CalibrationSet, per_token: float) -> tuple[float, float]:
@@ -41,10 +39,10 @@ class MutualChoice(ThresholdAllocator):
 
     def allocate(self, z: Tensor, *, step: int = 0, density: Tensor | None = None, update: bool = False) -> Selection:
         sel, values = self._global(z, self.cfg.k * z.shape[0])
-        if update and step >= self.cfg.threshold_ema_warmup_steps:
+        if update:
             positive = values[values > 0]
             if positive.numel():
-                ema_update(self.theta_ema, self.theta_ema_count, positive.min(), self.cfg.threshold_ema_beta)
+                self.update_theta_ema(positive.min(), step)
         return sel
 
     def threshold(self, z: Tensor, source: str = "calibrated") -> Selection:

@@ -243,13 +243,13 @@ class ActivationsDataModule(L.LightningDataModule):
         return start + rng.permutation(stop - start)
 
     def calibration_tokens(self) -> Tensor:
-        _ = self.reader  # opens the cache and sets the split
-        return self.reader.gather(self.heldout_index("calibration"))
+        reader = self.reader  # opens the cache and sets the split that heldout_index reads
+        return reader.gather(self.heldout_index("calibration"))
 
     def val_tensor(self) -> Tensor:
         if self._val is None:
-            _ = self.reader
-            self._val = self.reader.gather(self.heldout_index("validation"))
+            reader = self.reader
+            self._val = reader.gather(self.heldout_index("validation"))
         return self._val
 
     # ---- loaders --------------------------------------------------------------------------------
