@@ -19,6 +19,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from sae_lightning.atomic import atomic_write_json
+from sae_lightning.losses import total_loss
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -206,7 +207,8 @@ def profile_step(module, x: torch.Tensor, rows: int = 15) -> str:
 
     def step():
         out, _ = module.forward_step(x, "batch", update=False)
-        loss = sum(t.coef * t(out, module.sae, module.stats) for t in module.losses.values())
+        terms = {name: t(out, module.sae, module.stats) for name, t in module.losses.items()}
+        loss = total_loss(module.losses, terms, module.sae)
         opt.zero_grad()
         loss.backward()
         module.sae.project_decoder_grad()

@@ -78,8 +78,10 @@ def describe_hydra_error(err: BaseException) -> str:
         hint = ""
         parent = getattr(cause, "parent_node", None)
         if parent is not None and hasattr(parent, "keys"):
-            prefix = key.rsplit(".", 1)[0] + "." if "." in key else ""
-            hint = did_you_mean(key, [prefix + str(k) for k in parent.keys()])
+            # the deepest node that exists: for run.out_dir it is the root, whose keys are not run.*
+            path = parent._get_full_key(None) if hasattr(parent, "_get_full_key") else key.rpartition(".")[0]
+            prefix = f"{path}." if path else ""
+            hint = did_you_mean(key, [prefix + str(k) for k in parent.keys() if prefix + str(k) != key])
         value = re.search(r"use \+\S+?=(.*)$", text, re.M)
         shown = f"{key}={value.group(1).strip()}" if value else key
         return f"config error: {shown}: the config has no key {key}{hint} (to add a new key on purpose, write +{shown})"

@@ -17,7 +17,7 @@ from .allocators.base import ThresholdAllocator, l0_matching_scale, threshold_l0
 from .config import LoggingSpec, ModelSpec, OptimSpec, StatsSpec, TrainConfig, VariantSpec
 from .data import DataSource
 from .errors import DataError, TrainingDiverged
-from .losses import StepOutput
+from .losses import StepOutput, total_loss
 from .metrics import L0, Firing, Reconstruction, feature_recovery
 from .sae import AFFINITY_DTYPES, SparseAutoencoder
 from .selection import threshold_selection
@@ -231,7 +231,7 @@ class SAEModule(L.LightningModule):
     def training_step(self, x: Tensor, batch_idx: int) -> Tensor:
         out, ctx = self.forward_step(x, Mode.BATCH, update=True)
         terms = {name: term(out, self.sae, self.stats) for name, term in self.losses.items()}
-        loss = torch.stack([self.losses[name].coef * value for name, value in terms.items()]).sum()
+        loss = total_loss(self.losses, terms, self.sae)
         if not torch.isfinite(loss):
             bad = {name: float(value) for name, value in terms.items()}
             raise TrainingDiverged(f"non-finite loss at step {self.global_step}: {bad}{self._non_finite_parameters()}")

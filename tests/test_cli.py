@@ -26,6 +26,13 @@ def test_a_key_typo_gets_a_did_you_mean_and_how_to_add_a_key():
     )
 
 
+def test_a_key_under_a_missing_section_suggests_a_key_that_exists():
+    """run.out_dir: there is no section run; the suggestion is the top-level out_dir, never
+    the key that was typed (it once said 'did you mean run.out_dir?')."""
+    line = hydra_error(["run.out_dir=/tmp/x"])
+    assert "the config has no key run.out_dir; did you mean out_dir?" in line
+
+
 def test_a_missing_group_option_lists_the_options():
     line = hydra_error(["variant=mutual"])
     assert "Could not find 'variant/mutual'" in line and "feature_choice, jumprelu, mutual_choice, topk" in line

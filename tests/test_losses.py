@@ -3,7 +3,7 @@ import torch
 
 from sae_lightning.allocators.topk import TopK
 from sae_lightning.errors import ConfigError
-from sae_lightning.losses import AuxK, AuxZipf, StepOutput, build_losses
+from sae_lightning.losses import AuxK, AuxZipf, StepOutput, build_losses, total_loss
 from sae_lightning.sae import SparseAutoencoder
 from sae_lightning.stats import LatentStats
 
@@ -187,3 +187,26 @@ def test_the_pull_term_trains_the_encoder_only():
     g = grads(loss, sae)
     assert float(loss.detach()) > 0 and g["W_enc"].abs().sum() > 0
     assert g["W_dec"].abs().sum() == 0 and g["b_pre"].abs().sum() == 0
+
+
+@pytest.mark.parametrize("term", ["aux_k", "aux_zipf"])
+def test_auxiliary_terms_weigh_against_the_reconstruction_alike_at_every_scale(term):
+    """total_loss multiplies the auxiliary terms by the reconstruction's units, so the summed
+    loss is exactly d · E x² times the normalised one: the same gradients up to that factor,
+    the auxiliary terms' weight included (without it aux_k is ~d times weaker under the sum)."""
+    sae, stats, out = setup(dead_fraction=0.5)
+    sae.x_second_moment.fill_(1.7)
+    sae.x_variance.fill_(1.3)
+    grads_of = {}
+    for scale in ("second_moment", "variance", "sum"):
+        losses = build_losses(
+            {term: {"coef": 0.5, "tau": 0.5} if term == "aux_zipf" else {"coef": 0.5}, "recon": {"scale": scale}}
+        )
+        terms = {name: t(out, sae, stats) for name, t in losses.items()}
+        assert float(terms[term].detach()) > 0
+        loss = total_loss(losses, terms, sae)
+        grads_of[scale] = torch.autograd.grad(loss, sae.W_enc, retain_graph=True)[0] / losses["recon"].units(sae)
+        expected = {"second_moment": 1.0, "variance": 1.7 / 1.3, "sum": 16 * 1.7}[scale]
+        assert float(losses["recon"].units(sae)) == pytest.approx(expected)
+    for scale in ("variance", "sum"):
+        torch.testing.assert_close(grads_of[scale], grads_of["second_moment"], rtol=1e-4, atol=1e-7)
