@@ -83,6 +83,14 @@ class CalibrationSpec:
 
 
 @dataclass
+class EvaluationSpec:
+    """The final validation's extra figures (docs/method_choices.md, description length)."""
+
+    description_length: bool = True  # bits per token of each mode's codes (sae_lightning/mdl.py)
+    dl_tolerance: float = setting(0.01, gt=0)  # the precision: coarsest keeping FVU within this (relative)
+
+
+@dataclass
 class LoggingSpec:
     histogram_every_n_steps: int = setting(200, ge=0)
 
@@ -297,6 +305,7 @@ class TrainConfig:
     optim: OptimSpec = setting(default_factory=OptimSpec)
     stats: StatsSpec = setting(default_factory=StatsSpec)
     calibration: CalibrationSpec = setting(default_factory=CalibrationSpec)
+    evaluation: EvaluationSpec = setting(default_factory=EvaluationSpec)
     logging: LoggingSpec = setting(default_factory=LoggingSpec)
     sweep_trial: TrialSpec | None = None
 
@@ -340,6 +349,7 @@ def normalised(raw: dict) -> dict:
         "optim": OptimSpec,
         "stats": StatsSpec,
         "calibration": CalibrationSpec,
+        "evaluation": EvaluationSpec,
         "logging": LoggingSpec,
     }
     out = dict(raw)

@@ -1,13 +1,16 @@
 """Evaluate a trained SAE: its downstream loss on more held-out contexts than validation uses,
-or its dark matter (``--dark-matter``; see :func:`dark_matter`).
+SAEBench's core figures with the description length (``--core``; see :func:`core`), or its
+dark matter (``--dark-matter``; see :func:`dark_matter`).
 
     python -m sae_lightning.evaluate outputs/runs/<run> [--contexts 128]
+    python -m sae_lightning.evaluate outputs/runs/<run> --core [--tokens N] [--tolerance 0.01]
     python -m sae_lightning.evaluate outputs/runs/<run> --dark-matter [--tokens N]
 
 Loads ``checkpoints/final.ckpt`` and ``config.yaml`` of the run, opens its activation cache,
 and measures CE clean / zero-ablated / spliced, ΔCE and loss recovered (both inference modes)
 on the cache's last ``--contexts`` contexts, as the DownstreamLoss callback does at every
-validation. Writes ``downstream_<contexts>.json`` into the run folder.
+validation. Writes ``downstream_<contexts>.json`` into the run folder (``core.json`` with
+``--core``, ``dark_matter.json`` with ``--dark-matter``).
 """
 
 from __future__ import annotations
@@ -19,13 +22,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .allocators import Mode
 from .atomic import atomic_write_json
 from .callbacks.downstream import DownstreamLoss
 from .cli import user_errors
 from .data import DataSpec
 from .data.activations import ActivationsData
 from .data.shards import read_manifest
-from .errors import DataError
+from .errors import ConfigError, DataError
+from .mdl import description_length
 from .module import SAEModule
 
 
@@ -42,8 +47,8 @@ def load_run(run_dir: Path, device: str = "cpu") -> tuple[SAEModule, DataSpec]:
     return module, DataSpec.from_raw(config["data"], "data")
 
 
-def downstream(run_dir: Path, contexts: int, device: str = "cpu") -> dict[str, float]:
-    module, data = load_run(run_dir, device)
+def downstream(run_dir: Path, contexts: int, device: str = "cpu", loaded=None) -> dict[str, float]:
+    module, data = loaded or load_run(run_dir, device)
     if not isinstance(data, ActivationsData):
         raise DataError(f"{run_dir} was trained on {data.kind} data: no language model to splice into")
     folder = Path(data.path)
@@ -55,6 +60,57 @@ def downstream(run_dir: Path, contexts: int, device: str = "cpu") -> dict[str, f
     figures["contexts"] = contexts
     figures["tokens_spliced"] = int(callback.keep.sum())
     return figures
+
+
+def is_causal_cache(data: DataSpec) -> bool:
+    if not isinstance(data, ActivationsData):
+        return False
+    manifest = read_manifest(Path(data.path))
+    return manifest is not None and bool(manifest["harvest"]["lm"]["causal"])
+
+
+def core(run_dir: Path, tokens: int | None, contexts: int, tolerance: float = 0.01, device: str = "cpu") -> dict:
+    """SAEBench's core figures and the description length of a run's SAE, for each inference
+    mode, on held-out tokens; with a causal model's cache also the KL divergence and CE loss
+    score of the SAE spliced in (``contexts`` contexts)."""
+    module, data = load_run(run_dir, device)
+    x = heldout_tokens(data, tokens)
+    modes = [str(m) for m in module.active_modes() if m != Mode.THRESHOLD_EMA]
+    figures: dict[str, Any] = {"variant": module.variant.name, "tokens": x.shape[0], "modes": modes, "k": module.k,
+                               "n_latents": module.sae.n_latents}  # fmt: skip
+    for mode in modes:
+        figures.update({f"{mode}/{key}": value for key, value in module.measure(x, mode).items()})
+        dl = description_length(module, x, mode, tolerance)
+        figures.update({f"{mode}/{key}": value for key, value in dl.items()})
+    if is_causal_cache(data):
+        down = downstream(run_dir, contexts, device, loaded=(module, data))
+        figures.update({key.removeprefix("val/"): value for key, value in down.items()})
+    return figures
+
+
+CORE_ROWS = [  # (key, label, format) of the table evaluate --core prints
+    ("fvu", "FVU", ".4f"), ("explained_variance", "explained variance", ".4f"), ("cossim", "cosine sim.", ".4f"),
+    ("l2_ratio", "L2 ratio", ".4f"), ("relative_reconstruction_bias", "relative reconstruction bias", ".4f"),
+    ("l0_mean", "L0", ".2f"), ("alive_fraction", "alive (fired on these tokens)", ".2%"),
+    ("density_mean", "firing density: mean", ".2e"), ("density_median", "firing density: median", ".2e"),
+    ("description_length", "description length (bits/token)", ".1f"), ("dl_firing_bits", "  which fire", ".1f"),
+    ("dl_value_bits", "  their values", ".1f"), ("dl_precision", "  at the precision", ".3g"),
+    ("dl_naive_bits", "  naive L0·(log2 F + b)", ".1f"), ("dl_raw_bits", "  raw activation at the precision", ".1f"),
+    ("kl_div", "KL divergence (nats/token)", ".4f"), ("kl_div_score", "KL divergence score", ".4f"),
+    ("ce_spliced", "CE with the SAE spliced in", ".4f"), ("loss_recovered", "CE loss score", ".4f"),
+]  # fmt: skip
+
+
+def core_table(figures: dict) -> str:
+    modes = figures["modes"]
+    rows = [("", *modes)]
+    for key, label, fmt in CORE_ROWS:
+        if any(f"{mode}/{key}" in figures for mode in modes):
+            rows.append(
+                (label, *(format(figures[f"{m}/{key}"], fmt) if f"{m}/{key}" in figures else "-" for m in modes))
+            )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
 
 
 def ridge(x: Tensor, y: Tensor, lam: float) -> tuple[Tensor, Tensor]:
@@ -134,9 +190,19 @@ def main(argv=None) -> dict:
     p.add_argument(
         "--ridge", type=float, default=1e-3, help="dark matter: ridge penalty, relative to the mean eigenvalue"
     )
+    p.add_argument(
+        "--core",
+        action="store_true",
+        help="instead of ΔCE alone: SAEBench's core figures and the description length, each mode (core.json)",
+    )
+    p.add_argument("--tolerance", type=float, default=0.01, help="--core: the description length's FVU tolerance")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = p.parse_args(argv)
     with user_errors():
+        if a.tolerance <= 0:
+            raise ConfigError("--tolerance", a.tolerance, "a number > 0 (relative FVU tolerance, e.g. 0.01)")
+        if a.core:
+            return _core_main(a)
         if a.dark_matter:
             return _dark_matter_main(a)
         figures = downstream(a.run, a.contexts, a.device)
@@ -152,6 +218,22 @@ def main(argv=None) -> dict:
             f"loss recovered {100 * figures[f'val/{mode}/loss_recovered']:.2f}%"
         )
     print(f"written {out}")
+    return figures
+
+
+def _core_main(a) -> dict:
+    figures = core(a.run, a.tokens, a.contexts, a.tolerance, a.device)
+    out = a.run / "core.json"
+    atomic_write_json(out, figures, sort_keys=True)
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(str(a.run / "tb")) as w:
+        for key, value in figures.items():
+            if isinstance(value, float) and "/" in key:
+                w.add_scalar(f"core/{key}", value, 0)
+    print(f"{a.run.name} ({figures['variant']}), {figures['tokens']} held-out tokens:")
+    print(core_table(figures))
+    print(f"written {out} and core/* in {a.run / 'tb'}")
     return figures
 
 

@@ -1,5 +1,6 @@
 """Evaluation metrics as torchmetrics objects (sum-reduced states, so they are exact under
-DDP) plus feature recovery against known ground-truth features."""
+DDP), SAEBench's core reconstruction and sparsity figures among them, plus feature recovery
+against known ground-truth features."""
 
 from __future__ import annotations
 
@@ -9,32 +10,60 @@ from torchmetrics import Metric
 
 
 class Reconstruction(Metric):
-    """FVU = Σ‖x − x̂‖² / Σ‖x − x̄‖² and normalised MSE = Σ‖x − x̂‖² / Σ‖x‖², in the
-    model's own units (call with de-normalised reconstructions)."""
+    """Reconstruction figures over an evaluation, in the model's own units (call with
+    de-normalised reconstructions), as SAEBench's ``core`` evaluation defines them:
+
+    - ``fvu`` = Σ‖x − x̂‖² / Σ‖x − x̄‖², ``nmse`` = Σ‖x − x̂‖² / Σ‖x‖²;
+    - ``explained_variance`` = 1 − Σ_d Var(x − x̂) / Σ_d Var(x) (the error's mean removed, so a
+      constant offset is not counted; 1 − FVU when the error has zero mean);
+    - ``cossim``: mean over tokens of cos(x, x̂) (0 where x̂ = 0); ``l2_ratio``: mean of ‖x̂‖/‖x‖;
+    - ``relative_reconstruction_bias`` = E‖x̂‖² / E⟨x, x̂⟩ (Wright & Sharkey; 1: no shrinkage,
+      < 1: x̂ too short)."""
 
     sse: Tensor
     sum_x: Tensor
     sum_sq: Tensor
+    sum_err: Tensor
+    sum_xhat_sq: Tensor
+    sum_dot: Tensor
+    sum_cos: Tensor
+    sum_ratio: Tensor
     n: Tensor
     full_state_update = False
 
     def __init__(self, d_model: int):
         super().__init__()
-        self.add_state("sse", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("sum_x", torch.zeros(d_model, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("sum_sq", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("n", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        for name in ("sse", "sum_sq", "sum_xhat_sq", "sum_dot", "sum_cos", "sum_ratio", "n"):
+            self.add_state(name, torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        for name in ("sum_x", "sum_err"):
+            self.add_state(name, torch.zeros(d_model, dtype=torch.float64), dist_reduce_fx="sum")
 
     def update(self, x: Tensor, x_hat: Tensor) -> None:
-        x64 = x.detach().to(torch.float64)
-        self.sse += (x64 - x_hat.detach().to(torch.float64)).pow(2).sum()
+        x64, h64 = x.detach().to(torch.float64), x_hat.detach().to(torch.float64)
+        err = x64 - h64
+        self.sse += err.pow(2).sum()
         self.sum_x += x64.sum(0)
+        self.sum_err += err.sum(0)
         self.sum_sq += x64.pow(2).sum()
+        self.sum_xhat_sq += h64.pow(2).sum()
+        self.sum_dot += (x64 * h64).sum()
+        x_norm, h_norm = x64.norm(dim=1), h64.norm(dim=1)
+        self.sum_cos += ((x64 * h64).sum(1) / (x_norm * h_norm).clamp_min(1e-30)).sum()
+        self.sum_ratio += (h_norm / x_norm.clamp_min(1e-30)).sum()
         self.n += x.shape[0]
 
     def compute(self) -> dict[str, Tensor]:
-        total_var = self.sum_sq - self.sum_x.pow(2).sum() / self.n.clamp_min(1)
-        return {"fvu": self.sse / total_var.clamp_min(1e-30), "nmse": self.sse / self.sum_sq.clamp_min(1e-30)}
+        n = self.n.clamp_min(1)
+        total_var = self.sum_sq - self.sum_x.pow(2).sum() / n
+        err_var = self.sse - self.sum_err.pow(2).sum() / n
+        return {
+            "fvu": self.sse / total_var.clamp_min(1e-30),
+            "nmse": self.sse / self.sum_sq.clamp_min(1e-30),
+            "explained_variance": 1 - err_var / total_var.clamp_min(1e-30),
+            "cossim": self.sum_cos / n,
+            "l2_ratio": self.sum_ratio / n,
+            "relative_reconstruction_bias": self.sum_xhat_sq / self.sum_dot,  # x̂ = 0: nan
+        }
 
 
 class L0(Metric):
@@ -96,7 +125,14 @@ class Firing(Metric):
 
     def compute(self) -> dict[str, Tensor]:
         density = self.counts.to(torch.float64) / self.n.clamp_min(1)
-        return {"density": density, "never_fired_fraction": (self.counts == 0).to(torch.float64).mean()}
+        never = (self.counts == 0).to(torch.float64).mean()
+        return {
+            "density": density,
+            "never_fired_fraction": never,
+            "alive_fraction": 1 - never,  # SAEBench's frac_alive: fired at least once here
+            "density_mean": density.mean(),
+            "density_median": density.median(),
+        }
 
 
 @torch.no_grad()

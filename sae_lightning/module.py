@@ -14,10 +14,11 @@ from torch import Tensor, nn
 from . import tb
 from .allocators import CalibrationSet, Mode, get_allocator_class
 from .allocators.base import ThresholdAllocator, l0_matching_scale, threshold_l0
-from .config import LoggingSpec, ModelSpec, OptimSpec, StatsSpec, TrainConfig, VariantSpec
+from .config import EvaluationSpec, LoggingSpec, ModelSpec, OptimSpec, StatsSpec, TrainConfig, VariantSpec
 from .data import DataSource
 from .errors import DataError, TrainingDiverged
 from .losses import StepOutput, total_loss
+from .mdl import description_length
 from .metrics import L0, Firing, Reconstruction, feature_recovery
 from .sae import AFFINITY_DTYPES, SparseAutoencoder
 from .selection import threshold_selection
@@ -25,6 +26,8 @@ from .sparse import SparseCode
 from .spec import parse
 from .stats import LatentStats
 from .zipf import fit_zipf
+
+FIRING_FIGURES = ("never_fired_fraction", "alive_fraction", "density_mean", "density_median")
 
 
 def fvu_at_l0(points: list[dict[str, float]], target: float) -> float:
@@ -67,6 +70,7 @@ class SAEModule(L.LightningModule):
             self.model_spec, self.variant, self.optim_spec = config.model, config.variant, config.optim
             self.stats_spec, self.batch_size = config.stats, config.data.batch_size
             self.histogram_every = config.logging.histogram_every_n_steps
+            self.evaluation = config.evaluation
             config = config.as_dict()
         else:  # from a checkpoint: the parts this module uses, whatever the rest (trainer, data) held
             self.model_spec = parse(ModelSpec, config["model"], "model")
@@ -75,6 +79,7 @@ class SAEModule(L.LightningModule):
             self.stats_spec = parse(StatsSpec, config["stats"], "stats")
             self.batch_size = int(config["data"]["batch_size"])
             self.histogram_every = parse(LoggingSpec, config.get("logging"), "logging").histogram_every_n_steps
+            self.evaluation = parse(EvaluationSpec, config.get("evaluation"), "evaluation")
         self.save_hyperparameters({"config": config, "d_model": d_model})
         m, s = self.model_spec, self.stats_spec
         F = m.n_latents
@@ -293,13 +298,29 @@ class SAEModule(L.LightningModule):
         calibrated = not self.allocator.has_thresholds or bool(getattr(self.allocator, "calibrated", True))
         return [m for m in self.modes if m != Mode.THRESHOLD or calibrated]
 
+    def _update(self, metrics: tuple[Reconstruction, L0, Firing], x: Tensor, mode: Mode | str) -> None:
+        out, ctx = self.forward_step(x, mode)
+        recon, l0, firing = metrics
+        recon.update(x, self.sae.denormalise(out.x_hat, ctx))
+        l0.update(out.code.l0_per_token())
+        firing.update(out.code.fire_counts(), x.shape[0])
+
     def validation_step(self, x: Tensor, batch_idx: int) -> None:
         for mode in self.active_modes():
-            out, ctx = self.forward_step(x, mode)
-            recon, l0, firing = self._metrics(mode)
-            recon.update(x, self.sae.denormalise(out.x_hat, ctx))
-            l0.update(out.code.l0_per_token())
-            firing.update(out.code.fire_counts(), x.shape[0])
+            self._update(self._metrics(mode), x, mode)
+
+    @torch.no_grad()
+    def measure(self, x: Tensor, mode: Mode | str) -> dict[str, float]:
+        """The validation's figures (reconstruction, L0, firing) of tokens ``x`` (model units) in
+        ``mode``, a batch at a time, outside any trainer."""
+        d, F = self.sae.d_model, self.sae.n_latents
+        metrics = (Reconstruction(d).to(self.device), L0(F).to(self.device), Firing(F).to(self.device))
+        for chunk in x.to(self.device).split(self.batch_size):
+            self._update(metrics, chunk, mode)
+        rec, l0, firing = (m.compute() for m in metrics)
+        out = {key: float(value) for key, value in {**rec, **l0}.items()}
+        out.update({key: float(firing[key]) for key in FIRING_FIGURES})
+        return out
 
     def on_validation_epoch_end(self) -> None:
         logs: dict[str, float] = {}
@@ -310,7 +331,8 @@ class SAEModule(L.LightningModule):
             rec, l0, firing = rec_m.compute(), l0_m.compute(), firing_m.compute()
             for key, value in {**rec, **l0}.items():
                 logs[f"val/{mode}/{key}"] = float(value)
-            logs[f"val/{mode}/never_fired_fraction"] = float(firing["never_fired_fraction"])
+            for key in FIRING_FIGURES:
+                logs[f"val/{mode}/{key}"] = float(firing[key])
             results.l0_hists[mode] = l0_m.hist.detach().cpu().clone()
             tb.count_histogram(self._trainer, f"val/{mode}/l0_per_token", results.l0_hists[mode], step)
             if mode == Mode.BATCH:
@@ -327,6 +349,11 @@ class SAEModule(L.LightningModule):
             logs["val/threshold/fvu_at_k"] = fvu_at_l0(results.l0_sweep, self.k)
         elif not self.allocator.has_thresholds:  # TopK: k per token, its threshold mode is itself
             logs["val/threshold/fvu_at_k"] = logs["val/threshold/fvu"]
+        if self._trainer is not None and self.trainer.state.fn == "validate" and self.evaluation.description_length:
+            val = self.data().val_tensor()  # the validation after training: its description length
+            for mode in (m for m in (Mode.BATCH, Mode.THRESHOLD) if m in self.active_modes()):
+                figures = description_length(self, val, mode, self.evaluation.dl_tolerance)
+                logs.update({f"val/{mode}/{key}": value for key, value in figures.items()})
         summary = self.stats.summary()
         logs["val/dead_fraction"] = summary["dead_fraction"]
         logs["val/underused_fraction"] = summary["underused_fraction"]

@@ -239,6 +239,7 @@ HPARAM_METRICS = (
     "val/batch/fvu",
     "val/threshold/fvu",
     "val/threshold/fvu_at_k",
+    "val/threshold/description_length",
     "val/batch/l0_mean",
     "val/threshold/l0_mean",
     "val/dead_fraction",
@@ -268,9 +269,11 @@ def print_summary(metrics: dict[str, Any], run_dir: Path, config: TrainConfig | 
     modes = [("batch", "batch (the allocator on each batch)"), ("threshold", "threshold (calibrated, per token)")]
     if not calibrated:
         modes.append(("threshold_ema", "threshold (running EMA; calibration off)"))
-    rows = [("mode", "FVU", "L0 mean", "L0 p10-p90", "never fired on val")]
+    with_dl = any(f"val/{mode}/description_length" in metrics for mode, _ in modes)
+    rows = [("mode", "FVU", "L0 mean", "L0 p10-p90", "never fired on val", *(("DL bits/token",) if with_dl else ()))]
     for mode, label in modes:
         if f"val/{mode}/fvu" in metrics:
+            dl = metrics.get(f"val/{mode}/description_length")
             rows.append(
                 (
                     label,
@@ -278,6 +281,7 @@ def print_summary(metrics: dict[str, Any], run_dir: Path, config: TrainConfig | 
                     f"{metrics[f'val/{mode}/l0_mean']:.2f}",
                     f"{metrics[f'val/{mode}/l0_p10']:.0f}-{metrics[f'val/{mode}/l0_p90']:.0f}",
                     f"{100 * metrics[f'val/{mode}/never_fired_fraction']:.1f}%",
+                    *((f"{dl:.1f}" if dl is not None else "-",) if with_dl else ()),
                 )
             )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
@@ -291,6 +295,15 @@ def print_summary(metrics: dict[str, Any], run_dir: Path, config: TrainConfig | 
         print(
             f"  at L0 = k in threshold mode (the thresholds scaled by one factor, interpolated on the validation "
             f"tokens): FVU {metrics['val/threshold/fvu_at_k']:.4f}"
+        )
+    if with_dl:
+        mode = "threshold" if "val/threshold/description_length" in metrics else "batch"
+        print(
+            f"  DL: description length of the codes (which latents fire, their values to the precision "
+            f"{metrics[f'val/{mode}/dl_precision']:.3g} that keeps FVU within "
+            f"{100 * metrics[f'val/{mode}/dl_tolerance']:g}%); {mode} mode: naive L0·(log2 F + b) "
+            f"{metrics[f'val/{mode}/dl_naive_bits']:.1f}, the raw activation at that precision "
+            f"{metrics[f'val/{mode}/dl_raw_bits']:.1f}"
         )
     if config is not None:
         window = config.stats.dead_window_tokens

@@ -72,3 +72,29 @@ def test_the_command_writes_its_report(cli, tmp_path):
     acc = EventAccumulator(str(run / "tb"))
     acc.Reload()
     assert "dark_matter/error_norm_predictable" in acc.Tags()["scalars"]
+
+
+def test_core_figures_of_a_run_on_a_causal_cache(cache_run, capsys):
+    """evaluate --core: every core figure and the description length for both modes, and the
+    KL divergence / CE loss score of the SAE spliced into the model; the final validation of
+    training wrote the description length to metrics.json as well."""
+    figures = evaluate([str(cache_run), "--core", "--contexts", "4", "--device", "cpu"])
+    assert figures["modes"] == ["batch", "threshold"]
+    for mode in figures["modes"]:
+        assert 0 < figures[f"{mode}/fvu"] < 1 and 0 < figures[f"{mode}/cossim"] <= 1
+        assert 0 <= figures[f"{mode}/kl_div"] < figures["kl_zero_ablation"]
+        assert figures[f"{mode}/kl_div_score"] < 1 and figures[f"{mode}/loss_recovered"] < 1
+        assert 0 < figures[f"{mode}/description_length"] < figures[f"{mode}/dl_naive_bits"]
+    assert json.loads((cache_run / "core.json").read_text())["threshold/fvu"] == figures["threshold/fvu"]
+    table = capsys.readouterr().out
+    assert "description length (bits/token)" in table and "KL divergence score" in table
+    metrics = json.loads((cache_run / "metrics.json").read_text())
+    assert metrics["val/threshold/description_length"] > 0 and metrics["val/batch/dl_tolerance"] == 0.01
+
+
+def test_core_refuses_a_bad_tolerance(cache_run, capsys):
+    with pytest.raises(SystemExit) as e:
+        evaluate([str(cache_run), "--core", "--tolerance", "0"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "--tolerance=0.0 is not allowed; expected a number > 0" in err

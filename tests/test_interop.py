@@ -96,6 +96,23 @@ def test_an_imported_sae_is_evaluated_like_our_own(runs, tmp_path):
     assert 0 < figures["fvu"] < 1 and (back / "dark_matter.json").is_file()
 
 
+@pytest.mark.parametrize("variant", ["topk_free", "mutual_choice"])
+def test_an_imported_sae_gets_the_core_figures_and_description_length_of_the_original(runs, variant, tmp_path):
+    """evaluate --core on an SAELens import: the same SAE in other units (the dataset scale
+    folded into its weights) has the same figures, its description length included (values are
+    quantised as contributions in the model's units)."""
+    from sae_lightning.evaluate import main as evaluate
+
+    run = runs[variant]
+    back = import_saelens(export_saelens(run, tmp_path / "e"), TINY, out=tmp_path / "run")
+    theirs = evaluate([str(back), "--core", "--device", "cpu"])
+    mine = evaluate([str(run), "--core", "--device", "cpu"])
+    assert (back / "core.json").is_file() and json.loads((back / "core.json").read_text())["tokens"] == mine["tokens"]
+    for key in ("fvu", "explained_variance", "cossim", "l2_ratio", "relative_reconstruction_bias", "l0_mean",
+                "alive_fraction", "description_length", "dl_precision", "dl_raw_bits"):  # fmt: skip
+        assert theirs[f"threshold/{key}"] == pytest.approx(mine[f"threshold/{key}"], rel=2e-3), key
+
+
 @pytest.mark.parametrize(
     "setup, expected",
     [

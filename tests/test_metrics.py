@@ -1,3 +1,6 @@
+import math
+
+import pytest
 import torch
 
 from sae_lightning.metrics import L0, Firing, Reconstruction, feature_recovery
@@ -38,3 +41,39 @@ def test_feature_recovery():
     out = feature_recovery(true, dec)
     assert out["recovery_share_above_0.9"] == 0.75
     assert 0.75 < out["recovery_mean_max_cos"] < 1.0
+
+
+def core(x, x_hat):
+    m = Reconstruction(x.shape[1])
+    for a, b in zip(x.split(50), x_hat.split(50)):
+        m.update(a, b)
+    return {k: float(v) for k, v in m.compute().items()}
+
+
+def test_core_reconstruction_figures_of_stand_ins_with_known_answers():
+    """SAEBench's core figures: x̂ = x is perfect; x̂ = 0 explains nothing and has no length;
+    x̂ = 2x points the right way at twice the length (bias 2, explained variance 1 − 1 = 0)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 6, generator=g) + 1.5
+    perfect = core(x, x.clone())
+    assert perfect["fvu"] == 0 and perfect["explained_variance"] == pytest.approx(1)
+    assert perfect["cossim"] == pytest.approx(1) and perfect["l2_ratio"] == pytest.approx(1)
+    assert perfect["relative_reconstruction_bias"] == pytest.approx(1)
+    zero = core(x, torch.zeros_like(x))
+    assert zero["explained_variance"] == pytest.approx(0, abs=1e-9) and zero["cossim"] == 0 and zero["l2_ratio"] == 0
+    assert zero["fvu"] == pytest.approx(float(x.pow(2).sum() / (x - x.mean(0)).pow(2).sum()), rel=1e-6)
+    assert math.isnan(zero["relative_reconstruction_bias"])
+    double = core(x, 2 * x)
+    assert double["cossim"] == pytest.approx(1) and double["l2_ratio"] == pytest.approx(2)
+    assert double["relative_reconstruction_bias"] == pytest.approx(2)
+    assert double["explained_variance"] == pytest.approx(0, abs=1e-9)
+    shifted = core(x, x + 0.7)  # a constant offset: explained variance ignores it, FVU does not
+    assert shifted["explained_variance"] == pytest.approx(1) and shifted["fvu"] > 0.1
+
+
+def test_firing_alive_fraction_and_density_summary():
+    m = Firing(4)
+    m.update(torch.tensor([3, 0, 1, 2]), 10)
+    out = m.compute()
+    assert float(out["alive_fraction"]) == 0.75
+    assert float(out["density_mean"]) == pytest.approx(0.15) and float(out["density_median"]) == pytest.approx(0.1)

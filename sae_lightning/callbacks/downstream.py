@@ -6,7 +6,9 @@ validation split: ``data.downstream.contexts`` at each validation during trainin
 three ways: clean; with the hooked site's activations at the kept positions (special tokens
 are left alone, as the SAE never saw them) replaced by the SAE's reconstruction, for each
 inference mode; and with them replaced by zeros. ΔCE = CE_spliced − CE_clean; loss recovered
-= (CE_zero − CE_spliced) / (CE_zero − CE_clean). The model is loaded on first use, on rank 0.
+= (CE_zero − CE_spliced) / (CE_zero − CE_clean) (SAEBench's CE loss score); KL = the mean
+KL(clean ‖ spliced) of the next-token distributions and its score (KL_zero − KL) / KL_zero
+(SAEBench's KL divergence score). The model is loaded on first use, on rank 0.
 """
 
 from __future__ import annotations
@@ -75,44 +77,64 @@ class DownstreamLoss(L.Callback):
                                        str(device))  # fmt: skip
 
     @torch.inference_mode()
-    def _ce(self, replace, chunk: int = 16) -> float:
-        """Mean next-token cross-entropy over the contexts; ``replace(x_kept)`` gives the new
-        activations at the kept positions (None: clean). Runs ``chunk`` contexts at a time (the
-        logits of 128 contexts of a 49k-token vocabulary would take 3 GB)."""
+    def _losses(self, replacers: dict, chunk: int = 16) -> dict[str, dict[str, float]]:
+        """Per name in ``replacers``: the mean next-token cross-entropy over the contexts and the
+        mean KL divergence KL(clean ‖ replaced) of the next-token distributions, over the same
+        positions; ``replace(x_kept)`` gives the new activations at the kept positions (None:
+        clean). Runs ``chunk`` contexts at a time (the logits of 128 contexts of a 49k-token
+        vocabulary would take 3 GB), the clean model once per chunk."""
         assert self.model is not None, "the language model is loaded by measure()"
         device = self.model.device
-        total, count = 0.0, 0
+        sums = {name: [0.0, 0.0] for name in replacers}
+        count = 0
         for ids, keep in zip(self.ids.split(chunk), self.keep.split(chunk)):
             ids, keep = ids.to(device), keep.to(device)
             mask = ids >= 0
-
-            def fn(hidden, keep=keep):
-                if replace is None:
-                    return None
-                new = hidden.clone()
-                new[keep] = replace(hidden[keep].float()).to(hidden.dtype)
-                return new
-
-            with lm_mod.hook_site(self.model, self.site, self.layer, fn):
-                logits = self.model(input_ids=ids.clamp_min(0), attention_mask=mask.long(), use_cache=False).logits
             target, valid = ids[:, 1:], mask[:, 1:] & mask[:, :-1]
-            total += float(F.cross_entropy(logits[:, :-1][valid].float(), target[valid], reduction="sum"))
+
+            def log_probs(replace, keep=keep, ids=ids, mask=mask, valid=valid):
+                def fn(hidden):
+                    if replace is None:
+                        return None
+                    new = hidden.clone()
+                    new[keep] = replace(hidden[keep].float()).to(hidden.dtype)
+                    return new
+
+                with lm_mod.hook_site(self.model, self.site, self.layer, fn):
+                    logits = self.model(input_ids=ids.clamp_min(0), attention_mask=mask.long(), use_cache=False).logits
+                return F.log_softmax(logits[:, :-1][valid].float(), dim=-1)
+
+            clean = log_probs(None)
+            for name, replace in replacers.items():
+                lp = clean if replace is None else log_probs(replace)
+                sums[name][0] += float(F.nll_loss(lp, target[valid], reduction="sum"))
+                sums[name][1] += float(F.kl_div(lp, clean, log_target=True, reduction="sum"))
             count += int(valid.sum())
-        return total / max(count, 1)
+        return {name: {"ce": ce / max(count, 1), "kl": kl / max(count, 1)} for name, (ce, kl) in sums.items()}
+
+    def _ce(self, replace, chunk: int = 16) -> float:
+        """The mean next-token cross-entropy with ``replace`` spliced in (None: clean)."""
+        return self._losses({"x": replace}, chunk)["x"]["ce"]
 
     def _reference(self) -> dict[str, float]:
-        """Clean and zero-ablated CE on the contexts: they do not depend on the SAE, so they are
-        kept in the cache folder (``downstream_reference.json``, keyed by the number of contexts
-        and the model's dtype) and measured once per cache. A read-only cache is measured each time."""
+        """Clean and zero-ablated CE (and the zero-ablated KL) on the contexts: they do not depend
+        on the SAE, so they are kept in the cache folder (``downstream_reference.json``, keyed by
+        the number of contexts and the model's dtype) and measured once per cache. A read-only
+        cache is measured each time."""
         path = self.folder / "downstream_reference.json"
         key = f"{self.n}:{self.spec.get('dtype')}:{self.manifest['harvest']['lm'].get('weights_sha256')}"
         try:
             known = json.loads(path.read_text()) if path.is_file() else {}
         except (OSError, ValueError):
             known = {}
-        if key in known:
+        if "kl_zero_ablation" in known.get(key, {}):
             return known[key]
-        ref = {"ce_clean": self._ce(None), "ce_zero_ablation": self._ce(torch.zeros_like)}
+        got = self._losses({"clean": None, "zero": torch.zeros_like})
+        ref = {
+            "ce_clean": got["clean"]["ce"],
+            "ce_zero_ablation": got["zero"]["ce"],
+            "kl_zero_ablation": got["zero"]["kl"],
+        }
         try:
             with file_lock(self.folder.with_name(f".{self.folder.name}.reference.lock")):
                 current = json.loads(path.read_text()) if path.is_file() else {}
@@ -127,20 +149,26 @@ class DownstreamLoss(L.Callback):
         if self.n not in self.references:
             self.references[self.n] = self._reference()
         ref = self.references[self.n]
-        clean, zero = ref["ce_clean"], ref["ce_zero_ablation"]
+        clean, zero, kl_zero = ref["ce_clean"], ref["ce_zero_ablation"], ref["kl_zero_ablation"]
         out = {f"val/{k}": v for k, v in ref.items()}
         out["val/downstream_tokens"] = int(self.keep.sum())
-        for mode in MODES:
 
-            def splice(x, mode=mode):
+        def splicer(mode):
+            def splice(x):
                 return torch.cat(
                     [pl_module.reconstruct(chunk.to(pl_module.device), mode) for chunk in x.split(self.batch_size)]
                 )
 
-            ce = self._ce(splice)
+            return splice
+
+        got = self._losses({str(mode): splicer(mode) for mode in MODES})
+        for mode in MODES:
+            ce, kl = got[str(mode)]["ce"], got[str(mode)]["kl"]
             out[f"val/{mode}/ce_spliced"] = ce
             out[f"val/{mode}/delta_ce"] = ce - clean
             out[f"val/{mode}/loss_recovered"] = (zero - ce) / (zero - clean) if zero != clean else float("nan")
+            out[f"val/{mode}/kl_div"] = kl
+            out[f"val/{mode}/kl_div_score"] = (kl_zero - kl) / kl_zero if kl_zero > 0 else float("nan")
         return out
 
     def on_validation_end(self, trainer: L.Trainer, pl_module) -> None:

@@ -114,7 +114,7 @@ def plot(path: Path, rows: list[dict], front: list[dict], x_key: str, y_key: str
 
     ax.xaxis.set_major_formatter(FormatStrFormatter("%g"))
     ax.xaxis.set_minor_formatter(FormatStrFormatter("%g"))
-    ax.set_xlabel(f"{x_key} (sparsity)")
+    ax.set_xlabel(f"{x_key} ({'bits per token' if 'description_length' in x_key else 'sparsity'})")
     ax.set_ylabel(f"{y_key} (reconstruction)")
     ax.set_title(f"{len(done)} complete trials; front of {len(front)}")
     ax.grid(True, which="both", alpha=0.3)

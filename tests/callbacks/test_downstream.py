@@ -57,3 +57,15 @@ def test_chunking_the_contexts_does_not_change_the_loss(callback):
     callback.measure(FakeSAE(lambda x: x))  # loads the model
     assert math.isclose(callback._ce(None, chunk=2), callback._ce(None, chunk=16), rel_tol=1e-5)
     assert math.isclose(callback._ce(torch.zeros_like, chunk=1), callback._ce(torch.zeros_like), rel_tol=1e-5)
+
+
+def test_kl_divergence_is_zero_for_a_perfect_splice_and_scores_zero_for_ablation(callback):
+    perfect = callback.measure(FakeSAE(lambda x: x))
+    assert perfect["val/kl_zero_ablation"] > 0
+    for mode in ("batch", "threshold"):
+        assert abs(perfect[f"val/{mode}/kl_div"]) < 1e-5 and abs(perfect[f"val/{mode}/kl_div_score"] - 1) < 1e-4
+    zero = callback.measure(FakeSAE(torch.zeros_like))
+    assert zero["val/batch/kl_div"] == pytest.approx(zero["val/kl_zero_ablation"], rel=1e-5)
+    assert abs(zero["val/batch/kl_div_score"]) < 1e-4
+    half = callback.measure(FakeSAE(lambda x: 0.5 * x))
+    assert 0 < half["val/batch/kl_div"] and half["val/batch/kl_div_score"] < 1

@@ -104,3 +104,21 @@ def test_two_workers_share_one_study(cli, tmp_path):
     assert sorted(t.number for t in study.trials) == [0, 1, 2, 3]
     dirs = {t.user_attrs["run_dir"] for t in study.trials}
     assert len(dirs) == 4  # no trial ran twice into the same folder
+
+
+def test_the_mdl_preset_optimises_description_length_against_fvu(cli, tmp_path):
+    """sweeps=mdl: two objectives, threshold-mode FVU and description length (bits per token),
+    both measured at the final validation; the report draws that front."""
+    proc = cli("train.py", "-m", "sweeps=mdl", f"out_dir={tmp_path}", *FAST, "hydra.sweeper.n_trials=2", timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    study = load(tmp_path, "mdl")
+    assert study.metric_names == ["val/threshold/fvu", "val/threshold/description_length"]
+    assert states(study) == ["COMPLETE"] * 2
+    for t in study.trials:
+        assert 0 < t.values[0] < 2 and 0 < t.values[1] < 4 * (8 + 12)  # L0·(log2 F + a few value bits)
+    rep = subprocess.run(
+        [sys.executable, "-m", "sae_lightning.sweep.report", "--study", "mdl", "--out-dir", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=hang_guard(120),
+    )  # fmt: skip
+    assert rep.returncode == 0, rep.stderr
+    assert (tmp_path / "sweeps" / "mdl" / "pareto.png").is_file() and "description_length" in rep.stdout
