@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import train_in_subprocess
-from sae_lightning.atomic import atomic_path, atomic_write_text
+from sae_lightning.atomic import atomic_path, atomic_write_json, atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -69,7 +69,7 @@ def run_one(
     runs = sorted((folder / "runs").glob("*")) if (folder / "runs").is_dir() else []
     done = [r for r in runs if (r / "metrics.json").is_file()]
     if done:
-        return json.loads((done[-1] / "metrics.json").read_text())
+        return with_description_length(done[-1], json.loads((done[-1] / "metrics.json").read_text()))
     spec = DATASETS[dataset]
     args = [
         *spec["args"],
@@ -91,6 +91,25 @@ def run_one(
     return json.loads((run / "metrics.json").read_text())
 
 
+def with_description_length(run: Path, metrics: dict) -> dict:
+    """The run's metrics with the threshold mode's description length, which runs trained
+    before the final validation measured it lack: computed once, as that validation does (the
+    validation tokens, the default tolerance), into ``<run>/description_length.json``."""
+    if DL_KEY in metrics:
+        return metrics
+    path = run / "description_length.json"
+    if not path.is_file():
+        from sae_lightning.evaluate import load_run
+        from sae_lightning.mdl import description_length
+
+        module, data = load_run(run)
+        source = data.build()
+        source.open()
+        figures = description_length(module, source.val_tensor(), "threshold")
+        atomic_write_json(path, {f"val/threshold/{key}": value for key, value in figures.items()})
+    return {**metrics, **json.loads(path.read_text())}
+
+
 def harvest(dataset: str, cache_dir: Path) -> None:
     spec = DATASETS[dataset]
     if "cache" not in spec:
@@ -110,12 +129,31 @@ KEYS = {
     "FVU at L0 = k": "val/threshold/fvu_at_k",  # the headline
     "L0 threshold": "val/threshold/l0_mean",  # what the calibrated factor gives on validation
     "FVU batch": "val/batch/fvu",
+    "DL threshold": "val/threshold/description_length",  # bits per token
     "dead": "val/dead_fraction",
     "under-used": "val/underused_fraction",
     "ΔCE threshold": "val/threshold/delta_ce",
     "ΔCE batch": "val/batch/delta_ce",
 }
 HEADLINE = "FVU at L0 = k"
+DL_KEY = KEYS["DL threshold"]
+CORE = {  # SAEBench's core figures (threshold mode) and the description length's parts, for one k
+    "explained variance": "val/threshold/explained_variance",
+    "cosine sim.": "val/threshold/cossim",
+    "L2 ratio": "val/threshold/l2_ratio",
+    "rel. bias": "val/threshold/relative_reconstruction_bias",
+    "alive": "val/threshold/alive_fraction",
+    "density mean": "val/threshold/density_mean",
+    "density median": "val/threshold/density_median",
+    "DL bits/token": DL_KEY,
+    "DL: which fire": "val/threshold/dl_firing_bits",
+    "DL: values": "val/threshold/dl_value_bits",
+    "precision Δ": "val/threshold/dl_precision",
+    "naive L0·(log2 F + b)": "val/threshold/dl_naive_bits",
+    "raw x at Δ": "val/threshold/dl_raw_bits",
+}
+CORE_K = 32
+DIGITS = {"L0": 2, "DL": 1}  # decimals of a column, by its name's first word (else 4)
 
 
 def mean_std(values: list[float]) -> tuple[float, float, int]:
@@ -254,6 +292,44 @@ def plot(agg: dict, sweeps: dict, dataset: str, path: Path) -> None:
     plt.close(fig)
 
 
+def core_table(results: dict, dataset: str) -> list[str]:
+    """SAEBench's core figures and the description length at k = CORE_K, threshold mode, one
+    row per configuration (mean ± std over seeds); empty when no run there has them."""
+    by_config: dict[str, list[dict]] = {}
+    for (d, config, k, _seed), m in results.items():
+        if m is not None and d == dataset and k == CORE_K and "val/threshold/cossim" in m:
+            by_config.setdefault(config, []).append(m)
+    if not by_config:
+        return []
+    pct = ("alive",)
+    digits = {"density mean": "e", "density median": "e", "precision Δ": 3}
+    lines = [
+        f"Core figures at k = {CORE_K}, threshold mode, on the validation tokens (SAEBench's `core` "
+        "evaluation; the description length in bits per token as docs/method_choices.md defines it, "
+        "at the coarsest precision Δ that keeps FVU within 1 %; Δ in model units):",
+        "",
+        "| config | " + " | ".join(CORE) + " | seeds |",
+        "|---|" + "---|" * (len(CORE) + 1),
+    ]
+    for config in [c for c in CONFIGS if c in by_config]:
+        ms = by_config[config]
+        cells = []
+        for name, key in CORE.items():
+            mean, std, n = mean_std([m.get(key) for m in ms])
+            if n == 0:
+                cells.append("–")
+            elif name in pct:
+                cells.append(f"{100 * mean:.1f} ± {100 * std:.1f} %")
+            elif digits.get(name) == "e":
+                cells.append(f"{mean:.2e}")
+            elif name.startswith(("DL", "naive", "raw")):
+                cells.append(f"{mean:.1f} ± {std:.1f}")
+            else:
+                cells.append(f"{mean:.{digits.get(name, 4)}f} ± {std:.{digits.get(name, 4)}f}")
+        lines.append(f"| {config} | " + " | ".join(cells) + f" | {len(ms)} |")
+    return [*lines, ""]
+
+
 def report(results: dict, args, doc: Path, img_dir: Path) -> str:
     agg = aggregate(results)
     sweeps: dict = {}
@@ -311,10 +387,11 @@ def report(results: dict, args, doc: Path, img_dir: Path) -> str:
         for config in [c for c in CONFIGS if c in agg[dataset]]:
             for k, figs in agg[dataset][config].items():
                 cells = [
-                    fmt(figs[n], pct=n in ("dead", "under-used"), digits=2 if n.startswith("L0") else 4) for n in names
+                    fmt(figs[n], pct=n in ("dead", "under-used"), digits=DIGITS.get(n.split()[0], 4)) for n in names
                 ]
                 lines.append(f"| {config} | {k} | " + " | ".join(cells) + f" | {figs[HEADLINE][2]} |")
         lines.append("")
+        lines += core_table(results, dataset)
         plot(agg, sweeps, dataset, img_dir / f"results_{dataset}.png")
     lines += ["## The configurations", "", "| name | overrides |", "|---|---|"]
     lines += [f"| {c} | `{' '.join(o)}` |" for c, o in CONFIGS.items()]
@@ -372,7 +449,7 @@ def main(argv=None) -> None:
         for key in grid:
             folder = args.out / key[0] / key[1] / f"k{key[2]}_s{key[3]}" / "runs"
             done = sorted(folder.glob("*/metrics.json")) if folder.is_dir() else []
-            results[key] = json.loads(done[-1].read_text()) if done else None
+            results[key] = with_description_length(done[-1].parent, json.loads(done[-1].read_text())) if done else None
     atomic_write_text(
         args.out / "results.json",
         json.dumps(

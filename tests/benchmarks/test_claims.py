@@ -16,6 +16,7 @@ def metrics(fvu_at_k: float, dead: float = 0.0, batch: float | None = None) -> d
         "val/threshold/l0_mean": 32.0,
         "val/dead_fraction": dead,
         "val/underused_fraction": dead,
+        "val/threshold/description_length": 100.0,
         "val/threshold/l0_sweep": [
             {"factor": 1.0, "l0": 31.0, "fvu": fvu_at_k},
             {"factor": 0.9, "l0": 33.0, "fvu": fvu_at_k * 0.95},
@@ -69,3 +70,31 @@ def test_a_finished_run_is_read_not_trained_again(tmp_path, monkeypatch):
     monkeypatch.setattr(claims, "train_in_subprocess", lambda *a, **k: (_ for _ in ()).throw(AssertionError("trained")))
     m = claims.run_one(tmp_path, "synthetic", "topk+aux_k", 32, 0, [], tmp_path, threads=1)
     assert m["val/threshold/fvu_at_k"] == 0.25
+
+
+def test_the_page_has_a_core_table_at_k_32_and_a_description_length_column(tmp_path):
+    results = grid(topk=(0.30, 0.002), mc_k=(0.29, 0.002), mc_z=(0.299, 0.002), fc_z=0.35, fc_d=0.30)
+    for (_, config, _, seed), m in results.items():
+        m.update({key: 0.5 for key in claims.CORE.values()})
+        m[claims.DL_KEY] = 100.0 + seed + (10 if config == "fc_zipf" else 0)
+    args = SimpleNamespace(steps=10, seeds=[0, 1, 2], overrides=[])
+    text = claims.report(results, args, tmp_path / "results.md", tmp_path / "img")
+    assert any(line.startswith("| config | k |") and "| DL threshold |" in line for line in text.splitlines())
+    assert "Core figures at k = 32" in text
+    row = next(line for line in text.splitlines() if line.startswith("| fc_zipf | 0.5000"))
+    assert "111.0 ± 1.0" in row and row.endswith("| 3 |")
+
+
+def test_a_run_without_a_description_length_gets_it_once(cache_run, tmp_path):
+    """Runs trained before the final validation measured it: computed from the saved SAE on the
+    validation tokens, as that validation does, and kept beside the run."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(cache_run, run)
+    metrics = json.loads((run / "metrics.json").read_text())
+    stripped = {k: v for k, v in metrics.items() if "/dl_" not in k and not k.endswith("description_length")}
+    back = claims.with_description_length(run, stripped)
+    assert (run / "description_length.json").is_file()
+    assert back[claims.DL_KEY] == metrics[claims.DL_KEY]  # the same tokens, the same SAE: the same bits
+    assert claims.with_description_length(run, metrics) is metrics
