@@ -156,7 +156,7 @@ CORE_K = 32
 DIGITS = {"L0": 2, "DL": 1}  # decimals of a column, by its name's first word (else 4)
 
 
-def mean_std(values: list[float]) -> tuple[float, float, int]:
+def mean_std(values: list[float | None]) -> tuple[float, float, int]:
     values = [v for v in values if v is not None and math.isfinite(v)]
     if not values:
         return float("nan"), float("nan"), 0
