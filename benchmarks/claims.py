@@ -157,10 +157,10 @@ DIGITS = {"L0": 2, "DL": 1}  # decimals of a column, by its name's first word (e
 
 
 def mean_std(values: list[float | None]) -> tuple[float, float, int]:
-    values = [v for v in values if v is not None and math.isfinite(v)]
-    if not values:
+    found = [float(v) for v in values if v is not None and math.isfinite(v)]
+    if not found:
         return float("nan"), float("nan"), 0
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0, len(values)
+    return statistics.fmean(found), statistics.stdev(found) if len(found) > 1 else 0.0, len(found)
 
 
 def aggregate(results: dict) -> dict:
