@@ -99,8 +99,8 @@ def with_description_length(run: Path, metrics: dict) -> dict:
         return metrics
     path = run / "description_length.json"
     if not path.is_file():
-        from sae_lightning.evaluate import load_run
         from sae_lightning.mdl import description_length
+        from sae_lightning.runs import load_run
 
         module, data = load_run(run)
         source = data.build()

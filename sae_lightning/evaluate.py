@@ -31,20 +31,7 @@ from .data.activations import ActivationsData
 from .data.shards import read_manifest
 from .errors import ConfigError, DataError
 from .mdl import description_length
-from .module import SAEModule
-
-
-def load_run(run_dir: Path, device: str = "cpu") -> tuple[SAEModule, DataSpec]:
-    """A finished run's SAE (``checkpoints/final.ckpt``) and the spec of the data it was trained on."""
-    path = Path(run_dir) / "checkpoints" / "final.ckpt"
-    if not path.is_file():
-        raise DataError(f"{path} does not exist: {run_dir} is not a finished run folder")
-    ckpt = torch.load(path, map_location=device, weights_only=False)
-    config = ckpt["hyper_parameters"]["config"]
-    module = SAEModule(config, ckpt["hyper_parameters"]["d_model"])
-    module.load_state_dict(ckpt["state_dict"])
-    module.to(device).eval()
-    return module, DataSpec.from_raw(config["data"], "data")
+from .runs import load_run
 
 
 def downstream(run_dir: Path, contexts: int, device: str = "cpu", loaded=None) -> dict[str, float]:

@@ -27,7 +27,7 @@ from .data.activations import ActivationsData
 from .data.lm import load_tokenizer, source_of
 from .data.shards import ShardReader, read_manifest, verify_cache
 from .errors import DataError
-from .evaluate import load_run
+from .runs import load_run
 
 
 @dataclass

@@ -1,12 +1,8 @@
-"""Weights in and out: our own safetensors file, and SAELens's on-disk format both ways.
+"""Weights in and out: SAELens's on-disk format both ways (our own file, ``sae.safetensors``,
+is written by every run: see ``runs.py``).
 
     python -m sae_lightning.interop export outputs/runs/<run> <folder>      # for SAELens
     python -m sae_lightning.interop import <saelens folder> [data=minilm ...] [--out RUN]
-
-**Native** (:func:`save_native`, written by every run as ``<run>/sae.safetensors``): the
-parameters in our layout and units (``W_enc``, ``W_dec`` as [F, d], ``b_enc``, ``b_pre``,
-the dataset scale ``c``), the threshold mode's thresholds ``theta`` where the allocator has
-them, and the resolved config as JSON metadata. Reading it needs only ``safetensors``.
 
 **SAELens export** (:func:`export_saelens`): ``cfg.json`` + ``sae_weights.safetensors`` that
 ``sae_lens.SAE.load_from_disk`` loads. SAELens's SAE takes raw activations x and computes
@@ -42,41 +38,11 @@ from torch import Tensor
 from .atomic import atomic_path, atomic_write_json, atomic_write_text
 from .cli import describe_hydra_error, fail, is_hydra_error, user_errors
 from .errors import ConfigError, DataError
+from .runs import NATIVE, load_run, new_run_dir, save_native, thresholds
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 SAELENS_CFG, SAELENS_WEIGHTS = "cfg.json", "sae_weights.safetensors"
-NATIVE = "sae.safetensors"
 IMPORTABLE = ("topk", "jumprelu", "standard")
-
-
-# ---- native --------------------------------------------------------------------------------
-def thresholds(module) -> Tensor | None:
-    """The threshold mode's θ per latent ([F]), or None for an allocator without thresholds."""
-    alloc = module.allocator
-    if not alloc.has_thresholds:
-        return None
-    theta = alloc.current_theta("calibrated").detach().to(torch.float32)
-    return theta.expand(module.sae.n_latents).clone() if theta.dim() == 0 else theta.clone()
-
-
-def save_native(module, path: Path, config: dict) -> None:
-    """``sae.safetensors``: the SAE in our own layout and units (see the module docstring)."""
-    sae = module.sae
-    W_enc, b_enc, W_dec = sae.folded()  # a free decoder's norms folded in: unit rows, same codes and x̂
-    tensors = {
-        "W_enc": W_enc,
-        "b_enc": b_enc,
-        "W_dec": W_dec,
-        "b_pre": sae.b_pre,
-        "scale": sae.scale.reshape(1),
-    }
-    theta = thresholds(module)
-    if theta is not None:
-        tensors["theta"] = theta
-    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()}
-    meta = {"format": "sae_lightning", "allocator": module.variant.allocator, "config": json.dumps(config, default=str)}
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=meta)
 
 
 # ---- SAELens export ---------------------------------------------------------------------------
@@ -126,7 +92,6 @@ def saelens_state(module) -> tuple[dict[str, Any], dict[str, Tensor]]:
 def export_saelens(run_dir: Path, out: Path) -> Path:
     """Write ``out/cfg.json`` and ``out/sae_weights.safetensors`` for a finished run. ``out``
     must not exist yet; it appears whole or not at all."""
-    from .evaluate import load_run
 
     out = Path(out)
     if out.exists():
@@ -196,7 +161,6 @@ def import_saelens(folder: Path, overrides: list[str], out: Path | None = None) 
     from .config import load_config
     from .data import build_datamodule
     from .module import SAEModule
-    from .train import new_run_dir
 
     cfg, w = read_saelens(folder)
     arch = cfg.get("architecture", "standard")

@@ -5,13 +5,12 @@ the data and its cache, the checkpoint to resume from, the output folder); only 
 activation cache is harvested there. :func:`fit` then writes, under the run folder:
 ``config.yaml`` (resolved), ``tb/`` (TensorBoard), ``checkpoints/`` (``last.ckpt``, the best
 by validation FVU, and ``final.ckpt`` with calibrated thresholds), ``sae.safetensors`` (the
-weights alone, see ``interop.py``), ``metrics.json`` and the PNG plots. A resumed run continues its own folder (see ``resume.py``).
+weights alone, see ``runs.py``), ``metrics.json`` and the PNG plots. A resumed run continues its own folder (see ``resume.py``).
 """
 
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,14 +24,15 @@ from . import tb
 from .allocators import get_allocator_class
 from .atomic import atomic_write_json, atomic_write_text, check_writable
 from .callbacks import AtomicCheckpointIO, LatentStatsMonitor, ThresholdCalibration
+from .callbacks.downstream import DownstreamLoss
 from .callbacks.figures import RunFigures
 from .callbacks.interrupt import GracefulStop
 from .callbacks.last_step import ValidateLastStep
 from .callbacks.progress import Progress
 from .config import TrainConfig, load_config, normalised, resolve
 from .errors import ConfigError, DataError, Interrupted
-from .interop import NATIVE, save_native
 from .module import SAEModule
+from .runs import NATIVE, new_run_dir, save_native
 from .sweep.pruning import OptunaPruning, TrialContext
 
 
@@ -53,22 +53,6 @@ def _remove_if_empty(run_dir: Path | None) -> None:
             run_dir.rmdir()
     except OSError:
         pass
-
-
-def new_run_dir(out_dir: str, variant: str) -> Path:
-    """A new run folder ``<out_dir>/runs/<date>_<time>_<variant>_k<k>_F<n_latents>``, unique even when runs start
-    in the same second (``_2``, ``_3``, ... appended; ``mkdir`` decides, atomically)."""
-    runs = Path(out_dir).expanduser() / "runs"
-    runs.mkdir(parents=True, exist_ok=True)
-    base = f"{time.strftime('%Y-%m-%d_%H-%M-%S')}_{variant}"
-    for i in range(1, 10_000):
-        path = runs / (base if i == 1 else f"{base}_{i}")
-        try:
-            path.mkdir()
-            return path
-        except FileExistsError:
-            continue
-    raise ConfigError("out_dir", out_dir, f"a folder with room for another run named {base}")
 
 
 def _check_checkpoint(point: resume_mod.ResumePoint, datamodule) -> None:
@@ -168,7 +152,7 @@ def _trainer(plan: Plan, run_dir: Path) -> tuple[L.Trainer, GracefulStop, Thresh
         checkpoint, stop, ValidateLastStep(), calibration, LatentStatsMonitor(config.logging.histogram_every_n_steps),
         L.pytorch.callbacks.LearningRateMonitor(logging_interval="step"),
         Progress(config.progress, batch_size * config.trainer.world_size()), RunFigures(run_dir),
-        *plan.datamodule.callbacks(batch_size),
+        *DownstreamLoss.of(plan.datamodule.downstream(), batch_size),
     ]  # fmt: skip
     if config.sweep_trial is not None:  # a trial of an Optuna sweep
         callbacks.append(OptunaPruning(TrialContext.from_spec(config.sweep_trial)))

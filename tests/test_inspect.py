@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from sae_lightning.data.shards import ShardReader, read_manifest
-from sae_lightning.evaluate import load_run
 from sae_lightning.inspect import main as inspect_main
+from sae_lightning.runs import load_run
 
 from .cli import ROOT, hang_guard
 

@@ -12,9 +12,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from sae_lightning.evaluate import load_run
-from sae_lightning.interop import NATIVE, export_saelens, import_saelens
+from sae_lightning.interop import export_saelens, import_saelens
 from sae_lightning.interop import main as interop
+from sae_lightning.runs import NATIVE, load_run
 
 from .cli import hang_guard
 from .conftest import ROOT, TINY

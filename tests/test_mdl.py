@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from sae_lightning.evaluate import heldout_tokens, load_run
+from sae_lightning.evaluate import heldout_tokens
 from sae_lightning.mdl import (
     GRID_RATIO,
     binary_entropy_bits,
@@ -17,6 +17,7 @@ from sae_lightning.mdl import (
     quantise,
     raw_bits,
 )
+from sae_lightning.runs import load_run
 
 
 def test_a_latent_firing_half_the_time_on_one_value_costs_one_bit():

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from .. import tb
 from ..allocators import Mode
 from ..atomic import atomic_write_json, file_lock
+from ..data import Downstream
 from ..data import lm as lm_mod
 
 MODES = (Mode.BATCH, Mode.THRESHOLD)
@@ -65,6 +66,14 @@ class DownstreamLoss(L.Callback):
         self.references: dict[int, dict[str, float]] = {}
         self.figures: dict[str, float] = {}
         self.use(contexts)
+
+    @classmethod
+    def of(cls, source: Downstream | None, batch_size: int) -> list[DownstreamLoss]:
+        """The callback for a data source's description (none where it has no causal model)."""
+        if source is None:
+            return []
+        return [cls(source.folder, source.manifest, source.contexts, batch_size, source.final_contexts,
+                    source.during_training)]  # fmt: skip
 
     def use(self, n: int) -> None:
         """Measure on the cache's last ``n`` contexts."""

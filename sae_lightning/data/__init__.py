@@ -11,6 +11,7 @@ import dataclasses
 import importlib
 import pkgutil
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, Self
 
 from ..errors import ConfigError, require_choice
@@ -18,7 +19,6 @@ from ..registry import Registry
 from ..spec import as_dict, parse, setting
 
 if TYPE_CHECKING:
-    import lightning as L
     from torch import Tensor
 
 DATA_KINDS = Registry("data kind")
@@ -58,6 +58,19 @@ class DataSpec:
         return dataclasses.replace(self, **changes)
 
 
+@dataclass(frozen=True)
+class Downstream:
+    """A causal model's activation cache, described for the downstream-loss callback that
+    ``train.py`` builds from it (callbacks/downstream.py): the cache, its manifest, and how many
+    of its last contexts to splice into, when."""
+
+    folder: Path
+    manifest: dict[str, Any]
+    contexts: int
+    final_contexts: int
+    during_training: bool
+
+
 class DataSource(Protocol):
     """What training asks of a data module, besides Lightning's loaders."""
 
@@ -80,8 +93,8 @@ class DataSource(Protocol):
     def val_tensor(self) -> Tensor:
         """The held-out validation tokens."""
 
-    def callbacks(self, batch_size: int) -> list[L.Callback]:
-        """Callbacks this source adds to a run (e.g. the downstream loss of a causal model)."""
+    def downstream(self) -> Downstream | None:
+        """Where a run can measure its downstream loss (a causal model's cache), or None."""
 
 
 def build_datamodule(raw: dict, prefix: str = "data") -> DataSource:

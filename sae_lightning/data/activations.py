@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from ..errors import ConfigError, DataError
 from ..spec import setting
-from . import DataSpec, data_kind
+from . import DataSpec, Downstream, data_kind
 from .harvest import HarvestSpec, check_matches
 from .shards import ShardReader, fingerprint, read_manifest, verify_cache
 from .stream import batch_indices
@@ -215,18 +215,12 @@ class ActivationsDataModule(L.LightningDataModule):
     # ---- what training asks for (DataSource) -------------------------------------------------
     true_features = None
 
-    def callbacks(self, batch_size: int) -> list:
-        """The downstream loss (ΔCE, loss recovered) when the cache's model is causal."""
+    def downstream(self) -> Downstream | None:
+        """The cache, when its model is causal and the downstream loss is on."""
         down = self.spec.downstream
         if self.manifest is None or not self.manifest["harvest"]["lm"].get("causal") or not down.enabled:
-            return []
-        from ..callbacks.downstream import DownstreamLoss
-
-        return [
-            DownstreamLoss(
-                self.path, self.manifest, down.contexts, batch_size, down.final_contexts, down.during_training
-            )
-        ]
+            return None
+        return Downstream(self.path, self.manifest, down.contexts, down.final_contexts, down.during_training)
 
     def sample(self, n: int) -> Tensor:
         """Training tokens for initialisation: n spread uniformly at random (fixed by data.seed)."""

@@ -25,6 +25,7 @@ import torch
 
 from ..atomic import atomic_write_json, check_writable, file_lock, remove_temporaries
 from ..errors import ConfigError, DataError, require
+from ..progress import progress_bar
 from ..spec import parse, setting
 from . import corpus as corpus_mod
 from . import lm as lm_mod
@@ -438,7 +439,9 @@ class HarvestRun:
         stream = self.framing.contexts(self.tokenizer, corpus_mod.documents(self.desc))
         for _ in range(self.done_contexts):  # resume: skip what the kept shards hold (tokenising only)
             next(stream)
-        bar = _progress(progress, self._planned_tokens() if progress else self.spec.token_budget, self.tokens)
+        bar = progress_bar(
+            "harvest", progress, self._planned_tokens() if progress else self.spec.token_budget, self.tokens
+        )
         exhausted = False
         hook = lm_mod.hook_site(self.model, self.spec.site, self.layer, self.captured.append, stop=True)
         try:
@@ -481,23 +484,3 @@ def _as_float(stored: np.ndarray, dtype: str) -> np.ndarray:
     if dtype == "bfloat16":  # bf16 bits: exponent all ones = inf/NaN
         return np.where((stored & 0x7F80) == 0x7F80, np.nan, 0.0)
     return stored
-
-
-def _progress(enabled: bool, total: int, initial: int):
-    """A tqdm bar on a terminal, plain lines every 30 s in a log file, nothing when disabled."""
-    if enabled and not sys.stderr.isatty():
-        from ..callbacks.progress import PlainProgress
-
-        return PlainProgress("harvest", total, initial)
-    from tqdm.auto import tqdm
-
-    return tqdm(
-        total=total,
-        initial=initial,
-        unit="tok",
-        unit_scale=True,
-        desc="harvest",
-        disable=not enabled,
-        dynamic_ncols=True,
-        smoothing=0.1,
-    )

@@ -115,8 +115,8 @@ class SyntheticDataModule(L.LightningDataModule):
     def open(self) -> None:
         """Nothing to fetch or check: the data are generated from the seed."""
 
-    def callbacks(self, batch_size: int) -> list:
-        return []
+    def downstream(self) -> None:
+        """Synthetic data have no language model."""
 
     @property
     def d_model(self) -> int:
