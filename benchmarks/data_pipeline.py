@@ -14,6 +14,7 @@ Writes outputs/bench/pipeline.json.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import statistics
@@ -94,7 +95,7 @@ def harvest_bench(spec: HarvestSpec, tokens: int) -> dict:
 
 
 def loader_bench(data: ActivationsData, batches: int, workers: int) -> float:
-    dm: ActivationsDataModule = ActivationsDataModule(data.replace(num_workers=workers))
+    dm: ActivationsDataModule = ActivationsDataModule(dataclasses.replace(data, num_workers=workers))
     dm.open()  # open and verify before timing
     it = iter(dm.train_dataloader())
     next(it)  # workers started
@@ -127,7 +128,7 @@ def main(argv=None) -> dict:
     spec = DataSpec.from_raw(resolve(cfg)["data"], "data")
     if not isinstance(spec, ActivationsData) or spec.harvest is None:
         raise SystemExit(f"error: data={a.data} is not a data config of kind 'activations' with a harvest section")
-    data: ActivationsData = spec.replace(path=a.cache) if a.cache else spec
+    data: ActivationsData = dataclasses.replace(spec, path=a.cache) if a.cache else spec
     assert data.harvest is not None
     result: dict = {"data": a.data, "torch_threads": torch.get_num_threads()}
     if not a.skip_harvest:

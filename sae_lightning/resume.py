@@ -42,7 +42,6 @@ RESUMABLE = (
     "sweep_trial",
     "sweep_trial.",
 )
-GROUPS = ("variant", "model", "data", "trainer", "sweeps")
 
 
 @dataclass

@@ -7,12 +7,11 @@ Its DataModule meets :class:`DataSource`: what training reads besides the loader
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import pkgutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol, Self
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from ..errors import ConfigError, require_choice
 from ..registry import Registry
@@ -53,9 +52,6 @@ class DataSpec:
 
     def as_dict(self) -> dict:
         return as_dict(self)
-
-    def replace(self, **changes) -> Self:
-        return dataclasses.replace(self, **changes)
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import ast
 import glob
-import hashlib
 import json
 import os
 import sys
@@ -172,7 +171,3 @@ def documents(desc: dict[str, Any]) -> Iterator[str]:
         text = row[column]
         if isinstance(text, str) and text.strip():
             yield text
-
-
-def corpus_id(desc: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()[:16]
