@@ -149,11 +149,6 @@ class TrainerSpec:
     def max_steps(self) -> int:
         return self.args["max_steps"]
 
-    def world_size(self) -> int:
-        devices = self.args.get("devices", "auto")
-        n = len(devices) if isinstance(devices, list) else devices if isinstance(devices, int) and devices > 0 else 1
-        return n * int(self.args.get("num_nodes", 1) or 1)
-
     @classmethod
     def from_raw(cls, raw: Any, prefix: str) -> TrainerSpec:
         import lightning as L

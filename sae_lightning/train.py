@@ -151,7 +151,7 @@ def _trainer(plan: Plan, run_dir: Path) -> tuple[L.Trainer, GracefulStop, Thresh
     callbacks = [
         checkpoint, stop, ValidateLastStep(), calibration, LatentStatsMonitor(config.logging.histogram_every_n_steps),
         L.pytorch.callbacks.LearningRateMonitor(logging_interval="step"),
-        Progress(config.progress, batch_size * config.trainer.world_size()), RunFigures(run_dir),
+        Progress(config.progress, batch_size), RunFigures(run_dir),
         *DownstreamLoss.of(plan.datamodule.downstream(), batch_size),
     ]  # fmt: skip
     if config.sweep_trial is not None:  # a trial of an Optuna sweep

@@ -16,9 +16,13 @@ from ..progress import format_eta, resolve_mode
 
 
 class Progress(L.Callback):
-    def __init__(self, mode: str = "auto", tokens_per_step: int = 0, every_seconds: float = 30.0):
+    """``batch_size``: tokens per step on one process; the rate counts every process's, from the
+    trainer's own world size (which resolves ``devices=-1`` and ``auto``)."""
+
+    def __init__(self, mode: str = "auto", batch_size: int = 0, every_seconds: float = 30.0):
         self.mode = resolve_mode(mode)
-        self.tokens_per_step, self.every_seconds = tokens_per_step, every_seconds
+        self.batch_size, self.every_seconds = batch_size, every_seconds
+        self.tokens_per_step = batch_size
         self.bar = None
 
     def _figures(self, trainer) -> dict[str, float]:
@@ -28,6 +32,7 @@ class Progress(L.Callback):
     def on_train_start(self, trainer, pl_module) -> None:
         if not trainer.is_global_zero or self.mode == "none":
             return
+        self.tokens_per_step = self.batch_size * trainer.world_size
         self._start_step, self._t0 = trainer.global_step, time.perf_counter()
         self._last = self._t0
         if self.mode == "bar":
