@@ -240,36 +240,50 @@ class TrainerSpec:
 
     @staticmethod
     def _dry_run(t: dict, prefix: str) -> None:
-        """What Lightning itself refuses (an accelerator this machine lacks, devices it does not have, ...)."""
-        import lightning as L
-
+        """What Lightning itself refuses (an accelerator this machine lacks, devices it does not
+        have, ...), named by the key that makes it fail: the hardware keys are added one at a time
+        to a trainer without them, and the first whose addition fails is the culprit."""
         rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
         level = rank_zero.level
         rank_zero.setLevel(logging.ERROR)
         try:
-            L.Trainer(
-                **t, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False
-            )
-        except Exception as e:  # MisconfigurationException, ValueError, RuntimeError, ...
-            message = " ".join(str(e).split())[:300]
-            key = next(
-                (
-                    k
-                    for k in ("accelerator", "devices", "strategy", "precision", "num_nodes")
-                    if k in message or (str(t.get(k, "auto")) != "auto" and str(t.get(k)).lower() in message.lower())
-                ),
-                None,
-            )
+            error = _construct_trainer(t)
+            if error is None:
+                return
+            key, base = None, {k: v for k, v in t.items() if k not in HARDWARE_KEYS}
+            if _construct_trainer(base) is None:
+                for k in (k for k in HARDWARE_KEYS if k in t):
+                    base[k] = t[k]
+                    if _construct_trainer(base) is not None:
+                        key = k
+                        break
+            message = " ".join(str(error).split())[:300]
             raise ConfigError(
                 f"{prefix}.{key}" if key else prefix,
                 t.get(key) if key else t,
                 f"a setting Lightning accepts on this machine ({message})",
-            ) from None
+            )
         finally:
             rank_zero.setLevel(level)
 
     def as_dict(self) -> dict:
         return dict(self.args)
+
+
+HARDWARE_KEYS = ("accelerator", "devices", "num_nodes", "strategy", "precision")
+
+
+def _construct_trainer(args: dict) -> Exception | None:
+    """The exception a Trainer with these arguments raises, or None."""
+    import lightning as L
+
+    try:
+        L.Trainer(
+            **args, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False
+        )
+    except Exception as e:  # MisconfigurationException, ValueError, RuntimeError, ...
+        return e
+    return None
 
 
 @dataclass

@@ -226,7 +226,10 @@ class SAEModule(L.LightningModule):
     def configure_optimizers(self):
         o = self.optim_spec
         lr = o.lr if o.lr is not None else default_lr(self.sae.n_latents)
-        fused = o.fused if o.fused != "auto" else True
+        # fused Adam unscales gradients itself, which Lightning's gradient clipping under mixed
+        # precision refuses: auto takes the plain kernel there
+        mixed = self._trainer is not None and "mixed" in str(self.trainer.precision)
+        fused = o.fused if o.fused != "auto" else not mixed
         opt = torch.optim.Adam(self.parameters(), lr=lr, betas=tuple(o.betas), eps=o.eps, fused=fused)
         warm = o.warmup_steps
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warm) if warm else 1.0)

@@ -55,6 +55,17 @@ def test_train_py_runs_each_variant(variant, cli, tmp_path):
     assert not list(run_dir.rglob("*.tmp-*"))  # no half-written file left behind
 
 
+def test_mixed_precision_trains_with_gradient_clipping(cli, tmp_path):
+    """Lightning refuses to clip the gradients of a fused Adam under mixed precision (it unscales
+    them itself); optim.fused=auto takes the plain kernel there, so the default recipe (clipping
+    at 1.0) runs with trainer.precision=bf16-mixed."""
+    proc = cli("train.py", f"out_dir={tmp_path}", *TINY, "variant.k=8", "trainer.max_steps=4", "progress=none",
+               "trainer.precision=bf16-mixed", timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run_dir,) = list((tmp_path / "runs").iterdir())
+    assert json.loads((run_dir / "metrics.json").read_text())["steps"] == 4
+
+
 @pytest.mark.slow
 def test_train_py_runs_under_ddp_on_cpu(tmp_path):
     """Two CPU processes (gloo): each rank trains its own batches; tokens count both."""
