@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from . import tb
 from .allocators import Mode
 from .atomic import atomic_write_json
 from .callbacks.downstream import DownstreamLoss
@@ -212,12 +213,7 @@ def _core_main(a) -> dict:
     figures = core(a.run, a.tokens, a.contexts, a.tolerance, a.device)
     out = a.run / "core.json"
     atomic_write_json(out, figures, sort_keys=True)
-    from torch.utils.tensorboard import SummaryWriter
-
-    with SummaryWriter(str(a.run / "tb")) as w:
-        for key, value in figures.items():
-            if isinstance(value, float) and "/" in key:
-                w.add_scalar(f"core/{key}", value, 0)
+    tb.write_scalars(a.run, "core", {k: v for k, v in figures.items() if "/" in k})
     print(f"{a.run.name} ({figures['variant']}), {figures['tokens']} held-out tokens:")
     print(core_table(figures))
     print(f"written {out} and core/* in {a.run / 'tb'}")
@@ -229,12 +225,7 @@ def _dark_matter_main(a) -> dict:
     figures = dark_matter(module, heldout_tokens(data, a.tokens), a.mode, a.ridge)
     out = a.run / "dark_matter.json"
     atomic_write_json(out, figures, sort_keys=True)
-    from torch.utils.tensorboard import SummaryWriter
-
-    with SummaryWriter(str(a.run / "tb")) as w:
-        for key, value in figures.items():
-            if isinstance(value, float) and key != "ridge":
-                w.add_scalar(f"dark_matter/{key}", value, 0)
+    tb.write_scalars(a.run, "dark_matter", figures, skip=("ridge",))
     print(f"{a.run.name} ({module.variant.name}, {a.mode} mode), {figures['tokens_scored']} held-out tokens scored:")
     print(f"  FVU {figures['fvu']:.4f} = linear error {figures['fvu_linear_error']:.4f} + nonlinear "
           f"{figures['fvu_nonlinear_error']:.4f}")  # fmt: skip

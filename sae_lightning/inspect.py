@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import tb
 from .atomic import atomic_write_text
 from .cli import user_errors
 from .data.activations import ActivationsData
@@ -217,10 +218,7 @@ def page(data: dict, title: str) -> str:
 
 def tb_text(run_dir: Path, data: dict, n: int = 32) -> None:
     """The top contexts of the n densest latents, as TensorBoard text (the run's Text tab)."""
-    from torch.utils.tensorboard import SummaryWriter
-
-    writer = SummaryWriter(str(run_dir / "tb"))
-    try:
+    with tb.run_writer(run_dir) as writer:
         vocab = data["vocab"]
         for item in sorted(data["latents"], key=lambda x: -x["density"])[:n]:
             lines = [f"density {item['density']:.4g}, mean {item['mean']:.3g}, max {item['max']:.3g}", ""]
@@ -229,8 +227,6 @@ def tb_text(run_dir: Path, data: dict, n: int = 32) -> None:
                 toks[e["center"]] = f"**[{toks[e['center']]}]**"
                 lines.append(f"- {e['value']:.3f}: " + "".join(toks))
             writer.add_text(f"latents/{item['id']:05d}", "\n".join(lines), 0)
-    finally:
-        writer.close()
 
 
 def inspect(run_dir: Path, tokens: int | None = None, examples: int = 10, mode: str = "threshold",

@@ -1,9 +1,14 @@
-"""The one place that writes to TensorBoard directly (histograms, scalars from callbacks,
-figures, the HParams session). Scalars of the training step go through Lightning's ``LightningModule.log``.
-Every function is a no-op without a TensorBoard logger (a bare Trainer, non-zero ranks)."""
+"""The one place that writes to TensorBoard directly: during a run (histograms, scalars from
+callbacks, figures, the HParams session; scalars of the training step go through Lightning's
+``LightningModule.log``; each of those functions is a no-op without a TensorBoard logger: a bare
+Trainer, non-zero ranks), and into a finished run's ``tb/`` (:func:`run_writer`:
+``evaluate`` and ``inspect``)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -53,3 +58,23 @@ def hparams(trainer: Any, params: dict[str, Any], metrics: dict[str, float]) -> 
         # written after the trainer closed its writer: the logger opened a new one, which nothing
         # else flushes (a process that exits without running finalisers would lose the session)
         logger.finalize("success")
+
+
+@contextmanager
+def run_writer(run_dir: Path) -> Iterator[Any]:
+    """A SummaryWriter on a finished run's ``tb/`` folder, closed on exit."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(Path(run_dir) / "tb"))
+    try:
+        yield writer
+    finally:
+        writer.close()
+
+
+def write_scalars(run_dir: Path, prefix: str, figures: dict[str, Any], skip: tuple[str, ...] = ()) -> None:
+    """The float figures of an evaluation as scalars ``<prefix>/<key>`` at step 0 of the run's tb/."""
+    with run_writer(run_dir) as w:
+        for key, value in figures.items():
+            if isinstance(value, float) and key not in skip:
+                w.add_scalar(f"{prefix}/{key}", value, 0)
