@@ -32,8 +32,8 @@ def compose_config(overrides: list[str] = ()):
 
 @pytest.fixture(scope="session")
 def cli(tmp_path_factory):
-    """train.py / harvest.py run as from the shell, forked from one pre-imported server (tests/cli.py)."""
-    from .cli import CLI
+    """train.py / harvest.py run as from the shell, forked from one pre-imported server (tests/helpers/cli.py)."""
+    from .helpers.cli import CLI
 
     return CLI(tmp_path_factory.mktemp("cli"))
 
@@ -111,7 +111,7 @@ def cache_run(tiny_lm, corpus_file, tmp_path_factory, cli):
     its cache at ``<root>/cache``."""
     from sae_lightning.data.harvest import harvest
 
-    from .data.test_harvest import spec_for
+    from .helpers.harvest import spec_for
 
     root = tmp_path_factory.mktemp("cache_run")
     harvest(root / "cache", spec_for(tiny_lm, corpus_file, token_budget=2500, shard_tokens=512), progress=False,

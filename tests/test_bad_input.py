@@ -23,7 +23,7 @@ import torch
 from sae_lightning.data import shards
 from sae_lightning.data.harvest import harvest
 
-from .data.test_harvest import spec_for
+from .helpers.harvest import spec_for
 
 SMALL = ["model.n_latents=128", "model.init_sample_tokens=256", "variant.k=4", "optim.warmup_steps=2", "progress=none"]
 ON_CACHE = [

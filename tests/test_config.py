@@ -10,8 +10,8 @@ import pytest
 from sae_lightning.config import load_config
 from sae_lightning.errors import ConfigError
 
-from .cli import hang_guard
 from .conftest import ROOT, compose_config
+from .helpers.cli import hang_guard
 
 BAD = [
     (["variant.k=0"], r"variant.k=0 .*integer > 0"),

@@ -14,8 +14,8 @@ import pytest
 
 from sae_lightning.sweep.sweeper import Census
 
-from .cli import wait_for
 from .conftest import TINY
+from .helpers.cli import wait_for
 
 RUN = [*TINY, "variant.k=8", "progress=lines", "trainer.log_every_n_steps=10", "trainer.val_check_interval=100"]
 TIMINGS = {"train_seconds", "tokens_per_second", "run_dir"}

@@ -127,3 +127,13 @@ def test_the_checker_sees_an_upward_import_and_a_cycle(tmp_path):
     known = {"sae_lightning.data.x": tmp_path / "x.py", "sae_lightning.callbacks.y": tmp_path / "y.py"}
     (tmp_path / "x.py").write_text("from ..callbacks import y\n")
     assert imports_of("sae_lightning.data.x", known["sae_lightning.data.x"], known) == {"sae_lightning.callbacks.y"}
+
+
+def test_test_modules_share_helpers_not_each_other():
+    """What tests share lives in tests/helpers (or conftest): no test module imports another."""
+    offenders = []
+    for path in (ROOT / "tests").rglob("test_*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[-1].startswith("test_"):
+                offenders.append(f"{path.relative_to(ROOT)} imports {node.module}")
+    assert not offenders, offenders

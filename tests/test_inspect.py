@@ -15,7 +15,7 @@ from sae_lightning.data.shards import ShardReader, read_manifest
 from sae_lightning.inspect import main as inspect_main
 from sae_lightning.runs import load_run
 
-from .cli import ROOT, hang_guard
+from .helpers.cli import ROOT, hang_guard
 
 
 @pytest.fixture(scope="module")

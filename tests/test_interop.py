@@ -16,8 +16,8 @@ from sae_lightning.interop import export_saelens, import_saelens
 from sae_lightning.interop import main as interop
 from sae_lightning.runs import NATIVE, load_run
 
-from .cli import hang_guard
 from .conftest import ROOT, TINY
+from .helpers.cli import hang_guard
 
 SAELENS_PY = ROOT / ".venv-saelens" / "bin" / "python"
 VARIANTS = {

@@ -7,7 +7,7 @@ import torch
 
 from sae_lightning.selection import GlobalTopK, per_column_topk
 
-from .allocators.test_invariants import assert_row_major_unique, counts_per_row
+from .helpers.selection import assert_row_major_unique, counts_per_row
 
 
 def test_mutual_choice_exact_when_some_rows_need_many_latents():

@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from .cli import hang_guard
 from .conftest import ROOT, TINY
+from .helpers.cli import hang_guard
 
 
 @pytest.mark.parametrize("variant", ["topk", "mutual_choice", "feature_choice"])

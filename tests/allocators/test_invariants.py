@@ -9,6 +9,8 @@ from sae_lightning.allocators import ALLOCATORS, get_allocator_class
 from sae_lightning.errors import ConfigError
 from sae_lightning.sparse import SparseCode
 
+from ..helpers.selection import assert_row_major_unique, counts_per_col, counts_per_row
+
 
 def make(name, k, F, B, **params):
     return get_allocator_class(name).from_dict({"k": k, **params}, F, B)
@@ -38,20 +40,6 @@ def affinities(kind: str, B: int, F: int) -> torch.Tensor:
 
 
 KINDS = ["positive", "mixed", "ties"]
-
-
-def counts_per_row(sel) -> torch.Tensor:
-    return torch.bincount(sel.rows, minlength=sel.n_tokens)
-
-
-def counts_per_col(sel, F) -> torch.Tensor:
-    return torch.bincount(sel.cols, minlength=F)
-
-
-def assert_row_major_unique(sel, F):
-    assert torch.all(sel.rows[1:] >= sel.rows[:-1]), "selection must be sorted by token (CSR order)"
-    key = sel.rows * F + sel.cols
-    assert torch.unique(key).numel() == key.numel(), "a (token, latent) pair was selected twice"
 
 
 @pytest.mark.parametrize("kind", KINDS)

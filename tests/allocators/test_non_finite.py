@@ -11,8 +11,8 @@ import torch
 from sae_lightning.allocators import ALLOCATORS, get_allocator_class
 from sae_lightning.errors import DataError, TrainingDiverged
 
-from ..cli import hang_guard
 from ..conftest import TINY, compose_config
+from ..helpers.cli import hang_guard
 
 B, F, K = 256, 512, 8
 

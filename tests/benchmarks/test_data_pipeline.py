@@ -6,7 +6,7 @@ from benchmarks.data_pipeline import harvest_bench, loader_bench
 from sae_lightning.data.activations import ActivationsData
 from sae_lightning.data.harvest import harvest
 
-from ..data.test_harvest import spec_for
+from ..helpers.harvest import spec_for
 
 
 def test_pipeline_benchmark_figures(tiny_lm, corpus_file, tmp_path):

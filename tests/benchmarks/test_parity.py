@@ -14,7 +14,7 @@ from sae_lightning.data.activations import TrainStream
 from sae_lightning.data.harvest import harvest
 
 from ..conftest import compose_config
-from ..data.test_harvest import spec_for
+from ..helpers.harvest import spec_for
 
 
 def test_the_plan_holds_the_batches_our_loader_yields_in_order(tiny_lm, corpus_file, tmp_path):

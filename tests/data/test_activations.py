@@ -13,7 +13,7 @@ from sae_lightning.data import build_datamodule, shards
 from sae_lightning.data.harvest import harvest
 from sae_lightning.errors import ConfigError, DataError
 
-from .test_harvest import spec_for
+from ..helpers.harvest import spec_for
 
 
 @pytest.fixture(scope="module")

@@ -16,23 +16,9 @@ from sae_lightning.data import shards
 from sae_lightning.data.harvest import HarvestSpec, harvest
 from sae_lightning.errors import ConfigError, DataError
 
-from ..cli import hang_guard
 from ..conftest import ROOT
-
-
-def spec_for(lm, corpus, **kw) -> HarvestSpec:
-    cfg = {
-        "lm": {"name": str(lm)},
-        "corpus": {"path": str(corpus)},
-        "layer": 0,
-        "context_length": 16,
-        "batch_size": 3,
-        "token_budget": 400,
-        "shard_tokens": 64,
-        "dtype": "float32",
-    }
-    cfg.update(kw)
-    return HarvestSpec.parse(cfg)
+from ..helpers.cli import hang_guard
+from ..helpers.harvest import spec_for
 
 
 def files_digest(folder):

@@ -22,8 +22,8 @@ import pytest
 from sae_lightning.sweep.report import trial_rows
 from sae_lightning.sweep.sweeper import Census
 
-from ..cli import wait_for
 from ..conftest import TINY
+from ..helpers.cli import wait_for
 
 N_TRIALS = 4
 

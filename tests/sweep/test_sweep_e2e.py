@@ -7,8 +7,8 @@ import sys
 
 import optuna
 
-from ..cli import hang_guard
 from ..conftest import ROOT, TINY
+from ..helpers.cli import hang_guard
 
 FAST = [*TINY, "variant.k=4", "trainer.max_steps=6", "trainer.val_check_interval=3"]
 

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 # Time limits in the tests guard against hangs; they assert no speed. They are written for an idle
 # 2-core machine and multiplied by SAE_TEST_SLACK (default 4), so that the suite also passes while
