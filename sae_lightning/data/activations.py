@@ -19,22 +19,19 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any, Literal
 
-import lightning as L
 import numpy as np
 from torch import Tensor
-from torch.utils.data import DataLoader, IterableDataset
 
 from ..errors import ConfigError, DataError
 from ..spec import setting
 from . import DataSpec, Downstream, data_kind
 from .harvest import HarvestSpec, check_matches
 from .shards import ShardReader, fingerprint, read_manifest, verify_cache
-from .stream import batch_indices
+from .stream import StreamingDataModule
 
 
 @dataclass(kw_only=True)
@@ -93,16 +90,19 @@ class Order:
         return self.window(epoch, w)[p * self.B : (p + 1) * self.B]
 
 
-class TrainStream(IterableDataset):
-    def __init__(self, reader: ShardReader, order: Order, start: int, rank: int = 0, world: int = 1):
-        self.reader, self.order, self.start, self.rank, self.world = reader, order, start, rank, world
+class CacheBatches:
+    """Global training batch j: the cache's tokens at ``order.batch(j)``."""
 
-    def __iter__(self) -> Iterator[Tensor]:
-        for j in batch_indices(self.start, self.rank, self.world):
-            yield self.reader.gather(self.order.batch(j))
+    def __init__(self, reader: ShardReader, order: Order):
+        self.reader, self.order = reader, order
+
+    def __call__(self, j: int) -> Tensor:
+        return self.reader.gather(self.order.batch(j))
 
 
-class ActivationsDataModule(L.LightningDataModule):
+class ActivationsDataModule(StreamingDataModule):
+    prefetch_factor = 4
+
     def __init__(self, spec: ActivationsData):
         super().__init__()
         self.spec, self.path = spec, Path(spec.path).expanduser()
@@ -247,27 +247,12 @@ class ActivationsDataModule(L.LightningDataModule):
         return self._val
 
     # ---- loaders --------------------------------------------------------------------------------
-    def position(self) -> int:
-        """Batches this rank has trained on (the stream restarts there)."""
-        t = self.trainer
-        return t.global_step * t.accumulate_grad_batches if t is not None else 0
+    def batch_of(self) -> CacheBatches:
+        return CacheBatches(self.reader, self.order)
 
-    def train_dataloader(self) -> DataLoader:
-        t = self.trainer
-        start = self._restored.pop("position") if self._restored and "position" in self._restored else self.position()
-        stream = TrainStream(
-            self.reader, self.order, start=start, rank=t.global_rank if t else 0, world=t.world_size if t else 1
-        )
-        return DataLoader(
-            stream,
-            batch_size=None,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            prefetch_factor=4 if self.num_workers else None,
-        )
-
-    def val_dataloader(self) -> DataLoader:
-        return DataLoader(cast(Any, self.val_tensor()), batch_size=self.batch_size, shuffle=False)  # rows of a tensor
+    def start_position(self) -> int:
+        """The position a restored checkpoint saved, else the trainer's."""
+        return self._restored.pop("position") if self._restored and "position" in self._restored else self.position()
 
     # ---- the position in the checkpoint -------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -11,18 +11,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterator
-from typing import Any, cast
 
-import lightning as L
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, IterableDataset
 
 from ..errors import require
 from ..spec import setting
 from . import DataSpec, data_kind
-from .stream import batch_indices
+from .stream import StreamingDataModule
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -91,20 +87,18 @@ class SyntheticActivations:
         return torch.cat([self.batch(min(batch, n - i), g)[0] for i in range(0, n, batch)])
 
 
-class TrainStream(IterableDataset):
-    """Endless training batches: global batch i is a pure function of (seed, i); which ones this
-    rank and worker take is :func:`stream.batch_indices`."""
+class SyntheticBatches:
+    """Global training batch i: a pure function of (seed, i)."""
 
-    def __init__(self, source: SyntheticActivations, batch_size: int, start: int = 0, rank: int = 0, world: int = 1):
-        self.source, self.batch_size, self.start, self.rank, self.world = source, batch_size, start, rank, world
+    def __init__(self, source: SyntheticActivations, batch_size: int):
+        self.source, self.batch_size = source, batch_size
 
-    def __iter__(self) -> Iterator[Tensor]:
-        for i in batch_indices(self.start, self.rank, self.world):
-            g = torch.Generator().manual_seed(self.source.spec.seed * 1_000_003 + 17 + i)
-            yield self.source.batch(self.batch_size, g)[0]
+    def __call__(self, i: int) -> Tensor:
+        g = torch.Generator().manual_seed(self.source.spec.seed * 1_000_003 + 17 + i)
+        return self.source.batch(self.batch_size, g)[0]
 
 
-class SyntheticDataModule(L.LightningDataModule):
+class SyntheticDataModule(StreamingDataModule):
     def __init__(self, spec: SyntheticData):
         super().__init__()
         self.spec, self.batch_size, self.num_workers = spec, spec.batch_size, spec.num_workers
@@ -139,19 +133,5 @@ class SyntheticDataModule(L.LightningDataModule):
             self._val = self.source.tokens(self.val_tokens, stream_seed=self.spec.seed * 1_000_003 + 1)
         return self._val
 
-    def train_dataloader(self) -> DataLoader:
-        # on resume, continue the stream at the restored step; under DDP each rank its own part
-        t = self.trainer
-        stream = TrainStream(
-            self.source,
-            self.batch_size,
-            start=t.global_step if t else 0,
-            rank=t.global_rank if t else 0,
-            world=t.world_size if t else 1,
-        )
-        return DataLoader(
-            stream, batch_size=None, num_workers=self.num_workers, persistent_workers=self.num_workers > 0
-        )
-
-    def val_dataloader(self) -> DataLoader:
-        return DataLoader(cast(Any, self.val_tensor()), batch_size=self.batch_size, shuffle=False)  # rows of a tensor
+    def batch_of(self) -> SyntheticBatches:
+        return SyntheticBatches(self.source, self.batch_size)

@@ -10,8 +10,8 @@ import torch
 
 from benchmarks.parity import plan
 from benchmarks.saelens_side import gather, load_plan
-from sae_lightning.data.activations import TrainStream
 from sae_lightning.data.harvest import harvest
+from sae_lightning.data.stream import BatchStream
 
 from ..conftest import compose_config
 from ..helpers.harvest import spec_for
@@ -35,7 +35,7 @@ def test_the_plan_holds_the_batches_our_loader_yields_in_order(tiny_lm, corpus_f
     dm = load_config(cfg).data.build()
     dm.open()
     assert dm.n_batches < 40
-    stream = iter(TrainStream(dm.reader, dm.order, start=0))
+    stream = iter(BatchStream(dm.batch_of(), start=0))
     for j in range(40):
         assert torch.equal(next(stream).float(), gather(shards, starts, order[j]))
     assert json.loads(path.read_text())["heldout"] == list(dm.val_range)

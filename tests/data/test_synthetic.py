@@ -1,6 +1,7 @@
 import torch
 
-from sae_lightning.data.synthetic import SyntheticActivations, SyntheticSpec, TrainStream
+from sae_lightning.data.stream import BatchStream
+from sae_lightning.data.synthetic import SyntheticActivations, SyntheticBatches, SyntheticSpec
 
 SPEC = SyntheticSpec(d_model=16, n_features=64, active_median=4, active_max=16)
 
@@ -12,12 +13,12 @@ def first(stream, n):
 
 def test_ranks_split_the_stream_without_overlap_and_resume_exactly():
     src = SyntheticActivations(SPEC)
-    whole = first(TrainStream(src, 8), 6)
-    r0 = first(TrainStream(src, 8, rank=0, world=2), 3)
-    r1 = first(TrainStream(src, 8, rank=1, world=2), 3)
+    whole = first(BatchStream(SyntheticBatches(src, 8), 0), 6)
+    r0 = first(BatchStream(SyntheticBatches(src, 8), 0, rank=0, world=2), 3)
+    r1 = first(BatchStream(SyntheticBatches(src, 8), 0, rank=1, world=2), 3)
     assert all(torch.equal(a, b) for a, b in zip(r0, whole[0::2]))
     assert all(torch.equal(a, b) for a, b in zip(r1, whole[1::2]))
-    resumed = first(TrainStream(src, 8, start=2, rank=1, world=2), 1)[0]
+    resumed = first(BatchStream(SyntheticBatches(src, 8), start=2, rank=1, world=2), 1)[0]
     assert torch.equal(resumed, r1[2])
 
 
