@@ -15,6 +15,7 @@ import argparse
 import html
 import json
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -150,70 +151,15 @@ def build(module, codes: Codes, tokens: TokenMap, tokenizer, examples: int, befo
     return {"vocab": strings, "latents": latents, "tokens": n_tok, "active_per_token": len(codes.values) / n_tok}
 
 
-PAGE = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>__TITLE__</title>
-<style>
-body{font:14px system-ui,sans-serif;margin:0;display:flex;height:100vh}
-#side{width:360px;border-right:1px solid #ccc;display:flex;flex-direction:column}
-#side header{padding:8px;border-bottom:1px solid #ccc}
-#list{overflow:auto;flex:1}
-table{border-collapse:collapse;width:100%}
-td,th{padding:2px 6px;text-align:right;font-variant-numeric:tabular-nums}
-th{cursor:pointer;position:sticky;top:0;background:#f4f4f4}
-tr.latent:hover{background:#eef}tr.sel{background:#dde}
-#main{flex:1;overflow:auto;padding:12px 20px}
-.ex{font-family:ui-monospace,monospace;margin:4px 0;white-space:pre-wrap;line-height:1.7}
-.tok{border-radius:3px;padding:1px 0}.top{outline:2px solid #d40}
-.val{color:#666;font-size:12px;margin-right:8px;display:inline-block;width:60px}
-</style></head><body>
-<div id="side"><header><b>__TITLE__</b><br><span id="meta"></span><br>
-<input id="filter" placeholder="latent id" size="8"> <label><input type="checkbox" id="live" checked> fired only</label>
-</header><div id="list"><table><thead><tr><th data-k="id">latent</th><th data-k="density">density</th>
-<th data-k="mean">mean</th><th data-k="max">max</th></tr></thead><tbody id="rows"></tbody></table></div></div>
-<div id="main"><p>Select a latent.</p></div>
-<script id="data" type="application/json">__DATA__</script>
-<script>
-const D = JSON.parse(document.getElementById('data').textContent);
-const M = D.meta;
-document.getElementById('meta').textContent =
-  `${M.variant}, k=${M.k}, F=${M.n_latents}, ${D.tokens} tokens (${M.mode} mode), ${D.active_per_token.toFixed(1)} active/token`;
-let key = 'density', desc = true;
-function fmt(x){return x === 0 ? '0' : (Math.abs(x) < 1e-3 ? x.toExponential(1) : x.toPrecision(3));}
-function esc(s){return s.replace(/[&<>"]/g, c => ({'&':'&amp;','<':'&lt;','>':'&gt;','"':'&quot;'}[c]));}
-function rows(){
-  const f = document.getElementById('filter').value.trim(), live = document.getElementById('live').checked;
-  const ls = D.latents.filter(l => (!live || l.density > 0) && (f === '' || String(l.id).startsWith(f)));
-  ls.sort((a, b) => (desc ? -1 : 1) * (a[key] - b[key]));
-  document.getElementById('rows').innerHTML = ls.map(l =>
-    `<tr class="latent" data-id="${l.id}"><td>${l.id}</td><td>${fmt(l.density)}</td><td>${fmt(l.mean)}</td><td>${fmt(l.max)}</td></tr>`).join('');
-}
-function show(id){
-  const l = D.latents.find(x => x.id === id);
-  document.querySelectorAll('tr.latent').forEach(r => r.classList.toggle('sel', Number(r.dataset.id) === id));
-  const hmax = Math.max(1, ...l.hist), w = 16;
-  const bars = l.hist.map((h, i) => `<rect x="${i*w}" y="${100 - 100*h/hmax}" width="${w-2}" height="${100*h/hmax}" fill="#d40"><title>${h}</title></rect>`).join('');
-  const ex = l.examples.map(e => `<div class="ex"><span class="val">${e.value.toFixed(3)}</span>` + e.tokens.map((t, i) => {
-      const a = Math.min(1, e.acts[i] / (l.max || 1));
-      return `<span class="tok${i === e.center ? ' top' : ''}" style="background:rgba(255,120,0,${a.toFixed(2)})" title="${e.acts[i]}">${esc(D.vocab[t])}</span>`;
-    }).join('') + '</div>').join('');
-  document.getElementById('main').innerHTML =
-    `<h2 id="title">latent ${l.id}</h2><p>density ${fmt(l.density)} (fires on ${Math.round(l.density*D.tokens)} of ${D.tokens} tokens), mean activation ${fmt(l.mean)}, largest ${fmt(l.max)}</p>` +
-    (l.hist.length ? `<h3>activations</h3><svg width="${20*w}" height="110">${bars}<line x1="0" y1="100" x2="${20*w}" y2="100" stroke="#333"/></svg><div>0 … ${fmt(l.max)}</div>` : '<p>never fired on these tokens</p>') +
-    `<h3>top contexts</h3>${ex}`;
-}
-document.getElementById('rows').addEventListener('click', e => { const r = e.target.closest('tr'); if (r) show(Number(r.dataset.id)); });
-document.querySelectorAll('th').forEach(th => th.addEventListener('click', () => { desc = key === th.dataset.k ? !desc : true; key = th.dataset.k; rows(); }));
-document.getElementById('filter').addEventListener('input', rows);
-document.getElementById('live').addEventListener('change', rows);
-rows();
-const first = document.querySelector('tr.latent'); if (first) show(Number(first.dataset.id));
-</script></body></html>
-"""
+def page_template() -> str:
+    """The browser's HTML, CSS and JavaScript (package data: sae_lightning/assets/inspect.html);
+    ``__TITLE__`` and ``__DATA__`` are filled in by :func:`page`."""
+    return resources.files("sae_lightning").joinpath("assets/inspect.html").read_text(encoding="utf-8")
 
 
 def page(data: dict, title: str) -> str:
     blob = json.dumps(data, separators=(",", ":")).replace("</", "<\\/")  # safe inside <script>
-    return PAGE.replace("__TITLE__", html.escape(title)).replace("__DATA__", blob)
+    return page_template().replace("__TITLE__", html.escape(title)).replace("__DATA__", blob)
 
 
 def tb_text(run_dir: Path, data: dict, n: int = 32) -> None:
