@@ -427,7 +427,9 @@ def main(argv=None) -> None:
 
         def one(key):
             nonlocal finished
-            m = run_one(args.out, *key, extra, args.cache_dir, threads=1 if args.jobs > 1 else os.cpu_count() or 1)
+            dataset, config, k, seed = key
+            threads = 1 if args.jobs > 1 else os.cpu_count() or 1
+            m = run_one(args.out, dataset, config, k, seed, extra, args.cache_dir, threads=threads)
             finished += 1
             eta = (time.time() - start) / finished * (len(grid) - finished)
             print(

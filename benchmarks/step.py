@@ -122,7 +122,9 @@ def naive_topk_step_fn(x: torch.Tensor, F: int, k: int):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         with torch.no_grad():
-            W_dec.grad -= (W_dec.grad * W_dec).sum(1, keepdim=True) * W_dec
+            g = W_dec.grad
+            assert g is not None
+            g -= (g * W_dec).sum(1, keepdim=True) * W_dec
         opt.step()
         with torch.no_grad():
             W_dec.div_(W_dec.norm(dim=1, keepdim=True))

@@ -52,7 +52,7 @@ class LossTerm(abc.ABC):
 
     name: ClassVar[str]
     coef: float = setting(1.0, ge=0)
-    metrics: dict[str, Tensor] = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
+    metrics: dict[str, Tensor | None] = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
 
     @abc.abstractmethod
     def __call__(self, out: StepOutput, sae: SparseAutoencoder, stats: LatentStats) -> Tensor:

@@ -230,7 +230,7 @@ class SAEModule(L.LightningModule):
         # precision refuses: auto takes the plain kernel there
         mixed = self._trainer is not None and "mixed" in str(self.trainer.precision)
         fused = o.fused if o.fused != "auto" else not mixed
-        opt = torch.optim.Adam(self.parameters(), lr=lr, betas=tuple(o.betas), eps=o.eps, fused=fused)
+        opt = torch.optim.Adam(self.parameters(), lr=lr, betas=(o.betas[0], o.betas[1]), eps=o.eps, fused=fused)
         warm = o.warmup_steps
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warm) if warm else 1.0)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
