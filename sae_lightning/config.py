@@ -19,7 +19,7 @@ from typing import Any, ClassVar, Literal, cast, get_args
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
-from .allocators import AllocatorConfig, get_allocator_class
+from .allocators import Allocator, AllocatorConfig, get_allocator_class
 from .data import DataSpec
 from .errors import ConfigError, did_you_mean, require
 from .losses import LossTerm, build_losses
@@ -103,8 +103,12 @@ class VariantSpec:
     allocator: str
     params: AllocatorConfig
     losses: dict[str, LossTerm]
+    allocator_class: type[Allocator] = dataclasses.field(repr=False, compare=False)  # looked up once, by parsing
 
     META: ClassVar[tuple[str, ...]] = ("name", "allocator", "losses")
+
+    def build_allocator(self, n_latents: int, batch_size: int) -> Allocator:
+        return self.allocator_class(self.params, n_latents, batch_size)
 
     @classmethod
     def from_raw(cls, raw: Any, prefix: str) -> VariantSpec:
@@ -122,7 +126,7 @@ class VariantSpec:
         losses = raw.get("losses")
         if losses is not None and not isinstance(losses, dict):
             raise ConfigError(f"{prefix}.losses", losses, "a mapping {loss_name: {param: value}} or null")
-        return cls(str(name), allocator.name, params, build_losses(losses, f"{prefix}.losses"))
+        return cls(str(name), allocator.name, params, build_losses(losses, f"{prefix}.losses"), allocator)
 
     def as_dict(self) -> dict:
         return {
@@ -319,7 +323,7 @@ class TrainConfig:
     sweep_trial: TrialSpec | None = None
 
     def check(self, prefix: str) -> None:
-        get_allocator_class(self.variant.allocator).check_fits(
+        self.variant.allocator_class.check_fits(
             self.variant.params, self.model.n_latents, self.data.batch_size, "variant"
         )
 

@@ -77,8 +77,7 @@ def saelens_state(module) -> tuple[dict[str, Any], dict[str, Tensor]]:
         theta = thresholds(module)
         if theta is None:
             raise ConfigError("variant.allocator", alloc, "an allocator with a threshold mode (topk exports as topk)")
-        calibrated = getattr(module.allocator, "calibrated", None)
-        if calibrated is not None and not bool(calibrated):
+        if not module.allocator.thresholds_ready():
             raise DataError(
                 f"the {alloc} run has no calibrated thresholds (calibration.enabled was false): "
                 "its threshold mode is the running EMA, which is not exported; retrain with calibration on"

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from . import tb
-from .allocators import CalibrationSet, Mode, get_allocator_class
+from .allocators import CalibrationSet, Mode
 from .allocators.base import ThresholdAllocator, l0_matching_scale, threshold_l0
 from .config import EvaluationSpec, LoggingSpec, ModelSpec, OptimSpec, StatsSpec, TrainConfig, VariantSpec
 from .data import DataSource
@@ -86,7 +86,7 @@ class SAEModule(L.LightningModule):
         self.k = self.variant.params.k
         self.sae = SparseAutoencoder(d_model, F, m.normalisation, m.b_pre_init, m.decoder_norm, m.decoder_init_norm)
         self.affinity_dtype = AFFINITY_DTYPES[m.affinity_dtype]
-        self.allocator = get_allocator_class(self.variant.allocator)(self.variant.params, F, self.batch_size)
+        self.allocator = self.variant.build_allocator(F, self.batch_size)
         self.losses = self.variant.losses
         self.stats = LatentStats(
             F,
@@ -298,8 +298,7 @@ class SAEModule(L.LightningModule):
     def active_modes(self) -> list[Mode]:
         """The modes a validation evaluates: ``threshold`` only once its thresholds are calibrated
         (before that it would repeat ``threshold_ema``, under another name)."""
-        calibrated = not self.allocator.has_thresholds or bool(getattr(self.allocator, "calibrated", True))
-        return [m for m in self.modes if m != Mode.THRESHOLD or calibrated]
+        return [m for m in self.modes if m != Mode.THRESHOLD or self.allocator.thresholds_ready()]
 
     def _update(self, metrics: tuple[Reconstruction, L0, Firing], x: Tensor, mode: Mode | str) -> None:
         out, ctx = self.forward_step(x, mode)

@@ -21,7 +21,6 @@ from omegaconf import OmegaConf
 
 from . import resume as resume_mod
 from . import tb
-from .allocators import get_allocator_class
 from .atomic import atomic_write_json, atomic_write_text, check_writable
 from .callbacks import AtomicCheckpointIO, LatentStatsMonitor, ThresholdCalibration
 from .callbacks.downstream import DownstreamLoss
@@ -80,7 +79,7 @@ def prepare(cfg, run_dir: Path | None = None, overrides: list[str] | None = None
             point = resume_mod.read(str(composed["resume"]))
             composed, changed = resume_mod.resumed_config(point.config, composed, overrides, normalised)
         config = load_config(composed)
-        if not get_allocator_class(config.variant.allocator).trainable:
+        if not config.variant.allocator_class.trainable:
             raise ConfigError(
                 "variant", config.variant.allocator,
                 "topk, mutual_choice or feature_choice: jumprelu holds an imported SAE's fixed thresholds "

@@ -89,6 +89,7 @@ class Allocator(nn.Module, abc.ABC):
     # the layout of z' it reads: "token" = [B, F] (row per token), "latent" = [F, B]
     layout: ClassVar[str] = "token"
     trainable: ClassVar[bool] = True  # False: only for SAEs trained elsewhere (JumpReLU)
+    has_thresholds: ClassVar[bool] = False  # a threshold mode of its own (θ per latent or one θ)
 
     def __init__(self, cfg: AllocatorConfig, n_latents: int, batch_size: int):
         super().__init__()
@@ -117,9 +118,9 @@ class Allocator(nn.Module, abc.ABC):
         no calibration has run) or ``'ema'``. Allocators without thresholds allocate."""
         return self.allocate(z)
 
-    @property
-    def has_thresholds(self) -> bool:
-        return False
+    def thresholds_ready(self) -> bool:
+        """Whether the threshold mode uses thresholds set from held-out tokens (or needs none)."""
+        return True
 
     def calibrate(self, cal: CalibrationSet) -> dict[str, float]:
         """Set the thresholds from held-out affinities; returns figures to log."""
@@ -162,9 +163,10 @@ class ThresholdAllocator(Allocator):
         self.register_buffer("theta_calibrated", torch.zeros(theta_shape))
         self.register_buffer("calibrated", torch.zeros((), dtype=torch.bool))
 
-    @property
-    def has_thresholds(self) -> bool:
-        return True
+    has_thresholds = True
+
+    def thresholds_ready(self) -> bool:
+        return bool(self.calibrated)
 
     def current_theta(self, source: str = "calibrated") -> Tensor:
         """The calibrated θ (once calibrated; else the EMA) or, with ``source='ema'``, the EMA."""

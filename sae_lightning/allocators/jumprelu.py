@@ -30,9 +30,7 @@ class JumpReLU(Allocator):
         super().__init__(cfg, n_latents, batch_size)
         self.register_buffer("theta", torch.zeros(n_latents))
 
-    @property
-    def has_thresholds(self) -> bool:
-        return True
+    has_thresholds = True  # fixed ones: ready as they are
 
     def current_theta(self, source: str = "calibrated") -> Tensor:
         return self.theta  # fixed: no calibration, no running estimate
