@@ -31,7 +31,9 @@ from sae_lightning.data import DataSpec
 from sae_lightning.data import corpus as corpus_mod
 from sae_lightning.data import lm as lm_mod
 from sae_lightning.data.activations import ActivationsData, ActivationsDataModule
-from sae_lightning.data.harvest import Framing, HarvestSpec, _device, harvest
+from sae_lightning.data.framing import Framing
+from sae_lightning.data.harvest import _device, harvest
+from sae_lightning.data.harvest_spec import HarvestSpec
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

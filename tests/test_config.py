@@ -117,7 +117,7 @@ def test_the_yaml_restates_the_spec_defaults(data, variant):
         **flatten({"variant": {"losses": {n: as_dict(LOSSES[n]()) for n in raw["variant"].get("losses") or {}}}}),
     }
     if data != "synthetic":  # the harvest section: compared with HarvestSpec's defaults where there is one
-        from sae_lightning.data.harvest import HarvestSpec
+        from sae_lightning.data.harvest_spec import HarvestSpec
 
         if raw["data"].get("harvest") is not None:
             want.update(flatten({"data": {"harvest": as_dict(HarvestSpec())}}))

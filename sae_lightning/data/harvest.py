@@ -11,25 +11,23 @@ was never stopped. Special tokens (BOS, EOS, SEP, CLS, padding) are dropped by d
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 
 from ..atomic import atomic_write_json, check_writable, file_lock, remove_temporaries
-from ..errors import ConfigError, DataError, require
+from ..errors import DataError
 from ..progress import progress_bar
-from ..spec import parse, setting
 from . import corpus as corpus_mod
 from . import lm as lm_mod
-from .corpus import CorpusSpec
+from .framing import Framing
+from .harvest_spec import HarvestSpec
+from .identity import check_matches, compare, identity
 from .shards import (
     FORMAT,
     MANIFEST,
@@ -42,214 +40,8 @@ from .shards import (
 )
 
 
-@dataclass(kw_only=True)
-class LMSpec:
-    name: str = setting(
-        "builtin:minilm", allowed="builtin:minilm, builtin:smollm2, a local folder, a .gguf file or a hub name"
-    )
-    revision: str | None = None
-    gguf_file: str | None = None
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # the model's compute dtype
-    device: str = setting("auto", allowed="auto, cpu, cuda or cuda:N")
-
-    def check(self, prefix: str) -> None:
-        require(
-            self.device in ("auto", "cpu") or self.device.startswith("cuda"),
-            f"{prefix}.device",
-            self.device,
-            "auto, cpu, cuda or cuda:N",
-        )
-
-
-@dataclass(kw_only=True)
-class HarvestSpec:
-    """How a cache is harvested (defaults: those of configs/data/minilm.yaml, kept equal by a test)."""
-
-    lm: LMSpec = setting(default_factory=LMSpec)
-    corpus: CorpusSpec = setting(default_factory=CorpusSpec)
-    site: Literal["resid_post", "resid_pre"] = "resid_post"
-    layer: int = 3
-    context_length: int = setting(128, ge=2)
-    batch_size: int = setting(32, ge=1)  # contexts per forward pass
-    token_budget: int = setting(1_000_000, ge=1)  # harvest until this many tokens are stored (or the corpus ends)
-    dtype: Literal["float32", "float16", "bfloat16"] = "float16"  # stored activations
-    drop_special: bool = True  # drop BOS/EOS/SEP/CLS positions (padding is always dropped)
-    prepend_bos: Literal["auto"] | bool = setting("auto", allowed="auto, true or false")  # auto: causal models
-    shard_tokens: int = setting(131072, ge=1)  # about this many tokens per shard
-
-    @classmethod
-    def parse(cls, cfg: Any, prefix: str = "data.harvest") -> HarvestSpec:
-        return parse(cls, cfg, prefix)
-
-
 def _device(name: str) -> str:
     return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
-
-
-class Framing:
-    """How the tokenizer frames a context (prefix/suffix ids), the document separator, and
-    which ids are dropped."""
-
-    def __init__(self, tokenizer, is_causal: bool, spec: HarvestSpec):
-        tokenizer.model_max_length = 1 << 60  # documents are cut by us, not by the tokenizer (and no warning)
-        probe = "hello world"
-        plain = tokenizer(probe, add_special_tokens=False)["input_ids"]
-        full = tokenizer(probe, add_special_tokens=True)["input_ids"]
-        i = next((i for i in range(len(full) - len(plain) + 1) if full[i : i + len(plain)] == plain), 0)
-        self.prefix, self.suffix = list(full[:i]), list(full[i + len(plain) :])
-        bos = tokenizer.bos_token_id
-        want_bos = spec.prepend_bos if spec.prepend_bos != "auto" else is_causal
-        if want_bos and not self.prefix and bos is not None:
-            self.prefix = [bos]
-        sep = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
-        self.separator = [] if sep is None else [sep]
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (sep if sep is not None else 0)
-        self.dropped = sorted(set(tokenizer.all_special_ids)) if spec.drop_special else []
-        self.body = spec.context_length - len(self.prefix) - len(self.suffix)
-        if self.body < 1:
-            raise ConfigError(
-                "data.harvest.context_length",
-                spec.context_length,
-                f"an integer > {len(self.prefix) + len(self.suffix)} (the model's framing tokens)",
-            )
-
-    def contexts(self, tokenizer, docs: Iterator[str]) -> Iterator[list[int]]:
-        """The corpus as framed contexts (each at most context_length ids)."""
-        buf: list[int] = []
-        batch: list[str] = []
-
-        def flush():
-            nonlocal buf
-            if not batch:
-                return
-            for ids in tokenizer(batch, add_special_tokens=False)["input_ids"]:
-                buf.extend(ids)
-                buf.extend(self.separator)
-            batch.clear()
-
-        for doc in docs:
-            batch.append(doc)
-            if len(batch) == 64:
-                flush()
-                while len(buf) >= self.body:
-                    yield self.prefix + buf[: self.body] + self.suffix
-                    buf = buf[self.body :]
-        flush()
-        while buf:
-            if buf == self.separator:
-                break
-            yield self.prefix + buf[: self.body] + self.suffix
-            buf = buf[self.body :]
-
-
-def _identity(
-    spec: HarvestSpec,
-    source: lm_mod.LMSource,
-    corpus_desc: dict,
-    framing: Framing,
-    d_model: int,
-    layer: int,
-    n_layers: int,
-    is_causal: bool,
-    model_name: str,
-    revision: str | None,
-) -> dict[str, Any]:
-    """What determines the cache's content: compared on resume."""
-    return {
-        "lm": {
-            "name": spec.lm.name,
-            "resolved": source.folder,
-            "gguf_file": source.gguf_file,
-            "revision": revision,
-            "weights_sha256": lm_mod.weights_hash(source),
-            "dtype": spec.lm.dtype,
-            "class": model_name,
-            "causal": is_causal,
-            "n_layers": n_layers,
-        },
-        "corpus": dict(corpus_desc),
-        "site": spec.site,
-        "layer": layer,
-        "site_name": f"blocks.{layer}.{spec.site}",
-        "d_model": d_model,
-        "context_length": spec.context_length,
-        "batch_size": spec.batch_size,
-        "dtype": spec.dtype,
-        "prefix": framing.prefix,
-        "suffix": framing.suffix,
-        "separator": framing.separator,
-        "dropped_token_ids": framing.dropped,
-        "shard_contexts": max(1, spec.shard_tokens // spec.context_length),
-    }
-
-
-def _comparable(ident: dict) -> dict:
-    """The identity without where files happen to be (a moved venv or cache, a relative path):
-    the model by its weights' hash, the corpus files by their hashes."""
-    out = dict(ident)
-    out["lm"] = {k: v for k, v in ident["lm"].items() if k != "resolved"}
-    out["corpus"] = {**ident["corpus"], "files": [f["sha256"] for f in ident["corpus"].get("files", [])]}
-    return out
-
-
-def _compare(old: dict, new: dict, folder: Path) -> None:
-    keys = [
-        "lm",
-        "corpus",
-        "site",
-        "layer",
-        "context_length",
-        "batch_size",
-        "dtype",
-        "prefix",
-        "suffix",
-        "separator",
-        "dropped_token_ids",
-        "shard_contexts",
-    ]
-    old, new = _comparable(old), _comparable(new)
-    diff = [k for k in keys if old.get(k) != new.get(k)]
-    if diff:
-        detail = "; ".join(
-            f"{k}: cache {json.dumps(old.get(k))[:120]} vs now {json.dumps(new.get(k))[:120]}" for k in diff
-        )
-        raise DataError(
-            f"the cache at {folder} was harvested with other settings ({detail}). Use another "
-            "data.path for these settings, or delete that folder to harvest it again"
-        )
-
-
-def check_matches(manifest: dict[str, Any], spec: HarvestSpec, folder: Path) -> None:
-    """Without loading anything: refuse a cache harvested with other settings than ``spec``
-    (so that changing, say, data.harvest.layer never silently trains on the old cache)."""
-    h = manifest["harvest"]
-    now = {
-        "lm.name": spec.lm.name,
-        "site": spec.site,
-        "layer": spec.layer % h["lm"]["n_layers"],
-        "context_length": spec.context_length,
-        "dtype": spec.dtype,
-        "corpus.path": spec.corpus.path,
-        "batch_size": spec.batch_size,
-        "shard_contexts": max(1, spec.shard_tokens // spec.context_length),
-    }
-    cache = {
-        "lm.name": h["lm"]["name"],
-        "site": h["site"],
-        "layer": h["layer"],
-        "context_length": h["context_length"],
-        "dtype": h["dtype"],
-        "corpus.path": h["corpus"]["path"],
-        "batch_size": h["batch_size"],
-        "shard_contexts": h["shard_contexts"],
-    }
-    diff = [k for k in now if now[k] != cache[k]]
-    if diff:
-        raise DataError(
-            f"the cache at {folder} was harvested with other settings ("
-            + "; ".join(f"data.harvest.{k}: cache {cache[k]!r} vs now {now[k]!r}" for k in diff)
-            + "). Use another data.path for these settings, or delete that folder to harvest it again"
-        )
 
 
 def compute_stats(folder: Path, manifest: dict[str, Any]) -> dict[str, Any]:
@@ -322,8 +114,8 @@ class HarvestRun:
         self.desc = desc or corpus_mod.describe(corpus_cfg, corpora)  # every setting checked: now it may write
         self.d_model = int(self.model.config.hidden_size)
         revision = getattr(self.model.config, "_commit_hash", None) or spec.lm.revision
-        self.ident = _identity(
-            spec, source, self.desc, self.framing, self.d_model, self.layer, len(layers), is_causal,
+        self.ident = identity(
+            spec, source, self.desc, self.framing, self.d_model, len(layers), is_causal,
             type(self.model).__name__, revision,
         )  # fmt: skip
         log(
@@ -338,7 +130,7 @@ class HarvestRun:
     # ---- what an earlier session left ---------------------------------------------------------
     def _keep_whole_shards(self, manifest: dict[str, Any]) -> None:
         """The prefix of shards whose files match the manifest; a short last one is re-made."""
-        _compare(manifest["harvest"], self.ident, self.folder)
+        compare(manifest["harvest"], self.ident, self.folder)
         for entry in manifest["shards"]:
             if verify_shard(self.folder, entry, checksum=True, manifest=manifest) is not None:
                 self.log(f"harvest: {entry['activations']['file']} does not match the manifest; re-creating from there")

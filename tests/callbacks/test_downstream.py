@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from sae_lightning.callbacks.downstream import DownstreamLoss
-from sae_lightning.data.harvest import HarvestSpec, harvest
+from sae_lightning.data.harvest import harvest
+from sae_lightning.data.harvest_spec import HarvestSpec
 
 
 class FakeSAE:

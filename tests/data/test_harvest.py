@@ -13,7 +13,8 @@ import torch
 from sae_lightning.atomic import atomic_write_json
 from sae_lightning.data import harvest as harvest_mod
 from sae_lightning.data import shards
-from sae_lightning.data.harvest import HarvestSpec, harvest
+from sae_lightning.data.harvest import harvest
+from sae_lightning.data.harvest_spec import HarvestSpec
 from sae_lightning.errors import ConfigError, DataError
 
 from ..conftest import ROOT

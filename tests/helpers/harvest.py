@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sae_lightning.data.harvest import HarvestSpec
+from sae_lightning.data.harvest_spec import HarvestSpec
 
 
 def spec_for(lm, corpus, **kw) -> HarvestSpec:

@@ -1,0 +1,51 @@
+"""What a harvest is asked for: the language model and the harvest's own settings
+(``data.harvest``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from ..errors import require
+from ..spec import parse, setting
+from .corpus import CorpusSpec
+
+
+@dataclass(kw_only=True)
+class LMSpec:
+    name: str = setting(
+        "builtin:minilm", allowed="builtin:minilm, builtin:smollm2, a local folder, a .gguf file or a hub name"
+    )
+    revision: str | None = None
+    gguf_file: str | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # the model's compute dtype
+    device: str = setting("auto", allowed="auto, cpu, cuda or cuda:N")
+
+    def check(self, prefix: str) -> None:
+        require(
+            self.device in ("auto", "cpu") or self.device.startswith("cuda"),
+            f"{prefix}.device",
+            self.device,
+            "auto, cpu, cuda or cuda:N",
+        )
+
+
+@dataclass(kw_only=True)
+class HarvestSpec:
+    """How a cache is harvested (defaults: those of configs/data/minilm.yaml, kept equal by a test)."""
+
+    lm: LMSpec = setting(default_factory=LMSpec)
+    corpus: CorpusSpec = setting(default_factory=CorpusSpec)
+    site: Literal["resid_post", "resid_pre"] = "resid_post"
+    layer: int = 3
+    context_length: int = setting(128, ge=2)
+    batch_size: int = setting(32, ge=1)  # contexts per forward pass
+    token_budget: int = setting(1_000_000, ge=1)  # harvest until this many tokens are stored (or the corpus ends)
+    dtype: Literal["float32", "float16", "bfloat16"] = "float16"  # stored activations
+    drop_special: bool = True  # drop BOS/EOS/SEP/CLS positions (padding is always dropped)
+    prepend_bos: Literal["auto"] | bool = setting("auto", allowed="auto, true or false")  # auto: causal models
+    shard_tokens: int = setting(131072, ge=1)  # about this many tokens per shard
+
+    @classmethod
+    def parse(cls, cfg: Any, prefix: str = "data.harvest") -> HarvestSpec:
+        return parse(cls, cfg, prefix)
