@@ -167,9 +167,11 @@ def main(argv=None) -> None:
     names = out["objectives"]
     print(f"study {out['study']}: " + ", ".join(f"{k} {v}" for k, v in out["states"].items()))
     print(f"Pareto front ({len(out['pareto_front'])} trials):")
-    print(f"  {'trial':>5}  {'variant':<15}" + "".join(f"{n:>22}" for n in names) + "  run")
+    widths = [max(12, len(n)) for n in names]
+    print(f"  {'trial':>5}  {'variant':<15}" + "".join(f"  {n:>{w}}" for n, w in zip(names, widths)) + "  run")
     for r in out["pareto_front"]:
-        print(f"  {r['trial']:>5}  {r['variant']:<15}" + "".join(f"{r[n]:>22.4f}" for n in names) + f"  {r['run_dir']}")
+        cells = "".join(f"  {r[n]:>{w}.4f}" for n, w in zip(names, widths))
+        print(f"  {r['trial']:>5}  {r['variant']:<15}{cells}  {r['run_dir']}")
     print(f"written {out['folder']}/trials.csv, pareto.csv, pareto.json" + (", pareto.png" if len(names) >= 2 else ""))
 
 
