@@ -298,11 +298,11 @@ class TrialSpec:
     study: str
     trial_id: int
     number: int
-    fvu_key: str = "val/batch/fvu"
-    l0_key: str = "val/batch/l0_mean"
-    min_trials: int = setting(4, ge=1)
-    margin: float = setting(0.05, ge=0)
-    pruning: bool = True
+    fvu_key: str
+    l0_key: str
+    pruning: bool
+    min_trials: int = setting(ge=1)  # the sweeper passes its pruner's settings (sweep/settings.py)
+    margin: float = setting(ge=0)
 
 
 @dataclass

@@ -17,11 +17,11 @@ import optuna
 class TrialContext:
     study: optuna.Study
     trial: optuna.Trial
-    fvu_key: str = "val/batch/fvu"
-    l0_key: str = "val/batch/l0_mean"
-    min_trials: int = 4
-    margin: float = 0.05
-    enabled: bool = True
+    fvu_key: str
+    l0_key: str
+    min_trials: int
+    margin: float
+    enabled: bool
 
     @classmethod
     def from_spec(cls, spec) -> TrialContext:

@@ -26,7 +26,6 @@ import os
 import re
 import threading
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, cast
 
@@ -35,15 +34,16 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.plugins import Plugins
 from hydra.core.utils import JobStatus
 from hydra.plugins.sweeper import Sweeper
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from ..atomic import file_lock
-from ..errors import ConfigError, DataError, Interrupted, require, require_choice
+from ..errors import ConfigError, DataError, Interrupted
+from ..spec import parse
+from .settings import SweeperSpec
 from .space import Param, format_override, split_space, to_param
 
 log = logging.getLogger(__name__)
 
-SAMPLERS = ("tpe", "nsga2", "random")
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
 RUNNING, WAITING = optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING
 
@@ -118,30 +118,31 @@ class Heartbeat:
 
 
 class OptunaSweeper(Sweeper):
-    def __init__(
-        self,
-        study_name: str,
-        objectives: Sequence[str],
-        directions: Sequence[str],
-        n_trials: int,
-        sampler: str = "tpe",
-        seed: int | None = 0,
-        n_startup_trials: int = 8,
-        storage: str | None = None,
-        params: dict | None = None,
-        params_by_variant: dict | None = None,
-        pruner: dict | None = None,
-        heartbeat_seconds: int = 60,
-        max_retries: int = 3,
-    ):
-        self.study_name, self.objectives, self.directions = study_name, list(objectives), list(directions)
-        self.n_trials, self.sampler_name, self.seed, self.n_startup = n_trials, sampler, seed, n_startup_trials
-        self.storage, self.heartbeat, self.max_retries = storage, heartbeat_seconds, max_retries
-        self.params_spec = dict(params or {})
-        self.by_variant_spec = {k: dict(v or {}) for k, v in (params_by_variant or {}).items()}
-        self.pruner = {"enabled": True, "min_trials": 4, "margin": 0.05, **dict(pruner or {})}
+    def __init__(self, **settings: Any):
+        """``settings``: the ``hydra.sweeper`` section (see settings.SweeperSpec), parsed and
+        checked by :meth:`_validate` before the study is opened, so a bad one is one error line."""
+        self.raw = {
+            k: OmegaConf.to_container(v, resolve=True) if isinstance(v, (DictConfig, ListConfig)) else v
+            for k, v in settings.items()
+        }
+        self._apply(SweeperSpec())  # the defaults until _validate parses the section
         self.config: DictConfig = OmegaConf.create()  # the composed config, from setup()
         self.launcher: Any = None  # Hydra's launcher, from setup()
+
+    def _apply(self, spec: SweeperSpec) -> None:
+        self.spec = spec
+        self.study_name, self.objectives, self.directions = (
+            spec.study_name,
+            list(spec.objectives),
+            list(spec.directions),
+        )
+        self.n_trials, self.sampler_name, self.seed, self.n_startup = (
+            spec.n_trials, spec.sampler, spec.seed, spec.n_startup_trials
+        )  # fmt: skip
+        self.storage, self.heartbeat, self.max_retries = spec.storage, spec.heartbeat_seconds, spec.max_retries
+        self.params_spec = dict(spec.params)
+        self.by_variant_spec = {k: dict(v or {}) for k, v in spec.params_by_variant.items()}
+        self.pruner = spec.pruner
 
     def setup(self, *, hydra_context, task_function, config: DictConfig) -> None:
         self.config, self.hydra_context = config, hydra_context
@@ -151,39 +152,7 @@ class OptunaSweeper(Sweeper):
 
     # ---- set-up: everything checked before the study is opened --------------------------------
     def _validate(self) -> None:
-        p = "hydra.sweeper"
-        require(len(self.objectives) >= 1, f"{p}.objectives", self.objectives, "one or more metric keys")
-        require(
-            len(self.directions) == len(self.objectives),
-            f"{p}.directions",
-            self.directions,
-            f"one of 'minimize'/'maximize' per objective ({len(self.objectives)})",
-        )
-        for d in self.directions:
-            require_choice(f"{p}.directions", d, ("minimize", "maximize"))
-        require_choice(f"{p}.sampler", self.sampler_name, SAMPLERS)
-        require(
-            isinstance(self.n_trials, int) and self.n_trials >= 1, f"{p}.n_trials", self.n_trials, "an integer >= 1"
-        )
-        require(
-            isinstance(self.heartbeat, int) and self.heartbeat >= 1,
-            f"{p}.heartbeat_seconds",
-            self.heartbeat,
-            "an integer >= 1",
-        )
-        require(
-            self.max_retries is None or (isinstance(self.max_retries, int) and self.max_retries >= 0),
-            f"{p}.max_retries",
-            self.max_retries,
-            "null (no limit) or an integer >= 0",
-        )
-        for key in ("min_trials",):
-            require(
-                isinstance(self.pruner.get(key), int) and self.pruner[key] >= 1,
-                f"{p}.pruner.{key}",
-                self.pruner.get(key),
-                "an integer >= 1",
-            )
+        self._apply(parse(SweeperSpec, self.raw, "hydra.sweeper"))
 
     def _space(self, parsed) -> tuple[list[Param], list[str], dict[str, tuple[list[Param], list[str]]]]:
         """The preset's space with the command line on top: a sweep override on the command
@@ -388,9 +357,9 @@ class OptunaSweeper(Sweeper):
             "number": trial.number,
             "fvu_key": self.objectives[0],
             "l0_key": self.objectives[1] if len(self.objectives) > 1 else "val/batch/l0_mean",
-            "min_trials": int(self.pruner["min_trials"]),
-            "margin": float(self.pruner["margin"]),
-            "pruning": bool(self.pruner["enabled"]),
+            "min_trials": self.pruner.min_trials,
+            "margin": self.pruner.margin,
+            "pruning": self.pruner.enabled,
         }
         return "sweep_trial={" + ",".join(f"{k}:{q(v)}" for k, v in spec.items()) + "}"
 

@@ -35,7 +35,8 @@ def test_a_retry_replaces_the_trial_it_retries():
 
 def test_a_trial_beyond_the_budget_is_given_back():
     study = make_study()
-    sweeper = OptunaSweeper("s", ["a", "b"], ["minimize", "minimize"], n_trials=2)
+    sweeper = OptunaSweeper(study_name="s", objectives=["a", "b"], directions=["minimize", "minimize"], n_trials=2)
+    sweeper._validate()
     first, second = study.ask(), study.ask()  # two workers saw room for one more each
     assert not sweeper._over_budget(study, first) and not sweeper._over_budget(study, second)
     third = study.ask()
