@@ -12,7 +12,7 @@ from pathlib import Path
 import optuna
 import pytest
 
-from sae_lightning.sweep.sweeper import Census
+from sae_lightning.sweep.study import Census
 
 from .conftest import TINY
 from .helpers.cli import wait_for

@@ -22,7 +22,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("data", "allocators", "losses"),
     ("config",),
     ("module",),
-    ("callbacks", "sweep.pruning", "sweep.space", "sweep.pareto"),
+    ("callbacks", "sweep.pruning", "sweep.space", "sweep.pareto", "sweep.settings", "sweep.study"),
     ("runs",),
     # entry points
     ("train", "evaluate", "inspect", "interop", "sweep.sweeper", "sweep.report", "sweep"),

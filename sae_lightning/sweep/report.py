@@ -17,7 +17,7 @@ import optuna
 
 from ..atomic import atomic_path, atomic_write_json
 from .pareto import pareto_front
-from .sweeper import default_storage
+from .study import default_storage
 
 COLOURS = {"topk": "tab:blue", "mutual_choice": "tab:orange", "feature_choice": "tab:green"}
 

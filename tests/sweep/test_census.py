@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import optuna
 
-from sae_lightning.sweep.sweeper import Census, OptunaSweeper, retry
+from sae_lightning.sweep.study import Census, retry
+from sae_lightning.sweep.sweeper import OptunaSweeper
 
 
 def make_study():

@@ -20,7 +20,7 @@ import optuna
 import pytest
 
 from sae_lightning.sweep.report import trial_rows
-from sae_lightning.sweep.sweeper import Census
+from sae_lightning.sweep.study import Census
 
 from ..conftest import TINY
 from ..helpers.cli import wait_for
