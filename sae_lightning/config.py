@@ -3,9 +3,10 @@
 :func:`load_config` resolves the composed Hydra config and parses it with the one parser of
 ``spec.py`` into a :class:`TrainConfig`: every section typed, every value checked, the
 allocator's budget checked against the dictionary and batch sizes. What passes builds:
-``train.run`` then builds each object once from it. The defaults are the specs' own; the
-YAML under ``configs/`` restates them so that Hydra knows every key (a test keeps the two
-equal).
+``train.run`` then builds each object once from it. The defaults are the specs' own: for
+``model`` and the top-level sections Hydra gets them from here (:func:`register_defaults`);
+the variant and data YAML under ``configs/`` still restate their specs' defaults (a test keeps
+the two equal).
 """
 
 from __future__ import annotations
@@ -32,12 +33,17 @@ EncoderScale = Literal["fit", "gao", "none"]
 
 @dataclass
 class ModelSpec:
+    """``model``: the autoencoder (docs/method_choices.md says why each default)."""
+
     n_latents: int = setting(4096, ge=1)
-    normalisation: Normalisation = "dataset_scale"
-    b_pre_init: BPreInit = "geometric_median"
+    normalisation: Normalisation = "dataset_scale"  # none | dataset_scale | layernorm
+    b_pre_init: BPreInit = "geometric_median"  # geometric_median | mean | zeros
     init_sample_tokens: int = setting(8192, ge=1)  # tokens that set the scale and b_pre
+    # fit (least squares on the sample) | gao (unit gain on random directions) | none
     init_encoder_scale: EncoderScale = "fit"
-    affinity_dtype: AffinityDtype = "float32"  # of the affinity matrix used for selection
+    # float32 | bfloat16: the affinity matrix used for selection (selected values are always
+    # recomputed exactly in float32)
+    affinity_dtype: AffinityDtype = "float32"
     # unit: decoder rows held at norm 1 (gradient projection, renormalisation); free: their norms
     # train, and selection ranks z'_j·‖d_j‖ (SAELens's rescale_acts_by_decoder_norm)
     decoder_norm: DecoderNorm = "free"
@@ -56,10 +62,15 @@ class ModelSpec:
 
 @dataclass
 class OptimSpec:
+    """``optim``: Adam and its schedule."""
+
+    # null: 2e-4 / sqrt(n_latents / 2^14) (Gao et al.)
     lr: float | None = setting(None, gt=0, allowed="null (2e-4 / sqrt(n_latents / 2^14)) or a number > 0")
-    warmup_steps: int = setting(0, ge=0)  # docs/parity.md: a warm-up costs a short run most of its FVU lead
+    # linear learning-rate warm-up; docs/parity.md: a warm-up costs a short run most of its FVU lead
+    warmup_steps: int = setting(0, ge=0)
     betas: list[float] = setting(default_factory=lambda: [0.9, 0.999], ge=0, lt=1, allowed="two numbers in [0, 1)")
     eps: float = setting(6.25e-10, gt=0)
+    # the fused Adam kernel (CPU and GPU); auto: fused, except under mixed precision
     fused: Literal["auto"] | bool = setting("auto", allowed="one of 'auto', true, false")
 
     def check(self, prefix: str) -> None:
@@ -68,16 +79,25 @@ class OptimSpec:
 
 @dataclass
 class StatsSpec:
+    """``stats``: the latent statistics (dead, density, under-used)."""
+
+    # dead = not fired for this many training tokens (Gao et al.: 10M at scale)
     dead_window_tokens: int = setting(200_000, ge=1, allowed="an integer >= 1 (tokens)")
+    # the firing-density EMA's time constant, in tokens
     density_time_constant_tokens: int = setting(100_000, ge=1, allowed="an integer >= 1 (tokens)")
+    # under-used = dead, or density < ratio x the reference at its rank
     underused_ratio: float = setting(0.25, ge=0)
+    # fitted (the run's own density curve, a Zipf fit) | zipf (the curve below)
     underused_reference: Literal["fitted", "zipf"] = "fitted"
-    zipf_alpha: float = setting(1.0, ge=0)  # the zipf reference's curve
+    # the zipf reference: Zipf(alpha, beta) targets water-filled to sum k
+    zipf_alpha: float = setting(1.0, ge=0)
     zipf_beta: float = setting(0.0, gt=-1)
 
 
 @dataclass
 class CalibrationSpec:
+    """``calibration``: the inference thresholds, set on held-out tokens when training ends."""
+
     enabled: bool = True
     match_l0: bool = True  # then scale the calibrated thresholds by one factor so that L0 = k on the calibration tokens
 
@@ -92,7 +112,7 @@ class EvaluationSpec:
 
 @dataclass
 class LoggingSpec:
-    histogram_every_n_steps: int = setting(200, ge=0)
+    histogram_every_n_steps: int = setting(200, ge=0)  # TensorBoard histograms every this many steps (0: none)
 
 
 @dataclass
@@ -378,3 +398,25 @@ def normalised(raw: dict) -> dict:
 def load_config(cfg: DictConfig | dict) -> TrainConfig:
     """The composed config, resolved, typed and checked (ConfigError on the first problem)."""
     return parse(TrainConfig, resolve(cfg), "")
+
+
+# the sections whose defaults the specs hold, as Hydra knows them (configs/ holds only choices)
+SECTIONS: dict[str, type] = {
+    "optim": OptimSpec,
+    "stats": StatsSpec,
+    "calibration": CalibrationSpec,
+    "evaluation": EvaluationSpec,
+    "logging": LoggingSpec,
+}
+
+
+def register_defaults() -> None:
+    """Give Hydra the specs' defaults (called by the plugin shim, which Hydra imports before it
+    composes): ``model=default`` is ModelSpec's, and the node ``spec_defaults`` (first in
+    train.yaml's defaults list) holds the top-level sections. So each default is written once,
+    in its spec; ``python train.py --cfg job`` shows them all."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(group="model", name="default", node=as_dict(ModelSpec()), provider="sae_lightning")
+    cs.store(name="spec_defaults", node={k: as_dict(cls()) for k, cls in SECTIONS.items()}, provider="sae_lightning")

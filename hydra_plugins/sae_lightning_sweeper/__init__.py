@@ -8,6 +8,7 @@ from hydra.core.config_search_path import ConfigSearchPath
 from hydra.core.config_store import ConfigStore
 from hydra.plugins.search_path_plugin import SearchPathPlugin
 
+from sae_lightning.config import register_defaults
 from sae_lightning.spec import as_dict
 from sae_lightning.sweep.settings import SweeperSpec
 from sae_lightning.sweep.sweeper import OptunaSweeper
@@ -18,6 +19,8 @@ ROOT = Path(__file__).resolve().parents[2]
 class SAEOptunaSweeper(OptunaSweeper):
     """Hydra accepts plugin classes defined under ``hydra_plugins`` only."""
 
+
+register_defaults()  # the training config's defaults, from its specs (sae_lightning/config.py)
 
 # the settings' keys and defaults, from the one spec (sae_lightning/sweep/settings.py)
 ConfigStore.instance().store(
