@@ -412,11 +412,20 @@ SECTIONS: dict[str, type] = {
 
 def register_defaults() -> None:
     """Give Hydra the specs' defaults (called by the plugin shim, which Hydra imports before it
-    composes): ``model=default`` is ModelSpec's, and the node ``spec_defaults`` (first in
-    train.yaml's defaults list) holds the top-level sections. So each default is written once,
-    in its spec; ``python train.py --cfg job`` shows them all."""
+    composes): ``model=default`` is ModelSpec's, the node ``spec_defaults`` (first in
+    train.yaml's defaults list) holds the top-level sections, and ``spec/allocator/<name>`` and
+    ``spec/loss/<name>`` the keys a variant file composes. So each default is written once, in
+    its spec; ``python train.py --cfg job`` shows them all."""
     from hydra.core.config_store import ConfigStore
+
+    from .allocators import ALLOCATORS
+    from .losses import LOSSES
 
     cs = ConfigStore.instance()
     cs.store(group="model", name="default", node=as_dict(ModelSpec()), provider="sae_lightning")
     cs.store(name="spec_defaults", node={k: as_dict(cls()) for k, cls in SECTIONS.items()}, provider="sae_lightning")
+    # what a variant file composes: its allocator's keys and its loss terms' keys, with their defaults
+    for name in ALLOCATORS:
+        cs.store(group="spec/allocator", name=name, node=as_dict(ALLOCATORS[name].Config()), provider="sae_lightning")
+    for name in LOSSES:
+        cs.store(group="spec/loss", name=name, node=as_dict(LOSSES[name]()), provider="sae_lightning")

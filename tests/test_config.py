@@ -88,7 +88,9 @@ OWN = {
 @pytest.mark.parametrize("data", sorted(OWN))
 @pytest.mark.parametrize("variant", ["topk", "mutual_choice", "feature_choice"])
 def test_the_yaml_restates_the_spec_defaults(data, variant):
-    """Defaults live in the specs; configs/ restates them so Hydra knows every key. They must agree."""
+    """Defaults live in the specs. Hydra gets the model's, the top-level sections', the
+    allocators' and the loss terms' from them (register_defaults); the data YAML still restates
+    its spec's. Whatever composes must agree with the specs."""
     import dataclasses
 
     from sae_lightning.allocators import get_allocator_class
