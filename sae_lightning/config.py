@@ -330,17 +330,20 @@ class TrainConfig:
     variant: VariantSpec
     data: DataSpec
     trainer: TrainerSpec
-    seed: int = 0
-    out_dir: str = "outputs"
+    seed: int = 0  # the training seed (the data have their own: data.seed)
+    out_dir: str = "outputs"  # runs go to <out_dir>/runs/, sweeps to <out_dir>/sweeps/
+    # a run folder (or a checkpoint file) to continue, in place: python train.py resume=outputs/runs/<run>
     resume: str | None = setting(None, allowed="null, a checkpoint file (.ckpt) or a run folder (outputs/runs/<run>)")
-    progress: ProgressMode = "auto"
+    progress: ProgressMode = "auto"  # auto (a bar on a terminal, plain lines in a log file) | bar | lines | none
     model: ModelSpec = setting(default_factory=ModelSpec)
     optim: OptimSpec = setting(default_factory=OptimSpec)
     stats: StatsSpec = setting(default_factory=StatsSpec)
     calibration: CalibrationSpec = setting(default_factory=CalibrationSpec)
     evaluation: EvaluationSpec = setting(default_factory=EvaluationSpec)
     logging: LoggingSpec = setting(default_factory=LoggingSpec)
-    sweep_trial: TrialSpec | None = None
+    sweep_trial: TrialSpec | None = (
+        None  # set by the Optuna sweeper: the trial this run is (storage, study, id, pruning)
+    )
 
     def check(self, prefix: str) -> None:
         self.variant.allocator_class.check_fits(
@@ -414,18 +417,34 @@ def register_defaults() -> None:
     """Give Hydra the specs' defaults (called by the plugin shim, which Hydra imports before it
     composes): ``model=default`` is ModelSpec's, the node ``spec_defaults`` (first in
     train.yaml's defaults list) holds the top-level sections, and ``spec/allocator/<name>`` and
-    ``spec/loss/<name>`` the keys a variant file composes. So each default is written once, in
+    ``spec/loss/<name>`` the keys a variant file composes, ``spec/data/<kind>`` and
+    ``spec/harvest`` those of a data file. So each default is written once, in
     its spec; ``python train.py --cfg job`` shows them all."""
     from hydra.core.config_store import ConfigStore
 
     from .allocators import ALLOCATORS
+    from .data import DATA_KINDS
+    from .data.harvest_spec import HarvestSpec
     from .losses import LOSSES
 
     cs = ConfigStore.instance()
     cs.store(group="model", name="default", node=as_dict(ModelSpec()), provider="sae_lightning")
-    cs.store(name="spec_defaults", node={k: as_dict(cls()) for k, cls in SECTIONS.items()}, provider="sae_lightning")
+    top = {
+        f.name: as_dict(f.default)
+        for f in dataclasses.fields(TrainConfig)
+        if f.name not in SECTIONS and f.default is not dataclasses.MISSING
+    }  # seed, out_dir, resume, progress, sweep_trial
+    node = {**top, **{k: as_dict(cls()) for k, cls in SECTIONS.items()}}
+    cs.store(name="spec_defaults", node=node, provider="sae_lightning")
     # what a variant file composes: its allocator's keys and its loss terms' keys, with their defaults
     for name in ALLOCATORS:
         cs.store(group="spec/allocator", name=name, node=as_dict(ALLOCATORS[name].Config()), provider="sae_lightning")
     for name in LOSSES:
         cs.store(group="spec/loss", name=name, node=as_dict(LOSSES[name]()), provider="sae_lightning")
+    # what a data file composes: its kind's keys (a required key stays ??? until the file sets it)
+    for name in DATA_KINDS:
+        kind = DATA_KINDS[name]
+        required = {f.name: "???" for f in dataclasses.fields(kind) if f.init and f.name != "kind"
+                    and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}  # fmt: skip
+        cs.store(group="spec/data", name=name, node=as_dict(kind(kind=name, **required)), provider="sae_lightning")
+    cs.store(group="spec", name="harvest", node=as_dict(HarvestSpec()), provider="sae_lightning")

@@ -87,10 +87,10 @@ OWN = {
 
 @pytest.mark.parametrize("data", sorted(OWN))
 @pytest.mark.parametrize("variant", ["topk", "mutual_choice", "feature_choice"])
-def test_the_yaml_restates_the_spec_defaults(data, variant):
-    """Defaults live in the specs. Hydra gets the model's, the top-level sections', the
-    allocators' and the loss terms' from them (register_defaults); the data YAML still restates
-    its spec's. Whatever composes must agree with the specs."""
+def test_the_composed_config_holds_the_spec_defaults(data, variant):
+    """Defaults live in the specs and Hydra composes them from there (register_defaults); the
+    YAML holds choices. A choice that overrides a default is listed in OWN: anything else that
+    differs from the spec is a default written twice."""
     import dataclasses
 
     from sae_lightning.allocators import get_allocator_class

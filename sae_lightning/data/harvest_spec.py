@@ -32,7 +32,7 @@ class LMSpec:
 
 @dataclass(kw_only=True)
 class HarvestSpec:
-    """How a cache is harvested (defaults: those of configs/data/minilm.yaml, kept equal by a test)."""
+    """How a cache is harvested (``data.harvest``; configs/data/minilm.yaml composes these defaults)."""
 
     lm: LMSpec = setting(default_factory=LMSpec)
     corpus: CorpusSpec = setting(default_factory=CorpusSpec)

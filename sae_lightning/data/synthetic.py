@@ -23,7 +23,7 @@ from .stream import StreamingDataModule
 
 @dataclasses.dataclass(kw_only=True)
 class SyntheticSpec:
-    """The generator (defaults: those of configs/data/synthetic.yaml, kept equal by a test)."""
+    """The generator (configs/data/synthetic.yaml composes these defaults)."""
 
     d_model: int = setting(128, ge=2)
     n_features: int = setting(1024, ge=1)  # ground-truth features
