@@ -121,10 +121,6 @@ class DownstreamLoss(L.Callback):
             count += int(valid.sum())
         return {name: {"ce": ce / max(count, 1), "kl": kl / max(count, 1)} for name, (ce, kl) in sums.items()}
 
-    def _ce(self, replace, chunk: int = 16) -> float:
-        """The mean next-token cross-entropy with ``replace`` spliced in (None: clean)."""
-        return self._losses({"x": replace}, chunk)["x"]["ce"]
-
     def _reference(self) -> dict[str, float]:
         """Clean and zero-ablated CE (and the zero-ablated KL) on the contexts: they do not depend
         on the SAE, so they are kept in the cache folder (``downstream_reference.json``, keyed by

@@ -56,8 +56,11 @@ def test_zero_reconstruction_is_zero_ablation(callback):
 
 def test_chunking_the_contexts_does_not_change_the_loss(callback):
     callback.measure(FakeSAE(lambda x: x))  # loads the model
-    assert math.isclose(callback._ce(None, chunk=2), callback._ce(None, chunk=16), rel_tol=1e-5)
-    assert math.isclose(callback._ce(torch.zeros_like, chunk=1), callback._ce(torch.zeros_like), rel_tol=1e-5)
+    def ce(replace, chunk=16):
+        return callback._losses({"x": replace}, chunk)["x"]["ce"]
+
+    assert math.isclose(ce(None, chunk=2), ce(None, chunk=16), rel_tol=1e-5)
+    assert math.isclose(ce(torch.zeros_like, chunk=1), ce(torch.zeros_like), rel_tol=1e-5)
 
 
 def test_kl_divergence_is_zero_for_a_perfect_splice_and_scores_zero_for_ablation(callback):
