@@ -56,6 +56,7 @@ def test_zero_reconstruction_is_zero_ablation(callback):
 
 def test_chunking_the_contexts_does_not_change_the_loss(callback):
     callback.measure(FakeSAE(lambda x: x))  # loads the model
+
     def ce(replace, chunk=16):
         return callback._losses({"x": replace}, chunk)["x"]["ce"]
 
