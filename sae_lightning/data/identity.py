@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DataError
+from ..resume import flatten
 from . import lm as lm_mod
 from .framing import Framing
 from .harvest_spec import HarvestSpec
@@ -73,17 +74,9 @@ def comparable(ident: dict) -> dict:
     return out
 
 
-def _differences(cache: dict, now: dict) -> list[tuple[str, Any, Any]]:
-    """(key, the cache's value, the value now) for every key of ``now`` that differs; a dict
-    value of ``now`` is compared key by key (so a partial identity compares only what it has)."""
-    out = []
-    for key, value in now.items():
-        old = cache.get(key)
-        if isinstance(value, dict) and isinstance(old, dict) and key in ("lm", "corpus") and len(value) < len(old):
-            out += [(f"{key}.{k}", old.get(k), v) for k, v in value.items() if old.get(k) != v]
-        elif old != value:
-            out.append((key, old, value))
-    return out
+def _differences(cache: dict, now: dict, keys) -> list[tuple[str, Any, Any]]:
+    """(key, the cache's value, the value now) for each of ``keys`` whose values differ."""
+    return [(k, cache.get(k), now.get(k)) for k in keys if cache.get(k) != now.get(k)]
 
 
 def _refuse(folder: Path, diffs: list[tuple[str, Any, Any]]) -> None:
@@ -101,11 +94,12 @@ def _refuse(folder: Path, diffs: list[tuple[str, Any, Any]]) -> None:
 def compare(old: dict, new: dict, folder: Path) -> None:
     """Refuse to extend a cache whose identity differs from this harvest's."""
     old, new = comparable(old), comparable(new)
-    _refuse(folder, _differences(old, {k: new.get(k) for k in KEYS}))
+    _refuse(folder, _differences(old, new, KEYS))
 
 
 def check_matches(manifest: dict[str, Any], spec: HarvestSpec, folder: Path) -> None:
     """Without loading anything: refuse a cache harvested with other settings than ``spec``
     (so that changing, say, data.harvest.layer never silently trains on the old cache)."""
     h = manifest["harvest"]
-    _refuse(folder, _differences(h, from_spec(spec, h["lm"]["n_layers"])))
+    now = flatten(from_spec(spec, h["lm"]["n_layers"]))  # lm.name, corpus.path, site, ...: only what the spec has
+    _refuse(folder, _differences(flatten(h), now, now))

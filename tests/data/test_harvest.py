@@ -231,17 +231,7 @@ def test_harvest_cli_stops_on_ctrl_c_and_resumes_to_the_same_cache(tiny_lm, tmp_
     assert (
         f"python train.py data=minilm out_dir={tmp_path} data.path={tmp_path}/cache" in again.stdout
     )  # how to train on it
-    spec = HarvestSpec.parse(
-        {
-            "lm": {"name": str(tiny_lm)},
-            "corpus": {"path": str(corpus)},
-            "layer": 0,
-            "context_length": 16,
-            "batch_size": 1,
-            "shard_tokens": 64,
-            "token_budget": 20000,
-        }
-    )
+    spec = spec_for(tiny_lm, corpus, batch_size=1, token_budget=20000, dtype="float16")  # the CLI's stored dtype
     harvest(tmp_path / "ref", spec, progress=False, log=lambda *a: None)
     assert files_digest(tmp_path / "cache") == files_digest(tmp_path / "ref")
 
