@@ -37,6 +37,9 @@ _QUIET_WARNINGS = (
     r".*Argument ``(heartbeat_interval|grace_period|heartbeat_stale_trial_callback)`` is an experimental feature.*",
     r".*Checkpoint directory .* exists and is not empty.*",  # resuming in place
     r".*Found keys that are not in the model state dict but in the checkpoint.*",
+    # validation figures are computed from metrics synced across ranks (or from every rank's copy
+    # of the same held-out tensor): equal on every rank, nothing for sync_dist to average
+    r".*when logging on epoch level in distributed setting.*",
 )
 
 

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from . import tb
 from .allocators import CalibrationSet, Mode
 from .allocators.base import ThresholdAllocator, l0_matching_scale, threshold_l0
+from .collective import Collective
 from .config import EvaluationSpec, LoggingSpec, ModelSpec, OptimSpec, StatsSpec, TrainConfig, VariantSpec
 from .data import DataSource
 from .errors import DataError, TrainingDiverged
@@ -111,9 +112,12 @@ class SAEModule(L.LightningModule):
         self._session_start: float | None = None
 
     # ---- the forward pass ---------------------------------------------------------------------
-    def forward_step(self, x: Tensor, mode: Mode | str = Mode.BATCH, update: bool = False):
+    def forward_step(
+        self, x: Tensor, mode: Mode | str = Mode.BATCH, update: bool = False, collective: Collective | None = None
+    ):
         """Returns (StepOutput in normalised units, the normalisation context). Raises
-        DataError for a non-finite input and TrainingDiverged for non-finite affinities."""
+        DataError for a non-finite input and TrainingDiverged for non-finite affinities. With a
+        ``collective``, batch mode allocates over every rank's batch (see :meth:`collective`)."""
         if not bool(torch.isfinite(x).all()):
             bad = int((~torch.isfinite(x)).any(1).nonzero()[0])
             raise DataError(
@@ -126,7 +130,9 @@ class SAEModule(L.LightningModule):
         with torch.no_grad():
             try:
                 if mode == Mode.BATCH:
-                    sel = self.allocator.allocate(z, step=self.global_step, density=self.stats.density, update=update)
+                    sel = self.allocator.allocate(
+                        z, step=self.global_step, density=self.stats.density, update=update, collective=collective
+                    )
                 else:
                     sel = self.allocator.threshold(z, source="ema" if mode == Mode.THRESHOLD_EMA else "calibrated")
             except TrainingDiverged as e:
@@ -156,6 +162,15 @@ class SAEModule(L.LightningModule):
             if bad
             else " (the input batch and the parameters are finite but their product overflowed; lower optim.lr)"
         )
+
+    def collective(self) -> Collective | None:
+        """The ranks a training or validation batch is allocated across: all of them in a
+        multi-process run with ``variant.global_allocation`` (the method's global batch), else
+        None (each rank its own batch). Only the trainer's steps use it: every rank reaches them
+        together; calibration, measures and inference allocate the tokens they are given."""
+        if self._trainer is None or not self.variant.params.global_allocation:
+            return None
+        return Collective.current()
 
     # ---- set-up ---------------------------------------------------------------------------------
     def on_train_start(self) -> None:
@@ -237,7 +252,7 @@ class SAEModule(L.LightningModule):
 
     # ---- training -------------------------------------------------------------------------------
     def training_step(self, x: Tensor, batch_idx: int) -> Tensor:
-        out, ctx = self.forward_step(x, Mode.BATCH, update=True)
+        out, ctx = self.forward_step(x, Mode.BATCH, update=True, collective=self.collective())
         terms = {name: term(out, self.sae, self.stats) for name, term in self.losses.items()}
         loss = total_loss(self.losses, terms, self.sae)
         if not torch.isfinite(loss):
@@ -300,16 +315,23 @@ class SAEModule(L.LightningModule):
         (before that it would repeat ``threshold_ema``, under another name)."""
         return [m for m in self.modes if m != Mode.THRESHOLD or self.allocator.thresholds_ready()]
 
-    def _update(self, metrics: tuple[Reconstruction, L0, Firing], x: Tensor, mode: Mode | str) -> None:
-        out, ctx = self.forward_step(x, mode)
+    def _update(
+        self,
+        metrics: tuple[Reconstruction, L0, Firing],
+        x: Tensor,
+        mode: Mode | str,
+        collective: Collective | None = None,
+    ) -> None:
+        out, ctx = self.forward_step(x, mode, collective=collective)
         recon, l0, firing = metrics
         recon.update(x, self.sae.denormalise(out.x_hat, ctx))
         l0.update(out.code.l0_per_token())
         firing.update(out.code.fire_counts(), x.shape[0])
 
     def validation_step(self, x: Tensor, batch_idx: int) -> None:
+        collective = self.collective()
         for mode in self.active_modes():
-            self._update(self._metrics(mode), x, mode)
+            self._update(self._metrics(mode), x, mode, collective if mode == Mode.BATCH else None)
 
     @torch.no_grad()
     def measure(self, x: Tensor, mode: Mode | str) -> dict[str, float]:

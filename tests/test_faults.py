@@ -170,3 +170,27 @@ def test_a_sweep_worker_stopped_mid_trial_leaves_a_study_the_same_command_comple
     assert retried.user_attrs["run_dir"] == stopped.user_attrs["run_dir"]
     assert f"resume={stopped.user_attrs['run_dir']}" in retried.user_attrs["overrides"]
     assert json.loads((Path(retried.user_attrs["run_dir"]) / "metrics.json").read_text())["steps"] == 400
+
+
+DDP = ["trainer.devices=2", "trainer.strategy=ddp", "trainer.accelerator=cpu", "variant=mutual_choice"]
+
+
+def test_a_two_rank_ddp_run_killed_resumes_in_place_to_the_uninterrupted_result(cli, tmp_path):
+    """kill -9 of a 2-rank DDP run (global allocation, gloo): the other rank ends on its own (its
+    peer's connection drops), and resume= continues in place to the uninterrupted run's result."""
+    ref_out, out = tmp_path / "ref", tmp_path / "out"
+    run_args = [*DDP, "trainer.max_steps=300", *RUN]
+    ref = cli("train.py", f"out_dir={ref_out}", *run_args)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    p = cli.start("train.py", f"out_dir={out}", *run_args)
+    wait_for(lambda: list(out.glob("runs/*/checkpoints/last.ckpt")) or not p.alive(), what="first checkpoint")
+    assert p.alive(), "the run ended before it could be stopped"
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait(60)
+    run = only_run(out)
+    again = cli("train.py", f"resume={run}")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resuming {run} at step" in again.stdout
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["tokens"] == 300 * 128 * 2  # both ranks' batches counted
+    assert_same_run(run, only_run(ref_out))

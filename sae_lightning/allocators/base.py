@@ -11,6 +11,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
+from ..collective import Collective
 from ..errors import require
 from ..registry import Registry
 from ..sparse import Selection
@@ -37,6 +38,9 @@ def register(name: str):
 @dataclasses.dataclass(kw_only=True)
 class AllocatorConfig:
     k: int = setting(32, gt=0)  # target mean number of active latents per token
+    # under DDP: allocate over the global batch (every rank's tokens), exactly as one process
+    # would; false: each rank allocates its own batch. No effect on one process or for TopK.
+    global_allocation: bool = True
 
     def check(self, prefix: str) -> None:
         """Rules that span fields (ranges are checked from the field metadata)."""
@@ -109,9 +113,19 @@ class Allocator(nn.Module, abc.ABC):
 
     # ---- the two modes ------------------------------------------------------------------
     @abc.abstractmethod
-    def allocate(self, z: Tensor, *, step: int = 0, density: Tensor | None = None, update: bool = False) -> Selection:
+    def allocate(
+        self,
+        z: Tensor,
+        *,
+        step: int = 0,
+        density: Tensor | None = None,
+        update: bool = False,
+        collective: Collective | None = None,
+    ) -> Selection:
         """Batch allocation. ``update`` lets the allocator update its running state
-        (threshold EMAs, density ranking); it is True only in training steps."""
+        (threshold EMAs, density ranking); it is True only in training steps. With a
+        ``collective`` the batch is this rank's part of a global batch that every rank
+        allocates together (each rank calls at the same point with the same batch size)."""
 
     def threshold(self, z: Tensor, source: str = "calibrated") -> Selection:
         """Threshold inference; ``source`` is ``'calibrated'`` (falls back to the EMA when

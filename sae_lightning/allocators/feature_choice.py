@@ -15,6 +15,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from ..collective import Collective, global_per_column_topk, global_top_m
 from ..errors import ConfigError, require
 from ..selection import GlobalTopK, per_column_topk, sort_pairs, threshold_selection
 from ..sparse import Selection
@@ -113,6 +114,7 @@ class FeatureChoice(ThresholdAllocator):
     rank_to_latent: Tensor
     demand: Tensor
     rounding_seed: Tensor
+    allocation_batch: Tensor
 
     def __init__(self, cfg: FeatureChoiceConfig, n_latents: int, batch_size: int):
         super().__init__(cfg, n_latents, batch_size, theta_shape=(n_latents,))
@@ -124,6 +126,9 @@ class FeatureChoice(ThresholdAllocator):
         # by_density: each latent's demand, the share of tokens whose affinity for it clears the
         # batch's Mutual Choice cutoff (an EMA in tokens); the prior is the uniform share k/F
         self.register_buffer("demand", torch.full((n_latents,), cfg.k / n_latents))
+        # the tokens a training allocation spans: B, or B times the ranks under global allocation
+        # (calibration gives each latent the firing rate it had there)
+        self.register_buffer("allocation_batch", torch.tensor(batch_size, dtype=torch.long))
         self._capacity_cache: dict[int, Tensor] = {}
         self._warmup = GlobalTopK()
 
@@ -176,42 +181,72 @@ class FeatureChoice(ThresholdAllocator):
         x = self.expected_capacities(batch_size)
         return stochastic_round(x, self.cfg.k * batch_size, batch_size, u).to(self.demand.device)
 
-    def allocate(self, z: Tensor, *, step: int = 0, density: Tensor | None = None, update: bool = False) -> Selection:
+    def allocate(
+        self,
+        z: Tensor,
+        *,
+        step: int = 0,
+        density: Tensor | None = None,
+        update: bool = False,
+        collective: Collective | None = None,
+    ) -> Selection:
         F_, B = z.shape
+        world = collective.world if collective is not None else 1
         zipf_by_demand = self.cfg.capacity == "zipf" and self.cfg.rank == "by_density"
         if update and (self.cfg.capacity == "demand" or zipf_by_demand):
-            self._update_demand(z)  # during a Mutual Choice warm-up too: demand then measures MC's own allocation
+            # during a Mutual Choice warm-up too: demand then measures MC's own allocation
+            self._update_demand(z, collective)
         if update and step < self.cfg.mc_warmup_steps:
+            if collective is not None:
+                return global_top_m(z.t(), self.cfg.k, collective)[0]
             return self._warmup(z.t(), self.cfg.k * B)[0]
         if update and zipf_by_demand and step % self.cfg.rerank_every_steps == 0:
             self.rank_to_latent.copy_(torch.argsort(self.demand, descending=True, stable=True))
-        m = self.training_capacities(B, step) if update else self.capacities(B)
-        lat, tok, _, cutoff = per_column_topk(z, m)
+        # capacities of the global batch (B tokens on each of the ranks)
+        if update:
+            self.allocation_batch.fill_(B * world)
+        m = self.training_capacities(B * world, step) if update else self.capacities(B * world)
+        if collective is not None:
+            sel, cutoff = global_per_column_topk(z, m, collective)
+        else:
+            lat, tok, _, cutoff = per_column_topk(z, m)
+            sel = sort_pairs(tok, lat, n_tokens=B, n_latents=F_)
         if update:  # a column with fewer than m_j positive entries fires on every positive one
-            self.update_theta_ema(cutoff.clamp_min(0.0), step)
-        return sort_pairs(tok, lat, n_tokens=B, n_latents=F_)
+            self.update_theta_ema(cutoff.clamp_min(0.0).to(self.theta_ema.dtype), step)
+        return sel
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # checkpoints from before global allocation: their training batch was this process's
+        state_dict.setdefault(prefix + "allocation_batch", torch.tensor(self.batch_size, dtype=torch.long))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @torch.no_grad()
-    def _update_demand(self, z: Tensor) -> None:
+    def _update_demand(self, z: Tensor, collective: Collective | None = None) -> None:
         """Not the latent's density, which Feature Choice fixes at m_j/B, but the share of the
         tokens it would take if the batch's budget were shared freely: its affinities above the
         Mutual Choice cutoff (the k·B-th largest of the batch, estimated on a strided sample),
-        counted on the first ``demand_tokens`` tokens."""
+        counted on the first ``demand_tokens`` tokens. With a ``collective`` the sample is every
+        rank's and the shares are averaged over the ranks: the same demand on every rank."""
         F_, B = z.shape
         flat = z.reshape(-1)
         sample = flat[:: max(1, flat.numel() // (1 << 16))]
+        if collective is not None:
+            sample = collective.gather(sample.float()).reshape(-1)
         keep = min(sample.numel(), max(1, math.ceil(sample.numel() * self.cfg.k / F_)))
         theta = torch.topk(sample, keep, sorted=False).values.min().clamp_min(0.0)
         n = min(B, self.cfg.demand_tokens)
         share = (z[:, :n] > theta).sum(1).to(self.demand.dtype) / n
+        tokens = B
+        if collective is not None:
+            share, tokens = collective.sum(share) / collective.world, B * collective.world
         # the time constant counts training tokens (B a step), not the n counted: the EMA follows the
         # model at the same pace whatever demand_tokens is (counted tokens made it lag 4x at 256)
-        self.demand.lerp_(share, 1.0 - math.exp(-B / self.cfg.demand_time_constant_tokens))
+        self.demand.lerp_(share, 1.0 - math.exp(-tokens / self.cfg.demand_time_constant_tokens))
 
     def current_theta(self, source: str = "calibrated") -> Tensor:
         theta = super().current_theta(source)
         # a latent with no capacity never fires
-        can = (self.expected_capacities(self.batch_size) > 0).to(theta.device)
+        can = (self.expected_capacities(int(self.allocation_batch)) > 0).to(theta.device)
         return torch.where(can, theta, torch.full_like(theta, float("inf")))
 
     def threshold(self, z: Tensor, source: str = "calibrated") -> Selection:
@@ -220,8 +255,9 @@ class FeatureChoice(ThresholdAllocator):
     @torch.no_grad()
     def calibrate(self, cal: CalibrationSet) -> dict[str, float]:
         """θ_j so that latent j fires on round(E[m_j]·N/B) of the N held-out tokens."""
-        m = self.expected_capacities(self.batch_size)
-        want = torch.round(m * cal.n_tokens / self.batch_size).to(torch.long).clamp(max=cal.n_tokens)
+        n = int(self.allocation_batch)
+        m = self.expected_capacities(n)
+        want = torch.round(m * cal.n_tokens / n).to(torch.long).clamp(max=cal.n_tokens)
         theta = torch.zeros(self.n_latents, dtype=self.theta_calibrated.dtype, device=self.theta_calibrated.device)
         for cols, z in cal.column_chunks():
             zs = torch.sort(z.t(), dim=1, descending=True).values  # [c, N]

@@ -10,6 +10,7 @@ import dataclasses
 import torch
 from torch import Tensor
 
+from ..collective import Collective
 from ..selection import check_finite, threshold_selection
 from ..sparse import Selection
 from .base import Allocator, AllocatorConfig, register
@@ -35,7 +36,15 @@ class JumpReLU(Allocator):
     def current_theta(self, source: str = "calibrated") -> Tensor:
         return self.theta  # fixed: no calibration, no running estimate
 
-    def allocate(self, z: Tensor, *, step: int = 0, density: Tensor | None = None, update: bool = False) -> Selection:
+    def allocate(
+        self,
+        z: Tensor,
+        *,
+        step: int = 0,
+        density: Tensor | None = None,
+        update: bool = False,
+        collective: Collective | None = None,
+    ) -> Selection:
         return self.threshold(z)
 
     def threshold(self, z: Tensor, source: str = "calibrated") -> Selection:

@@ -8,6 +8,7 @@ import dataclasses
 import torch
 from torch import Tensor
 
+from ..collective import Collective, global_top_m
 from ..selection import GlobalTopK, threshold_selection
 from ..sparse import Selection
 from .base import CalibrationSet, ThresholdAllocator, ThresholdConfig, largest_beyond, register
@@ -37,12 +38,26 @@ class MutualChoice(ThresholdAllocator):
         super().__init__(cfg, n_latents, batch_size, theta_shape=())
         self._global = GlobalTopK()
 
-    def allocate(self, z: Tensor, *, step: int = 0, density: Tensor | None = None, update: bool = False) -> Selection:
-        sel, values = self._global(z, self.cfg.k * z.shape[0])
+    def allocate(
+        self,
+        z: Tensor,
+        *,
+        step: int = 0,
+        density: Tensor | None = None,
+        update: bool = False,
+        collective: Collective | None = None,
+    ) -> Selection:
+        if collective is None:
+            sel, values = self._global(z, self.cfg.k * z.shape[0])
+        else:
+            sel, values = global_top_m(z, self.cfg.k, collective)
         if update:
             positive = values[values > 0]
-            if positive.numel():
-                self.update_theta_ema(positive.min(), step)
+            lowest = positive.min().float() if positive.numel() else z.new_full((), float("inf"), dtype=torch.float32)
+            if collective is not None:  # every rank's smallest kept value: the same EMA everywhere
+                lowest = collective.min(lowest)
+            if bool(torch.isfinite(lowest)):
+                self.update_theta_ema(lowest, step)
         return sel
 
     def threshold(self, z: Tensor, source: str = "calibrated") -> Selection:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from ..collective import Collective
 from ..selection import topk_per_row
 from ..sparse import Selection
 from .base import Allocator, register
@@ -11,5 +12,13 @@ from .base import Allocator, register
 
 @register("topk")
 class TopK(Allocator):
-    def allocate(self, z: Tensor, *, step: int = 0, density: Tensor | None = None, update: bool = False) -> Selection:
+    def allocate(
+        self,
+        z: Tensor,
+        *,
+        step: int = 0,
+        density: Tensor | None = None,
+        update: bool = False,
+        collective: Collective | None = None,
+    ) -> Selection:
         return topk_per_row(z, self.cfg.k)
