@@ -141,6 +141,7 @@ class Recording(SAEModule):
         return out, ctx
 
     def on_train_end(self):
+        self.calibrate(self.data().calibration_tokens())  # each rank on the whole held-out set
         state = {k: v.detach().clone() for k, v in self.state_dict().items()}
         torch.save({"picked": self.picked, "state": state}, Path(self.folder) / f"rank{self.global_rank}.pt")
 
@@ -200,7 +201,8 @@ def train(overrides: list[str], folder: Path, devices: int) -> dict:
 def test_global_allocation_ddp_training_steps_equal_one_process_on_the_global_batch(tmp_path, variant):
     """Global allocation inside Lightning's DDP: 2 gloo ranks train STEPS steps; at every step
     the pairs the ranks select together are the pairs one process selects on the concatenated
-    batch, and after the steps parameters, thresholds and latent statistics agree."""
+    batch, and after the steps parameters, thresholds (EMA and calibrated) and latent statistics
+    agree."""
     for name in ("two", "one"):
         (tmp_path / name).mkdir()
     two, one = train(variant, tmp_path / "two", 2), train(variant, tmp_path / "one", 1)
@@ -220,6 +222,7 @@ def test_global_allocation_ddp_training_steps_equal_one_process_on_the_global_ba
             else:
                 assert torch.equal(other, value), f"{key} on rank {r}"
     assert int(two[0]["state"]["stats.tokens_seen"]) == STEPS * B * WORLD
+    assert bool(two[0]["state"]["allocator.calibrated"])
 
 
 @pytest.mark.parametrize("capacity", ["zipf", "demand"])
