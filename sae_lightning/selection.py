@@ -22,15 +22,56 @@ def check_finite(top_values: Tensor) -> None:
         raise TrainingDiverged("non-finite affinities z' (NaN or inf) reached the allocator")
 
 
-def topk_per_row(z: Tensor, k: int) -> Selection:
-    """The top-k latents of every token (row-major order)."""
+def canonical_rows(z: Tensor, k: Tensor) -> Tensor:
+    """For each row of ``z`` ([n, W]) the positions of its top-k_r entries in the canonical order
+    (value descending, then position ascending), as a [n, W] mask with k_r entries per row. For
+    the few rows whose cut falls inside a run of equal values (``torch.topk`` leaves which of
+    them it keeps unspecified)."""
+    kmax = int(k.max()) if k.numel() else 0
+    if kmax == 0:
+        return torch.zeros_like(z, dtype=torch.bool)
+    top = torch.topk(z, kmax, dim=1, sorted=True).values
+    theta = top.gather(1, (k - 1).clamp_min(0).unsqueeze(1))
+    above = z > theta
+    tie = z == theta
+    need = (k.unsqueeze(1) - above.sum(1, keepdim=True)).clamp_min(0)
+    return (above | (tie & (tie.cumsum(1) <= need))) & (k.unsqueeze(1) > 0)
+
+
+def topk_per_row(z: Tensor, k: int, offset: int = 0) -> tuple[Selection, Tensor]:
+    """The top-k latents of every token (row-major order) and their values, in the canonical
+    order (value, then lower latent first): the same pairs whatever the implementation of
+    ``torch.topk`` does with ties. ``offset`` is added to the latent indices (a block of latents)."""
     B, F = z.shape
     k = min(k, F)
-    top = torch.topk(z, k, dim=1, sorted=False)
+    width = min(k + 1, F)
+    top = torch.topk(z, width, dim=1, sorted=True)
     check_finite(top.values)
-    idx = top.indices
+    idx, vals = top.indices[:, :k], top.values[:, :k]
+    if width > k:  # a cut inside a run of equal values: the lower latents among them
+        tied = (top.values[:, k] == top.values[:, k - 1]).nonzero().squeeze(1)
+        if tied.numel():
+            idx, vals = idx.clone(), vals.clone()
+            mask = canonical_rows(z[tied], torch.full((tied.numel(),), k, device=z.device))
+            idx[tied] = mask.nonzero()[:, 1].view(-1, k)
+            vals[tied] = z[tied].gather(1, idx[tied])
     rows = torch.arange(B, device=z.device).repeat_interleave(k)
-    return Selection(rows=rows, cols=idx.reshape(-1), n_tokens=B)
+    return Selection(rows=rows, cols=idx.reshape(-1) + offset, n_tokens=B), vals.reshape(-1)
+
+
+def top_canonical(values: Tensor, keys: Tensor, m: int) -> Tensor:
+    """Positions of the m largest ``values`` in the canonical order (value descending, then
+    ``keys`` ascending; keys distinct): exact and unique, ties at the cut included."""
+    if m >= values.numel():
+        return torch.arange(values.numel(), device=values.device)
+    top = torch.topk(values, m, sorted=False)
+    cut = top.values.min()
+    if int((values == cut).sum()) == int((top.values == cut).sum()):  # no tie across the cut
+        return top.indices
+    above = (values > cut).nonzero().squeeze(1)
+    eq = (values == cut).nonzero().squeeze(1)
+    eq = eq[torch.argsort(keys[eq])][: m - above.numel()]
+    return torch.cat([above, eq])
 
 
 class GlobalTopK:
@@ -103,13 +144,13 @@ class GlobalTopK:
                 f"exact global top-{budget} did not converge on a [{B}, {F}] matrix (a bug: please report)"
             )
         cand_v = torch.cat([v.reshape(-1) for _, v, _ in groups.values()])
-        top = torch.topk(cand_v, budget, sorted=False)
         cand_r = torch.cat([r.repeat_interleave(v.shape[1]) for r, v, _ in groups.values()])
         cand_c = torch.cat([i.reshape(-1) for _, _, i in groups.values()])
-        key = cand_r[top.indices] * F + cand_c[top.indices]
-        key, order = torch.sort(key)
+        cand_key = cand_r * F + cand_c
+        chosen = top_canonical(cand_v, cand_key, budget)  # every entry >= the cut is a candidate
+        key, order = torch.sort(cand_key[chosen])
         rows = torch.div(key, F, rounding_mode="floor")
-        return Selection(rows=rows, cols=key - rows * F, n_tokens=B), top.values[order]
+        return Selection(rows=rows, cols=key - rows * F, n_tokens=B), cand_v[chosen][order]
 
     @staticmethod
     def _quantile_from_top(sample: Tensor, share: float, flat: Tensor) -> Tensor:
@@ -129,9 +170,10 @@ def per_column_topk(zt: Tensor, m: Tensor) -> tuple[Tensor, Tensor, Tensor, Tens
     """For each row j of ``zt`` ([F, B], latent-major) its top-m_j entries.
 
     Latents are grouped by capacity so that each ``topk`` call asks for at most twice the
-    smallest capacity in its group: the work stays near Σ m_j even for Zipf capacities.
-    Returns (latent, token, value) of the kept entries and each latent's cutoff value
-    (its m_j-th largest, -inf where m_j = 0).
+    smallest capacity in its group: the work stays near Σ m_j even for Zipf capacities. Ties at
+    a latent's cut keep the lower tokens (canonical: the same pairs whatever ``torch.topk`` does).
+    Returns (latent, token, value) of the kept entries, each latent's in value order, and each
+    latent's cutoff value (its m_j-th largest, -inf where m_j = 0).
     """
     F_, B = zt.shape
     order = torch.argsort(m, descending=True, stable=True)
@@ -146,8 +188,22 @@ def per_column_topk(zt: Tensor, m: Tensor) -> tuple[Tensor, Tensor, Tensor, Tens
             end += 1
         lat = order[start:end]
         cap = m[lat]
-        vals, idx = torch.topk(zt[lat], top, dim=1, sorted=True)
+        rows = zt[lat]
+        width = min(top + 1, B)  # one more: is the cut inside a run of equal values?
+        vals, idx = torch.topk(rows, width, dim=1, sorted=True)
         check_finite(vals[:, 0])  # each latent's largest value
+        tied = (cap < B) & (
+            vals.gather(1, cap.clamp(max=width - 1).unsqueeze(1)).squeeze(1)
+            == vals.gather(1, (cap - 1).unsqueeze(1)).squeeze(1)
+        )
+        tied = tied.nonzero().squeeze(1)
+        if tied.numel():  # those latents keep the lower tokens among the tied values
+            mask = canonical_rows(rows[tied], cap[tied])
+            ranked = torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices[:, :top]  # kept first
+            order_v = torch.sort(rows[tied].gather(1, ranked), dim=1, descending=True, stable=True).indices
+            idx[tied, :top] = ranked.gather(1, order_v)
+            vals[tied, :top] = rows[tied].gather(1, idx[tied, :top])
+        vals, idx = vals[:, :top], idx[:, :top]
         keep = torch.arange(top, device=zt.device).unsqueeze(0) < cap.unsqueeze(1)
         lat_out.append(lat.unsqueeze(1).expand(-1, top)[keep])
         tok_out.append(idx[keep])

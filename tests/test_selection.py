@@ -42,3 +42,33 @@ def test_global_topk_is_exact_on_skewed_rows(seed):
         assert sel.rows.numel() == m
         assert torch.equal(z[sel.rows, sel.cols], values)
         assert torch.equal(torch.sort(values, descending=True).values, torch.topk(z.flatten(), m).values)
+
+
+# ---- the canonical order: value descending, then lower index first ------------------------------
+def canonical_reference(values, m):
+    """Positions of the m first entries of a 1-D tensor in the canonical order (brute force)."""
+    order = sorted(range(values.numel()), key=lambda i: (-float(values[i]), i))
+    return sorted(order[:m])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_selections_keep_the_lower_index_among_values_tied_at_the_cut(seed):
+    """With many equal values at every cut, each kernel keeps exactly the pairs the canonical
+    order (value descending, then lower latent / token / flat index) gives: the same pairs on any
+    path that computes the same values (dense or blockwise, one rank or several)."""
+    from sae_lightning.selection import topk_per_row
+
+    g = torch.Generator().manual_seed(seed)
+    B, F, k = 24, 40, 5
+    z = torch.randint(0, 4, (B, F), generator=g).float()
+    sel, vals = topk_per_row(z, k)
+    for r in range(B):
+        assert sorted(sel.cols[sel.rows == r].tolist()) == canonical_reference(z[r], k)
+    assert torch.equal(vals, z[sel.rows, sel.cols])
+    sel, vals = GlobalTopK()(z, k * B)
+    assert sorted((sel.rows * F + sel.cols).tolist()) == canonical_reference(z.reshape(-1), k * B)
+    m = torch.randint(0, B + 1, (F,), generator=g)
+    lat, tok, val, _ = per_column_topk(z.t().contiguous(), m)
+    for j in range(F):
+        assert sorted(tok[lat == j].tolist()) == canonical_reference(z[:, j], int(m[j]))
+        assert torch.all(val[lat == j].diff() <= 0)  # each latent's entries in value order

@@ -21,4 +21,4 @@ class TopK(Allocator):
         update: bool = False,
         collective: Collective | None = None,
     ) -> Selection:
-        return topk_per_row(z, self.cfg.k)
+        return topk_per_row(z, self.cfg.k)[0]
