@@ -1,0 +1,104 @@
+"""Selections from affinities computed one block of latents at a time: memory O(B·block + k·B),
+never the dense [B, F] matrix.
+
+Each function gives the same pairs and values as its dense kernel in ``selection.py`` (the
+kernels share the canonical order: value descending, then lower index; so ties at a cut are
+resolved the same way): TopK keeps a running top-k per token, merged block by block; Mutual
+Choice a running top-M of the whole batch (the union's top-M is the top-M of the parts' top-Ms);
+Feature Choice is per latent, and a latent never spans two blocks; threshold selection is per
+entry.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import Tensor
+
+from .selection import GlobalTopK, per_column_topk, sort_pairs, top_canonical, topk_per_row
+from .sparse import Selection
+
+
+class AffinityBlocks:
+    """z′ of B tokens for F latents, computed on demand a block of latents at a time by
+    ``block_of(cols)``: [B, |cols|] in the ``token`` layout, [|cols|, B] in the ``latent`` one."""
+
+    def __init__(self, block_of: Callable[[slice], Tensor], n_tokens: int, n_latents: int, block: int, layout: str):
+        self.block_of, self.n_tokens, self.n_latents = block_of, n_tokens, n_latents
+        self.block, self.layout = max(1, block), layout
+
+    def __iter__(self) -> Iterator[tuple[int, Tensor]]:
+        """(first latent, z′ of the block) for every block, in latent order."""
+        for j in range(0, self.n_latents, self.block):
+            yield j, self.block_of(slice(j, min(self.n_latents, j + self.block)))
+
+
+def topk_per_row_blocks(blocks: AffinityBlocks, k: int) -> tuple[Selection, Tensor]:
+    """:func:`selection.topk_per_row` of the whole matrix: each token's top-k over the blocks."""
+    run_i: Tensor | None = None
+    run_v: Tensor | None = None
+    B = blocks.n_tokens
+    for j, z in blocks:
+        sel, vals = topk_per_row(z, k, offset=j)
+        idx, vals = sel.cols.view(B, -1), vals.view(B, -1)
+        if run_i is None or run_v is None:
+            run_i, run_v = idx, vals
+            continue
+        cand_i, cand_v = torch.cat([run_i, idx], 1), torch.cat([run_v, vals], 1)
+        # the canonical order: lower latent first, then (stably) larger value first
+        by_latent = torch.argsort(cand_i, dim=1)
+        by_value = torch.sort(cand_v.gather(1, by_latent), dim=1, descending=True, stable=True).indices
+        keep = by_latent.gather(1, by_value[:, : min(k, cand_i.shape[1])])
+        run_i, run_v = cand_i.gather(1, keep), cand_v.gather(1, keep)
+    assert run_i is not None and run_v is not None, "no latents"
+    order = torch.sort(run_v, dim=1, descending=True, stable=True).indices  # as the dense kernel: value order
+    run_i, run_v = run_i.gather(1, order), run_v.gather(1, order)
+    rows = torch.arange(B, device=run_i.device).repeat_interleave(run_i.shape[1])
+    return Selection(rows=rows, cols=run_i.reshape(-1), n_tokens=B), run_v.reshape(-1)
+
+
+def top_m_blocks(blocks: AffinityBlocks, budget: int) -> tuple[Selection, Tensor]:
+    """:class:`selection.GlobalTopK` of the whole matrix: the batch's top-``budget`` entries,
+    token-major, with their values."""
+    B, F = blocks.n_tokens, blocks.n_latents
+    budget = min(budget, B * F)
+    keys: Tensor | None = None
+    vals: Tensor | None = None
+    for j, z in blocks:
+        sel, v = GlobalTopK()(z, min(budget, z.numel()))
+        k = sel.rows * F + sel.cols + j
+        if keys is not None and vals is not None:
+            k, v = torch.cat([keys, k]), torch.cat([vals, v])
+        chosen = top_canonical(v, k, budget)
+        keys, vals = k[chosen], v[chosen]
+    assert keys is not None and vals is not None, "no latents"
+    keys, order = torch.sort(keys)
+    rows = torch.div(keys, F, rounding_mode="floor")
+    return Selection(rows=rows, cols=keys - rows * F, n_tokens=B), vals[order]
+
+
+def per_column_topk_blocks(blocks: AffinityBlocks, m: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """:func:`selection.per_column_topk` of the whole [F, B] matrix (latent layout blocks)."""
+    out: list[tuple[Tensor, Tensor, Tensor]] = []
+    cutoffs = []
+    for j, zt in blocks:
+        lat, tok, val, cutoff = per_column_topk(zt, m[j : j + zt.shape[0]])
+        out.append((lat + j, tok, val))
+        cutoffs.append(cutoff)
+    lat, tok, val = (torch.cat(parts) for parts in zip(*out))
+    return lat, tok, val, torch.cat(cutoffs)
+
+
+def threshold_selection_blocks(blocks: AffinityBlocks, theta: Tensor) -> Selection:
+    """:func:`selection.threshold_selection` of the whole matrix: pairs with z′ > θ and z′ > 0."""
+    rows, cols = [], []
+    for j, z in blocks:
+        th = theta if theta.dim() == 0 else theta[j : j + (z.shape[1] if blocks.layout == "token" else z.shape[0])]
+        if blocks.layout == "token":
+            r, c = torch.nonzero((z > th) & (z > 0), as_tuple=True)
+        else:
+            c, r = torch.nonzero((z > th.unsqueeze(1) if th.dim() else z > th) & (z > 0), as_tuple=True)
+        rows.append(r)
+        cols.append(c + j)
+    return sort_pairs(torch.cat(rows), torch.cat(cols), blocks.n_tokens, blocks.n_latents)

@@ -1,0 +1,100 @@
+"""Blockwise selection (a block of latents at a time) equals the dense kernels: the same pairs
+and values for TopK, Mutual Choice, Feature Choice and thresholds, at block sizes that divide F
+and that do not, with values tied at the cut, and NaN stops both."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sae_lightning.blockwise import (
+    AffinityBlocks,
+    per_column_topk_blocks,
+    threshold_selection_blocks,
+    top_m_blocks,
+    topk_per_row_blocks,
+)
+from sae_lightning.errors import TrainingDiverged
+from sae_lightning.selection import GlobalTopK, per_column_topk, threshold_selection, topk_per_row
+
+B, F = 32, 50
+BLOCKS = [1, 7, 16, 50, 64]
+
+
+def blocks_of(z, block, layout="token"):
+    if layout == "token":
+        return AffinityBlocks(lambda cols: z[:, cols], z.shape[0], z.shape[1], block, layout)
+    return AffinityBlocks(lambda cols: z[cols], z.shape[1], z.shape[0], block, layout)
+
+
+def triples(rows, cols, vals):
+    return sorted(zip(rows.tolist(), cols.tolist(), vals.tolist()))
+
+
+def inputs():
+    g = torch.Generator().manual_seed(0)
+    yield "continuous", torch.randn(B, F, generator=g)
+    yield "tied", torch.randint(-2, 4, (B, F), generator=g).float()  # runs of equal values at every cut
+
+
+@pytest.mark.parametrize("block", BLOCKS)
+@pytest.mark.parametrize("k", [1, 5, 12])
+def test_blockwise_topk_equals_dense(block, k):
+    for name, z in inputs():
+        dense, dv = topk_per_row(z, k)
+        got, gv = topk_per_row_blocks(blocks_of(z, block), k)
+        assert triples(got.rows, got.cols, gv) == triples(dense.rows, dense.cols, dv), name
+
+
+@pytest.mark.parametrize("block", BLOCKS)
+@pytest.mark.parametrize("k", [1, 5, 12])
+def test_blockwise_mutual_choice_equals_dense(block, k):
+    for name, z in inputs():
+        dense, dv = GlobalTopK()(z, k * B)
+        got, gv = top_m_blocks(blocks_of(z, block), k * B)
+        assert triples(got.rows, got.cols, gv) == triples(dense.rows, dense.cols, dv), name
+        assert torch.all(got.rows[1:] >= got.rows[:-1])  # token-major
+
+
+@pytest.mark.parametrize("block", BLOCKS)
+def test_blockwise_feature_choice_equals_dense(block):
+    g = torch.Generator().manual_seed(1)
+    m = torch.randint(0, B + 1, (F,), generator=g)
+    m[:2] = torch.tensor([0, B])
+    for name, z in inputs():
+        zt = z.t().contiguous()
+        lat, tok, val, cut = per_column_topk(zt, m)
+        blat, btok, bval, bcut = per_column_topk_blocks(blocks_of(zt, block, "latent"), m)
+        assert triples(blat, btok, bval) == triples(lat, tok, val), name
+        assert torch.equal(bcut, cut)
+
+
+@pytest.mark.parametrize("block", BLOCKS)
+def test_blockwise_threshold_selection_equals_dense(block):
+    for name, z in inputs():
+        for theta in (torch.tensor(0.5), torch.linspace(-1, 2, F)):
+            dense = threshold_selection(z, theta)
+            got = threshold_selection_blocks(blocks_of(z, block), theta)
+            assert torch.equal(got.rows, dense.rows) and torch.equal(got.cols, dense.cols), name
+            zt = z.t().contiguous()
+            dense = threshold_selection(zt, theta, "latent")
+            got = threshold_selection_blocks(blocks_of(zt, block, "latent"), theta)
+            assert torch.equal(got.rows, dense.rows) and torch.equal(got.cols, dense.cols), name
+
+
+@pytest.mark.parametrize("block", [7, 16])
+def test_blockwise_selection_stops_on_nan_as_the_dense_one(block):
+    z = torch.randn(B, F)
+    z[3, 41] = float("nan")  # in the last block
+    for dense, blockwise in (
+        (lambda: topk_per_row(z, 5), lambda: topk_per_row_blocks(blocks_of(z, block), 5)),
+        (lambda: GlobalTopK()(z, 5 * B), lambda: top_m_blocks(blocks_of(z, block), 5 * B)),
+        (
+            lambda: per_column_topk(z.t().contiguous(), torch.full((F,), 4)),
+            lambda: per_column_topk_blocks(blocks_of(z.t().contiguous(), block, "latent"), torch.full((F,), 4)),
+        ),
+    ):
+        with pytest.raises(TrainingDiverged):
+            dense()
+        with pytest.raises(TrainingDiverged):
+            blockwise()
