@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import Tensor
 
-from .selection import GlobalTopK, per_column_topk, sort_pairs, top_canonical, topk_per_row
+from .selection import GlobalTopK, per_column_topk, sort_pairs, threshold_selection, top_canonical, topk_per_row
 from .sparse import Selection
 
 
@@ -24,9 +24,33 @@ class AffinityBlocks:
     """z′ of B tokens for F latents, computed on demand a block of latents at a time by
     ``block_of(cols)``: [B, |cols|] in the ``token`` layout, [|cols|, B] in the ``latent`` one."""
 
-    def __init__(self, block_of: Callable[[slice], Tensor], n_tokens: int, n_latents: int, block: int, layout: str):
+    def __init__(
+        self,
+        block_of: Callable[[slice], Tensor],
+        n_tokens: int,
+        n_latents: int,
+        block: int,
+        layout: str,
+        columns_of: Callable[[Tensor, slice], Tensor] | None = None,
+    ):
         self.block_of, self.n_tokens, self.n_latents = block_of, n_tokens, n_latents
-        self.block, self.layout = max(1, block), layout
+        self.block, self.layout, self.columns_of = max(1, block), layout, columns_of
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """The dense matrix's shape in this layout."""
+        return (self.n_tokens, self.n_latents) if self.layout == "token" else (self.n_latents, self.n_tokens)
+
+    def columns(self, latents: Tensor, tokens: slice = slice(None)) -> Tensor:
+        """z′ of some latents for (some) tokens, [tokens, len(latents)] (the auxiliary losses'
+        few columns), computed directly."""
+        if self.columns_of is None:
+            raise ValueError("these blocks cannot give single columns")
+        return self.columns_of(latents, tokens)
+
+    def dense(self) -> Tensor:
+        """The whole matrix (for what has no blockwise path)."""
+        return torch.cat([z for _, z in self], dim=1 if self.layout == "token" else 0)
 
     def __iter__(self) -> Iterator[tuple[int, Tensor]]:
         """(first latent, z′ of the block) for every block, in latent order."""
@@ -102,3 +126,21 @@ def threshold_selection_blocks(blocks: AffinityBlocks, theta: Tensor) -> Selecti
         rows.append(r)
         cols.append(c + j)
     return sort_pairs(torch.cat(rows), torch.cat(cols), blocks.n_tokens, blocks.n_latents)
+
+
+# ---- either form: what the allocators call -------------------------------------------------------
+def top_m(z: Tensor | AffinityBlocks, budget: int) -> tuple[Selection, Tensor]:
+    """The batch's top-``budget`` entries of a dense matrix or of blocks (token layout)."""
+    return top_m_blocks(z, budget) if isinstance(z, AffinityBlocks) else GlobalTopK()(z, budget)
+
+
+def per_column(zt: Tensor | AffinityBlocks, m: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Each latent's top-m_j tokens of a dense [F, B] matrix or of blocks (latent layout)."""
+    return per_column_topk_blocks(zt, m) if isinstance(zt, AffinityBlocks) else per_column_topk(zt, m)
+
+
+def above_threshold(z: Tensor | AffinityBlocks, theta: Tensor, layout: str = "token") -> Selection:
+    """Pairs with z′ > θ and z′ > 0 of a dense matrix or of blocks, token-major."""
+    return (
+        threshold_selection_blocks(z, theta) if isinstance(z, AffinityBlocks) else threshold_selection(z, theta, layout)
+    )

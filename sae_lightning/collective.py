@@ -18,7 +18,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .selection import GlobalTopK, per_column_topk, sort_pairs
+from .blockwise import AffinityBlocks, per_column, top_m
+from .selection import sort_pairs
 from .sparse import Selection
 
 
@@ -64,13 +65,14 @@ def _tie_shares(above: Tensor, ties: Tensor, want: Tensor, rank: int) -> Tensor:
     return (short - before[rank]).clamp(min=0).minimum(ties[rank])
 
 
-def global_top_m(z: Tensor, per_token: int, coll: Collective) -> tuple[Selection, Tensor]:
+def global_top_m(z: Tensor | AffinityBlocks, per_token: int, coll: Collective) -> tuple[Selection, Tensor]:
     """Mutual Choice over every rank's batch: the entries of this rank's z' [B, F] among the
     per_token·ΣB largest of all ranks' entries, token-major, with their values. Every rank
     must hold the same B."""
     B, F = z.shape
     budget = per_token * B * coll.world
-    local, values = GlobalTopK()(z, min(budget, B * F))  # every entry of ours the global top-M can hold
+    # every entry of ours the global top-M can hold
+    local, values = top_m(z, min(budget, B * F))
     padded = values.new_full((budget,), float("-inf"), dtype=torch.float32)
     padded[: values.numel()] = values.float()
     pool = coll.gather(padded).reshape(-1)
@@ -78,20 +80,20 @@ def global_top_m(z: Tensor, per_token: int, coll: Collective) -> tuple[Selection
     v = values.float()
     counts = torch.stack([(v > theta).sum(), (v == theta).sum()])
     every = coll.gather(counts)  # [world, 2]
-    take = _tie_shares(every[:, 0], every[:, 1], torch.tensor(budget, device=z.device), coll.rank)
+    take = _tie_shares(every[:, 0], every[:, 1], torch.tensor(budget, device=values.device), coll.rank)
     tie = v == theta
     keep = (v > theta) | (tie & (tie.cumsum(0) <= take))
     return Selection(rows=local.rows[keep], cols=local.cols[keep], n_tokens=B), values[keep]
 
 
-def global_per_column_topk(zt: Tensor, m: Tensor, coll: Collective) -> tuple[Selection, Tensor]:
+def global_per_column_topk(zt: Tensor | AffinityBlocks, m: Tensor, coll: Collective) -> tuple[Selection, Tensor]:
     """Feature Choice over every rank's batch: latent j takes its top-m_j tokens of all ranks'
     tokens (m_j ≤ ΣB, the same on every rank); returns this rank's pairs, token-major, and each
     latent's cutoff (its m_j-th largest over all ranks, -inf where m_j = 0). ``zt`` is this
     rank's [F, B], every rank with the same B."""
     F_, B = zt.shape
     mine = m.clamp(max=B)  # no rank can give a latent more than its B tokens
-    lat, tok, val, _ = per_column_topk(zt, mine)
+    lat, tok, val, _ = per_column(zt, mine)
     order = torch.argsort(lat, stable=True)  # latent-major; each latent's entries stay in value order
     lat, tok, val = lat[order], tok[order], val[order].float()
     pool = coll.gather(val)  # [world, S]: the same layout on every rank (S = Σ_j min(m_j, B))
@@ -102,7 +104,7 @@ def global_per_column_topk(zt: Tensor, m: Tensor, coll: Collective) -> tuple[Sel
     sorted_v = pool.reshape(-1)[by_latent]
     start = (torch.cumsum(mine, 0) - mine) * coll.world  # where each latent's run of W·min(m_j, B) begins
     has = m > 0
-    theta = torch.full((F_,), float("-inf"), dtype=torch.float32, device=zt.device)
+    theta = torch.full((F_,), float("-inf"), dtype=torch.float32, device=val.device)
     theta[has] = sorted_v[(start + m - 1)[has]]
     th = theta[lat]
     counts = (
@@ -119,7 +121,7 @@ def global_per_column_topk(zt: Tensor, m: Tensor, coll: Collective) -> tuple[Sel
     take = _tie_shares(every[:, 0], every[:, 1], m, coll.rank)  # [F]
     tie = val == th
     seen = tie.long().cumsum(0) - tie.long()  # ties before this entry, over all latents
-    first = torch.zeros(F_, dtype=torch.long, device=zt.device)
+    first = torch.zeros(F_, dtype=torch.long, device=val.device)
     seen_at_start = torch.zeros_like(first)
     nonempty = mine > 0
     first[nonempty] = (torch.cumsum(mine, 0) - mine)[nonempty]

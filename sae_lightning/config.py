@@ -44,6 +44,9 @@ class ModelSpec:
     # float32 | bfloat16: the affinity matrix used for selection (selected values are always
     # recomputed exactly in float32)
     affinity_dtype: AffinityDtype = "float32"
+    # latents per block of the affinity matrix: selection, thresholds and the auxiliary losses
+    # compute z' a block at a time and never hold [B, F] (null: one block, the dense matrix)
+    block_latents: int | None = setting(None, ge=1, allowed="null (the dense matrix) or an integer >= 1")
     # unit: decoder rows held at norm 1 (gradient projection, renormalisation); free: their norms
     # train, and selection ranks z'_j·‖d_j‖ (SAELens's rescale_acts_by_decoder_norm)
     decoder_norm: DecoderNorm = "free"

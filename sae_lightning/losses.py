@@ -14,6 +14,7 @@ from typing import ClassVar, Literal, cast
 import torch
 from torch import Tensor
 
+from .blockwise import AffinityBlocks
 from .registry import Registry
 from .sae import SparseAutoencoder
 from .selection import per_column_topk, sort_pairs
@@ -28,12 +29,14 @@ class StepOutput:
 
     x: Tensor  # input [B, d]
     x_hat: Tensor  # reconstruction [B, d]
-    z: Tensor  # affinities, no autograd: [B, F] if layout == "token", [F, B] if "latent"
+    z: Tensor | AffinityBlocks  # affinities, no autograd: [B, F] if layout == "token", [F, B] if "latent"
     layout: str
     code: SparseCode
 
     def columns(self, latents: Tensor, tokens: slice = slice(None)) -> Tensor:
         """The affinities of some latents for (some) tokens, [tokens, len(latents)]."""
+        if isinstance(self.z, AffinityBlocks):
+            return self.z.columns(latents, tokens)
         return self.z[tokens][:, latents] if self.layout == "token" else self.z[latents, tokens].t()
 
 

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from . import tb
 from .allocators import CalibrationSet, Mode
 from .allocators.base import ThresholdAllocator, l0_matching_scale, threshold_l0
+from .blockwise import AffinityBlocks, above_threshold
 from .collective import Collective
 from .config import EvaluationSpec, LoggingSpec, ModelSpec, OptimSpec, StatsSpec, TrainConfig, VariantSpec
 from .data import DataSource
@@ -22,7 +23,6 @@ from .losses import StepOutput, total_loss
 from .mdl import description_length
 from .metrics import L0, Firing, Reconstruction, feature_recovery
 from .sae import AFFINITY_DTYPES, SparseAutoencoder
-from .selection import threshold_selection
 from .sparse import SparseCode
 from .spec import parse
 from .stats import LatentStats
@@ -126,7 +126,7 @@ class SAEModule(L.LightningModule):
             )
         xn, ctx = self.sae.normalise(x)
         layout = self.allocator.layout
-        z = self.sae.affinities(xn, layout=layout, dtype=self.affinity_dtype)  # no autograd
+        z = self.affinities(xn, layout)  # no autograd
         with torch.no_grad():
             try:
                 if mode == Mode.BATCH:
@@ -139,6 +139,14 @@ class SAEModule(L.LightningModule):
                 raise TrainingDiverged(f"{e} at step {self.global_step}{self._non_finite_parameters()}") from None
         code = self.sae.code(xn, z, sel, layout)
         return StepOutput(x=xn, x_hat=self.sae.decode(code), z=z, layout=layout, code=code), ctx
+
+    def affinities(self, xn: Tensor, layout: str) -> Tensor | AffinityBlocks:
+        """z′ of normalised tokens: the dense matrix, or blocks of ``model.block_latents``
+        latents computed on demand (never [B, F] at once)."""
+        block = self.model_spec.block_latents
+        if block is not None and block < self.sae.n_latents:
+            return self.sae.affinity_blocks(xn, block, layout, self.affinity_dtype)
+        return self.sae.affinities(xn, layout=layout, dtype=self.affinity_dtype)
 
     @torch.no_grad()
     def encode(self, x: Tensor, mode: Mode | str = Mode.BATCH) -> SparseCode:
@@ -426,9 +434,9 @@ class SAEModule(L.LightningModule):
         layout = self.allocator.layout
         for chunk in x.split(self.batch_size):
             xn, ctx = self.sae.normalise(chunk)
-            z = self.sae.affinities(xn, layout=layout, dtype=self.affinity_dtype)
+            z = self.affinities(xn, layout)
             for i, factor in enumerate(factors):
-                code = self.sae.code(xn, z, threshold_selection(z, theta * factor, layout), layout)
+                code = self.sae.code(xn, z, above_threshold(z, theta * factor, layout), layout)
                 x_hat = self.sae.denormalise(self.sae.decode(code), ctx)
                 sse[i] += float((chunk.double() - x_hat.double()).pow(2).sum())
                 fired[i] += code.nnz

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .blockwise import AffinityBlocks
 from .sparse import Selection, SparseCode, sparse_decode
 
 Normalisation = Literal["none", "dataset_scale", "layernorm"]
@@ -168,7 +169,11 @@ class SparseAutoencoder(nn.Module):
     # ---- encode / decode ----------------------------------------------------------------
     @torch.no_grad()
     def affinities(
-        self, xn: Tensor, cols: slice | None = None, layout: str = "token", dtype: torch.dtype = torch.float32
+        self,
+        xn: Tensor,
+        cols: slice | Tensor | None = None,
+        layout: str = "token",
+        dtype: torch.dtype = torch.float32,
     ) -> Tensor:
         """z' = W_enc (x − b_pre) + b_enc for normalised x, without autograd: [B, F] for the
         ``token`` layout, [F, B] for ``latent``; ``cols`` restricts the latents. A bfloat16
@@ -184,6 +189,19 @@ class SparseAutoencoder(nn.Module):
             return torch.addmm(b, xc, W.t())
         return torch.addmm(b.unsqueeze(1), W, xc.t())
 
+    def affinity_blocks(
+        self, xn: Tensor, block: int, layout: str = "token", dtype: torch.dtype = torch.float32
+    ) -> AffinityBlocks:
+        """z′ of ``xn`` as blocks of ``block`` latents (see :mod:`blockwise`), computed on demand."""
+        return AffinityBlocks(
+            lambda cols: self.affinities(xn, cols, layout, dtype),
+            xn.shape[0],
+            self.n_latents,
+            block,
+            layout,
+            columns_of=lambda latents, tokens: self.affinities(xn[tokens], latents, "token", dtype),
+        )
+
     @torch.no_grad()
     def exact_affinities(self, xn: Tensor, rows: Tensor, cols: Tensor, chunk: int = 1 << 15) -> Tensor:
         """z'[r_e, c_e] in the parameters' dtype, computed pair by pair (O(nnz·d)); without the
@@ -196,7 +214,7 @@ class SparseAutoencoder(nn.Module):
         return out
 
     @torch.no_grad()
-    def decoder_norms(self, cols: slice | None = None) -> Tensor | None:
+    def decoder_norms(self, cols: slice | Tensor | None = None) -> Tensor | None:
         """‖d_j‖ of a free decoder (what the affinity matrix is scaled by), None for a unit one."""
         if self.decoder_norm != "free":
             return None
@@ -216,7 +234,7 @@ class SparseAutoencoder(nn.Module):
     def code(
         self,
         xn: Tensor,
-        z: Tensor,
+        z: Tensor | AffinityBlocks,
         selection: Selection,
         layout: str = "token",
         weights: Tensor | None = None,
@@ -232,12 +250,12 @@ class SparseAutoencoder(nn.Module):
         only, not b_pre (which the reconstruction alone trains)."""
         rows, cols = selection.rows, selection.cols
         with torch.no_grad():
-            if z.dtype == self.W_enc.dtype:
+            if isinstance(z, Tensor) and z.dtype == self.W_enc.dtype:
                 raw = z[rows, cols] if layout == "token" else z[cols, rows]
                 norms = self.decoder_norms()
                 if norms is not None:  # a free decoder's matrix ranks z'·‖d‖; the code holds z'
                     raw = raw / norms[cols]
-            else:  # selection made in low precision: the values themselves are exact
+            else:  # selection made in low precision or blockwise: the values computed pair by pair
                 raw = self.exact_affinities(xn, rows, cols)
             if values == "relu":
                 keep = raw > 0

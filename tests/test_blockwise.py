@@ -98,3 +98,53 @@ def test_blockwise_selection_stops_on_nan_as_the_dense_one(block):
             dense()
         with pytest.raises(TrainingDiverged):
             blockwise()
+
+
+# ---- the module: a training step and threshold inference with model.block_latents ------------
+@pytest.mark.parametrize("variant", ["topk", "mutual_choice", "feature_choice"])
+def test_a_blockwise_training_step_equals_the_dense_one(variant):
+    """model.block_latents = 48 (F = 256, not a multiple): the same pairs, loss terms (aux_k /
+    aux_zipf with dead and under-used latents) and gradients as the dense step; threshold mode
+    and the calibration the same pairs too."""
+    import copy
+
+    from sae_lightning.config import load_config
+    from sae_lightning.module import SAEModule
+
+    from .conftest import TINY, compose_config
+
+    config = load_config(compose_config([*TINY, f"variant={variant}", "variant.k=8"]))
+    dense = SAEModule(config, 32)
+    dm = config.data.build()
+    dense.init_from_data(dm.sample(1024))
+    with torch.no_grad():
+        dense.stats.tokens_since_fired[:40] = 10**9  # dead: aux_k's and aux_zipf's dead terms
+        dense.stats.density[40:80] = 1e-6  # under-used: aux_zipf's pull term
+    blocked = copy.deepcopy(dense)
+    blocked.model_spec.block_latents = 48
+    dense.model_spec = copy.deepcopy(dense.model_spec)
+    dense.model_spec.block_latents = None
+    x = dm.batch_of()(0)
+    outs = {}
+    for name, module in (("dense", dense), ("blocked", blocked)):
+        out, _ = module.forward_step(x, update=True)
+        terms = {n: term(out, module.sae, module.stats) for n, term in module.losses.items()}
+        sum(terms.values()).backward()
+        grads = {n: p.grad.clone() for n, p in module.named_parameters()}
+        outs[name] = (out.code, terms, grads)
+    assert isinstance(blocked.affinities(x, "token"), __import__("sae_lightning").blockwise.AffinityBlocks)
+    (dc, dt, dg), (bc, bt, bg) = outs["dense"], outs["blocked"]
+    assert torch.equal(dc.offsets, bc.offsets) and torch.equal(dc.latents, bc.latents)
+    assert torch.allclose(dc.values, bc.values, rtol=1e-5, atol=1e-6)
+    assert dt.keys() == bt.keys() and len(dt) >= 2 - (variant == "feature_choice")
+    for n in dt:
+        assert torch.allclose(dt[n], bt[n], rtol=1e-5, atol=1e-7), n
+    for n in dg:
+        assert torch.allclose(dg[n], bg[n], rtol=1e-4, atol=1e-6), n
+    if variant != "topk":
+        cal = dm.calibration_tokens()
+        dense.calibrate(cal)
+        blocked.calibrate(cal)
+        assert torch.allclose(dense.allocator.theta_calibrated, blocked.allocator.theta_calibrated)
+        a, b = dense.encode(x, mode="threshold"), blocked.encode(x, mode="threshold")
+        assert torch.equal(a.latents, b.latents) and torch.equal(a.offsets, b.offsets)

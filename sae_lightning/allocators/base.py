@@ -11,6 +11,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
+from ..blockwise import AffinityBlocks
 from ..collective import Collective
 from ..errors import require
 from ..registry import Registry
@@ -115,7 +116,7 @@ class Allocator(nn.Module, abc.ABC):
     @abc.abstractmethod
     def allocate(
         self,
-        z: Tensor,
+        z: Tensor | AffinityBlocks,
         *,
         step: int = 0,
         density: Tensor | None = None,
@@ -127,7 +128,7 @@ class Allocator(nn.Module, abc.ABC):
         ``collective`` the batch is this rank's part of a global batch that every rank
         allocates together (each rank calls at the same point with the same batch size)."""
 
-    def threshold(self, z: Tensor, source: str = "calibrated") -> Selection:
+    def threshold(self, z: Tensor | AffinityBlocks, source: str = "calibrated") -> Selection:
         """Threshold inference; ``source`` is ``'calibrated'`` (falls back to the EMA when
         no calibration has run) or ``'ema'``. Allocators without thresholds allocate."""
         return self.allocate(z)

@@ -15,9 +15,10 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from ..blockwise import AffinityBlocks, above_threshold, per_column, top_m
 from ..collective import Collective, global_per_column_topk, global_top_m
 from ..errors import ConfigError, require
-from ..selection import GlobalTopK, per_column_topk, sort_pairs, threshold_selection
+from ..selection import sort_pairs
 from ..sparse import Selection
 from ..spec import setting
 from ..zipf import round_preserving_sum, stochastic_round, uniform_capacities, waterfill, zipf_capacities
@@ -75,6 +76,14 @@ def zipf_shape(cfg: FeatureChoiceConfig) -> tuple[float, float]:
     return fitted_zipf(cfg.zipf_from) if cfg.zipf_from else (cfg.zipf_alpha, cfg.zipf_beta)
 
 
+def _token_major(z: Tensor | AffinityBlocks) -> Tensor | AffinityBlocks:
+    """Latent-major z′ seen token-major (a Mutual Choice warm-up): a transposed view, or the
+    blocks, transposed one by one."""
+    if isinstance(z, AffinityBlocks):
+        return AffinityBlocks(lambda cols: z.block_of(cols).t(), z.n_tokens, z.n_latents, z.block, "token")
+    return z.t()
+
+
 def demand_capacities(demand: Tensor, budget: int, batch_size: int, floor: float) -> Tensor:
     """Expected capacities x_j (float64, latent order) proportional to demand: ``floor`` for every
     latent, the rest of the budget water-filled by demand on top, so that Σ x_j = k·B and
@@ -130,7 +139,6 @@ class FeatureChoice(ThresholdAllocator):
         # (calibration gives each latent the firing rate it had there)
         self.register_buffer("allocation_batch", torch.tensor(batch_size, dtype=torch.long))
         self._capacity_cache: dict[int, Tensor] = {}
-        self._warmup = GlobalTopK()
 
     @classmethod
     def check_fits(cls, cfg, n_latents, batch_size, prefix="variant"):
@@ -183,7 +191,7 @@ class FeatureChoice(ThresholdAllocator):
 
     def allocate(
         self,
-        z: Tensor,
+        z: Tensor | AffinityBlocks,
         *,
         step: int = 0,
         density: Tensor | None = None,
@@ -198,8 +206,8 @@ class FeatureChoice(ThresholdAllocator):
             self._update_demand(z, collective)
         if update and step < self.cfg.mc_warmup_steps:
             if collective is not None:
-                return global_top_m(z.t(), self.cfg.k, collective)[0]
-            return self._warmup(z.t(), self.cfg.k * B)[0]
+                return global_top_m(_token_major(z), self.cfg.k, collective)[0]
+            return top_m(_token_major(z), self.cfg.k * B)[0]
         if update and zipf_by_demand and step % self.cfg.rerank_every_steps == 0:
             self.rank_to_latent.copy_(torch.argsort(self.demand, descending=True, stable=True))
         # capacities of the global batch (B tokens on each of the ranks)
@@ -209,7 +217,7 @@ class FeatureChoice(ThresholdAllocator):
         if collective is not None:
             sel, cutoff = global_per_column_topk(z, m, collective)
         else:
-            lat, tok, _, cutoff = per_column_topk(z, m)
+            lat, tok, _, cutoff = per_column(z, m)
             sel = sort_pairs(tok, lat, n_tokens=B, n_latents=F_)
         if update:  # a column with fewer than m_j positive entries fires on every positive one
             self.update_theta_ema(cutoff.clamp_min(0.0).to(self.theta_ema.dtype), step)
@@ -221,21 +229,30 @@ class FeatureChoice(ThresholdAllocator):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @torch.no_grad()
-    def _update_demand(self, z: Tensor, collective: Collective | None = None) -> None:
+    def _update_demand(self, z: Tensor | AffinityBlocks, collective: Collective | None = None) -> None:
         """Not the latent's density, which Feature Choice fixes at m_j/B, but the share of the
         tokens it would take if the batch's budget were shared freely: its affinities above the
         Mutual Choice cutoff (the k·B-th largest of the batch, estimated on a strided sample),
         counted on the first ``demand_tokens`` tokens. With a ``collective`` the sample is every
         rank's and the shares are averaged over the ranks: the same demand on every rank."""
         F_, B = z.shape
-        flat = z.reshape(-1)
-        sample = flat[:: max(1, flat.numel() // (1 << 16))]
+        n = min(B, self.cfg.demand_tokens)
+        if isinstance(z, AffinityBlocks):  # the same strided sample of the latent-major matrix, block by block
+            step = max(1, F_ * B // (1 << 16))
+            parts, head = [], []
+            for j, zb in z:
+                flat = zb.reshape(-1)
+                parts.append(flat[(-j * B) % step :: step])
+                head.append(zb[:, :n])
+            sample, first = torch.cat(parts), torch.cat(head)
+        else:
+            flat = z.reshape(-1)
+            sample, first = flat[:: max(1, flat.numel() // (1 << 16))], z[:, :n]
         if collective is not None:
             sample = collective.gather(sample.float()).reshape(-1)
         keep = min(sample.numel(), max(1, math.ceil(sample.numel() * self.cfg.k / F_)))
         theta = torch.topk(sample, keep, sorted=False).values.min().clamp_min(0.0)
-        n = min(B, self.cfg.demand_tokens)
-        share = (z[:, :n] > theta).sum(1).to(self.demand.dtype) / n
+        share = (first > theta).sum(1).to(self.demand.dtype) / n
         tokens = B
         if collective is not None:
             share, tokens = collective.sum(share) / collective.world, B * collective.world
@@ -249,8 +266,8 @@ class FeatureChoice(ThresholdAllocator):
         can = (self.expected_capacities(int(self.allocation_batch)) > 0).to(theta.device)
         return torch.where(can, theta, torch.full_like(theta, float("inf")))
 
-    def threshold(self, z: Tensor, source: str = "calibrated") -> Selection:
-        return threshold_selection(z, self.current_theta(source), self.layout)
+    def threshold(self, z: Tensor | AffinityBlocks, source: str = "calibrated") -> Selection:
+        return above_threshold(z, self.current_theta(source), self.layout)
 
     @torch.no_grad()
     def calibrate(self, cal: CalibrationSet) -> dict[str, float]:

@@ -10,6 +10,7 @@ import dataclasses
 import torch
 from torch import Tensor
 
+from ..blockwise import AffinityBlocks
 from ..collective import Collective
 from ..selection import check_finite, threshold_selection
 from ..sparse import Selection
@@ -38,7 +39,7 @@ class JumpReLU(Allocator):
 
     def allocate(
         self,
-        z: Tensor,
+        z: Tensor | AffinityBlocks,
         *,
         step: int = 0,
         density: Tensor | None = None,
@@ -47,6 +48,8 @@ class JumpReLU(Allocator):
     ) -> Selection:
         return self.threshold(z)
 
-    def threshold(self, z: Tensor, source: str = "calibrated") -> Selection:
+    def threshold(self, z: Tensor | AffinityBlocks, source: str = "calibrated") -> Selection:
+        if isinstance(z, AffinityBlocks):  # fixed thresholds, for SAEs trained elsewhere: no blockwise path
+            z = z.dense()
         check_finite(z.amax(1))  # NaN and +inf propagate through the row maximum
         return threshold_selection(z, self.theta)

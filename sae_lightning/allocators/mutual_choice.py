@@ -8,8 +8,8 @@ import dataclasses
 import torch
 from torch import Tensor
 
+from ..blockwise import AffinityBlocks, above_threshold, top_m
 from ..collective import Collective, global_top_m
-from ..selection import GlobalTopK, threshold_selection
 from ..sparse import Selection
 from .base import CalibrationSet, ThresholdAllocator, ThresholdConfig, largest_beyond, register
 
@@ -36,32 +36,32 @@ class MutualChoice(ThresholdAllocator):
 
     def __init__(self, cfg: MutualChoiceConfig, n_latents: int, batch_size: int):
         super().__init__(cfg, n_latents, batch_size, theta_shape=())
-        self._global = GlobalTopK()
 
     def allocate(
         self,
-        z: Tensor,
+        z: Tensor | AffinityBlocks,
         *,
         step: int = 0,
         density: Tensor | None = None,
         update: bool = False,
         collective: Collective | None = None,
     ) -> Selection:
+        B = z.n_tokens if isinstance(z, AffinityBlocks) else z.shape[0]
         if collective is None:
-            sel, values = self._global(z, self.cfg.k * z.shape[0])
+            sel, values = top_m(z, self.cfg.k * B)
         else:
             sel, values = global_top_m(z, self.cfg.k, collective)
         if update:
             positive = values[values > 0]
-            lowest = positive.min().float() if positive.numel() else z.new_full((), float("inf"), dtype=torch.float32)
+            lowest = positive.min().float() if positive.numel() else torch.full((), float("inf"), device=values.device)
             if collective is not None:  # every rank's smallest kept value: the same EMA everywhere
                 lowest = collective.min(lowest)
             if bool(torch.isfinite(lowest)):
                 self.update_theta_ema(lowest, step)
         return sel
 
-    def threshold(self, z: Tensor, source: str = "calibrated") -> Selection:
-        return threshold_selection(z, self.current_theta(source))
+    def threshold(self, z: Tensor | AffinityBlocks, source: str = "calibrated") -> Selection:
+        return above_threshold(z, self.current_theta(source))
 
     @torch.no_grad()
     def calibrate(self, cal: CalibrationSet) -> dict[str, float]:
