@@ -423,15 +423,18 @@ def main(argv=None) -> None:
     if not args.report:
         for d in args.datasets:
             harvest(d, args.cache_dir)
-        start, finished = time.time(), 0
+        start, finished, trained = time.time(), 0, 0
 
         def one(key):
-            nonlocal finished
+            nonlocal finished, trained
             dataset, config, k, seed = key
             threads = 1 if args.jobs > 1 else os.cpu_count() or 1
+            t = time.time()
             m = run_one(args.out, dataset, config, k, seed, extra, args.cache_dir, threads=threads)
             finished += 1
-            eta = (time.time() - start) / finished * (len(grid) - finished)
+            trained += time.time() - t > 60  # runs found finished take no time: not in the rate
+            # wall time per trained run, over the runs left (each job trains one at a time)
+            eta = (time.time() - start) / max(trained, 1) * (len(grid) - finished)
             print(
                 f"[{finished}/{len(grid)}] {' '.join(map(str, key))}: "
                 + (
