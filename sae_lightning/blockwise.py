@@ -118,13 +118,10 @@ def threshold_selection_blocks(blocks: AffinityBlocks, theta: Tensor) -> Selecti
     """:func:`selection.threshold_selection` of the whole matrix: pairs with z′ > θ and z′ > 0."""
     rows, cols = [], []
     for j, z in blocks:
-        th = theta if theta.dim() == 0 else theta[j : j + (z.shape[1] if blocks.layout == "token" else z.shape[0])]
-        if blocks.layout == "token":
-            r, c = torch.nonzero((z > th) & (z > 0), as_tuple=True)
-        else:
-            c, r = torch.nonzero((z > th.unsqueeze(1) if th.dim() else z > th) & (z > 0), as_tuple=True)
-        rows.append(r)
-        cols.append(c + j)
+        width = z.shape[1] if blocks.layout == "token" else z.shape[0]
+        sel = threshold_selection(z, theta if theta.dim() == 0 else theta[j : j + width], blocks.layout)
+        rows.append(sel.rows)
+        cols.append(sel.cols + j)
     return sort_pairs(torch.cat(rows), torch.cat(cols), blocks.n_tokens, blocks.n_latents)
 
 

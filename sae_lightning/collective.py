@@ -121,11 +121,7 @@ def global_per_column_topk(zt: Tensor | AffinityBlocks, m: Tensor, coll: Collect
     take = _tie_shares(every[:, 0], every[:, 1], m, coll.rank)  # [F]
     tie = val == th
     seen = tie.long().cumsum(0) - tie.long()  # ties before this entry, over all latents
-    first = torch.zeros(F_, dtype=torch.long, device=val.device)
-    seen_at_start = torch.zeros_like(first)
-    nonempty = mine > 0
-    first[nonempty] = (torch.cumsum(mine, 0) - mine)[nonempty]
-    seen_at_start[nonempty] = seen[first[nonempty]]
-    tie_rank = seen - seen_at_start[lat]  # ties of the same latent before this entry
+    own_start = (torch.cumsum(mine, 0) - mine)[lat]  # where this entry's latent begins here
+    tie_rank = seen - seen[own_start]  # ties of the same latent before this entry
     keep = (val > th) | (tie & (tie_rank < take[lat]))
     return sort_pairs(tok[keep], lat[keep], n_tokens=B, n_latents=F_), theta

@@ -220,7 +220,7 @@ class FeatureChoice(ThresholdAllocator):
             lat, tok, _, cutoff = per_column(z, m)
             sel = sort_pairs(tok, lat, n_tokens=B, n_latents=F_)
         if update:  # a column with fewer than m_j positive entries fires on every positive one
-            self.update_theta_ema(cutoff.clamp_min(0.0).to(self.theta_ema.dtype), step)
+            self.update_theta_ema(cutoff.clamp_min(0.0), step)
         return sel
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):

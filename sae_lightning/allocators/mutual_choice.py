@@ -46,7 +46,7 @@ class MutualChoice(ThresholdAllocator):
         update: bool = False,
         collective: Collective | None = None,
     ) -> Selection:
-        B = z.n_tokens if isinstance(z, AffinityBlocks) else z.shape[0]
+        B = z.shape[0]
         if collective is None:
             sel, values = top_m(z, self.cfg.k * B)
         else:
