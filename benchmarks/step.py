@@ -156,7 +156,12 @@ def build_module(variant: str, d: int, F: int, k: int, B: int, dtype: str, extra
     return module, dm
 
 
-def time_variant(variant, d, F, k, B, dtype, steps, warmup, device, extra, profile=False) -> dict:
+def time_variant(
+    variant, d, F, k, B, dtype, steps, warmup, device, extra, profile=False, block: str | None = None
+) -> dict:
+    """One variant's real training step; ``block``: a ``model.block_latents`` value (``null``
+    for the dense matrix), None for the configured default."""
+    extra = [*extra, f"model.block_latents={block}"] if block is not None else list(extra)
     module, dm = build_module(variant, d, F, k, B, dtype, extra)
     g = torch.Generator().manual_seed(0)
     batches = [dm.source.batch(B, g)[0] for _ in range(4)]
@@ -165,10 +170,10 @@ def time_variant(variant, d, F, k, B, dtype, steps, warmup, device, extra, profi
     allocate = module.allocator.allocate
 
     def timed_allocate(z, **kwargs):
-        _sync(z.device)
+        _sync(module.device)
         t = time.perf_counter()
         out = allocate(z, **kwargs)
-        _sync(z.device)
+        _sync(module.device)
         alloc_times.append(time.perf_counter() - t)
         return out
 
@@ -194,6 +199,8 @@ def time_variant(variant, d, F, k, B, dtype, steps, warmup, device, extra, profi
     alloc_train = alloc_times[-steps:]
     result = {
         "variant": variant,
+        "block_latents": module.block_latents(B),  # the effective one (None: the dense matrix)
+        "block_setting": module.model_spec.block_latents,
         "step_s": statistics.median(step_times),
         "alloc_s": statistics.median(alloc_train),
         "peak_memory_bytes": mem.peak,
@@ -242,6 +249,13 @@ def main(argv=None) -> dict:
         default="float32",
         help="dtype of the affinity matrix used for selection (model.affinity_dtype)",
     )
+    p.add_argument(
+        "--block-latents",
+        nargs="+",
+        default=["default"],
+        help="model.block_latents values to time each variant with: default (the configured one), "
+        "null (the dense [B, F] matrix) or an integer",
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--no-reference", action="store_true", help="skip the naive dense reference")
     p.add_argument("--profile", action="store_true", help="print an operator profile of each variant's step")
@@ -278,14 +292,34 @@ def main(argv=None) -> dict:
                 {"variant": "naive_dense_topk", "step_s": t, "alloc_s": float("nan"), "peak_memory_bytes": mem.peak}
             )
         for v in a.variants:
-            size["rows"].append(
-                time_variant(
-                    v, a.d, F, a.k, a.batch, a.dtype, a.steps, a.warmup, device, a.overrides, profile=a.profile
+            for block in a.block_latents:
+                size["rows"].append(
+                    time_variant(
+                        v,
+                        a.d,
+                        F,
+                        a.k,
+                        a.batch,
+                        a.dtype,
+                        a.steps,
+                        a.warmup,
+                        device,
+                        a.overrides,
+                        profile=a.profile,
+                        block=None if block == "default" else block,
+                    )  # fmt: skip
                 )
-            )
         ref = next((r["step_s"] for r in size["rows"] if r["variant"] == "naive_dense_topk"), None)
-        topk = next((r["step_s"] for r in size["rows"] if r["variant"] == "topk"), None)
         for r in size["rows"]:
+            # TopK's step with the same block setting
+            topk = next(
+                (
+                    t["step_s"]
+                    for t in size["rows"]
+                    if t["variant"] == "topk" and t["block_latents"] == r.get("block_latents")
+                ),
+                None,
+            )
             r["tokens_per_s"] = a.batch / r["step_s"]
             r["speedup_vs_naive"] = ref / r["step_s"] if ref else None
             r["time_vs_topk"] = r["step_s"] / topk if topk else None
@@ -304,14 +338,15 @@ def print_size(size: dict, a) -> None:
         f"\nd={a.d} F={size['n_latents']} k={a.k} B={a.batch} dtype={a.dtype}: matmul peak "
         f"{size['matmul_peak_flops'] / 1e9:.0f} GFLOP/s, step FLOPs {size['step_flops'] / 1e9:.1f} G"
     )
-    head = f"  {'variant':<18}{'tokens/s':>10}{'step ms':>9}{'alloc ms':>10}{'vs naive':>10}{'vs topk':>9}{'peak %':>8}{'mem MB':>8}"
+    head = f"  {'variant':<18}{'block':>7}{'tokens/s':>10}{'step ms':>9}{'alloc ms':>10}{'vs naive':>10}{'vs topk':>9}{'peak %':>8}{'mem MB':>8}"
     print(head)
     for r in size["rows"]:
         vs_naive = f"{r['speedup_vs_naive']:.2f}x" if r["speedup_vs_naive"] else "-"
         vs_topk = f"{r['time_vs_topk']:.2f}" if r["time_vs_topk"] else "-"
         alloc = "-" if r["alloc_s"] != r["alloc_s"] else f"{1000 * r['alloc_s']:.1f}"
+        block = "-" if r.get("block_latents") is None else str(r["block_latents"])
         print(
-            f"  {r['variant']:<18}{r['tokens_per_s']:>10.0f}{1000 * r['step_s']:>9.1f}{alloc:>10}{vs_naive:>10}"
+            f"  {r['variant']:<18}{block:>7}{r['tokens_per_s']:>10.0f}{1000 * r['step_s']:>9.1f}{alloc:>10}{vs_naive:>10}"
             f"{vs_topk:>9}{100 * r['peak_share']:>7.1f}%{r['peak_memory_bytes'] / 2**20:>8.0f}"
         )
         if "profile" in r:

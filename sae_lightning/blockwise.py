@@ -16,8 +16,20 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import Tensor
 
-from .selection import GlobalTopK, per_column_topk, sort_pairs, threshold_selection, top_canonical, topk_per_row
+from .selection import (
+    GlobalTopK,
+    check_finite,
+    per_column_topk,
+    sort_pairs,
+    threshold_selection,
+    top_canonical,
+    topk_per_row,
+)
 from .sparse import Selection
+
+# model.block_latents=auto: the dense matrix up to this many entries (512 MiB in fp32), else
+# blocks of AUTO_BLOCK_ELEMENTS // B latents (docs/performance.md: the measurement behind it)
+AUTO_BLOCK_ELEMENTS = 1 << 27
 
 
 class AffinityBlocks:
@@ -90,6 +102,18 @@ def top_m_blocks(blocks: AffinityBlocks, budget: int) -> tuple[Selection, Tensor
     keys: Tensor | None = None
     vals: Tensor | None = None
     for j, z in blocks:
+        if keys is not None and vals is not None and keys.numel() == budget:
+            # only what reaches the running budget-th value can enter: one comparison, not a
+            # top-M of the block (NaN is kept as a candidate, so it stops selection as it would)
+            candidates = ~(z < vals.min())
+            if int(candidates.sum()) <= 2 * budget:
+                r, c = candidates.nonzero().unbind(1)
+                v = z[r, c]
+                check_finite(v)
+                k = r * F + c + j
+                chosen = top_canonical(torch.cat([vals, v]), torch.cat([keys, k]), budget)
+                keys, vals = torch.cat([keys, k])[chosen], torch.cat([vals, v])[chosen]
+                continue
         sel, v = GlobalTopK()(z, min(budget, z.numel()))
         k = sel.rows * F + sel.cols + j
         if keys is not None and vals is not None:

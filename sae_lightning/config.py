@@ -45,8 +45,12 @@ class ModelSpec:
     # recomputed exactly in float32)
     affinity_dtype: AffinityDtype = "float32"
     # latents per block of the affinity matrix: selection, thresholds and the auxiliary losses
-    # compute z' a block at a time and never hold [B, F] (null: one block, the dense matrix)
-    block_latents: int | None = setting(None, ge=1, allowed="null (the dense matrix) or an integer >= 1")
+    # compute z' a block at a time and never hold [B, F]. auto: the dense matrix while it holds
+    # at most 2^27 entries (512 MiB in fp32), else blocks of 2^27 / B latents (the measured
+    # choice, docs/performance.md); null: always the dense matrix
+    block_latents: int | Literal["auto"] | None = setting(
+        "auto", ge=1, allowed="auto, null (the dense matrix) or an integer >= 1"
+    )
     # unit: decoder rows held at norm 1 (gradient projection, renormalisation); free: their norms
     # train, and selection ranks z'_j·‖d_j‖ (SAELens's rescale_acts_by_decoder_norm)
     decoder_norm: DecoderNorm = "free"

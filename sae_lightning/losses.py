@@ -123,14 +123,23 @@ def per_token_aux_selection(out: StepOutput, candidates: Tensor, k_aux: int) -> 
     )
 
 
-def per_latent_aux_selection(out: StepOutput, candidates: Tensor, quota: Tensor) -> Selection | None:
+def per_latent_aux_selection(
+    out: StepOutput, candidates: Tensor, quota: Tensor, max_elements: int = 1 << 22
+) -> Selection | None:
     """Each candidate latent j's top-quota_j tokens (Feature Choice's rule)."""
     idx = torch.nonzero(candidates & (quota > 0)).squeeze(1)
     if idx.numel() == 0:
         return None
     B = out.x.shape[0]
-    lat, tok, _, _ = per_column_topk(out.columns(idx).t().contiguous(), quota[idx].clamp(1, B))
-    return sort_pairs(tok, idx[lat], n_tokens=B, n_latents=out.code.n_latents)
+    # the candidates' columns, a chunk of latents at a time: never a second [B, F] tensor
+    chunk = max(1, max_elements // B)
+    lats, toks = [], []
+    for i in range(0, idx.numel(), chunk):
+        part = idx[i : i + chunk]
+        lat, tok, _, _ = per_column_topk(out.columns(part).t().contiguous(), quota[part].clamp(1, B))
+        lats.append(part[lat])
+        toks.append(tok)
+    return sort_pairs(torch.cat(toks), torch.cat(lats), n_tokens=B, n_latents=out.code.n_latents)
 
 
 def union(a: Selection | None, b: Selection | None, n_latents: int) -> Selection | None:

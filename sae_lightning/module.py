@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from . import tb
 from .allocators import CalibrationSet, Mode
 from .allocators.base import ThresholdAllocator, l0_matching_scale, threshold_l0
-from .blockwise import AffinityBlocks, above_threshold
+from .blockwise import AUTO_BLOCK_ELEMENTS, AffinityBlocks, above_threshold
 from .collective import Collective
 from .config import EvaluationSpec, LoggingSpec, ModelSpec, OptimSpec, StatsSpec, TrainConfig, VariantSpec
 from .data import DataSource
@@ -143,10 +143,22 @@ class SAEModule(L.LightningModule):
     def affinities(self, xn: Tensor, layout: str) -> Tensor | AffinityBlocks:
         """z′ of normalised tokens: the dense matrix, or blocks of ``model.block_latents``
         latents computed on demand (never [B, F] at once)."""
-        block = self.model_spec.block_latents
+        block = self.block_latents(xn.shape[0])
         if block is not None and block < self.sae.n_latents:
             return self.sae.affinity_blocks(xn, block, layout, self.affinity_dtype)
         return self.sae.affinities(xn, layout=layout, dtype=self.affinity_dtype)
+
+    def block_latents(self, n_tokens: int) -> int | None:
+        """Latents per block of z′ for ``n_tokens`` tokens (``model.block_latents``; ``auto``:
+        None, the dense matrix, while it holds at most AUTO_BLOCK_ELEMENTS entries)."""
+        block = self.model_spec.block_latents
+        if block == "auto":
+            return (
+                None
+                if n_tokens * self.sae.n_latents <= AUTO_BLOCK_ELEMENTS
+                else max(1, AUTO_BLOCK_ELEMENTS // n_tokens)
+            )
+        return block
 
     @torch.no_grad()
     def encode(self, x: Tensor, mode: Mode | str = Mode.BATCH) -> SparseCode:
@@ -242,7 +254,7 @@ class SAEModule(L.LightningModule):
         u = torch.nn.functional.normalize(torch.randn(n, self.sae.d_model, generator=g), dim=1).to(self.device)
         xn = u + self.sae.b_pre
         layout = self.allocator.layout
-        z = self.sae.affinities(xn, layout=layout)
+        z = self.affinities(xn, layout)
         code = self.sae.code(xn, z, self.allocator.allocate(z), layout)
         return float((self.sae.decode(code) - self.sae.b_pre).norm(dim=1).mean())
 

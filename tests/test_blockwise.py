@@ -148,3 +148,41 @@ def test_a_blockwise_training_step_equals_the_dense_one(variant):
         assert torch.allclose(dense.allocator.theta_calibrated, blocked.allocator.theta_calibrated)
         a, b = dense.encode(x, mode="threshold"), blocked.encode(x, mode="threshold")
         assert torch.equal(a.latents, b.latents) and torch.equal(a.offsets, b.offsets)
+
+
+@pytest.mark.parametrize("capacity", ["zipf", "demand"])
+def test_blockwise_feature_choice_demand_equals_dense_in_one_pass(capacity):
+    """Feature Choice's demand over training steps (an MC warm-up step, re-ranking steps and
+    steps between): blockwise it is bitwise the dense one, so are the pairs; where the step's
+    selection does not read demand (zipf between re-rankings), its sample is taken in the
+    selection's own pass: every block is computed once."""
+    import copy
+
+    from sae_lightning.config import load_config
+    from sae_lightning.module import SAEModule
+
+    from .conftest import TINY, compose_config
+
+    overrides = [*TINY, "variant=feature_choice", "variant.k=8", f"variant.capacity={capacity}"]
+    overrides += ["variant.rerank_every_steps=2", "variant.mc_warmup_steps=1", "model.n_latents=300"]
+    dense = SAEModule(load_config(compose_config(overrides)), 32).allocator
+    blocked = copy.deepcopy(dense)
+    g = torch.Generator().manual_seed(0)
+    Bn = 513  # the demand sample's stride (2) does not divide the blocks' starts
+    for step in range(5):
+        zt = torch.randn(300, Bn, generator=g) + torch.linspace(-1, 1, 300).unsqueeze(1)
+        computed = []
+
+        def block_of(cols, zt=zt, computed=computed):
+            computed.append(cols.start)
+            return zt[cols].clone()
+
+        blocks = AffinityBlocks(block_of, Bn, 300, 48, "latent")
+        a = dense.allocate(zt, step=step, update=True)
+        b = blocked.allocate(blocks, step=step, update=True)
+        assert torch.equal(a.rows, b.rows) and torch.equal(a.cols, b.cols), step
+        assert torch.equal(dense.demand, blocked.demand), step
+        assert torch.equal(dense.rank_to_latent, blocked.rank_to_latent), step
+        reads_demand = step >= 1 and (capacity == "demand" or step % 2 == 0)
+        assert len(computed) == 7 * (2 if reads_demand else 1), (step, computed)
+    assert not torch.equal(dense.demand, torch.full_like(dense.demand, 8 / 300))  # demand moved

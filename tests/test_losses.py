@@ -189,6 +189,22 @@ def test_the_pull_term_trains_the_encoder_only():
     assert g["W_dec"].abs().sum() == 0 and g["b_pre"].abs().sum() == 0
 
 
+def test_per_latent_aux_selection_in_chunks_of_latents_equals_one_chunk():
+    """The candidates' columns are read a few latents at a time (never [B, all candidates]):
+    the same pairs."""
+    from sae_lightning.losses import per_latent_aux_selection
+
+    sae, stats, out = setup(dead_fraction=0.0)
+    B = out.x.shape[0]
+    g = torch.Generator().manual_seed(0)
+    quota = torch.randint(0, 5, (sae.n_latents,), generator=g)
+    candidates = torch.rand(sae.n_latents, generator=g) < 0.6
+    whole = per_latent_aux_selection(out, candidates, quota, max_elements=B * sae.n_latents)
+    chunked = per_latent_aux_selection(out, candidates, quota, max_elements=3 * B)
+    assert whole is not None and chunked is not None and whole.rows.numel() > 0
+    assert torch.equal(whole.rows, chunked.rows) and torch.equal(whole.cols, chunked.cols)
+
+
 @pytest.mark.parametrize("term", ["aux_k", "aux_zipf"])
 def test_auxiliary_terms_weigh_against_the_reconstruction_alike_at_every_scale(term):
     """total_loss multiplies the auxiliary terms by the reconstruction's units, so the summed

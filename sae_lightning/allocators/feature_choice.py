@@ -84,6 +84,47 @@ def _token_major(z: Tensor | AffinityBlocks) -> Tensor | AffinityBlocks:
     return z.t()
 
 
+def _demand_sample(z: Tensor | AffinityBlocks, tokens: int) -> tuple[Tensor, Tensor]:
+    """What demand is counted on: a strided sample of the latent-major matrix (about 2^16
+    entries) and its first ``tokens`` tokens, [F, n]."""
+    F_, B = z.shape
+    if isinstance(z, AffinityBlocks):
+        tap = _DemandTap(z, min(B, tokens))
+        for _ in tap.blocks:
+            pass
+        return tap.sample()
+    flat = z.reshape(-1)
+    return flat[:: max(1, flat.numel() // (1 << 16))], z[:, : min(B, tokens)]
+
+
+class _DemandTap:
+    """Blocks that, as they are computed (by whatever pass reads them), keep demand's strided
+    sample and first tokens of each: the same values :func:`_demand_sample` takes of the dense
+    matrix."""
+
+    def __init__(self, z: AffinityBlocks, n: int):
+        F_, B = z.shape
+        self.stride, self.n, self.B, self.n_latents = max(1, F_ * B // (1 << 16)), n, B, F_
+        self.parts: dict[int, tuple[Tensor, Tensor]] = {}
+        self.blocks = AffinityBlocks(self._block, z.n_tokens, F_, z.block, z.layout, z.columns_of)
+        self._inner = z
+
+    def _block(self, cols: slice) -> Tensor:
+        zb = self._inner.block_of(cols)
+        j = int(cols.start or 0)
+        if j not in self.parts:
+            self.parts[j] = (
+                zb.reshape(-1)[(-j * self.B) % self.stride :: self.stride].clone(),
+                zb[:, : self.n].clone(),
+            )  # copies: a view would keep the whole block alive
+        return zb
+
+    def sample(self) -> tuple[Tensor, Tensor]:
+        assert sum(h.shape[0] for _, h in self.parts.values()) == self.n_latents, "a block was not read"
+        order = sorted(self.parts)
+        return torch.cat([self.parts[j][0] for j in order]), torch.cat([self.parts[j][1] for j in order])
+
+
 def demand_capacities(demand: Tensor, budget: int, batch_size: int, floor: float) -> Tensor:
     """Expected capacities x_j (float64, latent order) proportional to demand: ``floor`` for every
     latent, the rest of the budget water-filled by demand on top, so that Σ x_j = k·B and
@@ -199,17 +240,35 @@ class FeatureChoice(ThresholdAllocator):
         collective: Collective | None = None,
     ) -> Selection:
         F_, B = z.shape
-        world = collective.world if collective is not None else 1
         zipf_by_demand = self.cfg.capacity == "zipf" and self.cfg.rank == "by_density"
+        tap = None
         if update and (self.cfg.capacity == "demand" or zipf_by_demand):
             # during a Mutual Choice warm-up too: demand then measures MC's own allocation
-            self._update_demand(z, collective)
+            reads_demand_now = step >= self.cfg.mc_warmup_steps and (
+                self.cfg.capacity == "demand" or step % self.cfg.rerank_every_steps == 0
+            )
+            if isinstance(z, AffinityBlocks) and not reads_demand_now:
+                # this step's selection does not read demand: take its sample in the selection's
+                # own pass over the blocks (one pass, not two) and update it afterwards
+                tap = _DemandTap(z, min(B, self.cfg.demand_tokens))
+                z = tap.blocks
+            else:
+                self._update_demand(*_demand_sample(z, self.cfg.demand_tokens), B, collective)
+        sel = self._select(z, step, update, collective)
+        if tap is not None:
+            self._update_demand(*tap.sample(), B, collective)
+        return sel
+
+    def _select(self, z: Tensor | AffinityBlocks, step: int, update: bool, collective: Collective | None) -> Selection:
+        F_, B = z.shape
+        world = collective.world if collective is not None else 1
         if update and step < self.cfg.mc_warmup_steps:
             if collective is not None:
                 return global_top_m(_token_major(z), self.cfg.k, collective)[0]
             return top_m(_token_major(z), self.cfg.k * B)[0]
-        if update and zipf_by_demand and step % self.cfg.rerank_every_steps == 0:
-            self.rank_to_latent.copy_(torch.argsort(self.demand, descending=True, stable=True))
+        if update and self.cfg.capacity == "zipf" and self.cfg.rank == "by_density":
+            if step % self.cfg.rerank_every_steps == 0:
+                self.rank_to_latent.copy_(torch.argsort(self.demand, descending=True, stable=True))
         # capacities of the global batch (B tokens on each of the ranks)
         if update:
             self.allocation_batch.fill_(B * world)
@@ -229,25 +288,14 @@ class FeatureChoice(ThresholdAllocator):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @torch.no_grad()
-    def _update_demand(self, z: Tensor | AffinityBlocks, collective: Collective | None = None) -> None:
+    def _update_demand(self, sample: Tensor, first: Tensor, B: int, collective: Collective | None = None) -> None:
         """Not the latent's density, which Feature Choice fixes at m_j/B, but the share of the
         tokens it would take if the batch's budget were shared freely: its affinities above the
-        Mutual Choice cutoff (the k·B-th largest of the batch, estimated on a strided sample),
-        counted on the first ``demand_tokens`` tokens. With a ``collective`` the sample is every
-        rank's and the shares are averaged over the ranks: the same demand on every rank."""
-        F_, B = z.shape
-        n = min(B, self.cfg.demand_tokens)
-        if isinstance(z, AffinityBlocks):  # the same strided sample of the latent-major matrix, block by block
-            step = max(1, F_ * B // (1 << 16))
-            parts, head = [], []
-            for j, zb in z:
-                flat = zb.reshape(-1)
-                parts.append(flat[(-j * B) % step :: step])
-                head.append(zb[:, :n])
-            sample, first = torch.cat(parts), torch.cat(head)
-        else:
-            flat = z.reshape(-1)
-            sample, first = flat[:: max(1, flat.numel() // (1 << 16))], z[:, :n]
+        Mutual Choice cutoff (the k·B-th largest of the batch, estimated on a strided ``sample``
+        of the latent-major matrix), counted on the ``first`` [F, n] tokens. With a
+        ``collective`` the sample is every rank's and the shares are averaged over the ranks:
+        the same demand on every rank."""
+        F_, n = first.shape
         if collective is not None:
             sample = collective.gather(sample.float()).reshape(-1)
         keep = min(sample.numel(), max(1, math.ceil(sample.numel() * self.cfg.k / F_)))
