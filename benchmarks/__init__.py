@@ -1,6 +1,9 @@
 """Benchmarks and measurements, run from the repository root: ``python -m benchmarks.<name>``.
 
 - ``step``: the training step of each allocator against a naive dense step (docs/performance.md);
+- ``memory``: peak memory and step time of a training process against the dictionary size;
+- ``ddp``: global allocation across 2 gloo ranks against per-rank allocation;
+- ``parity``: our TopK against SAELens's on identical batches (docs/parity.md);
 - ``data_pipeline``: harvest against the bare forward pass, the loader against training;
 - ``claims``: the paper's claims measured on three datasets (docs/results.md).
 """

@@ -27,8 +27,10 @@ from .selection import (
 )
 from .sparse import Selection
 
-# model.block_latents=auto: the dense matrix up to this many entries (512 MiB in fp32), else
-# blocks of AUTO_BLOCK_ELEMENTS // B latents (docs/performance.md: the measurement behind it)
+# model.block_latents=auto: the dense matrix up to AUTO_DENSE_ELEMENTS entries (2 GiB in fp32;
+# faster where it fits), else blocks of AUTO_BLOCK_ELEMENTS // B latents (512 MiB each: as fast
+# as larger blocks at F = 262144, less memory). docs/performance.md has the measurement.
+AUTO_DENSE_ELEMENTS = 1 << 29
 AUTO_BLOCK_ELEMENTS = 1 << 27
 
 
@@ -140,13 +142,20 @@ def per_column_topk_blocks(blocks: AffinityBlocks, m: Tensor) -> tuple[Tensor, T
 
 def threshold_selection_blocks(blocks: AffinityBlocks, theta: Tensor) -> Selection:
     """:func:`selection.threshold_selection` of the whole matrix: pairs with z′ > θ and z′ > 0."""
-    rows, cols = [], []
+    return threshold_selections_blocks(blocks, [theta])[0]
+
+
+def threshold_selections_blocks(blocks: AffinityBlocks, thetas: list[Tensor]) -> list[Selection]:
+    """The threshold selection for each θ of ``thetas``, every block computed once."""
+    rows: list[list[Tensor]] = [[] for _ in thetas]
+    cols: list[list[Tensor]] = [[] for _ in thetas]
     for j, z in blocks:
         width = z.shape[1] if blocks.layout == "token" else z.shape[0]
-        sel = threshold_selection(z, theta if theta.dim() == 0 else theta[j : j + width], blocks.layout)
-        rows.append(sel.rows)
-        cols.append(sel.cols + j)
-    return sort_pairs(torch.cat(rows), torch.cat(cols), blocks.n_tokens, blocks.n_latents)
+        for i, theta in enumerate(thetas):
+            sel = threshold_selection(z, theta if theta.dim() == 0 else theta[j : j + width], blocks.layout)
+            rows[i].append(sel.rows)
+            cols[i].append(sel.cols + j)
+    return [sort_pairs(torch.cat(r), torch.cat(c), blocks.n_tokens, blocks.n_latents) for r, c in zip(rows, cols)]
 
 
 # ---- either form: what the allocators call -------------------------------------------------------
@@ -158,6 +167,13 @@ def top_m(z: Tensor | AffinityBlocks, budget: int) -> tuple[Selection, Tensor]:
 def per_column(zt: Tensor | AffinityBlocks, m: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Each latent's top-m_j tokens of a dense [F, B] matrix or of blocks (latent layout)."""
     return per_column_topk_blocks(zt, m) if isinstance(zt, AffinityBlocks) else per_column_topk(zt, m)
+
+
+def above_thresholds(z: Tensor | AffinityBlocks, thetas: list[Tensor], layout: str = "token") -> list[Selection]:
+    """:func:`above_threshold` for several θ (an L0 sweep): blocks are computed once for all."""
+    if isinstance(z, AffinityBlocks):
+        return threshold_selections_blocks(z, thetas)
+    return [threshold_selection(z, theta, layout) for theta in thetas]
 
 
 def above_threshold(z: Tensor | AffinityBlocks, theta: Tensor, layout: str = "token") -> Selection:

@@ -46,7 +46,7 @@ class ModelSpec:
     affinity_dtype: AffinityDtype = "float32"
     # latents per block of the affinity matrix: selection, thresholds and the auxiliary losses
     # compute z' a block at a time and never hold [B, F]. auto: the dense matrix while it holds
-    # at most 2^27 entries (512 MiB in fp32), else blocks of 2^27 / B latents (the measured
+    # at most 2^29 entries (2 GiB in fp32), else blocks of 2^27 / B latents (the measured
     # choice, docs/performance.md); null: always the dense matrix
     block_latents: int | Literal["auto"] | None = setting(
         "auto", ge=1, allowed="auto, null (the dense matrix) or an integer >= 1"

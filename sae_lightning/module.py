@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from . import tb
 from .allocators import CalibrationSet, Mode
 from .allocators.base import ThresholdAllocator, l0_matching_scale, threshold_l0
-from .blockwise import AUTO_BLOCK_ELEMENTS, AffinityBlocks, above_threshold
+from .blockwise import AUTO_BLOCK_ELEMENTS, AUTO_DENSE_ELEMENTS, AffinityBlocks, above_thresholds
 from .collective import Collective
 from .config import EvaluationSpec, LoggingSpec, ModelSpec, OptimSpec, StatsSpec, TrainConfig, VariantSpec
 from .data import DataSource
@@ -150,14 +150,13 @@ class SAEModule(L.LightningModule):
 
     def block_latents(self, n_tokens: int) -> int | None:
         """Latents per block of z′ for ``n_tokens`` tokens (``model.block_latents``; ``auto``:
-        None, the dense matrix, while it holds at most AUTO_BLOCK_ELEMENTS entries)."""
+        None, the dense matrix, while it holds at most AUTO_DENSE_ELEMENTS entries, else blocks
+        of AUTO_BLOCK_ELEMENTS entries)."""
         block = self.model_spec.block_latents
         if block == "auto":
-            return (
-                None
-                if n_tokens * self.sae.n_latents <= AUTO_BLOCK_ELEMENTS
-                else max(1, AUTO_BLOCK_ELEMENTS // n_tokens)
-            )
+            if n_tokens * self.sae.n_latents <= AUTO_DENSE_ELEMENTS:
+                return None
+            return max(1, AUTO_BLOCK_ELEMENTS // n_tokens)
         return block
 
     @torch.no_grad()
@@ -447,8 +446,9 @@ class SAEModule(L.LightningModule):
         for chunk in x.split(self.batch_size):
             xn, ctx = self.sae.normalise(chunk)
             z = self.affinities(xn, layout)
-            for i, factor in enumerate(factors):
-                code = self.sae.code(xn, z, above_threshold(z, theta * factor, layout), layout)
+            selections = above_thresholds(z, [theta * factor for factor in factors], layout)
+            for i, sel in enumerate(selections):
+                code = self.sae.code(xn, z, sel, layout)
                 x_hat = self.sae.denormalise(self.sae.decode(code), ctx)
                 sse[i] += float((chunk.double() - x_hat.double()).pow(2).sum())
                 fired[i] += code.nnz

@@ -82,6 +82,22 @@ def test_blockwise_threshold_selection_equals_dense(block):
             assert torch.equal(got.rows, dense.rows) and torch.equal(got.cols, dense.cols), name
 
 
+@pytest.mark.parametrize("block", [7, 50])
+def test_several_thresholds_in_one_pass_over_the_blocks(block):
+    """An L0 sweep's selections (several θ) from one pass: each equals its dense selection."""
+    from sae_lightning.blockwise import above_thresholds
+
+    z = torch.randn(B, F)
+    calls = []
+    blocks = AffinityBlocks(lambda cols: calls.append(cols) or z[:, cols], B, F, block, "token")
+    thetas = [torch.tensor(0.3), torch.linspace(-1, 2, F), torch.full((F,), 1.0)]
+    got = above_thresholds(blocks, thetas)
+    assert len(calls) == -(-F // block)  # each block once
+    for sel, theta in zip(got, thetas):
+        dense = threshold_selection(z, theta)
+        assert torch.equal(sel.rows, dense.rows) and torch.equal(sel.cols, dense.cols)
+
+
 @pytest.mark.parametrize("block", [7, 16])
 def test_blockwise_selection_stops_on_nan_as_the_dense_one(block):
     z = torch.randn(B, F)
@@ -186,3 +202,25 @@ def test_blockwise_feature_choice_demand_equals_dense_in_one_pass(capacity):
         reads_demand = step >= 1 and (capacity == "demand" or step % 2 == 0)
         assert len(computed) == 7 * (2 if reads_demand else 1), (step, computed)
     assert not torch.equal(dense.demand, torch.full_like(dense.demand, 8 / 300))  # demand moved
+
+
+def test_auto_blocks_only_a_matrix_too_large_to_hold(monkeypatch):
+    """model.block_latents=auto: the dense matrix up to AUTO_DENSE_ELEMENTS entries, else blocks
+    of AUTO_BLOCK_ELEMENTS // B latents; an integer is used as given, null is always dense."""
+    from sae_lightning import module as module_mod
+    from sae_lightning.config import load_config
+    from sae_lightning.module import SAEModule
+
+    from .conftest import TINY, compose_config
+
+    m = SAEModule(load_config(compose_config([*TINY, "variant=topk", "variant.k=8"])), 32)
+    assert m.model_spec.block_latents == "auto"
+    assert m.block_latents(128) is None  # 128 · 256 entries
+    monkeypatch.setattr(module_mod, "AUTO_DENSE_ELEMENTS", 128 * 256 - 1)
+    monkeypatch.setattr(module_mod, "AUTO_BLOCK_ELEMENTS", 128 * 50)
+    assert m.block_latents(128) == 50
+    assert isinstance(m.affinities(torch.randn(128, 32), "token"), AffinityBlocks)
+    m.model_spec.block_latents = None
+    assert m.block_latents(128) is None
+    m.model_spec.block_latents = 64
+    assert m.block_latents(128) == 64

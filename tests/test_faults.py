@@ -24,6 +24,8 @@ VARIANTS = {
     "mutual_choice": ["variant=mutual_choice"],
     # capacities drawn by seeded stochastic rounding each step, from a demand EMA
     "fc_demand": ["variant=feature_choice", "variant.capacity=demand"],
+    # blockwise affinities (100 latents of 256 a block): demand sampled in the selection's pass
+    "fc_blocks": ["variant=feature_choice", "model.block_latents=100"],
 }
 
 
@@ -65,7 +67,13 @@ def assert_same_run(resumed: Path, reference: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "variant,sig", [("topk", signal.SIGINT), ("mutual_choice", signal.SIGKILL), ("fc_demand", signal.SIGKILL)]
+    "variant,sig",
+    [
+        ("topk", signal.SIGINT),
+        ("mutual_choice", signal.SIGKILL),
+        ("fc_demand", signal.SIGKILL),
+        ("fc_blocks", signal.SIGKILL),
+    ],
 )
 def test_a_stopped_run_resumes_in_place_to_the_uninterrupted_result(variant, sig, cli, uninterrupted, tmp_path):
     out = tmp_path / "out"

@@ -31,8 +31,8 @@ class FeatureChoiceConfig(ThresholdConfig):
     zipf_alpha: float = setting(1.0, ge=0)
     zipf_beta: float = setting(0.0, gt=-1, allowed="a number > -1 (so that r + beta > 0 for r >= 1)")
     # zipf: tokens every latent may take per batch before the Zipf water-filling (0: a tail rank
-    # may get no capacity and never fire)
-    min_capacity: int = setting(1, ge=0)
+    # may get no capacity and never fire); null: 1 where the budget allows it (k·B >= F), else 0
+    min_capacity: int | None = setting(None, ge=0, allowed="null (1 if k·B >= F, else 0) or an integer >= 0")
     zipf_from: str | None = None  # a run folder: α, β of its validation density fit (metrics.json)
     # demand: tokens every latent may take per batch in expectation, before the rest is shared by demand
     demand_floor: float = setting(0.25, ge=0, allowed="a number >= 0 (tokens per batch, in expectation)")
@@ -141,14 +141,17 @@ def demand_capacities(demand: Tensor, budget: int, batch_size: int, floor: float
 
 def capacities_by_rank(cfg: FeatureChoiceConfig, n_latents: int, batch_size: int, training: bool = True) -> Tensor:
     """m_r by rank for a batch of ``batch_size`` tokens. At the training batch size the floor
-    (``min_capacity``) must fit the budget (checked with the config); a smaller batch given to
+    (``min_capacity``; null: 1 where the budget k·B gives every latent a token, else 0) must fit
+    the budget (checked with the config); a smaller batch given to
     batch mode later (encode on a few tokens) whose budget k·B cannot give every latent its floor
     gets the floor that fits, ⌊k·B/F⌋ (0 for B < F/k: only the Zipf head then fires)."""
     budget = cfg.k * batch_size
     if cfg.capacity in ("uniform", "demand"):  # demand: its prior (every latent the same demand)
         return uniform_capacities(n_latents, budget)
     alpha, beta = zipf_shape(cfg)
-    floor = cfg.min_capacity if training else min(cfg.min_capacity, budget // n_latents)
+    floor = min(1, budget // n_latents) if cfg.min_capacity is None else cfg.min_capacity
+    if not training:
+        floor = min(floor, budget // n_latents)
     return zipf_capacities(n_latents, budget, batch_size, alpha, beta, floor)
 
 
