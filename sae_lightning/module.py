@@ -331,8 +331,13 @@ class SAEModule(L.LightningModule):
 
     def active_modes(self) -> list[Mode]:
         """The modes a validation evaluates: ``threshold`` only once its thresholds are calibrated
-        (before that it would repeat ``threshold_ema``, under another name)."""
-        return [m for m in self.modes if m != Mode.THRESHOLD or self.allocator.thresholds_ready()]
+        (before that it would repeat ``threshold_ema``, under another name), ``threshold_ema``
+        only once the EMA has a cutoff (after ``variant.threshold_ema_warmup_steps``)."""
+        ready = {
+            Mode.THRESHOLD: self.allocator.thresholds_ready(),
+            Mode.THRESHOLD_EMA: isinstance(self.allocator, ThresholdAllocator) and self.allocator.ema_ready(),
+        }
+        return [m for m in self.modes if ready.get(m, True)]
 
     def _update(
         self,

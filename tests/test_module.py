@@ -153,3 +153,18 @@ def test_fvu_at_l0_interpolates_in_log_space():
     points = [{"l0": 4.0, "fvu": 0.4}, {"l0": 16.0, "fvu": 0.1}]
     assert abs(fvu_at_l0(points, 8.0) - 0.2) < 1e-12  # halfway in log L0: the geometric mean
     assert fvu_at_l0(points, 4.0) == pytest.approx(0.4) and fvu_at_l0(points, 32.0) != fvu_at_l0(points, 32.0)
+
+
+@pytest.mark.parametrize("variant", ["mutual_choice", "feature_choice"])
+def test_the_ema_threshold_mode_waits_for_its_first_cutoff(variant):
+    """Before the EMA has a training cutoff (sanity check, a validation inside the warm-up) θ = 0
+    would take every positive affinity, a [B, F]-sized selection (out of memory at F = 262144):
+    validation leaves the mode out until then."""
+    from sae_lightning.allocators import Mode
+    from sae_lightning.config import load_config
+
+    module = SAEModule(load_config(compose_config([*TINY, f"variant={variant}", "variant.k=8"])), 32)
+    assert Mode.THRESHOLD_EMA not in module.active_modes()
+    warm = module.allocator.cfg.threshold_ema_warmup_steps
+    module.allocator.update_theta_ema(torch.full_like(module.allocator.theta_ema, 0.5), step=warm)
+    assert Mode.THRESHOLD_EMA in module.active_modes()

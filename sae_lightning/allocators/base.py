@@ -183,6 +183,11 @@ class ThresholdAllocator(Allocator):
     def thresholds_ready(self) -> bool:
         return bool(self.calibrated)
 
+    def ema_ready(self) -> bool:
+        """Whether the EMA has seen a training cutoff (before, θ = 0 would take every positive
+        affinity: ~F/2 latents a token, a [B, F]-sized selection)."""
+        return int(self.theta_ema_count) > 0
+
     def current_theta(self, source: str = "calibrated") -> Tensor:
         """The calibrated θ (once calibrated; else the EMA) or, with ``source='ema'``, the EMA."""
         return self.theta_calibrated if (source == "calibrated" and bool(self.calibrated)) else self.theta_ema
