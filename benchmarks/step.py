@@ -19,6 +19,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from sae_lightning.atomic import atomic_write_json
+from sae_lightning.heap import keep_freed_memory
 from sae_lightning.losses import total_loss
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -262,6 +263,7 @@ def main(argv=None) -> dict:
     p.add_argument("--out", default="outputs/bench/bench.json", help="where the JSON report goes")
     p.add_argument("overrides", nargs="*", help="extra Hydra overrides for the variants, e.g. optim.fused=false")
     a = p.parse_args(argv)
+    keep_freed_memory()  # as train.py does
     device = torch.device(a.device)
     torch.set_float32_matmul_precision("high")
     report = {

@@ -77,93 +77,53 @@ def top_canonical(values: Tensor, keys: Tensor, m: int) -> Tensor:
 class GlobalTopK:
     """Exact top-M of a flattened [B, F] matrix without sorting it.
 
-    1. From a strided sample of z', a threshold θ that a little more than M entries reach.
-    2. Each row's need (entries ≥ θ) is estimated on one contiguous eighth of the latents
-       (latent order is arbitrary, so it is a random sample of them). Every row takes its
-       top-w entries, w a power of two above the 75th percentile of the estimates; rows that
-       need more take their top next-power-of-two(need × 1.5).
-    3. Exactness check: a row whose last candidate still reaches θ may hold more entries ≥ θ
-       and is widened (×4); if fewer than M candidates reach θ, θ is lowered. Then every
-       entry ≥ θ is a candidate and at least M are ≥ θ, so the top-M of the candidates is
-       exactly the flat top-M (ties at the cut: ``torch.topk``'s).
+    1. From a strided sample of z′ (2^16 entries), a threshold θ that about 1.5·M entries reach.
+    2. Every entry ≥ θ is a candidate: one comparison and one ``nonzero``, a chunk of rows at a
+       time (its mask stays in cache). NaN is kept as a candidate, so it stops selection.
+    3. If fewer than M entries reach θ (the sample misjudged it), θ is lowered (4× the share)
+       and step 2 repeated. Then the top-M of the candidates, in the canonical order (value,
+       then lower token-major position), is exactly the flat top-M, ties at the cut included.
+
+    (This replaced a per-row top-w scheme with widening passes: 1.3–1.9× faster at B = 4096,
+    F = 8192–16384, the same pairs; docs/performance.md.)
     """
 
     SAMPLE = 1 << 16
+    MARGIN = 1.5  # candidates aimed at, as a multiple of the budget
+    CHUNK = 1 << 21  # entries compared per chunk of rows
 
     def __call__(self, z: Tensor, budget: int) -> tuple[Selection, Tensor]:
         B, F = z.shape
-        budget = min(budget, B * F)
-        device = z.device
-        if budget == 0:
-            empty = torch.empty(0, dtype=torch.long, device=device)
-            return Selection(rows=empty, cols=empty, n_tokens=B), z.new_empty(0)
         flat = z.reshape(-1)
-        sample = flat[:: max(1, flat.numel() // self.SAMPLE)]
-        share = min(1.0, 1.2 * budget / flat.numel())  # aim 20 % above the budget
-        block = max(1, F // 8)
-        # widths: one for most rows, wider for the rows that need more
-        theta = self._quantile_from_top(sample, share, flat)
-        need = (z[:, :block] >= theta).sum(dim=1, dtype=torch.int32).to(torch.float32) * (F / block)
-        base = _pow2(int(torch.quantile(need, 0.75)) + 4, F)
-        width = torch.exp2(torch.ceil(torch.log2(1.5 * need + 4))).clamp_(min=base, max=F).to(torch.long)
-        rows_all = torch.arange(B, device=device)
-        groups: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
-
-        def take(rows: Tensor, w: int) -> None:
-            v, i = torch.topk(z[rows], w, dim=1, sorted=True)
-            groups[w] = (
-                (rows, v, i)
-                if w not in groups
-                else (torch.cat([groups[w][0], rows]), torch.cat([groups[w][1], v]), torch.cat([groups[w][2], i]))
-            )
-
-        v, i = torch.topk(z, base, dim=1, sorted=True)  # every row, in place (no copy of z)
-        check_finite(v[:, 0])  # each row's largest value; NaN would keep the loop below from ending
-        light = width == base
-        groups[base] = (rows_all, v, i) if bool(light.all()) else (rows_all[light], v[light], i[light])
-        for w in torch.unique(width[~light]).tolist():
-            take(rows_all[width == w], int(w))
-        for _ in range(4 * 64):  # each pass halves the gap to share = 1 or widens rows ×4: it ends long before
-            above = sum(int((v >= theta).sum()) for _, v, _ in groups.values())
-            saturated = [(r[(v[:, -1] >= theta)], w) for w, (r, v, _) in groups.items() if w < F]
-            saturated = [(r, w) for r, w in saturated if r.numel()]
-            if not saturated and above >= budget:
+        n = flat.numel()
+        budget = min(budget, n)
+        if budget == 0:
+            empty = torch.empty(0, dtype=torch.long, device=z.device)
+            return Selection(rows=empty, cols=empty, n_tokens=B), z.new_empty(0)
+        sample = flat[:: max(1, n // self.SAMPLE)]
+        share = self.MARGIN * budget / n
+        rows_per_chunk = max(1, self.CHUNK // F)
+        while True:
+            want = int(share * sample.numel()) + 8
+            if share >= 1.0 or want >= sample.numel():
+                keys = torch.arange(n, device=z.device)  # every entry
+            else:
+                theta = torch.topk(sample, want, sorted=False).values.min()
+                keys = torch.cat(
+                    [
+                        (~(z[i : i + rows_per_chunk] < theta)).reshape(-1).nonzero().squeeze(1) + i * F
+                        for i in range(0, B, rows_per_chunk)
+                    ]
+                )
+            if keys.numel() >= budget:
                 break
-            if above < budget and share < 1.0:  # θ too high: lower it, keep the candidates, check again
-                share = min(1.0, 2 * share)
-                theta = self._quantile_from_top(sample, share, flat)
-                continue
-            for rows, w in saturated:  # move these rows to a wider group
-                r, v, i = groups.pop(w)
-                stay = ~torch.isin(r, rows)
-                if bool(stay.any()):
-                    groups[w] = (r[stay], v[stay], i[stay])
-                take(rows, min(F, 4 * w))
-        else:
-            raise RuntimeError(
-                f"exact global top-{budget} did not converge on a [{B}, {F}] matrix (a bug: please report)"
-            )
-        cand_v = torch.cat([v.reshape(-1) for _, v, _ in groups.values()])
-        cand_r = torch.cat([r.repeat_interleave(v.shape[1]) for r, v, _ in groups.values()])
-        cand_c = torch.cat([i.reshape(-1) for _, _, i in groups.values()])
-        cand_key = cand_r * F + cand_c
-        chosen = top_canonical(cand_v, cand_key, budget)  # every entry >= the cut is a candidate
-        key, order = torch.sort(cand_key[chosen])
-        rows = torch.div(key, F, rounding_mode="floor")
-        return Selection(rows=rows, cols=key - rows * F, n_tokens=B), cand_v[chosen][order]
-
-    @staticmethod
-    def _quantile_from_top(sample: Tensor, share: float, flat: Tensor) -> Tensor:
-        """A value that about ``share`` of the entries reach, judged on the sample."""
-        r = int(share * sample.numel()) + 8
-        if share >= 1.0 or r >= sample.numel():
-            return flat.min()
-        return torch.topk(sample, r, sorted=False).values.min()
-
-
-def _pow2(n: int, cap: int) -> int:
-    """The smallest power of two ≥ max(n, 1), at most ``cap``."""
-    return min(cap, 1 << max(0, int(n) - 1).bit_length())
+            share *= 4
+        values = flat[keys]
+        check_finite(values)
+        chosen = top_canonical(values, keys, budget)
+        keys, order = torch.sort(keys[chosen])
+        rows = torch.div(keys, F, rounding_mode="floor")
+        return Selection(rows=rows, cols=keys - rows * F, n_tokens=B), values[chosen][order]
 
 
 def per_column_topk(zt: Tensor, m: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:

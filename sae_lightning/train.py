@@ -30,6 +30,7 @@ from .callbacks.last_step import ValidateLastStep
 from .callbacks.progress import Progress
 from .config import TrainConfig, load_config, normalised, resolve
 from .errors import ConfigError, DataError, Interrupted
+from .heap import keep_freed_memory
 from .module import SAEModule
 from .runs import NATIVE, new_run_dir, save_native
 from .sweep.pruning import OptunaPruning, TrialContext
@@ -103,6 +104,7 @@ def prepare(cfg, run_dir: Path | None = None, overrides: list[str] | None = None
 
 def run(cfg, run_dir: Path | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
     """Train one SAE as configured; returns the final metrics (also in metrics.json)."""
+    keep_freed_memory()
     return fit(prepare(cfg, run_dir, overrides))
 
 

@@ -15,7 +15,7 @@ PACKAGE = ROOT / "sae_lightning"
 # is placed by its longest matching prefix (dotted names under sae_lightning).
 LAYERS: list[tuple[str, ...]] = [
     # foundations: no torch module, no config
-    ("errors", "registry", "spec", "atomic", "cli", "progress", "tb", "zipf", "compare", "resume"),
+    ("errors", "registry", "spec", "atomic", "cli", "progress", "tb", "zipf", "compare", "resume", "heap"),
     # tensors and the SAE's parts
     ("sparse", "selection", "blockwise", "collective", "sae", "stats", "metrics", "mdl", "plots"),
     # what a run is built from

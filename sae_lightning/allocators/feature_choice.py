@@ -18,7 +18,7 @@ from torch import Tensor
 from ..blockwise import AffinityBlocks, above_threshold, per_column, top_m
 from ..collective import Collective, global_per_column_topk, global_top_m
 from ..errors import ConfigError, require
-from ..selection import sort_pairs
+from ..selection import per_column_topk, sort_pairs
 from ..sparse import Selection
 from ..spec import setting
 from ..zipf import round_preserving_sum, stochastic_round, uniform_capacities, waterfill, zipf_capacities
@@ -328,9 +328,11 @@ class FeatureChoice(ThresholdAllocator):
         want = torch.round(m * cal.n_tokens / n).to(torch.long).clamp(max=cal.n_tokens)
         theta = torch.zeros(self.n_latents, dtype=self.theta_calibrated.dtype, device=self.theta_calibrated.device)
         for cols, z in cal.column_chunks():
-            zs = torch.sort(z.t(), dim=1, descending=True).values  # [c, N]
-            q = want[cols].to(zs.device)
-            padded = torch.cat([zs, zs.new_zeros(zs.shape[0], 1)], dim=1)  # q = N: no value left out
-            theta[cols] = padded.gather(1, q.unsqueeze(1)).squeeze(1).clamp_min(0.0).to(theta.dtype)
+            # θ_j = the (q_j + 1)-th largest of latent j's N values (q_j fire above it; 0 when
+            # q_j = N), each latent's by a top-(q_j + 1), grouped by size (not a sort of all N)
+            q = want[cols].to(z.device)
+            _, _, _, cut = per_column_topk(z.t().contiguous(), (q + 1).clamp(max=cal.n_tokens))
+            cut = torch.where(q >= cal.n_tokens, torch.zeros_like(cut), cut)
+            theta[cols] = cut.clamp_min(0.0).to(theta.dtype)
         self.set_calibrated(theta)
         return {"theta_mean": float(theta.mean()), "theta_ema_mean": float(self.theta_ema.mean())}

@@ -278,3 +278,24 @@ def test_unknown_allocator_parameter_is_named():
         make("feature_choice", 2, 10, 4, capacityy="zipf")
     with pytest.raises(ConfigError, match="variant.capacity='pareto'.*'uniform', 'zipf'"):
         make("feature_choice", 2, 10, 4, capacity="pareto")
+
+
+@pytest.mark.parametrize("capacity", ["zipf", "uniform"])
+def test_feature_choice_calibration_takes_each_latents_rate_on_the_held_out_tokens(capacity):
+    """θ_j is the (q_j + 1)-th largest of latent j's held-out affinities (0 when q_j = N), with
+    q_j = round(E[m_j]·N/B): the sort-based reference, on values with ties, in small chunks."""
+    from sae_lightning.allocators.base import CalibrationSet
+
+    F, B, N = 40, 16, 48
+    fc = make("feature_choice", 4, F, B, capacity=capacity, min_capacity=0)
+    g = torch.Generator().manual_seed(0)
+    z = torch.randint(-3, 6, (N, F), generator=g).float() / 2  # ties, zeros, negatives
+    cal = CalibrationSet(torch.zeros(N, 1), lambda xs, cols: z[:, cols], F, max_elements=N * 7)
+    fc.calibrate(cal)
+    m = fc.expected_capacities(B)
+    want = torch.round(m * N / B).long().clamp(max=N)
+    zs = torch.sort(z.t(), dim=1, descending=True).values
+    padded = torch.cat([zs, torch.zeros(F, 1)], 1)
+    reference = padded.gather(1, want.unsqueeze(1)).squeeze(1).clamp_min(0.0)
+    assert (want > 0).any() and (want < N).any()
+    assert torch.equal(fc.theta_calibrated, reference)

@@ -1,0 +1,123 @@
+"""Passes over the [B, F] affinity matrix in one training step: ``python -m benchmarks.passes``.
+
+Every aten operation of one step (forward, each loss term, backward, Adam) is seen through a
+``TorchDispatchMode``; an operation that reads or writes a tensor of at least half the matrix's
+entries (B·F/2) moves about that much memory and is counted, by operator: each such input is a
+read, each such output a write. Views (transpose, slice, reshape) move nothing and are not
+counted; gathers (``index``, ``gather``) read only what they pick and are listed apart. What an
+operator does inside (``topk`` may read its input more than once) is not visible here: the
+count is a lower bound on the memory traffic, and the same rule for every variant.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from sae_lightning.atomic import atomic_write_json
+from sae_lightning.losses import total_loss
+
+from .step import build_module
+
+GATHERS = {"index.Tensor", "gather.default", "index_select.default", "take.default"}
+
+
+class PassCounter(TorchDispatchMode):
+    """Memory traffic of the operations that touch the matrix, in units of the matrix (B·F
+    elements): an input of >= ``size``/2 elements read whole counts 1; a gather from it counts
+    what it picks (its output's size); an output of >= ``size``/64 elements counts its size."""
+
+    def __init__(self, size: int):
+        super().__init__()
+        self.size = size
+        self.reads: defaultdict[str, float] = defaultdict(float)
+        self.writes: defaultdict[str, float] = defaultdict(float)
+        self.gathers: defaultdict[str, float] = defaultdict(float)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.is_view:
+            return out
+        name = f"{func._schema.name.split('::')[-1]}.{func._overloadname}"
+        tensors = [t for t in tree_leaves((args, kwargs or {})) if isinstance(t, torch.Tensor)]
+        big = [t for t in tensors if t.numel() >= self.size // 2]
+        outs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+        written = sum(t.numel() for t in outs if t.numel() >= self.size // 64) / self.size
+        if name in GATHERS:
+            if big:
+                self.gathers[name] += sum(t.numel() for t in outs) / self.size
+            return out
+        if big:
+            self.reads[name] += len(big)
+        if written and (big or written >= 0.5):
+            self.writes[name] += written
+        return out
+
+
+def count_step(variant: str, d: int, F: int, k: int, B: int, extra: list[str], steps_before: int = 2) -> dict:
+    """Passes in one training step of ``variant`` (default losses, unless ``extra`` says)."""
+    module, dm = build_module(variant, d, F, k, B, "float32", extra)
+    g = torch.Generator().manual_seed(0)
+    batches = [dm.source.batch(B, g)[0] for _ in range(4)]
+    module.init_from_data(torch.cat(batches))
+    opt = torch.optim.Adam(module.parameters(), lr=1e-5, fused=True)
+
+    def step(i: int) -> None:
+        out, _ = module.forward_step(batches[i % len(batches)], "batch", update=True)
+        terms = {name: t(out, module.sae, module.stats) for name, t in module.losses.items()}
+        loss = total_loss(module.losses, terms, module.sae)
+        opt.zero_grad()
+        loss.backward()
+        module.sae.project_decoder_grad()
+        opt.step()
+        module.sae.renormalise_decoder()
+        module.stats.update(out.code.fire_counts(), B)
+
+    for i in range(steps_before):
+        step(i)
+    counter = PassCounter(B * F)
+    with counter:
+        step(steps_before)
+    return {
+        "variant": variant,
+        "reads": dict(counter.reads),
+        "writes": dict(counter.writes),
+        "gathers": dict(counter.gathers),
+        "passes": sum(counter.reads.values()) + sum(counter.writes.values()) + sum(counter.gathers.values()),
+    }
+
+
+def main(argv=None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--d", type=int, default=384)
+    p.add_argument("--latents", type=int, default=8192)
+    p.add_argument("--k", type=int, default=32)
+    p.add_argument("--batch", type=int, default=4096)
+    p.add_argument("--variants", nargs="+", default=["topk", "mutual_choice", "feature_choice"])
+    p.add_argument("--out", default="outputs/bench/passes.json")
+    p.add_argument("overrides", nargs="*", help="extra Hydra overrides, e.g. variant.losses=null")
+    a = p.parse_args(argv)
+    torch.set_num_threads(torch.get_num_threads())
+    rows = [count_step(v, a.d, a.latents, a.k, a.batch, a.overrides) for v in a.variants]
+    mb = a.batch * a.latents * 4 / 1e6
+    print(f"\nd={a.d} F={a.latents} k={a.k} B={a.batch}: one pass over z' moves {mb:.0f} MB")
+    for r in rows:
+        print(f"  {r['variant']}: {r['passes']:.2f} passes (matrix-sized reads, writes and gathers)")
+        for op in sorted(set(r["reads"]) | set(r["writes"])):
+            print(f"    {op:<32} reads {r['reads'].get(op, 0):>5.2f}  writes {r['writes'].get(op, 0):>5.2f}")
+        for op, n in sorted(r["gathers"].items()):
+            print(f"    {op:<32} gathers {n:>5.2f}")
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out, {"d": a.d, "n_latents": a.latents, "k": a.k, "batch": a.batch, "rows": rows})
+    print(f"written {out}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
