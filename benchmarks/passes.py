@@ -28,9 +28,11 @@ GATHERS = {"index.Tensor", "gather.default", "index_select.default", "take.defau
 
 
 class PassCounter(TorchDispatchMode):
-    """Memory traffic of the operations that touch the matrix, in units of the matrix (B·F
-    elements): an input of >= ``size``/2 elements read whole counts 1; a gather from it counts
-    what it picks (its output's size); an output of >= ``size``/64 elements counts its size."""
+    """Memory traffic of the operations that touch the matrix, in units of the fp32 matrix
+    (4·B·F bytes): an input that lies in a matrix-sized storage (z′ itself, or a chunk of its
+    rows) counts its own bytes (a whole read of z′ counts 1, a chunk of 1/16 of its rows 1/16);
+    a gather from it counts the bytes it copies out (its output); an output of >= 1/64 of the
+    matrix's bytes counts its bytes as a write (a bool mask of every entry: 0.25)."""
 
     def __init__(self, size: int):
         super().__init__()
@@ -39,22 +41,26 @@ class PassCounter(TorchDispatchMode):
         self.writes: defaultdict[str, float] = defaultdict(float)
         self.gathers: defaultdict[str, float] = defaultdict(float)
 
+    def _in_matrix(self, t: torch.Tensor) -> bool:
+        return t.untyped_storage().nbytes() >= 2 * self.size  # at least half of the fp32 matrix
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         if func.is_view:
             return out
         name = f"{func._schema.name.split('::')[-1]}.{func._overloadname}"
-        tensors = [t for t in tree_leaves((args, kwargs or {})) if isinstance(t, torch.Tensor)]
-        big = [t for t in tensors if t.numel() >= self.size // 2]
+        inputs = [t for t in tree_leaves((args, kwargs or {})) if isinstance(t, torch.Tensor) and self._in_matrix(t)]
         outs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
-        written = sum(t.numel() for t in outs if t.numel() >= self.size // 64) / self.size
+        unit = 4 * self.size
         if name in GATHERS:
-            if big:
-                self.gathers[name] += sum(t.numel() for t in outs) / self.size
+            if inputs:
+                self.gathers[name] += sum(t.numel() * t.element_size() for t in outs) / unit
             return out
-        if big:
-            self.reads[name] += len(big)
-        if written and (big or written >= 0.5):
+        read = sum(t.numel() * t.element_size() for t in inputs) / unit
+        written = sum(b for b in (t.numel() * t.element_size() for t in outs) if b >= unit // 64) / unit
+        if read:
+            self.reads[name] += read
+        if written and (read or written >= 0.5):
             self.writes[name] += written
         return out
 

@@ -129,28 +129,25 @@ class GlobalTopK:
 def per_column_topk(zt: Tensor, m: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """For each row j of ``zt`` ([F, B], latent-major) its top-m_j entries.
 
-    Latents are grouped by capacity so that each ``topk`` call asks for at most twice the
-    smallest capacity in its group: the work stays near Σ m_j even for Zipf capacities. Ties at
-    a latent's cut keep the lower tokens (canonical: the same pairs whatever ``torch.topk`` does).
-    Returns (latent, token, value) of the kept entries, each latent's in value order, and each
-    latent's cutoff value (its m_j-th largest, -inf where m_j = 0).
+    The bulk of the latents (the 90 % with the smallest positive capacities, when that is at
+    most B/8) is served by one ``topk`` over the whole matrix, read in place; the others are
+    grouped by capacity so that each ``topk`` call, on a copy of its rows, asks for at most
+    twice the smallest capacity in its group: the work stays near Σ m_j even for Zipf
+    capacities, and only the few large-capacity rows are copied. Ties at a latent's cut keep
+    the lower tokens (canonical: the same pairs whatever ``torch.topk`` does). Returns (latent,
+    token, value) of the kept entries, each latent's in value order, and each latent's cutoff
+    value (its m_j-th largest, -inf where m_j = 0).
     """
     F_, B = zt.shape
     order = torch.argsort(m, descending=True, stable=True)
     m_sorted = m[order].tolist()
     lat_out, tok_out, val_out = [], [], []
     cutoff = torch.full((F_,), float("-inf"), dtype=zt.dtype, device=zt.device)
-    start = 0
-    while start < F_ and m_sorted[start] > 0:
-        top = m_sorted[start]
-        end = start
-        while end < F_ and m_sorted[end] > 0 and 2 * m_sorted[end] >= top:
-            end += 1
-        lat = order[start:end]
+
+    def take(lat: Tensor, top: int, vals: Tensor, idx: Tensor) -> None:
+        """Keep each latent's top-m_j of its sorted top-``top + 1`` (``vals``, ``idx``)."""
         cap = m[lat]
-        rows = zt[lat]
-        width = min(top + 1, B)  # one more: is the cut inside a run of equal values?
-        vals, idx = torch.topk(rows, width, dim=1, sorted=True)
+        width = vals.shape[1]
         check_finite(vals[:, 0])  # each latent's largest value
         tied = (cap < B) & (
             vals.gather(1, cap.clamp(max=width - 1).unsqueeze(1)).squeeze(1)
@@ -158,17 +155,38 @@ def per_column_topk(zt: Tensor, m: Tensor) -> tuple[Tensor, Tensor, Tensor, Tens
         )
         tied = tied.nonzero().squeeze(1)
         if tied.numel():  # those latents keep the lower tokens among the tied values
-            mask = canonical_rows(rows[tied], cap[tied])
+            rows = zt[lat[tied]]
+            mask = canonical_rows(rows, cap[tied])
             ranked = torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices[:, :top]  # kept first
-            order_v = torch.sort(rows[tied].gather(1, ranked), dim=1, descending=True, stable=True).indices
+            order_v = torch.sort(rows.gather(1, ranked), dim=1, descending=True, stable=True).indices
+            idx, vals = idx.clone(), vals.clone()
             idx[tied, :top] = ranked.gather(1, order_v)
-            vals[tied, :top] = rows[tied].gather(1, idx[tied, :top])
+            vals[tied, :top] = rows.gather(1, idx[tied, :top])
         vals, idx = vals[:, :top], idx[:, :top]
         keep = torch.arange(top, device=zt.device).unsqueeze(0) < cap.unsqueeze(1)
         lat_out.append(lat.unsqueeze(1).expand(-1, top)[keep])
         tok_out.append(idx[keep])
         val_out.append(vals[keep])
         cutoff[lat] = vals.gather(1, (cap - 1).unsqueeze(1)).squeeze(1)
+
+    n_pos = sum(1 for c in m_sorted if c > 0)
+    stop = n_pos  # latents order[:stop] are grouped; order[stop:n_pos] are the bulk
+    if n_pos:
+        bulk_cap = m_sorted[n_pos - 1 - int(0.9 * (n_pos - 1))]  # the 90th percentile from below
+        if bulk_cap + 1 <= max(1, B // 8):
+            stop = next(i for i, c in enumerate(m_sorted) if c <= bulk_cap)
+            lat = order[stop:n_pos]
+            vals, idx = torch.topk(zt, bulk_cap + 1, dim=1, sorted=True)  # every row, read in place
+            take(lat, bulk_cap, vals[lat], idx[lat])
+    start = 0
+    while start < stop:
+        top = m_sorted[start]
+        end = start
+        while end < stop and 2 * m_sorted[end] >= top:
+            end += 1
+        lat = order[start:end]
+        vals, idx = torch.topk(zt[lat], min(top + 1, B), dim=1, sorted=True)  # one more: a tie at the cut?
+        take(lat, top, vals, idx)
         start = end
     if not lat_out:
         empty = torch.empty(0, dtype=torch.long, device=zt.device)

@@ -72,3 +72,23 @@ def test_selections_keep_the_lower_index_among_values_tied_at_the_cut(seed):
     for j in range(F):
         assert sorted(tok[lat == j].tolist()) == canonical_reference(z[:, j], int(m[j]))
         assert torch.all(val[lat == j].diff() <= 0)  # each latent's entries in value order
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_feature_choice_bulk_of_small_capacities_read_in_place_is_canonical(seed):
+    """Zipf-like capacities (most latents 0–3 tokens of B = 64, a few large): the bulk is one
+    topk over the whole matrix, the rest grouped; with ties everywhere every latent keeps its
+    canonical top-m_j, in value order, and its cutoff is its m_j-th value."""
+    g = torch.Generator().manual_seed(seed)
+    B, F = 64, 120
+    z = torch.randint(0, 5, (F, B), generator=g).float()
+    m = torch.randint(0, 4, (F,), generator=g)
+    m[:6] = torch.tensor([64, 40, 17, 9, 0, 33])
+    lat, tok, val, cut = per_column_topk(z, m)
+    for j in range(F):
+        assert sorted(tok[lat == j].tolist()) == canonical_reference(z[j], int(m[j])), j
+        assert torch.all(val[lat == j].diff() <= 0)
+        if m[j] > 0:
+            assert cut[j] == torch.sort(z[j], descending=True).values[int(m[j]) - 1]
+        else:
+            assert cut[j] == float("-inf")
