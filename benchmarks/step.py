@@ -318,7 +318,7 @@ def main(argv=None) -> dict:
                 (
                     t["step_s"]
                     for t in size["rows"]
-                    if t["variant"] == "topk" and t["block_latents"] == r.get("block_latents")
+                    if t["variant"] == "topk" and t.get("block_setting") == r.get("block_setting")
                 ),
                 None,
             )
@@ -340,15 +340,17 @@ def print_size(size: dict, a) -> None:
         f"\nd={a.d} F={size['n_latents']} k={a.k} B={a.batch} dtype={a.dtype}: matmul peak "
         f"{size['matmul_peak_flops'] / 1e9:.0f} GFLOP/s, step FLOPs {size['step_flops'] / 1e9:.1f} G"
     )
-    head = f"  {'variant':<18}{'block':>7}{'tokens/s':>10}{'step ms':>9}{'alloc ms':>10}{'vs naive':>10}{'vs topk':>9}{'peak %':>8}{'mem MB':>8}"
-    print(head)
+    head = f"  {'variant':<18}{'block':>8}{'tokens/s':>10}{'step ms':>9}{'alloc ms':>10}{'vs naive':>10}{'vs topk':>9}{'peak %':>8}{'mem MB':>8}"
+    print(head + "   (*: model.block_latents=auto)")
     for r in size["rows"]:
         vs_naive = f"{r['speedup_vs_naive']:.2f}x" if r["speedup_vs_naive"] else "-"
         vs_topk = f"{r['time_vs_topk']:.2f}" if r["time_vs_topk"] else "-"
         alloc = "-" if r["alloc_s"] != r["alloc_s"] else f"{1000 * r['alloc_s']:.1f}"
-        block = "-" if r.get("block_latents") is None else str(r["block_latents"])
+        block = ("dense" if r.get("block_latents") is None else str(r["block_latents"])) + (
+            "*" if r.get("block_setting") == "auto" else ""
+        )
         print(
-            f"  {r['variant']:<18}{block:>7}{r['tokens_per_s']:>10.0f}{1000 * r['step_s']:>9.1f}{alloc:>10}{vs_naive:>10}"
+            f"  {r['variant']:<18}{block:>8}{r['tokens_per_s']:>10.0f}{1000 * r['step_s']:>9.1f}{alloc:>10}{vs_naive:>10}"
             f"{vs_topk:>9}{100 * r['peak_share']:>7.1f}%{r['peak_memory_bytes'] / 2**20:>8.0f}"
         )
         if "profile" in r:

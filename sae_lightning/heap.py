@@ -4,11 +4,13 @@ temporaries reuse pages already mapped instead of faulting in fresh ones.
 glibc serves an allocation above ``M_MMAP_THRESHOLD`` (a few MiB, adjusted dynamically) with
 its own ``mmap`` and returns it to the kernel on free; the next step's matrix of the same size
 then touches new pages, and the kernel zeroes every one of them on first touch. On a 2-core CPU
-at B = 4096, F = 8192 that costs ~50 ms per 134 MB tensor (measured: a clone of z′ 75 ms → 25 ms,
-the encoder's ``addmm`` 231 → 205 ms). Raising the threshold (and the heap's trim threshold)
-keeps those pages. The process's peak memory is unchanged (what is freed is reused, not added);
-its resident size just does not shrink between steps. PyTorch's CPU tuning guide reaches the
-same end with jemalloc or tcmalloc through ``LD_PRELOAD``; this needs no extra library.
+at B = 4096, F = 8192 that costs ~25 ms per 134 MB tensor (measured: a clone of z′ 37 → 11 ms,
+the encoder's ``addmm`` 110 → 104 ms on a quiet machine). Raising the threshold (and the heap's
+trim threshold) keeps those pages. The cost: the resident size does not shrink between steps,
+and freed blocks are not always reusable for other sizes, so a wide dictionary's peak grows
+(F = 262 144: 5.2 → 6.7 GiB for Mutual Choice; docs/performance.md). PyTorch's CPU tuning guide
+reaches the same end with jemalloc or tcmalloc through ``LD_PRELOAD``; this needs no extra
+library.
 
 Applied by the entry points that train (``train.py``, sweep trials, the benchmarks), on Linux
 with glibc only; ``SAE_LIGHTNING_MALLOC=system`` leaves the C allocator as it is.
