@@ -313,12 +313,13 @@ def main(argv=None) -> dict:
                 )
         ref = next((r["step_s"] for r in size["rows"] if r["variant"] == "naive_dense_topk"), None)
         for r in size["rows"]:
-            # TopK's step with the same block setting
+            # TopK's step with the same block setting (the naive reference: the first TopK row)
             topk = next(
                 (
                     t["step_s"]
                     for t in size["rows"]
-                    if t["variant"] == "topk" and t.get("block_setting") == r.get("block_setting")
+                    if t["variant"] == "topk"
+                    and r.get("block_setting", t.get("block_setting")) == t.get("block_setting")
                 ),
                 None,
             )
