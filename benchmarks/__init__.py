@@ -6,7 +6,8 @@
 - ``ddp``: global allocation across 2 gloo ranks against per-rank allocation;
 - ``parity``: our TopK against SAELens's on identical batches (docs/parity.md);
 - ``data_pipeline``: harvest against the bare forward pass, the loader against training;
-- ``claims``: the paper's claims measured on three datasets (docs/results.md).
+- ``claims``: the paper's claims measured on three datasets (docs/results.md);
+- ``gradient_ranking``: g-SAE ranking against plain ranking on SmolLM2 (docs/gradient_ranking.md).
 """
 
 

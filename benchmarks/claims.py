@@ -395,7 +395,12 @@ def report(results: dict, args, doc: Path, img_dir: Path) -> str:
         plot(agg, sweeps, dataset, img_dir / f"results_{dataset}.png")
     lines += ["## The configurations", "", "| name | overrides |", "|---|---|"]
     lines += [f"| {c} | `{' '.join(o)}` |" for c, o in CONFIGS.items()]
-    lines.append("")
+    lines += [
+        "",
+        "Gradient-aware ranking (g-SAE) of these configurations on SmolLM2 is measured on its own page: "
+        "[gradient_ranking.md](gradient_ranking.md) (`python -m benchmarks.gradient_ranking`).",
+        "",
+    ]
     text = "\n".join(lines)
     atomic_write_text(doc, text)
     return text

@@ -19,6 +19,7 @@ from .collective import Collective
 from .config import EvaluationSpec, LoggingSpec, ModelSpec, OptimSpec, StatsSpec, TrainConfig, VariantSpec
 from .data import DataSource
 from .errors import DataError, TrainingDiverged
+from .gradient_ranking import GradientRanking
 from .losses import StepOutput, total_loss
 from .mdl import description_length
 from .metrics import L0, Firing, Reconstruction, feature_recovery
@@ -88,6 +89,9 @@ class SAEModule(L.LightningModule):
         self.sae = SparseAutoencoder(d_model, F, m.normalisation, m.b_pre_init, m.decoder_norm, m.decoder_init_norm)
         self.affinity_dtype = AFFINITY_DTYPES[m.affinity_dtype]
         self.allocator = self.variant.build_allocator(F, self.batch_size)
+        beta = self.variant.params.gradient_ranking.beta
+        # g-SAE ranking of training batches (None at β = 0: the plain path, and no extra state)
+        self.gradient_ranking = GradientRanking(beta) if beta > 0 else None
         self.losses = self.variant.losses
         self.stats = LatentStats(
             F,
@@ -113,11 +117,19 @@ class SAEModule(L.LightningModule):
 
     # ---- the forward pass ---------------------------------------------------------------------
     def forward_step(
-        self, x: Tensor, mode: Mode | str = Mode.BATCH, update: bool = False, collective: Collective | None = None
+        self,
+        x: Tensor,
+        mode: Mode | str = Mode.BATCH,
+        update: bool = False,
+        collective: Collective | None = None,
+        grad: Tensor | None = None,
     ):
         """Returns (StepOutput in normalised units, the normalisation context). Raises
         DataError for a non-finite input and TrainingDiverged for non-finite affinities. With a
-        ``collective``, batch mode allocates over every rank's batch (see :meth:`collective`)."""
+        ``collective``, batch mode allocates over every rank's batch (see :meth:`collective`).
+        With ``grad`` (∇ₓL of the tokens, model units) and ``variant.gradient_ranking.beta`` > 0,
+        batch mode ranks the gradient-weighted affinities (gradient_ranking.py); the code's values
+        and everything else stay the plain affinities'."""
         if not bool(torch.isfinite(x).all()):
             bad = int((~torch.isfinite(x)).any(1).nonzero()[0])
             raise DataError(
@@ -127,11 +139,14 @@ class SAEModule(L.LightningModule):
         xn, ctx = self.sae.normalise(x)
         layout = self.allocator.layout
         z = self.affinities(xn, layout)  # no autograd
+        ranked = z
+        if grad is not None and self.gradient_ranking is not None and mode == Mode.BATCH:
+            ranked = self.gradient_ranking.scores(self.sae, z, self.sae.normalise_gradient(grad, ctx), layout)
         with torch.no_grad():
             try:
                 if mode == Mode.BATCH:
                     sel = self.allocator.allocate(
-                        z, step=self.global_step, density=self.stats.density, update=update, collective=collective
+                        ranked, step=self.global_step, density=self.stats.density, update=update, collective=collective
                     )
                 else:
                     sel = self.allocator.threshold(z, source="ema" if mode == Mode.THRESHOLD_EMA else "calibrated")
@@ -215,17 +230,25 @@ class SAEModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         # once, before training; on resume the checkpoint's weights and buffers replace these
         if stage == "fit" and not bool(self.sae.initialised) and not self.restoring:
-            figures = self.init_from_data(self.data().sample(self.model_spec.init_sample_tokens))
+            n = self.model_spec.init_sample_tokens
+            grad = self.data().sample_gradients(n) if self.gradient_ranking is not None else None
+            figures = self.init_from_data(self.data().sample(n), grad)
             self.print("initialised from data: " + ", ".join(f"{key}={value:.4g}" for key, value in figures.items()))
 
     @torch.no_grad()
-    def init_from_data(self, x: Tensor) -> dict[str, float]:
-        """Normalisation scale and b_pre from a sample; then, with ``model.init_encoder_scale
-        = fit``, one scalar s on W_enc chosen by least squares so that the first batch
-        allocation reconstructs the sample as well as a scalar allows (a tied random init
-        overshoots badly where an allocator gives a token many latents)."""
+    def init_from_data(self, x: Tensor, grad: Tensor | None = None) -> dict[str, float]:
+        """Normalisation scale and b_pre from a sample (and the gradients' scale from their
+        ∇ₓL ``grad`` for gradient ranking); then, with ``model.init_encoder_scale = fit``, one
+        scalar s on W_enc chosen by least squares so that the first batch allocation
+        reconstructs the sample as well as a scalar allows (a tied random init overshoots badly
+        where an allocator gives a token many latents)."""
         x = x.to(self.device)
         figures = self.sae.init_from_sample(x)
+        if self.gradient_ranking is not None:
+            if grad is None:
+                raise ValueError("gradient ranking needs the sample's gradients to set their scale")
+            _, ctx = self.sae.normalise(x)
+            figures.update(self.gradient_ranking.init_from_sample(self.sae.normalise_gradient(grad.to(x), ctx)))
         if self.model_spec.init_encoder_scale == "gao":
             gain = self._gain_on_random_directions()
             if gain > 0:
@@ -270,8 +293,10 @@ class SAEModule(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # ---- training -------------------------------------------------------------------------------
-    def training_step(self, x: Tensor, batch_idx: int) -> Tensor:
-        out, ctx = self.forward_step(x, Mode.BATCH, update=True, collective=self.collective())
+    def training_step(self, batch: Tensor | tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        """One step on a batch of tokens ``x``, or ``(x, ∇ₓL)`` when the run ranks by gradients."""
+        x, grad = (batch[0], batch[1]) if isinstance(batch, (tuple, list)) else (batch, None)
+        out, ctx = self.forward_step(x, Mode.BATCH, update=True, collective=self.collective(), grad=grad)
         terms = {name: term(out, self.sae, self.stats) for name, term in self.losses.items()}
         loss = total_loss(self.losses, terms, self.sae)
         if not torch.isfinite(loss):

@@ -166,6 +166,17 @@ class SparseAutoencoder(nn.Module):
             return x_hat * sigma + mu
         return x_hat
 
+    def normalise_gradient(self, g: Tensor, ctx: tuple[Tensor, Tensor] | None) -> Tensor:
+        """∇ₓL in normalised units (∇ with respect to what :meth:`normalise` returned, its
+        per-token mean and scale held fixed): a latent's unit of code moves the model's x by
+        d_j/c (dataset_scale) or σ·d_j (layernorm), so the loss by (d_j·g)/c or σ·(d_j·g)."""
+        if self.normalisation == "dataset_scale":
+            return g / self.scale
+        if self.normalisation == "layernorm":
+            assert ctx is not None, "layernorm needs the (mean, scale) that normalise() returned"
+            return g * ctx[1]
+        return g
+
     # ---- encode / decode ----------------------------------------------------------------
     @torch.no_grad()
     def affinities(

@@ -88,6 +88,15 @@ def prepare(cfg, run_dir: Path | None = None, overrides: list[str] | None = None
             )  # fmt: skip
         datamodule = config.data.build()
         datamodule.open()  # an activation cache is harvested on first use, then checked
+        beta = config.variant.params.gradient_ranking.beta
+        if beta > 0:
+            if not datamodule.has_gradients():
+                raise ConfigError(
+                    "variant.gradient_ranking.beta", beta,
+                    f"0 for data {config.data.kind!r} without gradients ∇ₓL; gradient ranking needs an activation "
+                    "cache harvested with data.harvest.gradients=true (a causal model, e.g. data=smollm2_grad)",
+                )  # fmt: skip
+            datamodule.use_gradients()
         if point is not None:
             _check_checkpoint(point, datamodule)
             if point.run_dir is not None:  # continue in place (a sweep's retry too: its new folder goes)

@@ -328,6 +328,28 @@ CASES = [
         r"too few for data\.val_tokens=100000",
     ),
     ("cache_d_model", "train.py", [*ON_CACHE, "data.d_model=48"], with_cache, r"data\.d_model=48 .*holds d_model 32"),
+    (
+        "gradient_ranking_without_gradients",
+        "train.py",
+        [*ON_CACHE, "variant.gradient_ranking.beta=0.5"],
+        with_cache,
+        r"variant\.gradient_ranking\.beta=0\.5 .*0 for data 'activations' without gradients.*data\.harvest\.gradients=true",
+    ),
+    (
+        "gradient_ranking_on_synthetic",
+        "train.py",
+        ["variant.gradient_ranking.beta=1"],
+        None,
+        r"variant\.gradient_ranking\.beta=1\.0 .*0 for data 'synthetic'",
+    ),
+    ("gradient_ranking_negative", "train.py", ["variant.gradient_ranking.beta=-1"], None, r"beta=-1 .*>= 0"),
+    (
+        "harvest_gradients_of_an_encoder",
+        "harvest.py",
+        ["data=minilm", "data.path={ws}/c", "data.harvest.gradients=true", "data.harvest.corpus.path={corpus}"],
+        None,
+        r"data\.harvest\.gradients=True .*causal language model",
+    ),
     # ---- checkpoints to resume from ----------------------------------------------------------
     ("resume_missing", "train.py", ["resume={ws}/nothing.ckpt"], None, r"resume='.*nothing\.ckpt' .*a checkpoint file"),
     (

@@ -37,11 +37,22 @@ def register(name: str):
 
 
 @dataclasses.dataclass(kw_only=True)
+class GradientRankingConfig:
+    """g-SAE ranking (Olmo et al. 2024): training batches rank z'·(1 + β·|d̂_j·ĝ|), ĝ = ∇ₓL in
+    the SAE's input units over its RMS (gradient_ranking.py). 0 = off: the plain affinities."""
+
+    beta: float = setting(0.0, ge=0)
+
+
+@dataclasses.dataclass(kw_only=True)
 class AllocatorConfig:
     k: int = setting(32, gt=0)  # target mean number of active latents per token
     # under DDP: allocate over the global batch (every rank's tokens), exactly as one process
     # would; false: each rank allocates its own batch. No effect on one process or for TopK.
     global_allocation: bool = True
+    # rank by each latent's first-order effect on the LM's loss too (needs a cache harvested with
+    # data.harvest.gradients=true); the kept values are still the affinities
+    gradient_ranking: GradientRankingConfig = setting(default_factory=GradientRankingConfig)
 
     def check(self, prefix: str) -> None:
         """Rules that span fields (ranges are checked from the field metadata)."""

@@ -92,6 +92,15 @@ class DataSource(Protocol):
     def downstream(self) -> Downstream | None:
         """Where a run can measure its downstream loss (a causal model's cache), or None."""
 
+    def has_gradients(self) -> bool:
+        """Whether the data hold ∇ₓL of the language model's loss beside each token."""
+
+    def use_gradients(self) -> None:
+        """Yield (x, ∇ₓL) training batches from now on (for ``variant.gradient_ranking``)."""
+
+    def sample_gradients(self, n: int) -> Tensor:
+        """∇ₓL of the n tokens that ``sample(n)`` returns."""
+
 
 def build_datamodule(raw: dict, prefix: str = "data") -> DataSource:
     """Parse a data section and build its DataModule."""

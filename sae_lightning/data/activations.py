@@ -92,13 +92,17 @@ class Order:
 
 
 class CacheBatches:
-    """Global training batch j: the cache's tokens at ``order.batch(j)``."""
+    """Global training batch j: the cache's tokens at ``order.batch(j)``, with their gradients
+    (an (x, ∇ₓL) pair) when a ``gradients`` reader is given."""
 
-    def __init__(self, reader: ShardReader, order: Order):
-        self.reader, self.order = reader, order
+    def __init__(self, reader: ShardReader, order: Order, gradients: ShardReader | None = None):
+        self.reader, self.order, self.gradients = reader, order, gradients
 
-    def __call__(self, j: int) -> Tensor:
-        return self.reader.gather(self.order.batch(j))
+    def __call__(self, j: int) -> Tensor | tuple[Tensor, Tensor]:
+        index = self.order.batch(j)
+        if self.gradients is None:
+            return self.reader.gather(index)
+        return self.reader.gather(index), self.gradients.gather(index)
 
 
 class ActivationsDataModule(StreamingDataModule):
@@ -112,6 +116,7 @@ class ActivationsDataModule(StreamingDataModule):
         self.manifest: dict[str, Any] | None = read_manifest(self.path)
         self._reader: ShardReader | None = None
         self._val: Tensor | None = None
+        self._gradients: ShardReader | None = None  # set by use_gradients()
         self._restored: dict[str, Any] | None = None
         if self.manifest is None and self.harvest_spec is None:
             raise DataError(
@@ -223,12 +228,34 @@ class ActivationsDataModule(StreamingDataModule):
             return None
         return Downstream(self.path, self.manifest, down.contexts, down.final_contexts, down.during_training)
 
+    def _sample_index(self, n: int) -> np.ndarray:
+        _ = self.reader  # opens the cache and sets the split
+        n = min(n, self.train_tokens)
+        return np.sort(np.random.default_rng([self.spec.seed, 7]).choice(self.train_tokens, n, replace=False))
+
     def sample(self, n: int) -> Tensor:
         """Training tokens for initialisation: n spread uniformly at random (fixed by data.seed)."""
-        reader = self.reader
-        n = min(n, self.train_tokens)
-        idx = np.sort(np.random.default_rng([self.spec.seed, 7]).choice(self.train_tokens, n, replace=False))
-        return reader.gather(idx)
+        return self.reader.gather(self._sample_index(n))
+
+    # ---- gradients (a cache harvested with data.harvest.gradients=true) ---------------------------
+    def has_gradients(self) -> bool:
+        return bool((self.manifest or self.complete_manifest()).get("gradients"))
+
+    def use_gradients(self) -> None:
+        """Training batches become (x, ∇ₓL) pairs; DataError when the cache has no gradients."""
+        if not self.has_gradients():
+            raise DataError(
+                f"the activation cache {self.path} holds no gradients ∇ₓL, which variant.gradient_ranking.beta > 0 "
+                "ranks by: harvest a cache with data.harvest.gradients=true (a causal model; e.g. data=smollm2_grad), "
+                "or set variant.gradient_ranking.beta=0"
+            )
+        manifest = self.manifest or self.complete_manifest()
+        self._gradients = ShardReader(self.path, manifest, part="gradients")
+
+    def sample_gradients(self, n: int) -> Tensor:
+        """∇ₓL of the tokens :meth:`sample` returns."""
+        grads = self._gradients or ShardReader(self.path, self.manifest or self.complete_manifest(), "gradients")
+        return grads.gather(self._sample_index(n))
 
     def heldout_index(self, split: Literal["validation", "calibration"]) -> np.ndarray:
         """The global token indices of a held-out split in the order they are read: a permutation
@@ -249,7 +276,7 @@ class ActivationsDataModule(StreamingDataModule):
 
     # ---- loaders --------------------------------------------------------------------------------
     def batch_of(self) -> CacheBatches:
-        return CacheBatches(self.reader, self.order)
+        return CacheBatches(self.reader, self.order, self._gradients)
 
     def start_position(self) -> int:
         """The position a restored checkpoint saved, else the trainer's."""

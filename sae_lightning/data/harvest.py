@@ -7,6 +7,13 @@ for BERT), and framed. Shard s holds contexts [s·S, (s+1)·S) for S = shard_tok
 context_length, run in forward batches that start at the shard's first context; so every
 shard is a pure function of the spec, and a resumed harvest writes the same bytes as one that
 was never stopped. Special tokens (BOS, EOS, SEP, CLS, padding) are dropped by default.
+
+With ``gradients`` (causal models), each shard also holds ∇ₓL of its kept tokens: L is the
+model's next-token cross-entropy summed over each context (the positions the downstream loss
+scores: every non-padding token after the first), differentiated with respect to the stored
+activations themselves: the forward batch's activations are captured as without gradients
+(the same bytes), then the model runs again a few contexts at a time with the site's output
+replaced by those activations as a leaf, and only the layers after the site build a graph.
 """
 
 from __future__ import annotations
@@ -19,9 +26,10 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from ..atomic import atomic_write_json, check_writable, file_lock, remove_temporaries
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 from ..progress import progress_bar
 from . import corpus as corpus_mod
 from . import lm as lm_mod
@@ -32,6 +40,7 @@ from .shards import (
     FORMAT,
     MANIFEST,
     atomic_save_npy,
+    grad_name,
     ids_name,
     read_manifest,
     shard_name,
@@ -44,8 +53,14 @@ def _device(name: str) -> str:
     return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
 
 
+# contexts per backward pass of a gradient harvest (bounds the graph and the [n, L, vocab] logits:
+# 8 contexts of 128 tokens at SmolLM2's 49 152-token vocabulary hold 200 MB of logits)
+GRADIENT_CONTEXTS = 8
+
+
 def compute_stats(folder: Path, manifest: dict[str, Any]) -> dict[str, Any]:
-    """Normalisation statistics over the whole cache (float64 sums, one pass)."""
+    """Normalisation statistics over the whole cache (float64 sums, one pass), and the stored
+    gradients' RMS norm where there are some."""
     from .shards import ShardReader
 
     reader = ShardReader(folder, manifest)
@@ -58,13 +73,19 @@ def compute_stats(folder: Path, manifest: dict[str, Any]) -> dict[str, Any]:
         amax = max(amax, float(x.abs().max()))
         n += x.shape[0]
     mean = s1 / max(n, 1)
-    return {
+    stats = {
         "mean_norm": float(np.linalg.norm(mean)),
         "rms_norm": math.sqrt(sq / max(n, 1)),
         "centred_rms_norm": math.sqrt(max(sq / max(n, 1) - float(mean @ mean), 0.0)),
         "max_abs": amax,
         "mean": [round(float(v), 6) for v in mean],
     }
+    if manifest.get("gradients"):
+        grads, gq = ShardReader(folder, manifest, part="gradients"), 0.0
+        for start in range(0, grads.n_tokens, 65536):
+            gq += float(grads.range(start, min(start + 65536, grads.n_tokens)).double().pow(2).sum())
+        stats["gradient_rms_norm"] = math.sqrt(gq / max(n, 1))
+    return stats
 
 
 def harvest(folder: str | Path, spec: HarvestSpec, progress: bool = True, log=print, loaded=None) -> dict[str, Any]:
@@ -108,6 +129,12 @@ class HarvestRun:
         self.model, self.tokenizer, is_causal = loaded or lm_mod.load(
             source, spec.lm.revision, spec.lm.dtype, self.device
         )
+        if spec.gradients and not is_causal:
+            raise ConfigError(
+                "data.harvest.gradients", True,
+                f"false for {spec.lm.name} ({type(self.model).__name__}): gradients of the next-token loss need a "
+                "causal language model (e.g. builtin:smollm2)",
+            )  # fmt: skip
         _, layers = lm_mod.blocks(self.model)
         self.layer = lm_mod.check_site(spec.site, spec.layer, len(layers))
         self.framing = Framing(self.tokenizer, is_causal, spec)
@@ -126,6 +153,7 @@ class HarvestRun:
         self.tokens = self.done_contexts = 0
         self.dropped = torch.tensor(self.framing.dropped, dtype=torch.long)
         self.captured: list[torch.Tensor] = []
+        self.site = (spec.site, self.layer)
 
     # ---- what an earlier session left ---------------------------------------------------------
     def _keep_whole_shards(self, manifest: dict[str, Any]) -> None:
@@ -145,7 +173,8 @@ class HarvestRun:
     # ---- one forward batch, one shard ---------------------------------------------------------
     def _forward(self, batch: list[list[int]], shard_tokens: int, first_context: int, index: int):
         """The kept activations of a batch of contexts, stopping at the context that reaches the
-        budget (independent of the batch size): (token ids [n, L], stored activations, n tokens)."""
+        budget (independent of the batch size): (token ids [n, L], stored activations, stored
+        gradients or None, n tokens)."""
         spec = self.spec
         ids = torch.full((len(batch), spec.context_length), -1, dtype=torch.long)
         for i, c in enumerate(batch):
@@ -156,8 +185,10 @@ class HarvestRun:
         ids, keep = ids[:n_ctx], keep[:n_ctx]
         self.captured.clear()
         padded = ids.clamp_min(0).masked_fill(ids < 0, self.framing.pad_id)
-        lm_mod.run_to_site(self.model, padded.to(self.device), (ids >= 0).long().to(self.device))
-        x = self.captured[0][keep.to(self.captured[0].device)].float()
+        with lm_mod.hook_site(self.model, *self.site, self.captured.append, stop=True):
+            lm_mod.run_to_site(self.model, padded.to(self.device), (ids >= 0).long().to(self.device))
+        hidden = self.captured[0]
+        x = hidden[keep.to(hidden.device)].float()
         stored = to_storage(x, spec.dtype)
         if not np.isfinite(_as_float(stored, spec.dtype)).all():
             reason = (
@@ -169,34 +200,77 @@ class HarvestRun:
                 f"harvest: NaN or inf activations in contexts {first_context}..{first_context + n_ctx - 1} at "
                 f"{self.ident['site_name']}{reason}. Nothing of shard {index} was written"
             )
-        return ids, stored, x.shape[0]
+        grads = None
+        if spec.gradients:
+            g = self._gradients(ids, padded, hidden)[keep.to(hidden.device)]
+            if not bool(torch.isfinite(g).all()):
+                raise DataError(
+                    f"harvest: NaN or inf gradients in contexts {first_context}..{first_context + n_ctx - 1} at "
+                    f"{self.ident['site_name']} (check lm.dtype and the weights). Nothing of shard {index} was written"
+                )
+            grads = to_storage(g, spec.gradient_dtype)
+        return ids, stored, grads, x.shape[0]
 
-    def _next_shard(self, stream, bar) -> tuple[list[np.ndarray], list[list[int]], int, bool]:
+    def _gradients(self, ids: torch.Tensor, padded: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        """∇ₓL [n, L, d] (float32) for the site's activations ``hidden`` of these contexts, L the
+        next-token cross-entropy summed over each context, GRADIENT_CONTEXTS contexts at a time."""
+        out = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
+        mask = (ids >= 0).to(self.device)
+        for i in range(0, ids.shape[0], GRADIENT_CONTEXTS):
+            rows = slice(i, i + GRADIENT_CONTEXTS)
+            m = mask[rows]
+            with torch.enable_grad():
+                leaf = hidden[rows].detach().clone().requires_grad_(True)
+
+                def at_site(_: torch.Tensor, leaf: torch.Tensor = leaf) -> torch.Tensor:
+                    return leaf  # the stored activations, as the leaf the gradient is taken for
+
+                with lm_mod.hook_site(self.model, *self.site, at_site):
+                    logits = self.model(
+                        input_ids=padded[rows].to(self.device), attention_mask=m.long(), use_cache=False
+                    ).logits
+                valid = m[:, 1:] & m[:, :-1]
+                target = padded[rows].to(self.device)[:, 1:][valid]
+                loss = F.cross_entropy(logits[:, :-1][valid].float(), target, reduction="sum")
+                (grad,) = torch.autograd.grad(loss, leaf)
+            out[rows] = grad.float()
+        return out
+
+    def _next_shard(self, stream, bar) -> tuple[list[np.ndarray], list[np.ndarray], list[list[int]], int, bool]:
         """The contexts of the next shard (forward batches restart at its first context, so every
-        shard is a pure function of the spec): activations, ids, tokens, and whether the corpus ended."""
+        shard is a pure function of the spec): activations, gradients (empty without), ids,
+        tokens, and whether the corpus ended."""
         spec, full, index = self.spec, self.ident["shard_contexts"], len(self.shards)
         acts: list[np.ndarray] = []
+        grads: list[np.ndarray] = []
         ids_rows: list[list[int]] = []
         shard_tokens = 0
         while len(ids_rows) < full and self.tokens + shard_tokens < spec.token_budget:
             batch = [c for _, c in zip(range(min(spec.batch_size, full - len(ids_rows))), stream)]
             if not batch:
-                return acts, ids_rows, shard_tokens, True
-            ids, stored, n = self._forward(batch, shard_tokens, self.done_contexts + len(ids_rows), index)
+                return acts, grads, ids_rows, shard_tokens, True
+            ids, stored, stored_grads, n = self._forward(batch, shard_tokens, self.done_contexts + len(ids_rows), index)
             acts.append(stored)
+            if stored_grads is not None:
+                grads.append(stored_grads)
             ids_rows.extend(ids.tolist())
             shard_tokens += n
             bar.update(n)
-        return acts, ids_rows, shard_tokens, False
+        return acts, grads, ids_rows, shard_tokens, False
 
-    def _write_shard(self, acts: list[np.ndarray], ids_rows: list[list[int]], shard_tokens: int) -> None:
+    def _write_shard(
+        self, acts: list[np.ndarray], grads: list[np.ndarray], ids_rows: list[list[int]], shard_tokens: int
+    ) -> None:
         index = len(self.shards)
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.shards.append({
+        entry = {
             "index": index, "first_context": self.done_contexts, "contexts": len(ids_rows), "tokens": shard_tokens,
             "activations": atomic_save_npy(self.folder / shard_name(index), np.concatenate(acts)),
             "ids": atomic_save_npy(self.folder / ids_name(index), np.asarray(ids_rows, dtype=np.int32)),
-        })  # fmt: skip
+        }  # fmt: skip
+        if self.spec.gradients:
+            entry["gradients"] = atomic_save_npy(self.folder / grad_name(index), np.concatenate(grads))
+        self.shards.append(entry)
         self.done_contexts += len(ids_rows)
         self.tokens += shard_tokens
         self._write_manifest(False)
@@ -204,11 +278,20 @@ class HarvestRun:
     def _write_manifest(self, complete: bool, exhausted: bool = False, stats: dict | None = None) -> None:
         atomic_write_json(self.folder / MANIFEST, indent=1, obj={
             "format": FORMAT, "harvest": self.ident, "d_model": self.d_model, "dtype": self.spec.dtype,
+            "gradients": self._gradients_entry(),
             "tokens": self.tokens, "contexts": sum(e["contexts"] for e in self.shards), "shards": self.shards,
             "complete": complete, "corpus_exhausted": exhausted, "token_budget": self.spec.token_budget,
             "stats": stats, "created_by": "sae_lightning harvest", "python": sys.version.split()[0],
             "torch": torch.__version__,
         })  # fmt: skip
+
+    def _gradients_entry(self) -> dict[str, str] | None:
+        if not self.spec.gradients:
+            return None
+        return {
+            "dtype": self.spec.gradient_dtype,
+            "loss": "next-token cross-entropy, summed over each context (every non-padding token after the first)",
+        }
 
     def _planned_tokens(self) -> int:
         """What this harvest will store, for the progress total: the budget, or less where a local
@@ -235,14 +318,14 @@ class HarvestRun:
             "harvest", progress, self._planned_tokens() if progress else self.spec.token_budget, self.tokens
         )
         exhausted = False
-        hook = lm_mod.hook_site(self.model, self.spec.site, self.layer, self.captured.append, stop=True)
         try:
-            with torch.inference_mode(), hook:
+            # inference tensors cannot enter autograd: a gradient harvest runs under no_grad instead
+            with torch.inference_mode(not self.spec.gradients), torch.no_grad():
                 while self.tokens < self.spec.token_budget and not exhausted:
-                    acts, ids_rows, shard_tokens, exhausted = self._next_shard(stream, bar)
+                    acts, grads, ids_rows, shard_tokens, exhausted = self._next_shard(stream, bar)
                     if not ids_rows:
                         break
-                    self._write_shard(acts, ids_rows, shard_tokens)
+                    self._write_shard(acts, grads, ids_rows, shard_tokens)
                     bar.set_postfix(shards=len(self.shards), refresh=False)
         except KeyboardInterrupt:
             bar.close()
@@ -260,7 +343,8 @@ class HarvestRun:
                 f"corpus {self.desc['path']!r} gave no tokens (no non-empty documents, or only special tokens); "
                 "nothing was written"
             )
-        described = {"harvest": self.ident, "d_model": self.d_model, "dtype": self.spec.dtype, "shards": self.shards}
+        described = {"harvest": self.ident, "d_model": self.d_model, "dtype": self.spec.dtype, "shards": self.shards,
+                     "gradients": self._gradients_entry()}  # fmt: skip
         self._write_manifest(True, exhausted, compute_stats(self.folder, described))
         self.log(
             f"harvest: {self.tokens} tokens in {len(self.shards)} shards at {self.folder}"

@@ -45,6 +45,12 @@ class HarvestSpec:
     drop_special: bool = True  # drop BOS/EOS/SEP/CLS positions (padding is always dropped)
     prepend_bos: Literal["auto"] | bool = setting("auto", allowed="auto, true or false")  # auto: causal models
     shard_tokens: int = setting(131072, ge=1)  # about this many tokens per shard
+    # also store ∇ₓL per kept token: the gradient of the model's next-token cross-entropy (summed
+    # over each context) with respect to the site's activations (causal models only; for
+    # variant.gradient_ranking). bfloat16 keeps float32's range: gradients are small (float16
+    # would flush many to zero)
+    gradients: bool = False
+    gradient_dtype: Literal["float32", "bfloat16"] = "bfloat16"
 
     @classmethod
     def parse(cls, cfg: Any, prefix: str = "data.harvest") -> HarvestSpec:

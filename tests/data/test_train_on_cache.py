@@ -106,3 +106,49 @@ def test_resume_with_another_d_model_is_refused(cli, tmp_path):
     )
     assert proc.returncode == 2
     assert "error: config error: resume=" in proc.stderr and "data.d_model: run 16 vs now 24" in proc.stderr
+
+
+def test_gradient_ranking_trains_every_variant_on_a_gradient_cache_and_resumes_exactly(
+    tiny_lm, corpus_file, cli, tmp_path
+):
+    """data=smollm2_grad harvested on first use (tiny model); every variant trains with β > 0;
+    β changes what is trained; a resumed β > 0 run equals the uninterrupted one."""
+    import torch
+
+    data = [
+        "data=smollm2_grad",
+        f"data.path={tmp_path}/cache",
+        f"data.harvest.lm.name={tiny_lm}",
+        f"data.harvest.corpus.path={corpus_file}",
+        "data.harvest.layer=0",
+        "data.harvest.context_length=32",
+        "data.harvest.token_budget=1200",
+        "data.harvest.shard_tokens=256",
+        "data.downstream.enabled=false",
+    ]
+
+    def trained(name, *args):
+        r = train(cli, [*data, f"out_dir={tmp_path / name}", *args], tmp_path)
+        assert r.returncode == 0, r.stderr[-3000:]
+        (run,) = (tmp_path / name / "runs").iterdir()
+        return run, json.loads((run / "metrics.json").read_text())
+
+    manifest = None
+    for variant in ("topk", "mutual_choice", "feature_choice"):
+        run, metrics = trained(variant, f"variant={variant}", "variant.gradient_ranking.beta=2", "trainer.max_steps=4")
+        manifest = manifest or json.loads((tmp_path / "cache" / "manifest.json").read_text())
+        assert metrics["steps"] == 4 and 0 < metrics["val/batch/fvu"] < 10 and metrics["val/threshold/l0_mean"] > 0
+        state = torch.load(run / "checkpoints" / "final.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+        assert float(state["gradient_ranking.grad_rms"]) > 0
+    assert manifest is not None and manifest["gradients"]["dtype"] == "bfloat16"
+
+    _, plain = trained("plain", "variant=topk", "trainer.max_steps=6")
+    whole_run, whole = trained("whole", "variant=topk", "variant.gradient_ranking.beta=2", "trainer.max_steps=6")
+    assert whole["val/batch/fvu"] != plain["val/batch/fvu"]  # the gradients changed the training
+    part_run, _ = trained("part", "variant=topk", "variant.gradient_ranking.beta=2", "trainer.max_steps=3")
+    r = train(cli, [*data, f"out_dir={tmp_path / 'part'}", "trainer.max_steps=6", f"resume={part_run}"], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    resumed = json.loads((part_run / "metrics.json").read_text())
+    assert resumed["steps"] == 6
+    for key in ("val/batch/fvu", "val/threshold/fvu", "val/batch/l0_mean", "val/dead_fraction"):
+        assert resumed[key] == whole[key], key
