@@ -134,8 +134,8 @@ class Recording(SAEModule):
         super().__init__(config, d_model)
         self.folder, self.picked = folder, []
 
-    def forward_step(self, x, mode=Mode.BATCH, update=False, collective=None):
-        out, ctx = super().forward_step(x, mode, update, collective)
+    def forward_step(self, x, mode=Mode.BATCH, update=False, collective=None, grad=None):
+        out, ctx = super().forward_step(x, mode, update, collective, grad)
         if update:
             self.picked.append(out.code.token_index() * out.code.n_latents + out.code.latents)
         return out, ctx
