@@ -38,6 +38,36 @@ def canonical_rows(z: Tensor, k: Tensor) -> Tensor:
     return (above | (tie & (tie.cumsum(1) <= need))) & (k.unsqueeze(1) > 0)
 
 
+ROW_GROUP = 8  # the strided group size of row_topk
+
+
+def row_topk(z: Tensor, width: int) -> tuple[Tensor, Tensor]:
+    """``torch.topk(z, width, dim=1, sorted=True)`` of a [n, W] matrix: the same values, and the
+    same indices but for the order among equal values; about twice as fast for width ≪ W.
+
+    Column c's group is {c, c + W/8, c + 2W/8, ...} (8 columns, strided, so that the groups'
+    maxima are one elementwise max of 8 contiguous slabs: a pass at memory speed). The row's
+    top-``width`` lie in its ``width`` groups of largest maxima: the ``width`` largest maxima are
+    ``width`` distinct entries, so the width-th largest entry v is at least the width-th largest
+    maximum, and an entry ≥ v lies in a group whose maximum is ≥ v (an entry of a group left out
+    by a tie among maxima equals v: a tie at the cut, which the callers settle by value). Those
+    groups are found the same way (recursively) and ``torch.topk`` runs on their 8·width entries.
+    NaN and +inf propagate through the maxima, so they still reach the top."""
+    n, W = z.shape
+    G = ROW_GROUP
+    cols = W // G
+    if z.device.type != "cpu" or width < 1 or 2 * width > cols or z.stride(1) != 1:
+        return torch.topk(z, min(width, W), dim=1, sorted=True)
+    maxima = z[:, : cols * G].view(n, G, cols).amax(1)  # [n, cols]: each group's maximum
+    _, groups = row_topk(maxima, width)
+    index = (groups.unsqueeze(1) + cols * torch.arange(G, device=z.device).view(1, G, 1)).reshape(n, G * width)
+    if W > cols * G:  # the last W mod 8 columns are candidates of every row
+        tail = torch.arange(cols * G, W, device=z.device).expand(n, -1)
+        index = torch.cat([index, tail], 1)
+    values, pos = torch.topk(z.gather(1, index), width, dim=1, sorted=True)
+    return values, index.gather(1, pos)
+
+
 def topk_per_row(z: Tensor, k: int, offset: int = 0) -> tuple[Selection, Tensor]:
     """The top-k latents of every token (row-major order) and their values, in the canonical
     order (value, then lower latent first): the same pairs whatever the implementation of
@@ -45,11 +75,11 @@ def topk_per_row(z: Tensor, k: int, offset: int = 0) -> tuple[Selection, Tensor]
     B, F = z.shape
     k = min(k, F)
     width = min(k + 1, F)
-    top = torch.topk(z, width, dim=1, sorted=True)
-    check_finite(top.values)
-    idx, vals = top.indices[:, :k], top.values[:, :k]
+    top_values, top_indices = row_topk(z, width)
+    check_finite(top_values)
+    idx, vals = top_indices[:, :k], top_values[:, :k]
     if width > k:  # a cut inside a run of equal values: the lower latents among them
-        tied = (top.values[:, k] == top.values[:, k - 1]).nonzero().squeeze(1)
+        tied = (top_values[:, k] == top_values[:, k - 1]).nonzero().squeeze(1)
         if tied.numel():
             idx, vals = idx.clone(), vals.clone()
             mask = canonical_rows(z[tied], torch.full((tied.numel(),), k, device=z.device))
@@ -176,7 +206,7 @@ def per_column_topk(zt: Tensor, m: Tensor) -> tuple[Tensor, Tensor, Tensor, Tens
         if bulk_cap + 1 <= max(1, B // 8):
             stop = next(i for i, c in enumerate(m_sorted) if c <= bulk_cap)
             lat = order[stop:n_pos]
-            vals, idx = torch.topk(zt, bulk_cap + 1, dim=1, sorted=True)  # every row, read in place
+            vals, idx = row_topk(zt, bulk_cap + 1)  # every row, read in place
             take(lat, bulk_cap, vals[lat], idx[lat])
     start = 0
     while start < stop:

@@ -92,3 +92,37 @@ def test_feature_choice_bulk_of_small_capacities_read_in_place_is_canonical(seed
             assert cut[j] == torch.sort(z[j], descending=True).values[int(m[j]) - 1]
         else:
             assert cut[j] == float("-inf")
+
+
+@pytest.mark.parametrize(
+    "n,W,width", [(64, 8192, 33), (50, 1000, 5), (7, 4099, 10), (3, 64, 4), (5, 17, 3), (40, 4096, 19)]
+)
+@pytest.mark.parametrize("kind", ["continuous", "tied", "constant"])
+def test_row_topk_equals_torch_topk(n, W, width, kind):
+    """The grouped top-k: torch.topk's values, entries at distinct indices holding them, and
+    torch.topk's indices too where the values are distinct."""
+    from sae_lightning.selection import row_topk
+
+    g = torch.Generator().manual_seed(n * W + width)
+    z = {
+        "continuous": lambda: torch.randn(n, W, generator=g),
+        "tied": lambda: torch.randint(0, 12, (n, W), generator=g).float(),
+        "constant": lambda: torch.ones(n, W),
+    }[kind]()
+    values, index = row_topk(z, width)
+    ref = torch.topk(z, width, dim=1, sorted=True)
+    assert torch.equal(values, ref.values)
+    assert torch.equal(z.gather(1, index), values)
+    assert all(len(set(row.tolist())) == width for row in index)
+    if kind == "continuous":
+        assert torch.equal(index, ref.indices)
+
+
+def test_row_topk_lets_nan_and_inf_through():
+    from sae_lightning.selection import row_topk
+
+    z = torch.randn(10, 8192)
+    z[3, 5000], z[7, 17] = float("nan"), float("inf")
+    values, index = row_topk(z, 33)
+    assert torch.isnan(values[3, 0]) and int(index[3, 0]) == 5000
+    assert values[7, 0] == float("inf") and int(index[7, 0]) == 17
