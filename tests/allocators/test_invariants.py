@@ -222,18 +222,18 @@ def test_feature_choice_demand_floor_must_fit_the_budget():
         make("feature_choice", 4, 64, 64, capacity="demand", demand_floor=5.0)
 
 
-def test_feature_choice_default_floor_is_one_token_where_the_budget_allows_it():
-    """min_capacity null: every latent a token where k·B >= F; a dictionary wider than the budget
+def test_feature_choice_zipf_default_floor_is_one_token_where_the_budget_allows_it():
+    """Zipf capacities, min_capacity null: every latent a token where k·B >= F; a dictionary wider than the budget
     (F = 512 > k·B = 4·64) trains with no floor, the budget still spent exactly; an explicit
     floor that does not fit is refused, naming the key."""
-    fits = make("feature_choice", 4, 64, 64)
+    fits = make("feature_choice", 4, 64, 64, capacity="zipf")
     assert int(fits.capacity_by_rank.min()) >= 1 and int(fits.capacity_by_rank.sum()) == 4 * 64
-    wide = make("feature_choice", 4, 512, 64)
+    wide = make("feature_choice", 4, 512, 64, capacity="zipf")
     assert int(wide.capacity_by_rank.min()) == 0 and int(wide.capacity_by_rank.sum()) == 4 * 64
     sel = allocate(wide, affinities("positive", 64, 512), step=0, update=True)
     assert sel.rows.numel() == 4 * 64
     with pytest.raises(ConfigError, match=r"variant\.k=4.*a floor of 1 for 512 latents"):
-        make("feature_choice", 4, 512, 64, min_capacity=1)
+        make("feature_choice", 4, 512, 64, capacity="zipf", min_capacity=1)
 
 
 def test_feature_choice_mc_warmup_uses_mutual_choice_first():
