@@ -87,10 +87,13 @@ def claim(rows: dict[float, dict], betas: list[float]) -> str:
         return "no β = 0 runs yet"
     parts = []
     for beta in [b for b in betas if b > 0 and b in rows and rows[b]["ΔCE threshold"][2]]:
-        (m0, s0, _), (m1, s1, _) = base["ΔCE threshold"], rows[beta]["ΔCE threshold"]
+        (m0, s0, n0), (m1, s1, n1) = base["ΔCE threshold"], rows[beta]["ΔCE threshold"]
         (f0, _, _), (f1, _, _) = base["FVU at L0 = k"], rows[beta]["FVU at L0 = k"]
         gain, spread = m0 - m1, math.hypot(s0, s1)
-        verdict = "holds" if gain > spread else "does not hold"
+        if min(n0, n1) < 2:  # one seed has no spread to judge against
+            verdict = f"not judged: {min(n0, n1)} seed"
+        else:
+            verdict = "holds" if gain > spread else "does not hold"
         parts.append(
             f"β = {beta:g}: ΔCE {m1:.4f} vs {m0:.4f} ({'−' if gain >= 0 else '+'}{abs(gain):.4f}, std of the "
             f"difference {spread:.4f}: {verdict}); FVU {f1:.4f} vs {f0:.4f} ({100 * (f1 / f0 - 1):+.1f} %)"

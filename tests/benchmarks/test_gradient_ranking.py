@@ -31,14 +31,16 @@ def test_the_claim_holds_only_beyond_the_seeds_spread(tmp_path):
         results[("topk+aux_k", 2.0, s)] = metrics(0.11, 0.20 + 0.01 * s)  # clearly better ΔCE
         results[("mc+aux_zipf", 0.0, s)] = metrics(0.10, 0.30 + 0.05 * s)
         results[("mc+aux_zipf", 2.0, s)] = metrics(0.10, 0.29 + 0.05 * s)  # inside the spread
-    results[("fc_demand", 0.0, 0)] = None
+    results[("fc_demand", 0.0, 0)] = metrics(0.10, 0.30)
+    results[("fc_demand", 2.0, 0)] = metrics(0.10, 0.20)  # one seed each: no spread to judge by
     text = gr.report(results, args(tmp_path), tmp_path / "page.md")
     verdicts = text.split("## Every figure")[0]
     row = {line.split(" | ")[0].strip("| "): line for line in verdicts.splitlines() if line.startswith("| ")}
     assert "β = 2: ΔCE 0.2100 vs 0.3100" in row["topk+aux_k"] and ": holds)" in row["topk+aux_k"]
     assert "FVU 0.1100 vs 0.1000 (+10.0 %)" in row["topk+aux_k"]
     assert "does not hold" in row["mc+aux_zipf"]
-    assert "12 of 13 runs are in" in text
+    assert "not judged: 1 seed" in row["fc_demand"] and "holds" not in row["fc_demand"]
+    assert "14 of 14 runs are in" in text
     assert (tmp_path / "page.md").read_text() == text
 
 
