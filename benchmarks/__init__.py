@@ -29,3 +29,14 @@ def train_in_subprocess(args: list[str], folder, threads: int, what: str) -> boo
     if proc.returncode != 0:
         print(f"  FAILED {what}: {proc.stderr.strip().splitlines()[-1:]}", flush=True)
     return proc.returncode == 0
+
+
+def run_state(folder):
+    """What a grid cell's ``folder/runs`` holds: (its last finished run, the last run stopped
+    midway with a checkpoint to resume), each None where there is none."""
+    from pathlib import Path
+
+    runs = sorted((Path(folder) / "runs").glob("*")) if (Path(folder) / "runs").is_dir() else []
+    done = [r for r in runs if (r / "metrics.json").is_file()]
+    stopped = [r for r in runs if (r / "checkpoints" / "last.ckpt").is_file()]
+    return (done[-1] if done else None), (stopped[-1] if stopped else None)

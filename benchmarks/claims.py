@@ -29,7 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from benchmarks import train_in_subprocess
+from benchmarks import run_state, train_in_subprocess
 from sae_lightning.atomic import atomic_path, atomic_write_json, atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,10 +66,9 @@ def run_one(
     out: Path, dataset: str, config: str, k: int, seed: int, extra: list[str], cache_dir: Path, threads: int
 ) -> dict | None:
     folder = out / dataset / config / f"k{k}_s{seed}"
-    runs = sorted((folder / "runs").glob("*")) if (folder / "runs").is_dir() else []
-    done = [r for r in runs if (r / "metrics.json").is_file()]
-    if done:
-        return with_description_length(done[-1], json.loads((done[-1] / "metrics.json").read_text()))
+    done, stopped = run_state(folder)
+    if done is not None:
+        return with_description_length(done, json.loads((done / "metrics.json").read_text()))
     spec = DATASETS[dataset]
     args = [
         *spec["args"],
@@ -82,9 +81,8 @@ def run_one(
     ]
     if "cache" in spec:
         args.append(f"data.path={cache_dir / spec['cache']}")
-    resumable = [r for r in runs if (r / "checkpoints" / "last.ckpt").is_file()]
-    if resumable:  # stopped midway: continue it
-        args = [f"resume={resumable[-1]}", "progress=none"]
+    if stopped is not None:  # stopped midway: continue it
+        args = [f"resume={stopped}", "progress=none"]
     if not train_in_subprocess(args, folder, threads, f"{dataset} {config} k={k} seed={seed}"):
         return None
     run = max((folder / "runs").iterdir(), key=lambda p: p.stat().st_mtime)

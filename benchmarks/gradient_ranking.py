@@ -27,7 +27,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from benchmarks import train_in_subprocess
+from benchmarks import run_state, train_in_subprocess
 from benchmarks.claims import CONFIGS, fmt, mean_std
 from sae_lightning.atomic import atomic_write_text
 
@@ -52,20 +52,19 @@ def folder_of(out: Path, config: str, beta: float, seed: int) -> Path:
 
 
 def finished(folder: Path) -> dict | None:
-    done = sorted(folder.glob("runs/*/metrics.json")) if folder.is_dir() else []
-    return json.loads(done[-1].read_text()) if done else None
+    done, _ = run_state(folder)
+    return json.loads((done / "metrics.json").read_text()) if done is not None else None
 
 
 def run_one(out: Path, config: str, beta: float, seed: int, k: int, extra: list[str], cache: Path, threads: int):
     folder = folder_of(out, config, beta, seed)
-    if (m := finished(folder)) is not None:
-        return m
+    done, stopped = run_state(folder)
+    if done is not None:
+        return json.loads((done / "metrics.json").read_text())
     args = [*DATA, f"data.path={cache}", *CONFIGS[config], f"variant.k={k}", f"seed={seed}",
             f"variant.gradient_ranking.beta={beta}", f"out_dir={folder}", "progress=none", *extra]  # fmt: skip
-    runs = sorted((folder / "runs").glob("*")) if (folder / "runs").is_dir() else []
-    resumable = [r for r in runs if (r / "checkpoints" / "last.ckpt").is_file()]
-    if resumable:  # stopped midway: continue it
-        args = [f"resume={resumable[-1]}", "progress=none"]
+    if stopped is not None:  # stopped midway: continue it
+        args = [f"resume={stopped}", "progress=none"]
     if not train_in_subprocess(args, folder, threads, f"{config} beta={beta} seed={seed}"):
         return None
     return finished(folder)

@@ -242,15 +242,11 @@ class ActivationsDataModule(StreamingDataModule):
         return bool((self.manifest or self.complete_manifest()).get("gradients"))
 
     def use_gradients(self) -> None:
-        """Training batches become (x, ∇ₓL) pairs; DataError when the cache has no gradients."""
+        """Training batches become (x, ∇ₓL) pairs (train.py checks :meth:`has_gradients` first,
+        naming the key that asks for them)."""
         if not self.has_gradients():
-            raise DataError(
-                f"the activation cache {self.path} holds no gradients ∇ₓL, which variant.gradient_ranking.beta > 0 "
-                "ranks by: harvest a cache with data.harvest.gradients=true (a causal model; e.g. data=smollm2_grad), "
-                "or set variant.gradient_ranking.beta=0"
-            )
-        manifest = self.manifest or self.complete_manifest()
-        self._gradients = ShardReader(self.path, manifest, part="gradients")
+            super().use_gradients()  # refuses: no gradients here
+        self._gradients = ShardReader(self.path, self.manifest or self.complete_manifest(), part="gradients")
 
     def sample_gradients(self, n: int) -> Tensor:
         """∇ₓL of the tokens :meth:`sample` returns."""
