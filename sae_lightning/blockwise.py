@@ -158,17 +158,7 @@ def threshold_selections_blocks(blocks: AffinityBlocks, thetas: list[Tensor]) ->
     return [sort_pairs(torch.cat(r), torch.cat(c), blocks.n_tokens, blocks.n_latents) for r, c in zip(rows, cols)]
 
 
-# ---- either form: what the allocators call -------------------------------------------------------
-def top_m(z: Tensor | AffinityBlocks, budget: int) -> tuple[Selection, Tensor]:
-    """The batch's top-``budget`` entries of a dense matrix or of blocks (token layout)."""
-    return top_m_blocks(z, budget) if isinstance(z, AffinityBlocks) else GlobalTopK()(z, budget)
-
-
-def per_column(zt: Tensor | AffinityBlocks, m: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Each latent's top-m_j tokens of a dense [F, B] matrix or of blocks (latent layout)."""
-    return per_column_topk_blocks(zt, m) if isinstance(zt, AffinityBlocks) else per_column_topk(zt, m)
-
-
+# ---- either form: threshold selections (the ranked ones: rescore.py) ------------------------
 def above_thresholds(z: Tensor | AffinityBlocks, thetas: list[Tensor], layout: str = "token") -> list[Selection]:
     """:func:`above_threshold` for several θ (an L0 sweep): blocks are computed once for all."""
     if isinstance(z, AffinityBlocks):

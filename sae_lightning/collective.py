@@ -18,7 +18,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .blockwise import AffinityBlocks, per_column, top_m
+from .blockwise import AffinityBlocks
+from .rescore import Exact, per_column, top_m
 from .selection import sort_pairs
 from .sparse import Selection
 
@@ -65,14 +66,16 @@ def _tie_shares(above: Tensor, ties: Tensor, want: Tensor, rank: int) -> Tensor:
     return (short - before[rank]).clamp(min=0).minimum(ties[rank])
 
 
-def global_top_m(z: Tensor | AffinityBlocks, per_token: int, coll: Collective) -> tuple[Selection, Tensor]:
+def global_top_m(
+    z: Tensor | AffinityBlocks, per_token: int, coll: Collective, exact: Exact | None = None
+) -> tuple[Selection, Tensor]:
     """Mutual Choice over every rank's batch: the entries of this rank's z' [B, F] among the
     per_token·ΣB largest of all ranks' entries, token-major, with their values. Every rank
-    must hold the same B."""
+    must hold the same B. ``exact``: re-score a low-precision ``z`` (:mod:`rescore`)."""
     B, F = z.shape
     budget = per_token * B * coll.world
     # every entry of ours the global top-M can hold
-    local, values = top_m(z, min(budget, B * F))
+    local, values = top_m(z, min(budget, B * F), exact)
     padded = values.new_full((budget,), float("-inf"), dtype=torch.float32)
     padded[: values.numel()] = values.float()
     pool = coll.gather(padded).reshape(-1)
@@ -83,17 +86,20 @@ def global_top_m(z: Tensor | AffinityBlocks, per_token: int, coll: Collective) -
     take = _tie_shares(every[:, 0], every[:, 1], torch.tensor(budget, device=values.device), coll.rank)
     tie = v == theta
     keep = (v > theta) | (tie & (tie.cumsum(0) <= take))
-    return Selection(rows=local.rows[keep], cols=local.cols[keep], n_tokens=B), values[keep]
+    kept = None if local.values is None else local.values[keep]
+    return Selection(rows=local.rows[keep], cols=local.cols[keep], n_tokens=B, values=kept), values[keep]
 
 
-def global_per_column_topk(zt: Tensor | AffinityBlocks, m: Tensor, coll: Collective) -> tuple[Selection, Tensor]:
+def global_per_column_topk(
+    zt: Tensor | AffinityBlocks, m: Tensor, coll: Collective, exact: Exact | None = None
+) -> tuple[Selection, Tensor]:
     """Feature Choice over every rank's batch: latent j takes its top-m_j tokens of all ranks'
     tokens (m_j ≤ ΣB, the same on every rank); returns this rank's pairs, token-major, and each
     latent's cutoff (its m_j-th largest over all ranks, -inf where m_j = 0). ``zt`` is this
-    rank's [F, B], every rank with the same B."""
+    rank's [F, B], every rank with the same B; ``exact``: re-score a low-precision ``zt``."""
     F_, B = zt.shape
     mine = m.clamp(max=B)  # no rank can give a latent more than its B tokens
-    lat, tok, val, _ = per_column(zt, mine)
+    lat, tok, val, _ = per_column(zt, mine, exact)
     order = torch.argsort(lat, stable=True)  # latent-major; each latent's entries stay in value order
     lat, tok, val = lat[order], tok[order], val[order].float()
     pool = coll.gather(val)  # [world, S]: the same layout on every rank (S = Σ_j min(m_j, B))
@@ -124,4 +130,5 @@ def global_per_column_topk(zt: Tensor | AffinityBlocks, m: Tensor, coll: Collect
     own_start = (torch.cumsum(mine, 0) - mine)[lat]  # where this entry's latent begins here
     tie_rank = seen - seen[own_start]  # ties of the same latent before this entry
     keep = (val > th) | (tie & (tie_rank < take[lat]))
-    return sort_pairs(tok[keep], lat[keep], n_tokens=B, n_latents=F_), theta
+    exact_values = val[keep] if exact is not None else None  # the re-scored values (fp32) of the kept pairs
+    return sort_pairs(tok[keep], lat[keep], B, F_, exact_values), theta

@@ -20,7 +20,24 @@ import torch
 from torch import Tensor, nn
 
 from .blockwise import AffinityBlocks
-from .sae import SparseAutoencoder
+from .rescore import Exact
+from .sae import SparseAutoencoder, pair_products
+
+
+class _ExactScores:
+    """:class:`rescore.Exact` of the weighted scores."""
+
+    def __init__(self, ranking: GradientRanking, sae: SparseAutoencoder, gn: Tensor, exact: Exact):
+        self.ranking, self.sae, self.exact = ranking, sae, exact
+        self.D = ranking._directions(sae, None, sae.W_dec.dtype)
+        self.g = gn.to(sae.W_dec.dtype)
+
+    def __call__(self, tokens: Tensor, latents: Tensor) -> Tensor:
+        effect = pair_products(self.g, self.D, tokens, latents)
+        return effect.abs_().add_(1.0).mul_(self.exact(tokens, latents))
+
+    def first_tokens(self, n: int) -> Tensor:
+        return self.ranking._weight(self.exact.first_tokens(n), self.g[:n], self.sae, None, "token")
 
 
 class GradientRanking(nn.Module):
@@ -56,6 +73,11 @@ class GradientRanking(nn.Module):
         g = gn.to(z.dtype)
         effect = torch.mm(g, D.t()) if layout == "token" else torch.mm(D, g.t())
         return effect.abs_().add_(1.0).mul_(z)
+
+    def exact_scores(self, sae: SparseAutoencoder, gn: Tensor, exact: Exact) -> Exact:
+        """The weighted scores in the parameters' dtype, from the affinities' ``exact``: the
+        re-scoring of low-precision scores (:mod:`rescore`)."""
+        return _ExactScores(self, sae, gn, exact)
 
     @torch.no_grad()
     def scores(self, sae: SparseAutoencoder, z: Tensor | AffinityBlocks, gn: Tensor, layout: str):

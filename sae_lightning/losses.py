@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar, Literal, cast
 
@@ -32,9 +33,14 @@ class StepOutput:
     z: Tensor | AffinityBlocks  # affinities, no autograd: [B, F] if layout == "token", [F, B] if "latent"
     layout: str
     code: SparseCode
+    # (latents, tokens) -> those columns of z′ in the parameters' dtype, where z is held in low
+    # precision (the auxiliary losses then select on exact values, as in an fp32 run)
+    exact_columns: Callable[[Tensor, slice], Tensor] | None = None
 
     def columns(self, latents: Tensor, tokens: slice = slice(None)) -> Tensor:
         """The affinities of some latents for (some) tokens, [tokens, len(latents)]."""
+        if self.exact_columns is not None:
+            return self.exact_columns(latents, tokens)
         if isinstance(self.z, AffinityBlocks):
             return self.z.columns(latents, tokens)
         return self.z[tokens][:, latents] if self.layout == "token" else self.z[latents, tokens].t()

@@ -23,7 +23,8 @@ from .gradient_ranking import GradientRanking
 from .losses import StepOutput, total_loss
 from .mdl import description_length
 from .metrics import L0, Firing, Reconstruction, feature_recovery
-from .sae import AFFINITY_DTYPES, SparseAutoencoder
+from .rescore import Exact
+from .sae import AFFINITY_DTYPES, ExactRanked, SparseAutoencoder
 from .sparse import SparseCode
 from .spec import parse
 from .stats import LatentStats
@@ -138,30 +139,45 @@ class SAEModule(L.LightningModule):
             )
         xn, ctx = self.sae.normalise(x)
         layout = self.allocator.layout
-        z = self.affinities(xn, layout)  # no autograd
+        # a low-precision z′ only where selection re-scores it: batch allocation (thresholds read fp32)
+        low = self.affinity_dtype != self.sae.W_enc.dtype and mode == Mode.BATCH and self.allocator.rescores
+        z = self.affinities(xn, layout, self.affinity_dtype if low else self.sae.W_enc.dtype)  # no autograd
+        exact: Exact | None = ExactRanked(self.sae, xn) if low else None
         ranked = z
         if grad is not None and self.gradient_ranking is not None and mode == Mode.BATCH:
-            ranked = self.gradient_ranking.scores(self.sae, z, self.sae.normalise_gradient(grad, ctx), layout)
+            gn = self.sae.normalise_gradient(grad, ctx)
+            ranked = self.gradient_ranking.scores(self.sae, z, gn, layout)
+            if exact is not None:
+                exact = self.gradient_ranking.exact_scores(self.sae, gn, exact)
         with torch.no_grad():
             try:
                 if mode == Mode.BATCH:
                     sel = self.allocator.allocate(
-                        ranked, step=self.global_step, density=self.stats.density, update=update, collective=collective
+                        ranked,
+                        step=self.global_step,
+                        density=self.stats.density,
+                        update=update,
+                        collective=collective,
+                        exact=exact,
                     )
                 else:
                     sel = self.allocator.threshold(z, source="ema" if mode == Mode.THRESHOLD_EMA else "calibrated")
             except TrainingDiverged as e:
                 raise TrainingDiverged(f"{e} at step {self.global_step}{self._non_finite_parameters()}") from None
+        if ranked is not z:  # the values a re-scoring kept are scores, not the code's affinities
+            sel.values = None
         code = self.sae.code(xn, z, sel, layout)
-        return StepOutput(x=xn, x_hat=self.sae.decode(code), z=z, layout=layout, code=code), ctx
+        columns = (lambda latents, tokens: self.sae.affinities(xn[tokens], latents)) if low else None
+        out = StepOutput(x=xn, x_hat=self.sae.decode(code), z=z, layout=layout, code=code, exact_columns=columns)
+        return out, ctx
 
-    def affinities(self, xn: Tensor, layout: str) -> Tensor | AffinityBlocks:
-        """z′ of normalised tokens: the dense matrix, or blocks of ``model.block_latents``
-        latents computed on demand (never [B, F] at once)."""
+    def affinities(self, xn: Tensor, layout: str, dtype: torch.dtype = torch.float32) -> Tensor | AffinityBlocks:
+        """z′ of normalised tokens in ``dtype``: the dense matrix, or blocks of
+        ``model.block_latents`` latents computed on demand (never [B, F] at once)."""
         block = self.block_latents(xn.shape[0])
         if block is not None and block < self.sae.n_latents:
-            return self.sae.affinity_blocks(xn, block, layout, self.affinity_dtype)
-        return self.sae.affinities(xn, layout=layout, dtype=self.affinity_dtype)
+            return self.sae.affinity_blocks(xn, block, layout, dtype)
+        return self.sae.affinities(xn, layout=layout, dtype=dtype)
 
     def block_latents(self, n_tokens: int) -> int | None:
         """Latents per block of z′ for ``n_tokens`` tokens (``model.block_latents``; ``auto``:
@@ -440,9 +456,7 @@ class SAEModule(L.LightningModule):
     # ---- thresholds ---------------------------------------------------------------------------
     def _calibration_set(self, x: Tensor) -> CalibrationSet:
         xn, _ = self.sae.normalise(x.to(self.device))
-        return CalibrationSet(
-            xn, lambda xs, cols: self.sae.affinities(xs, cols, dtype=self.affinity_dtype).float(), self.sae.n_latents
-        )
+        return CalibrationSet(xn, lambda xs, cols: self.sae.affinities(xs, cols), self.sae.n_latents)
 
     @torch.no_grad()
     def calibrate(self, x: Tensor, match_l0: bool = True) -> dict[str, float]:

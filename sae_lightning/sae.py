@@ -75,6 +75,47 @@ def geometric_median(x: Tensor, iters: int = 100, tol: float = 1e-6) -> Tensor:
     return y
 
 
+def pair_products(a: Tensor, b: Tensor, rows: Tensor, cols: Tensor, bias: Tensor | None = None) -> Tensor:
+    """a[r_e]·b[c_e] (+ bias[c_e]) for distinct pairs (r_e, c_e) of a [n, d] and b [m, d], in
+    their dtype, O(nnz·d). One ``torch.sparse.sampled_addmm`` (the product only at a CSR
+    pattern): 20× faster than gathering the pairs' rows (12 against 270 ms for 2^18 pairs at
+    d = 384 on 2 cores: the gathers wrote two [nnz, d] copies). Pairs already in CSR order (by
+    row, then column) skip the sort."""
+    n, m = a.shape[0], b.shape[0]
+    out = torch.empty(rows.numel(), dtype=a.dtype, device=rows.device)
+    if rows.numel() == 0:
+        return out
+    key = rows * m + cols
+    ordered = bool((key[1:] > key[:-1]).all())
+    order = None if ordered else torch.argsort(key)  # CSR: by row, then by column
+    r, c = (rows, cols) if order is None else (rows[order], cols[order])
+    crow = torch.zeros(n + 1, dtype=torch.long, device=rows.device)
+    torch.cumsum(torch.bincount(r, minlength=n), 0, out=crow[1:])
+    start = bias[c] if bias is not None else torch.zeros(c.numel(), dtype=a.dtype, device=a.device)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        pattern = torch.sparse_csr_tensor(crow, c, start, size=(n, m), check_invariants=False)
+        values = torch.sparse.sampled_addmm(pattern, a, b.t()).values()
+    if order is None:
+        return values
+    out[order] = values
+    return out
+
+
+class ExactRanked:
+    """What a SAE's affinity matrix ranks, in the parameters' dtype, for normalised tokens
+    ``xn``: the re-scoring of a low-precision matrix (:class:`rescore.Exact`)."""
+
+    def __init__(self, sae: SparseAutoencoder, xn: Tensor):
+        self.sae, self.xn = sae, xn
+
+    def __call__(self, tokens: Tensor, latents: Tensor) -> Tensor:
+        return self.sae.exact_ranked(self.xn, tokens, latents)
+
+    def first_tokens(self, n: int) -> Tensor:
+        return self.sae.affinities(self.xn[:n])
+
+
 class SparseAutoencoder(nn.Module):
     """x → normalise → z' = W_enc (x − b_pre) + b_enc → [allocator] → x̂ = W_dec z + b_pre.
 
@@ -217,27 +258,16 @@ class SparseAutoencoder(nn.Module):
     @torch.no_grad()
     def exact_affinities(self, xn: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
         """z'[r_e, c_e] in the parameters' dtype for distinct pairs (r_e, c_e), computed pair by
-        pair (O(nnz·d)); without the decoder norms that a free decoder's affinity matrix carries.
+        pair (O(nnz·d)); without the decoder norms that a free decoder's affinity matrix carries."""
+        return pair_products(xn - self.b_pre, self.W_enc, rows, cols, self.b_enc)
 
-        One ``torch.sparse.sampled_addmm`` (the product only at a CSR pattern): 20× faster
-        than gathering the pairs' rows of x and W_enc (12 against 270 ms for 2^18 pairs at
-        d = 384 on 2 cores: the gathers wrote two [nnz, d] copies)."""
-        n_tokens = xn.shape[0]
-        out = torch.empty(rows.numel(), dtype=self.W_enc.dtype, device=rows.device)
-        if rows.numel() == 0:
-            return out
-        order = torch.argsort(rows * self.n_latents + cols)  # CSR: by row, then by latent
-        r, c = rows[order], cols[order]
-        crow = torch.zeros(n_tokens + 1, dtype=torch.long, device=rows.device)
-        torch.cumsum(torch.bincount(r, minlength=n_tokens), 0, out=crow[1:])
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-            pattern = torch.sparse_csr_tensor(
-                crow, c, self.b_enc[c], size=(n_tokens, self.n_latents), check_invariants=False
-            )
-            product = torch.sparse.sampled_addmm(pattern, xn - self.b_pre, self.W_enc.t())  # b_enc + (x − b_pre)·W
-        out[order] = product.values()
-        return out
+    @torch.no_grad()
+    def exact_ranked(self, xn: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
+        """What the affinity matrix ranks (z', times ‖d_j‖ for a free decoder) at distinct pairs,
+        in the parameters' dtype: the re-scoring of a low-precision matrix (:mod:`rescore`)."""
+        values = self.exact_affinities(xn, rows, cols)
+        norms = self.decoder_norms()
+        return values if norms is None else values * norms[cols]
 
     @torch.no_grad()
     def decoder_norms(self, cols: slice | Tensor | None = None) -> Tensor | None:
@@ -280,6 +310,11 @@ class SparseAutoencoder(nn.Module):
                 raw = z[rows, cols] if layout == "token" else z[cols, rows]
                 norms = self.decoder_norms()
                 if norms is not None:  # a free decoder's matrix ranks z'·‖d‖; the code holds z'
+                    raw = raw / norms[cols]
+            elif selection.values is not None:  # re-scored by the selection itself (rescore.py)
+                raw = selection.values.to(self.W_enc.dtype)
+                norms = self.decoder_norms()
+                if norms is not None:
                     raw = raw / norms[cols]
             else:  # selection made in low precision or blockwise: the values computed pair by pair
                 raw = self.exact_affinities(xn, rows, cols)

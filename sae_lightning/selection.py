@@ -175,7 +175,7 @@ class GlobalTopK:
         return Selection(rows=rows, cols=keys - rows * F, n_tokens=B), values[chosen][order]
 
 
-def per_column_topk(zt: Tensor, m: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def per_column_topk(zt: Tensor, m: Tensor, canonical: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """For each row j of ``zt`` ([F, B], latent-major) its top-m_j entries.
 
     The bulk of the latents (the 90 % with the smallest positive capacities, when that is at
@@ -185,7 +185,8 @@ def per_column_topk(zt: Tensor, m: Tensor) -> tuple[Tensor, Tensor, Tensor, Tens
     capacities, and only the few large-capacity rows are copied. Ties at a latent's cut keep
     the lower tokens (canonical: the same pairs whatever ``torch.topk`` does). Returns (latent,
     token, value) of the kept entries, each latent's in value order, and each latent's cutoff
-    value (its m_j-th largest, -inf where m_j = 0).
+    value (its m_j-th largest, -inf where m_j = 0). ``canonical=False``: ties at a cut keep any
+    of the tied tokens (candidates for a re-scoring, :mod:`rescore`; bf16 ties are common).
     """
     F_, B = zt.shape
     order = torch.argsort(m, descending=True, stable=True)
@@ -198,7 +199,7 @@ def per_column_topk(zt: Tensor, m: Tensor) -> tuple[Tensor, Tensor, Tensor, Tens
         cap = m[lat]
         width = vals.shape[1]
         check_finite(vals[:, 0])  # each latent's largest value
-        tied = (cap < B) & (
+        tied = (canonical & (cap < B)) & (
             vals.gather(1, cap.clamp(max=width - 1).unsqueeze(1)).squeeze(1)
             == vals.gather(1, (cap - 1).unsqueeze(1)).squeeze(1)
         )
@@ -253,8 +254,10 @@ def threshold_selection(z: Tensor, theta: Tensor, layout: str = "token") -> Sele
     return sort_pairs(rows, cols, n_tokens=z.shape[1], n_latents=z.shape[0])
 
 
-def sort_pairs(rows: Tensor, cols: Tensor, n_tokens: int, n_latents: int) -> Selection:
-    """Reorder (token, latent) pairs token-major."""
-    key = torch.sort(rows * n_latents + cols).values
+def sort_pairs(rows: Tensor, cols: Tensor, n_tokens: int, n_latents: int, values: Tensor | None = None) -> Selection:
+    """Reorder (token, latent) pairs token-major (with their ``values``, if given)."""
+    key, order = torch.sort(rows * n_latents + cols)
     rows = torch.div(key, n_latents, rounding_mode="floor")
-    return Selection(rows=rows, cols=key - rows * n_latents, n_tokens=n_tokens)
+    return Selection(
+        rows=rows, cols=key - rows * n_latents, n_tokens=n_tokens, values=None if values is None else values[order]
+    )

@@ -13,12 +13,15 @@ from torch import Tensor
 class Selection:
     """Which (token, latent) pairs an allocator keeps, sorted by token (row-major order).
 
-    Carries no values and no gradient: the selection itself is not differentiated.
+    Carries no gradient: the selection itself is not differentiated.
     """
 
     rows: Tensor  # [nnz] int64, non-decreasing
     cols: Tensor  # [nnz] int64
     n_tokens: int
+    # the ranked matrix's values at the pairs in the parameters' dtype, where selection computed
+    # them pair by pair (the re-scoring of a low-precision matrix, rescore.py); else None
+    values: Tensor | None = None
 
 
 @dataclass

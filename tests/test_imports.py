@@ -17,7 +17,19 @@ LAYERS: list[tuple[str, ...]] = [
     # foundations: no torch module, no config
     ("errors", "registry", "spec", "atomic", "cli", "progress", "tb", "zipf", "compare", "resume", "heap"),
     # tensors and the SAE's parts
-    ("sparse", "selection", "blockwise", "collective", "sae", "gradient_ranking", "stats", "metrics", "mdl", "plots"),
+    (
+        "sparse",
+        "selection",
+        "blockwise",
+        "rescore",
+        "collective",
+        "sae",
+        "gradient_ranking",
+        "stats",
+        "metrics",
+        "mdl",
+        "plots",
+    ),
     # what a run is built from
     ("data", "allocators", "losses"),
     ("config",),

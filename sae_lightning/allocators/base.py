@@ -15,6 +15,7 @@ from ..blockwise import AffinityBlocks
 from ..collective import Collective
 from ..errors import require
 from ..registry import Registry
+from ..rescore import Exact
 from ..sparse import Selection
 from ..spec import parse, setting
 
@@ -105,6 +106,8 @@ class Allocator(nn.Module, abc.ABC):
     # the layout of z' it reads: "token" = [B, F] (row per token), "latent" = [F, B]
     layout: ClassVar[str] = "token"
     trainable: ClassVar[bool] = True  # False: only for SAEs trained elsewhere (JumpReLU)
+    # batch allocation re-scores a low-precision z' exactly (``exact``); else it reads fp32 z'
+    rescores: ClassVar[bool] = True
     has_thresholds: ClassVar[bool] = False  # a threshold mode of its own (θ per latent or one θ)
 
     def __init__(self, cfg: AllocatorConfig, n_latents: int, batch_size: int):
@@ -133,11 +136,15 @@ class Allocator(nn.Module, abc.ABC):
         density: Tensor | None = None,
         update: bool = False,
         collective: Collective | None = None,
+        exact: Exact | None = None,
     ) -> Selection:
         """Batch allocation. ``update`` lets the allocator update its running state
         (threshold EMAs, density ranking); it is True only in training steps. With a
         ``collective`` the batch is this rank's part of a global batch that every rank
-        allocates together (each rank calls at the same point with the same batch size)."""
+        allocates together (each rank calls at the same point with the same batch size).
+        ``exact`` (with a low-precision ``z``): the ranked values in the parameters' dtype at
+        given pairs; the allocator then selects candidates on ``z`` and the final pairs on their
+        exact values (:mod:`rescore`)."""
 
     def threshold(self, z: Tensor | AffinityBlocks, source: str = "calibrated") -> Selection:
         """Threshold inference; ``source`` is ``'calibrated'`` (falls back to the EMA when

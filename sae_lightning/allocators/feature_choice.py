@@ -15,9 +15,10 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from ..blockwise import AffinityBlocks, above_threshold, per_column, top_m
+from ..blockwise import AffinityBlocks, above_threshold
 from ..collective import Collective, global_per_column_topk, global_top_m
 from ..errors import ConfigError, require
+from ..rescore import Exact, per_column, top_m
 from ..selection import per_column_topk, sort_pairs
 from ..sparse import Selection
 from ..spec import setting
@@ -86,10 +87,16 @@ def _token_major(z: Tensor | AffinityBlocks) -> Tensor | AffinityBlocks:
     return z.t()
 
 
-def _demand_sample(z: Tensor | AffinityBlocks, tokens: int) -> tuple[Tensor, Tensor]:
+def _demand_sample(z: Tensor | AffinityBlocks, tokens: int, exact: Exact | None = None) -> tuple[Tensor, Tensor]:
     """What demand is counted on: a strided sample of the latent-major matrix (about 2^16
-    entries) and its first ``tokens`` tokens, [F, n]."""
+    entries) and its first ``tokens`` tokens, [F, n]; with ``exact``, their exact values (z is
+    then a low-precision matrix: demand is counted as in an fp32 run)."""
     F_, B = z.shape
+    if exact is not None:
+        first = exact.first_tokens(min(B, tokens)).t()
+        flat = torch.arange(0, F_ * B, max(1, F_ * B // (1 << 16)), device=first.device)
+        lat = torch.div(flat, B, rounding_mode="floor")
+        return exact(flat - lat * B, lat), first
     if isinstance(z, AffinityBlocks):
         tap = _DemandTap(z, min(B, tokens))
         for _ in tap.blocks:
@@ -243,6 +250,7 @@ class FeatureChoice(ThresholdAllocator):
         density: Tensor | None = None,
         update: bool = False,
         collective: Collective | None = None,
+        exact: Exact | None = None,
     ) -> Selection:
         F_, B = z.shape
         zipf_by_demand = self.cfg.capacity == "zipf" and self.cfg.rank == "by_density"
@@ -252,25 +260,27 @@ class FeatureChoice(ThresholdAllocator):
             reads_demand_now = step >= self.cfg.mc_warmup_steps and (
                 self.cfg.capacity == "demand" or step % self.cfg.rerank_every_steps == 0
             )
-            if isinstance(z, AffinityBlocks) and not reads_demand_now:
+            if isinstance(z, AffinityBlocks) and not reads_demand_now and exact is None:
                 # this step's selection does not read demand: take its sample in the selection's
                 # own pass over the blocks (one pass, not two) and update it afterwards
                 tap = _DemandTap(z, min(B, self.cfg.demand_tokens))
                 z = tap.blocks
             else:
-                self._update_demand(*_demand_sample(z, self.cfg.demand_tokens), B, collective)
-        sel = self._select(z, step, update, collective)
+                self._update_demand(*_demand_sample(z, self.cfg.demand_tokens, exact), B, collective)
+        sel = self._select(z, step, update, collective, exact)
         if tap is not None:
             self._update_demand(*tap.sample(), B, collective)
         return sel
 
-    def _select(self, z: Tensor | AffinityBlocks, step: int, update: bool, collective: Collective | None) -> Selection:
+    def _select(
+        self, z: Tensor | AffinityBlocks, step: int, update: bool, collective: Collective | None, exact: Exact | None
+    ) -> Selection:
         F_, B = z.shape
         world = collective.world if collective is not None else 1
         if update and step < self.cfg.mc_warmup_steps:
             if collective is not None:
-                return global_top_m(_token_major(z), self.cfg.k, collective)[0]
-            return top_m(_token_major(z), self.cfg.k * B)[0]
+                return global_top_m(_token_major(z), self.cfg.k, collective, exact)[0]
+            return top_m(_token_major(z), self.cfg.k * B, exact)[0]
         if update and self.cfg.capacity == "zipf" and self.cfg.rank == "by_density":
             if step % self.cfg.rerank_every_steps == 0:
                 self.rank_to_latent.copy_(torch.argsort(self.demand, descending=True, stable=True))
@@ -279,10 +289,10 @@ class FeatureChoice(ThresholdAllocator):
             self.allocation_batch.fill_(B * world)
         m = self.training_capacities(B * world, step) if update else self.capacities(B * world)
         if collective is not None:
-            sel, cutoff = global_per_column_topk(z, m, collective)
+            sel, cutoff = global_per_column_topk(z, m, collective, exact)
         else:
-            lat, tok, _, cutoff = per_column(z, m)
-            sel = sort_pairs(tok, lat, n_tokens=B, n_latents=F_)
+            lat, tok, val, cutoff = per_column(z, m, exact)
+            sel = sort_pairs(tok, lat, B, F_, val if exact is not None else None)
         if update:  # a column with fewer than m_j positive entries fires on every positive one
             self.update_theta_ema(cutoff.clamp_min(0.0), step)
         return sel

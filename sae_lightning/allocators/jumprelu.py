@@ -12,6 +12,7 @@ from torch import Tensor
 
 from ..blockwise import AffinityBlocks
 from ..collective import Collective
+from ..rescore import Exact
 from ..selection import check_finite, threshold_selection
 from ..sparse import Selection
 from .base import Allocator, AllocatorConfig, register
@@ -26,6 +27,7 @@ class JumpReLUConfig(AllocatorConfig):
 class JumpReLU(Allocator):
     Config = JumpReLUConfig
     trainable = False
+    rescores = False
     theta: Tensor
 
     def __init__(self, cfg: JumpReLUConfig, n_latents: int, batch_size: int):
@@ -45,6 +47,7 @@ class JumpReLU(Allocator):
         density: Tensor | None = None,
         update: bool = False,
         collective: Collective | None = None,
+        exact: Exact | None = None,
     ) -> Selection:
         return self.threshold(z)
 

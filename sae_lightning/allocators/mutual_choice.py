@@ -8,8 +8,9 @@ import dataclasses
 import torch
 from torch import Tensor
 
-from ..blockwise import AffinityBlocks, above_threshold, top_m
+from ..blockwise import AffinityBlocks, above_threshold
 from ..collective import Collective, global_top_m
+from ..rescore import Exact, top_m
 from ..sparse import Selection
 from .base import CalibrationSet, ThresholdAllocator, ThresholdConfig, largest_beyond, register
 
@@ -45,12 +46,13 @@ class MutualChoice(ThresholdAllocator):
         density: Tensor | None = None,
         update: bool = False,
         collective: Collective | None = None,
+        exact: Exact | None = None,
     ) -> Selection:
         B = z.shape[0]
         if collective is None:
-            sel, values = top_m(z, self.cfg.k * B)
+            sel, values = top_m(z, self.cfg.k * B, exact)
         else:
-            sel, values = global_top_m(z, self.cfg.k, collective)
+            sel, values = global_top_m(z, self.cfg.k, collective, exact)
         if update:
             positive = values[values > 0]
             lowest = positive.min().float() if positive.numel() else torch.full((), float("inf"), device=values.device)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from ..blockwise import AffinityBlocks, topk_per_row_blocks
+from ..blockwise import AffinityBlocks
 from ..collective import Collective
-from ..selection import topk_per_row
+from ..rescore import Exact, topk_rows
 from ..sparse import Selection
 from .base import Allocator, register
 
@@ -21,7 +21,6 @@ class TopK(Allocator):
         density: Tensor | None = None,
         update: bool = False,
         collective: Collective | None = None,
+        exact: Exact | None = None,
     ) -> Selection:
-        if isinstance(z, AffinityBlocks):
-            return topk_per_row_blocks(z, self.cfg.k)[0]
-        return topk_per_row(z, self.cfg.k)[0]
+        return topk_rows(z, self.cfg.k, exact)[0]

@@ -1,0 +1,136 @@
+"""Selections from low-precision affinities, made exact: candidates with a margin, re-scored.
+
+With ``model.affinity_dtype=bfloat16`` the step's dense product runs in bf16 (7× fp32's rate on
+a CPU with AMX, and on GPU tensor cores), but bf16 keeps 8 bits of mantissa: near a cut, its
+ranking differs from fp32's. So the bf16 matrix only proposes *candidates*, with a margin
+(each token's top-(k + k/2) for TopK, the batch's top-1.25·M for Mutual Choice, each latent's
+top-(m_j + m_j/4) for Feature Choice, at least 8 more per row or column), and the candidates'
+values are computed again in fp32 pair by pair (``exact``: O(nnz·d), one sampled product); the
+final selection is the fp32 one among the candidates, in the canonical order of the dense
+kernels (value descending, then lower index). It equals the fp32 path's selection whenever the
+fp32 selection lies among the candidates; a pair outside them would have to rank beyond the
+margin in bf16 while within the cut in fp32 (measured: never, in docs/performance.md).
+
+The functions here are what the allocators (and the multi-rank selections) call: each takes a
+dense matrix or :class:`AffinityBlocks`, and ``exact`` = None for the plain (fp32) path.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from .blockwise import AffinityBlocks, per_column_topk_blocks, top_m_blocks, topk_per_row_blocks
+from .selection import GlobalTopK, check_finite, per_column_topk, row_topk, top_canonical, topk_per_row
+from .sparse import Selection
+
+
+class Exact(Protocol):
+    """The ranked matrix in the parameters' dtype, computed on request."""
+
+    def __call__(self, tokens: Tensor, latents: Tensor) -> Tensor:
+        """Its values at distinct (token, latent) pairs, O(nnz·d)."""
+        ...
+
+    def first_tokens(self, n: int) -> Tensor:
+        """Its rows for the batch's first ``n`` tokens, [n, F] (Feature Choice's demand)."""
+        ...
+
+
+MIN_MARGIN = 8  # candidates beyond the cut, at least (per row, per latent, or for the batch)
+
+
+def row_margin(k: int) -> int:
+    """Candidates per token beyond TopK's k."""
+    return max(MIN_MARGIN, k // 2)
+
+
+def batch_margin(budget: int) -> int:
+    """Candidates beyond Mutual Choice's budget M."""
+    return max(MIN_MARGIN, budget // 4)
+
+
+def column_margin(m: Tensor) -> Tensor:
+    """Candidates per latent beyond its capacity m_j (none where m_j = 0)."""
+    return torch.where(m > 0, torch.clamp(m // 4, min=MIN_MARGIN), torch.zeros_like(m))
+
+
+def topk_rows(z: Tensor | AffinityBlocks, k: int, exact: Exact | None = None) -> tuple[Selection, Tensor]:
+    """Each token's top-k latents (:func:`selection.topk_per_row`) of a dense matrix or blocks;
+    with ``exact``, chosen among each token's top-(k + margin) of ``z`` by their exact values."""
+    if exact is None:
+        return topk_per_row_blocks(z, k) if isinstance(z, AffinityBlocks) else topk_per_row(z, k)
+    B, F = z.shape
+    k = min(k, F)
+    width = min(F, k + row_margin(k))
+    if isinstance(z, AffinityBlocks):
+        cand = topk_per_row_blocks(z, width)[0].cols.view(B, width)
+    else:
+        cand = row_topk(z, width)[1]  # ties among the candidates' low-precision values: any of them
+    cand = torch.sort(cand, dim=1).values  # latent order: a position's order is the latent's
+    rows = torch.arange(B, device=cand.device).repeat_interleave(width)
+    values = exact(rows, cand.reshape(-1)).view(B, width)
+    sel, vals = topk_per_row(values, k)  # the canonical order among the candidates = among all latents
+    cols = cand.gather(1, sel.cols.view(B, k)).reshape(-1)
+    return Selection(rows=sel.rows, cols=cols, n_tokens=B, values=vals), vals
+
+
+def top_m(z: Tensor | AffinityBlocks, budget: int, exact: Exact | None = None) -> tuple[Selection, Tensor]:
+    """The batch's top-``budget`` entries, token-major, with their values (Mutual Choice); with
+    ``exact``, chosen among the top-(budget + margin) of ``z`` by their exact values."""
+    B, F = z.shape
+    if exact is None:
+        return top_m_blocks(z, budget) if isinstance(z, AffinityBlocks) else GlobalTopK()(z, budget)
+    budget = min(budget, B * F)
+    want = min(B * F, budget + batch_margin(budget))
+    cand, _ = top_m_blocks(z, want) if isinstance(z, AffinityBlocks) else GlobalTopK()(z, want)
+    values = exact(cand.rows, cand.cols)
+    check_finite(values)
+    keys = cand.rows * F + cand.cols  # token-major: the canonical tie order of the dense kernel
+    chosen = torch.sort(top_canonical(values, keys, budget)).values  # candidates are token-major
+    return Selection(rows=cand.rows[chosen], cols=cand.cols[chosen], n_tokens=B, values=values[chosen]), values[chosen]
+
+
+def per_column(
+    zt: Tensor | AffinityBlocks, m: Tensor, exact: Exact | None = None
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Each latent's top-m_j tokens of a [F, B] matrix or blocks (:func:`selection.per_column_topk`:
+    latent, token, value of the kept entries, each latent's in value order, and each latent's
+    cutoff); with ``exact``, chosen among each latent's top-(m_j + margin) of ``zt`` by their
+    exact values (the cutoffs too are exact values)."""
+    if exact is None:
+        return per_column_topk_blocks(zt, m) if isinstance(zt, AffinityBlocks) else per_column_topk(zt, m)
+    F_, B = zt.shape
+    wide = (m + column_margin(m)).clamp(max=B)
+    if isinstance(zt, AffinityBlocks):
+        lat, tok, _, _ = per_column_topk_blocks(zt, wide)
+    else:
+        lat, tok, _, _ = per_column_topk(zt, wide, canonical=False)
+    values = exact(tok, lat)
+    check_finite(values)
+    order = _latent_value_token_order(lat, tok, values, B)
+    lat, tok, values = lat[order], tok[order], values[order]
+    counts = torch.bincount(lat, minlength=F_)
+    start = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(lat.numel(), device=lat.device) - start[lat]
+    keep = rank < m[lat]
+    cutoff = torch.full((F_,), float("-inf"), dtype=values.dtype, device=values.device)
+    has = m > 0
+    cutoff[has] = values[(start + m - 1)[has]]
+    return lat[keep], tok[keep], values[keep], cutoff
+
+
+def _latent_value_token_order(lat: Tensor, tok: Tensor, values: Tensor, n_tokens: int) -> Tensor:
+    """The permutation that orders entries by latent, then value descending, then token: one sort
+    of a 64-bit key (latent, value) where no two entries of a latent hold equal values, else a
+    stable two-pass sort (token first)."""
+    v = (values.float() + 0.0).view(torch.int32).to(torch.int64)  # + 0.0: -0 becomes +0, equal to it
+    v = torch.where(v < 0, v ^ 0x7FFFFFFF, v)  # IEEE bits ordered as the floats they encode
+    key = lat * (1 << 32) + ((1 << 31) - 1 - v)  # value descending within a latent
+    key_sorted, order = torch.sort(key)
+    if not bool((key_sorted[1:] == key_sorted[:-1]).any()):
+        return order
+    by_token = torch.argsort(tok, stable=True)
+    return by_token[torch.sort(key[by_token], stable=True).indices]

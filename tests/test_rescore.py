@@ -1,0 +1,193 @@
+"""rescore.py: selections from a low-precision matrix, re-scored, equal the full-precision ones."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from sae_lightning.errors import TrainingDiverged
+from sae_lightning.rescore import per_column, top_m, topk_rows
+from sae_lightning.sae import ExactRanked
+from sae_lightning.selection import GlobalTopK, per_column_topk, topk_per_row
+
+from .test_blockwise import blocks_of, triples
+
+B, F = 40, 64
+
+
+class Gathered:
+    """An ``exact`` reading a full-precision matrix [B, F] (token-major)."""
+
+    def __init__(self, z):
+        self.z, self.calls = z, 0
+
+    def __call__(self, tokens, latents):
+        self.calls += 1
+        assert tokens.numel() == torch.unique(tokens * F + latents).numel(), "pairs asked twice"
+        return self.z[tokens, latents]
+
+    def first_tokens(self, n):
+        return self.z[:n]
+
+
+def matrices(seed=0):
+    """(full, low): full-precision values with exact ties (a quarter step on half of the
+    entries), and a low-precision view that drops the quarter (ties everywhere: the bf16 case)."""
+    g = torch.Generator().manual_seed(seed)
+    low = torch.randint(0, 64, (B, F), generator=g).float()
+    full = low + 0.25 * torch.randint(0, 2, (B, F), generator=g).float()
+    return full, low.bfloat16()
+
+
+@pytest.mark.parametrize("block", [None, 7, 16])
+@pytest.mark.parametrize("k", [1, 5, 12])
+def test_topk_rescored_equals_full_precision(block, k):
+    full, low = matrices(k)
+    want, wv = topk_per_row(full, k)
+    exact = Gathered(full)
+    got, gv = topk_rows(low if block is None else blocks_of(low, block), k, exact)
+    assert exact.calls == 1
+    assert triples(got.rows, got.cols, gv) == triples(want.rows, want.cols, wv)  # (order among equal values: any)
+    assert torch.equal(got.rows, want.rows) and torch.equal(got.values, gv)
+    assert torch.equal(gv, wv)  # each row in value order
+
+
+@pytest.mark.parametrize("block", [None, 7, 16])
+@pytest.mark.parametrize("k", [1, 5, 12])
+def test_mutual_choice_rescored_equals_full_precision(block, k):
+    full, low = matrices(10 + k)
+    want, wv = GlobalTopK()(full, k * B)
+    got, gv = top_m(low if block is None else blocks_of(low, block), k * B, Gathered(full))
+    assert torch.equal(got.rows, want.rows) and torch.equal(got.cols, want.cols)
+    assert torch.equal(gv, wv) and torch.equal(got.values, wv)
+    plain, _ = GlobalTopK()(low, k * B)
+    assert not (torch.equal(plain.rows, want.rows) and torch.equal(plain.cols, want.cols))
+
+
+@pytest.mark.parametrize("block", [None, 7, 16])
+def test_feature_choice_rescored_equals_full_precision(block):
+    full, low = matrices(3)
+    g = torch.Generator().manual_seed(1)
+    m = torch.randint(0, B + 1, (F,), generator=g)
+    m[:3] = torch.tensor([0, B, 1])
+    zt, lt = full.t().contiguous(), low.t().contiguous()
+    want = per_column_topk(zt, m)
+    exact = Gathered(full)
+    got = per_column(lt if block is None else blocks_of(lt, block, "latent"), m, exact)
+    assert triples(*got[:3]) == triples(*want[:3])
+    assert torch.equal(got[3], want[3])  # the cutoffs: exact values (-inf where m_j = 0)
+    for j in range(F):  # each latent's entries in value order
+        v = got[2][got[0] == j]
+        assert torch.all(v[1:] <= v[:-1])
+
+
+def test_rescored_low_precision_alone_would_differ():
+    """The fixture is a real test of the re-scoring: without it, the low-precision selections
+    differ from the full-precision ones."""
+    full, low = matrices(5)
+    a, _ = topk_per_row(full, 5)
+    b, _ = topk_per_row(low.float(), 5)
+    assert not torch.equal(a.cols, b.cols)
+
+
+@pytest.mark.parametrize("where", ["candidate", "elsewhere"])
+def test_rescored_selection_stops_on_nan(where):
+    full, low = matrices(7)
+    r, c = (0, int(torch.argmax(low[0].float()))) if where == "candidate" else (0, int(torch.argmin(low[0].float())))
+    full[r, c] = float("nan")
+    low[r, c] = float("nan")  # a NaN of the product is NaN in either precision
+    exact = Gathered(full)
+    with pytest.raises(TrainingDiverged):
+        topk_rows(low, 5, exact)
+    with pytest.raises(TrainingDiverged):
+        top_m(low, 5 * B, exact)
+    with pytest.raises(TrainingDiverged):
+        per_column(low.t().contiguous(), torch.full((F,), 4), exact)
+
+
+# ---- the module: model.affinity_dtype=bfloat16 against float32 -------------------------------
+def _modules(variant, block=None, extra=()):
+    from sae_lightning.config import load_config
+    from sae_lightning.module import SAEModule
+
+    from .conftest import TINY, compose_config
+
+    config = load_config(compose_config([*TINY, f"variant={variant}", "variant.k=8", *extra]))
+    full = SAEModule(config, 32)
+    dm = config.data.build()
+    sample = dm.sample(1024)
+    grad = torch.randn(sample.shape, generator=torch.Generator().manual_seed(1)) if full.gradient_ranking else None
+    full.init_from_data(sample, grad)
+    with torch.no_grad():
+        full.stats.tokens_since_fired[:40] = 10**9  # dead: aux_k's and aux_zipf's dead terms
+        full.stats.density[40:80] = 1e-6  # under-used: aux_zipf's pull term
+    full.model_spec = copy.deepcopy(full.model_spec)
+    full.model_spec.block_latents = block
+    low = copy.deepcopy(full)
+    low.affinity_dtype = torch.bfloat16
+    return full, low, dm
+
+
+@pytest.mark.parametrize("block", [None, 48])
+@pytest.mark.parametrize("variant", ["topk", "mutual_choice", "feature_choice"])
+def test_a_bfloat16_training_step_equals_the_float32_one(variant, block):
+    """The same pairs, loss terms (with dead and under-used latents), gradients and allocator
+    state (threshold EMA, Feature Choice's demand) as the fp32 step, dense and blockwise; the
+    bf16 matrix is what selection read (its plain bf16 pairs differ)."""
+    full, low, dm = _modules(variant, block)
+    x = dm.batch_of()(0)
+    outs = {}
+    for name, module in (("full", full), ("low", low)):
+        for _ in range(3):  # the EMA and demand move every step
+            module.zero_grad()
+            out, _ = module.forward_step(x, update=True)
+            terms = {n: term(out, module.sae, module.stats) for n, term in module.losses.items()}
+            sum(terms.values()).backward()
+        outs[name] = (out, terms, {n: p.grad.clone() for n, p in module.named_parameters()})
+    (fo, ft, fg), (lo, lt, lg) = outs["full"], outs["low"]
+    z = lo.z if isinstance(lo.z, torch.Tensor) else next(iter(lo.z))[1]
+    assert z.dtype == torch.bfloat16
+    if block is None:  # the allocator alone: re-scored, the fp32 pairs; without, other pairs
+        want = full.allocator.allocate(fo.z, step=3)
+        got = low.allocator.allocate(lo.z, step=3, exact=ExactRanked(low.sae, lo.x))
+        plain = low.allocator.allocate(lo.z, step=3)
+        assert torch.equal(got.rows, want.rows) and torch.equal(got.cols, want.cols)
+        assert not (torch.equal(plain.rows, want.rows) and torch.equal(plain.cols, want.cols))
+    assert torch.equal(fo.code.offsets, lo.code.offsets) and torch.equal(fo.code.latents, lo.code.latents)
+    assert torch.allclose(fo.code.values, lo.code.values, rtol=1e-5, atol=1e-6)
+    for n in ft:
+        assert torch.allclose(ft[n], lt[n], rtol=1e-5, atol=1e-7), n
+    for n in fg:
+        assert torch.allclose(fg[n], lg[n], rtol=1e-4, atol=1e-6), n
+    for n, buf in full.allocator.named_buffers():
+        other = dict(low.allocator.named_buffers())[n]
+        assert torch.allclose(buf.float(), other.float(), rtol=1e-5, atol=1e-7), n
+
+
+@pytest.mark.parametrize("variant", ["mutual_choice", "feature_choice"])
+def test_bfloat16_threshold_mode_and_calibration_read_float32(variant):
+    full, low, dm = _modules(variant)
+    cal = dm.calibration_tokens()
+    full.calibrate(cal)
+    low.calibrate(cal)
+    assert torch.equal(full.allocator.theta_calibrated, low.allocator.theta_calibrated)
+    x = dm.batch_of()(0)
+    a, b = full.encode(x, mode="threshold"), low.encode(x, mode="threshold")
+    assert torch.equal(a.latents, b.latents) and torch.equal(a.values, b.values)
+
+
+@pytest.mark.parametrize("variant", ["topk", "mutual_choice", "feature_choice"])
+def test_bfloat16_gradient_ranking_equals_float32(variant):
+    """g-SAE scores re-scored: the same pairs as the fp32 ranking of the weighted scores."""
+    full, low, dm = _modules(variant, extra=["variant.gradient_ranking.beta=2"])
+    x = dm.batch_of()(0)
+    g = torch.Generator().manual_seed(0)
+    grad = torch.randn(x.shape, generator=g)
+    a, _ = full.forward_step(x, grad=grad)
+    b, _ = low.forward_step(x, grad=grad)
+    plain, _ = full.forward_step(x)
+    assert not torch.equal(a.code.latents, plain.code.latents)  # the ranking changed the pairs
+    assert torch.equal(a.code.offsets, b.code.offsets) and torch.equal(a.code.latents, b.code.latents)
+    assert torch.allclose(a.code.values, b.code.values, rtol=1e-5, atol=1e-6)  # the affinities, not the scores
