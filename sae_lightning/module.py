@@ -143,6 +143,11 @@ class SAEModule(L.LightningModule):
         low = self.affinity_dtype != self.sae.W_enc.dtype and mode == Mode.BATCH and self.allocator.rescores
         z = self.affinities(xn, layout, self.affinity_dtype if low else self.sae.W_enc.dtype)  # no autograd
         exact: Exact | None = ExactRanked(self.sae, xn) if low else None
+        if low and not self.sae.encoder_finite():  # what the re-scoring's candidates cannot see (rescore.py)
+            raise TrainingDiverged(
+                f"non-finite affinities z' (NaN or inf) reached the allocator at step {self.global_step}"
+                + self._non_finite_parameters()
+            )
         ranked = z
         if grad is not None and self.gradient_ranking is not None and mode == Mode.BATCH:
             gn = self.sae.normalise_gradient(grad, ctx)

@@ -57,6 +57,23 @@ def column_margin(m: Tensor) -> Tensor:
     return torch.where(m > 0, torch.clamp(m // 4, min=MIN_MARGIN), torch.zeros_like(m))
 
 
+def _ordered(z: Tensor | AffinityBlocks) -> Tensor | AffinityBlocks:
+    """A 16-bit float matrix (or its blocks) viewed as int16: its bits rank every positive value
+    as the floats do, and above every zero or negative one (their order among themselves is
+    reversed). Candidates are found on the view (on a CPU, strided group maxima run 6× and a
+    row's top-48 of 8192 1.5× faster than on bf16, which is converted element by element), and only the positive entries matter (ReLU drops the rest; a row with fewer
+    positive entries than candidates gets some negative ones, not necessarily its largest). NaN
+    ranks anywhere here, so the caller checks the parameters it came from (SAEModule)."""
+    if isinstance(z, AffinityBlocks):
+        blocks = z
+        return AffinityBlocks(lambda cols: _as_int16(blocks.block_of(cols)), z.n_tokens, z.n_latents, z.block, z.layout)
+    return _as_int16(z)
+
+
+def _as_int16(z: Tensor) -> Tensor:
+    return z.view(torch.int16) if z.dtype in (torch.bfloat16, torch.float16) else z
+
+
 def topk_rows(z: Tensor | AffinityBlocks, k: int, exact: Exact | None = None) -> tuple[Selection, Tensor]:
     """Each token's top-k latents (:func:`selection.topk_per_row`) of a dense matrix or blocks;
     with ``exact``, chosen among each token's top-(k + margin) of ``z`` by their exact values."""
@@ -65,6 +82,7 @@ def topk_rows(z: Tensor | AffinityBlocks, k: int, exact: Exact | None = None) ->
     B, F = z.shape
     k = min(k, F)
     width = min(F, k + row_margin(k))
+    z = _ordered(z)
     if isinstance(z, AffinityBlocks):
         cand = topk_per_row_blocks(z, width)[0].cols.view(B, width)
     else:
@@ -85,6 +103,7 @@ def top_m(z: Tensor | AffinityBlocks, budget: int, exact: Exact | None = None) -
         return top_m_blocks(z, budget) if isinstance(z, AffinityBlocks) else GlobalTopK()(z, budget)
     budget = min(budget, B * F)
     want = min(B * F, budget + batch_margin(budget))
+    z = _ordered(z)
     cand, _ = top_m_blocks(z, want) if isinstance(z, AffinityBlocks) else GlobalTopK()(z, want)
     values = exact(cand.rows, cand.cols)
     check_finite(values)
@@ -104,6 +123,7 @@ def per_column(
         return per_column_topk_blocks(zt, m) if isinstance(zt, AffinityBlocks) else per_column_topk(zt, m)
     F_, B = zt.shape
     wide = (m + column_margin(m)).clamp(max=B)
+    zt = _ordered(zt)
     if isinstance(zt, AffinityBlocks):
         lat, tok, _, _ = per_column_topk_blocks(zt, wide)
     else:

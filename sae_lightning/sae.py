@@ -5,7 +5,6 @@ free, with selection on z'_j·‖d_j‖."""
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Literal
 
 import torch
@@ -13,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .blockwise import AffinityBlocks
-from .sparse import Selection, SparseCode, sparse_decode
+from .sparse import Selection, SparseCode, csr_products, sparse_decode
 
 Normalisation = Literal["none", "dataset_scale", "layernorm"]
 BPreInit = Literal["geometric_median", "mean", "zeros"]
@@ -91,11 +90,7 @@ def pair_products(a: Tensor, b: Tensor, rows: Tensor, cols: Tensor, bias: Tensor
     r, c = (rows, cols) if order is None else (rows[order], cols[order])
     crow = torch.zeros(n + 1, dtype=torch.long, device=rows.device)
     torch.cumsum(torch.bincount(r, minlength=n), 0, out=crow[1:])
-    start = bias[c] if bias is not None else torch.zeros(c.numel(), dtype=a.dtype, device=a.device)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-        pattern = torch.sparse_csr_tensor(crow, c, start, size=(n, m), check_invariants=False)
-        values = torch.sparse.sampled_addmm(pattern, a, b.t()).values()
+    values = csr_products(a, b, crow, c, bias[c] if bias is not None else None)
     if order is None:
         return values
     out[order] = values
@@ -268,6 +263,12 @@ class SparseAutoencoder(nn.Module):
         values = self.exact_affinities(xn, rows, cols)
         norms = self.decoder_norms()
         return values if norms is None else values * norms[cols]
+
+    @torch.no_grad()
+    def encoder_finite(self) -> bool:
+        """Whether the parameters z′ is computed from are finite (then, for finite inputs, so
+        is z′, but where the product overflows)."""
+        return all(bool(torch.isfinite(p).all()) for p in (self.W_enc, self.b_enc, self.b_pre))
 
     @torch.no_grad()
     def decoder_norms(self, cols: slice | Tensor | None = None) -> Tensor | None:

@@ -192,7 +192,8 @@ def per_column_topk(zt: Tensor, m: Tensor, canonical: bool = True) -> tuple[Tens
     order = torch.argsort(m, descending=True, stable=True)
     m_sorted = m[order].tolist()
     lat_out, tok_out, val_out = [], [], []
-    cutoff = torch.full((F_,), float("-inf"), dtype=zt.dtype, device=zt.device)
+    lowest = float("-inf") if zt.is_floating_point() else torch.iinfo(zt.dtype).min  # (rescore.py's int16 views)
+    cutoff = torch.full((F_,), lowest, dtype=zt.dtype, device=zt.device)
 
     def take(lat: Tensor, top: int, vals: Tensor, idx: Tensor) -> None:
         """Keep each latent's top-m_j of its sorted top-``top + 1`` (``vals``, ``idx``)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -81,12 +82,63 @@ class SparseCode:
         return SparseCode.build(rows[keep], cols[keep], raw[keep], selection.n_tokens, affinities.shape[1])
 
 
+def csr_products(a: Tensor, b: Tensor, crow: Tensor, col: Tensor, start: Tensor | None = None) -> Tensor:
+    """a[r]·b[c] (+ ``start``) for the entries (r, c) of a CSR pattern (``crow`` [n + 1],
+    ``col`` [nnz]; columns in any order within a row) of a [n, d] and b [m, d], in their dtype:
+    one ``torch.sparse.sampled_addmm``, O(nnz·d), no [nnz, d] copies."""
+    if col.numel() == 0:
+        return a.new_zeros(0)
+    values = start if start is not None else a.new_zeros(col.numel())
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        pattern = torch.sparse_csr_tensor(crow, col, values, size=(a.shape[0], b.shape[0]), check_invariants=False)
+        return torch.sparse.sampled_addmm(pattern, a, b.t()).values()
+
+
+class _Decode(torch.autograd.Function):
+    """``embedding_bag``'s forward with a backward of two O(nnz·d) kernels instead of its own
+    (which scatters through a sorted copy of the indices: 31 against 19 ms forward and backward
+    for 2^17 entries at d = 384 on 2 cores): the values' gradient g[r]·d_j as one sampled
+    product on the code's own CSR pattern, the decoder rows' gradient Σ v·g[r] as an
+    ``embedding_bag`` over the entries grouped by latent."""
+
+    @staticmethod
+    def forward(ctx, values, decoder_rows, latents, offsets):
+        ctx.save_for_backward(values, decoder_rows, latents, offsets)
+        return F.embedding_bag(
+            latents, decoder_rows, offsets, mode="sum", per_sample_weights=values, include_last_offset=True
+        )
+
+    @staticmethod
+    def backward(ctx, g):
+        values, decoder_rows, latents, offsets = ctx.saved_tensors
+        g = g.contiguous().to(decoder_rows.dtype)
+        g_values = csr_products(g, decoder_rows, offsets, latents) if ctx.needs_input_grad[0] else None
+        g_rows = None
+        if ctx.needs_input_grad[1]:
+            n_latents = decoder_rows.shape[0]
+            rows = torch.repeat_interleave(torch.arange(offsets.numel() - 1, device=g.device), offsets.diff())
+            perm = torch.argsort(latents, stable=True)
+            by_latent = torch.zeros(n_latents + 1, dtype=torch.long, device=g.device)
+            torch.cumsum(torch.bincount(latents, minlength=n_latents), 0, out=by_latent[1:])
+            g_rows = F.embedding_bag(
+                rows[perm],
+                g,
+                by_latent,
+                mode="sum",
+                per_sample_weights=values[perm].to(g.dtype),
+                include_last_offset=True,
+            )
+        return g_values, g_rows, None, None
+
+
 def sparse_decode(code: SparseCode, decoder_rows: Tensor) -> Tensor:
     """Σ_j z_ij · W_dec[:, j] for each token, without bias; ``decoder_rows`` is [F, d].
 
     Uses ``embedding_bag`` so that the cost scales with the number of active entries, not
-    with B·F; its backward gives the gradients of both the values and the decoder rows.
-    """
+    with B·F; on a CPU its backward is :class:`_Decode`'s (elsewhere ``embedding_bag``'s own)."""
+    if decoder_rows.device.type == "cpu" and code.values.dtype == decoder_rows.dtype:
+        return _Decode.apply(code.values, decoder_rows, code.latents, code.offsets)
     return F.embedding_bag(
         code.latents,
         decoder_rows,

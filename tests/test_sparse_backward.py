@@ -75,3 +75,36 @@ def test_bfloat16_selection_keeps_exact_float32_values():
     exact = alloc.allocate(z32)
     agree = len(set(zip(sel.rows.tolist(), sel.cols.tolist())) & set(zip(exact.rows.tolist(), exact.cols.tolist())))
     assert agree / exact.rows.numel() > 0.9
+
+
+@pytest.mark.parametrize("nnz_per_row", ["varied", "empty"])
+def test_decode_backward_equals_embedding_bag(nnz_per_row):
+    """sparse_decode's own backward (values: a sampled product on the code's CSR pattern, latents
+    in any order within a row; decoder rows: grouped by latent) against embedding_bag's, with
+    rows of different lengths, empty rows and repeated latents across rows; and gradcheck."""
+    import torch.nn.functional as F
+
+    from sae_lightning.sparse import sparse_decode
+
+    g = torch.Generator().manual_seed(0)
+    B, n_latents, d = 12, 30, 7
+    lengths = torch.randint(0, 6, (B,), generator=g) if nnz_per_row == "varied" else torch.zeros(B, dtype=torch.long)
+    latents = torch.cat([torch.randperm(n_latents, generator=g)[: int(n)] for n in lengths])
+    offsets = torch.zeros(B + 1, dtype=torch.long)
+    offsets[1:] = torch.cumsum(lengths, 0)
+    values = torch.rand(latents.numel(), generator=g, dtype=torch.float64).requires_grad_()
+    W = torch.randn(n_latents, d, generator=g, dtype=torch.float64).requires_grad_()
+    code = SparseCode(offsets=offsets, latents=latents, values=values, n_latents=n_latents)
+    out = sparse_decode(code, W)
+    ref = F.embedding_bag(latents, W, offsets, mode="sum", per_sample_weights=values, include_last_offset=True)
+    assert torch.allclose(out, ref)
+    upstream = torch.randn(B, d, generator=g, dtype=torch.float64)
+    got = torch.autograd.grad(out, [values, W], upstream)
+    want = torch.autograd.grad(ref, [values, W], upstream)
+    for a, b in zip(got, want):
+        assert a.shape == b.shape and torch.allclose(a, b)
+    if latents.numel():
+        assert torch.autograd.gradcheck(
+            lambda v, w: sparse_decode(SparseCode(offsets=offsets, latents=latents, values=v, n_latents=n_latents), w),
+            (values, W),
+        )
