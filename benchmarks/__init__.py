@@ -3,6 +3,7 @@
 - ``step``: the training step of each allocator against a naive dense step (docs/performance.md);
 - ``memory``: peak memory and step time of a training process against the dictionary size;
 - ``passes``: memory traffic over the [B, F] affinity matrix in one training step;
+- ``rescore``: the re-scored bf16 selection against the fp32 one over training;
 - ``ddp``: global allocation across 2 gloo ranks against per-rank allocation;
 - ``parity``: our TopK against SAELens's on identical batches (docs/parity.md);
 - ``data_pipeline``: harvest against the bare forward pass, the loader against training;

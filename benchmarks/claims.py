@@ -48,6 +48,9 @@ DATASETS: dict[str, dict[str, Any]] = {
     },
 }
 AUX_K = ["~variant.losses.aux_zipf", "+variant.losses.aux_k.coef=0.03125"]
+# the grid was measured with fp32 selection, before model.affinity_dtype=auto (bf16 re-scored on
+# AMX CPUs): pinned so that the command reproduces it on any machine
+PRECISION = ["model.affinity_dtype=float32"]
 CONFIGS = {
     "topk+aux_k": ["variant=topk"],
     "mc+aux_k": ["variant=mutual_choice", *AUX_K],
@@ -77,6 +80,7 @@ def run_one(
         f"seed={seed}",
         f"out_dir={folder}",
         "progress=none",
+        *PRECISION,
         *extra,
     ]
     if "cache" in spec:

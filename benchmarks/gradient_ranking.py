@@ -28,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from benchmarks import run_state, train_in_subprocess
-from benchmarks.claims import CONFIGS, fmt, mean_std
+from benchmarks.claims import CONFIGS, PRECISION, fmt, mean_std
 from sae_lightning.atomic import atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,7 +62,7 @@ def run_one(out: Path, config: str, beta: float, seed: int, k: int, extra: list[
     if done is not None:
         return json.loads((done / "metrics.json").read_text())
     args = [*DATA, f"data.path={cache}", *CONFIGS[config], f"variant.k={k}", f"seed={seed}",
-            f"variant.gradient_ranking.beta={beta}", f"out_dir={folder}", "progress=none", *extra]  # fmt: skip
+            f"variant.gradient_ranking.beta={beta}", f"out_dir={folder}", "progress=none", *PRECISION, *extra]  # fmt: skip
     if stopped is not None:  # stopped midway: continue it
         args = [f"resume={stopped}", "progress=none"]
     if not train_in_subprocess(args, folder, threads, f"{config} beta={beta} seed={seed}"):

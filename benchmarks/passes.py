@@ -13,16 +13,14 @@ from __future__ import annotations
 
 import argparse
 from collections import defaultdict
-from pathlib import Path
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from sae_lightning.atomic import atomic_write_json
 from sae_lightning.losses import total_loss
 
-from .step import build_module
+from .step import build_module, size_arguments, write_rows
 
 GATHERS = {"index.Tensor", "gather.default", "index_select.default", "take.default"}
 
@@ -42,7 +40,8 @@ class PassCounter(TorchDispatchMode):
         self.gathers: defaultdict[str, float] = defaultdict(float)
 
     def _in_matrix(self, t: torch.Tensor) -> bool:
-        return t.untyped_storage().nbytes() >= 2 * self.size  # at least half of the fp32 matrix
+        # at least half of the fp32 matrix (a sparse tensor, e.g. a sampled product's pattern, is not)
+        return t.layout == torch.strided and t.untyped_storage().nbytes() >= 2 * self.size
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -100,11 +99,7 @@ def count_step(variant: str, d: int, F: int, k: int, B: int, extra: list[str], s
 
 def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--d", type=int, default=384)
-    p.add_argument("--latents", type=int, default=8192)
-    p.add_argument("--k", type=int, default=32)
-    p.add_argument("--batch", type=int, default=4096)
-    p.add_argument("--variants", nargs="+", default=["topk", "mutual_choice", "feature_choice"])
+    size_arguments(p)
     p.add_argument("--out", default="outputs/bench/passes.json")
     p.add_argument("overrides", nargs="*", help="extra Hydra overrides, e.g. variant.losses=null")
     a = p.parse_args(argv)
@@ -118,10 +113,7 @@ def main(argv=None) -> list[dict]:
             print(f"    {op:<32} reads {r['reads'].get(op, 0):>5.2f}  writes {r['writes'].get(op, 0):>5.2f}")
         for op, n in sorted(r["gathers"].items()):
             print(f"    {op:<32} gathers {n:>5.2f}")
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out, {"d": a.d, "n_latents": a.latents, "k": a.k, "batch": a.batch, "rows": rows})
-    print(f"written {out}")
+    write_rows(a.out, a, rows)
     return rows
 
 

@@ -103,6 +103,39 @@ class StepTimer(L.Callback):
         self.times.append(time.perf_counter() - self._t)
 
 
+def bare_trainer(max_steps: int, callbacks: list, accelerator: str = "cpu", progress: bool = False) -> L.Trainer:
+    """A Trainer that only trains: no logger, checkpoints, validation or summary."""
+    return L.Trainer(
+        max_steps=max_steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=progress,
+        enable_model_summary=False,
+        callbacks=callbacks,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        accelerator=accelerator,
+        devices=1,
+    )
+
+
+def size_arguments(p: argparse.ArgumentParser, latents: int = 8192) -> None:
+    """--d, --latents (one size), --k, --batch and --variants, the defaults of the benchmarks."""
+    p.add_argument("--d", type=int, default=384)
+    p.add_argument("--latents", type=int, default=latents)
+    p.add_argument("--k", type=int, default=32)
+    p.add_argument("--batch", type=int, default=4096)
+    p.add_argument("--variants", nargs="+", default=["topk", "mutual_choice", "feature_choice"])
+
+
+def write_rows(path: str, a: argparse.Namespace, rows: list[dict]) -> None:
+    """The rows of a one-size benchmark as JSON, with its size."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out, {"d": a.d, "n_latents": a.latents, "k": a.k, "batch": a.batch, "rows": rows})
+    print(f"written {out}")
+
+
 # ---- the naive reference ---------------------------------------------------------------------
 def naive_topk_step_fn(x: torch.Tensor, F: int, k: int):
     """Dense autograd TopK: z = relu(x W_encᵀ + b), keep the top k per row by a dense mask,
@@ -182,18 +215,7 @@ def time_variant(
     timer = StepTimer()
     stream = cast(Any, [batches[i % len(batches)] for i in range(steps + warmup)])  # a list of batches is a dataset
     loader: torch.utils.data.DataLoader = torch.utils.data.DataLoader(stream, batch_size=None)
-    trainer = L.Trainer(
-        max_steps=steps + warmup,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[timer],
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        accelerator=device.type,
-        devices=1,
-    )
+    trainer = bare_trainer(steps + warmup, [timer], device.type)
     with PeakMemory(device) as mem:
         trainer.fit(module, train_dataloaders=loader)
     step_times = timer.times[warmup:]
@@ -246,9 +268,10 @@ def main(argv=None) -> dict:
     )
     p.add_argument(
         "--dtype",
+        nargs="+",
         choices=["float32", "bfloat16"],
-        default="float32",
-        help="dtype of the affinity matrix used for selection (model.affinity_dtype)",
+        default=["float32", "bfloat16"],
+        help="dtypes of the affinity matrix batch selection reads (model.affinity_dtype), each timed",
     )
     p.add_argument(
         "--block-latents",
@@ -278,8 +301,7 @@ def main(argv=None) -> dict:
         "sizes": [],
     }
     for F in a.latents:
-        dt = torch.bfloat16 if a.dtype == "bfloat16" else torch.float32
-        peak = matmul_peak(a.batch, a.d, F, dt, device)
+        peak = matmul_peak(a.batch, a.d, F, torch.float32, device)  # "peak %" is against fp32's
         nnz = a.k * a.batch
         # FLOPs a step cannot avoid: the dense encoder product, and the sparse products
         # (decode, its two gradients, the encoder's weight gradient): 2·nnz·d each.
@@ -293,16 +315,18 @@ def main(argv=None) -> dict:
             size["rows"].append(
                 {"variant": "naive_dense_topk", "step_s": t, "alloc_s": float("nan"), "peak_memory_bytes": mem.peak}
             )
-        for v in a.variants:
-            for block in a.block_latents:
-                size["rows"].append(
-                    time_variant(
+        if "bfloat16" in a.dtype:
+            size["matmul_peak_flops_bf16"] = matmul_peak(a.batch, a.d, F, torch.bfloat16, device)
+        for dtype in a.dtype:
+            for v in a.variants:
+                for block in a.block_latents:
+                    row = time_variant(
                         v,
                         a.d,
                         F,
                         a.k,
                         a.batch,
-                        a.dtype,
+                        dtype,
                         a.steps,
                         a.warmup,
                         device,
@@ -310,22 +334,35 @@ def main(argv=None) -> dict:
                         profile=a.profile,
                         block=None if block == "default" else block,
                     )  # fmt: skip
-                )
+                    size["rows"].append({**row, "dtype": dtype})
         ref = next((r["step_s"] for r in size["rows"] if r["variant"] == "naive_dense_topk"), None)
         for r in size["rows"]:
-            # TopK's step with the same block setting (the naive reference: the first TopK row)
+            # TopK's step with the same block setting and dtype (the naive reference: the first TopK row)
             topk = next(
                 (
                     t["step_s"]
                     for t in size["rows"]
                     if t["variant"] == "topk"
                     and r.get("block_setting", t.get("block_setting")) == t.get("block_setting")
+                    and r.get("dtype", t["dtype"]) == t["dtype"]
+                ),
+                None,
+            )
+            # the same variant and block setting in fp32
+            fp32 = next(
+                (
+                    t["step_s"]
+                    for t in size["rows"]
+                    if t["variant"] == r["variant"]
+                    and t.get("dtype") == "float32"
+                    and t.get("block_setting") == r.get("block_setting")
                 ),
                 None,
             )
             r["tokens_per_s"] = a.batch / r["step_s"]
             r["speedup_vs_naive"] = ref / r["step_s"] if ref else None
             r["time_vs_topk"] = r["step_s"] / topk if topk else None
+            r["speedup_vs_fp32"] = fp32 / r["step_s"] if fp32 and "dtype" in r else None
             r["peak_share"] = flops / r["step_s"] / peak
         report["sizes"].append(size)
         print_size(size, a)
@@ -337,22 +374,30 @@ def main(argv=None) -> dict:
 
 
 def print_size(size: dict, a) -> None:
+    bf16 = size.get("matmul_peak_flops_bf16")
     print(
-        f"\nd={a.d} F={size['n_latents']} k={a.k} B={a.batch} dtype={a.dtype}: matmul peak "
-        f"{size['matmul_peak_flops'] / 1e9:.0f} GFLOP/s, step FLOPs {size['step_flops'] / 1e9:.1f} G"
+        f"\nd={a.d} F={size['n_latents']} k={a.k} B={a.batch}: matmul peak "
+        f"{size['matmul_peak_flops'] / 1e9:.0f} GFLOP/s (fp32)"
+        + (f", {bf16 / 1e9:.0f} (bf16)" if bf16 else "")
+        + f", step FLOPs {size['step_flops'] / 1e9:.1f} G"
     )
-    head = f"  {'variant':<18}{'block':>8}{'tokens/s':>10}{'step ms':>9}{'alloc ms':>10}{'vs naive':>10}{'vs topk':>9}{'peak %':>8}{'mem MB':>8}"
-    print(head + "   (*: model.block_latents=auto)")
+    head = (
+        f"  {'variant':<18}{'dtype':>9}{'block':>8}{'tokens/s':>10}{'step ms':>9}{'alloc ms':>10}"
+        f"{'vs naive':>10}{'vs topk':>9}{'vs fp32':>9}{'peak %':>8}{'mem MB':>8}"
+    )
+    print(head + "   (*: model.block_latents=auto; vs topk: its dtype's; peak %: of fp32's)")
     for r in size["rows"]:
         vs_naive = f"{r['speedup_vs_naive']:.2f}x" if r["speedup_vs_naive"] else "-"
         vs_topk = f"{r['time_vs_topk']:.2f}" if r["time_vs_topk"] else "-"
+        vs_fp32 = f"{r['speedup_vs_fp32']:.2f}x" if r.get("speedup_vs_fp32") else "-"
         alloc = "-" if r["alloc_s"] != r["alloc_s"] else f"{1000 * r['alloc_s']:.1f}"
         block = ("dense" if r.get("block_latents") is None else str(r["block_latents"])) + (
             "*" if r.get("block_setting") == "auto" else ""
         )
         print(
-            f"  {r['variant']:<18}{block:>8}{r['tokens_per_s']:>10.0f}{1000 * r['step_s']:>9.1f}{alloc:>10}{vs_naive:>10}"
-            f"{vs_topk:>9}{100 * r['peak_share']:>7.1f}%{r['peak_memory_bytes'] / 2**20:>8.0f}"
+            f"  {r['variant']:<18}{r.get('dtype', 'float32'):>9}{block:>8}{r['tokens_per_s']:>10.0f}"
+            f"{1000 * r['step_s']:>9.1f}{alloc:>10}{vs_naive:>10}{vs_topk:>9}{vs_fp32:>9}"
+            f"{100 * r['peak_share']:>7.1f}%{r['peak_memory_bytes'] / 2**20:>8.0f}"
         )
         if "profile" in r:
             print(r["profile"])

@@ -41,9 +41,11 @@ class ModelSpec:
     init_sample_tokens: int = setting(8192, ge=1)  # tokens that set the scale and b_pre
     # fit (least squares on the sample) | gao (unit gain on random directions) | none
     init_encoder_scale: EncoderScale = "fit"
-    # float32 | bfloat16: the affinity matrix used for selection (selected values are always
-    # recomputed exactly in float32)
-    affinity_dtype: AffinityDtype = "float32"
+    # auto | float32 | bfloat16: the affinity matrix batch selection reads. bfloat16: candidates
+    # there, re-scored in float32 (the same pairs as float32 up to its own rounding; rescore.py);
+    # thresholds, calibration and the values always float32. auto: bfloat16 on a CPU with AMX
+    # (there the step is ~1.4x faster), else float32 (docs/performance.md)
+    affinity_dtype: AffinityDtype = "auto"
     # latents per block of the affinity matrix: selection, thresholds and the auxiliary losses
     # compute z' a block at a time and never hold [B, F]. auto: the dense matrix while it holds
     # at most 2^29 entries (2 GiB in fp32), else blocks of 2^27 / B latents (the measured

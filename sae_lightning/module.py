@@ -24,7 +24,7 @@ from .losses import StepOutput, total_loss
 from .mdl import description_length
 from .metrics import L0, Firing, Reconstruction, feature_recovery
 from .rescore import Exact
-from .sae import AFFINITY_DTYPES, ExactRanked, SparseAutoencoder
+from .sae import AFFINITY_DTYPES, ExactRanked, SparseAutoencoder, auto_affinity_dtype
 from .sparse import SparseCode
 from .spec import parse
 from .stats import LatentStats
@@ -88,7 +88,8 @@ class SAEModule(L.LightningModule):
         F = m.n_latents
         self.k = self.variant.params.k
         self.sae = SparseAutoencoder(d_model, F, m.normalisation, m.b_pre_init, m.decoder_norm, m.decoder_init_norm)
-        self.affinity_dtype = AFFINITY_DTYPES[m.affinity_dtype]
+        # the dtype batch selection reads z′ in; None: auto, by the device (auto_affinity_dtype)
+        self.affinity_dtype = AFFINITY_DTYPES.get(m.affinity_dtype)
         self.allocator = self.variant.build_allocator(F, self.batch_size)
         beta = self.variant.params.gradient_ranking.beta
         # g-SAE ranking of training batches (None at β = 0: the plain path, and no extra state)
@@ -140,8 +141,9 @@ class SAEModule(L.LightningModule):
         xn, ctx = self.sae.normalise(x)
         layout = self.allocator.layout
         # a low-precision z′ only where selection re-scores it: batch allocation (thresholds read fp32)
-        low = self.affinity_dtype != self.sae.W_enc.dtype and mode == Mode.BATCH and self.allocator.rescores
-        z = self.affinities(xn, layout, self.affinity_dtype if low else self.sae.W_enc.dtype)  # no autograd
+        dtype = self.selection_dtype()
+        low = dtype != self.sae.W_enc.dtype and mode == Mode.BATCH and self.allocator.rescores
+        z = self.affinities(xn, layout, dtype if low else self.sae.W_enc.dtype)  # no autograd
         exact: Exact | None = ExactRanked(self.sae, xn) if low else None
         if low and not self.sae.encoder_finite():  # what the re-scoring's candidates cannot see (rescore.py)
             raise TrainingDiverged(
@@ -175,6 +177,10 @@ class SAEModule(L.LightningModule):
         columns = (lambda latents, tokens: self.sae.affinities(xn[tokens], latents)) if low else None
         out = StepOutput(x=xn, x_hat=self.sae.decode(code), z=z, layout=layout, code=code, exact_columns=columns)
         return out, ctx
+
+    def selection_dtype(self) -> torch.dtype:
+        """The dtype batch selection reads z′ in (``model.affinity_dtype``; auto: by the device)."""
+        return self.affinity_dtype if self.affinity_dtype is not None else auto_affinity_dtype(self.sae.W_enc.device)
 
     def affinities(self, xn: Tensor, layout: str, dtype: torch.dtype = torch.float32) -> Tensor | AffinityBlocks:
         """z′ of normalised tokens in ``dtype``: the dense matrix, or blocks of

@@ -16,9 +16,19 @@ from .sparse import Selection, SparseCode, csr_products, sparse_decode
 
 Normalisation = Literal["none", "dataset_scale", "layernorm"]
 BPreInit = Literal["geometric_median", "mean", "zeros"]
-AffinityDtype = Literal["float32", "bfloat16"]
+AffinityDtype = Literal["auto", "float32", "bfloat16"]
 DecoderNorm = Literal["unit", "free"]
 AFFINITY_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def auto_affinity_dtype(device: torch.device) -> torch.dtype:
+    """``model.affinity_dtype=auto``: bfloat16 on a CPU with AMX tiles, whose bf16 product runs
+    ~7× fp32's (selection exact by re-scoring, rescore.py; docs/performance.md), float32
+    elsewhere (where the bf16 product is emulated, and on GPUs, not measured)."""
+    if device.type != "cpu":
+        return torch.float32
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return torch.bfloat16 if amx is not None and bool(amx()) else torch.float32
 
 
 class SelectedAffinities(torch.autograd.Function):

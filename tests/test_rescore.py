@@ -122,6 +122,7 @@ def _modules(variant, block=None, extra=()):
 
     config = load_config(compose_config([*TINY, f"variant={variant}", "variant.k=8", *extra]))
     full = SAEModule(config, 32)
+    full.affinity_dtype = torch.float32  # not auto: float32 on any machine
     dm = config.data.build()
     sample = dm.sample(1024)
     grad = torch.randn(sample.shape, generator=torch.Generator().manual_seed(1)) if full.gradient_ranking else None
@@ -208,3 +209,23 @@ def test_a_non_finite_encoder_stops_a_bfloat16_step(nan):
         low.sae.W_enc[5, 2] = nan
     with pytest.raises(TrainingDiverged, match=r"non-finite affinities .* at step 0 \(not finite: sae\.W_enc"):
         low.forward_step(dm.batch_of()(0))
+
+
+def test_auto_affinity_dtype_follows_the_hardware(monkeypatch):
+    """auto: bf16 selection on a CPU with AMX tiles, fp32 without them and on other devices; an
+    explicit setting is kept."""
+    from sae_lightning.config import load_config
+    from sae_lightning.module import SAEModule
+    from sae_lightning.sae import auto_affinity_dtype
+
+    from .conftest import TINY, compose_config
+
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    assert auto_affinity_dtype(torch.device("cpu")) == torch.bfloat16
+    assert auto_affinity_dtype(torch.device("cuda")) == torch.float32
+    module = SAEModule(load_config(compose_config([*TINY])), 32)
+    assert module.model_spec.affinity_dtype == "auto" and module.selection_dtype() == torch.bfloat16
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    assert module.selection_dtype() == torch.float32
+    pinned = SAEModule(load_config(compose_config([*TINY, "model.affinity_dtype=bfloat16"])), 32)
+    assert pinned.selection_dtype() == torch.bfloat16

@@ -27,11 +27,14 @@ def test_bench_reports_all_variants_and_ratios(tmp_path):
     )
     saved = json.loads(out.read_text())
     assert saved["sizes"][0]["n_latents"] == 128
-    rows = {r["variant"]: r for r in report["sizes"][0]["rows"]}
-    assert set(rows) == {"naive_dense_topk", "topk", "mutual_choice", "feature_choice"}
-    for name, r in rows.items():
+    rows = {(r["variant"], r.get("dtype")): r for r in report["sizes"][0]["rows"]}
+    variants = ("topk", "mutual_choice", "feature_choice")
+    assert set(rows) == {("naive_dense_topk", None)} | {(v, d) for v in variants for d in ("float32", "bfloat16")}
+    for (name, dtype), r in rows.items():
         assert r["step_s"] > 0 and r["tokens_per_s"] > 0 and r["peak_share"] > 0
         assert r["speedup_vs_naive"] > 0 and r["time_vs_topk"] > 0
         if name != "naive_dense_topk":
             assert 0 < r["alloc_s"] < r["step_s"]
-    assert rows["topk"]["time_vs_topk"] == 1.0
+            assert r["speedup_vs_fp32"] > 0 and (dtype == "bfloat16" or r["speedup_vs_fp32"] == 1.0)
+    assert rows[("topk", "float32")]["time_vs_topk"] == 1.0 and rows[("topk", "bfloat16")]["time_vs_topk"] == 1.0
+    assert saved["sizes"][0]["matmul_peak_flops_bf16"] > 0

@@ -1,0 +1,119 @@
+"""How exact the re-scored bf16 selection is over training: ``python -m benchmarks.rescore``.
+
+For each variant (default losses) one fp32 training run on the synthetic data at the step
+benchmark's size; at every step, on the step's own batch and parameters, three selections:
+
+- the fp32 path's (``model.affinity_dtype=float32``): what training uses;
+- the bf16 path's, re-scored (``rescore.py``): candidates on the bf16 matrix, exact values by
+  the sampled product;
+- the bf16 candidates re-scored with the fp32 matrix's own values: it differs from the fp32
+  selection only where a pair of the fp32 selection was not among the candidates (a *miss*: the
+  margin was too small).
+
+Counted over the positive pairs (the code: ReLU drops the rest): pairs of the bf16 code not in
+the fp32 code (and the reverse), and misses. A pair that differs without a miss is a near-tie:
+two values that the dense product and the sampled product round differently (a few ulps).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import lightning as L
+import torch
+
+from sae_lightning.heap import keep_freed_memory
+from sae_lightning.sae import ExactRanked
+
+from .step import bare_trainer, build_module, size_arguments, write_rows
+
+
+class _Gathered:
+    """The fp32 matrix's own values at pairs (token-major or latent-major layout)."""
+
+    def __init__(self, z: torch.Tensor, layout: str, xn: torch.Tensor, sae):
+        self.z, self.layout, self.xn, self.sae = z, layout, xn, sae
+
+    def __call__(self, tokens, latents):
+        return self.z[tokens, latents] if self.layout == "token" else self.z[latents, tokens]
+
+    def first_tokens(self, n):
+        return self.sae.affinities(self.xn[:n])
+
+
+def _pairs(sel, z, layout) -> set[int]:
+    """The positive pairs of a selection, as token·F + latent keys."""
+    values = z[sel.rows, sel.cols] if layout == "token" else z[sel.cols, sel.rows]
+    keep = values > 0
+    n_latents = z.shape[1] if layout == "token" else z.shape[0]
+    return set((sel.rows[keep] * n_latents + sel.cols[keep]).tolist())
+
+
+class _Compare(L.Callback):
+    """Before each training step: the three selections of its batch, counted."""
+
+    def __init__(self):
+        self.counts = {"pairs": 0, "only_fp32": 0, "only_bf16": 0, "misses": 0, "steps_with_difference": 0}
+
+    @torch.no_grad()
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        alloc, layout = module.allocator, module.allocator.layout
+        xn, _ = module.sae.normalise(batch)
+        z32 = module.sae.affinities(xn, layout=layout)
+        z16 = module.sae.affinities(xn, layout=layout, dtype=torch.bfloat16)
+        kwargs = {"step": trainer.global_step, "density": module.stats.density}  # no update: no state changes
+        fp32 = _pairs(alloc.allocate(z32, **kwargs), z32, layout)
+        rescored = _pairs(alloc.allocate(z16, exact=ExactRanked(module.sae, xn), **kwargs), z32, layout)
+        candidates = _pairs(alloc.allocate(z16, exact=_Gathered(z32, layout, xn, module.sae), **kwargs), z32, layout)
+        c = self.counts
+        c["pairs"] += len(fp32)
+        c["only_fp32"] += len(fp32 - rescored)
+        c["only_bf16"] += len(rescored - fp32)
+        c["misses"] += len(fp32 - candidates)
+        c["steps_with_difference"] += int(fp32 != rescored)
+
+
+class _Batches(torch.utils.data.IterableDataset):
+    """Fresh synthetic batches, generated as they are read."""
+
+    def __init__(self, source, batch_size: int, n: int):
+        self.source, self.batch_size, self.n = source, batch_size, n
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(1)
+        for _ in range(self.n):
+            yield self.source.batch(self.batch_size, g)[0]
+
+
+def measure(variant: str, d: int, F: int, k: int, B: int, steps: int, extra: list[str]) -> dict:
+    """A fp32 training run of ``steps`` steps (Lightning, as train.py), each step's batch compared."""
+    module, dm = build_module(variant, d, F, k, B, "float32", extra)
+    module.init_from_data(dm.source.batch(4 * B, torch.Generator().manual_seed(0))[0])
+    compare = _Compare()
+    trainer = bare_trainer(steps, [compare], progress=True)
+    loader = torch.utils.data.DataLoader(_Batches(dm.source, B, steps), batch_size=None)
+    trainer.fit(module, train_dataloaders=loader)
+    return {"variant": variant, "steps": steps, **compare.counts}
+
+
+def main(argv=None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    size_arguments(p)
+    p.add_argument("--steps", type=int, default=200, help="training steps per variant, each one compared")
+    p.add_argument("--out", default="outputs/bench/rescore.json")
+    p.add_argument("overrides", nargs="*", help="extra Hydra overrides")
+    a = p.parse_args(argv)
+    keep_freed_memory()
+    rows = [measure(v, a.d, a.latents, a.k, a.batch, a.steps, a.overrides) for v in a.variants]
+    print(f"\nd={a.d} F={a.latents} k={a.k} B={a.batch}, {a.steps} training steps each (positive pairs)")
+    for r in rows:
+        print(
+            f"  {r['variant']}: {r['pairs']} pairs; bf16 re-scored vs fp32: {r['only_fp32']} only in fp32, "
+            f"{r['only_bf16']} only in bf16 ({r['steps_with_difference']} steps differ); misses {r['misses']}"
+        )
+    write_rows(a.out, a, rows)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
