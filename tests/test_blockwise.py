@@ -17,18 +17,10 @@ from sae_lightning.blockwise import (
 from sae_lightning.errors import TrainingDiverged
 from sae_lightning.selection import GlobalTopK, per_column_topk, threshold_selection, topk_per_row
 
+from .helpers.selection import blocks_of, triples
+
 B, F = 32, 50
 BLOCKS = [1, 7, 16, 50, 64]
-
-
-def blocks_of(z, block, layout="token"):
-    if layout == "token":
-        return AffinityBlocks(lambda cols: z[:, cols], z.shape[0], z.shape[1], block, layout)
-    return AffinityBlocks(lambda cols: z[cols], z.shape[1], z.shape[0], block, layout)
-
-
-def triples(rows, cols, vals):
-    return sorted(zip(rows.tolist(), cols.tolist(), vals.tolist()))
 
 
 def inputs():

@@ -12,7 +12,7 @@ from sae_lightning.rescore import per_column, top_m, topk_rows
 from sae_lightning.sae import ExactRanked
 from sae_lightning.selection import GlobalTopK, per_column_topk, topk_per_row
 
-from .test_blockwise import blocks_of, triples
+from .helpers.selection import blocks_of, triples
 
 B, F = 40, 64
 

@@ -11,9 +11,11 @@ def test_rescore_benchmark_counts_every_step(tmp_path):
         ["--d", "16", "--latents", "128", "--k", "4", "--batch", "64", "--steps", "3", "--out", str(out)]
     )
     saved = json.loads(out.read_text())
-    assert [r["variant"] for r in saved["rows"]] == ["topk", "mutual_choice", "feature_choice"] == [
-        r["variant"] for r in rows
-    ]
+    assert (
+        [r["variant"] for r in saved["rows"]]
+        == ["topk", "mutual_choice", "feature_choice"]
+        == [r["variant"] for r in rows]
+    )
     for r in rows:
         assert r["steps"] == 3 and 0 < r["pairs"] <= 3 * 4 * 64
         assert r["misses"] == 0  # the margin holds the fp32 selection
