@@ -132,7 +132,7 @@ class SAEModule(L.LightningModule):
         With ``grad`` (∇ₓL of the tokens, model units) and ``variant.gradient_ranking.beta`` > 0,
         batch mode ranks the gradient-weighted affinities (gradient_ranking.py); the code's values
         and everything else stay the plain affinities'."""
-        if not bool(torch.isfinite(x).all()):
+        if not bool(torch.isfinite(x.sum())) and not bool(torch.isfinite(x).all()):  # one sum first: ~10× cheaper
             bad = int((~torch.isfinite(x)).any(1).nonzero()[0])
             raise DataError(
                 f"non-finite input activations (NaN or inf) at token {bad} of a batch of {x.shape[0]}"
