@@ -116,7 +116,8 @@ def report(results: dict, args, doc: Path) -> str:
         f"Made by `python -m benchmarks.gradient_ranking` on SmolLM2-135M's residual stream after block 9 of 30 "
         f"(d = 576), with ∇ₓL of the next-token loss stored beside each token (`data=smollm2_grad`): k = {args.k}, "
         f"{args.steps} steps of 1024 tokens, F = 4096, training seeds {', '.join(map(str, args.seeds))}, the claims "
-        f"grid's configurations ([results.md](results.md)) with `variant.gradient_ranking.beta` = β; {runs} of "
+        f"grid's configurations ([results.md](results.md)) with `variant.gradient_ranking.beta` = β and fp32 "
+        f"selection (`{' '.join(PRECISION)}`); {runs} of "
         f"{len(results)} runs are in. Mean ± std over the seeds that ran (last column). The method and our "
         "choices: [method_choices.md](method_choices.md) (gradient-aware ranking).",
         "",
