@@ -18,6 +18,7 @@ two values that the dense product and the sampled product round differently (a f
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -49,19 +50,19 @@ def _pairs(sel, z, layout) -> set[int]:
     return set((sel.rows[keep] * n_latents + sel.cols[keep]).tolist())
 
 
-class _Compare(L.Callback):
-    """Before each training step: the three selections of its batch, counted."""
+class _Counts:
+    """The three selections of batches, compared and counted."""
 
     def __init__(self):
         self.counts = {"pairs": 0, "only_fp32": 0, "only_bf16": 0, "misses": 0, "steps_with_difference": 0}
 
     @torch.no_grad()
-    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+    def compare(self, module, x: torch.Tensor, step: int = 0) -> None:
         alloc, layout = module.allocator, module.allocator.layout
-        xn, _ = module.sae.normalise(batch)
+        xn, _ = module.sae.normalise(x)
         z32 = module.sae.affinities(xn, layout=layout)
         z16 = module.sae.affinities(xn, layout=layout, dtype=torch.bfloat16)
-        kwargs = {"step": trainer.global_step, "density": module.stats.density}  # no update: no state changes
+        kwargs = {"step": step, "density": module.stats.density}  # no update: no state changes
         fp32 = _pairs(alloc.allocate(z32, **kwargs), z32, layout)
         rescored = _pairs(alloc.allocate(z16, exact=ExactRanked(module.sae, xn), **kwargs), z32, layout)
         candidates = _pairs(alloc.allocate(z16, exact=_Gathered(z32, layout, xn, module.sae), **kwargs), z32, layout)
@@ -71,6 +72,27 @@ class _Compare(L.Callback):
         c["only_bf16"] += len(rescored - fp32)
         c["misses"] += len(fp32 - candidates)
         c["steps_with_difference"] += int(fp32 != rescored)
+
+
+class _Compare(_Counts, L.Callback):
+    """Before each training step: the three selections of its batch."""
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        self.compare(module, batch, trainer.global_step)
+
+
+def measure_run(run: Path) -> dict:
+    """A finished run's SAE on its calibration tokens (held-out, real data), a training batch at a time."""
+    from sae_lightning.runs import load_run
+
+    module, spec = load_run(run)
+    dm = spec.build()
+    x = dm.calibration_tokens()
+    counts = _Counts()
+    B = module.batch_size
+    for i in range(0, x.shape[0] - B + 1, B):
+        counts.compare(module, x[i : i + B])
+    return {"variant": module.variant.allocator, "run": str(run), "steps": x.shape[0] // B, **counts.counts}
 
 
 class _Batches(torch.utils.data.IterableDataset):
@@ -100,15 +122,22 @@ def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     size_arguments(p)
     p.add_argument("--steps", type=int, default=200, help="training steps per variant, each one compared")
+    p.add_argument(
+        "--runs", nargs="+", type=Path, help="instead: finished run folders, compared on their calibration tokens"
+    )
     p.add_argument("--out", default="outputs/bench/rescore.json")
     p.add_argument("overrides", nargs="*", help="extra Hydra overrides")
     a = p.parse_args(argv)
     keep_freed_memory()
-    rows = [measure(v, a.d, a.latents, a.k, a.batch, a.steps, a.overrides) for v in a.variants]
-    print(f"\nd={a.d} F={a.latents} k={a.k} B={a.batch}, {a.steps} training steps each (positive pairs)")
+    if a.runs:
+        rows = [measure_run(run) for run in a.runs]
+        print("\nfinished runs on their calibration tokens, a training batch at a time (positive pairs)")
+    else:
+        rows = [measure(v, a.d, a.latents, a.k, a.batch, a.steps, a.overrides) for v in a.variants]
+        print(f"\nd={a.d} F={a.latents} k={a.k} B={a.batch}, {a.steps} training steps each (positive pairs)")
     for r in rows:
         print(
-            f"  {r['variant']}: {r['pairs']} pairs; bf16 re-scored vs fp32: {r['only_fp32']} only in fp32, "
+            f"  {r.get('run', r['variant'])}: {r['pairs']} pairs; bf16 re-scored vs fp32: {r['only_fp32']} only in fp32, "
             f"{r['only_bf16']} only in bf16 ({r['steps_with_difference']} steps differ); misses {r['misses']}"
         )
     write_rows(a.out, a, rows)

@@ -20,3 +20,12 @@ def test_rescore_benchmark_counts_every_step(tmp_path):
         assert r["steps"] == 3 and 0 < r["pairs"] <= 3 * 4 * 64
         assert r["misses"] == 0  # the margin holds the fp32 selection
         assert 0 <= r["only_fp32"] <= r["pairs"] // 1000 + 2 and r["steps_with_difference"] <= 3
+
+
+def test_rescore_benchmark_on_a_finished_run(cache_run, tmp_path):
+    """--runs: a finished run's SAE on its own calibration tokens (real activations)."""
+    rows = rescore.main(["--runs", str(cache_run), "--out", str(tmp_path / "runs.json")])
+    (row,) = rows
+    assert row["variant"] == "mutual_choice" and row["run"] == str(cache_run)
+    assert row["steps"] == 256 // 64 and 0 < row["pairs"] <= row["steps"] * 4 * 64
+    assert row["misses"] == 0
