@@ -9,9 +9,10 @@ values are computed again in fp32 pair by pair (``exact``: O(nnz·d), one sample
 final selection is the fp32 one among the candidates, in the canonical order of the dense
 kernels (value descending, then lower index). It equals the fp32 path's selection whenever the
 fp32 selection lies among the candidates; a pair outside them would have to rank beyond the
-margin in bf16 while within the cut in fp32 (measured: never in 3 × 200 training steps,
-``python -m benchmarks.rescore``; the pairs that differ, one in a million, are fp32 near-ties
-that the dense and the pair-by-pair products round differently; docs/performance.md).
+margin in bf16 while within the cut in fp32 (measured: never, in 3 × 200 training steps and
+on 6 trained SAEs of real activations, ``python -m benchmarks.rescore``; the pairs that differ,
+one in a million, are fp32 near-ties that the dense and the pair-by-pair products round
+differently; docs/performance.md).
 
 The functions here are what the allocators (and the multi-rank selections) call: each takes a
 dense matrix or :class:`AffinityBlocks`, and ``exact`` = None for the plain (fp32) path.
@@ -63,9 +64,10 @@ def _ordered(z: Tensor | AffinityBlocks) -> Tensor | AffinityBlocks:
     """A 16-bit float matrix (or its blocks) viewed as int16: its bits rank every positive value
     as the floats do, and above every zero or negative one (their order among themselves is
     reversed). Candidates are found on the view (on a CPU, strided group maxima run 6× and a
-    row's top-48 of 8192 1.5× faster than on bf16, which is converted element by element), and only the positive entries matter (ReLU drops the rest; a row with fewer
-    positive entries than candidates gets some negative ones, not necessarily its largest). NaN
-    ranks anywhere here, so the caller checks the parameters it came from (SAEModule)."""
+    row's top-48 of 8192 1.5× faster than on bf16, which is converted element by element).
+    Only the positive entries matter (ReLU drops the rest; a row with fewer positive entries
+    than candidates gets some negative ones, not necessarily its largest). NaN ranks anywhere
+    here, so the caller checks the parameters it came from (SAEModule)."""
     if isinstance(z, AffinityBlocks):
         blocks = z
         return AffinityBlocks(lambda cols: _as_int16(blocks.block_of(cols)), z.n_tokens, z.n_latents, z.block, z.layout)
@@ -132,7 +134,7 @@ def per_column(
         lat, tok, _, _ = per_column_topk(zt, wide, canonical=False)
     values = exact(tok, lat)
     check_finite(values)
-    order = _latent_value_token_order(lat, tok, values, B)
+    order = _latent_value_token_order(lat, tok, values)
     lat, tok, values = lat[order], tok[order], values[order]
     counts = torch.bincount(lat, minlength=F_)
     start = torch.cumsum(counts, 0) - counts
@@ -144,7 +146,7 @@ def per_column(
     return lat[keep], tok[keep], values[keep], cutoff
 
 
-def _latent_value_token_order(lat: Tensor, tok: Tensor, values: Tensor, n_tokens: int) -> Tensor:
+def _latent_value_token_order(lat: Tensor, tok: Tensor, values: Tensor) -> Tensor:
     """The permutation that orders entries by latent, then value descending, then token: one sort
     of a 64-bit key (latent, value) where no two entries of a latent hold equal values, else a
     stable two-pass sort (token first)."""

@@ -278,8 +278,8 @@ class SparseAutoencoder(nn.Module):
     def encoder_finite(self) -> bool:
         """Whether the parameters z′ is computed from are finite (then, for finite inputs, so
         is z′, but where the product overflows). One sum each: NaN and ±inf reach it (a sum of
-        finite entries overflows only where they are ~1e32, a run long diverged); 1 ms against
-        12 for ``isfinite(...).all()`` on an [8192, 384] W_enc."""
+        finite entries overflows only where they are ~1e32, a run long diverged): 0.25 against 5 ms
+        for ``isfinite(...).all()`` on an [8192, 384] W_enc."""
         return all(bool(torch.isfinite(p.sum())) for p in (self.W_enc, self.b_enc, self.b_pre))
 
     @torch.no_grad()
