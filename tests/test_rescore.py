@@ -173,6 +173,20 @@ def test_a_bfloat16_training_step_equals_the_float32_one(variant, block):
         assert torch.allclose(buf.float(), other.float(), rtol=1e-5, atol=1e-7), n
 
 
+@pytest.mark.parametrize("extra", ["model.decoder_norm=unit", "model.normalisation=layernorm"])
+@pytest.mark.parametrize("variant", ["topk", "mutual_choice", "feature_choice"])
+def test_bfloat16_equals_float32_with_other_model_settings(variant, extra):
+    """A unit-norm decoder (z′ ranked without decoder norms) and layernorm inputs: the same pairs
+    and values as fp32."""
+    full, low, dm = _modules(variant, extra=[extra])
+    x = dm.batch_of()(0)
+    a, _ = full.forward_step(x, update=True)
+    b, _ = low.forward_step(x, update=True)
+    assert b.z.dtype == torch.bfloat16
+    assert torch.equal(a.code.offsets, b.code.offsets) and torch.equal(a.code.latents, b.code.latents)
+    assert torch.allclose(a.code.values, b.code.values, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("variant", ["mutual_choice", "feature_choice"])
 def test_bfloat16_threshold_mode_and_calibration_read_float32(variant):
     full, low, dm = _modules(variant)
