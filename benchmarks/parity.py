@@ -34,6 +34,7 @@ import numpy as np
 from hydra import compose, initialize_config_dir
 
 from benchmarks import train_in_subprocess
+from benchmarks.claims import PRECISION
 from sae_lightning.atomic import atomic_write_json, atomic_write_text
 from sae_lightning.config import load_config
 
@@ -151,7 +152,7 @@ def ours(a, out: Path, name: str, extra: list[str]) -> dict[str, Any] | None:
             *data_overrides(a), f"variant={a.variant}", f"variant.k={a.k}", f"model.n_latents={a.latents}",
             f"optim.lr={a.lr}", f"trainer.max_steps={a.tokens // a.batch}",
             f"trainer.val_check_interval={a.tokens // a.batch}", f"out_dir={folder}", "progress=none",
-            f"seed={a.seed}", *OLD_RECIPE, *extra,
+            f"seed={a.seed}", *OLD_RECIPE, *PRECISION, *extra,
         ]  # fmt: skip
         if not train_in_subprocess(args, folder, a.threads, f"ours / {name}"):
             return None
