@@ -49,7 +49,7 @@ class PassCounter(TorchDispatchMode):
             return out
         name = f"{func._schema.name.split('::')[-1]}.{func._overloadname}"
         inputs = [t for t in tree_leaves((args, kwargs or {})) if isinstance(t, torch.Tensor) and self._in_matrix(t)]
-        outs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+        outs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor) and t.layout == torch.strided]
         unit = 4 * self.size
         if name in GATHERS:
             if inputs:
@@ -64,9 +64,12 @@ class PassCounter(TorchDispatchMode):
         return out
 
 
-def count_step(variant: str, d: int, F: int, k: int, B: int, extra: list[str], steps_before: int = 2) -> dict:
-    """Passes in one training step of ``variant`` (default losses, unless ``extra`` says)."""
-    module, dm = build_module(variant, d, F, k, B, "float32", extra)
+def count_step(
+    variant: str, d: int, F: int, k: int, B: int, extra: list[str], steps_before: int = 2, dtype: str = "float32"
+) -> dict:
+    """Passes in one training step of ``variant`` (default losses, unless ``extra`` says), with
+    selection reading z′ in ``dtype`` (``model.affinity_dtype``)."""
+    module, dm = build_module(variant, d, F, k, B, dtype, extra)
     g = torch.Generator().manual_seed(0)
     batches = [dm.source.batch(B, g)[0] for _ in range(4)]
     module.init_from_data(torch.cat(batches))
@@ -90,6 +93,7 @@ def count_step(variant: str, d: int, F: int, k: int, B: int, extra: list[str], s
         step(steps_before)
     return {
         "variant": variant,
+        "dtype": dtype,
         "reads": dict(counter.reads),
         "writes": dict(counter.writes),
         "gathers": dict(counter.gathers),
@@ -100,13 +104,16 @@ def count_step(variant: str, d: int, F: int, k: int, B: int, extra: list[str], s
 def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     size_arguments(p)
+    p.add_argument(
+        "--dtype", default="float32", choices=["float32", "bfloat16"], help="model.affinity_dtype of the step"
+    )
     p.add_argument("--out", default="outputs/bench/passes.json")
     p.add_argument("overrides", nargs="*", help="extra Hydra overrides, e.g. variant.losses=null")
     a = p.parse_args(argv)
     torch.set_num_threads(torch.get_num_threads())
-    rows = [count_step(v, a.d, a.latents, a.k, a.batch, a.overrides) for v in a.variants]
+    rows = [count_step(v, a.d, a.latents, a.k, a.batch, a.overrides, dtype=a.dtype) for v in a.variants]
     mb = a.batch * a.latents * 4 / 1e6
-    print(f"\nd={a.d} F={a.latents} k={a.k} B={a.batch}: one pass over z' moves {mb:.0f} MB")
+    print(f"\nd={a.d} F={a.latents} k={a.k} B={a.batch} ({a.dtype}): one pass over an fp32 z' moves {mb:.0f} MB")
     for r in rows:
         print(f"  {r['variant']}: {r['passes']:.2f} passes (matrix-sized reads, writes and gathers)")
         for op in sorted(set(r["reads"]) | set(r["writes"])):
