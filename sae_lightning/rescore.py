@@ -148,13 +148,20 @@ def per_column(
 
 def _latent_value_token_order(lat: Tensor, tok: Tensor, values: Tensor) -> Tensor:
     """The permutation that orders entries by latent, then value descending, then token: one sort
-    of a 64-bit key (latent, value) where no two entries of a latent hold equal values, else a
-    stable two-pass sort (token first)."""
+    of a 64-bit key (latent, value); where entries of a latent hold equal values (identical
+    tokens do), only those entries are sorted again, by key and then token."""
     v = (values.float() + 0.0).view(torch.int32).to(torch.int64)  # + 0.0: -0 becomes +0, equal to it
     v = torch.where(v < 0, v ^ 0x7FFFFFFF, v)  # IEEE bits ordered as the floats they encode
     key = lat * (1 << 32) + ((1 << 31) - 1 - v)  # value descending within a latent
     key_sorted, order = torch.sort(key)
-    if not bool((key_sorted[1:] == key_sorted[:-1]).any()):
+    equal = key_sorted[1:] == key_sorted[:-1]
+    if not bool(equal.any()):
         return order
-    by_token = torch.argsort(tok, stable=True)
-    return by_token[torch.sort(key[by_token], stable=True).indices]
+    tied = torch.zeros_like(key_sorted, dtype=torch.bool)
+    tied[1:] |= equal
+    tied[:-1] |= equal
+    at = tied.nonzero().squeeze(1)  # each run of equal keys is contiguous, the runs in key order
+    entries = order[at]
+    entries = entries[torch.argsort(tok[entries], stable=True)]
+    order[at] = entries[torch.sort(key[entries], stable=True).indices]  # by key, then token
+    return order

@@ -243,3 +243,25 @@ def test_auto_affinity_dtype_follows_the_hardware(monkeypatch):
     assert module.selection_dtype() == torch.float32
     pinned = SAEModule(load_config(compose_config([*TINY, "model.affinity_dtype=bfloat16"])), 32)
     assert pinned.selection_dtype() == torch.bfloat16
+
+
+def test_latent_value_token_order_with_ties():
+    """Entries ordered by latent, value descending, then token, with many equal values (and
+    -0 equal to +0, and negative values)."""
+    from sae_lightning.rescore import _latent_value_token_order
+
+    g = torch.Generator().manual_seed(0)
+    n = 500
+    lat = torch.randint(0, 7, (n,), generator=g)
+    tok = torch.randperm(n, generator=g)
+    values = torch.randint(-3, 4, (n,), generator=g).float() * 0.5
+    values[values == 0] = torch.tensor([0.0, -0.0])[torch.randint(0, 2, (int((values == 0).sum()),), generator=g)]
+    order = _latent_value_token_order(lat, tok, values)
+    got = list(zip(lat[order].tolist(), values[order].tolist(), tok[order].tolist()))
+    want = sorted(zip(lat.tolist(), values.tolist(), tok.tolist()), key=lambda e: (e[0], -e[1], e[2]))
+    assert got == want
+    distinct = torch.rand(n, generator=g)  # no ties: the one-sort path
+    order = _latent_value_token_order(lat, tok, distinct)
+    assert list(zip(lat[order].tolist(), distinct[order].tolist())) == sorted(
+        zip(lat.tolist(), distinct.tolist()), key=lambda e: (e[0], -e[1])
+    )
