@@ -21,7 +21,8 @@ from torch import Tensor, nn
 
 from .blockwise import AffinityBlocks
 from .rescore import Exact
-from .sae import SparseAutoencoder, pair_products
+from .sae import SparseAutoencoder
+from .sparse import pair_products
 
 
 class _ExactScores:

@@ -1,4 +1,5 @@
-"""The sparse code every allocator returns: CSR rows of (latent, value) per token, and its decode."""
+"""The sparse code every allocator returns: CSR rows of (latent, value) per token, its decode,
+and the O(nnz·d) products at (token, latent) pairs the sparse step is built from."""
 
 from __future__ import annotations
 
@@ -95,6 +96,40 @@ def csr_products(a: Tensor, b: Tensor, crow: Tensor, col: Tensor, start: Tensor 
         return torch.sparse.sampled_addmm(pattern, a, b.t()).values()
 
 
+def sum_by_latent(latents: Tensor, rows: Tensor, weights: Tensor, vectors: Tensor, n_latents: int) -> Tensor:
+    """[n_latents, d]: Σ_e weights_e · vectors[rows_e] over each latent's entries e (the weight
+    gradient of a sparse product), one ``embedding_bag`` over the entries grouped by latent."""
+    perm = torch.argsort(latents, stable=True)
+    offsets = torch.zeros(n_latents + 1, dtype=torch.long, device=latents.device)
+    torch.cumsum(torch.bincount(latents, minlength=n_latents), 0, out=offsets[1:])
+    return F.embedding_bag(
+        rows[perm], vectors, offsets, mode="sum", per_sample_weights=weights[perm], include_last_offset=True
+    )
+
+
+def pair_products(a: Tensor, b: Tensor, rows: Tensor, cols: Tensor, bias: Tensor | None = None) -> Tensor:
+    """a[r_e]·b[c_e] (+ bias[c_e]) for distinct pairs (r_e, c_e) of a [n, d] and b [m, d], in
+    their dtype, O(nnz·d). One ``torch.sparse.sampled_addmm`` (the product only at a CSR
+    pattern): 20× faster than gathering the pairs' rows (12 against 270 ms for 2^18 pairs at
+    d = 384 on 2 cores: the gathers wrote two [nnz, d] copies). Pairs already in CSR order (by
+    row, then column) skip the sort."""
+    n, m = a.shape[0], b.shape[0]
+    out = torch.empty(rows.numel(), dtype=a.dtype, device=rows.device)
+    if rows.numel() == 0:
+        return out
+    key = rows * m + cols
+    ordered = bool((key[1:] > key[:-1]).all())
+    order = None if ordered else torch.argsort(key)  # CSR: by row, then by column
+    r, c = (rows, cols) if order is None else (rows[order], cols[order])
+    crow = torch.zeros(n + 1, dtype=torch.long, device=rows.device)
+    torch.cumsum(torch.bincount(r, minlength=n), 0, out=crow[1:])
+    values = csr_products(a, b, crow, c, bias[c] if bias is not None else None)
+    if order is None:
+        return values
+    out[order] = values
+    return out
+
+
 class _Decode(torch.autograd.Function):
     """``embedding_bag``'s forward with a backward of two O(nnz·d) kernels instead of its own
     (which scatters through a sorted copy of the indices: 31 against 19 ms forward and backward
@@ -116,19 +151,8 @@ class _Decode(torch.autograd.Function):
         g_values = csr_products(g, decoder_rows, offsets, latents) if ctx.needs_input_grad[0] else None
         g_rows = None
         if ctx.needs_input_grad[1]:
-            n_latents = decoder_rows.shape[0]
             rows = torch.repeat_interleave(torch.arange(offsets.numel() - 1, device=g.device), offsets.diff())
-            perm = torch.argsort(latents, stable=True)
-            by_latent = torch.zeros(n_latents + 1, dtype=torch.long, device=g.device)
-            torch.cumsum(torch.bincount(latents, minlength=n_latents), 0, out=by_latent[1:])
-            g_rows = F.embedding_bag(
-                rows[perm],
-                g,
-                by_latent,
-                mode="sum",
-                per_sample_weights=values[perm].to(g.dtype),
-                include_last_offset=True,
-            )
+            g_rows = sum_by_latent(latents, rows, values.to(g.dtype), g, decoder_rows.shape[0])
         return g_values, g_rows, None, None
 
 
