@@ -13,6 +13,8 @@ benchmark's size; at every step, on the step's own batch and parameters, three s
 Counted over the positive pairs (the code: ReLU drops the rest): pairs of the bf16 code not in
 the fp32 code (and the reverse), and misses. A pair that differs without a miss is a near-tie:
 two values that the dense product and the sampled product round differently (a few ulps).
+And how deep the fp32 selection reaches into the bf16 order beyond each cut, against the margin
+(the *slack*: margin − depth; a miss needs a negative one): what the margins are sized by.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import lightning as L
 import torch
 
 from sae_lightning.heap import keep_freed_memory
+from sae_lightning.rescore import batch_margin, column_margin, row_margin
 from sae_lightning.sae import ExactRanked
 
 from .step import bare_trainer, build_module, size_arguments, write_rows
@@ -38,8 +41,8 @@ class _Gathered:
     def __call__(self, tokens, latents):
         return self.z[tokens, latents] if self.layout == "token" else self.z[latents, tokens]
 
-    def first_tokens(self, n):
-        return self.sae.affinities(self.xn[:n])
+    def token_rows(self, tokens):
+        return self.sae.affinities(self.xn[tokens])
 
 
 def _pairs(sel, z, layout) -> set[int]:
@@ -50,11 +53,47 @@ def _pairs(sel, z, layout) -> set[int]:
     return set((sel.rows[keep] * n_latents + sel.cols[keep]).tolist())
 
 
+def _depth(kind: str, sel, z32: torch.Tensor, z16: torch.Tensor) -> tuple[int, int]:
+    """How deep the fp32 selection reaches into the bf16 order, per group of the cut (a token's
+    row for TopK, a latent's for Feature Choice, the batch for Mutual Choice): the group's
+    entries whose bf16 value is at least that of its worst positive selected pair, less the
+    group's cut (k, m_j or M). The re-scoring holds the pair whenever this is at most the
+    group's margin. Returns the largest depth and the smallest slack (margin − depth) over the
+    groups; z32, z16 in the allocator's layout."""
+    token_major = kind != "latent"
+    v32 = z32[sel.rows, sel.cols] if token_major else z32[sel.cols, sel.rows]
+    group = {"token": sel.rows, "latent": sel.cols, "batch": torch.zeros_like(sel.rows)}[kind]
+    n_groups = z16.shape[0] if kind != "batch" else 1
+    cut = torch.bincount(group, minlength=n_groups)
+    keep = v32 > 0
+    v16 = (z16[sel.rows, sel.cols] if token_major else z16[sel.cols, sel.rows])[keep].float()
+    worst = torch.full((n_groups,), float("inf")).scatter_reduce(0, group[keep], v16, "amin")
+    has = torch.isfinite(worst)
+    if kind == "batch":
+        needed = (z16.float() >= worst).sum().reshape(1)
+        margin = torch.tensor([batch_margin(int(cut[0]))])
+    else:
+        needed = (z16.float() >= worst.unsqueeze(1)).sum(1)
+        margin = (
+            torch.full_like(cut, row_margin(int(cut.max()))) if kind == "token" else column_margin(cut)
+        )
+        margin = torch.minimum(margin, z16.shape[1] - cut)  # a group's candidates stop at its width
+    depth = (needed - cut)[has]
+    if depth.numel() == 0:
+        return 0, 0
+    return int(depth.max()), int((margin[has] - depth).min())
+
+
+KINDS = {"topk": "token", "mutual_choice": "batch", "feature_choice": "latent"}
+
+
 class _Counts:
-    """The three selections of batches, compared and counted."""
+    """The three selections of batches, compared and counted, and the depth of the fp32
+    selection in the bf16 order (:func:`_depth`)."""
 
     def __init__(self):
         self.counts = {"pairs": 0, "only_fp32": 0, "only_bf16": 0, "misses": 0, "steps_with_difference": 0}
+        self.counts.update({"deepest": 0, "least_slack": 1 << 62})
 
     @torch.no_grad()
     def compare(self, module, x: torch.Tensor, step: int = 0) -> None:
@@ -63,7 +102,8 @@ class _Counts:
         z32 = module.sae.affinities(xn, layout=layout)
         z16 = module.sae.affinities(xn, layout=layout, dtype=torch.bfloat16)
         kwargs = {"step": step, "density": module.stats.density}  # no update: no state changes
-        fp32 = _pairs(alloc.allocate(z32, **kwargs), z32, layout)
+        sel32 = alloc.allocate(z32, **kwargs)
+        fp32 = _pairs(sel32, z32, layout)
         rescored = _pairs(alloc.allocate(z16, exact=ExactRanked(module.sae, xn), **kwargs), z32, layout)
         candidates = _pairs(alloc.allocate(z16, exact=_Gathered(z32, layout, xn, module.sae), **kwargs), z32, layout)
         c = self.counts
@@ -72,6 +112,8 @@ class _Counts:
         c["only_bf16"] += len(rescored - fp32)
         c["misses"] += len(fp32 - candidates)
         c["steps_with_difference"] += int(fp32 != rescored)
+        deepest, slack = _depth(KINDS[alloc.name], sel32, z32, z16)
+        c["deepest"], c["least_slack"] = max(c["deepest"], deepest), min(c["least_slack"], slack)
 
 
 class _Compare(_Counts, L.Callback):
@@ -138,7 +180,8 @@ def main(argv=None) -> list[dict]:
     for r in rows:
         print(
             f"  {r.get('run', r['variant'])}: {r['pairs']} pairs; bf16 re-scored vs fp32: {r['only_fp32']} only in fp32, "
-            f"{r['only_bf16']} only in bf16 ({r['steps_with_difference']} steps differ); misses {r['misses']}"
+            f"{r['only_bf16']} only in bf16 ({r['steps_with_difference']} steps differ); misses {r['misses']}; "
+            f"deepest {r['deepest']} beyond the cut, least slack {r['least_slack']}"
         )
     write_rows(a.out, a, rows)
     return rows

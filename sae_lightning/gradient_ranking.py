@@ -37,8 +37,8 @@ class _ExactScores:
         effect = pair_products(self.g, self.D, tokens, latents)
         return effect.abs_().add_(1.0).mul_(self.exact(tokens, latents))
 
-    def first_tokens(self, n: int) -> Tensor:
-        return self.ranking._weight(self.exact.first_tokens(n), self.g[:n], self.sae, None, "token")
+    def token_rows(self, tokens: Tensor) -> Tensor:
+        return self.ranking._weight(self.exact.token_rows(tokens), self.g[tokens], self.sae, None, "token")
 
 
 class GradientRanking(nn.Module):

@@ -121,11 +121,13 @@ def per_token_aux_selection(out: StepOutput, candidates: Tensor, k_aux: int) -> 
     B = out.x.shape[0]
     # the candidates' columns, a chunk of tokens at a time: never a second [B, F] tensor
     chunk = max(1, (1 << 22) // idx.numel())
-    top = torch.cat(
-        [torch.topk(out.columns(idx, slice(i, i + chunk)), k, dim=1, sorted=False).indices for i in range(0, B, chunk)]
-    )
+    parts = [torch.topk(out.columns(idx, slice(i, i + chunk)), k, dim=1, sorted=False) for i in range(0, B, chunk)]
+    top = torch.cat([p.indices for p in parts])
     return Selection(
-        rows=torch.arange(B, device=idx.device).repeat_interleave(k), cols=idx[top].reshape(-1), n_tokens=B
+        rows=torch.arange(B, device=idx.device).repeat_interleave(k),
+        cols=idx[top].reshape(-1),
+        n_tokens=B,
+        values=torch.cat([p.values for p in parts]).reshape(-1),  # the code's values: no second product
     )
 
 
@@ -139,13 +141,15 @@ def per_latent_aux_selection(
     B = out.x.shape[0]
     # the candidates' columns, a chunk of latents at a time: never a second [B, F] tensor
     chunk = max(1, max_elements // B)
-    lats, toks = [], []
+    lats, toks, vals = [], [], []
     for i in range(0, idx.numel(), chunk):
         part = idx[i : i + chunk]
-        lat, tok, _, _ = per_column_topk(out.columns(part).t().contiguous(), quota[part].clamp(1, B))
+        lat, tok, val, _ = per_column_topk(out.columns(part).t().contiguous(), quota[part].clamp(1, B))
         lats.append(part[lat])
         toks.append(tok)
-    return sort_pairs(torch.cat(toks), torch.cat(lats), n_tokens=B, n_latents=out.code.n_latents)
+        vals.append(val)
+    # with their values: the code reads them instead of a second product
+    return sort_pairs(torch.cat(toks), torch.cat(lats), B, out.code.n_latents, torch.cat(vals))
 
 
 def union(a: Selection | None, b: Selection | None, n_latents: int) -> Selection | None:

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from .blockwise import AffinityBlocks, per_column_topk_blocks, top_m_blocks, topk_per_row_blocks
-from .selection import GlobalTopK, check_finite, per_column_topk, row_topk, top_canonical, topk_per_row
+from .selection import GlobalTopK, check_finite, per_column_topk, row_candidates, row_topk, top_canonical, topk_per_row
 from .sparse import Selection
 
 
@@ -37,8 +37,9 @@ class Exact(Protocol):
         """Its values at distinct (token, latent) pairs, O(nnz·d)."""
         ...
 
-    def first_tokens(self, n: int) -> Tensor:
-        """Its rows for the batch's first ``n`` tokens, [n, F] (Feature Choice's demand)."""
+    def token_rows(self, tokens: Tensor) -> Tensor:
+        """Its rows for some of the batch's tokens, [len(tokens), F], one dense product
+        (Feature Choice's demand)."""
         ...
 
 
@@ -129,9 +130,14 @@ def per_column(
     wide = (m + column_margin(m)).clamp(max=B)
     zt = _ordered(zt)
     if isinstance(zt, AffinityBlocks):
-        lat, tok, _, _ = per_column_topk_blocks(zt, wide)
+        lats, toks = [], []
+        for j, block in zt:  # each block computed once
+            lat, tok = row_candidates(block, wide[j : j + block.shape[0]])
+            lats.append(lat + j)
+            toks.append(tok)
+        lat, tok = torch.cat(lats), torch.cat(toks)
     else:
-        lat, tok, _, _ = per_column_topk(zt, wide, canonical=False)
+        lat, tok = row_candidates(zt, wide)
     values = exact(tok, lat)
     check_finite(values)
     order = _latent_value_token_order(lat, tok, values)

@@ -31,6 +31,21 @@ def auto_affinity_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if amx is not None and bool(amx()) else torch.float32
 
 
+BIAS_COLUMNS = 16  # the low-precision product's extra inner dimension: the bias, then zeros
+
+
+def _with_bias_column(a: Tensor, bias: Tensor | None, dtype: torch.dtype) -> Tensor:
+    """[n, d] → [n, d + 16] in ``dtype``: ``a``, then ``bias`` (None: ones), then zeros. The
+    low-precision affinities are one plain product of two such operands, the bias added
+    inside it: ``addmm`` first writes the broadcast bias into the whole [B, F] output (~6–10 ms
+    of a ~110 ms bf16 step at B = 4096, F = 8192; docs/performance.md). Only selection's
+    candidates read that matrix (rescore.py), so how it rounds is free."""
+    out = a.new_zeros((a.shape[0], a.shape[1] + BIAS_COLUMNS), dtype=dtype)
+    out[:, : a.shape[1]] = a
+    out[:, a.shape[1]] = 1.0 if bias is None else bias
+    return out
+
+
 class SelectedAffinities(torch.autograd.Function):
     """The selected affinities v_e = W_enc[c_e]·(x[r_e] − b_pre) + b_enc[c_e] as a function
     of the encoder parameters, with a sparse backward.
@@ -82,8 +97,8 @@ class ExactRanked:
     def __call__(self, tokens: Tensor, latents: Tensor) -> Tensor:
         return self.sae.exact_ranked(self.xn, tokens, latents)
 
-    def first_tokens(self, n: int) -> Tensor:
-        return self.sae.affinities(self.xn[:n])
+    def token_rows(self, tokens: Tensor) -> Tensor:
+        return self.sae.affinities(self.xn[tokens])
 
 
 class SparseAutoencoder(nn.Module):
@@ -207,7 +222,8 @@ class SparseAutoencoder(nn.Module):
             W, b = W * norms.unsqueeze(1), b * norms
         xc = xn - self.b_pre
         if dtype != W.dtype:
-            W, b, xc = W.to(dtype), b.to(dtype), xc.to(dtype)
+            W, xc = _with_bias_column(W, b, dtype), _with_bias_column(xc, None, dtype)
+            return xc @ W.t() if layout == "token" else W @ xc.t()
         if layout == "token":
             return torch.addmm(b, xc, W.t())
         return torch.addmm(b.unsqueeze(1), W, xc.t())

@@ -68,6 +68,80 @@ def row_topk(z: Tensor, width: int) -> tuple[Tensor, Tensor]:
     return values, index.gather(1, pos)
 
 
+def row_candidates(z: Tensor, width: Tensor) -> tuple[Tensor, Tensor]:
+    """(row, column) of a superset of each row's top-``width``\ :sub:`r` entries of a [n, W]
+    matrix: candidates for a re-scoring (:mod:`rescore`), about width_r + a few per row, found
+    without a top-k over the entries themselves (~2× faster than :func:`per_column_topk` for
+    Feature Choice's capacities).
+
+    With τ_r the width_r-th largest maximum of the row's strided groups of 8 (:func:`row_topk`'s
+    groups), the candidates are the row's entries ≥ τ_r, found in its groups of largest
+    maxima (and the last W mod 8 columns): at least width_r of them (those maxima), and the
+    width_r-th largest entry is ≥ τ_r, so every entry above it is one (of entries equal to it, a
+    tie at the cut, the ones in groups left out by a tie among maxima may be missing, as
+    ``torch.topk`` picks any of them). The bulk of the rows (widths up to the 90th percentile)
+    is served in place, the others in buckets of similar widths; a row whose width exceeds half
+    its number of groups gets its ``torch.topk``."""
+    n, W = z.shape
+    G = ROW_GROUP
+    cols = W // G
+    width = width.clamp(min=0, max=W)
+    found_rows: list[Tensor] = []
+    found_cols: list[Tensor] = []
+    grouped = z.device.type == "cpu" and z.is_contiguous() and cols >= 2
+    maxima = z[:, : cols * G].view(n, G, cols).amax(1) if grouped else None
+    spread = cols * torch.arange(G, device=z.device)
+
+    def above(r: Tensor | None, w: Tensor, top: int) -> None:
+        """Rows ``r`` (None: every row, in place) with widths ``w`` ≤ ``top``: entries ≥ τ."""
+        assert maxima is not None
+        mx = maxima if r is None else maxima.index_select(0, r)
+        vals, groups = torch.topk(mx, top, dim=1, sorted=True)
+        tau = vals.gather(1, (w.clamp(min=1) - 1).unsqueeze(1))  # [rows, 1]
+        index = (groups.unsqueeze(2) + spread).view(mx.shape[0], top * G)
+        rows = torch.arange(n, device=z.device) if r is None else r
+        entries = z.gather(1, index) if r is None else z.view(-1)[(index + (r * W).unsqueeze(1)).view(-1)]
+        keep = ((entries.view(mx.shape[0], top * G) >= tau) & (w > 0).unsqueeze(1)).view(-1).nonzero().squeeze(1)
+        found_rows.append(rows[torch.div(keep, top * G, rounding_mode="floor")])
+        found_cols.append(index.view(-1)[keep])
+        if W > cols * G:  # the last W mod 8 columns belong to no group
+            tail = ((z[rows, cols * G :] >= tau) & (w > 0).unsqueeze(1)).nonzero()
+            found_rows.append(rows[tail[:, 0]])
+            found_cols.append(tail[:, 1] + cols * G)
+
+    positive = width[width > 0]
+    done = torch.zeros(n, dtype=torch.bool, device=z.device)
+    if grouped and positive.numel():
+        bulk = int(torch.quantile(positive.double(), 0.9, interpolation="higher"))
+        if 2 * bulk <= cols:
+            in_bulk = (width > 0) & (width <= bulk)
+            above(None, torch.where(in_bulk, width, torch.zeros_like(width)), bulk)
+            done = in_bulk
+    rest = torch.where(done, torch.zeros_like(width), width)
+    order = torch.argsort(rest, descending=True, stable=True)
+    w_sorted = rest[order].tolist()
+    start = 0
+    while start < n and w_sorted[start] > 0:
+        top = w_sorted[start]
+        end = start
+        while end < n and w_sorted[end] > 0 and 2 * w_sorted[end] >= top:
+            end += 1
+        r = order[start:end]
+        w = width[r]
+        if grouped and 2 * top <= cols:
+            above(r, w, top)
+        else:
+            idx = torch.topk(z[r], top, dim=1, sorted=True).indices
+            keep = (torch.arange(top, device=z.device).unsqueeze(0) < w.unsqueeze(1)).nonzero()
+            found_rows.append(r[keep[:, 0]])
+            found_cols.append(idx[keep[:, 0], keep[:, 1]])
+        start = end
+    if not found_rows:
+        empty = torch.empty(0, dtype=torch.long, device=z.device)
+        return empty, empty
+    return torch.cat(found_rows), torch.cat(found_cols)
+
+
 def topk_per_row(z: Tensor, k: int, offset: int = 0) -> tuple[Selection, Tensor]:
     """The top-k latents of every token (row-major order) and their values, in the canonical
     order (value, then lower latent first): the same pairs whatever the implementation of

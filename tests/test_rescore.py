@@ -28,8 +28,8 @@ class Gathered:
         assert tokens.numel() == torch.unique(tokens * F + latents).numel(), "pairs asked twice"
         return self.z[tokens, latents]
 
-    def first_tokens(self, n):
-        return self.z[:n]
+    def token_rows(self, tokens):
+        return self.z[tokens]
 
 
 def matrices(seed=0):
@@ -265,3 +265,17 @@ def test_latent_value_token_order_with_ties():
     assert list(zip(lat[order].tolist(), distinct[order].tolist())) == sorted(
         zip(lat.tolist(), distinct.tolist()), key=lambda e: (e[0], -e[1])
     )
+
+
+@pytest.mark.parametrize("tokens", [4096, 4098])  # the sample's stride (4) divides B / does not
+def test_feature_choice_demand_sample_exact_equals_the_matrix(tokens):
+    """Feature Choice's demand sample and first tokens from ``exact`` (dense rows where the
+    stride divides B, else pair by pair) are the fp32 matrix's own entries."""
+    from sae_lightning.allocators.feature_choice import _demand_sample
+
+    z = torch.randn(tokens, F, generator=torch.Generator().manual_seed(0))
+    exact = Gathered(z)
+    want = _demand_sample(z.t().contiguous(), 100)
+    got = _demand_sample(z.t().to(torch.bfloat16).contiguous(), 100, exact)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert exact.calls == (0 if tokens == 4096 else 1)  # dense rows, no pairs, where it can

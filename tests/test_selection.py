@@ -118,6 +118,43 @@ def test_row_topk_equals_torch_topk(n, W, width, kind):
         assert torch.equal(index, ref.indices)
 
 
+@pytest.mark.parametrize("W", [512, 517, 24])  # a multiple of 8, not one, too few groups
+@pytest.mark.parametrize("kind", ["continuous", "tied", "int16"])
+def test_row_candidates_hold_each_rows_top_width(W, kind):
+    """Per-row widths (0, small, a skewed tail, wider than half the groups): every row's
+    candidates hold the entries above its width-th largest (ties at the cut: any of them), at
+    least width of them, each once, not many more, and nothing for width 0."""
+    from sae_lightning.selection import row_candidates
+
+    n = 300
+    g = torch.Generator().manual_seed(W)
+    z = {
+        "continuous": lambda: torch.randn(n, W, generator=g),
+        "tied": lambda: torch.randint(0, 12, (n, W), generator=g).float(),
+        "int16": lambda: torch.randn(n, W, generator=g).bfloat16().view(torch.int16),  # rescore.py's views
+    }[kind]()
+    width = torch.randint(1, 12, (n,), generator=g)
+    width[:20] = 0
+    width[20:40] = torch.randint(12, 60, (20,), generator=g)  # the Zipf head: other buckets
+    width[40:45] = W  # more than half the groups: torch.topk
+    width = width.clamp(max=W)
+    rows, cols = row_candidates(z, width)
+    key = rows * W + cols
+    assert key.unique().numel() == key.numel()
+    counts = torch.bincount(rows, minlength=n)
+    assert torch.equal(counts == 0, width == 0) and bool((counts >= width).all())
+    for r in range(n):
+        w = int(width[r])
+        if w == 0:
+            continue
+        cut = torch.topk(z[r], w).values[-1]
+        mine = set(cols[rows == r].tolist())
+        above = set((z[r] > cut).nonzero().squeeze(1).tolist())
+        assert above <= mine, r  # every entry above the cut
+    if kind != "tied":  # a few more than the widths (entries between τ_r and the cut)
+        assert rows.numel() <= 1.5 * int(width.sum())
+
+
 def test_row_topk_lets_nan_and_inf_through():
     from sae_lightning.selection import row_topk
 

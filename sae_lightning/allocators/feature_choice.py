@@ -90,11 +90,18 @@ def _token_major(z: Tensor | AffinityBlocks) -> Tensor | AffinityBlocks:
 def _demand_sample(z: Tensor | AffinityBlocks, tokens: int, exact: Exact | None = None) -> tuple[Tensor, Tensor]:
     """What demand is counted on: a strided sample of the latent-major matrix (about 2^16
     entries) and its first ``tokens`` tokens, [F, n]; with ``exact``, their exact values (z is
-    then a low-precision matrix: demand is counted as in an fp32 run)."""
+    then a low-precision matrix: demand is counted as in an fp32 run), by dense products of
+    those tokens' rows where the stride divides B (then the sample is every latent at every
+    stride-th token: 8 tokens at F = 8192, B = 4096), else pair by pair."""
     F_, B = z.shape
+    stride = max(1, F_ * B // (1 << 16))
     if exact is not None:
-        first = exact.first_tokens(min(B, tokens)).t()
-        flat = torch.arange(0, F_ * B, max(1, F_ * B // (1 << 16)), device=first.device)
+        n = min(B, tokens)
+        if B % stride == 0:  # the sample is every latent at every stride-th token: dense rows too
+            rows = exact.token_rows(torch.cat([torch.arange(n), torch.arange(0, B, stride)]))
+            return rows[n:].t().reshape(-1), rows[:n].t()
+        first = exact.token_rows(torch.arange(n)).t()
+        flat = torch.arange(0, F_ * B, stride, device=first.device)
         lat = torch.div(flat, B, rounding_mode="floor")
         return exact(flat - lat * B, lat), first
     if isinstance(z, AffinityBlocks):
@@ -103,7 +110,7 @@ def _demand_sample(z: Tensor | AffinityBlocks, tokens: int, exact: Exact | None 
             pass
         return tap.sample()
     flat = z.reshape(-1)
-    return flat[:: max(1, flat.numel() // (1 << 16))], z[:, : min(B, tokens)]
+    return flat[::stride], z[:, : min(B, tokens)]
 
 
 class _DemandTap:

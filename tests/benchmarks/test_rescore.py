@@ -20,6 +20,7 @@ def test_rescore_benchmark_counts_every_step(tmp_path):
         assert r["steps"] == 3 and 0 < r["pairs"] <= 3 * 4 * 64
         assert r["misses"] == 0  # the margin holds the fp32 selection
         assert 0 <= r["only_fp32"] <= r["pairs"] // 1000 + 2 and r["steps_with_difference"] <= 3
+        assert r["deepest"] >= 0 and r["least_slack"] >= 0  # the margins held, with room to spare
 
 
 def test_rescore_benchmark_on_a_finished_run(cache_run, tmp_path):
@@ -29,3 +30,20 @@ def test_rescore_benchmark_on_a_finished_run(cache_run, tmp_path):
     assert row["variant"] == "mutual_choice" and row["run"] == str(cache_run)
     assert row["steps"] == 256 // 64 and 0 < row["pairs"] <= row["steps"] * 4 * 64
     assert row["misses"] == 0
+
+
+def test_depth_of_the_fp32_selection_in_the_bf16_order():
+    """_depth: 0 where both orders agree; a pair the low-precision order ranks one place beyond
+    the cut is 1 deep, and the slack is the margin less that."""
+    import torch
+
+    from sae_lightning.rescore import row_margin
+    from sae_lightning.selection import topk_per_row
+
+    z32 = torch.arange(40.0).flip(0).repeat(3, 1)  # every row 39, 38, ..., 0: distinct values
+    sel, _ = topk_per_row(z32, 4)
+    assert rescore._depth("token", sel, z32, z32) == (0, row_margin(4))
+    z16 = z32.clone()
+    z16[1, 3], z16[1, 4] = 35.0, 36.0  # row 1: its 4th fp32 entry ranks 5th in the other order
+    assert rescore._depth("token", sel, z32, z16) == (1, row_margin(4) - 1)
+    assert rescore._depth("batch", sel, z32, z32)[0] >= 0
