@@ -74,9 +74,7 @@ def _depth(kind: str, sel, z32: torch.Tensor, z16: torch.Tensor) -> tuple[int, i
         margin = torch.tensor([batch_margin(int(cut[0]))])
     else:
         needed = (z16.float() >= worst.unsqueeze(1)).sum(1)
-        margin = (
-            torch.full_like(cut, row_margin(int(cut.max()))) if kind == "token" else column_margin(cut)
-        )
+        margin = torch.full_like(cut, row_margin(int(cut.max()))) if kind == "token" else column_margin(cut)
         margin = torch.minimum(margin, z16.shape[1] - cut)  # a group's candidates stop at its width
     depth = (needed - cut)[has]
     if depth.numel() == 0:

@@ -69,7 +69,7 @@ def row_topk(z: Tensor, width: int) -> tuple[Tensor, Tensor]:
 
 
 def row_candidates(z: Tensor, width: Tensor) -> tuple[Tensor, Tensor]:
-    """(row, column) of a superset of each row's top-``width``\ :sub:`r` entries of a [n, W]
+    """(row, column) of a superset of each row's top-width_r entries of a [n, W]
     matrix: candidates for a re-scoring (:mod:`rescore`), about width_r + a few per row, found
     without a top-k over the entries themselves (~2× faster than :func:`per_column_topk` for
     Feature Choice's capacities).
