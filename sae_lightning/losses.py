@@ -33,17 +33,23 @@ class StepOutput:
     z: Tensor | AffinityBlocks  # affinities, no autograd: [B, F] if layout == "token", [F, B] if "latent"
     layout: str
     code: SparseCode
-    # (latents, tokens) -> those columns of z′ in the parameters' dtype, where z is held in low
-    # precision (the auxiliary losses then select on exact values, as in an fp32 run)
-    exact_columns: Callable[[Tensor, slice], Tensor] | None = None
+    # (latents, tokens, layout) -> those columns of z′ in the parameters' dtype, where z is held in
+    # low precision (the auxiliary losses then select on exact values, as in an fp32 run)
+    exact_columns: Callable[[Tensor, slice, str], Tensor] | None = None
 
-    def columns(self, latents: Tensor, tokens: slice = slice(None)) -> Tensor:
-        """The affinities of some latents for (some) tokens, [tokens, len(latents)]."""
+    def columns(self, latents: Tensor, tokens: slice = slice(None), layout: str = "token") -> Tensor:
+        """The affinities of some latents for (some) tokens: [tokens, len(latents)], or
+        [len(latents), tokens] contiguous for the ``latent`` layout."""
         if self.exact_columns is not None:
-            return self.exact_columns(latents, tokens)
+            return self.exact_columns(latents, tokens, layout)
         if isinstance(self.z, AffinityBlocks):
-            return self.z.columns(latents, tokens)
-        return self.z[tokens][:, latents] if self.layout == "token" else self.z[latents, tokens].t()
+            cols = self.z.columns(latents, tokens)
+        elif self.layout == "latent":
+            rows = self.z[latents, tokens]
+            return rows if layout == "latent" else rows.t()
+        else:
+            cols = self.z[tokens][:, latents]
+        return cols if layout == "token" else cols.t().contiguous()
 
 
 LOSSES = Registry("loss term")
@@ -144,7 +150,7 @@ def per_latent_aux_selection(
     lats, toks, vals = [], [], []
     for i in range(0, idx.numel(), chunk):
         part = idx[i : i + chunk]
-        lat, tok, val, _ = per_column_topk(out.columns(part).t().contiguous(), quota[part].clamp(1, B))
+        lat, tok, val, _ = per_column_topk(out.columns(part, layout="latent"), quota[part].clamp(1, B))
         lats.append(part[lat])
         toks.append(tok)
         vals.append(val)

@@ -174,7 +174,7 @@ class SAEModule(L.LightningModule):
         if ranked is not z:  # the values a re-scoring kept are scores, not the code's affinities
             sel.values = None
         code = self.sae.code(xn, z, sel, layout)
-        columns = (lambda latents, tokens: self.sae.affinities(xn[tokens], latents)) if low else None
+        columns = (lambda latents, tokens, lay: self.sae.affinities(xn[tokens], latents, lay)) if low else None
         out = StepOutput(x=xn, x_hat=self.sae.decode(code), z=z, layout=layout, code=code, exact_columns=columns)
         return out, ctx
 

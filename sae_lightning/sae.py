@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .blockwise import AffinityBlocks
-from .sparse import Selection, SparseCode, pair_products, sparse_decode, sum_by_latent
+from .sparse import ByLatent, Selection, SparseCode, pair_products, sparse_decode, sum_by_latent
 
 Normalisation = Literal["none", "dataset_scale", "layernorm"]
 BPreInit = Literal["geometric_median", "mean", "zeros"]
@@ -58,8 +58,9 @@ class SelectedAffinities(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, values, W_enc, b_enc, b_pre, xn, rows, cols):
+    def forward(ctx, values, W_enc, b_enc, b_pre, xn, rows, cols, by_latent=None):
         ctx.save_for_backward(W_enc, b_pre, xn, rows, cols)
+        ctx.by_latent = by_latent
         return values.clone()
 
     @staticmethod
@@ -68,9 +69,11 @@ class SelectedAffinities(torch.autograd.Function):
         n_latents = W_enc.shape[0]
         g = g.contiguous()
         g_b = torch.zeros(n_latents, dtype=g.dtype, device=g.device).index_add_(0, cols, g)
-        g_W = sum_by_latent(cols, rows, g, (xn - b_pre).to(g.dtype), n_latents) if ctx.needs_input_grad[1] else None
+        g_W = None
+        if ctx.needs_input_grad[1]:
+            g_W = sum_by_latent(cols, rows, g, (xn - b_pre).to(g.dtype), n_latents, ctx.by_latent)
         g_pre = -(g_b @ W_enc) if ctx.needs_input_grad[3] else None
-        return None, g_W, g_b if ctx.needs_input_grad[2] else None, g_pre, None, None, None
+        return None, g_W, g_b if ctx.needs_input_grad[2] else None, g_pre, None, None, None, None
 
 
 def geometric_median(x: Tensor, iters: int = 100, tol: float = 1e-6) -> Tensor:
@@ -315,12 +318,13 @@ class SparseAutoencoder(nn.Module):
                 if not bool(keep.all()):
                     rows, cols, raw = rows[keep], cols[keep], raw[keep]
         b_pre = self.b_pre if train_b_pre else self.b_pre.detach()
-        v = SelectedAffinities.apply(raw, self.W_enc, self.b_enc, b_pre, xn, rows, cols)
+        by_latent = ByLatent(cols, self.n_latents)  # sorted once, for both backwards (encoder, decoder)
+        v = SelectedAffinities.apply(raw, self.W_enc, self.b_enc, b_pre, xn, rows, cols, by_latent)
         if values == "softplus":
             v = F.softplus(v)
         if weights is not None:
             v = v * weights[cols]
-        return SparseCode.build(rows, cols, v, selection.n_tokens, self.n_latents)
+        return SparseCode.build(rows, cols, v, selection.n_tokens, self.n_latents, by_latent)
 
     def decode(self, code: SparseCode) -> Tensor:
         return sparse_decode(code, self.W_dec) + self.b_pre

@@ -96,7 +96,7 @@ def row_candidates(z: Tensor, width: Tensor) -> tuple[Tensor, Tensor]:
         """Rows ``r`` (None: every row, in place) with widths ``w`` ≤ ``top``: entries ≥ τ."""
         assert maxima is not None
         mx = maxima if r is None else maxima.index_select(0, r)
-        vals, groups = torch.topk(mx, top, dim=1, sorted=True)
+        vals, groups = row_topk(mx, top)  # by the maxima's own groups where it pays
         tau = vals.gather(1, (w.clamp(min=1) - 1).unsqueeze(1))  # [rows, 1]
         index = (groups.unsqueeze(2) + spread).view(mx.shape[0], top * G)
         rows = torch.arange(n, device=z.device) if r is None else r
@@ -217,10 +217,11 @@ class GlobalTopK:
         sample = scan.reshape(-1)[:: max(1, scan.numel() // self.SAMPLE)]
         share = self.MARGIN * budget / scan.numel()
         rows_per_chunk = max(1, self.CHUNK // width)
+        values: Tensor | None = None  # the candidates' values, where the filter read them
         while True:
             want = int(share * sample.numel()) + 8
             if share >= 1.0 or want >= sample.numel():
-                keys = torch.arange(n, device=z.device)  # every entry
+                keys, values = torch.arange(n, device=z.device), None  # every entry
             else:
                 theta = torch.topk(sample, want, sorted=False).values.min()
                 hits = torch.cat(
@@ -233,15 +234,18 @@ class GlobalTopK:
                     row = torch.div(hits, cols, rounding_mode="floor")
                     first = row * F + (hits - row * cols)
                     keys = (first.unsqueeze(1) + cols * torch.arange(G, device=z.device)).reshape(-1)
-                    keys = keys[~(flat[keys] < theta)]
+                    read = flat[keys]  # one gather of the groups' entries from the whole matrix
+                    reach = ~(read < theta)
+                    keys, values = keys[reach], read[reach]
                 else:
-                    keys = hits
+                    keys, values = hits, None
             # at least `budget` entries reach θ, so θ ≤ the budget-th largest: every entry of the
             # top-M (ties at its cut included) is a candidate
             if keys.numel() >= budget:
                 break
             share *= 4
-        values = flat[keys]
+        if values is None:
+            values = flat[keys]
         check_finite(values)
         chosen = top_canonical(values, keys, budget)
         keys, order = torch.sort(keys[chosen])

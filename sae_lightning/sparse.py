@@ -26,6 +26,25 @@ class Selection:
     values: Tensor | None = None
 
 
+class ByLatent:
+    """A code's entries grouped by latent: a stable ``argsort`` of their latents and each
+    latent's offsets, computed on first use and then shared by the backward passes that need
+    it (the encoder's and the decoder's weight gradients: one sort a step, not two)."""
+
+    def __init__(self, latents: Tensor, n_latents: int):
+        self.latents, self.n_latents = latents, n_latents
+        self._grouped: tuple[Tensor, Tensor] | None = None
+
+    def __call__(self) -> tuple[Tensor, Tensor]:
+        """(perm, offsets [n_latents + 1]): latents[perm] is non-decreasing, stably."""
+        if self._grouped is None:
+            perm = torch.argsort(self.latents, stable=True)
+            offsets = torch.zeros(self.n_latents + 1, dtype=torch.long, device=self.latents.device)
+            torch.cumsum(torch.bincount(self.latents, minlength=self.n_latents), 0, out=offsets[1:])
+            self._grouped = perm, offsets
+        return self._grouped
+
+
 @dataclass
 class SparseCode:
     """A batch of sparse codes in CSR layout; the number of latents per token varies.
@@ -39,6 +58,7 @@ class SparseCode:
     latents: Tensor  # [nnz] int64
     values: Tensor  # [nnz] float, > 0, carries the gradient to the affinities
     n_latents: int
+    by_latent: ByLatent | None = None  # its entries grouped by latent, shared by the backwards
 
     @property
     def n_tokens(self) -> int:
@@ -64,11 +84,13 @@ class SparseCode:
         return dense
 
     @staticmethod
-    def build(rows: Tensor, cols: Tensor, values: Tensor, n_tokens: int, n_latents: int) -> SparseCode:
+    def build(
+        rows: Tensor, cols: Tensor, values: Tensor, n_tokens: int, n_latents: int, by_latent: ByLatent | None = None
+    ) -> SparseCode:
         """CSR from (row, col, value) triples already sorted by row."""
         offsets = torch.zeros(n_tokens + 1, dtype=torch.long, device=rows.device)
         torch.cumsum(torch.bincount(rows, minlength=n_tokens), 0, out=offsets[1:])
-        return SparseCode(offsets=offsets, latents=cols, values=values, n_latents=n_latents)
+        return SparseCode(offsets=offsets, latents=cols, values=values, n_latents=n_latents, by_latent=by_latent)
 
     @staticmethod
     def from_selection(affinities: Tensor, selection: Selection) -> SparseCode:
@@ -96,12 +118,13 @@ def csr_products(a: Tensor, b: Tensor, crow: Tensor, col: Tensor, start: Tensor 
         return torch.sparse.sampled_addmm(pattern, a, b.t()).values()
 
 
-def sum_by_latent(latents: Tensor, rows: Tensor, weights: Tensor, vectors: Tensor, n_latents: int) -> Tensor:
+def sum_by_latent(
+    latents: Tensor, rows: Tensor, weights: Tensor, vectors: Tensor, n_latents: int, by_latent: ByLatent | None = None
+) -> Tensor:
     """[n_latents, d]: Σ_e weights_e · vectors[rows_e] over each latent's entries e (the weight
-    gradient of a sparse product), one ``embedding_bag`` over the entries grouped by latent."""
-    perm = torch.argsort(latents, stable=True)
-    offsets = torch.zeros(n_latents + 1, dtype=torch.long, device=latents.device)
-    torch.cumsum(torch.bincount(latents, minlength=n_latents), 0, out=offsets[1:])
+    gradient of a sparse product), one ``embedding_bag`` over the entries grouped by latent
+    (``by_latent``'s grouping of these ``latents``, where given)."""
+    perm, offsets = (by_latent or ByLatent(latents, n_latents))()
     return F.embedding_bag(
         rows[perm], vectors, offsets, mode="sum", per_sample_weights=weights[perm], include_last_offset=True
     )
@@ -138,8 +161,9 @@ class _Decode(torch.autograd.Function):
     ``embedding_bag`` over the entries grouped by latent."""
 
     @staticmethod
-    def forward(ctx, values, decoder_rows, latents, offsets):
+    def forward(ctx, values, decoder_rows, latents, offsets, by_latent=None):
         ctx.save_for_backward(values, decoder_rows, latents, offsets)
+        ctx.by_latent = by_latent
         return F.embedding_bag(
             latents, decoder_rows, offsets, mode="sum", per_sample_weights=values, include_last_offset=True
         )
@@ -152,8 +176,8 @@ class _Decode(torch.autograd.Function):
         g_rows = None
         if ctx.needs_input_grad[1]:
             rows = torch.repeat_interleave(torch.arange(offsets.numel() - 1, device=g.device), offsets.diff())
-            g_rows = sum_by_latent(latents, rows, values.to(g.dtype), g, decoder_rows.shape[0])
-        return g_values, g_rows, None, None
+            g_rows = sum_by_latent(latents, rows, values.to(g.dtype), g, decoder_rows.shape[0], ctx.by_latent)
+        return g_values, g_rows, None, None, None
 
 
 def sparse_decode(code: SparseCode, decoder_rows: Tensor) -> Tensor:
@@ -162,7 +186,7 @@ def sparse_decode(code: SparseCode, decoder_rows: Tensor) -> Tensor:
     Uses ``embedding_bag`` so that the cost scales with the number of active entries, not
     with B·F; on a CPU its backward is :class:`_Decode`'s (elsewhere ``embedding_bag``'s own)."""
     if decoder_rows.device.type == "cpu" and code.values.dtype == decoder_rows.dtype:
-        return _Decode.apply(code.values, decoder_rows, code.latents, code.offsets)
+        return _Decode.apply(code.values, decoder_rows, code.latents, code.offsets, code.by_latent)
     return F.embedding_bag(
         code.latents,
         decoder_rows,

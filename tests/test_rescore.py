@@ -267,15 +267,18 @@ def test_latent_value_token_order_with_ties():
     )
 
 
-@pytest.mark.parametrize("tokens", [4096, 4098])  # the sample's stride (4) divides B / does not
-def test_feature_choice_demand_sample_exact_equals_the_matrix(tokens):
-    """Feature Choice's demand sample and first tokens from ``exact`` (dense rows where the
-    stride divides B, else pair by pair) are the fp32 matrix's own entries."""
+@pytest.mark.parametrize("tokens,n", [(4096, 100), (4096, 10), (4098, 100)])  # stride 4: ≥ n / < n / not dividing B
+def test_feature_choice_demand_sample_exact_equals_the_matrix(tokens, n):
+    """Feature Choice's demand sample from ``exact`` (dense rows where the stride divides B,
+    else pair by pair) is the fp32 matrix's own entries, and its counts on the first n tokens
+    are the matrix's, θ among the sampled entries included (not above itself)."""
     from sae_lightning.allocators.feature_choice import _demand_sample
 
     z = torch.randn(tokens, F, generator=torch.Generator().manual_seed(0))
     exact = Gathered(z)
-    want = _demand_sample(z.t().contiguous(), 100)
-    got = _demand_sample(z.t().to(torch.bfloat16).contiguous(), 100, exact)
-    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    want = _demand_sample(z.t().contiguous(), n)
+    got = _demand_sample(z.t().to(torch.bfloat16).contiguous(), n, exact)
+    assert torch.equal(got.sample, want.sample) and got.n == want.n == n
+    for theta in [want.sample[0], want.sample[5], torch.tensor(0.5), torch.tensor(3.0)]:
+        assert torch.equal(got.count_above(theta), want.count_above(theta))
     assert exact.calls == (0 if tokens == 4096 else 1)  # dense rows, no pairs, where it can

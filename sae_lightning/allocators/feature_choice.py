@@ -10,6 +10,7 @@ import dataclasses
 import json
 import math
 from pathlib import Path
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -87,30 +88,44 @@ def _token_major(z: Tensor | AffinityBlocks) -> Tensor | AffinityBlocks:
     return z.t()
 
 
-def _demand_sample(z: Tensor | AffinityBlocks, tokens: int, exact: Exact | None = None) -> tuple[Tensor, Tensor]:
+@dataclasses.dataclass
+class DemandSample:
     """What demand is counted on: a strided sample of the latent-major matrix (about 2^16
-    entries) and its first ``tokens`` tokens, [F, n]; with ``exact``, their exact values (z is
-    then a low-precision matrix: demand is counted as in an fp32 run), by dense products of
-    those tokens' rows where the stride divides B (then the sample is every latent at every
-    stride-th token: 8 tokens at F = 8192, B = 4096), else pair by pair."""
+    entries: the batch's Mutual Choice cutoff θ is estimated on it) and, for θ, how many of the
+    batch's first ``n`` tokens each latent's affinity exceeds it on ([F] counts)."""
+
+    sample: Tensor
+    n: int
+    count_above: Callable[[Tensor], Tensor]
+
+    @classmethod
+    def of_rows(cls, sample: Tensor, first: Tensor) -> DemandSample:
+        """From the first tokens' values themselves, [F, n]."""
+        return cls(sample, first.shape[1], lambda theta: (first > theta).sum(1))
+
+
+def _demand_sample(z: Tensor | AffinityBlocks, tokens: int, exact: Exact | None = None) -> DemandSample:
+    """Feature Choice's :class:`DemandSample` of z. With ``exact`` (z is then a low-precision
+    matrix) demand is counted as in an fp32 run, on exact values: the first n tokens' rows and
+    the sample by one dense product where the stride divides B (the sample is then every
+    latent at every stride-th token: 8 tokens at F = 8192, B = 4096), else pair by pair."""
     F_, B = z.shape
     stride = max(1, F_ * B // (1 << 16))
+    n = min(B, tokens)
     if exact is not None:
-        n = min(B, tokens)
-        if B % stride == 0:  # the sample is every latent at every stride-th token: dense rows too
+        if B % stride == 0:  # one product for both: the sample's tokens and the first n
             rows = exact.token_rows(torch.cat([torch.arange(n), torch.arange(0, B, stride)]))
-            return rows[n:].t().reshape(-1), rows[:n].t()
+            return DemandSample.of_rows(rows[n:].t().reshape(-1), rows[:n].t())
         first = exact.token_rows(torch.arange(n)).t()
         flat = torch.arange(0, F_ * B, stride, device=first.device)
         lat = torch.div(flat, B, rounding_mode="floor")
-        return exact(flat - lat * B, lat), first
+        return DemandSample.of_rows(exact(flat - lat * B, lat), first)
     if isinstance(z, AffinityBlocks):
-        tap = _DemandTap(z, min(B, tokens))
+        tap = _DemandTap(z, n)
         for _ in tap.blocks:
             pass
         return tap.sample()
-    flat = z.reshape(-1)
-    return flat[::stride], z[:, : min(B, tokens)]
+    return DemandSample.of_rows(z.reshape(-1)[::stride], z[:, :n])
 
 
 class _DemandTap:
@@ -135,10 +150,12 @@ class _DemandTap:
             )  # copies: a view would keep the whole block alive
         return zb
 
-    def sample(self) -> tuple[Tensor, Tensor]:
+    def sample(self) -> DemandSample:
         assert sum(h.shape[0] for _, h in self.parts.values()) == self.n_latents, "a block was not read"
         order = sorted(self.parts)
-        return torch.cat([self.parts[j][0] for j in order]), torch.cat([self.parts[j][1] for j in order])
+        return DemandSample.of_rows(
+            torch.cat([self.parts[j][0] for j in order]), torch.cat([self.parts[j][1] for j in order])
+        )
 
 
 def demand_capacities(demand: Tensor, budget: int, batch_size: int, floor: float) -> Tensor:
@@ -273,10 +290,10 @@ class FeatureChoice(ThresholdAllocator):
                 tap = _DemandTap(z, min(B, self.cfg.demand_tokens))
                 z = tap.blocks
             else:
-                self._update_demand(*_demand_sample(z, self.cfg.demand_tokens, exact), B, collective)
+                self._update_demand(_demand_sample(z, self.cfg.demand_tokens, exact), B, collective)
         sel = self._select(z, step, update, collective, exact)
         if tap is not None:
-            self._update_demand(*tap.sample(), B, collective)
+            self._update_demand(tap.sample(), B, collective)
         return sel
 
     def _select(
@@ -310,19 +327,19 @@ class FeatureChoice(ThresholdAllocator):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @torch.no_grad()
-    def _update_demand(self, sample: Tensor, first: Tensor, B: int, collective: Collective | None = None) -> None:
+    def _update_demand(self, demand: DemandSample, B: int, collective: Collective | None = None) -> None:
         """Not the latent's density, which Feature Choice fixes at m_j/B, but the share of the
         tokens it would take if the batch's budget were shared freely: its affinities above the
-        Mutual Choice cutoff (the k·B-th largest of the batch, estimated on a strided ``sample``
-        of the latent-major matrix), counted on the ``first`` [F, n] tokens. With a
+        Mutual Choice cutoff θ (the k·B-th largest of the batch, estimated on the strided
+        sample of the latent-major matrix), counted on the batch's first n tokens. With a
         ``collective`` the sample is every rank's and the shares are averaged over the ranks:
         the same demand on every rank."""
-        F_, n = first.shape
+        sample = demand.sample
         if collective is not None:
             sample = collective.gather(sample.float()).reshape(-1)
-        keep = min(sample.numel(), max(1, math.ceil(sample.numel() * self.cfg.k / F_)))
+        keep = min(sample.numel(), max(1, math.ceil(sample.numel() * self.cfg.k / self.n_latents)))
         theta = torch.topk(sample, keep, sorted=False).values.min().clamp_min(0.0)
-        share = (first > theta).sum(1).to(self.demand.dtype) / n
+        share = demand.count_above(theta).to(self.demand.dtype) / demand.n
         tokens = B
         if collective is not None:
             share, tokens = collective.sum(share) / collective.world, B * collective.world
