@@ -43,7 +43,6 @@ class Exact(Protocol):
         ...
 
 
-
 MIN_MARGIN = 8  # candidates beyond the cut, at least (per token, or for the batch)
 
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Literal
 
 import torch
