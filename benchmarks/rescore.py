@@ -13,8 +13,9 @@ benchmark's size; at every step, on the step's own batch and parameters, three s
 Counted over the positive pairs (the code: ReLU drops the rest): pairs of the bf16 code not in
 the fp32 code (and the reverse), and misses. A pair that differs without a miss is a near-tie:
 two values that the dense product and the sampled product round differently (a few ulps).
-And how deep the fp32 selection reaches into the bf16 order beyond each cut, against the margin
-(the *slack*: margin − depth; a miss needs a negative one): what the margins are sized by.
+And how deep the fp32 selection reaches into the bf16 order beyond each cut, in ranks and in bf16
+steps, against what the re-scoring allows (the *slack*; a miss needs a negative one): what the
+band and the margin are sized by.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import lightning as L
 import torch
 
 from sae_lightning.heap import keep_freed_memory
-from sae_lightning.rescore import batch_margin, column_margin, row_margin
+from sae_lightning.rescore import BAND, batch_margin
 from sae_lightning.sae import ExactRanked
 
 from .step import bare_trainer, build_module, size_arguments, write_rows
@@ -53,13 +54,15 @@ def _pairs(sel, z, layout) -> set[int]:
     return set((sel.rows[keep] * n_latents + sel.cols[keep]).tolist())
 
 
-def _depth(kind: str, sel, z32: torch.Tensor, z16: torch.Tensor) -> tuple[int, int]:
+def _depth(kind: str, sel, z32: torch.Tensor, z16: torch.Tensor) -> tuple[int, int, int]:
     """How deep the fp32 selection reaches into the bf16 order, per group of the cut (a token's
-    row for TopK, a latent's for Feature Choice, the batch for Mutual Choice): the group's
-    entries whose bf16 value is at least that of its worst positive selected pair, less the
-    group's cut (k, m_j or M). The re-scoring holds the pair whenever this is at most the
-    group's margin. Returns the largest depth and the smallest slack (margin − depth) over the
-    groups; z32, z16 in the allocator's layout."""
+    row for TopK, a latent's for Feature Choice, the batch for Mutual Choice), from the group's
+    worst positive selected pair: in ranks (the group's entries whose bf16 value is at least
+    that pair's, less the cut k, m_j or M) and in bf16 steps (ulps) below the group's own bf16
+    value at the cut's rank. Returns the largest of each over the groups, and the smallest
+    slack: what the re-scoring allows less what was reached (``BAND`` steps for TopK and
+    Feature Choice, the M/8 margin in ranks for Mutual Choice; negative: a miss). z32, z16 in
+    the allocator's layout."""
     token_major = kind != "latent"
     v32 = z32[sel.rows, sel.cols] if token_major else z32[sel.cols, sel.rows]
     group = {"token": sel.rows, "latent": sel.cols, "batch": torch.zeros_like(sel.rows)}[kind]
@@ -69,17 +72,22 @@ def _depth(kind: str, sel, z32: torch.Tensor, z16: torch.Tensor) -> tuple[int, i
     v16 = (z16[sel.rows, sel.cols] if token_major else z16[sel.cols, sel.rows])[keep].float()
     worst = torch.full((n_groups,), float("inf")).scatter_reduce(0, group[keep], v16, "amin")
     has = torch.isfinite(worst)
+    keys = z16.view(torch.int16)  # positive values: their int16 views order as the floats
     if kind == "batch":
         needed = (z16.float() >= worst).sum().reshape(1)
-        margin = torch.tensor([batch_margin(int(cut[0]))])
+        at_cut = torch.topk(keys.reshape(-1), int(cut[0])).values[-1:].long()
     else:
         needed = (z16.float() >= worst.unsqueeze(1)).sum(1)
-        margin = torch.full_like(cut, row_margin(int(cut.max()))) if kind == "token" else column_margin(cut)
-        margin = torch.minimum(margin, z16.shape[1] - cut)  # a group's candidates stop at its width
+        top = torch.topk(keys, max(1, int(cut.max())), dim=1).values.long()
+        at_cut = top.gather(1, (cut - 1).clamp(min=0).unsqueeze(1)).squeeze(1)
     depth = (needed - cut)[has]
     if depth.numel() == 0:
-        return 0, 0
-    return int(depth.max()), int((margin[has] - depth).min())
+        return 0, 0, 0
+    worst_key = torch.where(has, worst, torch.zeros_like(worst)).to(torch.bfloat16).view(torch.int16).long()
+    ulps = (at_cut - worst_key)[has & (worst > 0)]
+    deepest_ulps = int(ulps.max()) if ulps.numel() else 0
+    slack = batch_margin(int(cut[0])) - int(depth.max()) if kind == "batch" else BAND - deepest_ulps
+    return int(depth.max()), deepest_ulps, slack
 
 
 KINDS = {"topk": "token", "mutual_choice": "batch", "feature_choice": "latent"}
@@ -91,7 +99,7 @@ class _Counts:
 
     def __init__(self):
         self.counts = {"pairs": 0, "only_fp32": 0, "only_bf16": 0, "misses": 0, "steps_with_difference": 0}
-        self.counts.update({"deepest": 0, "least_slack": 1 << 62})
+        self.counts.update({"deepest": 0, "least_slack": 1 << 62, "deepest_ulps": 0})
 
     @torch.no_grad()
     def compare(self, module, x: torch.Tensor, step: int = 0) -> None:
@@ -110,8 +118,9 @@ class _Counts:
         c["only_bf16"] += len(rescored - fp32)
         c["misses"] += len(fp32 - candidates)
         c["steps_with_difference"] += int(fp32 != rescored)
-        deepest, slack = _depth(KINDS[alloc.name], sel32, z32, z16)
+        deepest, ulps, slack = _depth(KINDS[alloc.name], sel32, z32, z16)
         c["deepest"], c["least_slack"] = max(c["deepest"], deepest), min(c["least_slack"], slack)
+        c["deepest_ulps"] = max(c["deepest_ulps"], ulps)
 
 
 class _Compare(_Counts, L.Callback):
@@ -179,7 +188,7 @@ def main(argv=None) -> list[dict]:
         print(
             f"  {r.get('run', r['variant'])}: {r['pairs']} pairs; bf16 re-scored vs fp32: {r['only_fp32']} only in fp32, "
             f"{r['only_bf16']} only in bf16 ({r['steps_with_difference']} steps differ); misses {r['misses']}; "
-            f"deepest {r['deepest']} beyond the cut, least slack {r['least_slack']}"
+            f"deepest {r['deepest']} beyond the cut ({r['deepest_ulps']} bf16 steps), least slack {r['least_slack']}"
         )
     write_rows(a.out, a, rows)
     return rows

@@ -1,18 +1,28 @@
-"""Selections from low-precision affinities, made exact: candidates with a margin, re-scored.
+"""Selections from low-precision affinities, made exact: candidates near the cut, re-scored.
 
 With ``model.affinity_dtype=bfloat16`` the step's dense product runs in bf16 (7× fp32's rate on
 a CPU with AMX, and on GPU tensor cores), but bf16 keeps 8 bits of mantissa: near a cut, its
-ranking differs from fp32's. So the bf16 matrix only proposes *candidates*, with a margin
-(each token's top-(k + k/2) for TopK, the batch's top-1.125·M for Mutual Choice, each latent's
-top-(m_j + m_j/2 + 4) for Feature Choice, at least 8 more per token or batch), and the candidates'
-values are computed again in fp32 pair by pair (``exact``: O(nnz·d), one sampled product); the
-final selection is the fp32 one among the candidates, in the canonical order of the dense
-kernels (value descending, then lower index). It equals the fp32 path's selection whenever the
-fp32 selection lies among the candidates; a pair outside them would have to rank beyond the
-margin in bf16 while within the cut in fp32 (measured: never, in 3 × 200 training steps and
-on 6 trained SAEs of real activations, ``python -m benchmarks.rescore``; the pairs that differ,
-one in a million, are fp32 near-ties that the dense and the pair-by-pair products round
-differently; docs/performance.md).
+ranking differs from fp32's. So the bf16 matrix only proposes *candidates*, and their values
+are computed again in fp32 pair by pair (``exact``: O(nnz·d), one sampled product); the final
+selection is the fp32 one among the candidates, in the canonical order of the dense kernels
+(value descending, then lower index). It equals the fp32 path's selection whenever the fp32
+selection lies among the candidates. The candidates:
+
+- TopK and Feature Choice: every entry of a token's row (a latent's, for Feature Choice) whose
+  bf16 value lies at most ``BAND`` = 4 bf16 steps (ulps) below the row's k-th (m_j-th) largest,
+  or above it. The fp32 selection's worst pair lay at most 2 steps below it, measured over
+  training (``python -m benchmarks.rescore``; docs/performance.md): a bound on the rounding
+  error in the matrix's own units, where a bound in ranks (how many entries lie in those steps)
+  follows the local density of values and ties. TopK takes each row's top-(k + k/2) and
+  checks that the band ends inside them, widening the rows where it does not; Feature Choice
+  finds the band by group maxima (:func:`selection.row_candidates`). (Blockwise TopK: the
+  top-(k + k/2) of each row, a margin in ranks only.)
+- Mutual Choice: the batch's top-(M + M/8) (the deepest reach measured: ~8 000 beyond
+  M = 131 072).
+
+Never a miss measured, in 3 × 200 training steps and on 6 trained SAEs of real activations;
+the pairs that differ, about one in a million, are fp32 near-ties that the dense and the
+pair-by-pair products round differently (docs/performance.md).
 
 The functions here are what the allocators (and the multi-rank selections) call: each takes a
 dense matrix or :class:`AffinityBlocks`, and ``exact`` = None for the plain (fp32) path.
@@ -20,7 +30,7 @@ dense matrix or :class:`AffinityBlocks`, and ``exact`` = None for the plain (fp3
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Protocol, cast
 
 import torch
 from torch import Tensor
@@ -43,11 +53,12 @@ class Exact(Protocol):
         ...
 
 
-MIN_MARGIN = 8  # candidates beyond the cut, at least (per token, or for the batch)
+MIN_MARGIN = 8  # entries beyond the cut looked at, at least (per token, or for the batch)
+BAND = 4  # bf16 steps below a row's cut within which every entry is a candidate (TopK, Feature Choice)
 
 
 def row_margin(k: int) -> int:
-    """Candidates per token beyond TopK's k."""
+    """Candidates beyond TopK's k taken first (rows whose band reaches past them take more)."""
     return max(MIN_MARGIN, k // 2)
 
 
@@ -58,10 +69,9 @@ def batch_margin(budget: int) -> int:
 
 
 def column_margin(m: Tensor) -> Tensor:
-    """Candidates per latent beyond its capacity m_j: m_j/2 + 4 (none where m_j = 0). How deep
-    a latent's fp32 cut reaches into its bf16 order grows with m_j (measured: 2 at m_j = 5, 4
-    at 12, up to 9 at 16–31; docs/performance.md), as TopK's does with k (12 at k = 32)."""
-    return torch.where(m > 0, m // 2 + 4, torch.zeros_like(m))
+    """Groups looked in beyond a latent's capacity m_j (none where m_j = 0): only how much is
+    read at first (a latent whose band reaches further looks in more, :func:`selection.row_candidates`)."""
+    return torch.where(m > 0, m // 4 + 2, torch.zeros_like(m))
 
 
 def _ordered(z: Tensor | AffinityBlocks) -> Tensor | AffinityBlocks:
@@ -84,23 +94,58 @@ def _as_int16(z: Tensor) -> Tensor:
 
 def topk_rows(z: Tensor | AffinityBlocks, k: int, exact: Exact | None = None) -> tuple[Selection, Tensor]:
     """Each token's top-k latents (:func:`selection.topk_per_row`) of a dense matrix or blocks;
-    with ``exact``, chosen among each token's top-(k + margin) of ``z`` by their exact values."""
+    with ``exact``, chosen by their exact values among each token's entries of ``z`` within
+    ``BAND`` steps below its k-th largest, or above (blocks: its top-(k + k/2))."""
     if exact is None:
         return topk_per_row_blocks(z, k) if isinstance(z, AffinityBlocks) else topk_per_row(z, k)
     B, F = z.shape
     k = min(k, F)
     width = min(F, k + row_margin(k))
-    z = _ordered(z)
-    if isinstance(z, AffinityBlocks):
-        cand = topk_per_row_blocks(z, width)[0].cols.view(B, width)
-    else:
-        cand = row_topk(z, width)[1]  # ties among the candidates' low-precision values: any of them
+    if not isinstance(z, AffinityBlocks):
+        keys = _as_int16(z)
+        cols, values = _topk_rows_banded(keys, k, width, exact, BAND if keys.dtype == torch.int16 else 0)
+        rows = torch.arange(B, device=z.device).repeat_interleave(k)
+        return Selection(rows=rows, cols=cols.reshape(-1), n_tokens=B, values=values.reshape(-1)), values.reshape(-1)
+    cand = topk_per_row_blocks(cast(AffinityBlocks, _ordered(z)), width)[0].cols.view(B, width)
     cand = torch.sort(cand, dim=1).values  # latent order: a position's order is the latent's
     rows = torch.arange(B, device=cand.device).repeat_interleave(width)
     values = exact(rows, cand.reshape(-1)).view(B, width)
     sel, vals = topk_per_row(values, k)  # the canonical order among the candidates = among all latents
     cols = cand.gather(1, sel.cols.view(B, k)).reshape(-1)
     return Selection(rows=sel.rows, cols=cols, n_tokens=B, values=vals), vals
+
+
+def _topk_rows_banded(keys: Tensor, k: int, width: int, exact: Exact, band: int) -> tuple[Tensor, Tensor]:
+    """Each row's top-k by exact values ([B, k] latents and values, canonical order) among its
+    top-``width`` by ``keys``, where those hold every entry within ``band`` key steps below the
+    row's k-th largest key; the rows where they do not are done again with twice the width."""
+    B, F = keys.shape
+    top, cand = row_topk(keys, width)  # ties among the candidates' keys: any of them
+    cand = torch.sort(cand, dim=1).values  # latent order: a position's order is the latent's
+    rows = torch.arange(B, device=keys.device).repeat_interleave(width)
+    values = exact(rows, cand.reshape(-1)).view(B, width)
+    sel, vals = topk_per_row(values, k)  # the canonical order among the candidates = among all latents
+    cols, vals = cand.gather(1, sel.cols.view(B, k)), vals.view(B, k)
+    if width < F:
+        short = (top[:, width - 1].long() >= top[:, k - 1].long() - band).nonzero().squeeze(1)
+        if short.numel():  # the band may reach past the candidates: those rows, wider
+            sub = _Rows(exact, short)
+            more_cols, more_vals = _topk_rows_banded(keys[short], k, min(F, 2 * width), sub, band)
+            cols[short], vals[short] = more_cols, more_vals
+    return cols, vals
+
+
+class _Rows:
+    """An :class:`Exact` for some of the batch's rows (tokens), renumbered from 0."""
+
+    def __init__(self, exact: Exact, rows: Tensor):
+        self.exact, self.rows = exact, rows
+
+    def __call__(self, tokens: Tensor, latents: Tensor) -> Tensor:
+        return self.exact(self.rows[tokens], latents)
+
+    def token_rows(self, tokens: Tensor) -> Tensor:
+        return self.exact.token_rows(self.rows[tokens])
 
 
 def top_m(z: Tensor | AffinityBlocks, budget: int, exact: Exact | None = None) -> tuple[Selection, Tensor]:
@@ -124,23 +169,27 @@ def per_column(
     zt: Tensor | AffinityBlocks, m: Tensor, exact: Exact | None = None
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Each latent's top-m_j tokens of a [F, B] matrix or blocks (:func:`selection.per_column_topk`:
-    latent, token, value of the kept entries, each latent's in value order, and each latent's
-    cutoff); with ``exact``, chosen among each latent's top-(m_j + margin) of ``zt`` by their
-    exact values (the cutoffs too are exact values)."""
+    latent, token, value of the kept entries, and each latent's cutoff); with ``exact``, chosen
+    by their exact values among each latent's entries of ``zt`` within ``BAND`` steps below its
+    m_j-th largest, or above (:func:`selection.row_candidates`), in the order latent, value
+    descending, token (the cutoffs too are exact values)."""
     if exact is None:
         return per_column_topk_blocks(zt, m) if isinstance(zt, AffinityBlocks) else per_column_topk(zt, m)
     F_, B = zt.shape
     wide = (m + column_margin(m)).clamp(max=B)
+    low = zt.dtype in (torch.bfloat16, torch.float16) if isinstance(zt, Tensor) else True
+    band = BAND if low else 0  # (an already fp32 matrix: the margin in ranks alone)
     zt = _ordered(zt)
     if isinstance(zt, AffinityBlocks):
         lats, toks = [], []
         for j, block in zt:  # each block computed once
-            lat, tok = row_candidates(block, wide[j : j + block.shape[0]])
+            rows = slice(j, j + block.shape[0])
+            lat, tok = row_candidates(block, m[rows], wide[rows], band if block.dtype == torch.int16 else 0)
             lats.append(lat + j)
             toks.append(tok)
         lat, tok = torch.cat(lats), torch.cat(toks)
     else:
-        lat, tok = row_candidates(zt, wide)
+        lat, tok = row_candidates(zt, m, wide, band)
     values = exact(tok, lat)
     check_finite(values)
     order = _latent_value_token_order(lat, tok, values)

@@ -68,56 +68,81 @@ def row_topk(z: Tensor, width: int) -> tuple[Tensor, Tensor]:
     return values, index.gather(1, pos)
 
 
-def row_candidates(z: Tensor, width: Tensor) -> tuple[Tensor, Tensor]:
-    """(row, column) of a superset of each row's top-width_r entries of a [n, W]
-    matrix: candidates for a re-scoring (:mod:`rescore`), about width_r + a few per row, found
-    without a top-k over the entries themselves (~2× faster than :func:`per_column_topk` for
-    Feature Choice's capacities).
+def row_candidates(z: Tensor, count: Tensor, width: Tensor | None = None, band: int = 0) -> tuple[Tensor, Tensor]:
+    """(row, column) of every entry of a [n, W] matrix within ``band`` key steps below its row's
+    count_r-th largest, or above (all of them, ties included): candidates for a re-scoring
+    (:mod:`rescore`, whose int16 views of bf16 make a key step one bf16 step). Found without a
+    top-k over the entries themselves (~2× faster than :func:`per_column_topk` for Feature
+    Choice's capacities).
 
-    With τ_r the width_r-th largest maximum of the row's strided groups of 8 (:func:`row_topk`'s
-    groups), the candidates are the row's entries ≥ τ_r, found in its groups of largest
-    maxima (and the last W mod 8 columns): at least width_r of them (those maxima), and the
-    width_r-th largest entry is ≥ τ_r, so every entry above it is one (of entries equal to it, a
-    tie at the cut, the ones in groups left out by a tie among maxima may be missing, as
-    ``torch.topk`` picks any of them). The bulk of the rows (widths up to the 90th percentile)
-    is served in place, the others in buckets of similar widths; a row whose width exceeds half
-    its number of groups gets its ``torch.topk``."""
+    With τ_r the count_r-th largest maximum of the row's strided groups of 8 (:func:`row_topk`'s
+    groups), at most the count_r-th largest entry, the candidates are the entries ≥ τ_r − band,
+    looked for in the row's width_r (≥ count_r; default count_r) groups of largest maxima,
+    one more, and the last W mod 8 columns; a row whose next group's maximum also reaches
+    τ_r − band (so more groups might hold some) looks in twice as many, and one whose width
+    exceeds half its number of groups is compared in full. The bulk of the rows (widths up to
+    the 90th percentile) is served in place, the others in buckets of similar widths."""
     n, W = z.shape
     G = ROW_GROUP
     cols = W // G
-    width = width.clamp(min=0, max=W)
+    count = count.clamp(min=0, max=W)
+    width = count if width is None else torch.maximum(width.clamp(max=W), count)
     found_rows: list[Tensor] = []
     found_cols: list[Tensor] = []
     grouped = z.device.type == "cpu" and z.is_contiguous() and cols >= 2
     maxima = z[:, : cols * G].view(n, G, cols).amax(1) if grouped else None
     spread = cols * torch.arange(G, device=z.device)
+    lowest = torch.iinfo(z.dtype).min if not z.is_floating_point() else float("-inf")
 
-    def above(r: Tensor | None, w: Tensor, top: int) -> None:
-        """Rows ``r`` (None: every row, in place) with widths ``w`` ≤ ``top``: entries ≥ τ."""
+    def lowered(tau: Tensor) -> Tensor:
+        """τ − band, in the keys' dtype (int keys: not below their least value)."""
+        if band == 0:
+            return tau
+        return (tau.long() - band).clamp(min=lowest).to(z.dtype)
+
+    def full_rows(r: Tensor, c: Tensor) -> None:
+        """Rows ``r`` in full: their entries ≥ their c-th largest − band."""
+        rows_z = z[r]
+        tau = lowered(torch.topk(rows_z, int(c.max()), dim=1, sorted=True).values.gather(1, (c - 1).unsqueeze(1)))
+        hit = (rows_z >= tau).nonzero()
+        found_rows.append(r[hit[:, 0]])
+        found_cols.append(hit[:, 1])
+
+    def in_groups(r: Tensor | None, c: Tensor, top: int) -> None:
+        """Rows ``r`` (None: every row, in place), counts ``c``, the top-``top`` groups of each."""
         assert maxima is not None
         mx = maxima if r is None else maxima.index_select(0, r)
-        vals, groups = row_topk(mx, top)  # by the maxima's own groups where it pays
-        tau = vals.gather(1, (w.clamp(min=1) - 1).unsqueeze(1))  # [rows, 1]
-        index = (groups.unsqueeze(2) + spread).view(mx.shape[0], top * G)
         rows = torch.arange(n, device=z.device) if r is None else r
+        look = min(cols, top + 1)
+        vals, groups = row_topk(mx, look)  # by the maxima's own groups where it pays
+        tau = lowered(vals.gather(1, (c.clamp(min=1) - 1).unsqueeze(1)))  # [rows, 1]
+        live = c > 0
+        unsure = live & (vals[:, -1] >= tau.squeeze(1)) if look < cols else torch.zeros_like(live)
+        index = (groups.unsqueeze(2) + spread).view(mx.shape[0], look * G)
         entries = z.gather(1, index) if r is None else z.view(-1)[(index + (r * W).unsqueeze(1)).view(-1)]
-        keep = ((entries.view(mx.shape[0], top * G) >= tau) & (w > 0).unsqueeze(1)).view(-1).nonzero().squeeze(1)
-        found_rows.append(rows[torch.div(keep, top * G, rounding_mode="floor")])
+        ok = (live & ~unsure).unsqueeze(1)
+        keep = ((entries.view(mx.shape[0], look * G) >= tau) & ok).view(-1).nonzero().squeeze(1)
+        found_rows.append(rows[torch.div(keep, look * G, rounding_mode="floor")])
         found_cols.append(index.view(-1)[keep])
         if W > cols * G:  # the last W mod 8 columns belong to no group
-            tail = ((z[rows, cols * G :] >= tau) & (w > 0).unsqueeze(1)).nonzero()
+            tail = ((z[rows, cols * G :] >= tau) & ok).nonzero()
             found_rows.append(rows[tail[:, 0]])
             found_cols.append(tail[:, 1] + cols * G)
+        if bool(unsure.any()):  # more groups reach τ − band: look in twice as many
+            again = rows[unsure]
+            if 4 * look <= cols:
+                in_groups(again, c[unsure], 2 * look)
+            else:
+                full_rows(again, c[unsure])
 
-    positive = width[width > 0]
+    positive = width[count > 0]
     done = torch.zeros(n, dtype=torch.bool, device=z.device)
     if grouped and positive.numel():
         bulk = int(torch.quantile(positive.double(), 0.9, interpolation="higher"))
         if 2 * bulk <= cols:
-            in_bulk = (width > 0) & (width <= bulk)
-            above(None, torch.where(in_bulk, width, torch.zeros_like(width)), bulk)
-            done = in_bulk
-    rest = torch.where(done, torch.zeros_like(width), width)
+            done = (count > 0) & (width <= bulk)
+            in_groups(None, torch.where(done, count, torch.zeros_like(count)), bulk)
+    rest = torch.where(done | (count == 0), torch.zeros_like(width), width)
     order = torch.argsort(rest, descending=True, stable=True)
     w_sorted = rest[order].tolist()
     start = 0
@@ -127,14 +152,10 @@ def row_candidates(z: Tensor, width: Tensor) -> tuple[Tensor, Tensor]:
         while end < n and w_sorted[end] > 0 and 2 * w_sorted[end] >= top:
             end += 1
         r = order[start:end]
-        w = width[r]
         if grouped and 2 * top <= cols:
-            above(r, w, top)
+            in_groups(r, count[r], top)
         else:
-            idx = torch.topk(z[r], top, dim=1, sorted=True).indices
-            keep = (torch.arange(top, device=z.device).unsqueeze(0) < w.unsqueeze(1)).nonzero()
-            found_rows.append(r[keep[:, 0]])
-            found_cols.append(idx[keep[:, 0], keep[:, 1]])
+            full_rows(r, count[r])
         start = end
     if not found_rows:
         empty = torch.empty(0, dtype=torch.long, device=z.device)
@@ -144,7 +165,8 @@ def row_candidates(z: Tensor, width: Tensor) -> tuple[Tensor, Tensor]:
 
 def topk_per_row(z: Tensor, k: int, offset: int = 0) -> tuple[Selection, Tensor]:
     """The top-k latents of every token (row-major order) and their values, in the canonical
-    order (value, then lower latent first): the same pairs whatever the implementation of
+    order (value descending, then lower latent first; among equal values at the cut, the lower
+    latents are kept): the same pairs in the same order whatever the implementation of
     ``torch.topk`` does with ties. ``offset`` is added to the latent indices (a block of latents)."""
     B, F = z.shape
     k = min(k, F)
@@ -152,13 +174,22 @@ def topk_per_row(z: Tensor, k: int, offset: int = 0) -> tuple[Selection, Tensor]
     top_values, top_indices = row_topk(z, width)
     check_finite(top_values)
     idx, vals = top_indices[:, :k], top_values[:, :k]
-    if width > k:  # a cut inside a run of equal values: the lower latents among them
-        tied = (top_values[:, k] == top_values[:, k - 1]).nonzero().squeeze(1)
-        if tied.numel():
-            idx, vals = idx.clone(), vals.clone()
-            mask = canonical_rows(z[tied], torch.full((tied.numel(),), k, device=z.device))
-            idx[tied] = mask.nonzero()[:, 1].view(-1, k)
-            vals[tied] = z[tied].gather(1, idx[tied])
+    at_cut = torch.zeros(B, dtype=torch.bool, device=z.device)
+    if width > k:
+        at_cut = top_values[:, k] == top_values[:, k - 1]
+    equal = at_cut | (vals[:, 1:] == vals[:, :-1]).any(1) if k > 1 else at_cut
+    tied = equal.nonzero().squeeze(1)
+    if tied.numel():  # rows with equal values among the kept ones (or at the cut): canonical order
+        idx, vals = idx.clone(), vals.clone()
+        cut = at_cut[tied].nonzero().squeeze(1)
+        if cut.numel():  # a cut inside a run of equal values: the lower latents among them
+            mask = canonical_rows(z[tied[cut]], torch.full((cut.numel(),), k, device=z.device))
+            idx[tied[cut]] = mask.nonzero()[:, 1].view(-1, k)
+        rows_idx = torch.sort(idx[tied], dim=1).values  # latent order, then value order (stable)
+        rows_val = z[tied].gather(1, rows_idx)
+        by_value = torch.sort(rows_val, dim=1, descending=True, stable=True).indices
+        idx[tied] = rows_idx.gather(1, by_value)
+        vals[tied] = rows_val.gather(1, by_value)
     rows = torch.arange(B, device=z.device).repeat_interleave(k)
     return Selection(rows=rows, cols=idx.reshape(-1) + offset, n_tokens=B), vals.reshape(-1)
 

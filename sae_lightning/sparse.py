@@ -134,15 +134,14 @@ def pair_products(a: Tensor, b: Tensor, rows: Tensor, cols: Tensor, bias: Tensor
     """a[r_e]·b[c_e] (+ bias[c_e]) for distinct pairs (r_e, c_e) of a [n, d] and b [m, d], in
     their dtype, O(nnz·d). One ``torch.sparse.sampled_addmm`` (the product only at a CSR
     pattern): 20× faster than gathering the pairs' rows (12 against 270 ms for 2^18 pairs at
-    d = 384 on 2 cores: the gathers wrote two [nnz, d] copies). Pairs already in CSR order (by
-    row, then column) skip the sort."""
-    n, m = a.shape[0], b.shape[0]
+    d = 384 on 2 cores: the gathers wrote two [nnz, d] copies). Pairs already grouped by row,
+    rows in order (a CSR pattern: the columns of a row in any order), skip the sort."""
+    n = a.shape[0]
     out = torch.empty(rows.numel(), dtype=a.dtype, device=rows.device)
     if rows.numel() == 0:
         return out
-    key = rows * m + cols
-    ordered = bool((key[1:] > key[:-1]).all())
-    order = None if ordered else torch.argsort(key)  # CSR: by row, then by column
+    ordered = bool((rows[1:] >= rows[:-1]).all())
+    order = None if ordered else torch.argsort(rows, stable=True)  # CSR: by row
     r, c = (rows, cols) if order is None else (rows[order], cols[order])
     crow = torch.zeros(n + 1, dtype=torch.long, device=rows.device)
     torch.cumsum(torch.bincount(r, minlength=n), 0, out=crow[1:])

@@ -105,3 +105,20 @@ def test_sparse_decode_matches_dense_and_its_gradient():
     g2 = torch.autograd.grad((code2.to_dense() @ W).pow(2).sum(), (W, z))
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(g1, g2))
     assert torch.equal(code.l0_per_token(), torch.bincount(code.token_index(), minlength=B))
+
+
+def test_decoder_norms_held_for_a_step_then_recomputed():
+    """holding_decoder_norms: one computation for the step's many callers, the same values; after
+    it, a change of W_dec (the optimiser's step) shows."""
+    sae = SparseAutoencoder(8, 16, decoder_norm="free")
+    with torch.no_grad():
+        sae.W_dec.normal_()
+    with sae.holding_decoder_norms():
+        first = sae.decoder_norms()
+        assert sae.decoder_norms() is first
+        assert torch.equal(first, sae.W_dec.norm(dim=1).clamp_min(1e-12))
+        assert torch.equal(sae.decoder_norms(slice(2, 5)), first[2:5])
+    with torch.no_grad():
+        sae.W_dec.mul_(2)
+    assert torch.allclose(sae.decoder_norms(), 2 * first)
+    assert SparseAutoencoder(8, 16, decoder_norm="unit").decoder_norms() is None

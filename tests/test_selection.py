@@ -119,40 +119,43 @@ def test_row_topk_equals_torch_topk(n, W, width, kind):
 
 
 @pytest.mark.parametrize("W", [512, 517, 24])  # a multiple of 8, not one, too few groups
-@pytest.mark.parametrize("kind", ["continuous", "tied", "int16"])
-def test_row_candidates_hold_each_rows_top_width(W, kind):
-    """Per-row widths (0, small, a skewed tail, wider than half the groups): every row's
-    candidates hold the entries above its width-th largest (ties at the cut: any of them), at
-    least width of them, each once, not many more, and nothing for width 0."""
+@pytest.mark.parametrize("kind,band", [("continuous", 0), ("tied", 0), ("int16", 0), ("int16", 3)])
+def test_row_candidates_hold_each_rows_top_count_and_band(W, kind, band):
+    """Per-row counts (0, small, a skewed tail, wider than half the groups) and widths: every
+    row's candidates are exactly its entries ≥ τ − band for some τ at most its count-th largest
+    (so all those within ``band`` key steps below that entry, or above), at least count of them,
+    each once, not many more, and nothing for count 0."""
     from sae_lightning.selection import row_candidates
 
     n = 300
-    g = torch.Generator().manual_seed(W)
+    g = torch.Generator().manual_seed(W + band)
     z = {
         "continuous": lambda: torch.randn(n, W, generator=g),
         "tied": lambda: torch.randint(0, 12, (n, W), generator=g).float(),
-        "int16": lambda: torch.randn(n, W, generator=g).bfloat16().view(torch.int16),  # rescore.py's views
+        "int16": lambda: torch.randn(n, W, generator=g).abs().bfloat16().view(torch.int16),  # rescore.py's keys
     }[kind]()
-    width = torch.randint(1, 12, (n,), generator=g)
-    width[:20] = 0
-    width[20:40] = torch.randint(12, 60, (20,), generator=g)  # the Zipf head: other buckets
-    width[40:45] = W  # more than half the groups: torch.topk
-    width = width.clamp(max=W)
-    rows, cols = row_candidates(z, width)
+    count = torch.randint(1, 12, (n,), generator=g)
+    count[:20] = 0
+    count[20:40] = torch.randint(12, 60, (20,), generator=g)  # the Zipf head: other buckets
+    count[40:45] = W  # more than half the groups: in full
+    count = count.clamp(max=W)
+    width = (count + torch.randint(0, 6, (n,), generator=g)).clamp(max=W)
+    rows, cols = row_candidates(z, count, width, band)
     key = rows * W + cols
     assert key.unique().numel() == key.numel()
     counts = torch.bincount(rows, minlength=n)
-    assert torch.equal(counts == 0, width == 0) and bool((counts >= width).all())
+    assert torch.equal(counts == 0, count == 0) and bool((counts >= count).all())
     for r in range(n):
-        w = int(width[r])
-        if w == 0:
+        c = int(count[r])
+        if c == 0:
             continue
-        cut = torch.topk(z[r], w).values[-1]
-        mine = set(cols[rows == r].tolist())
-        above = set((z[r] > cut).nonzero().squeeze(1).tolist())
-        assert above <= mine, r  # every entry above the cut
-    if kind != "tied":  # a few more than the widths (entries between τ_r and the cut)
-        assert rows.numel() <= 1.5 * int(width.sum())
+        cut = torch.topk(z[r].double(), c).values[-1] - band  # the c-th largest, less the band (key steps)
+        mine = cols[rows == r]
+        assert set((z[r].double() >= cut).nonzero().squeeze(1).tolist()) <= set(mine.tolist()), r
+        least = z[r, mine].double().min()
+        assert torch.equal(torch.sort(mine).values, (z[r].double() >= least).nonzero().squeeze(1)), r  # all ≥ its τ
+    if kind != "tied" and band == 0:  # a few more than the counts (entries between τ and the cut)
+        assert rows.numel() <= 1.5 * int(count.sum())
 
 
 def test_row_topk_lets_nan_and_inf_through():
@@ -163,3 +166,17 @@ def test_row_topk_lets_nan_and_inf_through():
     values, index = row_topk(z, 33)
     assert torch.isnan(values[3, 0]) and int(index[3, 0]) == 5000
     assert values[7, 0] == float("inf") and int(index[7, 0]) == 17
+
+
+def test_topk_per_row_orders_each_row_canonically():
+    """Within a row: value descending, then lower latent first, equal values inside the kept
+    set and at the cut alike (the re-scored bf16 path orders its pairs so: rescore.per_column)."""
+    from sae_lightning.selection import topk_per_row
+
+    g = torch.Generator().manual_seed(0)
+    z = torch.randint(0, 6, (50, 40), generator=g).float()  # many equal values in every row
+    sel, vals = topk_per_row(z, 7)
+    cols, vals = sel.cols.view(50, 7), vals.view(50, 7)
+    for r in range(50):
+        want = sorted(range(40), key=lambda c: (-float(z[r, c]), c))[:7]
+        assert cols[r].tolist() == want and vals[r].tolist() == [float(z[r, c]) for c in want]

@@ -100,8 +100,13 @@ class DemandSample:
 
     @classmethod
     def of_rows(cls, sample: Tensor, first: Tensor) -> DemandSample:
-        """From the first tokens' values themselves, [F, n]."""
+        """From the first tokens' values themselves, latent-major [F, n]."""
         return cls(sample, first.shape[1], lambda theta: (first > theta).sum(1))
+
+    @classmethod
+    def of_token_rows(cls, sample: Tensor, first: Tensor) -> DemandSample:
+        """From the first tokens' values themselves, token-major [n, F] (read along its rows)."""
+        return cls(sample, first.shape[0], lambda theta: (first > theta).sum(0))
 
 
 def _demand_sample(z: Tensor | AffinityBlocks, tokens: int, exact: Exact | None = None) -> DemandSample:
@@ -115,11 +120,11 @@ def _demand_sample(z: Tensor | AffinityBlocks, tokens: int, exact: Exact | None 
     if exact is not None:
         if B % stride == 0:  # one product for both: the sample's tokens and the first n
             rows = exact.token_rows(torch.cat([torch.arange(n), torch.arange(0, B, stride)]))
-            return DemandSample.of_rows(rows[n:].t().reshape(-1), rows[:n].t())
-        first = exact.token_rows(torch.arange(n)).t()
+            return DemandSample.of_token_rows(rows[n:].t().reshape(-1), rows[:n])
+        first = exact.token_rows(torch.arange(n))
         flat = torch.arange(0, F_ * B, stride, device=first.device)
         lat = torch.div(flat, B, rounding_mode="floor")
-        return DemandSample.of_rows(exact(flat - lat * B, lat), first)
+        return DemandSample.of_token_rows(exact(flat - lat * B, lat), first)
     if isinstance(z, AffinityBlocks):
         tap = _DemandTap(z, n)
         for _ in tap.blocks:
