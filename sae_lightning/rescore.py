@@ -121,13 +121,19 @@ def _topk_rows_banded(keys: Tensor, k: int, width: int, exact: Exact, band: int)
     row's k-th largest key; the rows where they do not are done again with twice the width."""
     B, F = keys.shape
     top, cand = row_topk(keys, width)  # ties among the candidates' keys: any of them
-    cand = torch.sort(cand, dim=1).values  # latent order: a position's order is the latent's
-    rows = torch.arange(B, device=keys.device).repeat_interleave(width)
-    values = exact(rows, cand.reshape(-1)).view(B, width)
+    key = top.long() if band else top  # (int16 views: a step is one unit)
+    inside = ~(key < key[:, k - 1 : k] - band)  # within the band or above (NaN too): re-scored
+    cand, perm = torch.sort(cand, dim=1)  # latent order: a position's order is the latent's
+    inside = inside.gather(1, perm)
+    rows = torch.arange(B, device=keys.device).unsqueeze(1).expand(B, width)
+    scored = exact(rows[inside], cand[inside])
+    check_finite(scored)
+    values = torch.full((B, width), torch.finfo(scored.dtype).min, dtype=scored.dtype, device=keys.device)
+    values[inside] = scored  # the others cannot be among the top-k (each row has k inside)
     sel, vals = topk_per_row(values, k)  # the canonical order among the candidates = among all latents
     cols, vals = cand.gather(1, sel.cols.view(B, k)), vals.view(B, k)
     if width < F:
-        short = (top[:, width - 1].long() >= top[:, k - 1].long() - band).nonzero().squeeze(1)
+        short = (key[:, width - 1] >= key[:, k - 1] - band).nonzero().squeeze(1)
         if short.numel():  # the band may reach past the candidates: those rows, wider
             sub = _Rows(exact, short)
             more_cols, more_vals = _topk_rows_banded(keys[short], k, min(F, 2 * width), sub, band)

@@ -131,7 +131,8 @@ class SparseAutoencoder(nn.Module):
         self.d_model, self.n_latents = d_model, n_latents
         self.normalisation, self.b_pre_init = normalisation, b_pre_init
         self.decoder_norm, self.decoder_init_norm = decoder_norm, decoder_init_norm
-        self._held_norms: Tensor | None = None  # decoder_norms() held (holding_decoder_norms)
+        self._held_norms: Tensor | None = None  # decoder_norms() held (holding_ranked_encoder)
+        self._held_encoder: tuple[Tensor, Tensor] | None = None  # ranked_encoder() held
         self.W_enc = nn.Parameter(torch.empty(n_latents, d_model))
         self.b_enc = nn.Parameter(torch.zeros(n_latents))
         self.W_dec = nn.Parameter(torch.empty(n_latents, d_model))
@@ -222,10 +223,7 @@ class SparseAutoencoder(nn.Module):
         """z' = W_enc (x − b_pre) + b_enc for normalised x, without autograd: [B, F] for the
         ``token`` layout, [F, B] for ``latent``; ``cols`` restricts the latents. A bfloat16
         ``dtype`` computes the matrix in bf16 (for selection only; see :meth:`code`)."""
-        W, b = (self.W_enc, self.b_enc) if cols is None else (self.W_enc[cols], self.b_enc[cols])
-        norms = self.decoder_norms(cols)
-        if norms is not None:  # rank z'_j·‖d_j‖: one [F, d] scaling, not a pass over [B, F]
-            W, b = W * norms.unsqueeze(1), b * norms
+        W, b = self.ranked_encoder(cols)
         xc = xn - self.b_pre
         if dtype != W.dtype:
             W, xc = _with_bias_column(W, b, dtype), _with_bias_column(xc, None, dtype)
@@ -272,7 +270,7 @@ class SparseAutoencoder(nn.Module):
     @torch.no_grad()
     def decoder_norms(self, cols: slice | Tensor | None = None) -> Tensor | None:
         """‖d_j‖ of a free decoder (what the affinity matrix is scaled by), None for a unit one;
-        inside :meth:`holding_decoder_norms`, all of them are computed once."""
+        inside :meth:`holding_ranked_encoder`, all of them are computed once."""
         if self.decoder_norm != "free":
             return None
         if cols is None and self._held_norms is not None:
@@ -280,17 +278,32 @@ class SparseAutoencoder(nn.Module):
         W = self.W_dec if cols is None else self.W_dec[cols]
         return W.norm(dim=1).clamp_min(1e-12)
 
+    @torch.no_grad()
+    def ranked_encoder(self, cols: slice | Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """(W, b) of the affinity matrix the allocators rank: W_enc and b_enc, each latent's
+        times ‖d_j‖ for a free decoder (one [F, d] scaling, not a pass over [B, F]); inside
+        :meth:`holding_ranked_encoder`, all of them are computed once."""
+        if cols is None and self._held_encoder is not None:
+            return self._held_encoder
+        W, b = (self.W_enc, self.b_enc) if cols is None else (self.W_enc[cols], self.b_enc[cols])
+        norms = self.decoder_norms(cols)
+        if norms is not None:
+            W, b = W * norms.unsqueeze(1), b * norms
+        return W, b
+
     @contextlib.contextmanager
-    def holding_decoder_norms(self) -> Iterator[None]:
-        """While W_dec does not change (a step's forward and loss terms: they ask ~5 times, 0.5–1.4
-        ms each at F = 8192–16384), :meth:`decoder_norms` computes them once."""
-        held = self._held_norms
-        self._held_norms = None
+    def holding_ranked_encoder(self) -> Iterator[None]:
+        """While the parameters do not change (a step's forward and loss terms: they ask ~5
+        times, 0.5–1.4 ms each at F = 8192–16384), :meth:`decoder_norms` and
+        :meth:`ranked_encoder` compute theirs once."""
+        held = self._held_norms, self._held_encoder
+        self._held_norms = self._held_encoder = None
         self._held_norms = self.decoder_norms()
+        self._held_encoder = self.ranked_encoder()
         try:
             yield
         finally:
-            self._held_norms = held
+            self._held_norms, self._held_encoder = held
 
     @torch.no_grad()
     def folded(self) -> tuple[Tensor, Tensor, Tensor]:

@@ -282,3 +282,21 @@ def test_feature_choice_demand_sample_exact_equals_the_matrix(tokens, n):
     for theta in [want.sample[0], want.sample[5], torch.tensor(0.5), torch.tensor(3.0)]:
         assert torch.equal(got.count_above(theta), want.count_above(theta))
     assert exact.calls == (0 if tokens == 4096 else 1)  # dense rows, no pairs, where it can
+
+
+def test_topk_rescored_widens_rows_whose_band_reaches_past_the_candidates():
+    """A row whose k-th low-precision value is shared by more entries than its candidates hold
+    (the band reaches past them) is taken again wider: the full-precision top-k still, found
+    among all its tied entries."""
+    g = torch.Generator().manual_seed(5)
+    low = torch.zeros(B, F)
+    low[:, :3] = torch.tensor([9.0, 8.0, 7.0])
+    low[:, 3:50] = 5.0  # the k-th value, shared by 47 entries: past k + row_margin(k) = 12, 24
+    low[::2, 3:] = low[::2, 3:].flip(1)  # (on half the rows at the other end)
+    full = low + torch.rand(B, F, generator=g) * 0.5  # distinct, the same order between levels
+    k = 4
+    exact = Gathered(full)
+    got, vals = topk_rows(low, k, exact)
+    want, wv = topk_per_row(full, k)
+    assert torch.equal(got.rows, want.rows) and torch.equal(got.cols, want.cols) and torch.equal(vals, wv)
+    assert exact.calls > 1  # the first candidates, then the rows again, wider

@@ -108,16 +108,18 @@ def test_sparse_decode_matches_dense_and_its_gradient():
 
 
 def test_decoder_norms_held_for_a_step_then_recomputed():
-    """holding_decoder_norms: one computation for the step's many callers, the same values; after
+    """holding_ranked_encoder: one computation for the step's many callers, the same values; after
     it, a change of W_dec (the optimiser's step) shows."""
     sae = SparseAutoencoder(8, 16, decoder_norm="free")
     with torch.no_grad():
         sae.W_dec.normal_()
-    with sae.holding_decoder_norms():
+    with sae.holding_ranked_encoder():
         first = sae.decoder_norms()
         assert sae.decoder_norms() is first
         assert torch.equal(first, sae.W_dec.norm(dim=1).clamp_min(1e-12))
         assert torch.equal(sae.decoder_norms(slice(2, 5)), first[2:5])
+        W, b = sae.ranked_encoder()
+        assert sae.ranked_encoder()[0] is W and torch.equal(W, sae.W_enc * first.unsqueeze(1))
     with torch.no_grad():
         sae.W_dec.mul_(2)
     assert torch.allclose(sae.decoder_norms(), 2 * first)
