@@ -9,14 +9,15 @@ selection is the fp32 one among the candidates, in the canonical order of the de
 selection lies among the candidates. The candidates:
 
 - TopK and Feature Choice: every entry of a token's row (a latent's, for Feature Choice) whose
-  bf16 value lies at most ``BAND`` = 4 bf16 steps (ulps) below the row's k-th (m_j-th) largest,
-  or above it. The fp32 selection's worst pair lay at most 2 steps below it, measured over
-  training (``python -m benchmarks.rescore``; docs/performance.md): a bound on the rounding
-  error in the matrix's own units, where a bound in ranks (how many entries lie in those steps)
-  follows the local density of values and ties. TopK takes each row's top-(k + k/2) and
-  checks that the band ends inside them, widening the rows where it does not; Feature Choice
-  finds the band by group maxima (:func:`selection.row_candidates`). (Blockwise TopK: the
-  top-(k + k/2) of each row, a margin in ranks only.)
+  bf16 value lies at most ``BAND`` = 6 bf16 steps (ulps) below the row's k-th (m_j-th) largest,
+  or above it. The fp32 selection's worst pair lay at most 2 steps below it over training on
+  synthetic data and 3 on trained SAEs of real activations (``python -m benchmarks.rescore``;
+  docs/performance.md): a margin in the matrix's own rounding units, where one in ranks (how
+  many entries lie in those steps) follows the local density of values and ties. TopK takes
+  each row's top-(k + 3k/4), re-scores those within the band and checks that the band ends
+  inside them, widening the rows where it does not; Feature Choice finds the band by group
+  maxima (:func:`selection.row_candidates`). (Blockwise TopK: the top-(k + 3k/4) of each row, a
+  margin in ranks only.)
 - Mutual Choice: the batch's top-(M + M/8) (the deepest reach measured: ~8 000 beyond
   M = 131 072).
 
@@ -54,12 +55,12 @@ class Exact(Protocol):
 
 
 MIN_MARGIN = 8  # entries beyond the cut looked at, at least (per token, or for the batch)
-BAND = 4  # bf16 steps below a row's cut within which every entry is a candidate (TopK, Feature Choice)
+BAND = 6  # bf16 steps below a row's cut within which every entry is a candidate (TopK, Feature Choice)
 
 
 def row_margin(k: int) -> int:
     """Candidates beyond TopK's k taken first (rows whose band reaches past them take more)."""
-    return max(MIN_MARGIN, k // 2)
+    return max(MIN_MARGIN, 3 * k // 4)
 
 
 def batch_margin(budget: int) -> int:
@@ -95,7 +96,7 @@ def _as_int16(z: Tensor) -> Tensor:
 def topk_rows(z: Tensor | AffinityBlocks, k: int, exact: Exact | None = None) -> tuple[Selection, Tensor]:
     """Each token's top-k latents (:func:`selection.topk_per_row`) of a dense matrix or blocks;
     with ``exact``, chosen by their exact values among each token's entries of ``z`` within
-    ``BAND`` steps below its k-th largest, or above (blocks: its top-(k + k/2))."""
+    ``BAND`` steps below its k-th largest, or above (blocks: its top-(k + 3k/4))."""
     if exact is None:
         return topk_per_row_blocks(z, k) if isinstance(z, AffinityBlocks) else topk_per_row(z, k)
     B, F = z.shape
