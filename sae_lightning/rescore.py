@@ -14,8 +14,8 @@ selection lies among the candidates. The candidates:
   synthetic data and 3 on trained SAEs of real activations (``python -m benchmarks.rescore``;
   docs/performance.md): a margin in the matrix's own rounding units, where one in ranks (how
   many entries lie in those steps) follows the local density of values and ties. TopK takes
-  each row's top-(k + 3k/4), re-scores those within the band and checks that the band ends
-  inside them, widening the rows where it does not; Feature Choice finds the band by group
+  each row's top-(k + 3k/4), re-scores them and checks that the band ends inside them,
+  widening the rows where it does not; Feature Choice finds the band by group
   maxima (:func:`selection.row_candidates`). (Blockwise TopK: the top-(k + 3k/4) of each row, a
   margin in ranks only.)
 - Mutual Choice: the batch's top-(M + M/8) (the deepest reach measured: ~8 000 beyond
@@ -123,14 +123,9 @@ def _topk_rows_banded(keys: Tensor, k: int, width: int, exact: Exact, band: int)
     B, F = keys.shape
     top, cand = row_topk(keys, width)  # ties among the candidates' keys: any of them
     key = top.long() if band else top  # (int16 views: a step is one unit)
-    inside = ~(key < key[:, k - 1 : k] - band)  # within the band or above (NaN too): re-scored
-    cand, perm = torch.sort(cand, dim=1)  # latent order: a position's order is the latent's
-    inside = inside.gather(1, perm)
-    rows = torch.arange(B, device=keys.device).unsqueeze(1).expand(B, width)
-    scored = exact(rows[inside], cand[inside])
-    check_finite(scored)
-    values = torch.full((B, width), torch.finfo(scored.dtype).min, dtype=scored.dtype, device=keys.device)
-    values[inside] = scored  # the others cannot be among the top-k (each row has k inside)
+    cand = torch.sort(cand, dim=1).values  # latent order: a position's order is the latent's
+    rows = torch.arange(B, device=keys.device).repeat_interleave(width)
+    values = exact(rows, cand.reshape(-1)).view(B, width)  # (all of them: masking the band's costs more)
     sel, vals = topk_per_row(values, k)  # the canonical order among the candidates = among all latents
     cols, vals = cand.gather(1, sel.cols.view(B, k)), vals.view(B, k)
     if width < F:

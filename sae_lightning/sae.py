@@ -98,9 +98,12 @@ class ExactRanked:
 
     def __init__(self, sae: SparseAutoencoder, xn: Tensor):
         self.sae, self.xn = sae, xn
+        self._centred: Tensor | None = None  # xn − b_pre, once for every call of a step
 
     def __call__(self, tokens: Tensor, latents: Tensor) -> Tensor:
-        return self.sae.exact_ranked(self.xn, tokens, latents)
+        if self._centred is None:
+            self._centred = self.xn - self.sae.b_pre.detach()
+        return self.sae.exact_ranked(self.xn, tokens, latents, self._centred)
 
     def token_rows(self, tokens: Tensor) -> Tensor:
         return self.sae.affinities(self.xn[tokens])
@@ -246,16 +249,17 @@ class SparseAutoencoder(nn.Module):
         )
 
     @torch.no_grad()
-    def exact_affinities(self, xn: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
+    def exact_affinities(self, xn: Tensor, rows: Tensor, cols: Tensor, centred: Tensor | None = None) -> Tensor:
         """z'[r_e, c_e] in the parameters' dtype for distinct pairs (r_e, c_e), computed pair by
-        pair (O(nnz·d)); without the decoder norms that a free decoder's affinity matrix carries."""
-        return pair_products(xn - self.b_pre, self.W_enc, rows, cols, self.b_enc)
+        pair (O(nnz·d)); without the decoder norms that a free decoder's affinity matrix carries.
+        ``centred``: xn − b_pre, where the caller holds it."""
+        return pair_products(xn - self.b_pre if centred is None else centred, self.W_enc, rows, cols, self.b_enc)
 
     @torch.no_grad()
-    def exact_ranked(self, xn: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
+    def exact_ranked(self, xn: Tensor, rows: Tensor, cols: Tensor, centred: Tensor | None = None) -> Tensor:
         """What the affinity matrix ranks (z', times ‖d_j‖ for a free decoder) at distinct pairs,
         in the parameters' dtype: the re-scoring of a low-precision matrix (:mod:`rescore`)."""
-        values = self.exact_affinities(xn, rows, cols)
+        values = self.exact_affinities(xn, rows, cols, centred)
         norms = self.decoder_norms()
         return values if norms is None else values * norms[cols]
 
