@@ -27,7 +27,7 @@ import lightning as L
 import torch
 
 from sae_lightning.heap import keep_freed_memory
-from sae_lightning.rescore import BAND, batch_margin
+from sae_lightning.rescore import BAND, ROW_BAND, batch_margin
 from sae_lightning.sae import ExactRanked
 
 from .step import bare_trainer, build_module, size_arguments, write_rows
@@ -60,7 +60,7 @@ def _depth(kind: str, sel, z32: torch.Tensor, z16: torch.Tensor) -> tuple[int, i
     worst positive selected pair: in ranks (the group's entries whose bf16 value is at least
     that pair's, less the cut k, m_j or M) and in bf16 steps (ulps) below the group's own bf16
     value at the cut's rank. Returns the largest of each over the groups, and the smallest
-    slack: what the re-scoring allows less what was reached (``BAND`` steps for TopK and
+    slack: what the re-scoring allows less what was reached (the band's steps for TopK and
     Feature Choice, the M/8 margin in ranks for Mutual Choice; negative: a miss). z32, z16 in
     the allocator's layout."""
     token_major = kind != "latent"
@@ -86,7 +86,8 @@ def _depth(kind: str, sel, z32: torch.Tensor, z16: torch.Tensor) -> tuple[int, i
     worst_key = torch.where(has, worst, torch.zeros_like(worst)).to(torch.bfloat16).view(torch.int16).long()
     ulps = (at_cut - worst_key)[has & (worst > 0)]
     deepest_ulps = int(ulps.max()) if ulps.numel() else 0
-    slack = batch_margin(int(cut[0])) - int(depth.max()) if kind == "batch" else BAND - deepest_ulps
+    band = ROW_BAND if kind == "token" else BAND  # (TopK's top-(k + k/2) besides: see rescore.py)
+    slack = batch_margin(int(cut[0])) - int(depth.max()) if kind == "batch" else band - deepest_ulps
     return int(depth.max()), deepest_ulps, slack
 
 

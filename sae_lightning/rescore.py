@@ -8,16 +8,16 @@ selection is the fp32 one among the candidates, in the canonical order of the de
 (value descending, then lower index). It equals the fp32 path's selection whenever the fp32
 selection lies among the candidates. The candidates:
 
-- TopK and Feature Choice: every entry of a token's row (a latent's, for Feature Choice) whose
-  bf16 value lies at most ``BAND`` = 6 bf16 steps (ulps) below the row's k-th (m_j-th) largest,
-  or above it. The fp32 selection's worst pair lay at most 2 steps below it over training on
-  synthetic data and 3 on trained SAEs of real activations (``python -m benchmarks.rescore``;
-  docs/performance.md): a margin in the matrix's own rounding units, where one in ranks (how
-  many entries lie in those steps) follows the local density of values and ties. TopK takes
-  each row's top-(k + 3k/4), re-scores them and checks that the band ends inside them,
-  widening the rows where it does not; Feature Choice finds the band by group
-  maxima (:func:`selection.row_candidates`). (Blockwise TopK: the top-(k + 3k/4) of each row, a
-  margin in ranks only.)
+- Feature Choice: every entry of a latent's row whose bf16 value lies at most ``BAND`` = 6 bf16
+  steps (ulps) below the row's m_j-th largest, or above it, found by group maxima
+  (:func:`selection.row_candidates`). TopK: each token's top-(k + k/2), and beyond them every
+  entry within ``ROW_BAND`` = 4 steps below its k-th largest (the rows whose band reaches past
+  their top-(k + k/2) are taken again, twice as wide). The fp32 selection's worst pair lay at
+  most 2 steps (12 ranks) below the cut over training on synthetic data and 3 steps (5 ranks)
+  on trained SAEs of real activations (``python -m benchmarks.rescore``; docs/performance.md).
+  A margin in the matrix's own rounding units follows the error; one in ranks (how many
+  entries lie in those steps) follows the local density of values and the ties bf16 makes.
+  (Blockwise TopK: the top-(k + k/2) alone.)
 - Mutual Choice: the batch's top-(M + M/8) (the deepest reach measured: ~8 000 beyond
   M = 131 072).
 
@@ -55,12 +55,15 @@ class Exact(Protocol):
 
 
 MIN_MARGIN = 8  # entries beyond the cut looked at, at least (per token, or for the batch)
-BAND = 6  # bf16 steps below a row's cut within which every entry is a candidate (TopK, Feature Choice)
+# bf16 steps below a row's cut within which every entry is a candidate: Feature Choice's band,
+# and TopK's besides each token's top-(k + k/2) (docs/performance.md)
+BAND = 6
+ROW_BAND = 4
 
 
 def row_margin(k: int) -> int:
     """Candidates beyond TopK's k taken first (rows whose band reaches past them take more)."""
-    return max(MIN_MARGIN, 3 * k // 4)
+    return max(MIN_MARGIN, k // 2)
 
 
 def batch_margin(budget: int) -> int:
@@ -96,7 +99,8 @@ def _as_int16(z: Tensor) -> Tensor:
 def topk_rows(z: Tensor | AffinityBlocks, k: int, exact: Exact | None = None) -> tuple[Selection, Tensor]:
     """Each token's top-k latents (:func:`selection.topk_per_row`) of a dense matrix or blocks;
     with ``exact``, chosen by their exact values among each token's entries of ``z`` within
-    ``BAND`` steps below its k-th largest, or above (blocks: its top-(k + 3k/4))."""
+    ``ROW_BAND`` steps below its k-th largest, or above, and its top-(k + k/2) (blocks: those
+    alone)."""
     if exact is None:
         return topk_per_row_blocks(z, k) if isinstance(z, AffinityBlocks) else topk_per_row(z, k)
     B, F = z.shape
@@ -104,7 +108,7 @@ def topk_rows(z: Tensor | AffinityBlocks, k: int, exact: Exact | None = None) ->
     width = min(F, k + row_margin(k))
     if not isinstance(z, AffinityBlocks):
         keys = _as_int16(z)
-        cols, values = _topk_rows_banded(keys, k, width, exact, BAND if keys.dtype == torch.int16 else 0)
+        cols, values = _topk_rows_banded(keys, k, width, exact, ROW_BAND if keys.dtype == torch.int16 else 0)
         rows = torch.arange(B, device=z.device).repeat_interleave(k)
         return Selection(rows=rows, cols=cols.reshape(-1), n_tokens=B, values=values.reshape(-1)), values.reshape(-1)
     cand = topk_per_row_blocks(cast(AffinityBlocks, _ordered(z)), width)[0].cols.view(B, width)

@@ -37,14 +37,14 @@ def test_depth_of_the_fp32_selection_in_the_bf16_order():
     the cut, one bf16 step below it, is 1 deep in both, and the slack is the band less that."""
     import torch
 
-    from sae_lightning.rescore import BAND
+    from sae_lightning.rescore import ROW_BAND
     from sae_lightning.selection import topk_per_row
 
     z32 = torch.arange(40.0).flip(0).repeat(3, 1)  # every row 39, 38, ..., 0: distinct values
     sel, _ = topk_per_row(z32, 4)
-    assert rescore._depth("token", sel, z32, z32.to(torch.bfloat16)) == (0, 0, BAND)
+    assert rescore._depth("token", sel, z32, z32.to(torch.bfloat16)) == (0, 0, ROW_BAND)
     z16 = z32.to(torch.bfloat16)
     z16[1, 3], z16[1, 4] = 35.75, 36.0  # row 1: its 4th fp32 entry ranks 5th in the other order
     # 36 is the bf16 value at the cut's rank (4th), 35.75 the worst selected: one bf16 step below
-    assert rescore._depth("token", sel, z32, z16) == (1, 1, BAND - 1)
+    assert rescore._depth("token", sel, z32, z16) == (1, 1, ROW_BAND - 1)
     assert rescore._depth("batch", sel, z32, z32.to(torch.bfloat16))[0] >= 0
