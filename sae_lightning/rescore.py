@@ -184,7 +184,7 @@ def per_column(
     F_, B = zt.shape
     wide = (m + column_margin(m)).clamp(max=B)
     low = zt.dtype in (torch.bfloat16, torch.float16) if isinstance(zt, Tensor) else True
-    band = BAND if low else 0  # (an already fp32 matrix: the margin in ranks alone)
+    band = BAND if low else 0  # (a full-precision matrix, as in tests: the entries from its m_j-th largest up)
     zt = _ordered(zt)
     if isinstance(zt, AffinityBlocks):
         lats, toks = [], []
