@@ -77,9 +77,9 @@ def row_candidates(z: Tensor, count: Tensor, width: Tensor | None = None, band: 
 
     With τ_r the count_r-th largest maximum of the row's strided groups of 8 (:func:`row_topk`'s
     groups), at most the count_r-th largest entry, the candidates are the entries ≥ τ_r − band,
-    looked for in the row's width_r (≥ count_r; default count_r) groups of largest maxima and
-    the last W mod 8 columns; a row whose last group looked in also reaches τ_r − band (so more
-    groups might hold some) looks in twice as many, and one whose width
+    looked for in the row's width_r (≥ count_r; default count_r) groups of largest maxima,
+    one more, and the last W mod 8 columns; a row whose next group's maximum also reaches
+    τ_r − band (so more groups might hold some) looks in twice as many, and one whose width
     exceeds half its number of groups is compared in full. The bulk of the rows (widths up to
     the 90th percentile) is served in place, the others in buckets of similar widths."""
     n, W = z.shape
@@ -113,8 +113,8 @@ def row_candidates(z: Tensor, count: Tensor, width: Tensor | None = None, band: 
         assert maxima is not None
         mx = maxima if r is None else maxima.index_select(0, r)
         rows = torch.arange(n, device=z.device) if r is None else r
-        look = min(cols, top)
-        vals, groups = row_topk(mx, look)  # by the maxima's own groups where it pays (look ≤ cols/8)
+        look = min(cols, top + 1)
+        vals, groups = row_topk(mx, look)  # by the maxima's own groups where it pays
         tau = lowered(vals.gather(1, (c.clamp(min=1) - 1).unsqueeze(1)))  # [rows, 1]
         live = c > 0
         unsure = live & (vals[:, -1] >= tau.squeeze(1)) if look < cols else torch.zeros_like(live)

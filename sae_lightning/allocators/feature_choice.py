@@ -19,7 +19,7 @@ from torch import Tensor
 from ..blockwise import AffinityBlocks, above_threshold
 from ..collective import Collective, global_per_column_topk, global_top_m
 from ..errors import ConfigError, require
-from ..rescore import BAND, Exact, per_column, top_m
+from ..rescore import Exact, per_column, top_m
 from ..selection import per_column_topk, sort_pairs
 from ..sparse import Selection
 from ..spec import setting
@@ -118,8 +118,6 @@ def _demand_sample(z: Tensor | AffinityBlocks, tokens: int, exact: Exact | None 
     stride = max(1, F_ * B // (1 << 16))
     n = min(B, tokens)
     if exact is not None:
-        if B % stride == 0 and isinstance(z, Tensor) and z.dtype == torch.bfloat16:
-            return _banded_demand(z, n, stride, exact)
         if B % stride == 0:  # one product for both: the sample's tokens and the first n
             rows = exact.token_rows(torch.cat([torch.arange(n), torch.arange(0, B, stride)]))
             return DemandSample.of_token_rows(rows[n:].t().reshape(-1), rows[:n])
@@ -133,35 +131,6 @@ def _demand_sample(z: Tensor | AffinityBlocks, tokens: int, exact: Exact | None 
             pass
         return tap.sample()
     return DemandSample.of_rows(z.reshape(-1)[::stride], z[:, :n])
-
-
-def _banded_demand(z: Tensor, n: int, stride: int, exact: Exact) -> DemandSample:
-    """Demand of a bf16 latent-major z (stride dividing B), counted as in an fp32 run without
-    the first n tokens' fp32 rows: an entry whose bf16 value lies more than ``rescore.BAND``
-    steps above θ's own bf16 value is above θ, more than that below it is not (bf16 rounding is
-    monotone; the band is the re-scoring's, docs/performance.md), and the few within it
-    (~0.3 % of them) are computed exactly. The sampled tokens among the first n are counted from
-    their fp32 rows (θ is one of their values: the same value, not above itself). The sample:
-    the stride-th tokens' fp32 rows, one dense product."""
-    rows = exact.token_rows(torch.arange(0, z.shape[1], stride))  # [B / stride, F]: the sample
-    shared = rows[: -(-n // stride)]  # the sampled tokens among the first n
-    first = torch.arange(n)
-    others = first[1:] if stride >= n else first[first % stride != 0]
-    low = (z[:, 1:n] if stride >= n else z[:, others.to(z.device)]).view(torch.int16)
-
-    def count_above(theta: Tensor) -> Tensor:
-        counts = (shared > theta).sum(0)
-        if not bool(theta > 0):  # (keys order only positive values: the rows, in fp32)
-            return counts + (exact.token_rows(others) > theta).sum(0)
-        key = int(theta.to(torch.bfloat16).view(torch.int16))
-        counts += (low > key + BAND).sum(1)
-        latents, at = ((low >= key - BAND) & (low <= key + BAND)).nonzero(as_tuple=True)
-        if latents.numel():
-            above = exact(others.to(latents.device)[at], latents) > theta
-            counts += torch.bincount(latents[above], minlength=counts.numel())
-        return counts
-
-    return DemandSample(rows.t().reshape(-1), n, count_above)
 
 
 class _DemandTap:
