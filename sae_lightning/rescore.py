@@ -106,33 +106,36 @@ def topk_rows(z: Tensor | AffinityBlocks, k: int, exact: Exact | None = None) ->
     B, F = z.shape
     k = min(k, F)
     width = min(F, k + row_margin(k))
-    if not isinstance(z, AffinityBlocks):
+    if isinstance(z, AffinityBlocks):
+        cand = topk_per_row_blocks(cast(AffinityBlocks, _ordered(z)), width)[0].cols.view(B, width)
+        cols, values = _exact_topk(cand, k, exact)
+    else:
         keys = _as_int16(z)
         cols, values = _topk_rows_banded(keys, k, width, exact, ROW_BAND if keys.dtype == torch.int16 else 0)
-        rows = torch.arange(B, device=z.device).repeat_interleave(k)
-        return Selection(rows=rows, cols=cols.reshape(-1), n_tokens=B, values=values.reshape(-1)), values.reshape(-1)
-    cand = topk_per_row_blocks(cast(AffinityBlocks, _ordered(z)), width)[0].cols.view(B, width)
+    rows = torch.arange(B, device=cols.device).repeat_interleave(k)
+    return Selection(rows=rows, cols=cols.reshape(-1), n_tokens=B, values=values.reshape(-1)), values.reshape(-1)
+
+
+def _exact_topk(cand: Tensor, k: int, exact: Exact) -> tuple[Tensor, Tensor]:
+    """Each row's top-k of its candidate latents ``cand`` [B, w] by exact values: [B, k] latents
+    and values, in the canonical order among all latents."""
+    B, width = cand.shape
     cand = torch.sort(cand, dim=1).values  # latent order: a position's order is the latent's
     rows = torch.arange(B, device=cand.device).repeat_interleave(width)
     values = exact(rows, cand.reshape(-1)).view(B, width)
     sel, vals = topk_per_row(values, k)  # the canonical order among the candidates = among all latents
-    cols = cand.gather(1, sel.cols.view(B, k)).reshape(-1)
-    return Selection(rows=sel.rows, cols=cols, n_tokens=B, values=vals), vals
+    return cand.gather(1, sel.cols.view(B, k)), vals.view(B, k)
 
 
 def _topk_rows_banded(keys: Tensor, k: int, width: int, exact: Exact, band: int) -> tuple[Tensor, Tensor]:
     """Each row's top-k by exact values ([B, k] latents and values, canonical order) among its
     top-``width`` by ``keys``, where those hold every entry within ``band`` key steps below the
     row's k-th largest key; the rows where they do not are done again with twice the width."""
-    B, F = keys.shape
+    F = keys.shape[1]
     top, cand = row_topk(keys, width)  # ties among the candidates' keys: any of them
-    key = top.long() if band else top  # (int16 views: a step is one unit)
-    cand = torch.sort(cand, dim=1).values  # latent order: a position's order is the latent's
-    rows = torch.arange(B, device=keys.device).repeat_interleave(width)
-    values = exact(rows, cand.reshape(-1)).view(B, width)  # (all of them: masking the band's costs more)
-    sel, vals = topk_per_row(values, k)  # the canonical order among the candidates = among all latents
-    cols, vals = cand.gather(1, sel.cols.view(B, k)), vals.view(B, k)
+    cols, vals = _exact_topk(cand, k, exact)  # (all of them: masking the band's costs more)
     if width < F:
+        key = top.long() if band else top  # (int16 views: a step is one unit)
         short = (key[:, width - 1] >= key[:, k - 1] - band).nonzero().squeeze(1)
         if short.numel():  # the band may reach past the candidates: those rows, wider
             sub = _Rows(exact, short)

@@ -284,7 +284,7 @@ class GlobalTopK:
         return Selection(rows=rows, cols=keys - rows * F, n_tokens=B), values[chosen][order]
 
 
-def per_column_topk(zt: Tensor, m: Tensor, canonical: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def per_column_topk(zt: Tensor, m: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """For each row j of ``zt`` ([F, B], latent-major) its top-m_j entries.
 
     The bulk of the latents (the 90 % with the smallest positive capacities, when that is at
@@ -294,22 +294,20 @@ def per_column_topk(zt: Tensor, m: Tensor, canonical: bool = True) -> tuple[Tens
     capacities, and only the few large-capacity rows are copied. Ties at a latent's cut keep
     the lower tokens (canonical: the same pairs whatever ``torch.topk`` does). Returns (latent,
     token, value) of the kept entries, each latent's in value order, and each latent's cutoff
-    value (its m_j-th largest, -inf where m_j = 0). ``canonical=False``: ties at a cut keep any
-    of the tied tokens (candidates for a re-scoring, :mod:`rescore`; bf16 ties are common).
+    value (its m_j-th largest, -inf where m_j = 0).
     """
     F_, B = zt.shape
     order = torch.argsort(m, descending=True, stable=True)
     m_sorted = m[order].tolist()
     lat_out, tok_out, val_out = [], [], []
-    lowest = float("-inf") if zt.is_floating_point() else torch.iinfo(zt.dtype).min  # (rescore.py's int16 views)
-    cutoff = torch.full((F_,), lowest, dtype=zt.dtype, device=zt.device)
+    cutoff = torch.full((F_,), float("-inf"), dtype=zt.dtype, device=zt.device)
 
     def take(lat: Tensor, top: int, vals: Tensor, idx: Tensor) -> None:
         """Keep each latent's top-m_j of its sorted top-``top + 1`` (``vals``, ``idx``)."""
         cap = m[lat]
         width = vals.shape[1]
         check_finite(vals[:, 0])  # each latent's largest value
-        tied = (canonical & (cap < B)) & (
+        tied = (cap < B) & (
             vals.gather(1, cap.clamp(max=width - 1).unsqueeze(1)).squeeze(1)
             == vals.gather(1, (cap - 1).unsqueeze(1)).squeeze(1)
         )
