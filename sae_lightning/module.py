@@ -323,7 +323,8 @@ class SAEModule(L.LightningModule):
     def training_step(self, batch: Tensor | tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         """One step on a batch of tokens ``x``, or ``(x, ∇ₓL)`` when the run ranks by gradients."""
         x, grad = (batch[0], batch[1]) if isinstance(batch, (tuple, list)) else (batch, None)
-        with self.sae.holding_ranked_encoder():  # the parameters change only at the optimiser's step
+        # the parameters change only at the optimiser's step; z′ is not kept past the step
+        with self.sae.holding_ranked_encoder(), self.sae.reusing_affinities():
             out, ctx = self.forward_step(x, Mode.BATCH, update=True, collective=self.collective(), grad=grad)
             terms = {name: term(out, self.sae, self.stats) for name, term in self.losses.items()}
         loss = total_loss(self.losses, terms, self.sae)

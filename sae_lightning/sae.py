@@ -136,6 +136,9 @@ class SparseAutoencoder(nn.Module):
         self.decoder_norm, self.decoder_init_norm = decoder_norm, decoder_init_norm
         self._held_norms: Tensor | None = None  # decoder_norms() held (holding_ranked_encoder)
         self._held_encoder: tuple[Tensor, Tensor] | None = None  # ranked_encoder() held
+        # the dense affinity matrix's buffer, kept between training steps (reusing_affinities)
+        self._workspace: Tensor | None = None
+        self._workspace_free = False  # inside reusing_affinities, until the matrix is handed out
         self.W_enc = nn.Parameter(torch.empty(n_latents, d_model))
         self.b_enc = nn.Parameter(torch.zeros(n_latents))
         self.W_dec = nn.Parameter(torch.empty(n_latents, d_model))
@@ -228,12 +231,40 @@ class SparseAutoencoder(nn.Module):
         ``dtype`` computes the matrix in bf16 (for selection only; see :meth:`code`)."""
         W, b = self.ranked_encoder(cols)
         xc = xn - self.b_pre
+        n_rows, n_cols = (xn.shape[0], W.shape[0]) if layout == "token" else (W.shape[0], xn.shape[0])
+        out = self._workspace_for(n_rows, n_cols, dtype, xn.device) if cols is None else None
         if dtype != W.dtype:
             W, xc = _with_bias_column(W, b, dtype), _with_bias_column(xc, None, dtype)
-            return xc @ W.t() if layout == "token" else W @ xc.t()
+            return torch.mm(xc, W.t(), out=out) if layout == "token" else torch.mm(W, xc.t(), out=out)
         if layout == "token":
-            return torch.addmm(b, xc, W.t())
-        return torch.addmm(b.unsqueeze(1), W, xc.t())
+            return torch.addmm(b, xc, W.t(), out=out)
+        return torch.addmm(b.unsqueeze(1), W, xc.t(), out=out)
+
+    @contextlib.contextmanager
+    def reusing_affinities(self) -> Iterator[None]:
+        """Within (a training step), the first dense affinity matrix of all latents is written
+        into a buffer this SAE keeps from one such step to the next (on a CPU): the matrix is
+        the step's largest allocation, and a fresh one each step lets glibc's heap place the
+        step's smaller, longer-lived blocks in the hole the last one left, so that the next
+        matrix no longer fits there and the heap grows (Feature Choice at F = 8192, B = 4096:
+        +400 MB over its first 15 steps, each growth step ~20 ms slower; docs/performance.md).
+        Only one matrix per step is handed out: the step must not keep it (nor a view of it)
+        past its end, which the training step does not."""
+        self._workspace_free = True
+        try:
+            yield
+        finally:
+            self._workspace_free = False
+
+    def _workspace_for(self, n_rows: int, n_cols: int, dtype: torch.dtype, device: torch.device) -> Tensor | None:
+        if not self._workspace_free or device.type != "cpu":  # CUDA's caching allocator reuses already
+            return None
+        self._workspace_free = False
+        w = self._workspace
+        if w is None or w.shape != (n_rows, n_cols) or w.dtype != dtype or w.device != device:
+            self._workspace = None  # (the old one freed before the new one is allocated)
+            w = self._workspace = torch.empty(n_rows, n_cols, dtype=dtype, device=device)
+        return w
 
     def affinity_blocks(
         self, xn: Tensor, block: int, layout: str = "token", dtype: torch.dtype = torch.float32

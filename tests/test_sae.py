@@ -124,3 +124,32 @@ def test_decoder_norms_held_for_a_step_then_recomputed():
         sae.W_dec.mul_(2)
     assert torch.allclose(sae.decoder_norms(), 2 * first)
     assert SparseAutoencoder(8, 16, decoder_norm="unit").decoder_norms() is None
+
+
+def test_affinity_workspace_reused_between_steps_once_per_step():
+    """reusing_affinities: the first full matrix of a step goes into the kept buffer, the same one
+    each step (no fresh [B, F] allocation); a second matrix in the same step gets its own memory;
+    values as without the buffer, in both dtypes and layouts; a new size gets a new buffer."""
+    torch.manual_seed(0)
+    sae = SparseAutoencoder(8, 16, decoder_norm="free")
+    xn = torch.randn(5, 8)
+    for dtype in (torch.float32, torch.bfloat16):
+        for layout in ("token", "latent"):
+            plain = sae.affinities(xn, layout=layout, dtype=dtype)
+            with sae.reusing_affinities():
+                first = sae.affinities(xn, layout=layout, dtype=dtype)
+                second = sae.affinities(xn, layout=layout, dtype=dtype)
+            assert torch.equal(first, plain) and torch.equal(second, plain)
+            assert first.untyped_storage().data_ptr() != second.untyped_storage().data_ptr()
+            with sae.reusing_affinities():
+                again = sae.affinities(xn, layout=layout, dtype=dtype)
+                assert again.data_ptr() == first.data_ptr()
+                assert torch.equal(
+                    sae.affinities(xn, slice(0, 4), layout, dtype), plain[:, :4] if layout == "token" else plain[:4]
+                )
+    x7 = torch.randn(7, 8)
+    with sae.reusing_affinities():
+        wider = sae.affinities(x7)
+    assert torch.equal(wider, sae.affinities(x7))
+    outside = sae.affinities(x7)
+    assert outside.data_ptr() != wider.data_ptr()  # outside a step: never the buffer
