@@ -42,8 +42,8 @@ class _Gathered:
     def __call__(self, tokens, latents):
         return self.z[tokens, latents] if self.layout == "token" else self.z[latents, tokens]
 
-    def token_rows(self, tokens):
-        return self.sae.affinities(self.xn[tokens])
+    def latent_rows(self, tokens):
+        return self.sae.affinities(self.xn[tokens], layout="latent")
 
 
 def _pairs(sel, z, layout) -> set[int]:

@@ -1,14 +1,18 @@
 """Benchmark of the training step: ``python -m benchmarks.step``.
 
-In one process, for each dictionary size: the measured matmul peak, a naive dense-autograd
-TopK reference step (written here), and the real training step of each variant, run by a
-Lightning ``Trainer`` exactly as ``train.py`` runs it (forward, losses, backward, gradient
-projection, Adam, decoder renormalisation). Prints a table and writes JSON.
+For each dictionary size: the measured matmul peak, a naive dense-autograd TopK reference step
+(written here), and the real training step of each variant, run by a Lightning ``Trainer``
+exactly as ``train.py`` runs it (forward, losses, backward, gradient clipping, Adam). Each
+variant's step is timed in a fresh process of its own (``--same-process``: all in this one):
+a variant's step depends on the C heap the ones before it left (up to ~10 % measured,
+docs/performance.md). Prints a table and writes JSON.
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import multiprocessing
 import statistics
 import time
 from pathlib import Path
@@ -233,6 +237,22 @@ def time_variant(
     return result
 
 
+def _time_in_child(threads: int, kwargs: dict) -> dict:
+    """:func:`time_variant` in a fresh process, set up as ``main`` sets up its own."""
+    torch.set_num_threads(threads)
+    keep_freed_memory()
+    torch.set_float32_matmul_precision("high")
+    return time_variant(**{**kwargs, "device": torch.device(kwargs["device"])})
+
+
+def time_variant_fresh(**kwargs) -> dict:
+    """:func:`time_variant` in a fresh (spawned) process with this one's threads."""
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx) as pool:
+        kwargs = {**kwargs, "device": str(kwargs["device"])}
+        return pool.submit(_time_in_child, torch.get_num_threads(), kwargs).result()
+
+
 def profile_step(module, x: torch.Tensor, rows: int = 15) -> str:
     """Operator table of one training step (one forward, every loss term, backward, Adam)."""
     opt = torch.optim.Adam(module.parameters(), lr=1e-5, fused=True)
@@ -283,6 +303,11 @@ def main(argv=None) -> dict:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--no-reference", action="store_true", help="skip the naive dense reference")
     p.add_argument("--profile", action="store_true", help="print an operator profile of each variant's step")
+    p.add_argument(
+        "--same-process",
+        action="store_true",
+        help="time every variant in this process (default: each in a fresh one, unaffected by the others' heap)",
+    )
     p.add_argument("--out", default="outputs/bench/bench.json", help="where the JSON report goes")
     p.add_argument("overrides", nargs="*", help="extra Hydra overrides for the variants, e.g. optim.fused=false")
     a = p.parse_args(argv)
@@ -320,20 +345,21 @@ def main(argv=None) -> dict:
         for dtype in a.dtype:
             for v in a.variants:
                 for block in a.block_latents:
-                    row = time_variant(
-                        v,
-                        a.d,
-                        F,
-                        a.k,
-                        a.batch,
-                        dtype,
-                        a.steps,
-                        a.warmup,
-                        device,
-                        a.overrides,
+                    timer = time_variant if a.same_process else time_variant_fresh
+                    row = timer(
+                        variant=v,
+                        d=a.d,
+                        F=F,
+                        k=a.k,
+                        B=a.batch,
+                        dtype=dtype,
+                        steps=a.steps,
+                        warmup=a.warmup,
+                        device=device,
+                        extra=a.overrides,
                         profile=a.profile,
                         block=None if block == "default" else block,
-                    )  # fmt: skip
+                    )
                     size["rows"].append({**row, "dtype": dtype})
         ref = next((r["step_s"] for r in size["rows"] if r["variant"] == "naive_dense_topk"), None)
         for r in size["rows"]:

@@ -37,8 +37,8 @@ class _ExactScores:
         effect = pair_products(self.g, self.D, tokens, latents)
         return effect.abs_().add_(1.0).mul_(self.exact(tokens, latents))
 
-    def token_rows(self, tokens: Tensor) -> Tensor:
-        return self.ranking._weight(self.exact.token_rows(tokens), self.g[tokens], self.sae, None, "token")
+    def latent_rows(self, tokens: Tensor) -> Tensor:
+        return self.ranking._weight(self.exact.latent_rows(tokens), self.g[tokens], self.sae, None, "latent")
 
 
 class GradientRanking(nn.Module):

@@ -48,9 +48,9 @@ class Exact(Protocol):
         """Its values at distinct (token, latent) pairs, O(nnz·d)."""
         ...
 
-    def token_rows(self, tokens: Tensor) -> Tensor:
-        """Its rows for some of the batch's tokens, [len(tokens), F], one dense product
-        (Feature Choice's demand)."""
+    def latent_rows(self, tokens: Tensor) -> Tensor:
+        """Its columns for some of the batch's tokens, latent-major [F, len(tokens)], one dense
+        product (Feature Choice's demand)."""
         ...
 
 
@@ -153,8 +153,8 @@ class _Rows:
     def __call__(self, tokens: Tensor, latents: Tensor) -> Tensor:
         return self.exact(self.rows[tokens], latents)
 
-    def token_rows(self, tokens: Tensor) -> Tensor:
-        return self.exact.token_rows(self.rows[tokens])
+    def latent_rows(self, tokens: Tensor) -> Tensor:
+        return self.exact.latent_rows(self.rows[tokens])
 
 
 def top_m(z: Tensor | AffinityBlocks, budget: int, exact: Exact | None = None) -> tuple[Selection, Tensor]:

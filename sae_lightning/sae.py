@@ -105,8 +105,8 @@ class ExactRanked:
             self._centred = self.xn - self.sae.b_pre.detach()
         return self.sae.exact_ranked(self.xn, tokens, latents, self._centred)
 
-    def token_rows(self, tokens: Tensor) -> Tensor:
-        return self.sae.affinities(self.xn[tokens])
+    def latent_rows(self, tokens: Tensor) -> Tensor:
+        return self.sae.affinities(self.xn[tokens], layout="latent")
 
 
 class SparseAutoencoder(nn.Module):

@@ -60,12 +60,30 @@ def row_topk(z: Tensor, width: int) -> tuple[Tensor, Tensor]:
         return torch.topk(z, min(width, W), dim=1, sorted=True)
     maxima = z[:, : cols * G].view(n, G, cols).amax(1)  # [n, cols]: each group's maximum
     _, groups = row_topk(maxima, width)
-    index = (groups.unsqueeze(1) + cols * torch.arange(G, device=z.device).view(1, G, 1)).reshape(n, G * width)
-    if W > cols * G:  # the last W mod 8 columns are candidates of every row
-        tail = torch.arange(cols * G, W, device=z.device).expand(n, -1)
-        index = torch.cat([index, tail], 1)
-    values, pos = torch.topk(z.gather(1, index), width, dim=1, sorted=True)
-    return values, index.gather(1, pos)
+    values, pos = torch.topk(group_entries(z, groups), width, dim=1, sorted=True)
+    return values, group_columns(groups, pos, W)
+
+
+def group_entries(z: Tensor, groups: Tensor) -> Tensor:
+    """The entries of the strided groups ``groups`` ([n, w] group numbers) of each row of a [n, W]
+    matrix, [n, 8·w]: position g·w + l holds z[row, g·(W // 8) + groups[row, l]]; then the last W
+    mod 8 columns (in no group: candidates of every row). One gather through a [n, 8, W // 8]
+    view with the groups' index broadcast over its middle dimension (an index built as [n, 8·w]
+    longs cost as much as the gather itself)."""
+    n, W = z.shape
+    G, cols = ROW_GROUP, W // ROW_GROUP
+    w = groups.shape[1]
+    entries = z[:, : cols * G].view(n, G, cols).gather(2, groups.unsqueeze(1).expand(n, G, w)).view(n, G * w)
+    return entries if W == cols * G else torch.cat([entries, z[:, cols * G :]], 1)
+
+
+def group_columns(groups: Tensor, pos: Tensor, W: int) -> Tensor:
+    """The columns of positions ``pos`` ([n, p]) in the rows of :func:`group_entries`."""
+    n, w = groups.shape
+    G, cols = ROW_GROUP, W // ROW_GROUP
+    g = torch.div(pos, w, rounding_mode="floor")
+    col = groups.gather(1, (pos - g * w).clamp(max=w - 1)) + g * cols
+    return col if W == cols * G else torch.where(pos < G * w, col, pos - G * w + cols * G)
 
 
 def row_candidates(z: Tensor, count: Tensor, width: Tensor | None = None, band: int = 0) -> tuple[Tensor, Tensor]:
@@ -91,7 +109,7 @@ def row_candidates(z: Tensor, count: Tensor, width: Tensor | None = None, band: 
     found_cols: list[Tensor] = []
     grouped = z.device.type == "cpu" and z.is_contiguous() and cols >= 2
     maxima = z[:, : cols * G].view(n, G, cols).amax(1) if grouped else None
-    spread = cols * torch.arange(G, device=z.device)
+    spread3 = torch.arange(G, device=z.device).view(1, G, 1)
     lowest = torch.iinfo(z.dtype).min if not z.is_floating_point() else float("-inf")
 
     def lowered(tau: Tensor) -> Tensor:
@@ -118,12 +136,17 @@ def row_candidates(z: Tensor, count: Tensor, width: Tensor | None = None, band: 
         tau = lowered(vals.gather(1, (c.clamp(min=1) - 1).unsqueeze(1)))  # [rows, 1]
         live = c > 0
         unsure = live & (vals[:, -1] >= tau.squeeze(1)) if look < cols else torch.zeros_like(live)
-        index = (groups.unsqueeze(2) + spread).view(mx.shape[0], look * G)
-        entries = z.gather(1, index) if r is None else z.view(-1)[(index + (r * W).unsqueeze(1)).view(-1)]
+        if r is None:
+            entries = group_entries(z[:, : cols * G], groups)  # [n, 8·look], g-major
+        else:  # [rows, 8, look] through broadcast indices (a copy of the rows would cost more)
+            entries = z[:, : cols * G].view(n, G, cols)[r.view(-1, 1, 1), spread3, groups.unsqueeze(1)]
         ok = (live & ~unsure).unsqueeze(1)
-        keep = ((entries.view(mx.shape[0], look * G) >= tau) & ok).view(-1).nonzero().squeeze(1)
-        found_rows.append(rows[torch.div(keep, look * G, rounding_mode="floor")])
-        found_cols.append(index.view(-1)[keep])
+        keep = ((entries.view(mx.shape[0], G * look) >= tau) & ok).view(-1).nonzero().squeeze(1)
+        at = torch.div(keep, G * look, rounding_mode="floor")
+        found_rows.append(rows[at])
+        pos = keep - at * G * look
+        g = torch.div(pos, look, rounding_mode="floor")
+        found_cols.append(groups.view(-1)[at * look + pos - g * look] + g * cols)
         if W > cols * G:  # the last W mod 8 columns belong to no group
             tail = ((z[rows, cols * G :] >= tau) & ok).nonzero()
             found_rows.append(rows[tail[:, 0]])

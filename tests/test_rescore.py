@@ -28,8 +28,8 @@ class Gathered:
         assert tokens.numel() == torch.unique(tokens * F + latents).numel(), "pairs asked twice"
         return self.z[tokens, latents]
 
-    def token_rows(self, tokens):
-        return self.z[tokens]
+    def latent_rows(self, tokens):
+        return self.z[tokens].t()
 
 
 def matrices(seed=0):

@@ -21,6 +21,7 @@ def test_bench_reports_all_variants_and_ratios(tmp_path):
             "2",
             "--warmup",
             "1",
+            "--same-process",
             "--out",
             str(out),
         ]
@@ -38,3 +39,18 @@ def test_bench_reports_all_variants_and_ratios(tmp_path):
             assert r["speedup_vs_fp32"] > 0 and (dtype == "bfloat16" or r["speedup_vs_fp32"] == 1.0)
     assert rows[("topk", "float32")]["time_vs_topk"] == 1.0 and rows[("topk", "bfloat16")]["time_vs_topk"] == 1.0
     assert saved["sizes"][0]["matmul_peak_flops_bf16"] > 0
+
+
+def test_bench_times_each_variant_in_a_fresh_process(tmp_path, monkeypatch):
+    """The default: each row from a spawned process (the parent's own timing function is not called)."""
+
+    def not_here(**kwargs):
+        raise AssertionError("timed in the parent process")
+
+    monkeypatch.setattr(bench, "time_variant", not_here)
+    args = ["--d", "16", "--latents", "128", "--k", "4", "--batch", "64", "--steps", "2", "--warmup", "1"]
+    report = bench.main(
+        [*args, "--variants", "topk", "--dtype", "float32", "--no-reference", "--out", str(tmp_path / "b.json")]
+    )
+    (row,) = report["sizes"][0]["rows"]
+    assert row["variant"] == "topk" and row["step_s"] > 0 and 0 < row["alloc_s"] < row["step_s"]
