@@ -162,7 +162,6 @@ def row_candidates(z: Tensor, count: Tensor, width: Tensor | None = None, band: 
     done = torch.zeros(n, dtype=torch.bool, device=z.device)
     if grouped and positive.numel():
         bulk = int(torch.quantile(positive.double(), 0.9, interpolation="higher"))
-        import os; bulk = -(-bulk // int(os.environ.get("BQ", "1"))) * int(os.environ.get("BQ", "1"))
         if 2 * bulk <= cols:
             done = (count > 0) & (width <= bulk)
             in_groups(None, torch.where(done, count, torch.zeros_like(count)), bulk)
