@@ -2,19 +2,19 @@
 
 For each dictionary size: the measured matmul peak, a naive dense-autograd TopK reference step
 (written here), and the real training step of each variant, run by a Lightning ``Trainer``
-exactly as ``train.py`` runs it (forward, losses, backward, gradient clipping, Adam). Each
-variant's step is timed in a fresh process of its own (``--same-process``: all in this one):
-a variant's step depends on the C heap the ones before it left (up to ~10 % measured,
-docs/performance.md). Prints a table and writes JSON.
+exactly as ``train.py`` runs it (forward, losses, backward, gradient clipping, Adam). The
+variants of one size and dtype are timed side by side, each in a fresh process, one step of
+each in turn (:func:`time_interleaved`; ``--same-process``: one after the other in this
+one). Prints a table and writes JSON.
 """
 
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import multiprocessing
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
@@ -93,18 +93,24 @@ class PeakMemory:
 
 
 class StepTimer(L.Callback):
-    """Wall time of each training batch (forward, backward, optimiser, renormalisation)."""
+    """Wall time of each training batch (forward, losses, backward, optimiser); ``before`` is
+    called ahead of each batch (outside its time), ``after`` with each batch's time."""
 
-    def __init__(self):
+    def __init__(self, before: Callable[[], None] | None = None, after: Callable[[float], None] | None = None):
         self.times: list[float] = []
+        self.before, self.after = before, after
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self.before is not None:
+            self.before()
         _sync(pl_module.device)
         self._t = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         _sync(pl_module.device)
         self.times.append(time.perf_counter() - self._t)
+        if self.after is not None:
+            self.after(self.times[-1])
 
 
 def bare_trainer(max_steps: int, callbacks: list, accelerator: str = "cpu", progress: bool = False) -> L.Trainer:
@@ -195,10 +201,24 @@ def build_module(variant: str, d: int, F: int, k: int, B: int, dtype: str, extra
 
 
 def time_variant(
-    variant, d, F, k, B, dtype, steps, warmup, device, extra, profile=False, block: str | None = None
+    variant,
+    d,
+    F,
+    k,
+    B,
+    dtype,
+    steps,
+    warmup,
+    device,
+    extra,
+    profile=False,
+    block: str | None = None,
+    before: Callable[[], None] | None = None,
+    after: Callable[[float], None] | None = None,
 ) -> dict:
     """One variant's real training step; ``block``: a ``model.block_latents`` value (``null``
-    for the dense matrix), None for the configured default."""
+    for the dense matrix), None for the configured default; ``before``, ``after``: the
+    :class:`StepTimer`'s."""
     extra = [*extra, f"model.block_latents={block}"] if block is not None else list(extra)
     module, dm = build_module(variant, d, F, k, B, dtype, extra)
     g = torch.Generator().manual_seed(0)
@@ -216,7 +236,7 @@ def time_variant(
         return out
 
     module.allocator.allocate = timed_allocate
-    timer = StepTimer()
+    timer = StepTimer(before, after)
     stream = cast(Any, [batches[i % len(batches)] for i in range(steps + warmup)])  # a list of batches is a dataset
     loader: torch.utils.data.DataLoader = torch.utils.data.DataLoader(stream, batch_size=None)
     trainer = bare_trainer(steps + warmup, [timer], device.type)
@@ -237,20 +257,73 @@ def time_variant(
     return result
 
 
-def _time_in_child(threads: int, kwargs: dict) -> dict:
-    """:func:`time_variant` in a fresh process, set up as ``main`` sets up its own."""
-    torch.set_num_threads(threads)
-    keep_freed_memory()
-    torch.set_float32_matmul_precision("high")
-    return time_variant(**{**kwargs, "device": torch.device(kwargs["device"])})
+def _serve(conn, threads: int, kwargs: dict) -> None:
+    """A timing process: :func:`time_variant`, each batch when the parent says so. Sends
+    "ready" at its first batch (its set-up done), each batch's time, then ("result", row) or
+    ("error", message)."""
+    try:
+        torch.set_num_threads(threads)
+        keep_freed_memory()  # as main() and train.py do
+        torch.set_float32_matmul_precision("high")
+        started = False
+
+        def before() -> None:
+            nonlocal started
+            if not started:
+                conn.send("ready")
+                started = True
+            conn.recv()
+
+        row = time_variant(**{**kwargs, "device": torch.device(kwargs["device"])}, before=before, after=conn.send)
+        conn.send(("result", row))
+    except BaseException as e:  # noqa: BLE001 — the parent reports it
+        conn.send(("error", f"{type(e).__name__}: {e}"))
 
 
-def time_variant_fresh(**kwargs) -> dict:
-    """:func:`time_variant` in a fresh (spawned) process with this one's threads."""
+def time_interleaved(rows: list[dict], steps: int, warmup: int) -> list[dict]:
+    """:func:`time_variant` for each of ``rows`` (its keyword arguments), each in a fresh
+    (spawned) process, their batches interleaved: one batch of each in turn, the others
+    waiting. So a variant is timed neither on the C heap another left (up to ~10 % measured
+    in one process) nor at another time of a shared machine than the variants it is compared
+    with."""
     ctx = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx) as pool:
-        kwargs = {**kwargs, "device": str(kwargs["device"])}
-        return pool.submit(_time_in_child, torch.get_num_threads(), kwargs).result()
+    procs, conns = [], []
+    try:
+        for kwargs in rows:
+            mine, theirs = ctx.Pipe()
+            proc = ctx.Process(
+                target=_serve, args=(theirs, torch.get_num_threads(), {**kwargs, "device": str(kwargs["device"])})
+            )
+            proc.start()
+            theirs.close()  # (so that a process that dies is an EOFError here, not a wait)
+            procs.append(proc)
+            conns.append(mine)
+
+        def reply(i: int, want: type):
+            try:
+                msg = conns[i].recv()
+            except EOFError:
+                raise RuntimeError(f"the timing process of {rows[i]['variant']} ended without a result") from None
+            if isinstance(msg, tuple) and msg[0] == "error":
+                raise RuntimeError(f"timing {rows[i]['variant']}: {msg[1]}")
+            assert isinstance(msg, want), msg
+            return msg
+
+        for i in range(len(rows)):
+            reply(i, str)  # "ready"
+        for _ in range(warmup + steps):
+            for i, conn in enumerate(conns):
+                conn.send(None)
+                reply(i, float)
+        results = [reply(i, tuple)[1] for i in range(len(rows))]
+    except BaseException:
+        for proc in procs:  # the others wait for their next turn
+            proc.kill()
+        raise
+    finally:
+        for proc in procs:
+            proc.join()
+    return results
 
 
 def profile_step(module, x: torch.Tensor, rows: int = 15) -> str:
@@ -306,7 +379,8 @@ def main(argv=None) -> dict:
     p.add_argument(
         "--same-process",
         action="store_true",
-        help="time every variant in this process (default: each in a fresh one, unaffected by the others' heap)",
+        help="time the variants one after the other in this process (default: each in a fresh process, "
+        "their steps interleaved)",
     )
     p.add_argument("--out", default="outputs/bench/bench.json", help="where the JSON report goes")
     p.add_argument("overrides", nargs="*", help="extra Hydra overrides for the variants, e.g. optim.fused=false")
@@ -343,24 +417,30 @@ def main(argv=None) -> dict:
         if "bfloat16" in a.dtype:
             size["matmul_peak_flops_bf16"] = matmul_peak(a.batch, a.d, F, torch.bfloat16, device)
         for dtype in a.dtype:
+            group: list[dict] = []  # the variants timed side by side
             for v in a.variants:
                 for block in a.block_latents:
-                    timer = time_variant if a.same_process else time_variant_fresh
-                    row = timer(
-                        variant=v,
-                        d=a.d,
-                        F=F,
-                        k=a.k,
-                        B=a.batch,
-                        dtype=dtype,
-                        steps=a.steps,
-                        warmup=a.warmup,
-                        device=device,
-                        extra=a.overrides,
-                        profile=a.profile,
-                        block=None if block == "default" else block,
+                    group.append(
+                        dict(
+                            variant=v,
+                            d=a.d,
+                            F=F,
+                            k=a.k,
+                            B=a.batch,
+                            dtype=dtype,
+                            steps=a.steps,
+                            warmup=a.warmup,
+                            device=device,
+                            extra=a.overrides,
+                            profile=a.profile,
+                            block=None if block == "default" else block,
+                        )
                     )
-                    size["rows"].append({**row, "dtype": dtype})
+            if a.same_process:
+                timed = [time_variant(**kwargs) for kwargs in group]
+            else:
+                timed = time_interleaved(group, a.steps, a.warmup)
+            size["rows"].extend({**row, "dtype": dtype} for row in timed)
         ref = next((r["step_s"] for r in size["rows"] if r["variant"] == "naive_dense_topk"), None)
         for r in size["rows"]:
             # TopK's step with the same block setting and dtype (the naive reference: the first TopK row)

@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from benchmarks import step as bench
 
 
@@ -41,16 +43,19 @@ def test_bench_reports_all_variants_and_ratios(tmp_path):
     assert saved["sizes"][0]["matmul_peak_flops_bf16"] > 0
 
 
-def test_bench_times_each_variant_in_a_fresh_process(tmp_path, monkeypatch):
-    """The default: each row from a spawned process (the parent's own timing function is not called)."""
+def test_bench_interleaves_fresh_processes(tmp_path, monkeypatch):
+    """The default: each variant in a spawned process of its own, one step of each in turn (the
+    parent's own timing function is never called); a process that fails names its variant."""
 
     def not_here(**kwargs):
         raise AssertionError("timed in the parent process")
 
     monkeypatch.setattr(bench, "time_variant", not_here)
     args = ["--d", "16", "--latents", "128", "--k", "4", "--batch", "64", "--steps", "2", "--warmup", "1"]
-    report = bench.main(
-        [*args, "--variants", "topk", "--dtype", "float32", "--no-reference", "--out", str(tmp_path / "b.json")]
-    )
-    (row,) = report["sizes"][0]["rows"]
-    assert row["variant"] == "topk" and row["step_s"] > 0 and 0 < row["alloc_s"] < row["step_s"]
+    args += ["--dtype", "float32", "--no-reference", "--out", str(tmp_path / "b.json")]
+    report = bench.main([*args, "--variants", "topk", "feature_choice"])
+    rows = report["sizes"][0]["rows"]
+    assert [r["variant"] for r in rows] == ["topk", "feature_choice"]
+    assert all(r["step_s"] > 0 and 0 < r["alloc_s"] < r["step_s"] for r in rows)
+    with pytest.raises(RuntimeError, match="timing topk: .*variant.k"):
+        bench.main([*args, "variant.k=-1", "--variants", "topk"])
