@@ -48,12 +48,21 @@ def _median_time(fn, device, repeats: int = 5, warmup: int = 2) -> float:
     return statistics.median(times)
 
 
-def matmul_peak(B: int, d: int, F: int, dtype: torch.dtype, device: torch.device) -> float:
-    """FLOP/s of the step's one dense product, [B, d] @ [d, F], at this dtype."""
+def dense_product(B: int, d: int, F: int, dtype: torch.dtype, device: torch.device) -> Callable[[], None]:
+    """The step's one dense product, [B, d] @ [d, F], at this dtype, on random operands."""
     a = torch.randn(B, d, device=device, dtype=dtype)
     w = torch.randn(F, d, device=device, dtype=dtype)
-    t = _median_time(lambda: a @ w.t(), device)
-    return 2 * B * d * F / t
+
+    def product() -> None:
+        a @ w.t()
+        _sync(device)
+
+    return product
+
+
+def matmul_peak(B: int, d: int, F: int, dtype: torch.dtype, device: torch.device) -> float:
+    """FLOP/s of the step's one dense product, [B, d] @ [d, F], at this dtype."""
+    return 2 * B * d * F / _median_time(dense_product(B, d, F, dtype, device), device)
 
 
 class PeakMemory:
@@ -280,12 +289,15 @@ def _serve(conn, threads: int, kwargs: dict) -> None:
         conn.send(("error", f"{type(e).__name__}: {e}"))
 
 
-def time_interleaved(rows: list[dict], steps: int, warmup: int) -> list[dict]:
+def time_interleaved(
+    rows: list[dict], steps: int, warmup: int, probe: Callable[[], object] | None = None
+) -> tuple[list[dict], list[float]]:
     """:func:`time_variant` for each of ``rows`` (its keyword arguments), each in a fresh
     (spawned) process, their batches interleaved: one batch of each in turn, the others
     waiting. So a variant is timed neither on the C heap another left (up to ~10 % measured
     in one process) nor at another time of a shared machine than the variants it is compared
-    with."""
+    with. ``probe`` (e.g. the fp32 matmul that "peak %" divides by) is timed here once per
+    round of measured steps, in turn with them: the rows and the probe's times."""
     ctx = multiprocessing.get_context("spawn")
     procs, conns = [], []
     try:
@@ -311,10 +323,15 @@ def time_interleaved(rows: list[dict], steps: int, warmup: int) -> list[dict]:
 
         for i in range(len(rows)):
             reply(i, str)  # "ready"
-        for _ in range(warmup + steps):
+        probed: list[float] = []
+        for step in range(warmup + steps):
             for i, conn in enumerate(conns):
                 conn.send(None)
                 reply(i, float)
+            if probe is not None and step >= warmup:
+                t = time.perf_counter()
+                probe()
+                probed.append(time.perf_counter() - t)
         results = [reply(i, tuple)[1] for i in range(len(rows))]
     except BaseException:
         for proc in procs:  # the others wait for their next turn
@@ -323,7 +340,7 @@ def time_interleaved(rows: list[dict], steps: int, warmup: int) -> list[dict]:
     finally:
         for proc in procs:
             proc.join()
-    return results
+    return results, probed
 
 
 def profile_step(module, x: torch.Tensor, rows: int = 15) -> str:
@@ -438,8 +455,13 @@ def main(argv=None) -> dict:
                     )
             if a.same_process:
                 timed = [time_variant(**kwargs) for kwargs in group]
-            else:
-                timed = time_interleaved(group, a.steps, a.warmup)
+            else:  # the fp32 product timed between the rounds of steps: "peak %" in their conditions
+                product = dense_product(a.batch, a.d, F, torch.float32, device)
+                product()
+                timed, probed = time_interleaved(group, a.steps, a.warmup, probe=product)
+                here = 2 * a.batch * a.d * F / statistics.median(probed)
+                timed = [{**row, "matmul_peak_flops": here} for row in timed]
+                size.setdefault("matmul_peak_flops_interleaved", {})[dtype] = here
             size["rows"].extend({**row, "dtype": dtype} for row in timed)
         ref = next((r["step_s"] for r in size["rows"] if r["variant"] == "naive_dense_topk"), None)
         for r in size["rows"]:
@@ -469,7 +491,7 @@ def main(argv=None) -> dict:
             r["speedup_vs_naive"] = ref / r["step_s"] if ref else None
             r["time_vs_topk"] = r["step_s"] / topk if topk else None
             r["speedup_vs_fp32"] = fp32 / r["step_s"] if fp32 and "dtype" in r else None
-            r["peak_share"] = flops / r["step_s"] / peak
+            r["peak_share"] = flops / r["step_s"] / r.get("matmul_peak_flops", peak)
         report["sizes"].append(size)
         print_size(size, a)
     out = Path(a.out)
@@ -487,6 +509,10 @@ def print_size(size: dict, a) -> None:
         + (f", {bf16 / 1e9:.0f} (bf16)" if bf16 else "")
         + f", step FLOPs {size['step_flops'] / 1e9:.1f} G"
     )
+    for dtype, here in size.get("matmul_peak_flops_interleaved", {}).items():
+        print(
+            f'  fp32 matmul between the {dtype} rows\' steps: {here / 1e9:.0f} GFLOP/s (their "peak %" divides by it)'
+        )
     head = (
         f"  {'variant':<18}{'dtype':>9}{'block':>8}{'tokens/s':>10}{'step ms':>9}{'alloc ms':>10}"
         f"{'vs naive':>10}{'vs topk':>9}{'vs fp32':>9}{'peak %':>8}{'mem MB':>8}"
