@@ -433,36 +433,33 @@ def main(argv=None) -> dict:
             )
         if "bfloat16" in a.dtype:
             size["matmul_peak_flops_bf16"] = matmul_peak(a.batch, a.d, F, torch.bfloat16, device)
-        for dtype in a.dtype:
-            group: list[dict] = []  # the variants timed side by side
-            for v in a.variants:
-                for block in a.block_latents:
-                    group.append(
-                        dict(
-                            variant=v,
-                            d=a.d,
-                            F=F,
-                            k=a.k,
-                            B=a.batch,
-                            dtype=dtype,
-                            steps=a.steps,
-                            warmup=a.warmup,
-                            device=device,
-                            extra=a.overrides,
-                            profile=a.profile,
-                            block=None if block == "default" else block,
-                        )
-                    )
-            if a.same_process:
-                timed = [time_variant(**kwargs) for kwargs in group]
-            else:  # the fp32 product timed between the rounds of steps: "peak %" in their conditions
-                product = dense_product(a.batch, a.d, F, torch.float32, device)
-                product()
-                timed, probed = time_interleaved(group, a.steps, a.warmup, probe=product)
-                here = 2 * a.batch * a.d * F / statistics.median(probed)
-                timed = [{**row, "matmul_peak_flops": here} for row in timed]
-                size.setdefault("matmul_peak_flops_interleaved", {})[dtype] = here
-            size["rows"].extend({**row, "dtype": dtype} for row in timed)
+        group = [  # every row of this size, timed side by side
+            dict(
+                variant=v,
+                d=a.d,
+                F=F,
+                k=a.k,
+                B=a.batch,
+                dtype=dtype,
+                steps=a.steps,
+                warmup=a.warmup,
+                device=device,
+                extra=a.overrides,
+                profile=a.profile,
+                block=None if block == "default" else block,
+            )
+            for dtype in a.dtype
+            for v in a.variants
+            for block in a.block_latents
+        ]
+        if a.same_process:
+            timed = [time_variant(**kwargs) for kwargs in group]
+        else:  # the fp32 product timed between the rounds of steps: "peak %" in their conditions
+            product = dense_product(a.batch, a.d, F, torch.float32, device)
+            product()
+            timed, probed = time_interleaved(group, a.steps, a.warmup, probe=product)
+            size["matmul_peak_flops_interleaved"] = 2 * a.batch * a.d * F / statistics.median(probed)
+        size["rows"].extend({**row, "dtype": kwargs["dtype"]} for row, kwargs in zip(timed, group))
         ref = next((r["step_s"] for r in size["rows"] if r["variant"] == "naive_dense_topk"), None)
         for r in size["rows"]:
             # TopK's step with the same block setting and dtype (the naive reference: the first TopK row)
@@ -491,7 +488,7 @@ def main(argv=None) -> dict:
             r["speedup_vs_naive"] = ref / r["step_s"] if ref else None
             r["time_vs_topk"] = r["step_s"] / topk if topk else None
             r["speedup_vs_fp32"] = fp32 / r["step_s"] if fp32 and "dtype" in r else None
-            r["peak_share"] = flops / r["step_s"] / r.get("matmul_peak_flops", peak)
+            r["peak_share"] = flops / r["step_s"] / size.get("matmul_peak_flops_interleaved", peak)
         report["sizes"].append(size)
         print_size(size, a)
     out = Path(a.out)
@@ -509,10 +506,9 @@ def print_size(size: dict, a) -> None:
         + (f", {bf16 / 1e9:.0f} (bf16)" if bf16 else "")
         + f", step FLOPs {size['step_flops'] / 1e9:.1f} G"
     )
-    for dtype, here in size.get("matmul_peak_flops_interleaved", {}).items():
-        print(
-            f'  fp32 matmul between the {dtype} rows\' steps: {here / 1e9:.0f} GFLOP/s (their "peak %" divides by it)'
-        )
+    if "matmul_peak_flops_interleaved" in size:
+        here = size["matmul_peak_flops_interleaved"] / 1e9
+        print(f'  fp32 matmul between the rounds of steps: {here:.0f} GFLOP/s ("peak %" divides by it)')
     head = (
         f"  {'variant':<18}{'dtype':>9}{'block':>8}{'tokens/s':>10}{'step ms':>9}{'alloc ms':>10}"
         f"{'vs naive':>10}{'vs topk':>9}{'vs fp32':>9}{'peak %':>8}{'mem MB':>8}"

@@ -58,8 +58,7 @@ def test_bench_interleaves_fresh_processes(tmp_path, monkeypatch):
     assert [r["variant"] for r in rows] == ["topk", "feature_choice"]
     assert all(r["step_s"] > 0 and 0 < r["alloc_s"] < r["step_s"] for r in rows)
     # "peak %" against the fp32 product timed between the rounds of steps
-    here = report["sizes"][0]["matmul_peak_flops_interleaved"]["float32"]
-    assert here > 0 and all(r["matmul_peak_flops"] == here for r in rows)
-    assert rows[0]["peak_share"] == report["sizes"][0]["step_flops"] / rows[0]["step_s"] / here
+    here = report["sizes"][0]["matmul_peak_flops_interleaved"]
+    assert here > 0 and rows[0]["peak_share"] == report["sizes"][0]["step_flops"] / rows[0]["step_s"] / here
     with pytest.raises(RuntimeError, match="timing topk: .*variant.k"):
         bench.main([*args, "variant.k=-1", "--variants", "topk"])
