@@ -59,6 +59,8 @@ def test_bench_interleaves_fresh_processes(tmp_path, monkeypatch):
     assert all(r["step_s"] > 0 and 0 < r["alloc_s"] < r["step_s"] for r in rows)
     # "peak %" against the fp32 product timed between the rounds of steps
     here = report["sizes"][0]["matmul_peak_flops_interleaved"]
-    assert here > 0 and rows[0]["peak_share"] == report["sizes"][0]["step_flops"] / rows[0]["step_s"] / here
+    size = report["sizes"][0]
+    assert here > 0 and rows[0]["peak_share"] == size["step_flops"] / rows[0]["step_s"] / here
+    assert rows[0]["peak_share_warm"] == size["step_flops"] / rows[0]["step_s"] / size["matmul_peak_flops"]
     with pytest.raises(RuntimeError, match="timing topk: .*variant.k"):
         bench.main([*args, "variant.k=-1", "--variants", "topk"])
