@@ -2,10 +2,10 @@
 
 For each dictionary size: the measured matmul peak, a naive dense-autograd TopK reference step
 (written here), and the real training step of each variant, run by a Lightning ``Trainer``
-exactly as ``train.py`` runs it (forward, losses, backward, gradient clipping, Adam). The
-variants of one size and dtype are timed side by side, each in a fresh process, one step of
-each in turn (:func:`time_interleaved`; ``--same-process``: one after the other in this
-one). Prints a table and writes JSON.
+exactly as ``train.py`` runs it (forward, losses, backward, gradient clipping, Adam). Every
+row of one size (each variant in each dtype) is timed side by side with the others, each in a
+fresh process, one step of each in turn (:func:`time_interleaved`; ``--same-process``: one
+after the other in this one). Prints a table and writes JSON.
 """
 
 from __future__ import annotations
@@ -262,6 +262,8 @@ def time_variant(
         "peak_memory_bytes": mem.peak,
     }
     if profile:
+        if before is not None:  # (its turn, under time_interleaved)
+            before()
         result["profile"] = profile_step(module, batches[0])
     return result
 
@@ -332,7 +334,11 @@ def time_interleaved(
                 t = time.perf_counter()
                 probe()
                 probed.append(time.perf_counter() - t)
-        results = [reply(i, tuple)[1] for i in range(len(rows))]
+        results = []
+        for i, conn in enumerate(conns):  # one at a time: a profile runs in its turn
+            if rows[i].get("profile"):
+                conn.send(None)
+            results.append(reply(i, tuple)[1])
     except BaseException:
         for proc in procs:  # the others wait for their next turn
             proc.kill()

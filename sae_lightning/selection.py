@@ -316,10 +316,11 @@ def per_column_topk(zt: Tensor, m: Tensor) -> tuple[Tensor, Tensor, Tensor, Tens
     four times the smallest capacity in its group: the work stays within a small factor of
     Σ m_j even for Zipf capacities, and only the few large-capacity rows are copied (a
     ``topk``'s cost on a CPU follows its rows more than its k: groups within a factor of 4
-    rather than 2 took 9.3 against 10.8 ms for aux_zipf's 230 under-used latents at F = 16 384). Ties at a latent's cut keep
-    the lower tokens (canonical: the same pairs whatever ``torch.topk`` does). Returns (latent,
-    token, value) of the kept entries, each latent's in value order, and each latent's cutoff
-    value (its m_j-th largest, -inf where m_j = 0).
+    rather than 2 took 9.3 against 10.8 ms for aux_zipf's 230 under-used latents at
+    F = 16 384). Ties at a latent's cut keep the lower tokens (canonical: the same pairs
+    whatever ``torch.topk`` does). Returns (latent, token, value) of the kept entries, each
+    latent's in value order, and each latent's cutoff value (its m_j-th largest, -inf where
+    m_j = 0).
     """
     F_, B = zt.shape
     order = torch.argsort(m, descending=True, stable=True)
