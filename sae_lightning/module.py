@@ -143,8 +143,9 @@ class SAEModule(L.LightningModule):
         # a low-precision z′ only where selection re-scores it: batch allocation (thresholds read fp32)
         dtype = self.selection_dtype()
         low = dtype != self.sae.W_enc.dtype and mode == Mode.BATCH and self.allocator.rescores
-        z = self.affinities(xn, layout, dtype if low else self.sae.W_enc.dtype)  # no autograd
-        exact: Exact | None = ExactRanked(self.sae, xn) if low else None
+        xc = xn - self.sae.b_pre.detach()  # (once for the product, the re-scoring and the aux columns)
+        z = self.affinities(xn, layout, dtype if low else self.sae.W_enc.dtype, xc)  # no autograd
+        exact: Exact | None = ExactRanked(self.sae, xn, xc) if low else None
         if low and not self.sae.encoder_finite():  # what the re-scoring's candidates cannot see (rescore.py)
             raise TrainingDiverged(
                 f"non-finite affinities z' (NaN or inf) reached the allocator at step {self.global_step}"
@@ -174,7 +175,11 @@ class SAEModule(L.LightningModule):
         if ranked is not z:  # the values a re-scoring kept are scores, not the code's affinities
             sel.values = None
         code = self.sae.code(xn, z, sel, layout)
-        columns = (lambda latents, tokens, lay: self.sae.affinities(xn[tokens], latents, lay)) if low else None
+        columns = (
+            (lambda latents, tokens, lay: self.sae.affinities(xn[tokens], latents, lay, centred=xc[tokens]))
+            if low
+            else None
+        )
         out = StepOutput(x=xn, x_hat=self.sae.decode(code), z=z, layout=layout, code=code, exact_columns=columns)
         return out, ctx
 
@@ -182,13 +187,16 @@ class SAEModule(L.LightningModule):
         """The dtype batch selection reads z′ in (``model.affinity_dtype``; auto: by the device)."""
         return self.affinity_dtype if self.affinity_dtype is not None else auto_affinity_dtype(self.sae.W_enc.device)
 
-    def affinities(self, xn: Tensor, layout: str, dtype: torch.dtype = torch.float32) -> Tensor | AffinityBlocks:
+    def affinities(
+        self, xn: Tensor, layout: str, dtype: torch.dtype = torch.float32, centred: Tensor | None = None
+    ) -> Tensor | AffinityBlocks:
         """z′ of normalised tokens in ``dtype``: the dense matrix, or blocks of
-        ``model.block_latents`` latents computed on demand (never [B, F] at once)."""
+        ``model.block_latents`` latents computed on demand (never [B, F] at once); ``centred``:
+        xn − b_pre, where the caller holds it."""
         block = self.block_latents(xn.shape[0])
         if block is not None and block < self.sae.n_latents:
-            return self.sae.affinity_blocks(xn, block, layout, dtype)
-        return self.sae.affinities(xn, layout=layout, dtype=dtype)
+            return self.sae.affinity_blocks(xn, block, layout, dtype, centred)
+        return self.sae.affinities(xn, layout=layout, dtype=dtype, centred=centred)
 
     def block_latents(self, n_tokens: int) -> int | None:
         """Latents per block of z′ for ``n_tokens`` tokens (``model.block_latents``; ``auto``:

@@ -186,19 +186,22 @@ def per_column(
         return per_column_topk_blocks(zt, m) if isinstance(zt, AffinityBlocks) else per_column_topk(zt, m)
     F_, B = zt.shape
     wide = (m + column_margin(m)).clamp(max=B)
-    low = zt.dtype in (torch.bfloat16, torch.float16) if isinstance(zt, Tensor) else True
-    band = BAND if low else 0  # (a full-precision matrix, as in tests: the entries from its m_j-th largest up)
+
+    def candidates(keys: Tensor, rows: slice) -> tuple[Tensor, Tensor]:
+        # a full-precision matrix (as in tests): the entries from its m_j-th largest up
+        band = BAND if keys.dtype == torch.int16 else 0
+        return row_candidates(keys, m[rows], wide[rows], band)
+
     zt = _ordered(zt)
     if isinstance(zt, AffinityBlocks):
         lats, toks = [], []
         for j, block in zt:  # each block computed once
-            rows = slice(j, j + block.shape[0])
-            lat, tok = row_candidates(block, m[rows], wide[rows], band if block.dtype == torch.int16 else 0)
+            lat, tok = candidates(block, slice(j, j + block.shape[0]))
             lats.append(lat + j)
             toks.append(tok)
         lat, tok = torch.cat(lats), torch.cat(toks)
     else:
-        lat, tok = row_candidates(zt, m, wide, band)
+        lat, tok = candidates(zt, slice(None))
     values = exact(tok, lat)
     check_finite(values)
     order = _latent_value_token_order(lat, tok, values)

@@ -94,19 +94,18 @@ def geometric_median(x: Tensor, iters: int = 100, tol: float = 1e-6) -> Tensor:
 
 class ExactRanked:
     """What a SAE's affinity matrix ranks, in the parameters' dtype, for normalised tokens
-    ``xn``: the re-scoring of a low-precision matrix (:class:`rescore.Exact`)."""
+    ``xn``: the re-scoring of a low-precision matrix (:class:`rescore.Exact`). ``centred``:
+    xn − b_pre, where the caller holds it (else computed here, once for every call)."""
 
-    def __init__(self, sae: SparseAutoencoder, xn: Tensor):
+    def __init__(self, sae: SparseAutoencoder, xn: Tensor, centred: Tensor | None = None):
         self.sae, self.xn = sae, xn
-        self._centred: Tensor | None = None  # xn − b_pre, once for every call of a step
+        self.centred = xn - sae.b_pre.detach() if centred is None else centred
 
     def __call__(self, tokens: Tensor, latents: Tensor) -> Tensor:
-        if self._centred is None:
-            self._centred = self.xn - self.sae.b_pre.detach()
-        return self.sae.exact_ranked(self.xn, tokens, latents, self._centred)
+        return self.sae.exact_ranked(self.xn, tokens, latents, self.centred)
 
     def latent_rows(self, tokens: Tensor) -> Tensor:
-        return self.sae.affinities(self.xn[tokens], layout="latent")
+        return self.sae.affinities(self.xn[tokens], layout="latent", centred=self.centred[tokens])
 
 
 class SparseAutoencoder(nn.Module):
@@ -225,12 +224,14 @@ class SparseAutoencoder(nn.Module):
         cols: slice | Tensor | None = None,
         layout: str = "token",
         dtype: torch.dtype = torch.float32,
+        centred: Tensor | None = None,
     ) -> Tensor:
         """z' = W_enc (x − b_pre) + b_enc for normalised x, without autograd: [B, F] for the
         ``token`` layout, [F, B] for ``latent``; ``cols`` restricts the latents. A bfloat16
-        ``dtype`` computes the matrix in bf16 (for selection only; see :meth:`code`)."""
+        ``dtype`` computes the matrix in bf16 (for selection only; see :meth:`code`).
+        ``centred``: xn − b_pre, where the caller holds it."""
         W, b = self.ranked_encoder(cols)
-        xc = xn - self.b_pre
+        xc = xn - self.b_pre if centred is None else centred
         n_rows, n_cols = (xn.shape[0], W.shape[0]) if layout == "token" else (W.shape[0], xn.shape[0])
         out = self._workspace_for(n_rows, n_cols, dtype, xn.device) if cols is None else None
         if dtype != W.dtype:
@@ -267,16 +268,23 @@ class SparseAutoencoder(nn.Module):
         return w
 
     def affinity_blocks(
-        self, xn: Tensor, block: int, layout: str = "token", dtype: torch.dtype = torch.float32
+        self,
+        xn: Tensor,
+        block: int,
+        layout: str = "token",
+        dtype: torch.dtype = torch.float32,
+        centred: Tensor | None = None,
     ) -> AffinityBlocks:
-        """z′ of ``xn`` as blocks of ``block`` latents (see :mod:`blockwise`), computed on demand."""
+        """z′ of ``xn`` as blocks of ``block`` latents (see :mod:`blockwise`), computed on demand
+        (xn − b_pre once for all of them; ``centred``: that, where the caller holds it)."""
+        xc = xn - self.b_pre.detach() if centred is None else centred
         return AffinityBlocks(
-            lambda cols: self.affinities(xn, cols, layout, dtype),
+            lambda cols: self.affinities(xn, cols, layout, dtype, xc),
             xn.shape[0],
             self.n_latents,
             block,
             layout,
-            columns_of=lambda latents, tokens: self.affinities(xn[tokens], latents, "token", dtype),
+            columns_of=lambda latents, tokens: self.affinities(xn[tokens], latents, "token", dtype, xc[tokens]),
         )
 
     @torch.no_grad()

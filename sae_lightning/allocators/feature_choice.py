@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
@@ -91,19 +90,21 @@ def _token_major(z: Tensor | AffinityBlocks) -> Tensor | AffinityBlocks:
 @dataclasses.dataclass
 class DemandSample:
     """What demand is counted on: a strided sample of the latent-major matrix (about 2^16
-    entries: the batch's Mutual Choice cutoff θ is estimated on it) and, for θ, how many of the
-    batch's first ``n`` tokens each latent's affinity exceeds it on ([F] counts, summed as int32:
-    a sum of booleans to int64 converts them first, 5.2 of the sum's 6.5 ms in a profile at
-    F = 8192)."""
+    entries: the batch's Mutual Choice cutoff θ is estimated on it) and the batch's first n
+    tokens' values, latent-major [F, n]."""
 
     sample: Tensor
-    n: int
-    count_above: Callable[[Tensor], Tensor]
+    first: Tensor
 
-    @classmethod
-    def of_rows(cls, sample: Tensor, first: Tensor) -> DemandSample:
-        """From the first tokens' values themselves, latent-major [F, n]."""
-        return cls(sample, first.shape[1], lambda theta: (first > theta).sum(1, dtype=torch.int32))
+    @property
+    def n(self) -> int:
+        return self.first.shape[1]
+
+    def count_above(self, theta: Tensor) -> Tensor:
+        """[F]: how many of the first n tokens each latent's affinity exceeds θ on (summed as
+        int32: a sum of booleans to int64 converts them first, 5.2 of the sum's 6.5 ms in a
+        profile at F = 8192)."""
+        return (self.first > theta).sum(1, dtype=torch.int32)
 
 
 def _demand_sample(z: Tensor | AffinityBlocks, tokens: int, exact: Exact | None = None) -> DemandSample:
@@ -118,17 +119,17 @@ def _demand_sample(z: Tensor | AffinityBlocks, tokens: int, exact: Exact | None 
     if exact is not None:
         if B % stride == 0:  # one product for both: the sample's tokens and the first n
             cols = exact.latent_rows(torch.cat([torch.arange(n), torch.arange(0, B, stride)]))
-            return DemandSample.of_rows(cols[:, n:].reshape(-1), cols[:, :n])
+            return DemandSample(cols[:, n:].reshape(-1), cols[:, :n])
         first = exact.latent_rows(torch.arange(n))
         flat = torch.arange(0, F_ * B, stride, device=first.device)
         lat = torch.div(flat, B, rounding_mode="floor")
-        return DemandSample.of_rows(exact(flat - lat * B, lat), first)
+        return DemandSample(exact(flat - lat * B, lat), first)
     if isinstance(z, AffinityBlocks):
         tap = _DemandTap(z, n)
         for _ in tap.blocks:
             pass
         return tap.sample()
-    return DemandSample.of_rows(z.reshape(-1)[::stride], z[:, :n])
+    return DemandSample(z.reshape(-1)[::stride], z[:, :n])
 
 
 class _DemandTap:
@@ -156,9 +157,7 @@ class _DemandTap:
     def sample(self) -> DemandSample:
         assert sum(h.shape[0] for _, h in self.parts.values()) == self.n_latents, "a block was not read"
         order = sorted(self.parts)
-        return DemandSample.of_rows(
-            torch.cat([self.parts[j][0] for j in order]), torch.cat([self.parts[j][1] for j in order])
-        )
+        return DemandSample(torch.cat([self.parts[j][0] for j in order]), torch.cat([self.parts[j][1] for j in order]))
 
 
 def demand_capacities(demand: Tensor, budget: int, batch_size: int, floor: float) -> Tensor:
