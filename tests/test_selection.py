@@ -116,6 +116,10 @@ def test_row_topk_equals_torch_topk(n, W, width, kind):
     assert all(len(set(row.tolist())) == width for row in index)
     if kind == "continuous":
         assert torch.equal(index, ref.indices)
+    loose, where = row_topk(z, width, sorted=False)  # in no order: the same entries
+    assert torch.equal(torch.sort(loose, dim=1, descending=True).values, ref.values)
+    assert torch.equal(z.gather(1, where), loose)
+    assert all(len(set(row.tolist())) == width for row in where)
 
 
 @pytest.mark.parametrize("W", [512, 517, 24])  # a multiple of 8, not one, too few groups
@@ -180,3 +184,20 @@ def test_topk_per_row_orders_each_row_canonically():
     for r in range(50):
         want = sorted(range(40), key=lambda c: (-float(z[r, c]), c))[:7]
         assert cols[r].tolist() == want and vals[r].tolist() == [float(z[r, c]) for c in want]
+
+
+def test_topk_per_row_settles_ties_by_labels():
+    """With ``labels`` (the latents each position stands for, in no order) ties go to the lower
+    label: the same pairs, as positions, as the matrix laid out in label order gives."""
+    from sae_lightning.selection import topk_per_row
+
+    g = torch.Generator().manual_seed(1)
+    n, w = 60, 24
+    labels = torch.stack([torch.randperm(1000, generator=g)[:w] for _ in range(n)])
+    z = torch.randint(0, 5, (n, w), generator=g).float()  # ties inside the kept set and at the cut
+    z[:5] = torch.randn(5, w, generator=g)  # and some rows without any
+    sel, vals = topk_per_row(z, 6, labels=labels)
+    order = torch.sort(labels, dim=1).indices  # the same rows laid out in label order
+    ref, ref_vals = topk_per_row(z.gather(1, order), 6)
+    assert torch.equal(labels.gather(1, sel.cols.view(n, 6)), labels.gather(1, order).gather(1, ref.cols.view(n, 6)))
+    assert torch.equal(vals, ref_vals)
