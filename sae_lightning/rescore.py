@@ -120,10 +120,10 @@ def _exact_topk(cand: Tensor, k: int, exact: Exact) -> tuple[Tensor, Tensor]:
     """Each row's top-k of its candidate latents ``cand`` [B, w] by exact values: [B, k] latents
     and values, in the canonical order among all latents."""
     B, width = cand.shape
-    cand = torch.sort(cand, dim=1).values  # latent order: a position's order is the latent's
     rows = torch.arange(B, device=cand.device).repeat_interleave(width)
     values = exact(rows, cand.reshape(-1)).view(B, width)
-    sel, vals = topk_per_row(values, k)  # the canonical order among the candidates = among all latents
+    # the canonical order among the candidates, ties by latent (= among all latents)
+    sel, vals = topk_per_row(values, k, labels=cand)
     return cand.gather(1, sel.cols.view(B, k)), vals.view(B, k)
 
 
@@ -132,11 +132,14 @@ def _topk_rows_banded(keys: Tensor, k: int, width: int, exact: Exact, band: int)
     top-``width`` by ``keys``, where those hold every entry within ``band`` key steps below the
     row's k-th largest key; the rows where they do not are done again with twice the width."""
     F = keys.shape[1]
-    top, cand = row_topk(keys, width)  # ties among the candidates' keys: any of them
+    top, cand = row_topk(keys, width, sorted=False)  # ties among the candidates' keys: any of them
     cols, vals = _exact_topk(cand, k, exact)  # (all of them: masking the band's costs more)
     if width < F:
         key = top.long() if band else top  # (int16 views: a step is one unit)
-        short = (key[:, width - 1] >= key[:, k - 1] - band).nonzero().squeeze(1)
+        # the band reaches the least candidate (its k-th largest − band ≤ the width-th largest)
+        # where fewer than k candidates lie more than ``band`` steps above that one
+        least = key.amin(1, keepdim=True)
+        short = ((key > least + band).sum(1) < k).nonzero().squeeze(1)
         if short.numel():  # the band may reach past the candidates: those rows, wider
             sub = _Rows(exact, short)
             more_cols, more_vals = _topk_rows_banded(keys[short], k, min(F, 2 * width), sub, band)
@@ -214,6 +217,40 @@ def per_column(
     has = m > 0
     cutoff[has] = values[(start + m - 1)[has]]
     return lat[keep], tok[keep], values[keep], cutoff
+
+
+def sample_exact(z: Tensor, stride: int, top: int, exact: Exact) -> Tensor:
+    """Every ``stride``-th entry of a low-precision latent-major [F, B] matrix (flat order), in
+    full precision where it can be among the sample's ``top`` largest, -inf elsewhere: the
+    entries within ``BAND`` steps below the low-precision top-th largest, or above, re-scored
+    pair by pair (the rest cannot reach the top; Feature Choice's demand cutoff, the top-th
+    largest, is then the fp32 sample's)."""
+    B = z.shape[1]
+    keys = _as_int16(z).reshape(-1)[::stride]
+    top = min(max(top, 1), keys.numel())
+    cut = int(torch.topk(keys, top, sorted=False).values.min())
+    near = (keys >= max(cut - BAND, torch.iinfo(torch.int16).min)).nonzero().squeeze(1)
+    flat = near * stride
+    lat = torch.div(flat, B, rounding_mode="floor")
+    values = exact(flat - lat * B, lat)
+    out = torch.full((keys.numel(),), float("-inf"), dtype=values.dtype, device=values.device)
+    out[near] = values
+    return out
+
+
+def count_above(keys: Tensor, theta: Tensor, exact: Exact) -> Tensor:
+    """[F]: how many of the tokens 0..n-1 each latent's full-precision affinity exceeds
+    ``theta`` (> 0) on, from the int16 keys [F, n] of a low-precision latent-major matrix: the
+    entries more than ``BAND`` steps above θ's key count, those within ``BAND`` of it are
+    re-scored pair by pair (a few: ~0.1 % at the Mutual Choice cutoff), the rest do not."""
+    t = int(theta.to(torch.bfloat16).view(torch.int16))
+    counts = (keys > t + BAND).sum(1, dtype=torch.int32)
+    near = ((keys >= t - BAND) & (keys <= t + BAND)).nonzero()
+    if near.numel():
+        lat, tok = near[:, 0], near[:, 1]
+        above = exact(tok, lat) > theta
+        counts += torch.bincount(lat[above], minlength=keys.shape[0]).to(torch.int32)
+    return counts
 
 
 def _latent_value_token_order(lat: Tensor, tok: Tensor, values: Tensor) -> Tensor:

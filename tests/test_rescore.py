@@ -269,19 +269,42 @@ def test_latent_value_token_order_with_ties():
 
 @pytest.mark.parametrize("tokens,n", [(4096, 100), (4096, 10), (4098, 100)])  # stride 4: ≥ n / < n / not dividing B
 def test_feature_choice_demand_sample_exact_equals_the_matrix(tokens, n):
-    """Feature Choice's demand sample from ``exact`` (dense rows where the stride divides B,
-    else pair by pair) is the fp32 matrix's own entries, and its counts on the first n tokens
-    are the matrix's, θ among the sampled entries included (not above itself)."""
+    """Feature Choice's demand sample from a low-precision matrix and ``exact``: the fp32
+    sample's top k/F share (hence its cutoff θ) with the fp32 matrix's own values, -inf only
+    where an entry cannot reach it; its counts on the first n tokens are the fp32 matrix's, θ
+    among the sampled entries included (not above itself), and θ ≤ 0 read from exact columns;
+    only the entries near θ re-scored."""
     from sae_lightning.allocators.feature_choice import _demand_sample
 
     z = torch.randn(tokens, F, generator=torch.Generator().manual_seed(0))
     exact = Gathered(z)
     want = _demand_sample(z.t().contiguous(), n)
-    got = _demand_sample(z.t().to(torch.bfloat16).contiguous(), n, exact)
-    assert torch.equal(got.sample, want.sample) and got.n == want.n == n
-    for theta in [want.sample[0], want.sample[5], torch.tensor(0.5), torch.tensor(3.0)]:
+    got = _demand_sample(z.t().to(torch.bfloat16).contiguous(), n, exact, top=0.05)
+    keep = int(0.05 * want.sample.numel())
+    assert torch.equal(torch.topk(got.sample, keep).values, torch.topk(want.sample, keep).values)
+    assert got.n == want.n == n and bool(torch.isinf(got.sample).any())
+    sampled = torch.topk(want.sample, keep).values
+    for theta in [sampled[-1], sampled[3], torch.tensor(0.5), torch.tensor(3.0), torch.tensor(0.0), torch.tensor(-1.0)]:
         assert torch.equal(got.count_above(theta), want.count_above(theta))
-    assert exact.calls == (0 if tokens == 4096 else 1)  # dense rows, no pairs, where it can
+    asked: list[int] = []
+    counted = _demand_sample(z.t().to(torch.bfloat16).contiguous(), n, _Counting(exact, asked), top=0.05)
+    assert asked[0] < want.sample.numel() // 4  # the sample: the candidates for its top 5 % only
+    counted.count_above(torch.tensor(0.5))
+    assert 0 < asked[-1] < n * F // 10  # the counts: a few near θ, not the first n tokens' columns
+
+
+class _Counting:
+    """An ``exact`` that records how many pairs each call asks for."""
+
+    def __init__(self, inner, asked):
+        self.inner, self.asked = inner, asked
+
+    def __call__(self, tokens, latents):
+        self.asked.append(tokens.numel())
+        return self.inner(tokens, latents)
+
+    def latent_rows(self, tokens):
+        return self.inner.latent_rows(tokens)
 
 
 def test_topk_rescored_widens_rows_whose_band_reaches_past_the_candidates():
