@@ -24,6 +24,30 @@ from .spec import check_keys, parse, setting
 from .stats import LatentStats
 
 
+class _SquaredError(torch.autograd.Function):
+    """(Σ‖x − x̂‖², x − x̂): one pass for the residual and one read for its dot product (where
+    ``(x − x̂).pow(2).sum()`` takes three), and a backward of one pass (−2g·(x − x̂) for x̂)
+    instead of three. The residual is returned without a gradient. The sum is a dot product in
+    at least fp32 (BLAS: ~1e-6 relative against fp64, where ``linalg.vector_norm`` was ~1e-4)."""
+
+    @staticmethod
+    def forward(ctx, x, x_hat):
+        e = x - x_hat
+        ctx.save_for_backward(e)
+        ctx.mark_non_differentiable(e)
+        flat = e.reshape(-1)
+        if flat.dtype not in (torch.float32, torch.float64):
+            flat = flat.float()
+        return torch.dot(flat, flat).to(e.dtype), e
+
+    @staticmethod
+    def backward(ctx, g, _):
+        (e,) = ctx.saved_tensors
+        g_x = e * (2 * g) if ctx.needs_input_grad[0] else None
+        g_hat = (-g_x if g_x is not None else e * (-2 * g)) if ctx.needs_input_grad[1] else None
+        return g_x, g_hat
+
+
 @dataclass
 class StepOutput:
     """What one forward pass produced, in normalised units."""
@@ -36,6 +60,15 @@ class StepOutput:
     # (latents, tokens, layout) -> those columns of z′ in the parameters' dtype, where z is held in
     # low precision (the auxiliary losses then select on exact values, as in an fp32 run)
     exact_columns: Callable[[Tensor, slice, str], Tensor] | None = None
+    centred: Tensor | None = None  # x − b_pre (no gradient), where the step computed it
+    _error: tuple[Tensor, Tensor] | None = dataclasses.field(default=None, init=False, repr=False, compare=False)
+
+    def squared_error(self) -> tuple[Tensor, Tensor]:
+        """(Σ‖x − x̂‖² over the batch, differentiable with respect to x̂; the residual x − x̂,
+        without gradient), computed once for the loss terms and the step's metrics."""
+        if self._error is None:
+            self._error = cast(tuple[Tensor, Tensor], _SquaredError.apply(self.x, self.x_hat))
+        return self._error
 
     def columns(self, latents: Tensor, tokens: slice = slice(None), layout: str = "token") -> Tensor:
         """The affinities of some latents for (some) tokens: [tokens, len(latents)], or
@@ -88,10 +121,11 @@ class Reconstruction(LossTerm):
     scale: Literal["second_moment", "variance", "sum"] = "sum"
 
     def __call__(self, out, sae, stats):
+        sse = out.squared_error()[0]
         if self.scale == "sum":
-            return (out.x - out.x_hat).pow(2).sum(1).mean()
+            return sse / out.x.shape[0]
         denom = sae.x_variance if self.scale == "variance" else sae.x_second_moment
-        return (out.x - out.x_hat).pow(2).mean() / denom
+        return sse / out.x.numel() / denom
 
     def units(self, sae: SparseAutoencoder) -> Tensor:
         """c such that this term = c · (the loss with ``second_moment`` scale): 1, E x²/Var x
@@ -140,7 +174,20 @@ def per_token_aux_selection(out: StepOutput, candidates: Tensor, k_aux: int) -> 
 def per_latent_aux_selection(
     out: StepOutput, candidates: Tensor, quota: Tensor, max_elements: int = 1 << 22
 ) -> Selection | None:
-    """Each candidate latent j's top-quota_j tokens (Feature Choice's rule)."""
+    """Each candidate latent j's top-quota_j tokens (Feature Choice's rule), token-major."""
+    pairs = per_latent_aux_pairs(out, candidates, quota, max_elements)
+    if pairs is None:
+        return None
+    lat, tok, val = pairs
+    # with their values: the code reads them instead of a second product
+    return sort_pairs(tok, lat, out.x.shape[0], out.code.n_latents, val)
+
+
+def per_latent_aux_pairs(
+    out: StepOutput, candidates: Tensor, quota: Tensor, max_elements: int = 1 << 22
+) -> tuple[Tensor, Tensor, Tensor] | None:
+    """(latent, token, ranked value) of each candidate latent j's top-quota_j tokens, grouped by
+    latent (None when there are none)."""
     idx = torch.nonzero(candidates & (quota > 0)).squeeze(1)
     if idx.numel() == 0:
         return None
@@ -154,8 +201,7 @@ def per_latent_aux_selection(
         lats.append(part[lat])
         toks.append(tok)
         vals.append(val)
-    # with their values: the code reads them instead of a second product
-    return sort_pairs(torch.cat(toks), torch.cat(lats), B, out.code.n_latents, torch.cat(vals))
+    return torch.cat(lats), torch.cat(toks), torch.cat(vals)
 
 
 def union(a: Selection | None, b: Selection | None, n_latents: int) -> Selection | None:
@@ -176,8 +222,8 @@ def aux_residual_loss(
     rows and biases and their decoder rows, never b_pre."""
     if sel is None:
         return out.x.new_zeros(()), None
-    code = sae.code(out.x, out.z, sel, out.layout, weights, values, train_b_pre=False)
-    e = (out.x - out.x_hat).detach()
+    code = sae.code(out.x, out.z, sel, out.layout, weights, values, train_b_pre=False, centred=out.centred)
+    e = out.squared_error()[1]
     e_hat = sparse_decode(code, sae.W_dec)
     return (e - e_hat).pow(2).sum() / (e - e.mean(0)).pow(2).sum().clamp_min(1e-12), code.latents
 
@@ -186,20 +232,25 @@ UnderusedTerm = Literal["residual", "pull"]
 
 
 def selection_pull_loss(
-    out: StepOutput, sae: SparseAutoencoder, sel: Selection | None, weights: Tensor | None = None
+    out: StepOutput,
+    sae: SparseAutoencoder,
+    pairs: tuple[Tensor, Tensor, Tensor] | None,
+    weights: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
-    """Mean over the selected pairs of w_j · relu(θ − z'_ij) / θ, θ the batch's selection cutoff
-    (the smallest value of the main code): how far those affinities fall short of being
-    selected. Its gradient raises them (W_enc and b_enc only: not W_dec, not b_pre); the pairs
-    already above θ add nothing."""
-    if sel is None or out.code.nnz == 0:
+    """Mean over the selected pairs (latent, token, ranked value: :func:`per_latent_aux_pairs`)
+    of w_j · relu(θ − z'_ij) / θ, θ the batch's selection cutoff (the smallest value of the main
+    code): how far those affinities fall short of being selected. Its gradient raises them
+    (W_enc and b_enc only: not W_dec, not b_pre); the pairs already above θ add nothing. The
+    pairs stay in their latent order (no code is decoded from them: no token-major sort)."""
+    if pairs is None or out.code.nnz == 0:
         return out.x.new_zeros(()), None
+    lat, tok, ranked = pairs
     theta = out.code.values.detach().min().clamp_min(1e-6)
-    code = sae.code(out.x, out.z, sel, out.layout, values="linear", train_b_pre=False)
-    short = torch.relu(theta - code.values) / theta
+    values = sae.pair_values(out.x, tok, lat, ranked, train_b_pre=False, centred=out.centred)
+    short = torch.relu(theta - values) / theta
     if weights is not None:
-        short = short * weights[code.latents]
-    return short.mean(), code.latents[(code.values.detach() < theta)]
+        short = short * weights[lat]
+    return short.mean(), lat[(values.detach() < theta)]
 
 
 def reached_fraction(latents: Tensor | None, group: Tensor) -> Tensor | None:
@@ -287,10 +338,11 @@ class AuxZipf(LossTerm):
             (deficit / targets.clamp_min(1e-12)).clamp(0.0, 1.0).to(out.x.dtype) if self.deficit_weighting else None
         )
         quota = torch.ceil(deficit * out.x.shape[0]).to(torch.long)
-        sel = per_latent_aux_selection(out, under, quota)
         if self.underused_term == "pull":
-            under_loss, under_latents = selection_pull_loss(out, sae, sel, weights)
+            pairs = per_latent_aux_pairs(out, under, quota)
+            under_loss, under_latents = selection_pull_loss(out, sae, pairs, weights)
         else:
+            sel = per_latent_aux_selection(out, under, quota)
             under_loss, under_latents = aux_residual_loss(out, sae, sel, weights)
         self.metrics["underused_reached"] = reached_fraction(under_latents, under)
         return dead_loss + self.underused_coef * under_loss

@@ -36,15 +36,22 @@ def auto_affinity_dtype(device: torch.device) -> torch.dtype:
 BIAS_COLUMNS = 16  # the low-precision product's extra inner dimension: the bias, then zeros
 
 
-def _with_bias_column(a: Tensor, bias: Tensor | None, dtype: torch.dtype) -> Tensor:
-    """[n, d] → [n, d + 16] in ``dtype``: ``a``, then ``bias`` (None: ones), then zeros. The
-    low-precision affinities are one plain product of two such operands, the bias added
-    inside it: ``addmm`` first writes the broadcast bias into the whole [B, F] output (the bf16
-    affinities 19.8 → 15.9 ms at B = 4096, F = 8192; docs/performance.md). Only selection's
-    candidates read that matrix (rescore.py), so how it rounds is free."""
-    out = a.new_zeros((a.shape[0], a.shape[1] + BIAS_COLUMNS), dtype=dtype)
-    out[:, : a.shape[1]] = a
-    out[:, a.shape[1]] = 1.0 if bias is None else bias
+def _with_bias_column(a: Tensor, bias: Tensor | None, dtype: torch.dtype, scale: Tensor | None = None) -> Tensor:
+    """[n, d] → [n, d + 16] in ``dtype``: ``a`` (each row times ``scale``, where given: written
+    straight into the operand, no full-precision [n, d] copy), then ``bias`` (None: ones; also
+    scaled), then zeros. The low-precision affinities are one plain product of two such
+    operands, the bias added inside it: ``addmm`` first writes the broadcast bias into the whole
+    [B, F] output (the bf16 affinities 19.8 → 15.9 ms at B = 4096, F = 8192;
+    docs/performance.md). Only selection's candidates read that matrix (rescore.py), so how it
+    rounds is free."""
+    n, d = a.shape
+    out = torch.empty((n, d + BIAS_COLUMNS), dtype=dtype, device=a.device)
+    if scale is None:
+        out[:, :d] = a
+    else:
+        torch.mul(a, scale.unsqueeze(1), out=out[:, :d])
+    out[:, d] = 1.0 if bias is None else (bias if scale is None else bias * scale)
+    out[:, d + 1 :] = 0
     return out
 
 
@@ -56,26 +63,34 @@ class SelectedAffinities(torch.autograd.Function):
     without autograd). Backward costs O(nnz·d): ∂b_enc is a scatter-add of the incoming
     gradient, ∂W_enc[j] = Σ_{e: c_e = j} g_e (x[r_e] − b_pre) is one ``embedding_bag`` over
     the entries grouped by latent, and ∂b_pre = −∂b_encᵀ W_enc. No dense [B, F] gradient is
-    ever formed, and the dense matmul of the encoder's backward is skipped.
+    ever formed, and the dense matmul of the encoder's backward is skipped. ``centred``: the
+    value of xn − b_pre, where the step holds it (else formed again in the backward).
     """
 
     @staticmethod
-    def forward(ctx, values, W_enc, b_enc, b_pre, xn, rows, cols, by_latent=None):
-        ctx.save_for_backward(W_enc, b_pre, xn, rows, cols)
-        ctx.by_latent = by_latent
+    def forward(ctx, values, W_enc, b_enc, b_pre, xn, rows, cols, by_latent=None, centred=None):
+        if centred is None:
+            ctx.save_for_backward(W_enc, b_pre, xn, rows, cols)
+        else:
+            ctx.save_for_backward(W_enc, centred, rows, cols)
+        ctx.by_latent, ctx.centred = by_latent, centred is not None
         return values.clone()
 
     @staticmethod
     def backward(ctx, g):
-        W_enc, b_pre, xn, rows, cols = ctx.saved_tensors
+        if ctx.centred:
+            W_enc, xc, rows, cols = ctx.saved_tensors
+        else:
+            W_enc, b_pre, xn, rows, cols = ctx.saved_tensors
+            xc = xn - b_pre
         n_latents = W_enc.shape[0]
         g = g.contiguous()
         g_b = torch.zeros(n_latents, dtype=g.dtype, device=g.device).index_add_(0, cols, g)
         g_W = None
         if ctx.needs_input_grad[1]:
-            g_W = sum_by_latent(cols, rows, g, (xn - b_pre).to(g.dtype), n_latents, ctx.by_latent)
+            g_W = sum_by_latent(cols, rows, g, xc.to(g.dtype), n_latents, ctx.by_latent)
         g_pre = -(g_b @ W_enc) if ctx.needs_input_grad[3] else None
-        return None, g_W, g_b if ctx.needs_input_grad[2] else None, g_pre, None, None, None, None
+        return None, g_W, g_b if ctx.needs_input_grad[2] else None, g_pre, None, None, None, None, None
 
 
 def geometric_median(x: Tensor, iters: int = 100, tol: float = 1e-6) -> Tensor:
@@ -135,6 +150,8 @@ class SparseAutoencoder(nn.Module):
         self.decoder_norm, self.decoder_init_norm = decoder_norm, decoder_init_norm
         self._held_norms: Tensor | None = None  # decoder_norms() held (holding_ranked_encoder)
         self._held_encoder: tuple[Tensor, Tensor] | None = None  # ranked_encoder() held
+        self._held_operand: Tensor | None = None  # ranked_operand() held
+        self._holding = False  # inside holding_ranked_encoder
         # the dense affinity matrix's buffer, kept between training steps (reusing_affinities)
         self._workspace: Tensor | None = None
         self._workspace_free = False  # inside reusing_affinities, until the matrix is handed out
@@ -230,12 +247,16 @@ class SparseAutoencoder(nn.Module):
         ``token`` layout, [F, B] for ``latent``; ``cols`` restricts the latents. A bfloat16
         ``dtype`` computes the matrix in bf16 (for selection only; see :meth:`code`).
         ``centred``: xn − b_pre, where the caller holds it."""
-        W, b = self.ranked_encoder(cols)
         xc = xn - self.b_pre if centred is None else centred
+        low = dtype != self.W_enc.dtype
+        if low:  # the bias inside the product (_with_bias_column)
+            W = self.ranked_operand(dtype) if cols is None else _with_bias_column(*self.ranked_encoder(cols), dtype)
+            xc = _with_bias_column(xc, None, dtype)
+        else:
+            W, b = self.ranked_encoder(cols)
         n_rows, n_cols = (xn.shape[0], W.shape[0]) if layout == "token" else (W.shape[0], xn.shape[0])
         out = self._workspace_for(n_rows, n_cols, dtype, xn.device) if cols is None else None
-        if dtype != W.dtype:
-            W, xc = _with_bias_column(W, b, dtype), _with_bias_column(xc, None, dtype)
+        if low:
             return torch.mm(xc, W.t(), out=out) if layout == "token" else torch.mm(W, xc.t(), out=out)
         if layout == "token":
             return torch.addmm(b, xc, W.t(), out=out)
@@ -332,21 +353,40 @@ class SparseAutoencoder(nn.Module):
         norms = self.decoder_norms(cols)
         if norms is not None:
             W, b = W * norms.unsqueeze(1), b * norms
+        if cols is None and self._holding:
+            self._held_encoder = W, b
         return W, b
+
+    @torch.no_grad()
+    def ranked_operand(self, dtype: torch.dtype) -> Tensor:
+        """The ranked encoder (W, b) of all latents as the low-precision product's [F, d + 16]
+        operand (:func:`_with_bias_column`; a free decoder's norms applied as it is written, with
+        no full-precision W·‖d‖ formed); inside :meth:`holding_ranked_encoder`, computed once."""
+        held = self._held_operand
+        if held is not None and held.dtype == dtype:
+            return held
+        if self._held_encoder is not None:  # already formed in full precision this step
+            operand = _with_bias_column(*self._held_encoder, dtype)
+        else:
+            operand = _with_bias_column(self.W_enc, self.b_enc, dtype, self.decoder_norms())
+        if self._holding:
+            self._held_operand = operand
+        return operand
 
     @contextlib.contextmanager
     def holding_ranked_encoder(self) -> Iterator[None]:
         """While the parameters do not change (a step's forward and loss terms: they ask ~5
-        times, 0.5–1.4 ms each at F = 8192–16384), :meth:`decoder_norms` and
-        :meth:`ranked_encoder` compute theirs once."""
-        held = self._held_norms, self._held_encoder
-        self._held_norms = self._held_encoder = None
+        times, 0.5–1.4 ms each at F = 8192–16384), :meth:`decoder_norms`, :meth:`ranked_encoder`
+        and :meth:`ranked_operand` compute theirs once (the latter two when first asked: a
+        low-precision step needs only the operand)."""
+        held = self._held_norms, self._held_encoder, self._held_operand, self._holding
+        self._held_norms = self._held_encoder = self._held_operand = None
         self._held_norms = self.decoder_norms()
-        self._held_encoder = self.ranked_encoder()
+        self._holding = True
         try:
             yield
         finally:
-            self._held_norms, self._held_encoder = held
+            self._held_norms, self._held_encoder, self._held_operand, self._holding = held
 
     @torch.no_grad()
     def folded(self) -> tuple[Tensor, Tensor, Tensor]:
@@ -367,6 +407,7 @@ class SparseAutoencoder(nn.Module):
         weights: Tensor | None = None,
         values: str = "relu",
         train_b_pre: bool = True,
+        centred: Tensor | None = None,
     ) -> SparseCode:
         """The sparse code of a selection, differentiable with respect to the encoder through a
         sparse backward. ``values``: ``relu`` (the SAE's own: ReLU(z') at the selected pairs,
@@ -374,7 +415,8 @@ class SparseAutoencoder(nn.Module):
         values kept, as SAELens's aux-k) or ``softplus`` (log(1 + e^z'): positive, with a
         gradient however negative z' is). ``weights`` ([F]) scales each latent's values.
         ``train_b_pre=False`` (the auxiliary codes): the values' gradient reaches W_enc and b_enc
-        only, not b_pre (which the reconstruction alone trains)."""
+        only, not b_pre (which the reconstruction alone trains). ``centred``: xn − b_pre (no
+        gradient), where the caller holds it."""
         rows, cols = selection.rows, selection.cols
         with torch.no_grad():
             ranked = None  # the ranked matrix's values at the pairs, where at hand
@@ -382,23 +424,50 @@ class SparseAutoencoder(nn.Module):
                 ranked = z[rows, cols] if layout == "token" else z[cols, rows]
             elif selection.values is not None:  # re-scored by the selection itself (rescore.py)
                 ranked = selection.values.to(self.W_enc.dtype)
-            if ranked is not None:
-                norms = self.decoder_norms()  # a free decoder's matrix ranks z'·‖d‖; the code holds z'
-                raw = ranked if norms is None else ranked / norms[cols]
-            else:  # selection made in low precision or blockwise: the values computed pair by pair
-                raw = self.exact_affinities(xn, rows, cols)
+            raw = self._raw_values(xn, rows, cols, ranked, centred)
             if values == "relu":
                 keep = raw > 0
                 if not bool(keep.all()):
                     rows, cols, raw = rows[keep], cols[keep], raw[keep]
-        b_pre = self.b_pre if train_b_pre else self.b_pre.detach()
         by_latent = ByLatent(cols, self.n_latents)  # sorted once, for both backwards (encoder, decoder)
-        v = SelectedAffinities.apply(raw, self.W_enc, self.b_enc, b_pre, xn, rows, cols, by_latent)
+        v = self.pair_values(xn, rows, cols, raw, train_b_pre, centred, by_latent, raw_values=True)
         if values == "softplus":
             v = F.softplus(v)
         if weights is not None:
             v = v * weights[cols]
         return SparseCode.build(rows, cols, v, selection.n_tokens, self.n_latents, by_latent)
+
+    @torch.no_grad()
+    def _raw_values(
+        self, xn: Tensor, rows: Tensor, cols: Tensor, ranked: Tensor | None, centred: Tensor | None
+    ) -> Tensor:
+        """z' at the pairs: from the ranked matrix's values there (divided by a free decoder's
+        norms, which it carries), else computed pair by pair."""
+        if ranked is None:  # selection made in low precision or blockwise: computed pair by pair
+            return self.exact_affinities(xn, rows, cols, centred)
+        norms = self.decoder_norms()  # a free decoder's matrix ranks z'·‖d‖; the code holds z'
+        return ranked if norms is None else ranked / norms[cols]
+
+    def pair_values(
+        self,
+        xn: Tensor,
+        rows: Tensor,
+        cols: Tensor,
+        ranked: Tensor | None = None,
+        train_b_pre: bool = True,
+        centred: Tensor | None = None,
+        by_latent: ByLatent | None = None,
+        raw_values: bool = False,
+    ) -> Tensor:
+        """z' at distinct (token, latent) pairs in any order, differentiable with respect to the
+        encoder through the sparse backward (:class:`SelectedAffinities`), no code built:
+        ``ranked``, the ranked matrix's values there where at hand (``raw_values``: z' itself),
+        else computed pair by pair; ``train_b_pre=False``: no gradient to b_pre."""
+        if not raw_values:
+            ranked = self._raw_values(xn, rows, cols, ranked, centred)
+        b_pre = self.b_pre if train_b_pre else self.b_pre.detach()
+        by_latent = by_latent or ByLatent(cols, self.n_latents)
+        return SelectedAffinities.apply(ranked, self.W_enc, self.b_enc, b_pre, xn, rows, cols, by_latent, centred)
 
     def decode(self, code: SparseCode) -> Tensor:
         return sparse_decode(code, self.W_dec) + self.b_pre

@@ -177,16 +177,26 @@ def test_auxiliary_terms_never_train_b_pre(term, trains_decoder):
 
 
 def test_the_pull_term_trains_the_encoder_only():
-    from sae_lightning.losses import per_latent_aux_selection, selection_pull_loss
+    """The pull term on its latent-major pairs: the encoder only, and the value and gradient of
+    its formula on the token-major code of the same pairs."""
+    from sae_lightning.losses import per_latent_aux_pairs, per_latent_aux_selection, selection_pull_loss
 
     sae, stats, out = setup(dead_fraction=0.0)
-    quota = torch.full((sae.n_latents,), 3)
-    loss, _ = selection_pull_loss(
-        out, sae, per_latent_aux_selection(out, torch.ones(sae.n_latents, dtype=torch.bool), quota)
-    )
+    quota = torch.randint(1, 9, (sae.n_latents,), generator=torch.Generator().manual_seed(2))
+    every = torch.ones(sae.n_latents, dtype=torch.bool)
+    weights = torch.rand(sae.n_latents, generator=torch.Generator().manual_seed(3))
+    loss, latents = selection_pull_loss(out, sae, per_latent_aux_pairs(out, every, quota), weights)
     g = grads(loss, sae)
     assert float(loss.detach()) > 0 and g["W_enc"].abs().sum() > 0
     assert g["W_dec"].abs().sum() == 0 and g["b_pre"].abs().sum() == 0
+    sel = per_latent_aux_selection(out, every, quota)  # the same pairs, token-major, through a code
+    code = sae.code(out.x, out.z, sel, out.layout, values="linear", train_b_pre=False)
+    theta = out.code.values.detach().min().clamp_min(1e-6)
+    want = (torch.relu(theta - code.values) / theta * weights[code.latents]).mean()
+    assert float(loss) == pytest.approx(float(want), rel=1e-5)
+    for name, value in grads(want, sae).items():
+        torch.testing.assert_close(g[name], value, rtol=1e-5, atol=1e-7)
+    assert sorted(latents.tolist()) == sorted(code.latents[code.values.detach() < theta].tolist())
 
 
 def test_per_latent_aux_selection_in_chunks_of_latents_equals_one_chunk():
@@ -226,3 +236,29 @@ def test_auxiliary_terms_weigh_against_the_reconstruction_alike_at_every_scale(t
         assert float(losses["recon"].units(sae)) == pytest.approx(expected)
     for scale in ("variance", "sum"):
         torch.testing.assert_close(grads_of[scale], grads_of["second_moment"], rtol=1e-4, atol=1e-7)
+
+
+def test_squared_error_value_residual_and_gradient_equal_the_plain_formula():
+    """StepOutput.squared_error: Σ‖x − x̂‖² and x − x̂ (no gradient) computed once; its gradient
+    (in fp64, against autograd of the plain formula) for x̂ and x alike."""
+    from sae_lightning.losses import _SquaredError
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(40, 7, generator=g, dtype=torch.float64, requires_grad=True)
+    x_hat = torch.randn(40, 7, generator=g, dtype=torch.float64, requires_grad=True)
+    sse, e = _SquaredError.apply(x, x_hat)
+    assert not e.requires_grad and torch.equal(e, (x - x_hat).detach())
+    assert torch.allclose(sse, (x - x_hat).pow(2).sum(), rtol=1e-14)
+    torch.autograd.gradcheck(lambda a, b: _SquaredError.apply(a, b)[0], (x, x_hat))
+    sae, stats, out = setup()
+    first = out.squared_error()
+    assert out.squared_error() is first  # once per step
+    assert float(first[0]) == pytest.approx(float((out.x - out.x_hat).pow(2).sum()), rel=1e-6)
+    for scale in ("second_moment", "variance", "sum"):
+        plain = (out.x - out.x_hat).pow(2)
+        want = plain.sum(1).mean() if scale == "sum" else plain.mean() / getattr(sae, f"x_{scale}")
+        got = build_losses({"recon": {"scale": scale}})["recon"](out, sae, stats)
+        assert float(got) == pytest.approx(float(want), rel=1e-6)
+        g_got = torch.autograd.grad(got, sae.W_dec, retain_graph=True)[0]
+        g_want = torch.autograd.grad(want, sae.W_dec, retain_graph=True)[0]
+        torch.testing.assert_close(g_got, g_want, rtol=1e-5, atol=1e-7)

@@ -172,3 +172,21 @@ def test_the_ema_threshold_mode_waits_for_its_first_cutoff(variant):
     warm = module.allocator.cfg.threshold_ema_warmup_steps
     module.allocator.update_theta_ema(torch.full_like(module.allocator.theta_ema, 0.5), step=warm)
     assert Mode.THRESHOLD_EMA in module.active_modes()
+
+
+@pytest.mark.parametrize("normalisation", ["none", "dataset_scale", "layernorm"])
+def test_training_fit_figures_are_the_model_units_fvu_and_nmse(normalisation):
+    """The step's logged FVU and NMSE (from the normalised residual where the scale cancels)
+    equal Σ‖x − x̂‖² / Σ‖x − x̄‖² and Σ‖x − x̂‖² / Σ‖x‖² of the de-normalised reconstruction."""
+    from sae_lightning.config import load_config
+
+    module = SAEModule(load_config(compose_config([*TINY, f"model.normalisation={normalisation}"])), 32)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 32, generator=g, dtype=torch.float64).mul(3).add(2).float()
+    module.init_from_data(x)
+    out, ctx = module.forward_step(x)
+    fvu, nmse = module._fit_figures(x, out, ctx)
+    x64, h64 = x.double(), module.sae.denormalise(out.x_hat.detach(), ctx).double()
+    sse = (x64 - h64).pow(2).sum()
+    assert float(fvu) == pytest.approx(float(sse / (x64 - x64.mean(0)).pow(2).sum()), rel=1e-5)
+    assert float(nmse) == pytest.approx(float(sse / x64.pow(2).sum()), rel=1e-5)

@@ -118,8 +118,15 @@ def test_decoder_norms_held_for_a_step_then_recomputed():
         assert sae.decoder_norms() is first
         assert torch.equal(first, sae.W_dec.norm(dim=1).clamp_min(1e-12))
         assert torch.equal(sae.decoder_norms(slice(2, 5)), first[2:5])
+        operand = sae.ranked_operand(torch.bfloat16)  # before the fp32 encoder: straight from W_enc
+        assert sae.ranked_operand(torch.bfloat16) is operand
         W, b = sae.ranked_encoder()
         assert sae.ranked_encoder()[0] is W and torch.equal(W, sae.W_enc * first.unsqueeze(1))
+        # the same bits as the fp32 W·‖d‖ and b·‖d‖ rounded, then the bias column's zeros
+        assert torch.equal(operand[:, :8], W.bfloat16()) and torch.equal(operand[:, 8], b.bfloat16())
+        assert operand.shape == (16, 8 + 16) and not operand[:, 9:].any()
+    assert sae._held_operand is None and sae._held_encoder is None  # released after the step
+    assert sae.ranked_operand(torch.bfloat16) is not operand  # outside: computed on each call
     with torch.no_grad():
         sae.W_dec.mul_(2)
     assert torch.allclose(sae.decoder_norms(), 2 * first)
