@@ -109,3 +109,26 @@ def test_decode_backward_equals_embedding_bag(nnz_per_row):
             lambda v, w: sparse_decode(SparseCode(offsets=offsets, latents=latents, values=v, n_latents=n_latents), w),
             (values, W),
         )
+
+
+@pytest.mark.parametrize("d", [7, 64, 384])
+def test_pair_products_in_any_order_equal_bit_for_bit(d):
+    """pair_products: pairs by row (CSR as given), by column (the transposed product's pattern)
+    and in no order (sorted by row first) give the same values bit for bit, each pair's dot
+    product plus its bias, and the fp64 dot products to fp32 rounding."""
+    from sae_lightning.sparse import pair_products
+
+    g = torch.Generator().manual_seed(d)
+    n, m = 50, 90
+    a, b, bias = torch.randn(n, d, generator=g), torch.randn(m, d, generator=g), torch.randn(m, generator=g)
+    key = torch.unique(torch.randint(0, n * m, (700,), generator=g))
+    rows, cols = key // m, key % m  # by row
+    by_row = pair_products(a, b, rows, cols, bias)
+    col_order = torch.argsort(cols, stable=True)
+    by_col = pair_products(a, b, rows[col_order], cols[col_order], bias)
+    shuffle = torch.randperm(rows.numel(), generator=g)
+    anyhow = pair_products(a, b, rows[shuffle], cols[shuffle], bias)
+    assert not bool((rows[col_order][1:] >= rows[col_order][:-1]).all())  # the column path was taken
+    assert torch.equal(by_col, by_row[col_order]) and torch.equal(anyhow, by_row[shuffle])
+    want = (a.double()[rows] * b.double()[cols]).sum(1) + bias.double()[cols]
+    torch.testing.assert_close(by_row.double(), want, rtol=1e-5, atol=1e-5)
