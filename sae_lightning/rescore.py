@@ -247,7 +247,6 @@ def count_above(keys: Tensor, theta: Tensor, exact: Exact) -> Tensor:
     entries more than ``BAND`` steps above θ's key count, those within ``BAND`` of it are
     re-scored pair by pair (a few: ~0.1 % at the Mutual Choice cutoff), the rest do not."""
     t = int(theta.to(torch.bfloat16).view(torch.int16))
-    keys = keys.contiguous()  # (a column slice of the matrix: compared 1.5× faster as a copy)
     reach = (keys >= t - BAND).nonzero()  # few (~1 %): the rest is decided on them alone
     lat, tok = reach[:, 0], reach[:, 1]
     near = keys[lat, tok] <= t + BAND
