@@ -193,7 +193,7 @@ def test_the_pull_term_trains_the_encoder_only():
     code = sae.code(out.x, out.z, sel, out.layout, values="linear", train_b_pre=False)
     theta = out.code.values.detach().min().clamp_min(1e-6)
     want = (torch.relu(theta - code.values) / theta * weights[code.latents]).mean()
-    assert float(loss) == pytest.approx(float(want), rel=1e-5)
+    assert float(loss.detach()) == pytest.approx(float(want.detach()), rel=1e-5)
     for name, value in grads(want, sae).items():
         torch.testing.assert_close(g[name], value, rtol=1e-5, atol=1e-7)
     assert sorted(latents.tolist()) == sorted(code.latents[code.values.detach() < theta].tolist())
