@@ -253,12 +253,12 @@ def test_squared_error_value_residual_and_gradient_equal_the_plain_formula():
     sae, stats, out = setup()
     first = out.squared_error()
     assert out.squared_error() is first  # once per step
-    assert float(first[0]) == pytest.approx(float((out.x - out.x_hat).pow(2).sum()), rel=1e-6)
+    assert float(first[0].detach()) == pytest.approx(float((out.x - out.x_hat).pow(2).sum().detach()), rel=1e-6)
     for scale in ("second_moment", "variance", "sum"):
         plain = (out.x - out.x_hat).pow(2)
         want = plain.sum(1).mean() if scale == "sum" else plain.mean() / getattr(sae, f"x_{scale}")
         got = build_losses({"recon": {"scale": scale}})["recon"](out, sae, stats)
-        assert float(got) == pytest.approx(float(want), rel=1e-6)
+        assert float(got.detach()) == pytest.approx(float(want.detach()), rel=1e-6)
         g_got = torch.autograd.grad(got, sae.W_dec, retain_graph=True)[0]
         g_want = torch.autograd.grad(want, sae.W_dec, retain_graph=True)[0]
         torch.testing.assert_close(g_got, g_want, rtol=1e-5, atol=1e-7)
