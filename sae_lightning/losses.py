@@ -246,7 +246,8 @@ def selection_pull_loss(
         return out.x.new_zeros(()), None
     lat, tok, ranked = pairs
     theta = out.code.values.detach().min().clamp_min(1e-6)
-    values = sae.pair_values(out.x, tok, lat, ranked, train_b_pre=False, centred=out.centred)
+    raw = sae.raw_values(out.x, tok, lat, ranked, out.centred)
+    values = sae.pair_values(out.x, tok, lat, raw, train_b_pre=False, centred=out.centred)
     short = torch.relu(theta - values) / theta
     if weights is not None:
         short = short * weights[lat]

@@ -424,13 +424,13 @@ class SparseAutoencoder(nn.Module):
                 ranked = z[rows, cols] if layout == "token" else z[cols, rows]
             elif selection.values is not None:  # re-scored by the selection itself (rescore.py)
                 ranked = selection.values.to(self.W_enc.dtype)
-            raw = self._raw_values(xn, rows, cols, ranked, centred)
+            raw = self.raw_values(xn, rows, cols, ranked, centred)
             if values == "relu":
                 keep = raw > 0
                 if not bool(keep.all()):
                     rows, cols, raw = rows[keep], cols[keep], raw[keep]
         by_latent = ByLatent(cols, self.n_latents)  # sorted once, for both backwards (encoder, decoder)
-        v = self.pair_values(xn, rows, cols, raw, train_b_pre, centred, by_latent, raw_values=True)
+        v = self.pair_values(xn, rows, cols, raw, train_b_pre, centred, by_latent)
         if values == "softplus":
             v = F.softplus(v)
         if weights is not None:
@@ -438,11 +438,11 @@ class SparseAutoencoder(nn.Module):
         return SparseCode.build(rows, cols, v, selection.n_tokens, self.n_latents, by_latent)
 
     @torch.no_grad()
-    def _raw_values(
-        self, xn: Tensor, rows: Tensor, cols: Tensor, ranked: Tensor | None, centred: Tensor | None
+    def raw_values(
+        self, xn: Tensor, rows: Tensor, cols: Tensor, ranked: Tensor | None, centred: Tensor | None = None
     ) -> Tensor:
-        """z' at the pairs: from the ranked matrix's values there (divided by a free decoder's
-        norms, which it carries), else computed pair by pair."""
+        """z' at the pairs (no gradient): from the ranked matrix's values there (divided by a
+        free decoder's norms, which it carries), else (None) computed pair by pair."""
         if ranked is None:  # selection made in low precision or blockwise: computed pair by pair
             return self.exact_affinities(xn, rows, cols, centred)
         norms = self.decoder_norms()  # a free decoder's matrix ranks z'·‖d‖; the code holds z'
@@ -453,21 +453,17 @@ class SparseAutoencoder(nn.Module):
         xn: Tensor,
         rows: Tensor,
         cols: Tensor,
-        ranked: Tensor | None = None,
+        raw: Tensor,
         train_b_pre: bool = True,
         centred: Tensor | None = None,
         by_latent: ByLatent | None = None,
-        raw_values: bool = False,
     ) -> Tensor:
-        """z' at distinct (token, latent) pairs in any order, differentiable with respect to the
-        encoder through the sparse backward (:class:`SelectedAffinities`), no code built:
-        ``ranked``, the ranked matrix's values there where at hand (``raw_values``: z' itself),
-        else computed pair by pair; ``train_b_pre=False``: no gradient to b_pre."""
-        if not raw_values:
-            ranked = self._raw_values(xn, rows, cols, ranked, centred)
+        """z' at distinct (token, latent) pairs in any order, its values ``raw`` (:meth:`raw_values`)
+        made differentiable with respect to the encoder through the sparse backward
+        (:class:`SelectedAffinities`), no code built; ``train_b_pre=False``: no gradient to b_pre."""
         b_pre = self.b_pre if train_b_pre else self.b_pre.detach()
         by_latent = by_latent or ByLatent(cols, self.n_latents)
-        return SelectedAffinities.apply(ranked, self.W_enc, self.b_enc, b_pre, xn, rows, cols, by_latent, centred)
+        return SelectedAffinities.apply(raw, self.W_enc, self.b_enc, b_pre, xn, rows, cols, by_latent, centred)
 
     def decode(self, code: SparseCode) -> Tensor:
         return sparse_decode(code, self.W_dec) + self.b_pre
