@@ -245,9 +245,10 @@ def count_above(keys: Tensor, theta: Tensor, exact: Exact) -> Tensor:
     """[F]: how many of the tokens 0..n-1 each latent's full-precision affinity exceeds
     ``theta`` (> 0) on, from the int16 keys [F, n] of a low-precision latent-major matrix: the
     entries more than ``BAND`` steps above θ's key count, those within ``BAND`` of it are
-    re-scored pair by pair (a few: ~0.1 % at the Mutual Choice cutoff), the rest do not."""
+    re-scored pair by pair, the rest do not (Feature Choice at F = 8192 after 20 steps: 0.22 %
+    of the entries reach θ − band, 0.05 % are re-scored)."""
     t = int(theta.to(torch.bfloat16).view(torch.int16))
-    reach = (keys >= t - BAND).nonzero()  # few (~1 %): the rest is decided on them alone
+    reach = (keys >= t - BAND).nonzero()  # few: the rest is decided on them alone
     lat, tok = reach[:, 0], reach[:, 1]
     near = keys[lat, tok] <= t + BAND
     above = ~near

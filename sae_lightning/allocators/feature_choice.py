@@ -121,7 +121,8 @@ def _demand_sample(
     entries that can reach its top ``top`` share (the cutoff θ; ``top`` ≥ k/F, times the
     ranks whose samples are pooled) re-scored pair by pair (:func:`rescore.sample_exact`), the
     first n tokens' counts from the matrix's keys but near θ (:func:`rescore.count_above`):
-    ~1 against 8 ms for a dense fp32 product of those columns at F = 8192. Blocks: the first
+    3.2 against 7.3 ms with a dense fp32 product of those columns at F = 8192 (294 of the
+    65 536 sampled entries and 0.05 % of the counted ones re-scored). Blocks: the first
     n tokens' columns and the sample by one dense latent-major product (the fp32 run's own
     layout) where the stride divides B (the sample is then every latent at every stride-th
     token, in the fp32 run's order), else pair by pair."""
