@@ -24,6 +24,14 @@ from .spec import check_keys, parse, setting
 from .stats import LatentStats
 
 
+def sum_of_squares(t: Tensor) -> Tensor:
+    """Σ t², as one dot product in at least fp32 (BLAS), in t's dtype."""
+    flat = t.reshape(-1)
+    if flat.dtype not in (torch.float32, torch.float64):
+        flat = flat.float()
+    return torch.dot(flat, flat).to(t.dtype)
+
+
 class _SquaredError(torch.autograd.Function):
     """(Σ‖x − x̂‖², x − x̂): one pass for the residual and one read for its dot product (where
     ``(x − x̂).pow(2).sum()`` takes three), and a backward of one pass (−2g·(x − x̂) for x̂)
@@ -35,10 +43,7 @@ class _SquaredError(torch.autograd.Function):
         e = x - x_hat
         ctx.save_for_backward(e)
         ctx.mark_non_differentiable(e)
-        flat = e.reshape(-1)
-        if flat.dtype not in (torch.float32, torch.float64):
-            flat = flat.float()
-        return torch.dot(flat, flat).to(e.dtype), e
+        return sum_of_squares(e), e
 
     @staticmethod
     def backward(ctx, g, _):

@@ -20,7 +20,7 @@ from .config import EvaluationSpec, LoggingSpec, ModelSpec, OptimSpec, StatsSpec
 from .data import DataSource
 from .errors import DataError, TrainingDiverged
 from .gradient_ranking import GradientRanking
-from .losses import StepOutput, total_loss
+from .losses import StepOutput, sum_of_squares, total_loss
 from .mdl import description_length
 from .metrics import L0, Firing, Reconstruction, feature_recovery
 from .rescore import Exact
@@ -385,13 +385,8 @@ class SAEModule(L.LightningModule):
             sse, x_ = (x - x_hat).pow(2).sum(), x
         else:
             sse, x_ = out.squared_error()[0].detach(), out.x
-
-        def square(t: Tensor) -> Tensor:
-            flat = t.reshape(-1)
-            return torch.dot(flat, flat)
-
-        fvu = sse / square(x_ - x_.mean(0)).clamp_min(1e-30)
-        nmse = sse / square(x_).clamp_min(1e-30)
+        fvu = sse / sum_of_squares(x_ - x_.mean(0)).clamp_min(1e-30)
+        nmse = sse / sum_of_squares(x_).clamp_min(1e-30)
         return fvu, nmse
 
     def on_before_optimizer_step(self, optimizer) -> None:

@@ -11,6 +11,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+def csr_offsets(index: Tensor, n: int) -> Tensor:
+    """[n + 1] offsets of entries grouped by ``index`` (values in [0, n)): group i holds
+    entries offsets[i]:offsets[i + 1] once they are in index order."""
+    offsets = torch.zeros(n + 1, dtype=torch.long, device=index.device)
+    torch.cumsum(torch.bincount(index, minlength=n), 0, out=offsets[1:])
+    return offsets
+
+
 @dataclass
 class Selection:
     """Which (token, latent) pairs an allocator keeps, sorted by token (row-major order).
@@ -39,9 +47,7 @@ class ByLatent:
         """(perm, offsets [n_latents + 1]): latents[perm] is non-decreasing, stably."""
         if self._grouped is None:
             perm = torch.argsort(self.latents, stable=True)
-            offsets = torch.zeros(self.n_latents + 1, dtype=torch.long, device=self.latents.device)
-            torch.cumsum(torch.bincount(self.latents, minlength=self.n_latents), 0, out=offsets[1:])
-            self._grouped = perm, offsets
+            self._grouped = perm, csr_offsets(self.latents, self.n_latents)
         return self._grouped
 
 
@@ -88,9 +94,9 @@ class SparseCode:
         rows: Tensor, cols: Tensor, values: Tensor, n_tokens: int, n_latents: int, by_latent: ByLatent | None = None
     ) -> SparseCode:
         """CSR from (row, col, value) triples already sorted by row."""
-        offsets = torch.zeros(n_tokens + 1, dtype=torch.long, device=rows.device)
-        torch.cumsum(torch.bincount(rows, minlength=n_tokens), 0, out=offsets[1:])
-        return SparseCode(offsets=offsets, latents=cols, values=values, n_latents=n_latents, by_latent=by_latent)
+        return SparseCode(
+            offsets=csr_offsets(rows, n_tokens), latents=cols, values=values, n_latents=n_latents, by_latent=by_latent
+        )
 
     @staticmethod
     def from_selection(affinities: Tensor, selection: Selection) -> SparseCode:
@@ -144,14 +150,10 @@ def pair_products(a: Tensor, b: Tensor, rows: Tensor, cols: Tensor, bias: Tensor
         return out
     ordered = bool((rows[1:] >= rows[:-1]).all())
     if not ordered and bool((cols[1:] >= cols[:-1]).all()):  # by column: the transposed product
-        crow = torch.zeros(b.shape[0] + 1, dtype=torch.long, device=rows.device)
-        torch.cumsum(torch.bincount(cols, minlength=b.shape[0]), 0, out=crow[1:])
-        return csr_products(b, a, crow, rows, bias[cols] if bias is not None else None)
+        return csr_products(b, a, csr_offsets(cols, b.shape[0]), rows, bias[cols] if bias is not None else None)
     order = None if ordered else torch.argsort(rows, stable=True)  # CSR: by row
     r, c = (rows, cols) if order is None else (rows[order], cols[order])
-    crow = torch.zeros(n + 1, dtype=torch.long, device=rows.device)
-    torch.cumsum(torch.bincount(r, minlength=n), 0, out=crow[1:])
-    values = csr_products(a, b, crow, c, bias[c] if bias is not None else None)
+    values = csr_products(a, b, csr_offsets(r, n), c, bias[c] if bias is not None else None)
     if order is None:
         return values
     out[order] = values
