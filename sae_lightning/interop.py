@@ -36,6 +36,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from .atomic import atomic_path, atomic_write_json, atomic_write_text
+from .checkpoint_file import check_plain
 from .cli import describe_hydra_error, fail, is_hydra_error, user_errors
 from .errors import ConfigError, DataError
 from .runs import NATIVE, load_run, new_run_dir, save_native, thresholds
@@ -214,6 +215,7 @@ def import_saelens(folder: Path, overrides: list[str], out: Path | None = None) 
         atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(config_dict)))
         (run_dir / "checkpoints").mkdir(exist_ok=True)
         state = {"hyper_parameters": {"config": config_dict, "d_model": d}, "state_dict": module.state_dict()}
+        check_plain(state)
         with atomic_path(run_dir / "checkpoints" / "final.ckpt") as tmp:
             torch.save(state, tmp)
         save_native(module, run_dir / NATIVE, config_dict)

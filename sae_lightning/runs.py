@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
+from . import checkpoint_file
 from .atomic import atomic_path
 from .data import DataSpec
 from .errors import ConfigError, DataError
@@ -75,9 +76,11 @@ def load_run(run_dir: Path, device: str = "cpu") -> tuple[SAEModule, DataSpec]:
     path = Path(run_dir) / "checkpoints" / "final.ckpt"
     if not path.is_file():
         raise DataError(f"{path} does not exist: {run_dir} is not a finished run folder")
-    ckpt = torch.load(path, map_location=device, weights_only=False)
-    config = ckpt["hyper_parameters"]["config"]
-    module = SAEModule(config, ckpt["hyper_parameters"]["d_model"])
-    module.load_state_dict(ckpt["state_dict"])
-    module.to(device).eval()
-    return module, DataSpec.from_raw(config["data"], "data")
+    ckpt = checkpoint_file.load(path, str(run_dir), map_location=device)
+    hp = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
+    if not isinstance(hp, dict) or not isinstance(hp.get("config"), dict) or "state_dict" not in ckpt:
+        raise DataError(
+            f"{path} is a torch file but not a checkpoint of an sae_lightning run (no hyper_parameters.config)"
+        )
+    module = SAEModule.from_checkpoint(ckpt).to(device)
+    return module, DataSpec.from_raw(hp["config"]["data"], "data")

@@ -15,7 +15,20 @@ PACKAGE = ROOT / "sae_lightning"
 # is placed by its longest matching prefix (dotted names under sae_lightning).
 LAYERS: list[tuple[str, ...]] = [
     # foundations: no torch module, no config
-    ("errors", "registry", "spec", "atomic", "cli", "progress", "tb", "zipf", "compare", "resume", "heap"),
+    (
+        "errors",
+        "registry",
+        "spec",
+        "atomic",
+        "checkpoint_file",
+        "cli",
+        "progress",
+        "tb",
+        "zipf",
+        "compare",
+        "resume",
+        "heap",
+    ),
     # tensors and the SAE's parts
     (
         "sparse",

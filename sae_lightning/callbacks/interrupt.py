@@ -57,7 +57,7 @@ class GracefulStop(L.Callback):
         if trainer.world_size > 1:
             stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
         if stop and self.stopped_at is None:
-            trainer.save_checkpoint(self.path)
+            trainer.save_checkpoint(self.path, weights_only=False)  # the whole training state
             self.stopped_at = trainer.global_step
             # raised, not trainer.should_stop: Lightning would first run a validation (and, on a
             # causal model's cache, the ΔCE pass) before stopping
@@ -65,7 +65,7 @@ class GracefulStop(L.Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         self._restore()
-        trainer.save_checkpoint(self.path)
+        trainer.save_checkpoint(self.path, weights_only=False)
 
     def on_exception(self, trainer, pl_module, exception) -> None:
         self._restore()

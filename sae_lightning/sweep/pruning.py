@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import lightning as L
 import optuna
 
+from .study import unmasked
+
 
 @dataclass
 class TrialContext:
@@ -27,7 +29,7 @@ class TrialContext:
     def from_spec(cls, spec) -> TrialContext:
         """The trial a run is, from ``config.sweep_trial`` (set by the sweeper): the study is
         opened from its storage, so a trial can run in any process that reaches it."""
-        study = optuna.load_study(study_name=spec.study, storage=spec.storage)
+        study = optuna.load_study(study_name=spec.study, storage=unmasked(spec.storage))
         return cls(
             study,
             optuna.trial.Trial(study, spec.trial_id),

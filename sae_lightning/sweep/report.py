@@ -17,7 +17,7 @@ import optuna
 
 from ..atomic import atomic_path, atomic_write_json
 from .pareto import pareto_front
-from .study import default_storage
+from .study import default_storage, masked
 
 COLOURS = {"topk": "tab:blue", "mutual_choice": "tab:orange", "feature_choice": "tab:green"}
 
@@ -139,7 +139,7 @@ def report(study_name: str, storage: str | None = None, out_dir: str = "outputs"
     write_csv(folder / "pareto.csv", front)
     summary = {
         "study": study_name,
-        "storage": storage,
+        "storage": masked(storage),
         "objectives": names,
         "directions": directions,
         "states": {s: sum(r["state"] == s for r in rows) for s in sorted({r["state"] for r in rows})},
@@ -162,7 +162,7 @@ def main(argv=None) -> None:
         out = report(a.study, a.storage, a.out_dir)
     except KeyError:
         raise SystemExit(
-            f"error: no study named {a.study!r} in {a.storage or default_storage(a.out_dir, a.study)}"
+            f"error: no study named {a.study!r} in {masked(a.storage or default_storage(a.out_dir, a.study))}"
         ) from None
     names = out["objectives"]
     print(f"study {out['study']}: " + ", ".join(f"{k} {v}" for k, v in out["states"].items()))

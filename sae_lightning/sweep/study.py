@@ -5,6 +5,8 @@ retry of a trial whose worker died, and the heartbeat that tells a live trial fr
 from __future__ import annotations
 
 import contextlib
+import os
+import re
 import threading
 from pathlib import Path
 
@@ -17,6 +19,43 @@ RUNNING, WAITING = optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAIT
 def default_storage(out_dir: str, study_name: str) -> str:
     path = Path(out_dir).resolve() / "sweeps" / f"{study_name}.db"
     return f"sqlite:///{path}"
+
+
+# the storage URL with its password, for the trials the sweeper runs: their config holds the masked one
+STORAGE_ENV = "SAE_LIGHTNING_SWEEP_STORAGE"
+
+
+def masked(url: str) -> str:
+    """The storage URL as it may be shown or saved: its password replaced by ``***``
+    (``postgresql://user:***@host/db``); a URL without one unchanged."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        parsed = make_url(url)
+    except Exception:  # not a URL SQLAlchemy reads: mask what looks like user:password@
+        return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
+    return parsed.render_as_string(hide_password=True) if parsed.password is not None else url
+
+
+def redact(text: str, url: str | None) -> str:
+    """``text`` with the password of ``url`` (and the URL itself) masked wherever it occurs."""
+    if not url:
+        return text
+    from sqlalchemy.engine import make_url
+
+    text = text.replace(url, masked(url))
+    try:
+        password = make_url(url).password
+    except Exception:
+        password = None
+    return text.replace(str(password), "***") if password else text
+
+
+def unmasked(shown: str) -> str:
+    """The URL to connect with for a trial's ``sweep_trial.storage`` (the masked URL): the one
+    the sweeper put in :data:`STORAGE_ENV` when it masks to the same, else ``shown`` itself."""
+    real = os.environ.get(STORAGE_ENV)
+    return real if real and masked(real) == shown else shown
 
 
 def make_sampler(name: str, seed: int | None, n_startup: int) -> optuna.samplers.BaseSampler:

@@ -40,7 +40,7 @@ from ..errors import ConfigError, DataError, Interrupted
 from ..spec import parse
 from .settings import SweeperSpec
 from .space import Param, format_override, split_space, to_param
-from .study import Census, Heartbeat, default_storage, make_sampler, retry
+from .study import STORAGE_ENV, Census, Heartbeat, default_storage, make_sampler, masked, redact, retry
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +156,7 @@ class OptunaSweeper(Sweeper):
                 folder.mkdir(parents=True, exist_ok=True)
             except OSError as e:
                 raise DataError(
-                    f"hydra.sweeper.storage={storage_url}: cannot make the folder {folder} for the SQLite file "
+                    f"hydra.sweeper.storage={masked(storage_url)}: cannot make the folder {folder} for the SQLite file "
                     f"({e.strerror}); give a path this user can write, or another SQLAlchemy URL"
                 ) from None
         # workers starting together on a new SQLite file would race to create its tables
@@ -180,9 +180,10 @@ class OptunaSweeper(Sweeper):
         except ValueError as e:  # e.g. the study exists with other directions
             raise ConfigError("hydra.sweeper.directions", self.directions, f"the study's own ({e})") from None
         except Exception as e:  # sqlalchemy: a bad URL, a missing driver, no server
+            detail = redact(str(e).splitlines()[0][:200] if str(e) else "", storage_url)
             raise DataError(
-                f"hydra.sweeper.storage={storage_url}: cannot open the study storage "
-                f"({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+                f"hydra.sweeper.storage={masked(storage_url)}: cannot open the study storage "
+                f"({type(e).__name__}: {detail})"
             ) from None
         seed = self.seed
         if seed is not None:  # a resumed or second worker must not replay the first one's draws
@@ -190,6 +191,7 @@ class OptunaSweeper(Sweeper):
         study.sampler = make_sampler(self.sampler_name, seed if seed is not None else os.getpid(), self.n_startup)
         study.set_metric_names(list(self.objectives))
         self.storage_url = storage_url
+        os.environ[STORAGE_ENV] = storage_url  # the trials connect with it; their configs hold masked(storage_url)
         return study
 
     def _retry_stale(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
@@ -210,7 +212,7 @@ class OptunaSweeper(Sweeper):
         self._check_composes(plain, fixed, base, by_variant)
         study = self._study()
         log.info(
-            f"study {self.study_name!r} in {self.storage_url}: {self.n_trials} trials, sampler {self.sampler_name}"
+            f"study {self.study_name!r} in {masked(self.storage_url)}: {self.n_trials} trials, sampler {self.sampler_name}"
         )
         results, said_waiting = [], False
         while True:
@@ -279,7 +281,7 @@ class OptunaSweeper(Sweeper):
             return str(v)
 
         spec = {
-            "storage": self.storage_url,
+            "storage": masked(self.storage_url),  # the trial connects with the real one (study.unmasked)
             "study": self.study_name,
             "trial_id": trial._trial_id,
             "number": trial.number,

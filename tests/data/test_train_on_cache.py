@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
+
 SMALL = [
     "model.n_latents=128",
     "model.init_sample_tokens=256",
@@ -26,6 +28,7 @@ def train(cli, args, tmp_path):
     return cli("train.py", f"out_dir={tmp_path}", *SMALL, *args, timeout=600)
 
 
+@pytest.mark.slow
 def test_train_harvests_on_first_use_reuses_and_resumes(tiny_lm, corpus_file, cli, tmp_path):
     data = [
         "data=smollm2",
@@ -108,6 +111,7 @@ def test_resume_with_another_d_model_is_refused(cli, tmp_path):
     assert "error: config error: resume=" in proc.stderr and "data.d_model: run 16 vs now 24" in proc.stderr
 
 
+@pytest.mark.slow
 def test_gradient_ranking_trains_every_variant_on_a_gradient_cache_and_resumes_exactly(
     tiny_lm, corpus_file, cli, tmp_path
 ):
@@ -138,7 +142,7 @@ def test_gradient_ranking_trains_every_variant_on_a_gradient_cache_and_resumes_e
         run, metrics = trained(variant, f"variant={variant}", "variant.gradient_ranking.beta=2", "trainer.max_steps=4")
         manifest = manifest or json.loads((tmp_path / "cache" / "manifest.json").read_text())
         assert metrics["steps"] == 4 and 0 < metrics["val/batch/fvu"] < 10 and metrics["val/threshold/l0_mean"] > 0
-        state = torch.load(run / "checkpoints" / "final.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+        state = torch.load(run / "checkpoints" / "final.ckpt", map_location="cpu", weights_only=True)["state_dict"]
         assert float(state["gradient_ranking.grad_rms"]) > 0
     assert manifest is not None and manifest["gradients"]["dtype"] == "bfloat16"
 

@@ -39,6 +39,30 @@ def wait_for(predicate, timeout: float = 120, what: str = "") -> None:
         time.sleep(0.05)
 
 
+def signal_when(running: Running, predicate, sig: int, timeout: float = 120, what: str = "") -> None:
+    """Send ``sig`` to a running entry point once ``predicate`` holds (a checkpoint on disk, say).
+    The process is frozen (SIGSTOP) the moment the predicate is seen, the signal sent, then it
+    goes on (SIGCONT): it cannot run on to its end between the event and the signal, however
+    starved the test process is. AssertionError if it ended before the event."""
+    wait_for(lambda: predicate() or not running.alive(), timeout, what)
+    os.kill(running.pid, signal.SIGSTOP)
+    assert running.alive() and predicate(), f"{running.what} ended before {what}: {running.wait().stderr[-2000:]}"
+    os.kill(running.pid, sig)
+    os.kill(running.pid, signal.SIGCONT)
+
+
+def as_typed(line: str, cwd: Path = ROOT, timeout: float = 300) -> Result:
+    """A command line a run printed for the user, run as typed in a new shell: no virtual
+    environment active, only the system's PATH (and the offline switches of the tests)."""
+    import subprocess
+
+    env = {"PATH": "/usr/bin:/bin", "HOME": os.environ.get("HOME", "/root"), "HF_HUB_OFFLINE": "1",
+           "HF_DATASETS_OFFLINE": "1", "SAE_TEST_SLACK": str(SLACK)}  # fmt: skip
+    r = subprocess.run(["bash", "-c", line], cwd=cwd, env=env, capture_output=True, text=True,
+                       timeout=hang_guard(timeout))  # fmt: skip
+    return Result(r.returncode, r.stdout, r.stderr)
+
+
 PRELOAD = [
     "lightning",
     "hydra",
@@ -58,12 +82,14 @@ class Result:
     stderr: str
 
 
-def _child(script: str, args: list[str], out: str, err: str, env: dict[str, str], cwd: str) -> None:
+def _child(script: str, args: list[str], out: str, err: str, env: dict[str, str], cwd: str, umask: int | None) -> None:
     # Ctrl-C as on a terminal, even when the test session was started with SIGINT ignored
     # (a background job of a shell without job control)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     os.chdir(cwd)
     os.environ.update(env)
+    if umask is not None:  # the fork server's umask is the one it started with, not the test's
+        os.umask(umask)
     for fd, path in ((1, out), (2, err)):
         handle = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
         os.dup2(handle, fd)
@@ -85,20 +111,28 @@ class CLI:
         self.workdir = Path(workdir)
         self.n = 0
 
-    def start(self, script: str, *args: str, env: dict[str, str] | None = None, cwd: Path = ROOT) -> Running:
-        """Start the entry point (in the folder ``cwd``) and return at once (to signal or kill it,
-        or run several together)."""
+    def start(
+        self, script: str, *args: str, env: dict[str, str] | None = None, cwd: Path = ROOT, umask: int | None = None
+    ) -> Running:
+        """Start the entry point (in the folder ``cwd``, under ``umask`` if given) and return at
+        once (to signal or kill it, or run several together)."""
         self.n += 1
         out, err = self.workdir / f"{self.n}.out", self.workdir / f"{self.n}.err"
         env = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **(env or {})}
-        p = self.ctx.Process(target=_child, args=(script, list(args), str(out), str(err), env, str(cwd)))
+        p = self.ctx.Process(target=_child, args=(script, list(args), str(out), str(err), env, str(cwd), umask))
         p.start()
         return Running(p, out, err, f"{script} {' '.join(args)}")
 
     def __call__(
-        self, script: str, *args: str, timeout: float = 120, env: dict[str, str] | None = None, cwd: Path = ROOT
+        self,
+        script: str,
+        *args: str,
+        timeout: float = 120,
+        env: dict[str, str] | None = None,
+        cwd: Path = ROOT,
+        umask: int | None = None,
     ) -> Result:
-        return self.start(script, *args, env=env, cwd=cwd).wait(timeout)
+        return self.start(script, *args, env=env, cwd=cwd, umask=umask).wait(timeout)
 
 
 @dataclass

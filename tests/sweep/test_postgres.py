@@ -8,6 +8,8 @@ The server is the machine's own PostgreSQL (Debian's ``postgresql`` package: ``i
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
 import shutil
 import signal
@@ -23,7 +25,11 @@ from sae_lightning.sweep.report import trial_rows
 from sae_lightning.sweep.study import Census
 
 from ..conftest import TINY
-from ..helpers.cli import wait_for
+from ..helpers.cli import hang_guard, wait_for
+from ..helpers.requires import require
+
+# make test-all: a PostgreSQL server and two sweep workers
+pytestmark = pytest.mark.slow
 
 N_TRIALS = 4
 
@@ -47,25 +53,27 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def postgres():
     """A PostgreSQL server for this module; yields its SQLAlchemy URL."""
-    pytest.importorskip("psycopg", reason="the psycopg driver (test extra: psycopg[binary]) is not installed")
+    require(importlib.util.find_spec("psycopg") is not None, "the psycopg driver", "the test extra: psycopg[binary]")
     initdb, pg_ctl = _tool("initdb"), _tool("pg_ctl")
-    if initdb is None or pg_ctl is None:
-        pytest.skip("no PostgreSQL server binaries (initdb, pg_ctl): apt-get install postgresql")
+    require(
+        initdb is not None and pg_ctl is not None, "a PostgreSQL server (initdb, pg_ctl)", "apt-get install postgresql"
+    )
     as_user: list[str] = []
-    # not under pytest's own temporary folder, which only root may enter
-    folder = Path(tempfile.mkdtemp(prefix="sae-lightning-pg-"))
     if os.geteuid() == 0:  # the server refuses to run as root: run it as the postgres user
+        import pwd
+
         runuser = shutil.which("runuser")
         try:
-            import pwd
-
             pw = pwd.getpwnam("postgres")
         except KeyError:
-            pytest.skip("running as root and there is no postgres user to run the server as")
-        if runuser is None:
-            pytest.skip("running as root and there is no runuser to start the server as the postgres user")
-        os.chown(folder, pw.pw_uid, pw.pw_gid)
+            pw = None
+        require(pw is not None and runuser is not None, "running as root: the postgres user and runuser",
+                "apt-get install postgresql, which adds the user")  # fmt: skip
         as_user = [runuser, "-u", "postgres", "--"]
+    # not under pytest's own temporary folder, which only root may enter
+    folder = Path(tempfile.mkdtemp(prefix="sae-lightning-pg-"))
+    if as_user:
+        os.chown(folder, pw.pw_uid, pw.pw_gid)
     data, port = folder / "data", _free_port()
     subprocess.run([*as_user, initdb, "-D", str(data), "-U", "sweeps", "--auth=trust", "-E", "UTF8"],
                    check=True, capture_output=True)  # fmt: skip
@@ -86,7 +94,7 @@ def postgres():
 def sweep(url: str, out: Path) -> list[str]:
     return [
         "-m", "sweeps=pareto", "hydra.sweeper.study_name=pg", f"hydra.sweeper.storage={url}",
-        f"hydra.sweeper.n_trials={N_TRIALS}", "hydra.sweeper.heartbeat_seconds=1", "hydra.sweeper.pruner.enabled=false",
+        f"hydra.sweeper.n_trials={N_TRIALS}", f"hydra.sweeper.heartbeat_seconds={max(1, round(hang_guard(1)))}", "hydra.sweeper.pruner.enabled=false",
         *TINY, "variant.k=4", "trainer.max_steps=300", "trainer.val_check_interval=100", f"out_dir={out}",
     ]  # fmt: skip
 
@@ -126,3 +134,35 @@ def test_two_workers_one_killed_mid_trial_end_with_exactly_n_trials(postgres, cl
         f"retried as trial {retry.number}"
     )
     print(f"trials: {states} (retried: {sorted(retried)})")
+
+
+PASSWORD = "s3cret-Pw"
+
+
+def test_a_storage_password_reaches_no_output(postgres, cli, tmp_path):
+    """A sweep whose storage URL holds a password (the server trusts the loopback, so any password
+    connects): nothing the sweep prints or writes holds it; what shows the URL shows it masked."""
+    url = postgres.replace("sweeps@", f"sweeps:{PASSWORD}@")
+    out = tmp_path / "out"
+    args = ["-m", "sweeps=pareto", "hydra.sweeper.study_name=secret", f"hydra.sweeper.storage={url}",
+            "hydra.sweeper.n_trials=2", "hydra.sweeper.pruner.enabled=false", *TINY, "variant.k=4",
+            "trainer.max_steps=20", "trainer.val_check_interval=10", "progress=lines", f"out_dir={out}"]  # fmt: skip
+    r = cli("train.py", *args, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    shown = postgres.replace("sweeps@", "sweeps:***@")
+    assert shown in r.stdout + r.stderr  # the study's line names the storage, masked
+    from sae_lightning.sweep.report import main as report
+
+    report(["--study", "secret", "--storage", url, "--out-dir", str(out)])
+    bad = cli("train.py", *[a.replace("/study", "/no_such_db") for a in args])  # a storage that cannot be opened
+    assert bad.returncode == 2 and "cannot open the study storage" in bad.stderr, bad.stderr
+    texts = {"stdout": r.stdout + bad.stdout, "stderr": r.stderr + bad.stderr}
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert any(p.name == "config.yaml" for p in files) and any(p.suffix == ".ckpt" for p in files)
+    assert any(p.name.startswith("events.out.tfevents") for p in files) and any(p.name == "pareto.json" for p in files)
+    leaks = [name for name, text in texts.items() if PASSWORD in text]
+    leaks += [str(p) for p in files if PASSWORD.encode() in p.read_bytes()]
+    assert not leaks, leaks
+    trial_configs = list(out.glob("sweeps/secret/trial_*/config.yaml"))
+    assert trial_configs and all(shown in p.read_text() for p in trial_configs)
+    assert json.loads((out / "sweeps" / "secret" / "pareto.json").read_text())["storage"] == shown

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
 import optuna
+import pytest
 
 from ..conftest import ROOT, TINY
 from ..helpers.cli import hang_guard
+
+# make test-all: whole Optuna studies through train.py -m
+pytestmark = pytest.mark.slow
 
 FAST = [*TINY, "variant.k=4", "trainer.max_steps=6", "trainer.val_check_interval=3"]
 
@@ -122,3 +127,24 @@ def test_the_mdl_preset_optimises_description_length_against_fvu(cli, tmp_path):
     )  # fmt: skip
     assert rep.returncode == 0, rep.stderr
     assert (tmp_path / "sweeps" / "mdl" / "pareto.png").is_file() and "description_length" in rep.stdout
+
+
+def test_a_sweep_under_a_strict_umask_writes_only_files_its_user_can_read(cli, tmp_path):
+    """The SQLite study, its lock (seen while held) and every file of a trial's run get the mode
+    the umask gives (0600 under 077): a sweep's files are the user's, not the world's."""
+    from sae_lightning.atomic import file_lock
+
+    old = os.umask(0o077)
+    try:
+        with file_lock(tmp_path / "locks" / "s.db.lock"):
+            assert (tmp_path / "locks" / "s.db.lock").stat().st_mode & 0o777 == 0o600
+    finally:
+        os.umask(old)
+    out = tmp_path / "out"
+    proc = cli("train.py", "-m", "sweeps=pareto", f"out_dir={out}", "hydra.sweeper.study_name=s",
+               "hydra.sweeper.n_trials=1", *FAST, timeout=600, umask=0o077)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert any(p.name == "s.db" for p in files) and any(p.suffix == ".ckpt" for p in files), files
+    wrong = {str(p): oct(p.stat().st_mode & 0o777) for p in files if p.stat().st_mode & 0o077}
+    assert not wrong, wrong
