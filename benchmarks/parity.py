@@ -50,12 +50,12 @@ OLD_RECIPE = [
     "optim.warmup_steps=100",
     "model.decoder_norm=unit",
     "variant.losses.recon.scale=second_moment",
-    "trainer.gradient_clip_val=null",
+    "optim.clip_grad_norm=null",
 ]
 SAELENS_RECIPE = [  # every difference at once: our trainer with SAELens's TopK recipe
     "model.b_pre_init=zeros",
     "model.normalisation=none",
-    "trainer.gradient_clip_val=1.0",
+    "optim.clip_grad_norm=1.0",
     "variant.losses.aux_k.coef=1.0",
     "optim.warmup_steps=0",
     "model.init_encoder_scale=none",
@@ -68,7 +68,7 @@ ABLATIONS: dict[str, list[str]] = {
     "ours": [],
     "b_dec init 0 (not the geometric median)": ["model.b_pre_init=zeros"],
     "no input normalisation": ["model.normalisation=none"],
-    "gradient clipping at 1.0": ["trainer.gradient_clip_val=1.0"],
+    "gradient clipping at 1.0": ["optim.clip_grad_norm=1.0"],
     "aux_k coefficient 1.0 (not 1/32)": ["variant.losses.aux_k.coef=1.0"],
     "no learning-rate warm-up": ["optim.warmup_steps=0"],
     "encoder scale: none (tied init as is)": ["model.init_encoder_scale=none"],
@@ -83,7 +83,7 @@ ABLATIONS: dict[str, list[str]] = {
     "dead window 1000 steps (no aux_k here)": ["stats.dead_window_tokens=4096000"],
     "SAELens recipe (all of the above)": SAELENS_RECIPE,
     "SAELens recipe + its loss (sum over d)": [*SAELENS_RECIPE, "variant.losses.recon.scale=sum"],
-    "loss summed over d, clipped at 1.0": ["variant.losses.recon.scale=sum", "trainer.gradient_clip_val=1.0"],
+    "loss summed over d, clipped at 1.0": ["variant.losses.recon.scale=sum", "optim.clip_grad_norm=1.0"],
     # combinations of the changes that helped alone
     "no warm-up + free decoder norms": ["optim.warmup_steps=0", "model.decoder_norm=free"],
     "no warm-up + SAELens decoder init": [
@@ -96,7 +96,7 @@ ABLATIONS: dict[str, list[str]] = {
         "optim.warmup_steps=0",
         "model.decoder_norm=free",
         "variant.losses.recon.scale=sum",
-        "trainer.gradient_clip_val=1.0",
+        "optim.clip_grad_norm=1.0",
     ],
 }
 
@@ -372,7 +372,7 @@ def decision(rows0: dict, decide: dict, variants: dict) -> str:
         "**What we adopt** (now the default of every variant: the recipe is shared): no warm-up "
         "(`optim.warmup_steps=0`), free decoder norms with selection on z′·‖d‖ (`model.decoder_norm=free`, "
         f"{delta(FREE_ROW)} alone, and better with the other two), the loss summed "
-        "over d (`variant.losses.recon.scale=sum`) and gradient clipping at 1.0 (`trainer.gradient_clip_val=1.0`). "
+        "over d (`variant.losses.recon.scale=sum`) and gradient clipping at 1.0 (`optim.clip_grad_norm=1.0`). "
         "We keep our own b_pre at the geometric median (0 costs FVU and leaves latents dead), our dataset "
         "normalisation and encoder-scale rule (no measurable effect here), ε and aux_k at 1/32 with a 200k-token "
         "dead window (no effect at this length), and leave out SAELens's 0.1 initialisation for its dead latents.",

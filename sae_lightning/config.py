@@ -81,6 +81,9 @@ class OptimSpec:
     eps: float = setting(6.25e-10, gt=0)
     # the fused Adam kernel (CPU and GPU); auto: fused, except under mixed precision
     fused: Literal["auto"] | bool = setting("auto", allowed="one of 'auto', true, false")
+    # the global L2 norm of all gradients, clipped to this before each step (null: no clipping). The
+    # module applies it itself (SAEModule.configure_gradient_clipping): any Trainer trains as train.py does
+    clip_grad_norm: float | None = setting(1.0, gt=0, allowed="null (no clipping) or a number > 0")
 
     def check(self, prefix: str) -> None:
         require(len(self.betas) == 2, f"{prefix}.betas", self.betas, "two numbers in [0, 1)")
@@ -135,6 +138,12 @@ class VariantSpec:
     allocator_class: type[Allocator] = dataclasses.field(repr=False, compare=False)  # looked up once, by parsing
 
     META: ClassVar[tuple[str, ...]] = ("name", "allocator", "losses")
+
+    def label(self) -> str:
+        """The variant's name with what tells its runs apart beyond k (Feature Choice's capacity
+        rule: ``feature_choice-demand``), for run folder names."""
+        capacity = getattr(self.params, "capacity", None)
+        return f"{self.name}-{capacity}" if isinstance(capacity, str) else self.name
 
     def build_allocator(self, n_latents: int, batch_size: int) -> Allocator:
         return self.allocator_class(self.params, n_latents, batch_size)
@@ -240,7 +249,14 @@ class TrainerSpec:
         )
         check("log_every_n_steps", int, ge=1)
         check("accumulate_grad_batches", int, ge=1)
-        check("gradient_clip_val", float | None, ge=0)
+        for key in ("gradient_clip_val", "gradient_clip_algorithm"):  # the module clips (OptimSpec.clip_grad_norm)
+            require(
+                t.get(key) is None,
+                f"{prefix}.{key}",
+                t.get(key),
+                "null: the SAE module clips its own gradients, so that the recipe travels with it; set "
+                "optim.clip_grad_norm (a number > 0, or null for none) instead",
+            )
         check("deterministic", bool | Literal["warn"], allowed="true, false or 'warn'")
         check("accelerator", Literal[ACCELERATORS])
         d = t.get("devices", "auto")

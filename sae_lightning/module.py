@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import cast
 
 import lightning as L
+from lightning.pytorch.utilities import GradClipAlgorithmType
 import torch
 from torch import Tensor, nn
 
-from . import tb
+from . import checkpoint_file, tb
 from .allocators import CalibrationSet, Mode
 from .allocators.base import ThresholdAllocator, l0_matching_scale, threshold_l0
 from .blockwise import AUTO_BLOCK_ELEMENTS, AUTO_DENSE_ELEMENTS, AffinityBlocks, above_thresholds
@@ -24,7 +27,7 @@ from .losses import StepOutput, sum_of_squares, total_loss
 from .mdl import description_length
 from .metrics import L0, Firing, Reconstruction, feature_recovery
 from .rescore import Exact
-from .sae import AFFINITY_DTYPES, ExactRanked, SparseAutoencoder, auto_affinity_dtype
+from .sae import AFFINITY_DTYPES, ExactRanked, SparseAutoencoder, auto_affinity_choice, auto_affinity_dtype
 from .sparse import SparseCode
 from .spec import parse
 from .stats import LatentStats
@@ -116,6 +119,28 @@ class SAEModule(L.LightningModule):
         self.restoring = False  # set when a checkpoint will replace the initial weights (resume)
         self.train_seconds_before = 0.0  # training time of the run before this session (from the checkpoint)
         self._session_start: float | None = None
+        self._warned_trainer_clip = False
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: dict, strict: bool = True) -> SAEModule:
+        """The module a loaded checkpoint dict holds (its config, weights and thresholds), in eval mode."""
+        hp = checkpoint["hyper_parameters"]
+        module = cls(hp["config"], hp["d_model"])
+        module.on_load_checkpoint(checkpoint)
+        module.load_state_dict(checkpoint["state_dict"], strict=strict)
+        return module.eval()
+
+    @classmethod
+    def load_from_checkpoint(  # type: ignore[override]
+        cls, checkpoint_path: str | Path, map_location: str | torch.device | None = None, strict: bool = True
+    ) -> SAEModule:
+        """A trained SAE from a ``.ckpt`` file, read weights-only (checkpoint_file.load: a file that
+        holds anything but tensors and plain data is refused, DataError, without running it),
+        on ``map_location`` (default: CPU), in eval mode."""
+        ckpt = checkpoint_file.load(checkpoint_path, "checkpoint_path", map_location or "cpu")
+        if not isinstance(ckpt, dict) or not isinstance(ckpt.get("hyper_parameters"), dict):
+            raise DataError(f"checkpoint_path: {checkpoint_path} is not a checkpoint of an sae_lightning run")
+        return cls.from_checkpoint(ckpt, strict).to(map_location or "cpu")
 
     # ---- the forward pass ---------------------------------------------------------------------
     def forward_step(
@@ -188,6 +213,12 @@ class SAEModule(L.LightningModule):
     def selection_dtype(self) -> torch.dtype:
         """The dtype batch selection reads z′ in (``model.affinity_dtype``; auto: by the device)."""
         return self.affinity_dtype if self.affinity_dtype is not None else auto_affinity_dtype(self.sae.W_enc.device)
+
+    def selection_dtype_reason(self) -> str:
+        """Why :meth:`selection_dtype` is what it is, in a few words (the run's summary)."""
+        if self.affinity_dtype is not None:
+            return f"model.affinity_dtype={self.model_spec.affinity_dtype}"
+        return auto_affinity_choice(self.sae.W_enc.device)[1]
 
     def affinities(
         self, xn: Tensor, layout: str, dtype: torch.dtype = torch.float32, centred: Tensor | None = None
@@ -392,6 +423,22 @@ class SAEModule(L.LightningModule):
     def on_before_optimizer_step(self, optimizer) -> None:
         self.sae.project_decoder_grad()
 
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """The recipe's clipping, read from the module's own config (``optim.clip_grad_norm``: the
+        global L2 norm of all gradients, after the decoder's projection), whatever Trainer runs
+        the module. A Trainer's own ``gradient_clip_val`` is ignored, with a warning: it would clip a
+        second time, or by another rule, and train differently from train.py."""
+        if gradient_clip_val and not self._warned_trainer_clip:
+            self._warned_trainer_clip = True
+            warnings.warn(
+                f"Trainer(gradient_clip_val={gradient_clip_val}) is ignored: SAEModule clips its own gradients "
+                f"(optim.clip_grad_norm={self.optim_spec.clip_grad_norm}); set that in the module's config instead",
+                stacklevel=2,
+            )
+        norm = self.optim_spec.clip_grad_norm
+        if norm is not None:
+            self.trainer.precision_plugin.clip_gradients(optimizer, norm, GradClipAlgorithmType.NORM)
+
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)
         self.sae.renormalise_decoder()
@@ -460,6 +507,8 @@ class SAEModule(L.LightningModule):
             results.l0_hists[mode] = l0_m.hist.detach().cpu().clone()
             tb.count_histogram(self._trainer, f"val/{mode}/l0_per_token", results.l0_hists[mode], step)
             if mode == Mode.BATCH:
+                n_val = int(firing_m.n)
+                logs["val/expected_never_fired_fraction"] = self.stats.expected_never_fired(n_val)
                 results.density = firing["density"].detach().cpu()
                 density = results.density.to(torch.float32)
                 tb.histogram(self._trainer, f"val/{mode}/log10_density", density[density > 0].log10(), step)

@@ -11,14 +11,11 @@ calibration, downstream figures). Anything else is refused before anything is wr
 from __future__ import annotations
 
 import copy
-import pickle
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from . import checkpoint_file
 from .errors import ConfigError, DataError
 
 # keys a resumed run may change (a key, or a whole section ending in ".")
@@ -75,31 +72,29 @@ def locate(resume: str) -> tuple[Path, Path | None]:
 def read(resume: str) -> ResumePoint:
     """Load and check a checkpoint: readable, made by this package, with its config."""
     ckpt, run_dir = locate(resume)
-    try:
-        state = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)
-    except (
-        RuntimeError,
-        EOFError,
-        OSError,
-        ValueError,
-        pickle.UnpicklingError,
-        zipfile.BadZipFile,
-        AttributeError,
-        ModuleNotFoundError,
-        IndexError,
-        KeyError,
-    ) as e:
-        raise DataError(
-            f"resume={resume}: {ckpt} is not a readable checkpoint (truncated, damaged or not a torch "
-            f"file: {type(e).__name__}); resume from another checkpoint of the run (checkpoints/*.ckpt)"
-        ) from e
+    state = checkpoint_file.load(
+        ckpt, f"resume={resume}", mmap=True, instead="resume from another checkpoint of the run (checkpoints/*.ckpt)"
+    )
     hp = state.get("hyper_parameters") if isinstance(state, dict) else None
     if not isinstance(hp, dict) or not isinstance(hp.get("config"), dict) or "state_dict" not in state:
         raise DataError(
             f"resume={resume}: {ckpt} is a torch file but not a checkpoint of an sae_lightning run "
             "(no hyper_parameters.config / state_dict)"
         )
-    return ResumePoint(ckpt, run_dir, state, hp["config"], int(state.get("global_step", 0)))
+    return ResumePoint(ckpt, run_dir, state, upgraded(hp["config"]), int(state.get("global_step", 0)))
+
+
+def upgraded(config: dict) -> dict:
+    """A saved config in today's keys: ``trainer.gradient_clip_val`` (from before the module
+    clipped its own gradients) becomes ``optim.clip_grad_norm`` (0 or null: none)."""
+    trainer = config.get("trainer")
+    if not isinstance(trainer, dict) or not ({"gradient_clip_val", "gradient_clip_algorithm"} & set(trainer)):
+        return config
+    config = copy.deepcopy(config)
+    value = config["trainer"].pop("gradient_clip_val", None)
+    config["trainer"].pop("gradient_clip_algorithm", None)
+    config.setdefault("optim", {}).setdefault("clip_grad_norm", value or None)
+    return config
 
 
 def _get(tree: dict, path: str, missing=KeyError):

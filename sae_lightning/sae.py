@@ -23,14 +23,29 @@ DecoderNorm = Literal["unit", "free"]
 AFFINITY_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def auto_affinity_dtype(device: torch.device) -> torch.dtype:
-    """``model.affinity_dtype=auto``: bfloat16 on a CPU with AMX tiles, whose bf16 product runs
-    ~7× fp32's (selection exact by re-scoring, rescore.py; docs/performance.md), float32
-    elsewhere (where the bf16 product is emulated, and on GPUs, not measured)."""
+def _cpu_has(feature: str) -> bool:
+    probe = getattr(torch.cpu, f"_is_{feature}_supported", None)
+    return probe is not None and bool(probe())
+
+
+def auto_affinity_choice(device: torch.device) -> tuple[torch.dtype, str]:
+    """``model.affinity_dtype=auto``, and why: bfloat16 on a CPU with a bf16 matrix product in
+    hardware (AMX tiles, Intel Sapphire Rapids on; or AVX512_BF16, AMD Zen 4 and Intel Cooper
+    Lake on), where it runs several times fp32's and selection stays exact by re-scoring
+    (rescore.py; docs/performance.md has the measurements); float32 elsewhere (where the bf16
+    product is emulated, and on GPUs, not measured)."""
     if device.type != "cpu":
-        return torch.float32
-    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    return torch.bfloat16 if amx is not None and bool(amx()) else torch.float32
+        return torch.float32, f"auto on {device.type}: fp32 (bf16 selection is measured on CPUs only)"
+    if _cpu_has("amx_tile"):
+        return torch.bfloat16, "auto: this CPU has AMX tiles, whose bf16 product runs several times fp32's"
+    if _cpu_has("avx512_bf16"):
+        return torch.bfloat16, "auto: this CPU has AVX512_BF16, whose bf16 product runs about twice fp32's"
+    return torch.float32, "auto: this CPU has no bf16 product in hardware (no AMX, no AVX512_BF16)"
+
+
+def auto_affinity_dtype(device: torch.device) -> torch.dtype:
+    """The dtype of :func:`auto_affinity_choice`."""
+    return auto_affinity_choice(device)[0]
 
 
 BIAS_COLUMNS = 16  # the low-precision product's extra inner dimension: the bias, then zeros

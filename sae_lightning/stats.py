@@ -94,6 +94,12 @@ class LatentStats(nn.Module):
             return self.dead_mask() | (self.density <= 0)
         return self.dead_mask() | (self.density < self.underused_ratio * curve)
 
+    def expected_never_fired(self, n_tokens: int) -> float:
+        """The share of latents that would fire on none of ``n_tokens`` independent tokens at their
+        training densities, mean_j (1 − ρ_j)^n: beside the share that never fired on held-out
+        tokens it tells a rare latent (expected to miss a small sample) from a dead one."""
+        return float((1 - self.density.to(torch.float64).clamp(0, 1)).pow(n_tokens).mean())
+
     def summary(self) -> dict[str, float]:
         return {
             "dead_fraction": float(self.dead_mask().float().mean()),

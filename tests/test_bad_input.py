@@ -25,6 +25,9 @@ from sae_lightning.data.harvest import harvest
 
 from .helpers.harvest import spec_for
 
+# make test-all: the bad-input battery, one entry-point process per case
+pytestmark = pytest.mark.slow
+
 SMALL = ["model.n_latents=128", "model.init_sample_tokens=256", "variant.k=4", "optim.warmup_steps=2", "progress=none"]
 ON_CACHE = [
     "data=cache",
@@ -218,7 +221,14 @@ CASES = [
     ("max_steps_zero", "train.py", ["trainer.max_steps=0"], None, r"trainer\.max_steps=0 .*integer >= 1"),
     ("val_interval_zero", "train.py", ["trainer.val_check_interval=0"], None, r"trainer\.val_check_interval=0"),
     ("precision", "train.py", ["trainer.precision=17"], None, r"trainer\.precision=17 .*'bf16-mixed'"),
-    ("clip_nan", "train.py", ["trainer.gradient_clip_val=nan"], None, r"trainer\.gradient_clip_val=nan .*finite"),
+    ("clip_nan", "train.py", ["optim.clip_grad_norm=nan"], None, r"optim\.clip_grad_norm=nan .*finite"),
+    (
+        "trainer_clip",
+        "train.py",
+        ["+trainer.gradient_clip_val=0.5"],
+        None,
+        r"trainer\.gradient_clip_val=0\.5 is not allowed; expected null: the SAE module clips its own gradients.*optim\.clip_grad_norm",
+    ),
     (
         "added_typo",
         "train.py",

@@ -190,3 +190,64 @@ def test_training_fit_figures_are_the_model_units_fvu_and_nmse(normalisation):
     sse = (x64 - h64).pow(2).sum()
     assert float(fvu) == pytest.approx(float(sse / (x64 - x64.mean(0)).pow(2).sum()), rel=1e-5)
     assert float(nmse) == pytest.approx(float(sse / x64.pow(2).sum()), rel=1e-5)
+
+
+# ---- the recipe travels with the module ---------------------------------------------------------
+RECIPE_RUN = [*TINY, "variant=topk", "variant.k=8", "trainer.max_steps=12", "trainer.val_check_interval=6",
+              "progress=none", "calibration.enabled=false"]  # fmt: skip
+
+
+def bare_trainer_weights(overrides: list[str], **trainer_args) -> tuple[dict[str, torch.Tensor], SAEModule]:
+    """SAEModule(config) trained by a plain lightning.Trainer, as a user would drive it: the
+    Trainer gets only the schedule (steps, validation interval), nothing of the recipe."""
+    import warnings
+
+    import lightning as L
+
+    from sae_lightning.config import load_config
+
+    config = load_config(compose_config(overrides))
+    datamodule = config.data.build()
+    datamodule.open()
+    L.seed_everything(config.seed, workers=True, verbose=False)
+    module = SAEModule(config, datamodule.d_model)
+    trainer = L.Trainer(max_steps=config.trainer.max_steps, val_check_interval=config.trainer.args["val_check_interval"],
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, **trainer_args)  # fmt: skip
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(module, datamodule=datamodule)
+    module.caught = [str(w.message) for w in caught]  # type: ignore[attr-defined]
+    return {name: p.detach().clone() for name, p in module.sae.named_parameters()}, module
+
+
+def train_py_weights(overrides: list[str], tmp_path) -> dict[str, torch.Tensor]:
+    run(compose_config(overrides), tmp_path)
+    state = torch.load(tmp_path / "checkpoints" / "final.ckpt", weights_only=True)["state_dict"]
+    return {
+        name.removeprefix("sae."): t for name, t in state.items() if name.startswith("sae.") and "." not in name[4:]
+    }
+
+
+def test_a_bare_trainer_trains_bitwise_as_train_py(tmp_path):
+    """The whole recipe (gradient clipping included) is applied by the module: weights after 12
+    steps are bitwise those of train.py. Without clipping they differ (the recipe acts here)."""
+    ours = train_py_weights(RECIPE_RUN, tmp_path / "a")
+    bare, _ = bare_trainer_weights(RECIPE_RUN)
+    assert set(bare) == {"W_enc", "W_dec", "b_enc", "b_pre"} and set(ours) >= set(bare)
+    for name, value in bare.items():
+        assert torch.equal(value, ours[name]), name
+    unclipped, _ = bare_trainer_weights([*RECIPE_RUN, "optim.clip_grad_norm=null"])
+    assert not torch.equal(unclipped["W_dec"], ours["W_dec"])
+
+
+def test_a_trainer_clip_is_ignored_with_a_warning_not_applied_twice():
+    default, _ = bare_trainer_weights(RECIPE_RUN)
+    also, module = bare_trainer_weights(RECIPE_RUN, gradient_clip_val=0.01)
+    said = [m for m in module.caught if "gradient_clip_val" in m]
+    assert said == [
+        "Trainer(gradient_clip_val=0.01) is ignored: SAEModule clips its own gradients (optim.clip_grad_norm=1.0); "
+        "set that in the module's config instead"
+    ]
+    for name, value in default.items():
+        assert torch.equal(value, also[name]), name

@@ -226,23 +226,31 @@ def test_a_non_finite_encoder_stops_a_bfloat16_step(nan):
 
 
 def test_auto_affinity_dtype_follows_the_hardware(monkeypatch):
-    """auto: bf16 selection on a CPU with AMX tiles, fp32 without them and on other devices; an
-    explicit setting is kept."""
+    """auto: bf16 selection on a CPU with a bf16 product in hardware (AMX tiles or AVX512_BF16),
+    fp32 without one and on other devices, with the reason; an explicit setting is kept."""
     from sae_lightning.config import load_config
     from sae_lightning.module import SAEModule
     from sae_lightning.sae import auto_affinity_dtype
 
     from .conftest import TINY, compose_config
 
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    def cpu(amx: bool, avx512_bf16: bool) -> None:
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+
+    cpu(amx=True, avx512_bf16=True)
     assert auto_affinity_dtype(torch.device("cpu")) == torch.bfloat16
     assert auto_affinity_dtype(torch.device("cuda")) == torch.float32
     module = SAEModule(load_config(compose_config([*TINY])), 32)
     assert module.model_spec.affinity_dtype == "auto" and module.selection_dtype() == torch.bfloat16
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
-    assert module.selection_dtype() == torch.float32
+    assert "AMX" in module.selection_dtype_reason()
+    cpu(amx=False, avx512_bf16=True)  # an AMD EPYC (Zen 4): bf16 in hardware without AMX
+    assert module.selection_dtype() == torch.bfloat16 and "AVX512_BF16" in module.selection_dtype_reason()
+    cpu(amx=False, avx512_bf16=False)
+    assert module.selection_dtype() == torch.float32 and "no bf16 product" in module.selection_dtype_reason()
     pinned = SAEModule(load_config(compose_config([*TINY, "model.affinity_dtype=bfloat16"])), 32)
     assert pinned.selection_dtype() == torch.bfloat16
+    assert pinned.selection_dtype_reason() == "model.affinity_dtype=bfloat16"
 
 
 def test_latent_value_token_order_with_ties():
