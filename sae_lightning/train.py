@@ -28,6 +28,7 @@ from .callbacks.figures import RunFigures
 from .callbacks.interrupt import GracefulStop
 from .callbacks.last_step import ValidateLastStep
 from .callbacks.progress import Progress
+from .cli import command
 from .config import TrainConfig, load_config, normalised, resolve
 from .errors import ConfigError, DataError, Interrupted
 from .heap import keep_freed_memory
@@ -134,7 +135,7 @@ def _run_dir(plan: Plan) -> Path:
     config = plan.config
     if _process_rank() != 0:
         return Path(os.environ.get(RUN_DIR_ENV) or plan.run_dir or config.out_dir)
-    name = f"{config.variant.name}_k{config.variant.params.k}_F{config.model.n_latents}"
+    name = f"{config.variant.label()}_k{config.variant.params.k}_F{config.model.n_latents}"
     run_dir = plan.run_dir or new_run_dir(config.out_dir, name)
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(config.as_dict())))
@@ -185,14 +186,16 @@ def fit(plan: Plan) -> dict[str, Any]:
     module.restoring = point is not None
     trainer, stop, calibration = _trainer(plan, run_dir)
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=str(point.checkpoint) if point is not None else None)
+        # weights-only, as resume.read opened it (nothing in a checkpoint is called: checkpoint_file.py)
+        ckpt_path = str(point.checkpoint) if point is not None else None
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     except Interrupted as e:
-        raise Interrupted(f"{e}; continue with: python train.py resume={run_dir}") from None
+        raise Interrupted(f"{e}; continue with: {command('train.py', f'resume={run_dir}')}") from None
     except DataError as e:  # found while training (a cache opened with data.verify=size): the folder stays
         raise DataError(f"{e} (found during training; the run folder {run_dir} keeps what was written)") from None
     train_seconds = module.train_seconds()
     trainer.validate(module, datamodule=datamodule, verbose=False)
-    trainer.save_checkpoint(run_dir / "checkpoints" / "final.ckpt")
+    trainer.save_checkpoint(run_dir / "checkpoints" / "final.ckpt", weights_only=False)  # resumable, not weights alone
     if trainer.is_global_zero:
         one_file_per_checkpoint(run_dir / "checkpoints", trainer.global_step)
         save_native(module, run_dir / NATIVE, config.as_dict())
@@ -203,6 +206,8 @@ def fit(plan: Plan) -> dict[str, Any]:
         "n_latents": config.model.n_latents, "steps": trainer.global_step, "tokens": tokens,
         "train_seconds": round(train_seconds, 2), "tokens_per_second": round(tokens / max(train_seconds, 1e-9), 1),
         "calibration": calibration.figures, **module.results.scalars,
+        "affinity_dtype": str(module.selection_dtype()).removeprefix("torch."),
+        "affinity_dtype_reason": module.selection_dtype_reason(),
     }  # fmt: skip
     if module.results.l0_sweep:
         metrics["val/threshold/l0_sweep"] = module.results.l0_sweep
@@ -285,6 +290,8 @@ def print_summary(metrics: dict[str, Any], run_dir: Path, config: TrainConfig | 
     )
     for r in rows:
         print("  " + "  ".join(cell.ljust(w) for cell, w in zip(r, widths)))
+    if "affinity_dtype" in metrics:
+        print(f"  batch selection read z′ in {metrics['affinity_dtype']} ({metrics['affinity_dtype_reason']})")
     if "val/threshold/fvu_at_k" in metrics and "val/threshold/l0_sweep" in metrics:
         print(
             f"  at L0 = k in threshold mode (the thresholds scaled by one factor, interpolated on the validation "
@@ -302,14 +309,20 @@ def print_summary(metrics: dict[str, Any], run_dir: Path, config: TrainConfig | 
     if config is not None:
         window = config.stats.dead_window_tokens
         dead = (
-            f"dead {100 * metrics['val/dead_fraction']:.1f}%: none in the last {window} training tokens"
+            f"dead {100 * metrics['val/dead_fraction']:.1f}%: latents that fired on none of the last {window} training tokens"
             if metrics["tokens"] >= window
             else f"dead: not measured yet (a latent is dead after {window} training tokens without firing)"
         )
-        print(
-            f"  never fired on val: latents with no activation on the {config.data.val_tokens} validation tokens "
-            f"(a rare latent may not occur there); {dead}"
+        expected = metrics.get("val/expected_never_fired_fraction")
+        rare = (
+            f"; at their training firing rates {100 * expected:.1f}% would fire on none of them (rare, not dead)"
+            if expected is not None
+            else " (a rare latent may not occur there)"
         )
+        print(
+            f"  never fired on val: latents with no activation on the {config.data.val_tokens} validation tokens{rare}"
+        )
+        print(f"  {dead}")
     if "val/recovery_mean_max_cos" in metrics:
         print(
             "  feature recovery (synthetic data, known features): the best decoder cosine per true feature, mean "

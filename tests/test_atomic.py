@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import time
 
 import pytest
 
 from sae_lightning.atomic import atomic_write_text, file_lock
+
+from .helpers.cli import hang_guard
 
 
 def test_an_atomic_write_leaves_the_old_file_on_an_error(tmp_path):
@@ -38,8 +39,8 @@ def test_the_lock_file_and_the_folders_made_for_it_are_removed(tmp_path):
     assert (tmp_path / "keep").is_dir() and not any((tmp_path / "keep").iterdir())
 
 
-def _hold(path: str, entered, release, log: str) -> None:
-    with file_lock(path):
+def _hold(path: str, waiting, entered, release, log: str) -> None:
+    with file_lock(path, on_wait=waiting.set):
         with open(log, "a") as f:
             f.write(f"in {os.getpid()}\n")
         entered.set()
@@ -54,20 +55,23 @@ def test_waiters_take_the_lock_one_at_a_time_though_its_file_is_removed(tmp_path
     create a new file, lock it, and hold the lock together with B."""
     ctx = multiprocessing.get_context("fork")
     path, log = str(tmp_path / ".c.lock"), str(tmp_path / "log")
-    (a_in, a_out), (b_in, b_out), (c_in, c_out) = [(ctx.Event(), ctx.Event()) for _ in range(3)]
-    a = ctx.Process(target=_hold, args=(path, a_in, a_out, log))
-    b = ctx.Process(target=_hold, args=(path, b_in, b_out, log))
-    c = ctx.Process(target=_hold, args=(path, c_in, c_out, log))
+    (a_wait, a_in, a_out), (b_wait, b_in, b_out), (c_wait, c_in, c_out) = [
+        (ctx.Event(), ctx.Event(), ctx.Event()) for _ in range(3)
+    ]
+    a = ctx.Process(target=_hold, args=(path, a_wait, a_in, a_out, log))
+    b = ctx.Process(target=_hold, args=(path, b_wait, b_in, b_out, log))
+    c = ctx.Process(target=_hold, args=(path, c_wait, c_in, c_out, log))
     a.start()
-    assert a_in.wait(10)
+    assert a_in.wait(hang_guard(10)) and not a_wait.is_set()
     b.start()
-    time.sleep(0.3)  # B waits on A's file
+    assert b_wait.wait(hang_guard(10))  # B found A's file locked: it blocks on that file
     a_out.set()
-    assert b_in.wait(10)  # A left (and removed its file); B holds the lock
+    assert b_in.wait(hang_guard(10))  # A left (and removed its file); B holds the lock
     c.start()
-    assert not c_in.wait(1.0), "C took the lock while B held it"
+    assert c_wait.wait(hang_guard(10)), "C took the lock while B held it"  # C found it held, and waits
+    assert not c_in.is_set()
     b_out.set()
-    assert c_in.wait(10)
+    assert c_in.wait(hang_guard(10))
     c_out.set()
     for p in (a, b, c):
         p.join(30)

@@ -58,11 +58,16 @@ def test_the_norm_of_an_error_that_scales_with_x_is_predictable():
     assert figures["error_norm_predictable"] > 0.99 and figures["error_variance_linearly_predictable"] < 0.05
 
 
-def test_the_command_writes_its_report(cli, tmp_path):
+def test_the_command_writes_its_report(cli, tmp_path, capsys):
     r = cli("train.py", f"out_dir={tmp_path}", *TINY, "variant=topk", "variant.k=8", "trainer.max_steps=20",
             "progress=none")  # fmt: skip
     assert r.returncode == 0, r.stderr[-2000:]
     (run,) = (tmp_path / "runs").iterdir()
+    core = evaluate([str(run), "--device", "cpu"])  # no ΔCE on synthetic data: what applies, not a refusal
+    said = capsys.readouterr().out
+    assert "no ΔCE (it splices the SAE into a causal language model" in said and "synthetic data" in said
+    assert "--dark-matter" in said and "FVU" in said
+    assert json.loads((run / "core.json").read_text())["threshold/fvu"] == core["threshold/fvu"] > 0
     figures = evaluate([str(run), "--dark-matter", "--device", "cpu"])
     saved = json.loads((run / "dark_matter.json").read_text())
     assert saved["tokens_scored"] == (512 + 2048) // 2 and 0 <= saved["error_variance_linearly_predictable"] <= 1

@@ -16,6 +16,7 @@ from sae_lightning.inspect import main as inspect_main
 from sae_lightning.runs import load_run
 
 from .helpers.cli import ROOT, hang_guard
+from .helpers.requires import require
 
 
 @pytest.fixture(scope="module")
@@ -52,10 +53,10 @@ def test_the_page_holds_every_latent_with_figures_that_match_the_codes(run):
     assert np.isfinite([item["mean"] for item in data["latents"]]).all()
 
 
+@pytest.mark.slow
 def test_a_headless_browser_renders_the_page_and_lists_the_latents(run, tmp_path):
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
-    if browser is None:
-        pytest.skip("Debian's chromium is not installed (apt-get install chromium; .ci/run installs it)")
+    require(browser is not None, "Debian's chromium", "apt-get install chromium")
     out = inspect_main([str(run), "--out", str(tmp_path / "page.html"), "--device", "cpu"])
     fired = sum(item["density"] > 0 for item in page_data(out)["latents"])
     proc = subprocess.run(

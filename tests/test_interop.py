@@ -18,6 +18,7 @@ from sae_lightning.runs import NATIVE, load_run
 
 from .conftest import ROOT, TINY
 from .helpers.cli import hang_guard
+from .helpers.requires import require
 
 SAELENS_PY = ROOT / ".venv-saelens" / "bin" / "python"
 VARIANTS = {
@@ -153,9 +154,10 @@ def test_export_refuses_an_existing_folder_and_a_mismatched_data(runs, tmp_path,
     assert e.value.code == 2 and "d_model 32" in err and not (tmp_path / "run").exists()
 
 
-@pytest.mark.skipif(not SAELENS_PY.exists(), reason="no .venv-saelens (make install-saelens installs sae-lens there)")
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_sae_lens_loads_the_export_and_reconstructs_the_same(runs, variant, tmp_path):
+    require(SAELENS_PY.exists(), "sae-lens in .venv-saelens", "make install-saelens")
     run = runs[variant]
     exported = export_saelens(run, tmp_path / "export")
     x = tokens(run)

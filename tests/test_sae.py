@@ -151,9 +151,12 @@ def test_affinity_workspace_reused_between_steps_once_per_step():
             with sae.reusing_affinities():
                 again = sae.affinities(xn, layout=layout, dtype=dtype)
                 assert again.data_ptr() == first.data_ptr()
-                assert torch.equal(
-                    sae.affinities(xn, slice(0, 4), layout, dtype), plain[:, :4] if layout == "token" else plain[:4]
-                )
+                # a slice of latents is its own (smaller) product, never the buffer: the same values up to
+                # rounding (BLAS sums in another order for another shape on some CPUs: not bitwise)
+                part = sae.affinities(xn, slice(0, 4), layout, dtype)
+                assert part.untyped_storage().data_ptr() != first.untyped_storage().data_ptr()
+                tol = 1e-6 if dtype == torch.float32 else 1e-2
+                torch.testing.assert_close(part, plain[:, :4] if layout == "token" else plain[:4], rtol=tol, atol=tol)
     x7 = torch.randn(7, 8)
     with sae.reusing_affinities():
         wider = sae.affinities(x7)

@@ -28,11 +28,16 @@ def test_train_py_runs_each_variant(variant, cli, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stderr == "", proc.stderr  # a clean console: no warnings, no adverts
     (run_dir,) = list((tmp_path / "runs").iterdir())
-    assert run_dir.name.endswith(f"{variant}_k8_F256")
+    # Feature Choice's folder names its capacity rule (the default: demand)
+    label = {"feature_choice": "feature_choice-demand"}.get(variant, variant)
+    assert run_dir.name.endswith(f"_{label}_k8_F256"), run_dir.name
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["variant"] == variant and metrics["steps"] == 6
     assert 0 < metrics["val/batch/fvu"] < 10 and metrics["val/batch/l0_mean"] > 0
     assert "val/threshold/l0_mean" in metrics
+    # the selection's dtype and why, in metrics.json and the summary (auto on this CPU)
+    assert metrics["affinity_dtype"] in ("float32", "bfloat16") and metrics["affinity_dtype_reason"].startswith("auto")
+    assert f"batch selection read z′ in {metrics['affinity_dtype']} (auto: this CPU" in proc.stdout
     assert (run_dir / "config.yaml").read_text().count(f"allocator: {variant}") == 1
     assert list((run_dir / "tb").glob("events.out.tfevents.*"))
     ckpts = run_dir / "checkpoints"

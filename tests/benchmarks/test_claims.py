@@ -6,7 +6,12 @@ from __future__ import annotations
 import json
 from types import SimpleNamespace
 
+import pytest
+
 from benchmarks import claims
+
+# make test-all: the benchmarks at toy size
+pytestmark = pytest.mark.slow
 
 
 def metrics(fvu_at_k: float, dead: float = 0.0, batch: float | None = None) -> dict:

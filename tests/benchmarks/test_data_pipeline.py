@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import pytest
+
 from benchmarks.data_pipeline import harvest_bench, loader_bench
 from sae_lightning.data.activations import ActivationsData
 from sae_lightning.data.harvest import harvest
 
 from ..helpers.harvest import spec_for
+
+# make test-all: the benchmarks at toy size
+pytestmark = pytest.mark.slow
 
 
 def test_pipeline_benchmark_figures(tiny_lm, corpus_file, tmp_path):

@@ -5,7 +5,12 @@ from __future__ import annotations
 import json
 from types import SimpleNamespace
 
+import pytest
+
 from benchmarks import gradient_ranking as gr
+
+# make test-all: the benchmarks at toy size
+pytestmark = pytest.mark.slow
 
 
 def metrics(fvu: float, dce: float) -> dict:

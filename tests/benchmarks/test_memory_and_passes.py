@@ -3,7 +3,12 @@ report resumes, and the pass counts see the product's write (no timing assertion
 
 import json
 
+import pytest
+
 from benchmarks import memory, passes
+
+# make test-all: the benchmarks at toy size
+pytestmark = pytest.mark.slow
 
 
 def test_memory_rows_resume_and_resolve_auto_blocks(tmp_path):

@@ -6,6 +6,7 @@ import argparse
 import json
 
 import numpy as np
+import pytest
 import torch
 
 from benchmarks.parity import plan
@@ -15,6 +16,9 @@ from sae_lightning.data.stream import BatchStream
 
 from ..conftest import compose_config
 from ..helpers.harvest import spec_for
+
+# make test-all: the benchmarks at toy size
+pytestmark = pytest.mark.slow
 
 
 def test_the_plan_holds_the_batches_our_loader_yields_in_order(tiny_lm, corpus_file, tmp_path):

@@ -2,7 +2,12 @@
 
 import json
 
+import pytest
+
 from benchmarks import rescore
+
+# make test-all: the benchmarks at toy size
+pytestmark = pytest.mark.slow
 
 
 def test_rescore_benchmark_counts_every_step(tmp_path):

@@ -6,6 +6,9 @@ import pytest
 
 from benchmarks import step as bench
 
+# make test-all: the benchmarks at toy size
+pytestmark = pytest.mark.slow
+
 
 def test_bench_reports_all_variants_and_ratios(tmp_path):
     out = tmp_path / "bench.json"

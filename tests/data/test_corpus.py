@@ -48,6 +48,7 @@ def test_mixed_suffixes_and_missing_files(tmp_path):
     assert desc("some-org/some-dataset", tmp_path)["kind"] == "hub"
 
 
+@pytest.mark.slow
 def test_builtin_corpus_is_written_once_and_deterministic(tmp_path):
     a = python_docstrings(tmp_path / "x")
     b = python_docstrings(tmp_path / "y")

