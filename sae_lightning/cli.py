@@ -1,5 +1,5 @@
-"""What the command-line entry points share: one ``error:`` line for every mistake, and a
-console without known-harmless noise.
+"""What the command-line entry points share: one ``error:`` line for every mistake, a console
+without known-harmless noise, and OpenMP threads that sleep while they wait (see below).
 
 ``run_entry(main)`` runs a ``@hydra.main`` function. Hydra's own errors (an unknown key, a
 missing config group option, an override it cannot parse) and ours (:class:`ConfigError`,
@@ -23,6 +23,14 @@ from pathlib import Path
 from typing import NoReturn
 
 from .errors import ConfigError, DataError, Interrupted, TrainingDiverged, did_you_mean
+
+# The entry points import this module before torch, so that GNU OpenMP (torch's thread pool) reads
+# this when it starts: its threads sleep as soon as they wait instead of spinning first. Beside
+# another CPU job a spinning thread burns the slice its partner needs, at every parallel region;
+# measured (benchmarks.shared_cores, docs/performance.md#sharing-the-cores): the default run
+# 3.2-3.5x slower beside a second training run with spinning threads, 1.3-1.4x with sleeping ones,
+# and no cost alone. A value the user set is kept.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 # known-harmless messages of the libraries, dropped from the console
 _QUIET_LOGS = re.compile(

@@ -37,3 +37,36 @@ def test_a_missing_group_option_lists_the_options():
     line = hydra_error(["variant=mutual"])
     assert "Could not find 'variant/mutual'" in line and "feature_choice, jumprelu, mutual_choice, topk" in line
     assert "did you mean mutual_choice?" in line and "\n" not in line
+
+
+PROBE = """
+import builtins, os, runpy, sys
+seen = []
+real = builtins.__import__
+def spy(name, *args, **kwargs):
+    if name == "torch" and not seen:
+        seen.append(os.environ.get("OMP_WAIT_POLICY"))
+    return real(name, *args, **kwargs)
+builtins.__import__ = spy
+sys.argv = [sys.argv[1], "--cfg", "job"]
+try:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+except SystemExit:
+    pass
+print("policy when torch loaded:", seen)
+"""
+
+
+@pytest.mark.parametrize("script, chosen", [("train.py", None), ("harvest.py", None), ("train.py", "ACTIVE")])
+def test_the_entry_points_make_openmp_threads_sleep_before_torch_loads(script, chosen):
+    """OMP_WAIT_POLICY=PASSIVE is in the environment when torch (and its OpenMP runtime) first
+    loads, unless the user chose a policy (docs/performance.md#sharing-the-cores)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if chosen is not None:
+        env["OMP_WAIT_POLICY"] = chosen
+    r = subprocess.run([sys.executable, "-c", PROBE, script], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert f"policy when torch loaded: [{chosen or 'PASSIVE'!r}]" in r.stdout, r.stdout[-500:] + r.stderr[-2000:]
