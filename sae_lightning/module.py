@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import cast
 
 import lightning as L
-from lightning.pytorch.utilities import GradClipAlgorithmType
 import torch
+from lightning.pytorch.utilities import GradClipAlgorithmType
 from torch import Tensor, nn
 
 from . import checkpoint_file, tb

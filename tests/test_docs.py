@@ -11,9 +11,7 @@ from .conftest import ROOT
 
 # a measured figure: a decimal with two or more places (0.1792), a decimal percentage (44.6 %), a
 # ratio (1.50×), a duration in ms or min (109 ms, 4 min); not a setting (k = 32, 0.9, ±15 %, every 30 s)
-MEASURED = re.compile(
-    r"(?<![\w.\-/=`])(\d+\.\d{2,}|\d+\.\d+\s?%|\d+(?:\.\d+)?×|\d+(?:\.\d+)?\s?(?:ms|min)\b)(?![\w`])"
-)
+MEASURED = re.compile(r"(?<![\w.\-/=`])(\d+\.\d{2,}|\d+\.\d+\s?%|\d+(?:\.\d+)?×|\d+(?:\.\d+)?\s?(?:ms|min)\b)(?![\w`])")
 LINK = re.compile(r"\]\((docs/[^)#\s]+\.md)")
 
 
