@@ -25,7 +25,7 @@ def test_rescore_benchmark_counts_every_step(tmp_path):
         assert r["steps"] == 3 and 0 < r["pairs"] <= 3 * 4 * 64
         assert r["misses"] == 0  # the margin holds the fp32 selection
         assert 0 <= r["only_fp32"] <= r["pairs"] // 1000 + 2 and r["steps_with_difference"] <= 3
-        assert r["deepest"] >= 0 and r["least_slack"] >= 0  # the margins held, with room to spare
+        assert 0 <= r["least_slack"] < 1 << 62  # measured, and the margins held, with room to spare
 
 
 def test_rescore_benchmark_on_a_finished_run(cache_run, tmp_path):
