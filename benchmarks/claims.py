@@ -332,7 +332,38 @@ def core_table(results: dict, dataset: str) -> list[str]:
     return [*lines, ""]
 
 
+def code_versions(results: dict) -> dict[str, list[str]]:
+    """{the code a run was made with (provenance.describe): the runs}, every session of a resumed
+    run counted; a run from before runs recorded it is 'an unknown commit'."""
+    from sae_lightning.provenance import describe
+
+    found: dict[str, list[str]] = {}
+    for key, m in results.items():
+        if m is None:
+            continue
+        for version in m.get("code_versions") or [m.get("code")]:
+            found.setdefault(describe(version), []).append(" ".join(map(str, key)))
+    return found
+
+
+def one_code_version(results: dict, mixed_ok: bool) -> str:
+    """The code the page measured, in words; one error: line and exit 2 if the runs came from
+    more than one (a commit, or uncommitted changes, apart) unless ``mixed_ok``."""
+    found = code_versions(results)
+    if len(found) > 1 and not mixed_ok:
+        shown = "; ".join(f"{v}: {len(runs)} run(s), e.g. {runs[0]}" for v, runs in sorted(found.items()))
+        from sae_lightning.cli import fail
+
+        fail(
+            f"error: the runs come from {len(found)} code versions ({shown}); a page measures one: re-run the "
+            "others at one commit (delete their folders under --out), or pass --mixed-commits to aggregate anyway",
+            2,
+        )
+    return " and ".join(sorted(found)) or "no runs yet"
+
+
 def report(results: dict, args, doc: Path, img_dir: Path) -> str:
+    code = one_code_version(results, getattr(args, "mixed_commits", False))
     agg = aggregate(results)
     sweeps: dict = {}
     for (dataset, config, _k, _seed), m in results.items():
@@ -346,7 +377,8 @@ def report(results: dict, args, doc: Path, img_dir: Path) -> str:
         f"{args.steps * 1024 / 1e6:.2f}M training tokens per run, F = 4096, training seeds "
         f"{', '.join(map(str, args.seeds))}, every other setting the default but fp32 selection "
         f"(`{' '.join(PRECISION)}`: the grid predates bf16 re-scoring); the data order is the same for "
-        f"every run); {runs} of the grid's {len(results)} runs are in. Each cell is mean ± std over the seeds "
+        f"every run); {runs} of the grid's {len(results)} runs are in, made by {code}. Each cell is mean ± "
+        "std over the seeds "
         "that ran (the last column counts them; a cell with fewer than 3 is not final).",
         "",
         "**The headline is FVU at L0 = k in threshold mode**, what a user deploys: each token on its own, "
@@ -422,6 +454,8 @@ def main(argv=None) -> None:
     p.add_argument("--doc", type=Path, default=ROOT / "docs" / "results.md")
     p.add_argument("--img-dir", type=Path, default=ROOT / "docs" / "img")
     p.add_argument("--report", action="store_true", help="only rewrite the page from the runs there are")
+    p.add_argument("--mixed-commits", action="store_true",
+                   help="aggregate runs made by different code versions (refused otherwise)")  # fmt: skip
     p.add_argument("overrides", nargs="*", help="extra train.py overrides for every run")
     args = p.parse_args(argv)
     extra = [f"trainer.max_steps={args.steps}", *args.overrides]

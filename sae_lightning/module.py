@@ -26,6 +26,7 @@ from .gradient_ranking import GradientRanking
 from .losses import StepOutput, sum_of_squares, total_loss
 from .mdl import description_length
 from .metrics import L0, Firing, Reconstruction, feature_recovery
+from .provenance import code_version
 from .rescore import Exact
 from .sae import AFFINITY_DTYPES, ExactRanked, SparseAutoencoder, auto_affinity_choice, auto_affinity_dtype
 from .sparse import SparseCode
@@ -118,6 +119,7 @@ class SAEModule(L.LightningModule):
         self.results = ValidationResults()
         self.restoring = False  # set when a checkpoint will replace the initial weights (resume)
         self.train_seconds_before = 0.0  # training time of the run before this session (from the checkpoint)
+        self.code_versions_before: list[dict] = []  # the code of earlier sessions (from the checkpoint)
         self._session_start: float | None = None
         self._warned_trainer_clip = False
 
@@ -283,11 +285,18 @@ class SAEModule(L.LightningModule):
         now = time.perf_counter() - self._session_start if self._session_start is not None else 0.0
         return self.train_seconds_before + now
 
+    def code_versions(self) -> list[dict]:
+        """The code of every session that trained this module (provenance.py), oldest first."""
+        now = code_version()
+        return self.code_versions_before + ([now] if now not in self.code_versions_before else [])
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["sae_lightning"] = {"train_seconds": self.train_seconds()}
+        checkpoint["sae_lightning"] = {"train_seconds": self.train_seconds(), "code_versions": self.code_versions()}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self.train_seconds_before = float(checkpoint.get("sae_lightning", {}).get("train_seconds", 0.0))
+        own = checkpoint.get("sae_lightning", {})
+        self.train_seconds_before = float(own.get("train_seconds", 0.0))
+        self.code_versions_before = list(own.get("code_versions", []))
         for key in ("sae.x_second_moment", "sae.x_variance"):  # checkpoints from before these buffers
             checkpoint["state_dict"].setdefault(key, torch.ones(()))
         if self.restoring and "allocator.calibrated" in checkpoint["state_dict"]:

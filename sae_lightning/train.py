@@ -33,6 +33,7 @@ from .config import TrainConfig, load_config, normalised, resolve
 from .errors import ConfigError, DataError, Interrupted
 from .heap import keep_freed_memory
 from .module import SAEModule
+from .provenance import code_version
 from .runs import NATIVE, new_run_dir, save_native
 from .sweep.pruning import OptunaPruning, TrialContext
 
@@ -206,6 +207,8 @@ def fit(plan: Plan) -> dict[str, Any]:
         "n_latents": config.model.n_latents, "steps": trainer.global_step, "tokens": tokens,
         "train_seconds": round(train_seconds, 2), "tokens_per_second": round(tokens / max(train_seconds, 1e-9), 1),
         "calibration": calibration.figures, **module.results.scalars,
+        "code": code_version(),  # which code made the run (provenance.py); every session's if it was resumed:
+        "code_versions": module.code_versions(),
         "affinity_dtype": str(module.selection_dtype()).removeprefix("torch."),
         "affinity_dtype_reason": module.selection_dtype_reason(),
     }  # fmt: skip

@@ -28,6 +28,7 @@ LAYERS: list[tuple[str, ...]] = [
         "compare",
         "resume",
         "heap",
+        "provenance",
     ),
     # tensors and the SAE's parts
     (

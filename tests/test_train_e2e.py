@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from .conftest import ROOT, TINY
 from .helpers.cli import hang_guard
@@ -36,6 +37,10 @@ def test_train_py_runs_each_variant(variant, cli, tmp_path):
     # better than predicting the mean (FVU 1), every token's budget spent in batch mode
     assert 0 < metrics["val/batch/fvu"] < 1 and metrics["val/batch/l0_mean"] == 8
     assert "val/threshold/l0_mean" in metrics
+    # the code that made the run: this checkout's commit, whether its tree was dirty, torch's and Lightning's versions
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert metrics["code"]["commit"] == head and isinstance(metrics["code"]["dirty"], bool)
+    assert metrics["code"]["torch"] == str(torch.__version__) and metrics["code_versions"] == [metrics["code"]]
     # the selection's dtype and why, in metrics.json and the summary (auto on this CPU)
     assert metrics["affinity_dtype"] in ("float32", "bfloat16") and metrics["affinity_dtype_reason"].startswith("auto")
     assert f"batch selection read z′ in {metrics['affinity_dtype']} (auto: this CPU" in proc.stdout

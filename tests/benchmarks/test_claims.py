@@ -103,3 +103,27 @@ def test_a_run_without_a_description_length_gets_it_once(cache_run, tmp_path):
     assert (run / "description_length.json").is_file()
     assert back[claims.DL_KEY] == metrics[claims.DL_KEY]  # the same tokens, the same SAE: the same bits
     assert claims.with_description_length(run, metrics) is metrics
+
+
+def with_code(m: dict, commit: str | None, dirty: bool = False, sessions: int = 1) -> dict:
+    version = {"commit": commit, "dirty": dirty, "torch": "2.13.0", "lightning": "2.6.6", "sae_lightning": "0.1.0"}
+    return {**m, "code": version, "code_versions": [version] * sessions}
+
+
+def test_the_report_refuses_runs_of_different_commits_and_names_its_own(capsys):
+    one = {key: with_code(m, "a" * 40) for key, m in grid((0.3, 0.0), (0.29, 0.0), (0.29, 0.0), 0.3, 0.3).items()}
+    assert claims.one_code_version(one, mixed_ok=False) == "commit aaaaaaaa"
+    mixed = dict(one)
+    key = next(iter(mixed))
+    mixed[key] = with_code(mixed[key], "b" * 40)
+    with pytest.raises(SystemExit) as e:
+        claims.one_code_version(mixed, mixed_ok=False)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err.startswith("error: the runs come from 2 code versions (commit aaaaaaaa: 14 run(s)")
+    assert "commit bbbbbbbb: 1 run(s), e.g. synthetic topk+aux_k 32 0" in err and "--mixed-commits" in err
+    assert claims.one_code_version(mixed, mixed_ok=True) == "commit aaaaaaaa and commit bbbbbbbb"
+    dirty = {**one, key: with_code(one[key], "a" * 40, dirty=True)}  # uncommitted changes are another version
+    with pytest.raises(SystemExit):
+        claims.one_code_version(dirty, mixed_ok=False)
+    unknown = {**one, key: {k: v for k, v in one[key].items() if k not in ("code", "code_versions")}}
+    assert "an unknown commit" in claims.one_code_version(unknown, mixed_ok=True)
