@@ -376,8 +376,9 @@ def report(results: dict, args, doc: Path, img_dir: Path) -> str:
         f"Made by `python -m benchmarks.claims` ({args.steps} steps of 1024 tokens = "
         f"{args.steps * 1024 / 1e6:.2f}M training tokens per run, F = 4096, training seeds "
         f"{', '.join(map(str, args.seeds))}, every other setting the default but fp32 selection "
-        f"(`{' '.join(PRECISION)}`: the grid predates bf16 re-scoring); the data order is the same for "
-        f"every run); {runs} of the grid's {len(results)} runs are in, made by {code}. Each cell is mean ± "
+        f"(`{' '.join(PRECISION)}`: the grid predates bf16 re-scoring); each seed draws the initialisation and "
+        f"the training order, `data.order_seed` = the seed, runs made before that had seed 0's order); {runs} of "
+        f"the grid's {len(results)} runs are in, made by {code}. Each cell is mean ± "
         "std over the seeds "
         "that ran (the last column counts them; a cell with fewer than 3 is not final).",
         "",

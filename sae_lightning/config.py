@@ -424,8 +424,12 @@ def normalised(raw: dict) -> dict:
 
 
 def load_config(cfg: DictConfig | dict) -> TrainConfig:
-    """The composed config, resolved, typed and checked (ConfigError on the first problem)."""
-    return parse(TrainConfig, resolve(cfg), "")
+    """The composed config, resolved, typed and checked (ConfigError on the first problem);
+    ``data.order_seed: null`` becomes the training seed (written so into the run's config)."""
+    config = parse(TrainConfig, resolve(cfg), "")
+    if config.data.order_seed is None:
+        config.data.order_seed = config.seed
+    return config
 
 
 # the sections whose defaults the specs hold, as Hydra knows them (configs/ holds only choices)

@@ -86,14 +86,16 @@ def read(resume: str) -> ResumePoint:
 
 def upgraded(config: dict) -> dict:
     """A saved config in today's keys: ``trainer.gradient_clip_val`` (from before the module
-    clipped its own gradients) becomes ``optim.clip_grad_norm`` (0 or null: none)."""
-    trainer = config.get("trainer")
-    if not isinstance(trainer, dict) or not ({"gradient_clip_val", "gradient_clip_algorithm"} & set(trainer)):
-        return config
+    clipped its own gradients) becomes ``optim.clip_grad_norm`` (0 or null: none); a config
+    from before seeds drew the training order gets ``data.order_seed: 0``, the order it had."""
     config = copy.deepcopy(config)
-    value = config["trainer"].pop("gradient_clip_val", None)
-    config["trainer"].pop("gradient_clip_algorithm", None)
-    config.setdefault("optim", {}).setdefault("clip_grad_norm", value or None)
+    trainer = config.get("trainer")
+    if isinstance(trainer, dict) and {"gradient_clip_val", "gradient_clip_algorithm"} & set(trainer):
+        value = trainer.pop("gradient_clip_val", None)
+        trainer.pop("gradient_clip_algorithm", None)
+        config.setdefault("optim", {}).setdefault("clip_grad_norm", value or None)
+    if isinstance(config.get("data"), dict):
+        config["data"].setdefault("order_seed", 0)
     return config
 
 

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from sae_lightning.config import load_config
 from sae_lightning.errors import ConfigError
@@ -125,3 +126,16 @@ def test_the_composed_config_holds_the_spec_defaults(data, variant):
             want.update(flatten({"data": {"harvest": as_dict(HarvestSpec())}}))
     differ = {k: (got.get(k), v) for k, v in want.items() if k in got and got[k] != v and k not in OWN[data]}
     assert not differ, differ
+
+
+def test_the_training_seed_draws_the_data_order_unless_the_order_seed_is_set():
+    from sae_lightning.config import load_config
+
+    from .conftest import compose_config
+
+    assert load_config(compose_config(["seed=3"])).data.order_seed == 3
+    assert load_config(compose_config(["seed=3", "data.order_seed=0"])).data.order_seed == 0
+    assert load_config(compose_config([])).as_dict()["data"]["order_seed"] == 0  # written into config.yaml
+    one, two = (load_config(compose_config([f"seed={s}"])).data.build() for s in (1, 2))
+    assert not torch.equal(one.batch_of()(0), two.batch_of()(0))
+    assert torch.equal(one.val_tensor(), two.val_tensor()) and torch.equal(one.sample(64), two.sample(64))

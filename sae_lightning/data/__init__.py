@@ -37,6 +37,10 @@ class DataSpec:
     val_tokens: int = setting(16384, ge=1)
     calibration_tokens: int = setting(16384, ge=1)
     num_workers: int = setting(0, ge=0)
+    # the seed of the training order; null: the run's training seed, so that seeds vary the data
+    # order as well as the initialisation (validation, calibration and the init sample stay fixed
+    # by the data's own seed); 0 is the order of the runs made before seeds drew it
+    order_seed: int | None = setting(None, ge=0, allowed="null (the training seed) or an integer >= 0")
 
     KIND: ClassVar[str] = ""
 

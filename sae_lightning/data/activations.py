@@ -66,14 +66,16 @@ class ActivationsData(DataSpec):
 class Order:
     """The global token indices of training batch j (see the module docstring)."""
 
-    def __init__(self, n_batches: int, batch_size: int, window_batches: int, seed: int):
+    def __init__(self, n_batches: int, batch_size: int, window_batches: int, seed: int, order_seed: int = 0):
         self.nb, self.B, self.m, self.seed = n_batches, batch_size, max(1, window_batches), seed
+        # the generators' keys: order seed 0 keeps the order of runs made before seeds drew it
+        self.key = [seed, order_seed] if order_seed else [seed]
         self._cache: dict[tuple[int, int], np.ndarray] = {}
         self._blocks: dict[int, np.ndarray] = {}
 
     def _block_perm(self, epoch: int) -> np.ndarray:
         if epoch not in self._blocks:
-            self._blocks = {epoch: np.random.default_rng([self.seed, epoch]).permutation(self.nb)}
+            self._blocks = {epoch: np.random.default_rng([*self.key, epoch]).permutation(self.nb)}
         return self._blocks[epoch]
 
     def window(self, epoch: int, w: int) -> np.ndarray:
@@ -81,7 +83,7 @@ class Order:
         if (epoch, w) not in self._cache:
             blocks = self._block_perm(epoch)[w * self.m : (w + 1) * self.m]
             tokens = (blocks[:, None] * self.B + np.arange(self.B)[None, :]).reshape(-1)
-            perm = np.random.default_rng([self.seed, epoch, w]).permutation(len(tokens))
+            perm = np.random.default_rng([*self.key, epoch, w]).permutation(len(tokens))
             self._cache = {(epoch, w): tokens[perm]}
         return self._cache[(epoch, w)]
 
@@ -208,7 +210,7 @@ class ActivationsDataModule(StreamingDataModule):
         self.cal_range = (n - val - cal, n - val)
         self.val_range = (n - val, n)
         window = max(1, self.spec.shuffle_buffer_tokens // B)
-        self.order = Order(self.n_batches, B, window, self.spec.seed)
+        self.order = Order(self.n_batches, B, window, self.spec.seed, self.spec.order_seed or 0)
 
     @property
     def d_model(self) -> int:
@@ -284,6 +286,7 @@ class ActivationsDataModule(StreamingDataModule):
             "position": self.position(),
             "fingerprint": self.fingerprint,
             "seed": self.spec.seed,
+            "order_seed": self.spec.order_seed or 0,
             "batch_size": self.batch_size,
             "path": str(self.path),
         }
@@ -295,10 +298,12 @@ class ActivationsDataModule(StreamingDataModule):
                 f"{state.get('fingerprint')}), but data.path={self.path} holds other activations "
                 f"(fingerprint {self.fingerprint}); point data.path at the checkpoint's cache"
             )
-        if state.get("seed") != self.spec.seed or state.get("batch_size") != self.batch_size:
+        mine = (self.spec.seed, self.spec.order_seed or 0, self.batch_size)
+        theirs = (state.get("seed"), state.get("order_seed", 0), state.get("batch_size"))
+        if mine != theirs:
             raise ConfigError(
-                "data.seed / data.batch_size",
-                (self.spec.seed, self.batch_size),
-                f"the checkpoint's ({state.get('seed')}, {state.get('batch_size')}) to resume its data stream",
+                "data.seed / data.order_seed / data.batch_size",
+                mine,
+                f"the checkpoint's {theirs} to resume its data stream",
             )
         self._restored = state

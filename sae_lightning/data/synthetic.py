@@ -88,13 +88,14 @@ class SyntheticActivations:
 
 
 class SyntheticBatches:
-    """Global training batch i: a pure function of (seed, i)."""
+    """Global training batch i: a pure function of (data seed, order seed, i); order seed 0 gives
+    the batches of the runs made before the training seed drew the order."""
 
-    def __init__(self, source: SyntheticActivations, batch_size: int):
-        self.source, self.batch_size = source, batch_size
+    def __init__(self, source: SyntheticActivations, batch_size: int, order_seed: int = 0):
+        self.source, self.batch_size, self.order_seed = source, batch_size, order_seed
 
     def __call__(self, i: int) -> Tensor:
-        g = torch.Generator().manual_seed(self.source.spec.seed * 1_000_003 + 17 + i)
+        g = torch.Generator().manual_seed(self.source.spec.seed * 1_000_003 + 17 + i + self.order_seed * 7_919_000_003)
         return self.source.batch(self.batch_size, g)[0]
 
 
@@ -134,4 +135,4 @@ class SyntheticDataModule(StreamingDataModule):
         return self._val
 
     def batch_of(self) -> SyntheticBatches:
-        return SyntheticBatches(self.source, self.batch_size)
+        return SyntheticBatches(self.source, self.batch_size, self.spec.order_seed or 0)

@@ -149,7 +149,7 @@ def test_position_is_saved_and_restored(cache):
         torch.testing.assert_close(resumed[j], whole[5 + j])
     with pytest.raises(DataError, match="trained on the activation cache .* holds other activations"):
         make(cache).load_state_dict({**state, "fingerprint": "0" * 16})
-    with pytest.raises(ConfigError, match="data.seed / data.batch_size"):
+    with pytest.raises(ConfigError, match="data.seed / data.order_seed / data.batch_size"):
         make(cache, seed=3).load_state_dict(state)
 
 
@@ -238,3 +238,29 @@ def test_resume_from_a_checkpoint_of_another_cache_is_refused_before_training(ca
     )
     with pytest.raises(DataError, match="trained on the activation cache /elsewhere"):
         _check_checkpoint(read(str(ckpt)), make(cache))
+
+
+def test_the_order_seed_draws_the_training_order_and_nothing_held_out(cache):
+    """Two order seeds: different first batches, the same tokens over an epoch, the same held-out
+    splits; the same seed: the same batches, also after a resume from a saved position."""
+    zero, one, again = (first_batches(make(cache, order_seed=s), 4) for s in (0, 1, 1))
+    assert not torch.equal(zero[0], one[0])
+    assert all(torch.equal(a, b) for a, b in zip(one, again))
+    a, b = make(cache, order_seed=0), make(cache, order_seed=1)
+    epoch = lambda dm: torch.cat([dm.reader.gather(np.sort(dm.order.batch(j))) for j in range(dm.n_batches)])  # noqa: E731
+    assert torch.equal(epoch(a).sort(0).values, epoch(b).sort(0).values)  # a permutation of the same tokens
+    torch.testing.assert_close(a.val_tensor(), b.val_tensor(), rtol=0, atol=0)
+    torch.testing.assert_close(a.calibration_tokens(), b.calibration_tokens(), rtol=0, atol=0)
+    # a resume restores the seed's own stream, and refuses another order seed
+    dm = make(cache, order_seed=1)
+    dm.trainer = SimpleNamespace(global_step=2, accumulate_grad_batches=1, global_rank=0, world_size=1)
+    state = dm.state_dict()
+    fresh = make(cache, order_seed=1)
+    fresh.load_state_dict(state)
+    resumed = first_batches(fresh, 2, SimpleNamespace(global_step=2, accumulate_grad_batches=1, global_rank=0,
+                                                      world_size=1))  # fmt: skip
+    assert torch.equal(resumed[0], one[2]) and torch.equal(resumed[1], one[3])
+    with pytest.raises(
+        ConfigError, match=r"data.order_seed .*\(0, 0, 64\) is not allowed; expected the checkpoint's \(0, 1, 64\)"
+    ):
+        make(cache, order_seed=0).load_state_dict(state)
