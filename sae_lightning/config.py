@@ -418,6 +418,8 @@ def normalised(raw: dict) -> dict:
         out[key] = as_dict(parse(cls, raw.get(key), key))
     out["variant"] = VariantSpec.from_raw(raw.get("variant"), "variant").as_dict()
     out["data"] = DataSpec.from_raw(raw.get("data"), "data").as_dict()
+    if out["data"].get("order_seed") is None:  # as load_config resolves it
+        out["data"]["order_seed"] = raw.get("seed", 0)
     if raw.get("sweep_trial") is not None:
         out["sweep_trial"] = as_dict(parse(TrialSpec, raw["sweep_trial"], "sweep_trial"))
     return out

@@ -86,3 +86,18 @@ def test_a_config_saved_by_older_code_is_read_in_todays_keys():
     assert upgraded({**old, "trainer": {"gradient_clip_val": 0.0}})["optim"]["clip_grad_norm"] is None
     today = {"trainer": {}, "optim": {"clip_grad_norm": 0.5}, "data": {"order_seed": 3}}
     assert upgraded(today) == today
+
+
+def test_a_data_section_given_again_on_resume_is_no_change_of_order_seed():
+    """resume=RUN data=cache data.path=...: the section comes back without order_seed (null: the
+    training seed), the saved config holds the seed's value; both mean the same order."""
+    from sae_lightning.config import normalised
+
+    data = {"kind": "synthetic", "batch_size": 1024}
+    saved = {**SAVED, "seed": 2, "data": {**data, "order_seed": 2}}
+    composed = {**SAVED, "seed": 2, "data": dict(data), "resume": "x"}
+    merged, changed = resumed_config(saved, composed, ["resume=x", "data=synthetic"], normalised)
+    assert changed == []
+    with pytest.raises(ConfigError, match=r"data.order_seed: run 2 vs now 0"):
+        resumed_config(saved, {**composed, "data": {**data, "order_seed": 0}}, ["resume=x", "data.order_seed=0"],
+                       normalised)  # fmt: skip
