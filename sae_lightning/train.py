@@ -207,8 +207,8 @@ def fit(plan: Plan) -> dict[str, Any]:
         "n_latents": config.model.n_latents, "steps": trainer.global_step, "tokens": tokens,
         "train_seconds": round(train_seconds, 2), "tokens_per_second": round(tokens / max(train_seconds, 1e-9), 1),
         "calibration": calibration.figures, **module.results.scalars,
-        "code": code_version(),  # which code made the run (provenance.py); every session's if it was resumed:
-        "code_versions": module.code_versions(),
+        "code": code_version(),  # which code made the run (provenance.py)
+        "code_versions": module.code_versions(),  # every session's, for a resumed run
         "affinity_dtype": str(module.selection_dtype()).removeprefix("torch."),
         "affinity_dtype_reason": module.selection_dtype_reason(),
     }  # fmt: skip
