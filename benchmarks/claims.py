@@ -62,7 +62,7 @@ CONFIGS = {
     "fc_zipf": ["variant=feature_choice", "variant.capacity=zipf", "variant.rank=by_density"],
     "fc_demand": ["variant=feature_choice", "variant.capacity=demand"],
 }
-TIMINGS = ("train_seconds", "tokens_per_second")
+TIMINGS = ("train_seconds", "tokens_per_second", "phase_seconds")
 
 
 def run_one(

@@ -120,6 +120,7 @@ class SAEModule(L.LightningModule):
         self.restoring = False  # set when a checkpoint will replace the initial weights (resume)
         self.train_seconds_before = 0.0  # training time of the run before this session (from the checkpoint)
         self.code_versions_before: list[dict] = []  # the code of earlier sessions (from the checkpoint)
+        self.init_seconds = 0.0  # the initialisation from data (the run's phase table)
         self._session_start: float | None = None
         self._warned_trainer_clip = False
 
@@ -307,10 +308,12 @@ class SAEModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         # once, before training; on resume the checkpoint's weights and buffers replace these
         if stage == "fit" and not bool(self.sae.initialised) and not self.restoring:
+            start = time.perf_counter()
             n = self.model_spec.init_sample_tokens
             grad = self.data().sample_gradients(n) if self.gradient_ranking is not None else None
             figures = self.init_from_data(self.data().sample(n), grad)
             self.print("initialised from data: " + ", ".join(f"{key}={value:.4g}" for key, value in figures.items()))
+            self.init_seconds = time.perf_counter() - start
 
     @torch.no_grad()
     def init_from_data(self, x: Tensor, grad: Tensor | None = None) -> dict[str, float]:

@@ -11,6 +11,7 @@ weights alone, see ``runs.py``), ``metrics.json`` and the PNG plots. A resumed r
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from .callbacks.downstream import DownstreamLoss
 from .callbacks.figures import RunFigures
 from .callbacks.interrupt import GracefulStop
 from .callbacks.last_step import ValidateLastStep
+from .callbacks.phases import ValidationTimer
 from .callbacks.progress import Progress
 from .cli import command
 from .config import TrainConfig, load_config, normalised, resolve
@@ -144,7 +146,7 @@ def _run_dir(plan: Plan) -> Path:
     return run_dir
 
 
-def _trainer(plan: Plan, run_dir: Path) -> tuple[L.Trainer, GracefulStop, ThresholdCalibration]:
+def _trainer(plan: Plan, run_dir: Path) -> tuple[L.Trainer, ThresholdCalibration, ValidationTimer]:
     config, point = plan.config, plan.resume
     logger = L.pytorch.loggers.TensorBoardLogger(
         str(run_dir), name="tb", version="", default_hp_metric=False,
@@ -159,9 +161,10 @@ def _trainer(plan: Plan, run_dir: Path) -> tuple[L.Trainer, GracefulStop, Thresh
     )  # fmt: skip
     stop = GracefulStop(ckpt_dir / "last.ckpt")
     calibration = ThresholdCalibration(config.calibration.enabled, config.calibration.match_l0)
+    timer = ValidationTimer()
     batch_size = config.data.batch_size
     callbacks = [
-        checkpoint, stop, ValidateLastStep(), calibration, LatentStatsMonitor(config.logging.histogram_every_n_steps),
+        checkpoint, stop, ValidateLastStep(), calibration, timer, LatentStatsMonitor(config.logging.histogram_every_n_steps),
         L.pytorch.callbacks.LearningRateMonitor(logging_interval="step"),
         Progress(config.progress, batch_size), RunFigures(run_dir),
         *DownstreamLoss.of(plan.datamodule.downstream(), batch_size),
@@ -172,7 +175,7 @@ def _trainer(plan: Plan, run_dir: Path) -> tuple[L.Trainer, GracefulStop, Thresh
         **config.trainer.args, logger=logger, callbacks=callbacks, default_root_dir=str(run_dir),
         plugins=[AtomicCheckpointIO()], enable_model_summary=False, enable_progress_bar=False,
     )  # fmt: skip
-    return trainer, stop, calibration
+    return trainer, calibration, timer
 
 
 def fit(plan: Plan) -> dict[str, Any]:
@@ -185,7 +188,8 @@ def fit(plan: Plan) -> dict[str, Any]:
     torch.set_float32_matmul_precision("high")
     module = SAEModule(config, datamodule.d_model)
     module.restoring = point is not None
-    trainer, stop, calibration = _trainer(plan, run_dir)
+    trainer, calibration, timer = _trainer(plan, run_dir)
+    start = time.perf_counter()
     try:
         # weights-only, as resume.read opened it (nothing in a checkpoint is called: checkpoint_file.py)
         ckpt_path = str(point.checkpoint) if point is not None else None
@@ -195,11 +199,22 @@ def fit(plan: Plan) -> dict[str, Any]:
     except DataError as e:  # found while training (a cache opened with data.verify=size): the folder stays
         raise DataError(f"{e} (found during training; the run folder {run_dir} keeps what was written)") from None
     train_seconds = module.train_seconds()
+    fitted = time.perf_counter()
     trainer.validate(module, datamodule=datamodule, verbose=False)
+    validated = time.perf_counter()
     trainer.save_checkpoint(run_dir / "checkpoints" / "final.ckpt", weights_only=False)  # resumable, not weights alone
     if trainer.is_global_zero:
         one_file_per_checkpoint(run_dir / "checkpoints", trainer.global_step)
         save_native(module, run_dir / NATIVE, config.as_dict())
+    # this session's time by phase (docs/performance.md): trainer.fit's, split, then what follows it
+    phases = {
+        "initialisation": module.init_seconds,
+        "training steps": fitted - start - module.init_seconds - timer.seconds - calibration.seconds,
+        "validation during training": timer.seconds,
+        "calibration": calibration.seconds,
+        "final validation": validated - fitted,
+        "final checkpoint and weights": time.perf_counter() - validated,
+    }
 
     tokens = trainer.global_step * config.data.batch_size * trainer.world_size  # every rank its own batch
     metrics = {
@@ -211,6 +226,7 @@ def fit(plan: Plan) -> dict[str, Any]:
         "code_versions": module.code_versions(),  # every session's, for a resumed run
         "affinity_dtype": str(module.selection_dtype()).removeprefix("torch."),
         "affinity_dtype_reason": module.selection_dtype_reason(),
+        "phase_seconds": {name: round(seconds, 2) for name, seconds in phases.items()},
     }  # fmt: skip
     if module.results.l0_sweep:
         metrics["val/threshold/l0_sweep"] = module.results.l0_sweep
@@ -291,6 +307,8 @@ def print_summary(metrics: dict[str, Any], run_dir: Path, config: TrainConfig | 
         f"\n{metrics['variant']}: k={metrics['k']}, F={metrics['n_latents']}, {metrics['tokens']} tokens "
         f"in {metrics['train_seconds']} s ({metrics['tokens_per_second']:.0f} tokens/s)"
     )
+    if "phase_seconds" in metrics:
+        print("  time: " + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in metrics["phase_seconds"].items()))
     for r in rows:
         print("  " + "  ".join(cell.ljust(w) for cell, w in zip(r, widths)))
     if "affinity_dtype" in metrics:

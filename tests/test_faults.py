@@ -21,7 +21,7 @@ from .helpers.cli import as_typed, hang_guard, signal_when
 pytestmark = pytest.mark.slow
 
 RUN = [*TINY, "variant.k=8", "progress=lines", "trainer.log_every_n_steps=10", "trainer.val_check_interval=100"]
-TIMINGS = {"train_seconds", "tokens_per_second", "run_dir"}
+TIMINGS = {"train_seconds", "tokens_per_second", "run_dir", "phase_seconds"}
 PROVENANCE = {"code", "code_versions"}  # which code made each session (the tree may change between them)
 VARIANTS = {
     "topk": ["variant=topk"],

@@ -41,6 +41,13 @@ def test_train_py_runs_each_variant(variant, cli, tmp_path):
     head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     assert metrics["code"]["commit"] == head and isinstance(metrics["code"]["dirty"], bool)
     assert metrics["code"]["torch"] == str(torch.__version__) and metrics["code_versions"] == [metrics["code"]]
+    # this session's time by phase: every phase timed, none negative, and together about the run's own time
+    phases = metrics["phase_seconds"]
+    assert set(phases) == {"initialisation", "training steps", "validation during training", "calibration",
+                           "final validation", "final checkpoint and weights"}  # fmt: skip
+    assert all(v >= 0 for v in phases.values()) and phases["validation during training"] > 0, phases
+    assert (phases["calibration"] > 0) == (variant != "topk")  # TopK has no thresholds to calibrate
+    assert "  time: initialisation " in proc.stdout
     # the selection's dtype and why, in metrics.json and the summary (auto on this CPU)
     assert metrics["affinity_dtype"] in ("float32", "bfloat16") and metrics["affinity_dtype_reason"].startswith("auto")
     assert f"batch selection read z′ in {metrics['affinity_dtype']} (auto: this CPU" in proc.stdout
