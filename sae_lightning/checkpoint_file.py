@@ -45,11 +45,23 @@ def load(
     map_location: Any = "cpu",
     mmap: bool = False,
     instead: str = "use another checkpoint of the run (checkpoints/*.ckpt)",
-) -> Any:
-    """The checkpoint at ``path``, read by the weights-only unpickler (nothing in it is called).
-    ``what`` names the argument that gave the path, for the one-line error: a file holding any
-    other object is refused (DataError, naming the file and the object), as is one that is not
-    a readable torch file (``instead``: what to do then)."""
+) -> dict[str, Any]:
+    """The checkpoint of an sae_lightning run at ``path``, read by the weights-only unpickler
+    (nothing in it is called). ``what`` names the argument that gave the path, for the one-line
+    error (DataError): a file holding any other object is refused, naming the file and the object,
+    as is one that is not a readable torch file (``instead``: what to do then), or a torch file
+    without the run's ``hyper_parameters.config`` and ``state_dict``."""
+    state = _read(path, what, map_location, mmap, instead)
+    hp = state.get("hyper_parameters") if isinstance(state, dict) else None
+    if not isinstance(hp, dict) or not isinstance(hp.get("config"), dict) or "state_dict" not in state:
+        raise DataError(
+            f"{what}: {path} is a torch file but not a checkpoint of an sae_lightning run "
+            "(no hyper_parameters.config / state_dict)"
+        )
+    return state
+
+
+def _read(path: Path | str, what: str, map_location: Any, mmap: bool, instead: str) -> Any:
     try:
         with torch.serialization.safe_globals(list(ALLOWED)):
             return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)

@@ -141,8 +141,6 @@ class SAEModule(L.LightningModule):
         holds anything but tensors and plain data is refused, DataError, without running it),
         on ``map_location`` (default: CPU), in eval mode."""
         ckpt = checkpoint_file.load(checkpoint_path, "checkpoint_path", map_location or "cpu")
-        if not isinstance(ckpt, dict) or not isinstance(ckpt.get("hyper_parameters"), dict):
-            raise DataError(f"checkpoint_path: {checkpoint_path} is not a checkpoint of an sae_lightning run")
         return cls.from_checkpoint(ckpt, strict).to(map_location or "cpu")
 
     # ---- the forward pass ---------------------------------------------------------------------

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from . import checkpoint_file
-from .errors import ConfigError, DataError
+from .errors import ConfigError
 
 # keys a resumed run may change (a key, or a whole section ending in ".")
 RESUMABLE = (
@@ -75,13 +75,8 @@ def read(resume: str) -> ResumePoint:
     state = checkpoint_file.load(
         ckpt, f"resume={resume}", mmap=True, instead="resume from another checkpoint of the run (checkpoints/*.ckpt)"
     )
-    hp = state.get("hyper_parameters") if isinstance(state, dict) else None
-    if not isinstance(hp, dict) or not isinstance(hp.get("config"), dict) or "state_dict" not in state:
-        raise DataError(
-            f"resume={resume}: {ckpt} is a torch file but not a checkpoint of an sae_lightning run "
-            "(no hyper_parameters.config / state_dict)"
-        )
-    return ResumePoint(ckpt, run_dir, state, upgraded(hp["config"]), int(state.get("global_step", 0)))
+    config = upgraded(state["hyper_parameters"]["config"])
+    return ResumePoint(ckpt, run_dir, state, config, int(state.get("global_step", 0)))
 
 
 def upgraded(config: dict) -> dict:

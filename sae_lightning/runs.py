@@ -77,10 +77,5 @@ def load_run(run_dir: Path, device: str = "cpu") -> tuple[SAEModule, DataSpec]:
     if not path.is_file():
         raise DataError(f"{path} does not exist: {run_dir} is not a finished run folder")
     ckpt = checkpoint_file.load(path, str(run_dir), map_location=device)
-    hp = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
-    if not isinstance(hp, dict) or not isinstance(hp.get("config"), dict) or "state_dict" not in ckpt:
-        raise DataError(
-            f"{path} is a torch file but not a checkpoint of an sae_lightning run (no hyper_parameters.config)"
-        )
     module = SAEModule.from_checkpoint(ckpt).to(device)
-    return module, DataSpec.from_raw(hp["config"]["data"], "data")
+    return module, DataSpec.from_raw(ckpt["hyper_parameters"]["config"]["data"], "data")

@@ -63,11 +63,18 @@ def test_load_names_a_damaged_file_as_unreadable(tmp_path):
 def test_the_allowlist_is_empty_and_plain_content_loads(tmp_path):
     """Our checkpoints need nothing beyond torch's default: tensors and plain containers."""
     assert ALLOWED == ()
-    tree = {"a": [1, 2.5, "s", None, True], "b": OrderedDict(x=torch.ones(2)), "c": (torch.Size([2]), torch.float32)}
+    tree = {"a": [1, 2.5, "s", None, True], "b": OrderedDict(x=torch.ones(2)), "c": (torch.Size([2]), torch.float32),
+            "hyper_parameters": {"config": {"seed": 0}}, "state_dict": OrderedDict()}  # fmt: skip
     check_plain(tree)
     torch.save(tree, tmp_path / "ok.ckpt")
     back = load(tmp_path / "ok.ckpt", "x")
     assert back["a"] == tree["a"] and torch.equal(back["b"]["x"], torch.ones(2)) and back["c"] == tree["c"]
+    # a plain torch file that is not a run's checkpoint: one message, whichever reader opened it
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "other.ckpt")
+    with pytest.raises(
+        DataError, match=r"^x: .*other\.ckpt is a torch file but not a checkpoint of an sae_lightning run"
+    ):
+        load(tmp_path / "other.ckpt", "x")
 
 
 @pytest.mark.parametrize(
