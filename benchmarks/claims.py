@@ -31,6 +31,7 @@ from typing import Any
 
 from benchmarks import run_state, train_in_subprocess
 from sae_lightning.atomic import atomic_path, atomic_write_json, atomic_write_text
+from sae_lightning.paired import ContextSums, paired_difference
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -128,17 +129,20 @@ def harvest(dataset: str, cache_dir: Path) -> None:
 
 # ---- aggregation -------------------------------------------------------------------------------
 KEYS = {
-    "FVU at L0 = k": "val/threshold/fvu_at_k",  # the headline
-    "L0 threshold": "val/threshold/l0_mean",  # what the calibrated factor gives on validation
+    "FVU at L0 = k": "test/fvu_at_k",  # the headline: the own rule at L0 = k, on the test split
+    "FVU at L0 = k, validation": "val/threshold/fvu_at_k",  # where checkpoints and defaults choose
+    "L0 threshold": "test/l0_calibrated",  # what the calibrated factor gives on the test split
     "FVU batch": "val/batch/fvu",
-    "DL threshold": "val/threshold/description_length",  # bits per token
+    "DL at L0 = k": "test/dl_at_k",  # bits per token, the own rule at L0 = k, test split
     "dead": "val/dead_fraction",
     "under-used": "val/underused_fraction",
     "ΔCE threshold": "val/threshold/delta_ce",
     "ΔCE batch": "val/batch/delta_ce",
 }
+RULES = ("topk", "global_threshold", "latent_thresholds")  # sae_lightning/rules.py
+REFERENCE = "topk+aux_k"  # what every configuration is compared with, paired by seed
 HEADLINE = "FVU at L0 = k"
-DL_KEY = KEYS["DL threshold"]
+DL_KEY = "val/threshold/description_length"
 CORE = {  # SAEBench's core figures (threshold mode) and the description length's parts, for one k
     "explained variance": "val/threshold/explained_variance",
     "cosine sim.": "val/threshold/cossim",
@@ -193,54 +197,117 @@ def fmt(ms: tuple[float, float, int], pct: bool = False, digits: int = 4) -> str
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
-def check_claims(agg: dict) -> list[tuple[str, str, bool | None, str]]:
-    """(dataset, claim, met?, numbers) for each target of the issue, on the headline figure.
-    "By more than the seeds' std": TopK's mean minus MC's exceeds the std of that difference,
-    √(s_TopK² + s_MC²)."""
+def rule_sums(m: dict | None) -> dict[str, ContextSums]:
+    """A run's per-context sums on the test split, per rule (its ``rules_test.json``); {} for a
+    run without them (made before the test split)."""
+    if not m or not m.get("run_dir"):
+        return {}
+    path = Path(m["run_dir"]) / "rules_test.json"
+    if not path.is_file():
+        return {}
+    return {rule: ContextSums.from_dict(got["sums"]) for rule, got in json.loads(path.read_text())["rules"].items()}
+
+
+def paired(results: dict, dataset: str, k: int, a: tuple[str, str], b: tuple[str, str], replicates: int = 2000):
+    """The paired difference (paired.py) of configuration a[0] read by rule a[1] against b[0] read
+    by b[1] (rule "own": the configuration's own), over the seeds both have; None without two sides."""
+    seeds = sorted({s for (d, c, kk, s), m in results.items() if d == dataset and kk == k and m})
+    sa, sb = [], []
+    for seed in seeds:
+        ma, mb = results.get((dataset, a[0], k, seed)), results.get((dataset, b[0], k, seed))
+        ra, rb = rule_sums(ma), rule_sums(mb)
+        rule_a = ma.get("test/own_rule") if ma and a[1] == "own" else a[1]
+        rule_b = mb.get("test/own_rule") if mb and b[1] == "own" else b[1]
+        if rule_a in ra and rule_b in rb:
+            sa.append(ra[rule_a])
+            sb.append(rb[rule_b])
+    if not sa:
+        return None
+    return paired_difference(sa, sb, k, replicates=replicates)
+
+
+def check_claims(agg: dict, results: dict) -> list[tuple[str, str, bool | None, str]]:
+    """(dataset, claim, met?, numbers) for each target of the issue, on the headline figure (the
+    test split): a target is met when the 95 % interval of the paired difference (paired.py:
+    seeds and contexts bootstrapped) lies wholly on the claimed side; a tie is not a win.
+    Feature Choice's 0 dead latents holds by construction (its capacity floor): a fact, not a
+    target, reported below the table."""
     rows = []
     for dataset, by_c in agg.items():
-        topk, mck, mcz = by_c.get("topk+aux_k", {}), by_c.get("mc+aux_k", {}), by_c.get("mc+aux_zipf", {})
-        for k in sorted(topk):
-            t, ts, tn = topk[k][HEADLINE]
-            for name, mc in (("MC+aux_k", mck), ("MC+aux_zipf", mcz)):
-                if k in mc:
-                    f, fs, fn = mc[k][HEADLINE]
-                    margin = math.sqrt(ts**2 + fs**2)
-                    rows.append(
-                        (
-                            dataset,
-                            f"k={k}: FVU({name}) < FVU(TopK) by more than the seeds' std",
-                            t - f > margin,
-                            f"{f:.4f} vs {t:.4f}: {t - f:+.4f} against a std of {margin:.4f} ({min(tn, fn)} seeds)",
-                        )
-                    )
-            fc = by_c.get("fc_demand", {})
-            if k in fc:
-                f = fc[k][HEADLINE][0]
-                rows.append((dataset, f"k={k}: FVU(FC demand) ≤ FVU(TopK)", f <= t, f"{f:.4f} vs {t:.4f}"))
+        for k in sorted(by_c.get(REFERENCE, {})):
+            for config, name in (("mc+aux_k", "MC+aux_k"), ("mc+aux_zipf", "MC+aux_zipf"), ("fc_demand", "FC demand")):
+                d = paired(results, dataset, k, (config, "own"), (REFERENCE, "own"))
+                if d is not None:
+                    rows.append((dataset, f"k={k}: FVU({name}) < FVU(TopK)", d.high < 0,
+                                 f"{d} ({d.seeds} seeds × {d.contexts} contexts)"))  # fmt: skip
+        mck, mcz = by_c.get("mc+aux_k", {}), by_c.get("mc+aux_zipf", {})
         for k in sorted(mcz):
             if k in mck:
-                dz, dk = mcz[k]["dead"][0], mck[k]["dead"][0]
-                rows.append(
-                    (
-                        dataset,
-                        f"k={k}: dead(MC+aux_zipf) ≤ dead(MC+aux_k)",
-                        dz <= dk,
-                        f"{100 * dz:.2f} % vs {100 * dk:.2f} %",
-                    )
-                )
+                dz, dk = mcz[k]["dead"], mck[k]["dead"]
+                rows.append((dataset, f"k={k}: dead(MC+aux_zipf) < dead(MC+aux_k) by more than the seeds' std",
+                             dk[0] - dz[0] > math.sqrt(dz[1] ** 2 + dk[1] ** 2),
+                             f"{100 * dz[0]:.2f} ± {100 * dz[1]:.2f} % vs {100 * dk[0]:.2f} ± {100 * dk[1]:.2f} %"))  # fmt: skip
+    return rows
+
+
+def facts(agg: dict) -> list[str]:
+    """What holds by construction, said as facts with the numbers (not counted as targets met)."""
+    lines = []
+    for dataset, by_c in agg.items():
         for name in ("fc_zipf", "fc_demand"):
             if name in by_c:
                 worst = max(by_c[name][k]["dead"][0] for k in by_c[name])
-                rows.append(
-                    (
-                        dataset,
-                        f"{name}: 0 dead latents (every k)",
-                        worst == 0.0,
-                        f"largest dead share {100 * worst:.2f} %",
-                    )
-                )
-    return rows
+                lines.append(f"- {dataset}, {name}: largest dead share {100 * worst:.2f} % (Feature Choice's capacity "
+                             "floor gives every latent tokens each batch: 0 dead by construction)")  # fmt: skip
+    return lines
+
+
+def rules_table(results: dict, dataset: str) -> list[str]:
+    """Training allocator × inference rule: FVU at L0 = k on the test split, mean ± std over
+    seeds, one table per k; then the paired differences that separate the two."""
+    cells: dict = {}
+    for (d, config, k, _seed), m in results.items():
+        if m and d == dataset:
+            for rule in RULES:
+                if f"test/{rule}/fvu_at_k" in m:
+                    cells.setdefault(k, {}).setdefault(config, {}).setdefault(rule, []).append(
+                        m[f"test/{rule}/fvu_at_k"])  # fmt: skip
+    if not cells:
+        return []
+    lines = [
+        "FVU at L0 = k on the test split, by how the SAE was trained (rows) and how it is read token by "
+        "token (columns; rules.py: every threshold rule scaled to L0 = k on the calibration tokens; **bold**: "
+        "the configuration's own rule). Mean ± std over seeds.",
+        "",
+    ]
+    for k in sorted(cells):
+        lines += [f"k = {k}:", "", "| trained as | " + " | ".join(RULES) + " |", "|---|" + "---|" * len(RULES)]
+        for config in [c for c in CONFIGS if c in cells[k]]:
+            own = next((m.get("test/own_rule") for (d, c, kk, _s), m in results.items()
+                        if m and d == dataset and c == config and kk == k), None)  # fmt: skip
+            row = []
+            for rule in RULES:
+                text = fmt(mean_std(cells[k][config].get(rule, [])))
+                row.append(f"**{text}**" if rule == own else text)
+            lines.append(f"| {config} | " + " | ".join(row) + " |")
+        lines.append("")
+        rows = []
+        for config in [c for c in CONFIGS if c in cells[k] and c != REFERENCE]:
+            for what, a, b in (
+                ("the training (both read by TopK's rule)", (config, "topk"), (REFERENCE, "topk")),
+                ("the training (each read by its own rule)", (config, "own"), (REFERENCE, "own")),
+            ):
+                d = paired(results, dataset, k, a, b)
+                if d is not None:
+                    rows.append(f"| {config} vs {REFERENCE} | {what} | {d} | {d.verdict()} |")
+        for rule in RULES[1:]:
+            d = paired(results, dataset, k, (REFERENCE, rule), (REFERENCE, "topk"))
+            if d is not None:
+                rows.append(f"| {REFERENCE}: {rule} vs topk | the rule (one SAE) | {d} | {d.verdict()} |")
+        if rows:
+            lines += ["| comparison | what differs | FVU difference, 95 % interval | verdict |", "|---|---|---|---|",
+                      *rows, ""]  # fmt: skip
+    return lines
 
 
 COLOURS = {
@@ -275,14 +342,15 @@ def plot(agg: dict, sweeps: dict, dataset: str, path: Path) -> None:
                 label=config if i == 0 else None,
             )  # fmt: skip
         if config == "topk+aux_k":
-            axes[1].plot(ks, y, "o", color=colour, label=config)
+            axes[1].plot(ks, [by_k[k]["FVU at L0 = k, validation"][0] for k in ks], "o", color=colour, label=config)
     for ax in axes:
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.grid(True, which="both", alpha=0.3)
-        ax.set_ylabel("FVU (validation)")
+    axes[0].set_ylabel("FVU (o: test split; x: validation)")
+    axes[1].set_ylabel("FVU (validation)")
     axes[0].set_xlabel("k (L0 = k)")
-    axes[0].set_title("FVU at L0 = k, threshold mode (o); batch mode (x, dotted)", fontsize=9)
+    axes[0].set_title("FVU at L0 = k, own rule (o); batch mode (x, dotted)", fontsize=9)
     axes[1].set_xlabel("mean L0 in threshold mode (validation)")
     axes[1].set_title("each run's thresholds scaled around L0 = k", fontsize=9)
     axes[0].legend(fontsize=8)
@@ -382,22 +450,26 @@ def report(results: dict, args, doc: Path, img_dir: Path) -> str:
         "std over the seeds "
         "that ran (the last column counts them; a cell with fewer than 3 is not final).",
         "",
-        "**The headline is FVU at L0 = k in threshold mode**, what a user deploys: each token on its own, "
-        "the thresholds calibrated on held-out tokens after training and scaled by one factor so that the "
-        "mean L0 on those calibration tokens is exactly k; the FVU is then interpolated to L0 = k exactly "
-        "from a sweep of that factor on the 16 384 validation tokens (TopK gives every token k latents: "
-        "its threshold mode is itself). *L0 threshold* is the validation L0 of the calibrated factor "
-        "(calibration and validation tokens are different text). *FVU batch* allocates each validation "
-        "batch of 1024 tokens as in training (it shares the budget across the batch: not causal). "
-        "Validation and calibration batches are drawn from a fixed permutation of their splits, so that "
-        "a batch mixes many contexts as a training batch does. Dead = not fired in the last 200k training "
+        "**The headline is FVU at L0 = k on the test split**, read as a user deploys the SAE: each token on its "
+        "own, by the rule its allocator implies (TopK: k per token; Mutual Choice: one threshold; Feature "
+        "Choice: a threshold per latent), the thresholds calibrated on held-out tokens after training and scaled "
+        "by one factor so that the mean L0 on those calibration tokens is exactly k; the FVU is then interpolated "
+        "to L0 = k exactly from a sweep of that factor on the test tokens (rules.py). Training, calibration, "
+        "validation and test tokens are disjoint: checkpoints and defaults choose on validation, the headline "
+        "is measured on test. *L0 threshold* is the test L0 of the calibrated factor. *DL at L0 = k* is the "
+        "description length of the own rule's codes at the factor that gives L0 = k on the test tokens. "
+        "*FVU batch* allocates each validation batch of 1024 tokens as in training (it shares the budget "
+        "across the batch: not causal). Differences between configurations are paired by seed, in %, with a "
+        "95 % interval from a bootstrap over seeds and test contexts (paired.py); a target is met when the "
+        "interval lies wholly on its side. Dead = not fired in the last 200k training "
         "tokens; under-used = dead, or firing at under 0.25 × the run's own fitted density curve at its "
         "rank (docs/method_choices.md). ΔCE: SmolLM2's next-token loss with the SAE spliced in (threshold "
         "mode at the calibrated factor, batch mode), minus the clean loss, on the last 128 contexts of "
-        "the cache." + (f" Extra overrides for every run: `{' '.join(args.overrides)}`." if args.overrides else ""),
+        "the validation split."
+        + (f" Extra overrides for every run: `{' '.join(args.overrides)}`." if args.overrides else ""),
         "",
     ]
-    claims = check_claims(agg)
+    claims = check_claims(agg, results)
     if claims:
         met = sum(1 for c in claims if c[2])
         lines += [
@@ -411,6 +483,9 @@ def report(results: dict, args, doc: Path, img_dir: Path) -> str:
         ]
         lines += [f"| {d} | {c} | {'yes' if ok else '**no**'} | {n} |" for d, c, ok, n in claims]
         lines.append("")
+    found = facts(agg)
+    if found:
+        lines += ["Facts that hold by construction (not targets):", "", *found, ""]
     for dataset in [d for d in DATASETS if d in agg]:
         lines += [
             f"## {DATASETS[dataset]['title']}",
@@ -427,6 +502,7 @@ def report(results: dict, args, doc: Path, img_dir: Path) -> str:
                 ]
                 lines.append(f"| {config} | {k} | " + " | ".join(cells) + f" | {figs[HEADLINE][2]} |")
         lines.append("")
+        lines += rules_table(results, dataset)
         lines += core_table(results, dataset)
         plot(agg, sweeps, dataset, img_dir / f"results_{dataset}.png")
     lines += ["## The configurations", "", "| name | overrides |", "|---|---|"]
@@ -481,7 +557,7 @@ def main(argv=None) -> None:
             print(
                 f"[{finished}/{len(grid)}] {' '.join(map(str, key))}: "
                 + (
-                    f"FVU at L0 = k {m.get('val/threshold/fvu_at_k', float('nan')):.4f}, "
+                    f"FVU at L0 = k (test) {m.get('test/fvu_at_k', float('nan')):.4f}, "
                     f"dead {100 * m['val/dead_fraction']:.1f} %"
                     if m
                     else "failed"

@@ -120,6 +120,10 @@ class EvaluationSpec:
 
     description_length: bool = True  # bits per token of each mode's codes (sae_lightning/mdl.py)
     dl_tolerance: float = setting(0.01, gt=0)  # the precision: coarsest keeping FVU within this (relative)
+    # after training, on the test split: the SAE read by these inference rules (rules.py), each
+    # scaled to L0 = k on the calibration tokens; all: topk, global_threshold, latent_thresholds;
+    # own: the one its allocator implies; none: no test figures
+    test_rules: Literal["all", "own", "none"] = "all"
 
 
 @dataclass
@@ -420,6 +424,8 @@ def normalised(raw: dict) -> dict:
     out["data"] = DataSpec.from_raw(raw.get("data"), "data").as_dict()
     if out["data"].get("order_seed") is None:  # as load_config resolves it
         out["data"]["order_seed"] = raw.get("seed", 0)
+    if out["data"].get("test_tokens") is None:
+        out["data"]["test_tokens"] = out["data"]["val_tokens"]
     if raw.get("sweep_trial") is not None:
         out["sweep_trial"] = as_dict(parse(TrialSpec, raw["sweep_trial"], "sweep_trial"))
     return out
@@ -427,10 +433,13 @@ def normalised(raw: dict) -> dict:
 
 def load_config(cfg: DictConfig | dict) -> TrainConfig:
     """The composed config, resolved, typed and checked (ConfigError on the first problem);
-    ``data.order_seed: null`` becomes the training seed (written so into the run's config)."""
+    ``data.order_seed: null`` becomes the training seed and ``data.test_tokens: null`` the
+    number of validation tokens (written so into the run's config)."""
     config = parse(TrainConfig, resolve(cfg), "")
     if config.data.order_seed is None:
         config.data.order_seed = config.seed
+    if config.data.test_tokens is None:
+        config.data.test_tokens = config.data.val_tokens
     return config
 
 

@@ -1,10 +1,17 @@
 """Evaluate a trained SAE: its downstream loss on more held-out contexts than validation uses,
-SAEBench's core figures with the description length (``--core``; see :func:`core`), or its
-dark matter (``--dark-matter``; see :func:`dark_matter`).
+SAEBench's core figures with the description length (``--core``; see :func:`core`), its dark
+matter (``--dark-matter``; see :func:`dark_matter`), or its reconstruction read by an inference
+rule (``--rule``; see rules.py).
 
     python -m sae_lightning.evaluate outputs/runs/<run> [--contexts 128]
     python -m sae_lightning.evaluate outputs/runs/<run> --core [--tokens N] [--tolerance 0.01]
     python -m sae_lightning.evaluate outputs/runs/<run> --dark-matter [--tokens N]
+    python -m sae_lightning.evaluate outputs/runs/<run> --rule {own,all,topk,global_threshold,latent_thresholds}
+        [--split test|validation]
+
+``--core`` and ``--dark-matter`` score the test split (the validation split for a run made
+before there was one); ``--rule`` the split ``--split`` names, with each rule scaled to L0 = k
+on the calibration tokens, and writes ``rules_<split>.json``.
 
 Loads ``checkpoints/final.ckpt`` and ``config.yaml`` of the run, opens its activation cache,
 and measures CE clean / zero-ablated / spliced, ΔCE and loss recovered (both inference modes)
@@ -30,8 +37,9 @@ from .cli import user_errors
 from .data import DataSpec
 from .data.activations import ActivationsData
 from .data.shards import read_manifest
-from .errors import ConfigError, DataError
+from .errors import ConfigError, DataError, require_choice
 from .mdl import description_length
+from .rules import RULES, evaluate_rules, own_rule, rules_of
 from .runs import load_run
 
 
@@ -152,13 +160,33 @@ def dark_matter(module, x: Tensor, mode: str = "threshold", lam: float = 1e-3) -
 
 
 def heldout_tokens(data: DataSpec, n: int | None) -> Tensor:
-    """The data's held-out tokens (validation and calibration splits), or a cache's last n."""
+    """Tokens no choice was made on: the test split (the validation split of a run from before
+    there was one), or a cache's last n (the test split first)."""
     dm = data.build()
     dm.open()
     if n is not None and isinstance(data, ActivationsData):
         reader = dm.reader  # type: ignore[attr-defined]
         return reader.range(max(0, reader.n_tokens - n), reader.n_tokens)
-    return torch.cat([dm.val_tensor(), dm.calibration_tokens()])
+    return dm.test_tensor() if data.n_test > 0 else dm.val_tensor()
+
+
+def rules_figures(run_dir: Path, asked: str, split: str, dl: bool, device: str = "cpu") -> dict:
+    """The run's SAE read by the rules ``asked`` names (rules.py) on ``split``: rules.evaluate_rules's
+    figures and per-context sums, with the run's own rule and k."""
+    require_choice("--rule", asked, ["own", "all", *RULES])
+    module, data = load_run(run_dir, device)
+    if split == "test" and data.n_test == 0:
+        raise DataError(
+            f"{run_dir} has no test split (it was trained before data.test_tokens existed, or with 0): "
+            "pass --split validation"
+        )
+    dm = data.build()
+    dm.open()
+    x = dm.test_tensor() if split == "test" else dm.val_tensor()
+    names = rules_of(module, asked)
+    found = evaluate_rules(module, dm.calibration_tokens(), x, dm.contexts(split), names, tuple(names) if dl else ())
+    return {"own_rule": own_rule(module), "k": module.k, "variant": module.variant.name, "split": split,
+            "rules": found}  # fmt: skip
 
 
 def main(argv=None) -> dict:
@@ -186,11 +214,21 @@ def main(argv=None) -> dict:
         help="instead of ΔCE alone: SAEBench's core figures and the description length, each mode (core.json)",
     )
     p.add_argument("--tolerance", type=float, default=0.01, help="--core: the description length's FVU tolerance")
+    p.add_argument(
+        "--rule",
+        default=None,
+        help="instead of ΔCE: read the SAE by an inference rule (own, all, " + ", ".join(RULES) + "), each scaled "
+        "to L0 = k on the calibration tokens; FVU at L0 = k and the description length (rules_<split>.json)",
+    )
+    p.add_argument("--split", choices=["test", "validation"], default="test", help="--rule: the tokens scored")
+    p.add_argument("--no-dl", action="store_true", help="--rule: skip the description length (the slow part)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = p.parse_args(argv)
     with user_errors():
         if a.tolerance <= 0:
             raise ConfigError("--tolerance", a.tolerance, "a number > 0 (relative FVU tolerance, e.g. 0.01)")
+        if a.rule is not None:
+            return _rules_main(a)
         if a.core:
             return _core_main(a)
         if a.dark_matter:
@@ -236,6 +274,24 @@ def _core_main(a, loaded=None) -> dict:
     print(f"{a.run.name} ({figures['variant']}), {figures['tokens']} held-out tokens:")
     print(core_table(figures))
     print(f"written {out} and core/* in {a.run / 'tb'}")
+    return figures
+
+
+def _rules_main(a) -> dict:
+    figures = rules_figures(a.run, a.rule, a.split, not a.no_dl, a.device)
+    out = a.run / f"rules_{a.split}.json"
+    atomic_write_json(out, figures, sort_keys=True)
+    print(f"{a.run.name} ({figures['variant']}, k = {figures['k']}, its own rule {figures['own_rule']}), "
+          f"{a.split} split:")  # fmt: skip
+    rows = [("rule", "FVU at L0 = k", "L0 calibrated", "FVU calibrated", "DL at L0 = k", "contexts")]
+    for rule, got in figures["rules"].items():
+        f = got["figures"]
+        dl = f"{f['dl_at_k']:.1f}" if "dl_at_k" in f else "-"
+        rows.append((rule, f"{f['fvu_at_k']:.4f}", f"{f['l0_calibrated']:.2f}", f"{f['fvu_calibrated']:.4f}", dl,
+                     str(f["contexts"])))  # fmt: skip
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    print("\n".join("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows))
+    print(f"written {out}")
     return figures
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -66,6 +67,10 @@ def code_bits(latents: Tensor, bins: Tensor, n_tokens: int, n_latents: int) -> d
     return {"firing_bits": firing, "value_bits": value, "bits": firing + value}
 
 
+# tokens (model units) -> (their sparse code, the normalisation's context): an inference rule
+Encode = Callable[[Tensor], tuple[SparseCode, Any]]
+
+
 @dataclass
 class HeldOutCodes:
     """Every held-out token's code in one mode, and what decodes it back to model units."""
@@ -89,17 +94,22 @@ class HeldOutCodes:
 
 
 @torch.no_grad()
-def held_out_codes(module, x: Tensor, mode: str, chunk: int | None = None) -> HeldOutCodes:
-    """Encode ``x`` (model units) in ``mode``, ``chunk`` tokens at a time (the batch size)."""
+def held_out_codes(module, x: Tensor, mode: str | Encode, chunk: int | None = None) -> HeldOutCodes:
+    """Encode ``x`` (model units) in ``mode`` (or by an inference rule's ``encode``, see
+    rules.py), ``chunk`` tokens at a time (the batch size)."""
     sae = module.sae
     x = x.to(module.device)
     rows, latents, values, contexts = [], [], [], []
     start = 0
     for part in x.split(chunk or module.batch_size):
-        out, ctx = module.forward_step(part, mode)
-        rows.append(out.code.token_index() + start)
-        latents.append(out.code.latents)
-        values.append(out.code.values.float())
+        if callable(mode):
+            code, ctx = mode(part)
+        else:
+            out, ctx = module.forward_step(part, mode)
+            code = out.code
+        rows.append(code.token_index() + start)
+        latents.append(code.latents)
+        values.append(code.values.float())
         contexts.append(ctx)
         start += part.shape[0]
     r, j, v = torch.cat(rows), torch.cat(latents), torch.cat(values)
@@ -166,9 +176,10 @@ def choose_precision(codes: HeldOutCodes, tolerance: float) -> tuple[float, floa
 
 
 @torch.no_grad()
-def description_length(module, x: Tensor, mode: str, tolerance: float = 0.01) -> dict[str, float]:
-    """The description length of ``module``'s codes of held-out tokens ``x`` in ``mode``, with
-    the precision it chose and the figures for scale (see the module's docstring)."""
+def description_length(module, x: Tensor, mode: str | Encode, tolerance: float = 0.01) -> dict[str, float]:
+    """The description length of ``module``'s codes of held-out tokens ``x`` in ``mode`` (or by
+    an ``encode`` function: tokens -> (their code, the normalisation context)), with the
+    precision it chose and the figures for scale (see the module's docstring)."""
     codes = held_out_codes(module, x, mode)
     delta, f0, fq = choose_precision(codes, tolerance)
     u = codes.contributions

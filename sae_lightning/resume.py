@@ -82,7 +82,8 @@ def read(resume: str) -> ResumePoint:
 def upgraded(config: dict) -> dict:
     """A saved config in today's keys: ``trainer.gradient_clip_val`` (from before the module
     clipped its own gradients) becomes ``optim.clip_grad_norm`` (0 or null: none); a config
-    from before seeds drew the training order gets ``data.order_seed: 0``, the order it had."""
+    from before seeds drew the training order gets ``data.order_seed: 0``, the order it had, and
+    one from before the test split ``data.test_tokens: 0`` (its splits stay where they were)."""
     config = copy.deepcopy(config)
     trainer = config.get("trainer")
     if isinstance(trainer, dict) and {"gradient_clip_val", "gradient_clip_algorithm"} & set(trainer):
@@ -91,6 +92,7 @@ def upgraded(config: dict) -> dict:
         config.setdefault("optim", {}).setdefault("clip_grad_norm", value or None)
     if isinstance(config.get("data"), dict):
         config["data"].setdefault("order_seed", 0)
+        config["data"].setdefault("test_tokens", 0)
     return config
 
 

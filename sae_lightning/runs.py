@@ -22,6 +22,7 @@ from .atomic import atomic_path
 from .data import DataSpec
 from .errors import ConfigError, DataError
 from .module import SAEModule
+from .resume import upgraded
 
 NATIVE = "sae.safetensors"
 
@@ -78,4 +79,4 @@ def load_run(run_dir: Path, device: str = "cpu") -> tuple[SAEModule, DataSpec]:
         raise DataError(f"{path} does not exist: {run_dir} is not a finished run folder")
     ckpt = checkpoint_file.load(path, str(run_dir), map_location=device)
     module = SAEModule.from_checkpoint(ckpt).to(device)
-    return module, DataSpec.from_raw(ckpt["hyper_parameters"]["config"]["data"], "data")
+    return module, DataSpec.from_raw(upgraded(ckpt["hyper_parameters"]["config"])["data"], "data")

@@ -36,6 +36,7 @@ from .errors import ConfigError, DataError, Interrupted
 from .heap import keep_freed_memory
 from .module import SAEModule
 from .provenance import code_version
+from .rules import evaluate_rules, own_rule, rules_of
 from .runs import NATIVE, new_run_dir, save_native
 from .sweep.pruning import OptunaPruning, TrialContext
 
@@ -207,13 +208,16 @@ def fit(plan: Plan) -> dict[str, Any]:
         one_file_per_checkpoint(run_dir / "checkpoints", trainer.global_step)
         save_native(module, run_dir / NATIVE, config.as_dict())
     # this session's time by phase (docs/performance.md): trainer.fit's, split, then what follows it
+    saved = time.perf_counter()
+    test = test_figures(module, datamodule, config, run_dir) if trainer.is_global_zero else {}
     phases = {
         "initialisation": module.init_seconds,
         "training steps": fitted - start - module.init_seconds - timer.seconds - calibration.seconds,
         "validation during training": timer.seconds,
         "calibration": calibration.seconds,
         "final validation": validated - fitted,
-        "final checkpoint and weights": time.perf_counter() - validated,
+        "final checkpoint and weights": saved - validated,
+        "test split": time.perf_counter() - saved,
     }
 
     tokens = trainer.global_step * config.data.batch_size * trainer.world_size  # every rank its own batch
@@ -227,6 +231,7 @@ def fit(plan: Plan) -> dict[str, Any]:
         "affinity_dtype": str(module.selection_dtype()).removeprefix("torch."),
         "affinity_dtype_reason": module.selection_dtype_reason(),
         "phase_seconds": {name: round(seconds, 2) for name, seconds in phases.items()},
+        **test,
     }  # fmt: skip
     if module.results.l0_sweep:
         metrics["val/threshold/l0_sweep"] = module.results.l0_sweep
@@ -237,6 +242,31 @@ def fit(plan: Plan) -> dict[str, Any]:
         atomic_write_json(run_dir / "metrics.json", metrics, sort_keys=True)
         print_summary(metrics, run_dir, config)
     return metrics
+
+
+RULES_FILE = "rules_test.json"
+
+
+def test_figures(module: SAEModule, datamodule, config: TrainConfig, run_dir: Path) -> dict[str, Any]:
+    """The trained SAE on the test split, read by ``evaluation.test_rules`` (rules.py): each
+    rule's figures as ``test/<rule>/<figure>`` (the own rule's also as ``test/<figure>``: the
+    headline), its per-context sums into ``rules_test.json`` (paired statistics across runs)."""
+    asked = config.evaluation.test_rules
+    if asked == "none" or config.data.test_tokens == 0:
+        return {}
+    x = datamodule.test_tensor()
+    own = own_rule(module)
+    dl = (own,) if config.evaluation.description_length else ()
+    found = evaluate_rules(module, datamodule.calibration_tokens(), x, datamodule.contexts("test"),
+                           rules_of(module, asked), dl)  # fmt: skip
+    atomic_write_json(run_dir / RULES_FILE, {"own_rule": own, "k": module.k, "rules": found}, sort_keys=True)
+    out: dict[str, Any] = {"test/own_rule": own}
+    for rule, got in found.items():
+        figures = {key: value for key, value in got["figures"].items() if isinstance(value, (int, float))}
+        out.update({f"test/{rule}/{key}": value for key, value in figures.items()})
+        if rule == own:
+            out.update({f"test/{key}": value for key, value in figures.items()})
+    return out
 
 
 def one_file_per_checkpoint(folder: Path, step: int) -> None:

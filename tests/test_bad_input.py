@@ -523,7 +523,7 @@ CASES = [
         "train.py",
         [*ON_CACHE, "data.val_tokens=100000"],
         with_cache,
-        "error: activation cache {ws}/cache holds <*> tokens: too few for data.val_tokens=100000 + data.calibration_tokens=90 + one training batch of 64; harvest more (data.harvest.token_budget) or lower those",
+        "error: activation cache {ws}/cache holds <*> tokens: too few for data.test_tokens=100000 + data.val_tokens=100000 + data.calibration_tokens=90 + one training batch of 64; harvest more (data.harvest.token_budget) or lower those",
     ),
     (
         "cache_d_model",

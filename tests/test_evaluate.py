@@ -70,8 +70,18 @@ def test_the_command_writes_its_report(cli, tmp_path, capsys):
     assert json.loads((run / "core.json").read_text())["threshold/fvu"] == core["threshold/fvu"] > 0
     figures = evaluate([str(run), "--dark-matter", "--device", "cpu"])
     saved = json.loads((run / "dark_matter.json").read_text())
-    assert saved["tokens_scored"] == (512 + 2048) // 2 and 0 <= saved["error_variance_linearly_predictable"] <= 1
+    # the test split alone (512 tokens, as many as validation), half fitted, half scored
+    assert saved["tokens_scored"] == 512 // 2 and 0 <= saved["error_variance_linearly_predictable"] <= 1
     assert saved == pytest.approx(figures)
+    # every inference rule on the test split, with the own rule's figures the run's own
+    rules = evaluate([str(run), "--rule", "all", "--no-dl", "--device", "cpu"])
+    said = capsys.readouterr().out
+    assert "topk" in said and "global_threshold" in said and "latent_thresholds" in said and "test split" in said
+    saved_rules = json.loads((run / "rules_test.json").read_text())
+    assert saved_rules["own_rule"] == "topk" and set(saved_rules["rules"]) == {"topk", "global_threshold",
+                                                                              "latent_thresholds"}  # fmt: skip
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert rules["rules"]["topk"]["figures"]["fvu_at_k"] == pytest.approx(metrics["test/fvu_at_k"], rel=1e-9)
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     acc = EventAccumulator(str(run / "tb"))

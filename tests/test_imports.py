@@ -42,13 +42,14 @@ LAYERS: list[tuple[str, ...]] = [
         "stats",
         "metrics",
         "mdl",
+        "paired",
         "plots",
     ),
     # what a run is built from
     ("data", "allocators", "losses"),
     ("config",),
     ("module",),
-    ("callbacks", "sweep.pruning", "sweep.space", "sweep.pareto", "sweep.settings", "sweep.study"),
+    ("rules", "callbacks", "sweep.pruning", "sweep.space", "sweep.pareto", "sweep.settings", "sweep.study"),
     ("runs",),
     # entry points
     ("train", "evaluate", "inspect", "interop", "sweep.sweeper", "sweep.report", "sweep"),

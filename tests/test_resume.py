@@ -76,15 +76,17 @@ def test_explicit_keys_from_hydra_overrides():
 
 def test_a_config_saved_by_older_code_is_read_in_todays_keys():
     """trainer.gradient_clip_val (before the module clipped) becomes optim.clip_grad_norm; a run
-    from before seeds drew the order keeps the order it had (data.order_seed 0)."""
+    from before seeds drew the order keeps the order it had (data.order_seed 0); one from before
+    the test split keeps its splits (data.test_tokens 0)."""
     from sae_lightning.resume import upgraded
 
     old = {"trainer": {"max_steps": 5, "gradient_clip_val": 1.0}, "optim": {"lr": None}, "data": {"kind": "synthetic"}}
     new = upgraded(old)
     assert new["trainer"] == {"max_steps": 5} and new["optim"] == {"lr": None, "clip_grad_norm": 1.0}
     assert new["data"]["order_seed"] == 0 and "order_seed" not in old["data"]  # the saved dict is left as it was
+    assert new["data"]["test_tokens"] == 0
     assert upgraded({**old, "trainer": {"gradient_clip_val": 0.0}})["optim"]["clip_grad_norm"] is None
-    today = {"trainer": {}, "optim": {"clip_grad_norm": 0.5}, "data": {"order_seed": 3}}
+    today = {"trainer": {}, "optim": {"clip_grad_norm": 0.5}, "data": {"order_seed": 3, "test_tokens": 512}}
     assert upgraded(today) == today
 
 

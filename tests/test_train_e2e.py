@@ -44,7 +44,7 @@ def test_train_py_runs_each_variant(variant, cli, tmp_path):
     # this session's time by phase: every phase timed, none negative, and together about the run's own time
     phases = metrics["phase_seconds"]
     assert set(phases) == {"initialisation", "training steps", "validation during training", "calibration",
-                           "final validation", "final checkpoint and weights"}  # fmt: skip
+                           "final validation", "final checkpoint and weights", "test split"}  # fmt: skip
     assert all(v >= 0 for v in phases.values()) and phases["validation during training"] > 0, phases
     assert (phases["calibration"] > 0) == (variant != "topk")  # TopK has no thresholds to calibrate
     assert "  time: initialisation " in proc.stdout

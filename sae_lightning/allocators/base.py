@@ -16,6 +16,7 @@ from ..collective import Collective
 from ..errors import require
 from ..registry import Registry
 from ..rescore import Exact
+from ..selection import per_column_topk
 from ..sparse import Selection
 from ..spec import parse, setting
 
@@ -261,6 +262,20 @@ def l0_matching_scale(cal: CalibrationSet, theta: Tensor, k: float) -> float:
     if s is None:  # no more entries than k·N: every positive one fires at any scale
         return 1e-12
     return min(max(s, 1e-12), 1e12)
+
+
+def latent_cutoffs(cal: CalibrationSet, want: Tensor) -> Tensor:
+    """θ_j at which latent j fires (z′ > θ_j) on ``want[j]`` of the calibration tokens: the
+    (want_j + 1)-th largest of its N values, 0 where want_j ≥ N; each latent's by a
+    top-(want_j + 1), grouped by size (not a sort of all N)."""
+    N = cal.n_tokens
+    theta = torch.zeros(cal.n_latents)
+    for cols, z in cal.column_chunks():
+        q = want[cols].to(device=z.device, dtype=torch.long)
+        _, _, _, cut = per_column_topk(z.t().contiguous(), (q + 1).clamp(max=N))
+        cut = torch.where(q >= N, torch.zeros_like(cut), cut)
+        theta[cols] = cut.clamp_min(0.0).float().cpu()
+    return theta
 
 
 def threshold_l0(cal: CalibrationSet, theta: Tensor) -> float:

@@ -19,11 +19,11 @@ from ..blockwise import AffinityBlocks, above_threshold
 from ..collective import Collective, global_per_column_topk, global_top_m
 from ..errors import ConfigError, require
 from ..rescore import Exact, count_above, per_column, sample_exact, top_m
-from ..selection import per_column_topk, sort_pairs
+from ..selection import sort_pairs
 from ..sparse import Selection
 from ..spec import setting
 from ..zipf import round_preserving_sum, stochastic_round, uniform_capacities, waterfill, zipf_capacities
-from .base import CalibrationSet, ThresholdAllocator, ThresholdConfig, register
+from .base import CalibrationSet, ThresholdAllocator, ThresholdConfig, latent_cutoffs, register
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -383,13 +383,6 @@ class FeatureChoice(ThresholdAllocator):
         n = int(self.allocation_batch)
         m = self.expected_capacities(n)
         want = torch.round(m * cal.n_tokens / n).to(torch.long).clamp(max=cal.n_tokens)
-        theta = torch.zeros(self.n_latents, dtype=self.theta_calibrated.dtype, device=self.theta_calibrated.device)
-        for cols, z in cal.column_chunks():
-            # θ_j = the (q_j + 1)-th largest of latent j's N values (q_j fire above it; 0 when
-            # q_j = N), each latent's by a top-(q_j + 1), grouped by size (not a sort of all N)
-            q = want[cols].to(z.device)
-            _, _, _, cut = per_column_topk(z.t().contiguous(), (q + 1).clamp(max=cal.n_tokens))
-            cut = torch.where(q >= cal.n_tokens, torch.zeros_like(cut), cut)
-            theta[cols] = cut.clamp_min(0.0).to(theta.dtype)
-        self.set_calibrated(theta)
+        theta = latent_cutoffs(cal, want)
+        self.set_calibrated(theta.to(self.theta_calibrated))
         return {"theta_mean": float(theta.mean()), "theta_ema_mean": float(self.theta_ema.mean())}

@@ -36,6 +36,10 @@ class DataSpec:
     batch_size: int = setting(1024, ge=1)
     val_tokens: int = setting(16384, ge=1)
     calibration_tokens: int = setting(16384, ge=1)
+    # the test split, disjoint from training, calibration and validation: the headline figures
+    # are measured there, while checkpoints, defaults and sweeps choose on validation; null: as
+    # many as data.val_tokens; 0: none (runs from before the split had none)
+    test_tokens: int | None = setting(None, ge=0, allowed="null (as many as data.val_tokens) or an integer >= 0")
     num_workers: int = setting(0, ge=0)
     # the seed of the training order; null: the run's training seed, so that seeds vary the data
     # order as well as the initialisation (validation, calibration and the init sample stay fixed
@@ -56,6 +60,11 @@ class DataSpec:
 
     def as_dict(self) -> dict:
         return as_dict(self)
+
+    @property
+    def n_test(self) -> int:
+        """Tokens of the test split (``test_tokens``; null: as many as validation)."""
+        return self.val_tokens if self.test_tokens is None else self.test_tokens
 
 
 @dataclass(frozen=True)
@@ -92,6 +101,14 @@ class DataSource(Protocol):
 
     def val_tensor(self) -> Tensor:
         """The held-out validation tokens."""
+
+    def test_tensor(self) -> Tensor:
+        """The held-out test tokens (empty when ``data.test_tokens`` = 0)."""
+
+    def contexts(self, split: str) -> Tensor:
+        """The context (document window) of each token of a held-out split (``validation``,
+        ``calibration`` or ``test``), in the order the split's tensor holds them: the unit a
+        bootstrap resamples, since tokens of one context are correlated."""
 
     def downstream(self) -> Downstream | None:
         """Where a run can measure its downstream loss (a causal model's cache), or None."""

@@ -1,8 +1,9 @@
 """A LightningDataModule that streams an activation cache (see shards.py) from memory maps.
 
-Split: the cache's last ``val_tokens`` tokens are validation, the ``calibration_tokens``
-before them calibrate thresholds, the rest (cut to whole batches) is training. The two
-held-out splits are read in a fixed permutation of their own tokens (seeded by ``data.seed``),
+Split: the cache's last ``test_tokens`` tokens are the test split (the headline figures), the
+``val_tokens`` before them validation, the ``calibration_tokens`` before those calibrate
+thresholds, the rest (cut to whole batches) is training. The held-out splits are read in a
+fixed permutation of their own tokens (seeded by ``data.seed``),
 so that a validation or calibration batch mixes many contexts as a training batch does (read in
 order, a batch of 1024 tokens would be ~8 neighbouring contexts of one document).
 
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import torch
 from torch import Tensor
 
 from ..errors import ConfigError, DataError
@@ -43,6 +45,22 @@ class DownstreamSpec:
     during_training: bool = True  # also at each validation during training (else only the final figures)
     contexts: int = setting(16, ge=1)  # at each validation during training
     final_contexts: int = setting(128, ge=1)  # for the final figures in metrics.json
+
+
+# the seed stream of each held-out split's permutation (with data.seed)
+HELDOUT_STREAMS = {"validation": 11, "calibration": 13, "test": 17}
+
+
+def token_contexts(folder: Path, manifest: dict[str, Any]) -> np.ndarray:
+    """For every token of the cache, the global row of the token-id arrays (the context) it was
+    harvested from: a context keeps its ids that are not padding (-1) nor dropped."""
+    dropped = np.asarray(manifest["harvest"]["dropped_token_ids"], dtype=np.int64)
+    counts = []
+    for entry in manifest["shards"]:
+        ids = np.load(Path(folder) / entry["ids"]["file"])
+        counts.append(((ids >= 0) & ~np.isin(ids, dropped)).sum(axis=1))
+    per_row = np.concatenate(counts) if counts else np.zeros(0, dtype=np.int64)
+    return np.repeat(np.arange(per_row.size, dtype=np.int64), per_row)
 
 
 @data_kind("activations")
@@ -118,6 +136,7 @@ class ActivationsDataModule(StreamingDataModule):
         self.manifest: dict[str, Any] | None = read_manifest(self.path)
         self._reader: ShardReader | None = None
         self._val: Tensor | None = None
+        self._token_contexts: np.ndarray | None = None
         self._gradients: ShardReader | None = None  # set by use_gradients()
         self._restored: dict[str, Any] | None = None
         if self.manifest is None and self.harvest_spec is None:
@@ -198,17 +217,18 @@ class ActivationsDataModule(StreamingDataModule):
 
     def _split(self, n: int) -> None:
         B = self.batch_size
-        val, cal = self.spec.val_tokens, self.spec.calibration_tokens
-        self.n_batches = (n - val - cal) // B
+        val, cal, test = self.spec.val_tokens, self.spec.calibration_tokens, self.spec.n_test
+        self.n_batches = (n - test - val - cal) // B
         if self.n_batches < 1:
             raise DataError(
-                f"activation cache {self.path} holds {n} tokens: too few for data.val_tokens={val} + "
-                f"data.calibration_tokens={cal} + one training batch of {B}; harvest more "
+                f"activation cache {self.path} holds {n} tokens: too few for data.test_tokens={test} + "
+                f"data.val_tokens={val} + data.calibration_tokens={cal} + one training batch of {B}; harvest more "
                 "(data.harvest.token_budget) or lower those"
             )
         self.train_tokens = self.n_batches * B
-        self.cal_range = (n - val - cal, n - val)
-        self.val_range = (n - val, n)
+        end = n - test
+        self.ranges = {"calibration": (end - val - cal, end - val), "validation": (end - val, end), "test": (end, n)}
+        self.cal_range, self.val_range = self.ranges["calibration"], self.ranges["validation"]
         window = max(1, self.spec.shuffle_buffer_tokens // B)
         self.order = Order(self.n_batches, B, window, self.spec.seed, self.spec.order_seed or 0)
 
@@ -255,12 +275,22 @@ class ActivationsDataModule(StreamingDataModule):
         grads = self._gradients or ShardReader(self.path, self.manifest or self.complete_manifest(), "gradients")
         return grads.gather(self._sample_index(n))
 
-    def heldout_index(self, split: Literal["validation", "calibration"]) -> np.ndarray:
+    def heldout_index(self, split: Literal["validation", "calibration", "test"]) -> np.ndarray:
         """The global token indices of a held-out split in the order they are read: a permutation
         of the split's range, fixed by (data.seed, split)."""
-        start, stop = self.val_range if split == "validation" else self.cal_range
-        rng = np.random.default_rng([self.spec.seed, 11 if split == "validation" else 13])
+        _ = self.reader  # opens the cache and sets the split
+        start, stop = self.ranges[split]
+        rng = np.random.default_rng([self.spec.seed, HELDOUT_STREAMS[split]])
         return start + rng.permutation(stop - start)
+
+    def test_tensor(self) -> Tensor:
+        return self.reader.gather(self.heldout_index("test"))
+
+    def contexts(self, split: str) -> Tensor:
+        """The row of the cache's token ids (one context) each token of ``split`` came from."""
+        if self._token_contexts is None:
+            self._token_contexts = token_contexts(self.path, self.manifest or self.complete_manifest())
+        return torch.from_numpy(self._token_contexts[self.heldout_index(split)])  # type: ignore[arg-type]
 
     def calibration_tokens(self) -> Tensor:
         reader = self.reader  # opens the cache and sets the split that heldout_index reads

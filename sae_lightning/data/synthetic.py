@@ -84,6 +84,8 @@ class SyntheticActivations:
 
     def tokens(self, n: int, stream_seed: int, batch: int = 4096) -> Tensor:
         g = torch.Generator().manual_seed(stream_seed)
+        if n == 0:
+            return torch.zeros(0, self.spec.d_model)
         return torch.cat([self.batch(min(batch, n - i), g)[0] for i in range(0, n, batch)])
 
 
@@ -97,6 +99,9 @@ class SyntheticBatches:
     def __call__(self, i: int) -> Tensor:
         g = torch.Generator().manual_seed(self.source.spec.seed * 1_000_003 + 17 + i + self.order_seed * 7_919_000_003)
         return self.source.batch(self.batch_size, g)[0]
+
+
+CONTEXT = 128  # tokens per stand-in context of the held-out splits (see SyntheticDataModule.contexts)
 
 
 class SyntheticDataModule(StreamingDataModule):
@@ -133,6 +138,15 @@ class SyntheticDataModule(StreamingDataModule):
         if self._val is None:
             self._val = self.source.tokens(self.val_tokens, stream_seed=self.spec.seed * 1_000_003 + 1)
         return self._val
+
+    def test_tensor(self) -> Tensor:
+        return self.source.tokens(self.spec.n_test, stream_seed=self.spec.seed * 1_000_003 + 5)
+
+    def contexts(self, split: str) -> Tensor:
+        """Synthetic tokens are drawn independently: consecutive groups of CONTEXT tokens stand
+        in for contexts (any grouping gives the same bootstrap in expectation)."""
+        n = {"validation": self.val_tokens, "calibration": self.calibration_tokens_n, "test": self.spec.n_test}[split]
+        return torch.arange(n) // CONTEXT
 
     def batch_of(self) -> SyntheticBatches:
         return SyntheticBatches(self.source, self.batch_size, self.spec.order_seed or 0)

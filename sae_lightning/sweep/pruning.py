@@ -72,9 +72,13 @@ class OptunaPruning(L.Callback):
         if trainer.sanity_checking or trainer.state.fn != "fit":
             return
         m = trainer.callback_metrics
-        if self.ctx.fvu_key not in m or self.ctx.l0_key not in m:
+        # thresholds are calibrated when fitting ends: a threshold-mode objective is compared in
+        # batch mode at the validations before (every trial alike, step by step)
+        fvu_key, l0_key = (key if key in m else key.replace("/threshold/", "/batch/")
+                           for key in (self.ctx.fvu_key, self.ctx.l0_key))  # fmt: skip
+        if fvu_key not in m or l0_key not in m:
             return
-        step, fvu, l0 = trainer.global_step, float(m[self.ctx.fvu_key]), float(m[self.ctx.l0_key])
+        step, fvu, l0 = trainer.global_step, float(m[fvu_key]), float(m[l0_key])
         self.ctx.record(step, fvu, l0)
         if self.ctx.should_prune(step, fvu, l0):
             raise optuna.TrialPruned(f"pruned at step {step}: FVU {fvu:.4f} at L0 {l0:.1f} is dominated")

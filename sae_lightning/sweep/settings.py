@@ -24,7 +24,8 @@ class PrunerSpec:
 @dataclass
 class SweeperSpec:
     study_name: str = "sae_sweep"
-    objectives: list[str] = setting(default_factory=lambda: ["val/batch/fvu", "val/batch/l0_mean"])
+    # threshold mode at the calibrated thresholds: each token on its own, as a user deploys the SAE
+    objectives: list[str] = setting(default_factory=lambda: ["val/threshold/fvu", "val/threshold/l0_mean"])
     directions: list[Direction] = setting(default_factory=lambda: ["minimize", "minimize"])
     n_trials: int = setting(20, ge=1)
     sampler: Sampler = "tpe"

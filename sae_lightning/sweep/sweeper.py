@@ -286,7 +286,7 @@ class OptunaSweeper(Sweeper):
             "trial_id": trial._trial_id,
             "number": trial.number,
             "fvu_key": self.objectives[0],
-            "l0_key": self.objectives[1] if len(self.objectives) > 1 else "val/batch/l0_mean",
+            "l0_key": self.objectives[1] if len(self.objectives) > 1 else "val/threshold/l0_mean",
             "min_trials": self.pruner.min_trials,
             "margin": self.pruner.margin,
             "pruning": self.pruner.enabled,

@@ -7,16 +7,36 @@ import json
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from benchmarks import claims
+from sae_lightning.paired import ContextSums
 
 # make test-all: the benchmarks at toy size
 pytestmark = pytest.mark.slow
 
 
-def metrics(fvu_at_k: float, dead: float = 0.0, batch: float | None = None) -> dict:
-    return {
+def stand_in_sums(fvu: float, noise_seed: int, contexts: int = 64) -> dict:
+    """Per-context sums (paired.py) of a reading whose FVU at L0 = k is ``fvu`` up to a 5 %
+    context-to-context noise drawn by ``noise_seed``; L0 brackets k = 32."""
+    g = torch.Generator().manual_seed(noise_seed)
+    total = torch.full((contexts,), 100.0, dtype=torch.float64)
+    sse = fvu * total * (1 + 0.05 * torch.randn(contexts, generator=g, dtype=torch.float64))
+    l0 = torch.tensor([36.0, 32.0, 28.0], dtype=torch.float64)
+    sums = ContextSums([0.9, 1.0, 1.1], sse.unsqueeze(1) * (32.0 / l0), 100 * l0.repeat(contexts, 1),
+                       torch.full((contexts,), 100.0, dtype=torch.float64), total)  # fmt: skip
+    return sums.as_dict()
+
+
+def metrics(fvu_at_k: float, dead: float = 0.0, batch: float | None = None, folder=None, noise_seed: int = 0) -> dict:
+    """A run's metrics.json; with ``folder``, its rules_test.json too (every rule at ``fvu_at_k``)."""
+    m = {
         "val/threshold/fvu_at_k": fvu_at_k,
+        "test/fvu_at_k": fvu_at_k,
+        "test/own_rule": "topk",
+        "test/l0_calibrated": 32.0,
+        "test/dl_at_k": 100.0,
+        **{f"test/{rule}/fvu_at_k": fvu_at_k for rule in claims.RULES},
         "val/batch/fvu": fvu_at_k if batch is None else batch,
         "val/threshold/l0_mean": 32.0,
         "val/dead_fraction": dead,
@@ -27,45 +47,55 @@ def metrics(fvu_at_k: float, dead: float = 0.0, batch: float | None = None) -> d
             {"factor": 0.9, "l0": 33.0, "fvu": fvu_at_k * 0.95},
         ],
     }
+    if folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+        rules = {rule: {"figures": {}, "sums": stand_in_sums(fvu_at_k, noise_seed)} for rule in claims.RULES}
+        (folder / "rules_test.json").write_text(json.dumps({"own_rule": "topk", "k": 32, "rules": rules}))
+        m["run_dir"] = str(folder)
+    return m
 
 
-def grid(topk, mc_k, mc_z, fc_z, fc_d, dead_k=0.01, dead_z=0.0):
+def grid(tmp_path, topk, mc_k, mc_z, fc_z, fc_d, dead_k=0.01, dead_z=0.0):
     results = {}
-    for seed, noise in enumerate((-1.0, 0.0, 1.0)):
-        results[("synthetic", "topk+aux_k", 32, seed)] = metrics(topk[0] + noise * topk[1])
-        results[("synthetic", "mc+aux_k", 32, seed)] = metrics(mc_k[0] + noise * mc_k[1], dead=dead_k)
-        results[("synthetic", "mc+aux_zipf", 32, seed)] = metrics(mc_z[0] + noise * mc_z[1], dead=dead_z)
-        results[("synthetic", "fc_zipf", 32, seed)] = metrics(fc_z, batch=0.1)  # batch mode never counts
-        results[("synthetic", "fc_demand", 32, seed)] = metrics(fc_d, batch=0.1)
+    for seed in range(3):
+        for i, (config, fvu, dead, batch) in enumerate((("topk+aux_k", topk, 0.0, None), ("mc+aux_k", mc_k, dead_k, None),
+                                                        ("mc+aux_zipf", mc_z, dead_z, None), ("fc_zipf", fc_z, 0.0, 0.1),
+                                                        ("fc_demand", fc_d, 0.0, 0.1))):  # fmt: skip
+            folder = tmp_path / config / str(seed)
+            results[("synthetic", config, 32, seed)] = metrics(fvu, dead, batch, folder, noise_seed=10 * seed + i)
     return results
 
 
 def verdicts(results) -> dict[str, bool]:
-    return {claim: ok for _, claim, ok, _ in claims.check_claims(claims.aggregate(results))}
+    return {claim: ok for _, claim, ok, _ in claims.check_claims(claims.aggregate(results), results)}
 
 
-def test_targets_are_judged_on_the_headline_with_the_seeds_spread():
-    v = verdicts(grid(topk=(0.30, 0.002), mc_k=(0.29, 0.002), mc_z=(0.299, 0.002), fc_z=0.35, fc_d=0.30))
-    assert v["k=32: FVU(MC+aux_k) < FVU(TopK) by more than the seeds' std"] is True
-    # 0.001 better, but within the seeds' spread: not a win
-    assert v["k=32: FVU(MC+aux_zipf) < FVU(TopK) by more than the seeds' std"] is False
-    assert v["k=32: FVU(FC demand) ≤ FVU(TopK)"] is True  # equal counts
-    assert v["k=32: dead(MC+aux_zipf) ≤ dead(MC+aux_k)"] is True
-    assert v["fc_zipf: 0 dead latents (every k)"] is True
-    worse = verdicts(grid(topk=(0.30, 0.0), mc_k=(0.31, 0.0), mc_z=(0.3, 0.0), fc_z=0.3, fc_d=0.3001, dead_z=0.02))
-    assert worse["k=32: FVU(FC demand) ≤ FVU(TopK)"] is False
-    assert worse["k=32: FVU(MC+aux_k) < FVU(TopK) by more than the seeds' std"] is False
-    assert worse["k=32: dead(MC+aux_zipf) ≤ dead(MC+aux_k)"] is False
+def test_targets_are_judged_by_the_paired_interval_on_the_test_split(tmp_path):
+    v = verdicts(grid(tmp_path / "a", topk=0.30, mc_k=0.27, mc_z=0.299, fc_z=0.35, fc_d=0.30, dead_k=0.01))
+    assert v["k=32: FVU(MC+aux_k) < FVU(TopK)"] is True  # 10 % better: the interval lies below 0
+    assert v["k=32: FVU(MC+aux_zipf) < FVU(TopK)"] is False  # 0.3 % better, within the noise: a tie is no win
+    assert v["k=32: FVU(FC demand) < FVU(TopK)"] is False  # equal
+    worse = verdicts(grid(tmp_path / "b", topk=0.30, mc_k=0.33, mc_z=0.3, fc_z=0.3, fc_d=0.3001, dead_z=0.02))
+    assert worse["k=32: FVU(MC+aux_k) < FVU(TopK)"] is False
+    assert worse["k=32: dead(MC+aux_zipf) < dead(MC+aux_k) by more than the seeds' std"] is False
 
 
 def test_the_page_counts_the_runs_and_plots_each_dataset(tmp_path):
-    results = grid(topk=(0.30, 0.002), mc_k=(0.29, 0.002), mc_z=(0.299, 0.002), fc_z=0.35, fc_d=0.30)
+    results = grid(tmp_path, topk=0.30, mc_k=0.27, mc_z=0.299, fc_z=0.35, fc_d=0.30)
     results[("synthetic", "fc_demand", 64, 0)] = None  # not run yet
     args = SimpleNamespace(steps=10, seeds=[0, 1, 2], overrides=[])
     text = claims.report(results, args, tmp_path / "results.md", tmp_path / "img")
     assert "15 of the grid's 16 runs are in" in text
-    assert "| topk+aux_k | 32 | 0.3000 ± 0.0020 |" in text
+    assert "| topk+aux_k | 32 | 0.3000 ± 0.0000 |" in text
     assert (tmp_path / "img" / "results_synthetic.png").stat().st_size > 10_000
+    # the allocator × rule table, the own rule in bold, and the paired differences that separate them
+    assert "| trained as | topk | global_threshold | latent_thresholds |" in text
+    assert "| mc+aux_k | **0.2700 ± 0.0000** | 0.2700 ± 0.0000 | 0.2700 ± 0.0000 |" in text
+    row = next(line for line in text.splitlines() if line.startswith("| mc+aux_k vs topk+aux_k | the training (both"))
+    assert row.endswith("| A better |")
+    low, high = (float(v) for v in row.split("[")[1].split("]")[0].split(","))
+    assert low < -10 < high < 0  # the interval holds the true difference, 0.27 / 0.30 − 1
+    assert "fc_demand: largest dead share 0.00 % (Feature Choice's capacity floor" in text  # a fact, not a target
 
 
 def test_a_finished_run_is_read_not_trained_again(tmp_path, monkeypatch):
@@ -78,13 +108,13 @@ def test_a_finished_run_is_read_not_trained_again(tmp_path, monkeypatch):
 
 
 def test_the_page_has_a_core_table_at_k_32_and_a_description_length_column(tmp_path):
-    results = grid(topk=(0.30, 0.002), mc_k=(0.29, 0.002), mc_z=(0.299, 0.002), fc_z=0.35, fc_d=0.30)
+    results = grid(tmp_path, topk=0.30, mc_k=0.29, mc_z=0.299, fc_z=0.35, fc_d=0.30)
     for (_, config, _, seed), m in results.items():
         m.update({key: 0.5 for key in claims.CORE.values()})
         m[claims.DL_KEY] = 100.0 + seed + (10 if config == "fc_zipf" else 0)
     args = SimpleNamespace(steps=10, seeds=[0, 1, 2], overrides=[])
     text = claims.report(results, args, tmp_path / "results.md", tmp_path / "img")
-    assert any(line.startswith("| config | k |") and "| DL threshold |" in line for line in text.splitlines())
+    assert any(line.startswith("| config | k |") and "| DL at L0 = k |" in line for line in text.splitlines())
     assert "Core figures at k = 32" in text
     row = next(line for line in text.splitlines() if line.startswith("| fc_zipf | 0.5000"))
     assert "111.0 ± 1.0" in row and row.endswith("| 3 |")
@@ -110,8 +140,8 @@ def with_code(m: dict, commit: str | None, dirty: bool = False, sessions: int = 
     return {**m, "code": version, "code_versions": [version] * sessions}
 
 
-def test_the_report_refuses_runs_of_different_commits_and_names_its_own(capsys):
-    one = {key: with_code(m, "a" * 40) for key, m in grid((0.3, 0.0), (0.29, 0.0), (0.29, 0.0), 0.3, 0.3).items()}
+def test_the_report_refuses_runs_of_different_commits_and_names_its_own(capsys, tmp_path):
+    one = {key: with_code(m, "a" * 40) for key, m in grid(tmp_path, 0.3, 0.29, 0.29, 0.3, 0.3).items()}
     assert claims.one_code_version(one, mixed_ok=False) == "commit aaaaaaaa"
     mixed = dict(one)
     key = next(iter(mixed))

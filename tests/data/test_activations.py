@@ -53,20 +53,43 @@ def first_batches(dm, n, trainer=None):
 
 
 def test_split_is_disjoint_and_covers_the_cache(cache):
-    dm = make(cache)
+    dm = make(cache)  # data.test_tokens null: as many as validation
     n = dm.reader.n_tokens
-    assert dm.val_range == (n - 100, n) and dm.cal_range == (n - 190, n - 100)
-    assert dm.train_tokens == dm.n_batches * 64 <= n - 190 < dm.train_tokens + 64
+    assert (
+        dm.ranges["test"] == (n - 100, n) and dm.val_range == (n - 200, n - 100) and dm.cal_range == (n - 290, n - 200)
+    )
+    assert dm.train_tokens == dm.n_batches * 64 <= n - 290 < dm.train_tokens + 64
     # each held-out split is its own range, read in a fixed permutation
-    assert sorted(dm.heldout_index("validation")) == list(range(n - 100, n))
-    assert sorted(dm.heldout_index("calibration")) == list(range(n - 190, n - 100))
+    assert sorted(dm.heldout_index("test")) == list(range(n - 100, n))
+    assert sorted(dm.heldout_index("validation")) == list(range(n - 200, n - 100))
+    assert sorted(dm.heldout_index("calibration")) == list(range(n - 290, n - 200))
     torch.testing.assert_close(dm.val_tensor(), dm.reader.gather(dm.heldout_index("validation")))
-    assert rows_key(dm.val_tensor()) == rows_key(dm.reader.range(n - 100, n))
-    assert rows_key(dm.calibration_tokens()) == rows_key(dm.reader.range(n - 190, n - 100))
+    assert rows_key(dm.val_tensor()) == rows_key(dm.reader.range(n - 200, n - 100))
+    assert rows_key(dm.test_tensor()) == rows_key(dm.reader.range(n - 100, n))
+    assert rows_key(dm.calibration_tokens()) == rows_key(dm.reader.range(n - 290, n - 200))
     assert dm.calibration_tokens().shape == (90, 32) and dm.sample(50).shape == (50, 32)
     again = make(cache)
     torch.testing.assert_close(again.val_tensor(), dm.val_tensor())  # fixed by data.seed
     assert not np.array_equal(make(cache, seed=1).heldout_index("validation"), dm.heldout_index("validation"))
+    # training, calibration, validation and test tokens are disjoint: an epoch's training batches
+    trained = np.concatenate([dm.order.batch(j) for j in range(dm.n_batches)])
+    held = {name: set(dm.heldout_index(name).tolist()) for name in ("calibration", "validation", "test")}
+    assert len(set(trained.tolist())) == len(trained) == dm.train_tokens
+    for name, index in held.items():
+        assert not index & set(trained.tolist()), name
+    assert not (held["calibration"] & held["validation"]) and not (held["validation"] & held["test"])
+    assert not (held["calibration"] & held["test"])
+    # test_tokens = 0 (a run from before the split): validation and calibration where they were
+    old = make(cache, test_tokens=0)
+    assert old.val_range == (n - 100, n) and old.cal_range == (n - 190, n - 100) and old.test_tensor().shape[0] == 0
+
+
+def test_each_heldout_token_knows_its_context(cache):
+    """contexts(split): the context each token of the split came from, in the split's order."""
+    dm = make(cache)
+    context = context_of_token(cache)
+    for split in ("calibration", "validation", "test"):
+        assert np.array_equal(dm.contexts(split).numpy(), context[dm.heldout_index(split)])
 
 
 def context_of_token(cache) -> np.ndarray:
@@ -167,7 +190,7 @@ def test_missing_cache_without_harvest_section(tmp_path):
 
 
 def test_too_small_cache_names_the_sizes(cache):
-    with pytest.raises(DataError, match="too few for data.val_tokens=100000"):
+    with pytest.raises(DataError, match=r"too few for data.test_tokens=100000 \+ data.val_tokens=100000"):
         make(cache, val_tokens=100000)
 
 
