@@ -25,6 +25,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,8 @@ DATASETS: dict[str, dict[str, Any]] = {
     },
 }
 AUX_K = ["~variant.losses.aux_zipf", "+variant.losses.aux_k.coef=0.03125"]
+# every run also writes its own rule's DL-against-FVU curve on the test split (DL at a common FVU)
+CURVE = ["evaluation.dl_curve=true"]
 # the grid was measured with fp32 selection, before model.affinity_dtype=auto (bf16 re-scored on
 # AMX CPUs): pinned so that the command reproduces it on any machine
 PRECISION = ["model.affinity_dtype=float32"]
@@ -82,6 +85,7 @@ def run_one(
         f"out_dir={folder}",
         "progress=none",
         *PRECISION,
+        *CURVE,
         *extra,
     ]
     if "cache" in spec:
@@ -162,7 +166,7 @@ CORE_K = 32
 DIGITS = {"L0": 2, "DL": 1}  # decimals of a column, by its name's first word (else 4)
 
 
-def mean_std(values: list[float | None]) -> tuple[float, float, int]:
+def mean_std(values: Sequence[float | None]) -> tuple[float, float, int]:
     found = [float(v) for v in values if v is not None and math.isfinite(v)]
     if not found:
         return float("nan"), float("nan"), 0
@@ -260,6 +264,40 @@ def facts(agg: dict) -> list[str]:
                 lines.append(f"- {dataset}, {name}: largest dead share {100 * worst:.2f} % (Feature Choice's capacity "
                              "floor gives every latent tokens each batch: 0 dead by construction)")  # fmt: skip
     return lines
+
+
+def own_curve(m: dict | None) -> list[dict] | None:
+    """The run's own rule's DL-against-FVU curve on the test split (rules_test.json), if it has one."""
+    if not m or not m.get("run_dir") or not (Path(m["run_dir"]) / "rules_test.json").is_file():
+        return None
+    saved = json.loads((Path(m["run_dir"]) / "rules_test.json").read_text())
+    return saved["rules"].get(saved["own_rule"], {}).get("figures", {}).get("dl_curve")
+
+
+def dl_matched_table(results: dict, agg: dict, dataset: str) -> list[str]:
+    """Description length at a common FVU (the MDL-SAE comparison): each configuration's own
+    rule's DL-against-FVU curve on the test split read at TopK's mean FVU at L0 = k."""
+    from sae_lightning.rules import dl_at_fvu
+
+    rows = []
+    for k, figs in sorted(agg[dataset].get(REFERENCE, {}).items()):
+        target = figs[HEADLINE][0]
+        for config in [c for c in CONFIGS if k in agg[dataset].get(c, {})]:
+            values = [dl_at_fvu(curve, target) for (d, c, kk, _s), m in results.items()
+                      if d == dataset and c == config and kk == k and (curve := own_curve(m))]  # fmt: skip
+            if values:
+                rows.append(f"| {config} | {k} | {target:.4f} | {fmt(mean_std(values), digits=1)} | {len(values)} |")
+    if not rows:
+        return []
+    return [
+        "Description length at a common FVU (bits per token, test split): each run's DL against FVU along its "
+        "own rule's sweep, read at TopK's mean FVU at L0 = k (– where the sweep does not reach it):",
+        "",
+        "| config | k | FVU | DL at that FVU | seeds |",
+        "|---|---|---|---|---|",
+        *rows,
+        "",
+    ]
 
 
 def rules_table(results: dict, dataset: str) -> list[str]:
@@ -503,6 +541,7 @@ def report(results: dict, args, doc: Path, img_dir: Path) -> str:
                 lines.append(f"| {config} | {k} | " + " | ".join(cells) + f" | {figs[HEADLINE][2]} |")
         lines.append("")
         lines += rules_table(results, dataset)
+        lines += dl_matched_table(results, agg, dataset)
         lines += core_table(results, dataset)
         plot(agg, sweeps, dataset, img_dir / f"results_{dataset}.png")
     lines += ["## The configurations", "", "| name | overrides |", "|---|---|"]

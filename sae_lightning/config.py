@@ -124,6 +124,9 @@ class EvaluationSpec:
     # scaled to L0 = k on the calibration tokens; all: topk, global_threshold, latent_thresholds;
     # own: the one its allocator implies; none: no test figures
     test_rules: Literal["all", "own", "none"] = "all"
+    # also the own rule's description length at each factor of its test sweep (the DL-against-FVU
+    # curve, read at a common FVU across configurations: the MDL-SAE comparison); ~6 DLs: off by default
+    dl_curve: bool = False
 
 
 @dataclass

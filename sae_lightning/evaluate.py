@@ -170,7 +170,7 @@ def heldout_tokens(data: DataSpec, n: int | None) -> Tensor:
     return dm.test_tensor() if data.n_test > 0 else dm.val_tensor()
 
 
-def rules_figures(run_dir: Path, asked: str, split: str, dl: bool, device: str = "cpu") -> dict:
+def rules_figures(run_dir: Path, asked: str, split: str, dl: bool, device: str = "cpu", curve: bool = False) -> dict:
     """The run's SAE read by the rules ``asked`` names (rules.py) on ``split``: rules.evaluate_rules's
     figures and per-context sums, with the run's own rule and k."""
     require_choice("--rule", asked, ["own", "all", *RULES])
@@ -184,7 +184,8 @@ def rules_figures(run_dir: Path, asked: str, split: str, dl: bool, device: str =
     dm.open()
     x = dm.test_tensor() if split == "test" else dm.val_tensor()
     names = rules_of(module, asked)
-    found = evaluate_rules(module, dm.calibration_tokens(), x, dm.contexts(split), names, tuple(names) if dl else ())
+    found = evaluate_rules(module, dm.calibration_tokens(), x, dm.contexts(split), names, tuple(names) if dl else (),
+                           tuple(names) if curve else ())  # fmt: skip
     return {"own_rule": own_rule(module), "k": module.k, "variant": module.variant.name, "split": split,
             "rules": found}  # fmt: skip
 
@@ -222,6 +223,8 @@ def main(argv=None) -> dict:
     )
     p.add_argument("--split", choices=["test", "validation"], default="test", help="--rule: the tokens scored")
     p.add_argument("--no-dl", action="store_true", help="--rule: skip the description length (the slow part)")
+    p.add_argument("--dl-curve", action="store_true",
+                   help="--rule: also each rule's DL against FVU along its sweep (to read DL at a common FVU)")  # fmt: skip
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = p.parse_args(argv)
     with user_errors():
@@ -278,7 +281,7 @@ def _core_main(a, loaded=None) -> dict:
 
 
 def _rules_main(a) -> dict:
-    figures = rules_figures(a.run, a.rule, a.split, not a.no_dl, a.device)
+    figures = rules_figures(a.run, a.rule, a.split, not a.no_dl, a.device, a.dl_curve)
     out = a.run / f"rules_{a.split}.json"
     atomic_write_json(out, figures, sort_keys=True)
     print(f"{a.run.name} ({figures['variant']}, k = {figures['k']}, its own rule {figures['own_rule']}), "

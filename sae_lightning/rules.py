@@ -20,8 +20,10 @@ a bootstrap resample of its contexts (paired.py).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -166,19 +168,55 @@ def dl_at_k(module, rd: Reader, x: Tensor, sums: ContextSums, tolerance: float =
     return float("nan")
 
 
+@torch.no_grad()
+def dl_curve(module, rd: Reader, x: Tensor, sums: ContextSums, tolerance: float = 0.01) -> list[dict[str, float]]:
+    """The description length, L0 and FVU of ``x`` read by ``rd`` at each factor of ``sums`` (a
+    threshold rule) or at k′ = round(k·c) per token for c in SPREAD (topk), sorted by FVU: the
+    DL-against-FVU curve that the MDL-SAE comparison reads at a common FVU (:func:`dl_at_fvu`)."""
+    if rd.theta is None:
+        readers = [(Reader(rd.rule, None, max(1, round(rd.k * c)), float("nan")), 1.0) for c in SPREAD]
+    else:
+        readers = [(rd, p["factor"]) for p in sums.points()]
+    curve = []
+    for r, factor in readers:
+        got = description_length(module, x, r.encode(module, factor), tolerance)
+        l0 = float(r.k) if r.theta is None else next(p["l0"] for p in sums.points() if p["factor"] == factor)
+        curve.append({"factor": factor, "k": r.k, "l0": l0, "fvu": got["dl_fvu"], "dl": got["description_length"]})
+    return sorted(curve, key=lambda p: p["fvu"])
+
+
+def dl_at_fvu(curve: list[dict[str, float]], fvu: float) -> float:
+    """The description length at FVU = ``fvu`` on a curve (:func:`dl_curve`), interpolated linearly
+    in log FVU and log DL between the two points that bracket it; NaN outside the curve."""
+    pts = sorted(curve, key=lambda p: p["fvu"])
+    for a, b in zip(pts, pts[1:]):
+        if a["fvu"] <= fvu <= b["fvu"] and a["fvu"] > 0:
+            if b["fvu"] == a["fvu"]:
+                return a["dl"]
+            t = (math.log(fvu) - math.log(a["fvu"])) / (math.log(b["fvu"]) - math.log(a["fvu"]))
+            return math.exp(math.log(a["dl"]) + t * (math.log(b["dl"]) - math.log(a["dl"])))
+    return float("nan")
+
+
 def evaluate_rules(
-    module, calibration: Tensor, x: Tensor, contexts: Tensor, rules: list[str], dl: tuple[str, ...] = ()
+    module,
+    calibration: Tensor,
+    x: Tensor,
+    contexts: Tensor,
+    rules: list[str],
+    dl: tuple[str, ...] = (),
+    curve: tuple[str, ...] = (),
 ) -> dict[str, dict]:
     """Every rule of ``rules`` set up on the calibration tokens and scored on ``x``: per rule its
     figures (FVU at L0 = k, the L0 and FVU at the calibrated factor, the calibration L0; for the
-    rules in ``dl`` the description length at L0 = k) and its per-context sums (``sums``, for
-    paired statistics)."""
+    rules in ``dl`` the description length at L0 = k, for those in ``curve`` the DL-against-FVU
+    curve along the factor sweep) and its per-context sums (``sums``, for paired statistics)."""
     out = {}
     for rule in rules:
         rd = reader(module, rule, calibration)
         sums = score(module, rd, x, contexts)
         at_one = next(p for p in sums.points() if p["factor"] == 1.0)
-        figures = {
+        figures: dict[str, Any] = {
             "fvu_at_k": sums.fvu_at(rd.k) if rd.theta is not None else at_one["fvu"],
             "fvu_calibrated": at_one["fvu"],
             "l0_calibrated": at_one["l0"],
@@ -188,5 +226,7 @@ def evaluate_rules(
         }
         if rule in dl:
             figures["dl_at_k"] = dl_at_k(module, rd, x, sums)
+        if rule in curve:
+            figures["dl_curve"] = dl_curve(module, rd, x, sums)
         out[rule] = {"figures": figures, "sums": sums.as_dict()}
     return out

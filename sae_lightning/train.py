@@ -257,8 +257,9 @@ def test_figures(module: SAEModule, datamodule, config: TrainConfig, run_dir: Pa
     x = datamodule.test_tensor()
     own = own_rule(module)
     dl = (own,) if config.evaluation.description_length else ()
+    curve = (own,) if config.evaluation.dl_curve else ()
     found = evaluate_rules(module, datamodule.calibration_tokens(), x, datamodule.contexts("test"),
-                           rules_of(module, asked), dl)  # fmt: skip
+                           rules_of(module, asked), dl, curve)  # fmt: skip
     atomic_write_json(run_dir / RULES_FILE, {"own_rule": own, "k": module.k, "rules": found}, sort_keys=True)
     out: dict[str, Any] = {"test/own_rule": own}
     for rule, got in found.items():

@@ -133,3 +133,28 @@ def test_the_own_rule_on_validation_is_the_runs_headline(trained, variant):
     if variant != "topk":
         sweep = metrics["val/threshold/l0_sweep"]
         assert fvu_at_l0(sweep, 8) == pytest.approx(figures["fvu_at_k"], rel=1e-6)
+
+
+@pytest.mark.parametrize("variant", ["topk", "mutual_choice"])
+def test_the_description_length_curve_and_its_reading_at_a_common_fvu(trained, variant):
+    """DL against FVU along the sweep (k′ around k for topk, the thresholds' factor otherwise):
+    FVU falls as L0 grows, the point at L0 = k is the run's DL at L0 = k, and a common FVU inside
+    the curve reads a DL between its neighbours."""
+    from sae_lightning.data import build_datamodule
+    from sae_lightning.rules import dl_at_fvu, dl_at_k, dl_curve
+
+    run_dir, _ = trained[variant]
+    module = SAEModule.load_from_checkpoint(run_dir / "checkpoints" / "final.ckpt")
+    data = build_datamodule(module.hparams["config"]["data"])
+    x = data.test_tensor()
+    rd = reader(module, own_rule(module), data.calibration_tokens())
+    sums = score(module, rd, x, data.contexts("test"))
+    curve = dl_curve(module, rd, x, sums)
+    assert len(curve) >= 5 and [p["fvu"] for p in curve] == sorted(p["fvu"] for p in curve)
+    by_l0 = sorted(curve, key=lambda p: p["l0"])
+    assert by_l0[0]["fvu"] > by_l0[-1]["fvu"] and by_l0[0]["dl"] < by_l0[-1]["dl"]
+    at_k = min(curve, key=lambda p: abs(p["l0"] - 8))
+    assert abs(at_k["l0"] - 8) <= 0.01 * 8 and at_k["dl"] == pytest.approx(dl_at_k(module, rd, x, sums), rel=1e-9)
+    mid = (curve[1]["fvu"] * curve[2]["fvu"]) ** 0.5
+    assert min(curve[1]["dl"], curve[2]["dl"]) <= dl_at_fvu(curve, mid) <= max(curve[1]["dl"], curve[2]["dl"])
+    assert dl_at_fvu(curve, curve[-1]["fvu"] * 2) != dl_at_fvu(curve, curve[-1]["fvu"] * 2)  # outside: NaN

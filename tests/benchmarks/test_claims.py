@@ -50,6 +50,10 @@ def metrics(fvu_at_k: float, dead: float = 0.0, batch: float | None = None, fold
     if folder is not None:
         folder.mkdir(parents=True, exist_ok=True)
         rules = {rule: {"figures": {}, "sums": stand_in_sums(fvu_at_k, noise_seed)} for rule in claims.RULES}
+        rules["topk"]["figures"]["dl_curve"] = [
+            {"fvu": fvu_at_k * 0.9, "dl": 110.0},
+            {"fvu": fvu_at_k * 1.1, "dl": 90.0},
+        ]
         (folder / "rules_test.json").write_text(json.dumps({"own_rule": "topk", "k": 32, "rules": rules}))
         m["run_dir"] = str(folder)
     return m
@@ -96,6 +100,9 @@ def test_the_page_counts_the_runs_and_plots_each_dataset(tmp_path):
     low, high = (float(v) for v in row.split("[")[1].split("]")[0].split(","))
     assert low < -10 < high < 0  # the interval holds the true difference, 0.27 / 0.30 − 1
     assert "fc_demand: largest dead share 0.00 % (Feature Choice's capacity floor" in text  # a fact, not a target
+    # DL at TopK's FVU, read on each run's DL-against-FVU curve (log-log between 110 bits at 0.27 and 90 at 0.33)
+    assert "| topk+aux_k | 32 | 0.3000 | 99.0 ± 0.0 | 3 |" in text
+    assert "| mc+aux_k | 32 | 0.3000 | – | 3 |" in text  # its curve (0.243 to 0.297) does not reach 0.30
 
 
 def test_a_finished_run_is_read_not_trained_again(tmp_path, monkeypatch):
