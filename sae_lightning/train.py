@@ -36,7 +36,7 @@ from .errors import ConfigError, DataError, Interrupted
 from .heap import keep_freed_memory
 from .module import SAEModule
 from .provenance import code_version
-from .rules import evaluate_rules, own_rule, rules_of
+from .rules import RULES, evaluate_rules, own_rule, rules_of
 from .runs import NATIVE, new_run_dir, save_native
 from .sweep.pruning import OptunaPruning, TrialContext
 
@@ -349,6 +349,11 @@ def print_summary(metrics: dict[str, Any], run_dir: Path, config: TrainConfig | 
             f"  at L0 = k in threshold mode (the thresholds scaled by one factor, interpolated on the validation "
             f"tokens): FVU {metrics['val/threshold/fvu_at_k']:.4f}"
         )
+    if "test/fvu_at_k" in metrics:  # the headline, on tokens no choice was made on
+        by_rule = ", ".join(f"{rule} {metrics[f'test/{rule}/fvu_at_k']:.4f}" for rule in RULES
+                            if f"test/{rule}/fvu_at_k" in metrics)  # fmt: skip
+        print(f"  test split ({metrics['test/tokens']} tokens), FVU at L0 = k read token by token by each inference "
+              f"rule (its own: {metrics['test/own_rule']}): {by_rule} (the rules: docs/method_choices.md)")  # fmt: skip
     if with_dl:
         mode = "threshold" if "val/threshold/description_length" in metrics else "batch"
         print(
