@@ -502,8 +502,8 @@ def report(results: dict, args, doc: Path, img_dir: Path) -> str:
         "interval lies wholly on its side. Dead = not fired in the last 200k training "
         "tokens; under-used = dead, or firing at under 0.25 × the run's own fitted density curve at its "
         "rank (docs/method_choices.md). ΔCE: SmolLM2's next-token loss with the SAE spliced in (threshold "
-        "mode at the calibrated factor, batch mode), minus the clean loss, on the last 128 contexts of "
-        "the validation split."
+        "mode at the calibrated factor, batch mode), minus the clean loss, on the cache's last 128 contexts, "
+        "which lie in its test split (not yet interpolated to L0 = k)."
         + (f" Extra overrides for every run: `{' '.join(args.overrides)}`." if args.overrides else ""),
         "",
     ]

@@ -1,7 +1,7 @@
 """Downstream loss of a causal LM with the SAE spliced in: ΔCE and loss recovered.
 
-On held-out contexts of the activation cache (its last contexts, whose tokens lie in the
-validation split: ``data.downstream.contexts`` at each validation during training,
+On held-out contexts of the activation cache (its last contexts, whose tokens lie in the test
+split, or in validation for a run without one: ``data.downstream.contexts`` at each validation during training,
 ``data.downstream.final_contexts`` for the final figures), the language model's next-token cross-entropy is measured
 three ways: clean; with the hooked site's activations at the kept positions (special tokens
 are left alone, as the SAE never saw them) replaced by the SAE's reconstruction, for each
