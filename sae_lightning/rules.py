@@ -68,10 +68,11 @@ class Reader:
     k: int
     l0_calibration: float  # mean L0 on the calibration tokens (k, up to what the ReLU drops)
 
-    def selections(self, z, factors: list[float]):
+    def selections(self, z, factors: list[float], device: torch.device | str = "cpu"):
+        """The selections of affinities ``z`` (a matrix or blocks) at θ times each factor."""
         if self.theta is None:
             return [topk_rows(z, self.k)[0]]
-        return above_thresholds(z, [self.theta.to(z.device) * f for f in factors], "token")
+        return above_thresholds(z, [self.theta.to(device) * f for f in factors], "token")
 
     def encode(self, module, factor: float = 1.0) -> Callable[[Tensor], tuple[SparseCode, object]]:
         """tokens (model units) -> (their code by this rule at θ·factor, the normalisation context)."""
@@ -79,7 +80,7 @@ class Reader:
         def run(x: Tensor) -> tuple[SparseCode, object]:
             xn, ctx = module.sae.normalise(x.to(module.device))
             z = module.affinities(xn, "token")
-            return module.sae.code(xn, z, self.selections(z, [factor])[0], "token"), ctx
+            return module.sae.code(xn, z, self.selections(z, [factor], module.device)[0], "token"), ctx
 
         return run
 
@@ -142,7 +143,7 @@ def score(module, rd: Reader, x: Tensor, contexts: Tensor, spread: tuple[float, 
         start += chunk.shape[0]
         xn, ctx = module.sae.normalise(chunk)
         z = module.affinities(xn, "token")
-        for i, sel in enumerate(rd.selections(z, factors)):
+        for i, sel in enumerate(rd.selections(z, factors, module.device)):
             code = module.sae.code(xn, z, sel, "token")
             x_hat = module.sae.denormalise(module.sae.decode(code), ctx)
             err = (chunk.double() - x_hat.double()).pow(2).sum(1).cpu()
