@@ -26,6 +26,7 @@ from .gradient_ranking import GradientRanking
 from .losses import StepOutput, sum_of_squares, total_loss
 from .mdl import description_length
 from .metrics import L0, Firing, Reconstruction, feature_recovery
+from .paired import at_target
 from .provenance import code_version
 from .rescore import Exact
 from .sae import AFFINITY_DTYPES, ExactRanked, SparseAutoencoder, auto_affinity_choice, auto_affinity_dtype
@@ -40,13 +41,7 @@ FIRING_FIGURES = ("never_fired_fraction", "alive_fraction", "density_mean", "den
 def fvu_at_l0(points: list[dict[str, float]], target: float) -> float:
     """FVU at mean L0 = ``target``, interpolated linearly in log L0 and log FVU between the two
     points of a sweep (sorted by L0) that bracket it; NaN when none do."""
-    for a, b in zip(points, points[1:]):
-        if a["l0"] <= target <= b["l0"] and a["l0"] > 0 and a["fvu"] > 0 and b["fvu"] > 0:
-            if b["l0"] == a["l0"]:
-                return a["fvu"]
-            t = (math.log(target) - math.log(a["l0"])) / (math.log(b["l0"]) - math.log(a["l0"]))
-            return math.exp(math.log(a["fvu"]) + t * (math.log(b["fvu"]) - math.log(a["fvu"])))
-    return float("nan")
+    return at_target(points, "l0", "fvu", target)
 
 
 def default_lr(n_latents: int) -> float:

@@ -23,6 +23,18 @@ import torch
 from torch import Tensor
 
 
+def at_target(points: list[dict[str, float]], x: str, y: str, target: float) -> float:
+    """``y`` at ``x`` = ``target``, interpolated linearly in log x and log y between the two
+    points (sorted by x) that bracket it; NaN when none do (or a bracket is not positive)."""
+    for a, b in zip(points, points[1:]):
+        if a[x] <= target <= b[x] and a[x] > 0 and a[y] > 0 and b[y] > 0:
+            if b[x] == a[x]:
+                return a[y]
+            t = (math.log(target) - math.log(a[x])) / (math.log(b[x]) - math.log(a[x]))
+            return math.exp(math.log(a[y]) + t * (math.log(b[y]) - math.log(a[y])))
+    return float("nan")
+
+
 @dataclass
 class ContextSums:
     """Per-context sums of one rule's reading of a split, at each factor of its thresholds."""
@@ -45,27 +57,11 @@ class ContextSums:
         ]
         return sorted(pts, key=lambda p: p["l0"])
 
-    @staticmethod
-    def interpolate(l0_a: float, ya: float, l0_b: float, yb: float, target: float) -> float:
-        """y at L0 = ``target`` between two points, linear in log L0 and log y (linear in y
-        where either is not positive)."""
-        if l0_b == l0_a:
-            return ya
-        t = (math.log(target) - math.log(l0_a)) / (math.log(l0_b) - math.log(l0_a))
-        if ya > 0 and yb > 0:
-            return math.exp(math.log(ya) + t * (math.log(yb) - math.log(ya)))
-        return ya + t * (yb - ya)
-
     def fvu_at(self, k: float, weights: Tensor | None = None) -> float:
-        """FVU at mean L0 = k, interpolated between the two factors that bracket it; with one
-        factor (k per token) its FVU; NaN when no two bracket k."""
+        """FVU at mean L0 = k, interpolated between the two factors that bracket it
+        (:func:`at_target`); with one factor (k per token) its FVU; NaN when no two bracket k."""
         pts = self.points(weights)
-        if len(pts) == 1:
-            return pts[0]["fvu"]
-        for a, b in zip(pts, pts[1:]):
-            if a["l0"] <= k <= b["l0"] and a["l0"] > 0:
-                return self.interpolate(a["l0"], a["fvu"], b["l0"], b["fvu"], k)
-        return float("nan")
+        return pts[0]["fvu"] if len(pts) == 1 else at_target(pts, "l0", "fvu", k)
 
     def as_dict(self) -> dict:
         return {

@@ -20,7 +20,6 @@ a bootstrap resample of its contexts (paired.py).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -29,12 +28,12 @@ import torch
 from torch import Tensor
 
 from .allocators import Mode
-from .allocators.base import CalibrationSet, ThresholdAllocator, l0_matching_scale, latent_cutoffs, threshold_l0
+from .allocators.base import ThresholdAllocator, l0_matching_scale, latent_cutoffs, threshold_l0
 from .allocators.mutual_choice import global_threshold_for_rate
 from .blockwise import above_thresholds
 from .errors import require_choice
 from .mdl import description_length
-from .paired import ContextSums
+from .paired import ContextSums, at_target
 from .rescore import topk_rows
 from .sparse import SparseCode
 
@@ -85,11 +84,6 @@ class Reader:
         return run
 
 
-def _calibration_set(module, x: Tensor) -> CalibrationSet:
-    xn, _ = module.sae.normalise(x.to(module.device))
-    return CalibrationSet(xn, lambda xs, cols: module.sae.affinities(xs, cols), module.sae.n_latents)
-
-
 @torch.no_grad()
 def batch_counts(module, x: Tensor) -> Tensor:
     """How often each latent fires on tokens ``x`` under the SAE's training allocation (batches
@@ -107,7 +101,7 @@ def reader(module, rule: str, calibration: Tensor) -> Reader:
     k = module.k
     if rule == "topk":
         return Reader(rule, None, k, float(k))
-    cal = _calibration_set(module, calibration)
+    cal = module._calibration_set(calibration)
     allocator = module.allocator
     if rule == own_rule(module) and allocator.thresholds_ready():
         theta = allocator.current_theta("calibrated").detach().float().cpu().clone()
@@ -127,7 +121,7 @@ def score(module, rd: Reader, x: Tensor, contexts: Tensor, spread: tuple[float, 
     if rd.theta is None:
         factors = [1.0]
     else:
-        on_x = l0_matching_scale(_calibration_set(module, x), rd.theta, rd.k)
+        on_x = l0_matching_scale(module._calibration_set(x), rd.theta, rd.k)
         factors = sorted({1.0, *(on_x * c for c in spread)})
     ids, inverse = torch.unique(contexts, return_inverse=True)
     C, P = ids.numel(), len(factors)
@@ -165,7 +159,7 @@ def dl_at_k(module, rd: Reader, x: Tensor, sums: ContextSums, tolerance: float =
         if a["l0"] <= rd.k <= b["l0"]:
             da = description_length(module, x, rd.encode(module, a["factor"]), tolerance)["description_length"]
             db = description_length(module, x, rd.encode(module, b["factor"]), tolerance)["description_length"]
-            return ContextSums.interpolate(a["l0"], da, b["l0"], db, rd.k)
+            return at_target([{**a, "dl": da}, {**b, "dl": db}], "l0", "dl", rd.k)
     return float("nan")
 
 
@@ -189,14 +183,7 @@ def dl_curve(module, rd: Reader, x: Tensor, sums: ContextSums, tolerance: float 
 def dl_at_fvu(curve: list[dict[str, float]], fvu: float) -> float:
     """The description length at FVU = ``fvu`` on a curve (:func:`dl_curve`), interpolated linearly
     in log FVU and log DL between the two points that bracket it; NaN outside the curve."""
-    pts = sorted(curve, key=lambda p: p["fvu"])
-    for a, b in zip(pts, pts[1:]):
-        if a["fvu"] <= fvu <= b["fvu"] and a["fvu"] > 0:
-            if b["fvu"] == a["fvu"]:
-                return a["dl"]
-            t = (math.log(fvu) - math.log(a["fvu"])) / (math.log(b["fvu"]) - math.log(a["fvu"]))
-            return math.exp(math.log(a["dl"]) + t * (math.log(b["dl"]) - math.log(a["dl"])))
-    return float("nan")
+    return at_target(sorted(curve, key=lambda p: p["fvu"]), "fvu", "dl", fvu)
 
 
 def evaluate_rules(
