@@ -65,7 +65,11 @@ CONFIGS = {
     ],
     "fc_zipf": ["variant=feature_choice", "variant.capacity=zipf", "variant.rank=by_density"],
     "fc_demand": ["variant=feature_choice", "variant.capacity=demand"],
+    "jumprelu": ["variant=jumprelu"],
+    "matryoshka_topk": ["variant=matryoshka_topk"],
+    "matryoshka_mc": ["variant=matryoshka_mutual_choice"],
 }
+ONLY_K = {"matryoshka_topk": (32,), "matryoshka_mc": (32,)}  # configurations run at some k only
 TIMINGS = ("train_seconds", "tokens_per_second", "phase_seconds")
 
 
@@ -576,7 +580,14 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     extra = [f"trainer.max_steps={args.steps}", *args.overrides]
     # seed by seed: every cell gets its first seed before any gets its second
-    grid = [(d, c, k, s) for s in args.seeds for d in args.datasets for k in args.k for c in args.configs]
+    grid = [
+        (d, c, k, s)
+        for s in args.seeds
+        for d in args.datasets
+        for k in args.k
+        for c in args.configs
+        if k in ONLY_K.get(c, (k,))
+    ]
     results: dict = {}
     if not args.report:
         for d in args.datasets:

@@ -380,7 +380,10 @@ def main(argv=None) -> dict:
     p.add_argument("--steps", type=int, default=16, help="measured steps per variant (the median is reported)")
     p.add_argument("--warmup", type=int, default=3, help="steps run before measuring")
     p.add_argument(
-        "--variants", nargs="+", default=["topk", "mutual_choice", "feature_choice"], help="variants to time"
+        "--variants",
+        nargs="+",
+        default=["topk", "mutual_choice", "feature_choice", "jumprelu", "matryoshka_mutual_choice"],
+        help="variants to time",
     )
     p.add_argument(
         "--dtype",

@@ -171,7 +171,13 @@ class VariantSpec:
         losses = raw.get("losses")
         if losses is not None and not isinstance(losses, dict):
             raise ConfigError(f"{prefix}.losses", losses, "a mapping {loss_name: {param: value}} or null")
-        return cls(str(name), allocator.name, params, build_losses(losses, f"{prefix}.losses"), allocator)
+        terms = build_losses(losses, f"{prefix}.losses")
+        if "sparsity" in terms and not allocator.learns_thresholds:
+            raise ConfigError(
+                f"{prefix}.losses.sparsity", as_dict(terms["sparsity"]),
+                f"no sparsity term for {allocator.name}: it acts on learned thresholds (variant.allocator=jumprelu)",
+            )  # fmt: skip
+        return cls(str(name), allocator.name, params, terms, allocator)
 
     def as_dict(self) -> dict:
         return {

@@ -9,17 +9,19 @@ is written by every run: see ``runs.py``).
 ``z = act(W_enc·(x − b_dec) + b_enc)``, ``x̂ = W_dec·z + b_dec``; ours normalises first
 (``x_n = c·x``) and centres on ``b_pre``. Folding ``c`` in (``b_dec = b_pre/c``,
 ``W_enc ← c·W_enc``, ``W_dec ← W_dec/c``) gives the same codes and the same x̂ with
-``normalize_activations = none``. TopK exports as ``topk`` with its k; Mutual and Feature
-Choice export their **threshold mode** (each token on its own, the only mode that exists for a
-single token) as ``jumprelu``: Mutual Choice's one calibrated θ broadcast to every latent,
-Feature Choice's θ_j (a latent with no capacity gets θ = +inf). Batch allocation has no
+``normalize_activations = none``. TopK exports as ``topk`` with its k; Mutual Choice, Feature
+Choice and JumpReLU export their **threshold mode** (each token on its own, the only mode that
+exists for a single token) as ``jumprelu``: Mutual Choice's one calibrated θ broadcast to every
+latent, Feature Choice's θ_j (a latent with no capacity gets θ = +inf), JumpReLU's learned θ_j
+scaled to L0 = k on the calibration tokens. Batch allocation has no
 SAELens counterpart. ``layernorm`` runs are refused: SAELens's ``layer_norm`` normalises
 without the learned centring ours applies first, so the two would not agree.
 
 **SAELens import** (:func:`import_saelens`): a ``topk``, ``jumprelu`` or ``standard`` (ReLU,
 θ = 0) SAE becomes a run folder (``config.yaml``, ``checkpoints/final.ckpt``,
 ``sae.safetensors``, ``imported.json``) that ``evaluate`` and ``inspect`` read like a run
-of our own; the data overrides name the cache to evaluate it on.
+of our own (a ``jumprelu`` one with its thresholds as imported); the data overrides name the
+cache to evaluate it on.
 """
 
 from __future__ import annotations
@@ -202,8 +204,7 @@ def import_saelens(folder: Path, overrides: list[str], out: Path | None = None) 
         sae.initialised.fill_(True)
         if variant == "jumprelu":
             theta = w["threshold"].float() if arch == "jumprelu" else torch.zeros(F)
-            theta_buffer = module.allocator.get_buffer("theta")
-            theta_buffer.copy_(theta.expand(F))
+            module.allocator.get_parameter("log_theta").copy_(theta.expand(F).log())  # θ = 0 (ReLU): −inf
 
     name = f"imported_{arch}_k{k}_F{F}" if arch == "topk" else f"imported_{arch}_F{F}"
     run_dir = Path(out) if out is not None else new_run_dir(config.out_dir, name)

@@ -1,7 +1,9 @@
 """Loss terms, one signature each; the module sums them with ``total_loss``.
 
-Terms: ``recon`` (always on), ``aux_k`` (Gao et al.: dead latents explain the residual) and
-``aux_zipf`` (the same form over dead and under-used latents, Zipf targets).
+Terms: ``recon`` (always on), ``aux_k`` (Gao et al.: dead latents explain the residual),
+``aux_zipf`` (the same form over dead and under-used latents, Zipf targets), ``sparsity``
+(JumpReLU's L0 penalty or target) and ``matryoshka`` (nested prefixes of the dictionary each
+reconstruct x).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 from torch import Tensor
 
 from .blockwise import AffinityBlocks
+from .errors import require
 from .registry import Registry
 from .sae import SparseAutoencoder
 from .selection import per_column_topk, sort_pairs
@@ -66,6 +69,8 @@ class StepOutput:
     # low precision (the auxiliary losses then select on exact values, as in an fp32 run)
     exact_columns: Callable[[Tensor, slice, str], Tensor] | None = None
     centred: Tensor | None = None  # x − b_pre (no gradient), where the step computed it
+    # the batch's mean L0 as a function of learned thresholds (JumpReLU's surrogate), else None
+    l0: Tensor | None = None
     _error: tuple[Tensor, Tensor] | None = dataclasses.field(default=None, init=False, repr=False, compare=False)
 
     def squared_error(self) -> tuple[Tensor, Tensor]:
@@ -352,6 +357,71 @@ class AuxZipf(LossTerm):
             under_loss, under_latents = aux_residual_loss(out, sae, sel, weights)
         self.metrics["underused_reached"] = reached_fraction(under_latents, under)
         return dead_loss + self.underused_coef * under_loss
+
+
+@_register
+@dataclass
+class Sparsity(LossTerm):
+    """JumpReLU's sparsity term on the batch's mean L0 (its gradient reaches the learned
+    thresholds only, through the straight-through estimator: allocators/jumprelu.py):
+    ``target``, (L0/k − 1)² (dictionary_learning's target L0: the run lands near L0 = k
+    whatever the data, with no coefficient to tune per k), or ``penalty``, L0/k (SAELens's
+    and the paper's L0 penalty, measured in units of k: the L0 it settles at depends on
+    ``coef`` and the data). Dimensionless, like the auxiliary terms."""
+
+    name: ClassVar[str] = "sparsity"
+    mode: Literal["target", "penalty"] = "target"
+
+    def __call__(self, out, sae, stats):
+        if out.l0 is None:
+            raise ValueError("losses.sparsity needs learned thresholds (variant.allocator=jumprelu)")
+        ratio = out.l0 / stats.k
+        return (ratio - 1).pow(2) if self.mode == "target" else ratio
+
+
+@_register
+@dataclass
+class Matryoshka(LossTerm):
+    """Nested dictionaries (Bussmann et al. 2025; Nabeshima 2024): the latents 0..m_i − 1 of
+    each prefix i (``prefixes``: fractions of F, increasing, each < 1) reconstruct x on their
+    own from the entries of the step's code that fall among them (the allocator selects once,
+    for the whole dictionary): Σ_i w_i‖x − x̂_i‖², x̂_i = b_pre + Σ_{j < m_i} z_j d_j, in the
+    ``recon`` term's units (which is the whole dictionary's, the last level). ``weights``:
+    one per prefix (null: all 1)."""
+
+    name: ClassVar[str] = "matryoshka"
+    prefixes: list[float] = setting(default_factory=lambda: [1 / 16, 1 / 4])
+    weights: list[float] | None = None
+
+    def check(self, prefix: str) -> None:
+        p = self.prefixes
+        ok = len(p) > 0 and all(0 < f < 1 for f in p) and all(a < b for a, b in zip(p, p[1:]))
+        require(ok, f"{prefix}.prefixes", p, "a non-empty increasing list of fractions of F, each in (0, 1)")
+        if self.weights is not None:
+            w = self.weights
+            require(
+                len(w) == len(p) and all(x >= 0 for x in w),
+                f"{prefix}.weights",
+                w,
+                f"null or {len(p)} numbers >= 0 (one per prefix)",
+            )
+
+    def sizes(self, n_latents: int) -> list[int]:
+        """Each prefix's number of latents m_i (at least 1)."""
+        return [max(1, round(f * n_latents)) for f in self.prefixes]
+
+    def __call__(self, out, sae, stats):
+        code = out.code
+        tokens = code.token_index()
+        weights = self.weights or [1.0] * len(self.prefixes)
+        total = out.x.new_zeros(())
+        for m, w in zip(self.sizes(code.n_latents), weights):
+            keep = code.latents < m
+            part = SparseCode.build(tokens[keep], code.latents[keep], code.values[keep], code.n_tokens, code.n_latents)
+            x_hat = sparse_decode(part, sae.W_dec) + sae.b_pre
+            total = total + w * cast(Tensor, _SquaredError.apply(out.x, x_hat)[0])
+        # the normalised MSE: total_loss multiplies it by the recon term's units
+        return total / out.x.numel() / sae.x_second_moment
 
 
 def build_losses(spec: dict | None, prefix: str = "variant.losses") -> dict[str, LossTerm]:

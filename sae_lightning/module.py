@@ -7,7 +7,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import lightning as L
 import torch
@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from . import checkpoint_file, tb
 from .allocators import CalibrationSet, Mode
-from .allocators.base import ThresholdAllocator, l0_matching_scale, threshold_l0
+from .allocators.base import CalibratedThresholds, ThresholdAllocator, l0_matching_scale, threshold_l0
 from .blockwise import AUTO_BLOCK_ELEMENTS, AUTO_DENSE_ELEMENTS, AffinityBlocks, above_thresholds
 from .collective import Collective
 from .config import EvaluationSpec, LoggingSpec, ModelSpec, OptimSpec, StatsSpec, TrainConfig, VariantSpec
@@ -30,7 +30,7 @@ from .paired import at_target
 from .provenance import code_version
 from .rescore import Exact
 from .sae import AFFINITY_DTYPES, ExactRanked, SparseAutoencoder, auto_affinity_choice, auto_affinity_dtype
-from .sparse import SparseCode
+from .sparse import SparseCode, sparse_decode
 from .spec import parse
 from .stats import LatentStats
 from .zipf import fit_zipf
@@ -104,7 +104,8 @@ class SAEModule(L.LightningModule):
             s.zipf_beta,
             s.underused_reference,
         )
-        self.modes = [Mode.BATCH, Mode.THRESHOLD] + ([Mode.THRESHOLD_EMA] if self.allocator.has_thresholds else [])
+        ema = isinstance(self.allocator, ThresholdAllocator)
+        self.modes = [Mode.BATCH, Mode.THRESHOLD] + ([Mode.THRESHOLD_EMA] if ema else [])
         self.val_metrics = nn.ModuleDict(
             {
                 mode: nn.ModuleDict({"recon": Reconstruction(d_model), "l0": L0(F), "firing": Firing(F)})
@@ -196,22 +197,38 @@ class SAEModule(L.LightningModule):
         if ranked is not z:  # the values a re-scoring kept are scores, not the code's affinities
             sel.values = None
         code = self.sae.code(xn, z, sel, layout, centred=xc)
+        x_hat = self.sae.decode(code)
+        surrogate = self.allocator.surrogate(z, code) if mode == Mode.BATCH else None
+        if surrogate is not None:  # learned thresholds: their straight-through path (zeros in x̂)
+            x_hat = x_hat + sparse_decode(surrogate.zeros, self.sae.W_dec)
         columns = (
             (lambda latents, tokens, lay: self.sae.affinities(xn[tokens], latents, lay, centred=xc[tokens]))
             if low
             else None
         )
         out = StepOutput(
-            x=xn, x_hat=self.sae.decode(code), z=z, layout=layout, code=code, exact_columns=columns, centred=xc
+            x=xn,
+            x_hat=x_hat,
+            z=z,
+            layout=layout,
+            code=code,
+            exact_columns=columns,
+            centred=xc,
+            l0=surrogate.l0 if surrogate is not None else None,
         )
         return out, ctx
 
     def selection_dtype(self) -> torch.dtype:
-        """The dtype batch selection reads z′ in (``model.affinity_dtype``; auto: by the device)."""
+        """The dtype batch selection reads z′ in (``model.affinity_dtype``; auto: by the device;
+        the parameters' for an allocator that does not re-score a low-precision matrix)."""
+        if not self.allocator.rescores:
+            return self.sae.W_enc.dtype
         return self.affinity_dtype if self.affinity_dtype is not None else auto_affinity_dtype(self.sae.W_enc.device)
 
     def selection_dtype_reason(self) -> str:
         """Why :meth:`selection_dtype` is what it is, in a few words (the run's summary)."""
+        if not self.allocator.rescores:
+            return f"{self.variant.allocator} compares z′ with its thresholds in the parameters' dtype"
         if self.affinity_dtype is not None:
             return f"model.affinity_dtype={self.model_spec.affinity_dtype}"
         return auto_affinity_choice(self.sae.W_enc.device)[1]
@@ -322,10 +339,12 @@ class SAEModule(L.LightningModule):
                 raise ValueError("gradient ranking needs the sample's gradients to set their scale")
             _, ctx = self.sae.normalise(x)
             figures.update(self.gradient_ranking.init_from_sample(self.sae.normalise_gradient(grad.to(x), ctx)))
+        figures.update(self.allocator.init_thresholds(self._calibration_set(x)))
         if self.model_spec.init_encoder_scale == "gao":
             gain = self._gain_on_random_directions()
             if gain > 0:
                 self.sae.W_enc.div_(gain)
+                self.allocator.scale_thresholds(1.0 / gain)
                 figures["encoder_scale"] = 1.0 / gain
         elif self.model_spec.init_encoder_scale == "fit":
             num = den = 0.0
@@ -336,6 +355,7 @@ class SAEModule(L.LightningModule):
                 den += float(decoded.pow(2).sum())
             if den > 0 and num > 0:
                 self.sae.W_enc.mul_(num / den)
+                self.allocator.scale_thresholds(num / den)
                 figures["encoder_scale"] = num / den
         return figures
 
@@ -360,7 +380,13 @@ class SAEModule(L.LightningModule):
         # precision refuses: auto takes the plain kernel there
         mixed = self._trainer is not None and "mixed" in str(self.trainer.precision)
         fused = o.fused if o.fused != "auto" else not mixed
-        opt = torch.optim.Adam(self.parameters(), lr=lr, betas=(o.betas[0], o.betas[1]), eps=o.eps, fused=fused)
+        # learned thresholds (JumpReLU) at their own rate: variant.lr_scale times optim.lr
+        own = [p for p in self.allocator.parameters() if p.requires_grad]
+        held = {id(p) for p in own}
+        groups: list[dict[str, Any]] = [{"params": [p for p in self.parameters() if id(p) not in held]}]
+        if own:
+            groups.append({"params": own, "lr": lr * getattr(self.variant.params, "lr_scale", 1.0)})
+        opt = torch.optim.Adam(groups, lr=lr, betas=(o.betas[0], o.betas[1]), eps=o.eps, fused=fused)
         warm = o.warmup_steps
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warm) if warm else 1.0)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
@@ -522,7 +548,7 @@ class SAEModule(L.LightningModule):
                     logs["val/zipf_fit_alpha"], logs["val/zipf_fit_beta"] = fit[0], fit[1]
             for metric in (rec_m, l0_m, firing_m):
                 metric.reset()
-        if isinstance(self.allocator, ThresholdAllocator) and bool(self.allocator.calibrated):
+        if isinstance(self.allocator, CalibratedThresholds) and bool(self.allocator.calibrated):
             results.l0_sweep = self.l0_sweep(self.data().val_tensor())
             logs["val/threshold/fvu_at_k"] = fvu_at_l0(results.l0_sweep, self.k)
         elif not self.allocator.has_thresholds:  # TopK: k per token, its threshold mode is itself
@@ -555,11 +581,11 @@ class SAEModule(L.LightningModule):
         and either rule ignores what the ReLU drops)."""
         cal = self._calibration_set(x)
         figures = self.allocator.calibrate(cal)
-        if match_l0 and isinstance(self.allocator, ThresholdAllocator):
+        if match_l0 and isinstance(self.allocator, CalibratedThresholds):
             factor = l0_matching_scale(cal, self.allocator.current_theta("calibrated"), self.k)
             self.allocator.scale_calibrated(factor)
             figures["theta_scale"] = factor
-        if isinstance(self.allocator, ThresholdAllocator):
+        if isinstance(self.allocator, CalibratedThresholds):
             figures["l0"] = threshold_l0(cal, self.allocator.current_theta("calibrated"))
         return figures
 
@@ -568,7 +594,7 @@ class SAEModule(L.LightningModule):
         """Threshold mode with the calibrated thresholds times a few factors, on tokens ``x``
         (model units): (factor, mean L0, FVU) for factor 1 and for ``spread`` times the factor
         that gives L0 = k on ``x`` itself, sorted by L0."""
-        assert isinstance(self.allocator, ThresholdAllocator)
+        assert isinstance(self.allocator, CalibratedThresholds)
         theta = self.allocator.current_theta("calibrated")
         on_x = l0_matching_scale(self._calibration_set(x), theta, self.k)
         factors = sorted({1.0, *(on_x * c for c in spread)})

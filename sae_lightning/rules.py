@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from .allocators import Mode
-from .allocators.base import ThresholdAllocator, l0_matching_scale, latent_cutoffs, threshold_l0
+from .allocators.base import CalibratedThresholds, l0_matching_scale, latent_cutoffs, threshold_l0
 from .allocators.mutual_choice import global_threshold_for_rate
 from .blockwise import above_thresholds
 from .errors import require_choice
@@ -45,7 +45,7 @@ def own_rule(module) -> str:
     """The rule a run's threshold mode applies: TopK's k per token, Mutual Choice's one θ, or a
     θ per latent (Feature Choice)."""
     allocator = module.allocator
-    if not isinstance(allocator, ThresholdAllocator):
+    if not isinstance(allocator, CalibratedThresholds):
         return "topk"
     return "global_threshold" if allocator.theta_calibrated.dim() == 0 else "latent_thresholds"
 

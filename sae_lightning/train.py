@@ -85,11 +85,11 @@ def prepare(cfg, run_dir: Path | None = None, overrides: list[str] | None = None
             point = resume_mod.read(str(composed["resume"]))
             composed, changed = resume_mod.resumed_config(point.config, composed, overrides, normalised)
         config = load_config(composed)
-        if not config.variant.allocator_class.trainable:
+        if config.variant.allocator_class.learns_thresholds and "sparsity" not in config.variant.losses:
             raise ConfigError(
-                "variant", config.variant.allocator,
-                "topk, mutual_choice or feature_choice: jumprelu holds an imported SAE's fixed thresholds "
-                "(python -m sae_lightning.interop import) and has nothing to train them with",
+                "variant.losses", sorted(config.variant.losses),
+                "a sparsity term (losses.sparsity) for jumprelu: without it nothing holds its thresholds up "
+                "and L0 grows without bound",
             )  # fmt: skip
         datamodule = config.data.build()
         datamodule.open()  # an activation cache is harvested on first use, then checked

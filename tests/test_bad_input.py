@@ -240,11 +240,18 @@ CASES = [
         "error: config error: variant.allocator='switch' is not allowed; expected one of 'feature_choice', 'jumprelu', 'mutual_choice', 'topk'",
     ),
     (
-        "train an imported jumprelu",
+        "jumprelu without its sparsity term",
         "train.py",
-        ["variant=jumprelu"],
+        ["variant=jumprelu", "~variant.losses.sparsity"],
         None,
-        "error: config error: variant='jumprelu' is not allowed; expected topk, mutual_choice or feature_choice: jumprelu holds an imported SAE's fixed thresholds (python -m sae_lightning.interop import) and has nothing to train them with",
+        "error: config error: variant.losses=['recon'] is not allowed; expected a sparsity term (losses.sparsity) for jumprelu: without it nothing holds its thresholds up and L0 grows without bound",
+    ),
+    (
+        "a sparsity term without learned thresholds",
+        "train.py",
+        ["variant=topk", "+variant.losses.sparsity.mode=target"],
+        None,
+        "error: config error: variant.losses.sparsity={'coef': 1.0, 'mode': 'target'} is not allowed; expected no sparsity term for topk: it acts on learned thresholds (variant.allocator=jumprelu)",
     ),
     (
         "capacity",
@@ -265,7 +272,7 @@ CASES = [
         "train.py",
         ["+variant.losses.aux_q.coef=1"],
         None,
-        "error: config error: variant.losses.aux_q={'coef': 1} is not allowed; expected a key of the losses (aux_k, aux_zipf, recon); did you mean variant.losses.aux_k?",
+        "error: config error: variant.losses.aux_q={'coef': 1} is not allowed; expected a key of the losses (aux_k, aux_zipf, matryoshka, recon, sparsity); did you mean variant.losses.aux_k?",
     ),
     (
         "loss_tau",
@@ -393,7 +400,7 @@ CASES = [
         "train.py",
         ["variant=switch"],
         None,
-        "error: config error: variant=switch: Could not find 'variant/switch'; available options in 'variant': feature_choice, jumprelu, mutual_choice, topk",
+        "error: config error: variant=switch: Could not find 'variant/switch'; available options in 'variant': feature_choice, jumprelu, matryoshka_mutual_choice, matryoshka_topk, mutual_choice, topk",
     ),
     (
         "parse",

@@ -35,7 +35,10 @@ def test_a_key_under_a_missing_section_suggests_a_key_that_exists():
 
 def test_a_missing_group_option_lists_the_options():
     line = hydra_error(["variant=mutual"])
-    assert "Could not find 'variant/mutual'" in line and "feature_choice, jumprelu, mutual_choice, topk" in line
+    assert (
+        "Could not find 'variant/mutual'" in line
+        and "feature_choice, jumprelu, matryoshka_mutual_choice, matryoshka_topk, mutual_choice, topk" in line
+    )
     assert "did you mean mutual_choice?" in line and "\n" not in line
 
 

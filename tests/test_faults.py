@@ -30,6 +30,9 @@ VARIANTS = {
     "fc_demand": ["variant=feature_choice", "variant.capacity=demand"],
     # blockwise affinities (100 latents of 256 a block): demand sampled in the selection's pass
     "fc_blocks": ["variant=feature_choice", "model.block_latents=100"],
+    # learned thresholds (their Adam state and parameter group) and the Matryoshka term
+    "jumprelu": ["variant=jumprelu"],
+    "matryoshka_mc": ["variant=matryoshka_mutual_choice"],
 }
 
 
@@ -79,6 +82,8 @@ def assert_same_run(resumed: Path, reference: Path) -> None:
         ("mutual_choice", signal.SIGKILL),
         ("fc_demand", signal.SIGKILL),
         ("fc_blocks", signal.SIGKILL),
+        ("jumprelu", signal.SIGKILL),
+        ("matryoshka_mc", signal.SIGKILL),
     ],
 )
 def test_a_stopped_run_resumes_in_place_to_the_uninterrupted_result(variant, sig, cli, uninterrupted, tmp_path):

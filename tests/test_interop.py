@@ -26,6 +26,7 @@ VARIANTS = {
     "topk_free": ["variant=topk", "variant.k=8", "model.decoder_norm=free", "model.decoder_init_norm=0.1"],
     "mutual_choice": ["variant=mutual_choice", "variant.k=8"],
     "feature_choice": ["variant=feature_choice", "variant.k=8"],
+    "jumprelu": ["variant=jumprelu", "variant.k=8"],
 }
 
 
@@ -171,7 +172,7 @@ def test_sae_lens_loads_the_export_and_reconstructs_the_same(runs, variant, tmp_
     theirs = load_file(str(tmp_path / "out.safetensors"))
     diff = float((theirs["x_hat"] - ours(run, x)).abs().max())
     print(f"{variant}: max |x_hat_ours - x_hat_saelens| on {x.shape[0]} tokens = {diff:.3g}")
-    assert diff < 1e-4
+    assert diff < 1e-5
     module, _ = load_run(run)
     assert torch.equal(theirs["l0"], module.encode(x, "threshold").l0_per_token().float())
 

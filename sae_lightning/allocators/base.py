@@ -17,7 +17,7 @@ from ..errors import require
 from ..registry import Registry
 from ..rescore import Exact
 from ..selection import per_column_topk
-from ..sparse import Selection
+from ..sparse import Selection, SparseCode
 from ..spec import parse, setting
 
 ALLOCATORS = Registry("allocator")
@@ -106,7 +106,7 @@ class Allocator(nn.Module, abc.ABC):
     Config: ClassVar[type[AllocatorConfig]] = AllocatorConfig
     # the layout of z' it reads: "token" = [B, F] (row per token), "latent" = [F, B]
     layout: ClassVar[str] = "token"
-    trainable: ClassVar[bool] = True  # False: only for SAEs trained elsewhere (JumpReLU)
+    learns_thresholds: ClassVar[bool] = False  # thresholds are parameters (JumpReLU): losses.sparsity
     # batch allocation re-scores a low-precision z' exactly (``exact``); else it reads fp32 z'
     rescores: ClassVar[bool] = True
     has_thresholds: ClassVar[bool] = False  # a threshold mode of its own (θ per latent or one θ)
@@ -160,6 +160,30 @@ class Allocator(nn.Module, abc.ABC):
         """Set the thresholds from held-out affinities; returns figures to log."""
         return {}
 
+    # ---- learned thresholds (JumpReLU) --------------------------------------------------
+    def surrogate(self, z: Tensor | AffinityBlocks, code: SparseCode) -> Surrogate | None:
+        """In a training step, the gradient path to thresholds the allocator learns (JumpReLU's
+        straight-through estimator); None for the others (their selection has no parameters)."""
+        return None
+
+    def init_thresholds(self, cal: CalibrationSet) -> dict[str, float]:
+        """Learned thresholds' start from the initialisation sample; returns figures to log."""
+        return {}
+
+    def scale_thresholds(self, factor: float) -> None:
+        """The encoder was multiplied by ``factor``: learned thresholds follow (same selection)."""
+
+
+@dataclasses.dataclass
+class Surrogate:
+    """A training step's gradient path to learned thresholds: ``zeros``, a code whose values
+    are 0 (added to x̂ it changes nothing; its backward carries the reconstruction's gradient to
+    the thresholds), and ``l0``, the batch's mean L0 as a function of the thresholds (the
+    sparsity term's input)."""
+
+    zeros: SparseCode
+    l0: Tensor
+
 
 def ema_update(ema: Tensor, count: Tensor, value: Tensor, beta: float) -> None:
     """In-place EMA with the first observation as its start (no zero bias)."""
@@ -170,51 +194,31 @@ def ema_update(ema: Tensor, count: Tensor, value: Tensor, beta: float) -> None:
     count.add_(1)
 
 
-@dataclasses.dataclass(kw_only=True)
-class ThresholdConfig(AllocatorConfig):
-    """The keys of every allocator with thresholds: the running EMA of its batch cutoffs."""
+class CalibratedThresholds(Allocator):
+    """An allocator whose threshold mode reads inference thresholds θ (one, or one per latent):
+    calibrated ones set from held-out tokens (:meth:`calibrate`), then scaled by one factor so
+    that the mean L0 there is k (:meth:`scale_calibrated`); before calibration, the allocator's
+    running ones (:meth:`running_theta`: an EMA of batch cutoffs, or learned thresholds)."""
 
-    threshold_ema_beta: float = setting(0.999, ge=0, lt=1, allowed="a number in [0, 1)")
-    threshold_ema_warmup_steps: int = setting(100, ge=0)  # training steps before the EMA starts
-
-
-class ThresholdAllocator(Allocator):
-    """An allocator with inference thresholds θ (one, or one per latent): a running EMA of its
-    batch cutoffs, updated in training steps after a warm-up, and calibrated ones set from
-    held-out tokens (:meth:`calibrate`), then scaled by one factor so that the mean L0 there is
-    k (:meth:`scale_calibrated`). Subclasses say how a cutoff is measured and calibrated."""
-
-    cfg: ThresholdConfig
-    theta_ema: Tensor
-    theta_ema_count: Tensor
     theta_calibrated: Tensor
     calibrated: Tensor
+    has_thresholds = True
 
-    def __init__(self, cfg: ThresholdConfig, n_latents: int, batch_size: int, theta_shape: tuple[int, ...]):
+    def __init__(self, cfg: AllocatorConfig, n_latents: int, batch_size: int, theta_shape: tuple[int, ...]):
         super().__init__(cfg, n_latents, batch_size)
-        self.register_buffer("theta_ema", torch.zeros(theta_shape))
-        self.register_buffer("theta_ema_count", torch.zeros((), dtype=torch.long))
         self.register_buffer("theta_calibrated", torch.zeros(theta_shape))
         self.register_buffer("calibrated", torch.zeros((), dtype=torch.bool))
-
-    has_thresholds = True
 
     def thresholds_ready(self) -> bool:
         return bool(self.calibrated)
 
-    def ema_ready(self) -> bool:
-        """Whether the EMA has seen a training cutoff (before, θ = 0 would take every positive
-        affinity: ~F/2 latents a token, a [B, F]-sized selection)."""
-        return int(self.theta_ema_count) > 0
+    @abc.abstractmethod
+    def running_theta(self) -> Tensor:
+        """The thresholds used until calibration (and by ``threshold_ema``)."""
 
     def current_theta(self, source: str = "calibrated") -> Tensor:
-        """The calibrated θ (once calibrated; else the EMA) or, with ``source='ema'``, the EMA."""
-        return self.theta_calibrated if (source == "calibrated" and bool(self.calibrated)) else self.theta_ema
-
-    def update_theta_ema(self, cutoff: Tensor, step: int) -> None:
-        """Fold a training batch's cutoff into the EMA once the warm-up has passed."""
-        if step >= self.cfg.threshold_ema_warmup_steps:
-            ema_update(self.theta_ema, self.theta_ema_count, cutoff, self.cfg.threshold_ema_beta)
+        """The calibrated θ (once calibrated; else the running one) or, with ``source='ema'``, the running one."""
+        return self.theta_calibrated if (source == "calibrated" and bool(self.calibrated)) else self.running_theta()
 
     def set_calibrated(self, theta: Tensor | float) -> None:
         if isinstance(theta, Tensor):
@@ -226,6 +230,42 @@ class ThresholdAllocator(Allocator):
     def scale_calibrated(self, factor: float) -> None:
         """θ ← factor·θ for the calibrated thresholds (see :func:`l0_matching_scale`)."""
         self.theta_calibrated.mul_(factor)
+
+
+@dataclasses.dataclass(kw_only=True)
+class ThresholdConfig(AllocatorConfig):
+    """The keys of every allocator with thresholds: the running EMA of its batch cutoffs."""
+
+    threshold_ema_beta: float = setting(0.999, ge=0, lt=1, allowed="a number in [0, 1)")
+    threshold_ema_warmup_steps: int = setting(100, ge=0)  # training steps before the EMA starts
+
+
+class ThresholdAllocator(CalibratedThresholds):
+    """An allocator with calibrated thresholds whose running ones are an EMA of its batch
+    cutoffs, updated in training steps after a warm-up. Subclasses say how a cutoff is measured
+    and calibrated."""
+
+    cfg: ThresholdConfig
+    theta_ema: Tensor
+    theta_ema_count: Tensor
+
+    def __init__(self, cfg: ThresholdConfig, n_latents: int, batch_size: int, theta_shape: tuple[int, ...]):
+        super().__init__(cfg, n_latents, batch_size, theta_shape)
+        self.register_buffer("theta_ema", torch.zeros(theta_shape))
+        self.register_buffer("theta_ema_count", torch.zeros((), dtype=torch.long))
+
+    def running_theta(self) -> Tensor:
+        return self.theta_ema
+
+    def ema_ready(self) -> bool:
+        """Whether the EMA has seen a training cutoff (before, θ = 0 would take every positive
+        affinity: ~F/2 latents a token, a [B, F]-sized selection)."""
+        return int(self.theta_ema_count) > 0
+
+    def update_theta_ema(self, cutoff: Tensor, step: int) -> None:
+        """Fold a training batch's cutoff into the EMA once the warm-up has passed."""
+        if step >= self.cfg.threshold_ema_warmup_steps:
+            ema_update(self.theta_ema, self.theta_ema_count, cutoff, self.cfg.threshold_ema_beta)
 
 
 def largest_beyond(chunks: Iterable[Tensor], keep: int) -> float | None:

@@ -34,7 +34,7 @@ def test_bench_reports_all_variants_and_ratios(tmp_path):
     saved = json.loads(out.read_text())
     assert saved["sizes"][0]["n_latents"] == 128
     rows = {(r["variant"], r.get("dtype")): r for r in report["sizes"][0]["rows"]}
-    variants = ("topk", "mutual_choice", "feature_choice")
+    variants = ("topk", "mutual_choice", "feature_choice", "jumprelu", "matryoshka_mutual_choice")
     assert set(rows) == {("naive_dense_topk", None)} | {(v, d) for v in variants for d in ("float32", "bfloat16")}
     for (name, dtype), r in rows.items():
         assert r["step_s"] > 0 and r["tokens_per_s"] > 0 and r["peak_share"] > 0
