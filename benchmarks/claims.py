@@ -43,6 +43,12 @@ DATASETS: dict[str, dict[str, Any]] = {
         "cache": "minilm_l3_pydocs",
         "title": "MiniLM (all-MiniLM-L6-v2), residual stream after block 3 of 6, d = 384",
     },
+    "hierarchy": {
+        "args": ["data=synthetic", "data.hierarchy_parents=64"],
+        "title": "Synthetic with a feature hierarchy (64 parents, 4 children each): absorption",
+        "configs": ("topk+aux_k", "mc+aux_zipf", "fc_demand", "jumprelu", "matryoshka_topk", "matryoshka_mc"),
+        "k": (32,),
+    },
     "smollm2": {
         "args": ["data=smollm2", "data.downstream.during_training=false"],
         "cache": "smollm2_l9_pydocs",
@@ -146,6 +152,14 @@ KEYS = {
     "under-used": "val/underused_fraction",
     "ΔCE threshold": "val/threshold/delta_ce",
     "ΔCE batch": "val/batch/delta_ce",
+    "absorption": "val/absorption",  # data with a feature hierarchy only
+    "parent recovery": "val/parent_recovery_mean_max_cos",
+}
+ONLY_ON = {
+    "ΔCE threshold": "smollm2",
+    "ΔCE batch": "smollm2",
+    "absorption": "hierarchy",
+    "parent recovery": "hierarchy",
 }
 RULES = ("topk", "global_threshold", "latent_thresholds")  # sae_lightning/rules.py
 REFERENCE = "topk+aux_k"  # what every configuration is compared with, paired by seed
@@ -535,7 +549,7 @@ def report(results: dict, args, doc: Path, img_dir: Path) -> str:
             f"![FVU against L0]({os.path.relpath(img_dir, doc.parent)}/results_{dataset}.png)",
             "",
         ]
-        names = [n for n in KEYS if not n.startswith("ΔCE") or dataset == "smollm2"]
+        names = [n for n in KEYS if ONLY_ON.get(n, dataset) == dataset]
         lines += ["| config | k | " + " | ".join(names) + " | seeds |", "|---|---|" + "---|" * (len(names) + 1)]
         for config in [c for c in CONFIGS if c in agg[dataset]]:
             for k, figs in agg[dataset][config].items():
@@ -586,7 +600,7 @@ def main(argv=None) -> None:
         for d in args.datasets
         for k in args.k
         for c in args.configs
-        if k in ONLY_K.get(c, (k,))
+        if k in ONLY_K.get(c, (k,)) and c in DATASETS[d].get("configs", (c,)) and k in DATASETS[d].get("k", (k,))
     ]
     results: dict = {}
     if not args.report:

@@ -1,8 +1,10 @@
 """Evaluation metrics as torchmetrics objects (sum-reduced states, so they are exact under
 DDP), SAEBench's core reconstruction and sparsity figures among them, plus feature recovery
-against known ground-truth features."""
+against known ground-truth features and absorption on data with a known feature hierarchy."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -145,4 +147,39 @@ def feature_recovery(true_features: Tensor, decoder_rows: Tensor, threshold: flo
     return {
         "recovery_mean_max_cos": float(best.mean()),
         f"recovery_share_above_{threshold}": float((best > threshold).float().mean()),
+    }
+
+
+def absorption(
+    parent_features: Tensor,
+    decoder_rows: Tensor,
+    fired: Callable[[Tensor], Tensor],
+    parent: Tensor,
+    child: Tensor,
+    min_tokens: int = 20,
+) -> dict[str, float]:
+    """Feature absorption on data with a known hierarchy (Chanin et al. 2024): for each parent
+    feature, its latent (the decoder direction closest to it) should fire wherever the parent is
+    active. ``fired(latents)`` gives, for the tokens, whether each of those latents fires ([N, P]);
+    ``parent``/``child`` [N, P]: the parent active, one of its children active. A parent's
+    absorption is 1 − (its latent's firing rate where a child co-fires) / (its rate where the
+    parent is alone), clamped to [0, 1]: 0 when children take nothing from it, 1 when its latent
+    never fires beside a child. Mean over the parents with at least ``min_tokens`` tokens of each
+    kind; also the parents' recovery (best decoder cosine) and their latents' rate alone."""
+    t = torch.nn.functional.normalize(parent_features.to(torch.float32), dim=1)
+    d = torch.nn.functional.normalize(decoder_rows.detach().to(t.device, torch.float32), dim=1)
+    cos, latents = (t @ d.t()).max(dim=1)
+    on = fired(latents).cpu()
+    alone, with_child = parent & ~child, parent & child
+    n_alone, n_child = alone.sum(0), with_child.sum(0)
+    rate_alone = (on & alone).sum(0) / n_alone.clamp_min(1)
+    rate_child = (on & with_child).sum(0) / n_child.clamp_min(1)
+    ok = (n_alone >= min_tokens) & (n_child >= min_tokens) & (rate_alone > 0)
+    if not bool(ok.any()):
+        return {}
+    score = (1 - rate_child[ok] / rate_alone[ok]).clamp(0, 1)
+    return {
+        "absorption": float(score.mean()),
+        "parent_recovery_mean_max_cos": float(cos.mean()),
+        "parent_latent_rate_alone": float(rate_alone[ok].mean()),
     }

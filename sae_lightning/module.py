@@ -25,7 +25,7 @@ from .errors import DataError, TrainingDiverged
 from .gradient_ranking import GradientRanking
 from .losses import StepOutput, sum_of_squares, total_loss
 from .mdl import description_length
-from .metrics import L0, Firing, Reconstruction, feature_recovery
+from .metrics import L0, Firing, Reconstruction, absorption, feature_recovery
 from .paired import at_target
 from .provenance import code_version
 from .rescore import Exact
@@ -564,9 +564,27 @@ class SAEModule(L.LightningModule):
         true = self.data().true_features if self._trainer is not None else None
         if true is not None:
             logs.update({f"val/{key}": value for key, value in feature_recovery(true, self.sae.W_dec).items()})
+            tree = self.data().hierarchy()
+            if tree is not None:  # read as deployed: the threshold mode
+                logs.update({f"val/{key}": value for key, value in self._absorption(tree).items()})
         self.log_dict(logs, sync_dist=False)
         results.scalars = logs
         self.results = results
+
+    @torch.no_grad()
+    def _absorption(self, tree) -> dict[str, float]:
+        """:func:`metrics.absorption` of the threshold mode on the hierarchy's tokens."""
+        codes = [self.encode(chunk.to(self.device), Mode.THRESHOLD) for chunk in tree.x.split(self.batch_size)]
+
+        def fired(latents: Tensor) -> Tensor:
+            parts = []
+            for code in codes:
+                hit = code.latents.unsqueeze(1) == latents.to(code.latents.device).unsqueeze(0)  # [nnz, P]
+                on = torch.zeros(code.n_tokens, latents.numel(), dtype=torch.int32, device=hit.device)
+                parts.append(on.index_add_(0, code.token_index(), hit.to(torch.int32)) > 0)
+            return torch.cat(parts)
+
+        return absorption(tree.parent_features, self.sae.folded()[2], fired, tree.parent, tree.child)
 
     # ---- thresholds ---------------------------------------------------------------------------
     def _calibration_set(self, x: Tensor) -> CalibrationSet:

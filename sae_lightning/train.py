@@ -386,6 +386,13 @@ def print_summary(metrics: dict[str, Any], run_dir: Path, config: TrainConfig | 
             f"{metrics['val/recovery_mean_max_cos']:.3f}; share above 0.9 {metrics['val/recovery_share_above_0.9']:.3f}"
             + (" (short runs recover few)" if metrics["val/recovery_share_above_0.9"] < 0.5 else "")
         )
+    if "val/absorption" in metrics:
+        print(
+            "  absorption (the data's feature hierarchy, threshold mode): the share of a parent feature's latent "
+            f"firing lost where a child co-fires, mean {metrics['val/absorption']:.3f} (0: none; its rate with the "
+            f"parent alone {metrics['val/parent_latent_rate_alone']:.3f}, the parents' best decoder cosine "
+            f"{metrics['val/parent_recovery_mean_max_cos']:.3f})"
+        )
     if "val/ce_clean" in metrics:
         print(
             f"  downstream: CE clean {metrics['val/ce_clean']:.3f}, zero-ablated {metrics['val/ce_zero_ablation']:.3f}; "

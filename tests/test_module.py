@@ -259,3 +259,13 @@ def test_a_trainer_clip_is_ignored_with_a_warning_not_applied_twice():
     ]
     for name, value in default.items():
         assert torch.equal(value, also[name]), name
+
+
+def test_a_run_on_data_with_a_feature_hierarchy_reports_absorption(tmp_path):
+    cfg = compose_config(
+        ["variant=topk", "variant.k=8", *TINY, "data.hierarchy_parents=8", "data.children_per_parent=2",
+         "trainer.max_steps=20", "trainer.val_check_interval=20", "progress=none"]
+    )  # fmt: skip
+    metrics = run(cfg, tmp_path)
+    assert 0 <= metrics["val/absorption"] <= 1
+    assert 0 < metrics["val/parent_latent_rate_alone"] <= 1 and 0 < metrics["val/parent_recovery_mean_max_cos"] <= 1

@@ -90,6 +90,10 @@ class DataSource(Protocol):
     def true_features(self) -> Tensor | None:
         """Ground-truth feature directions [n_features, d] when the data have them (synthetic)."""
 
+    def hierarchy(self) -> Any:
+        """Held-out tokens with their active parent and child features when the data have a
+        feature hierarchy (synthetic.Hierarchy), else None."""
+
     def open(self) -> None:
         """Make the data ready and check them (harvest a missing cache, verify it); DataError if unusable."""
 

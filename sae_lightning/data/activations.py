@@ -243,6 +243,10 @@ class ActivationsDataModule(StreamingDataModule):
     # ---- what training asks for (DataSource) -------------------------------------------------
     true_features = None
 
+    def hierarchy(self) -> None:
+        """Real activations have no known feature hierarchy."""
+        return None
+
     def downstream(self) -> Downstream | None:
         """The cache, when its model is causal and the downstream loss is on."""
         down = self.spec.downstream

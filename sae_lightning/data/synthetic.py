@@ -34,6 +34,12 @@ class SyntheticSpec:
     magnitude_sigma: float = setting(0.5, ge=0)  # coefficient = exp(N(0, σ²))
     noise_std: float = setting(0.01, ge=0)  # per-dimension Gaussian noise, relative to a unit feature
     offset_norm: float = setting(2.0, ge=0)  # a fixed mean vector added to every token
+    # a feature hierarchy (0: none): the most frequent features are parents, each with its own
+    # children, which fire only with their parent (an active parent brings one of its children
+    # with probability child_probability): what feature absorption needs (docs/data.md)
+    hierarchy_parents: int = setting(0, ge=0)
+    children_per_parent: int = setting(4, ge=1)
+    child_probability: float = setting(0.5, ge=0, le=1)
     seed: int = 0  # the data (features and token streams); separate from the training seed
 
     def check(self, prefix: str = "data") -> None:
@@ -42,6 +48,14 @@ class SyntheticSpec:
             f"{prefix}.active_max",
             self.active_max,
             f"an integer in [1, data.n_features = {self.n_features}]",
+        )
+        tree = self.hierarchy_parents * (1 + self.children_per_parent)
+        require(
+            tree < self.n_features,
+            f"{prefix}.hierarchy_parents",
+            self.hierarchy_parents,
+            f"parents whose children (data.children_per_parent = {self.children_per_parent} each) and themselves "
+            f"number under data.n_features = {self.n_features}",
         )
 
 
@@ -65,10 +79,20 @@ class SyntheticActivations:
         ranks = torch.arange(1, spec.n_features + 1, dtype=torch.float64)
         p = ranks.pow(-spec.feature_zipf_alpha)
         p = (p / p.sum())[torch.randperm(spec.n_features, generator=g)]  # frequency rank ≠ index
+        # the hierarchy (none by default: then nothing below draws, and the streams are as before)
+        P, c = spec.hierarchy_parents, spec.children_per_parent
+        self.parents = torch.argsort(p, descending=True)[:P]  # the most frequent features
+        rest = torch.argsort(p)  # the rarest first: children never fire on their own
+        self.children = rest[~torch.isin(rest, self.parents)][: P * c].reshape(P, c)
+        if P:
+            p = p.clone()
+            p[self.children.reshape(-1)] = 0
+            p = p / p.sum()
         self.cdf = torch.cumsum(p, 0).to(torch.float32).contiguous()
 
-    def batch(self, n: int, g: torch.Generator) -> tuple[Tensor, Tensor]:
-        """n tokens [n, d] and the number of true features active in each [n]."""
+    def batch(self, n: int, g: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+        """n tokens [n, d], the number of true features drawn for each [n] and the true
+        coefficients [n, n_features]."""
         s = self.spec
         n_active = torch.exp(math.log(s.active_median) + s.active_sigma * torch.randn(n, generator=g))
         n_active = n_active.round().clamp(1, s.active_max).to(torch.long)
@@ -79,8 +103,21 @@ class SyntheticActivations:
         keep = torch.arange(s.active_max).unsqueeze(0) < n_active.unsqueeze(1)
         mags = torch.exp(s.magnitude_sigma * torch.randn(n, s.active_max, generator=g)) * keep
         coef = torch.zeros(n, s.n_features).scatter_add_(1, idx, mags)
-        x = coef @ self.features + self.offset + s.noise_std * torch.randn(n, s.d_model, generator=g)
-        return x, n_active
+        noise = s.noise_std * torch.randn(n, s.d_model, generator=g)
+        if s.hierarchy_parents:  # each active parent brings one of its children, with probability q
+            P, c = s.hierarchy_parents, s.children_per_parent
+            bring = (coef[:, self.parents] > 0) & (torch.rand(n, P, generator=g) < s.child_probability)
+            which = self.children[torch.arange(P), torch.randint(c, (n, P), generator=g)]  # [n, P]
+            child_mags = torch.exp(s.magnitude_sigma * torch.randn(n, P, generator=g)) * bring
+            coef.scatter_add_(1, which, child_mags)
+        x = coef @ self.features + self.offset + noise
+        return x, n_active, coef
+
+    def with_coefficients(self, n: int, stream_seed: int, batch: int = 4096) -> tuple[Tensor, Tensor]:
+        """n tokens and their true coefficients [n, n_features] (a stream of its own)."""
+        g = torch.Generator().manual_seed(stream_seed)
+        parts = [self.batch(min(batch, n - i), g) for i in range(0, n, batch)]
+        return torch.cat([x for x, _, _ in parts]), torch.cat([c for _, _, c in parts])
 
     def tokens(self, n: int, stream_seed: int, batch: int = 4096) -> Tensor:
         g = torch.Generator().manual_seed(stream_seed)
@@ -99,6 +136,18 @@ class SyntheticBatches:
     def __call__(self, i: int) -> Tensor:
         g = torch.Generator().manual_seed(self.source.spec.seed * 1_000_003 + 17 + i + self.order_seed * 7_919_000_003)
         return self.source.batch(self.batch_size, g)[0]
+
+
+@dataclasses.dataclass
+class Hierarchy:
+    """Tokens x [N, d] of data with a feature hierarchy, which parents are active in each
+    (``parent`` [N, P]), whether one of each parent's children is (``child`` [N, P]), and the
+    parents' directions ([P, d])."""
+
+    x: Tensor
+    parent: Tensor
+    child: Tensor
+    parent_features: Tensor
 
 
 CONTEXT = 128  # tokens per stand-in context of the held-out splits (see SyntheticDataModule.contexts)
@@ -125,6 +174,16 @@ class SyntheticDataModule(StreamingDataModule):
     @property
     def true_features(self) -> Tensor:
         return self.source.features
+
+    def hierarchy(self) -> Hierarchy | None:
+        """Held-out tokens of a stream of their own with which parents and children are active in
+        each (None without a hierarchy): what :func:`metrics.absorption` reads."""
+        if not self.spec.hierarchy_parents:
+            return None
+        x, coef = self.source.with_coefficients(self.val_tokens, stream_seed=self.spec.seed * 1_000_003 + 7)
+        src = self.source
+        children = (coef[:, src.children.reshape(-1)] > 0).reshape(x.shape[0], *src.children.shape).any(2)
+        return Hierarchy(x, coef[:, src.parents] > 0, children, src.features[src.parents])
 
     def sample(self, n: int) -> Tensor:
         """Tokens for initialisation (normalisation scale, b_pre)."""

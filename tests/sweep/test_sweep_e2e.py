@@ -48,7 +48,13 @@ def test_study_runs_resumes_and_reports(cli, tmp_path):
         assert (
             tmp_path / "sweeps" / "s" / f"trial_{t.number}_{t.params['variant']}_k4_F256" / "metrics.json"
         ).is_file()
-        assert t.params["variant"] in ("topk", "mutual_choice", "feature_choice")
+        assert t.params["variant"] in (
+            "topk",
+            "mutual_choice",
+            "feature_choice",
+            "jumprelu",
+            "matryoshka_mutual_choice",
+        )
         # threshold mode: L0 = k on the calibration tokens, near it on validation
         assert abs(t.values[1] - 4.0) <= 0.15 * 4.0
     # the same command again: nothing to do; a larger budget: only the missing trials run
