@@ -52,7 +52,7 @@ def downstream(run_dir: Path, contexts: int, device: str = "cpu", loaded=None) -
     if manifest is None or not manifest["harvest"]["lm"]["causal"]:
         raise DataError(f"{folder}: no cache of a causal language model (ΔCE needs next-token logits)")
     callback = DownstreamLoss(folder, manifest, contexts, data.batch_size)
-    figures = callback.measure(module)
+    figures = callback.measure(module, at_k=True)
     figures["contexts"] = contexts
     figures["tokens_spliced"] = int(callback.keep.sum())
     return figures

@@ -295,6 +295,7 @@ HPARAM_METRICS = (
     "val/underused_fraction",
     "val/batch/delta_ce",
     "val/threshold/delta_ce",
+    "test/delta_ce_at_k",
 )
 
 
@@ -401,6 +402,12 @@ def print_summary(metrics: dict[str, Any], run_dir: Path, config: TrainConfig | 
                 f"{100 * metrics[f'val/{mode}/loss_recovered']:.1f}%"
                 for mode in ("batch", "threshold")
                 if f"val/{mode}/delta_ce" in metrics
+            )
+            + (
+                f"; at L0 = k in threshold mode (on the {metrics['val/downstream_tokens']} test tokens spliced): "
+                f"ΔCE {metrics['test/delta_ce_at_k']:.3f}, KL {metrics['test/kl_div_at_k']:.4f}"
+                if "test/delta_ce_at_k" in metrics
+                else ""
             )
         )
     print(f"  results in {run_dir}")

@@ -1,14 +1,18 @@
 """Downstream loss of a causal LM with the SAE spliced in: ΔCE and loss recovered.
 
-On held-out contexts of the activation cache (its last contexts, whose tokens lie in the test
-split, or in validation for a run without one: ``data.downstream.contexts`` at each validation during training,
-``data.downstream.final_contexts`` for the final figures), the language model's next-token cross-entropy is measured
+On held-out contexts of the activation cache (the last ``data.downstream.contexts`` contexts
+wholly inside the validation split at each validation during training, the last
+``data.downstream.final_contexts`` inside the test split for the final figures; a run without a
+test split, or ``evaluate``, reads the cache's last contexts), the language model's
+next-token cross-entropy is measured
 three ways: clean; with the hooked site's activations at the kept positions (special tokens
 are left alone, as the SAE never saw them) replaced by the SAE's reconstruction, for each
 inference mode; and with them replaced by zeros. ΔCE = CE_spliced − CE_clean; loss recovered
 = (CE_zero − CE_spliced) / (CE_zero − CE_clean) (SAEBench's CE loss score); KL = the mean
 KL(clean ‖ spliced) of the next-token distributions and its score (KL_zero − KL) / KL_zero
-(SAEBench's KL divergence score). The model is loaded on first use, on rank 0.
+(SAEBench's KL divergence score). The final figures are also taken at L0 = k exactly on the
+spliced tokens (:meth:`DownstreamLoss.at_k`), where the calibrated thresholds of MC and FC land
+a few % off k. The model is loaded on first use, on rank 0.
 """
 
 from __future__ import annotations
@@ -31,14 +35,25 @@ from ..data import lm as lm_mod
 MODES = (Mode.BATCH, Mode.THRESHOLD)
 
 
-def eval_contexts(folder: Path, manifest: dict[str, Any], n: int) -> torch.Tensor:
-    """The cache's last ``n`` contexts as token ids [n, context_length] (-1 = padding)."""
-    rows: list[np.ndarray] = []
+def eval_contexts(folder: Path, manifest: dict[str, Any], n: int, rows: np.ndarray | None = None) -> torch.Tensor:
+    """The last ``n`` of the cache's contexts (of ``rows``, global rows of its token ids, where
+    given) as token ids [n, context_length] (-1 = padding)."""
+    if rows is not None and len(rows):
+        want = np.asarray(rows)[-n:]
+        parts, offset = [], 0
+        for entry in manifest["shards"]:
+            ids = np.load(Path(folder) / entry["ids"]["file"])
+            inside = want[(want >= offset) & (want < offset + len(ids))]
+            if inside.size:
+                parts.append(ids[inside - offset])
+            offset += len(ids)
+        return torch.from_numpy(np.concatenate(parts).astype(np.int64))
+    blocks: list[np.ndarray] = []
     for entry in reversed(manifest["shards"]):
-        rows.insert(0, np.load(Path(folder) / entry["ids"]["file"]))
-        if sum(len(r) for r in rows) >= n:
+        blocks.insert(0, np.load(Path(folder) / entry["ids"]["file"]))
+        if sum(len(r) for r in blocks) >= n:
             break
-    return torch.from_numpy(np.concatenate(rows)[-n:].astype(np.int64))
+    return torch.from_numpy(np.concatenate(blocks)[-n:].astype(np.int64))
 
 
 class DownstreamLoss(L.Callback):
@@ -54,6 +69,7 @@ class DownstreamLoss(L.Callback):
         batch_size: int = 1024,
         final_contexts: int | None = None,
         during_training: bool = True,
+        rows: dict[str, np.ndarray] | None = None,
     ):
         h = manifest["harvest"]
         self.spec, self.site, self.layer = h["lm"], h["site"], h["layer"]
@@ -63,9 +79,10 @@ class DownstreamLoss(L.Callback):
         self.batch_size = batch_size
         self.during_training = during_training
         self.model = None
-        self.references: dict[int, dict[str, float]] = {}
+        self.references: dict[tuple[int, str | None], dict[str, float]] = {}
         self.figures: dict[str, float] = {}
-        self.use(contexts)
+        self.rows = rows or {}
+        self.use(contexts, "validation")
 
     @classmethod
     def of(cls, source: Downstream | None, batch_size: int) -> list[DownstreamLoss]:
@@ -73,12 +90,15 @@ class DownstreamLoss(L.Callback):
         if source is None:
             return []
         return [cls(source.folder, source.manifest, source.contexts, batch_size, source.final_contexts,
-                    source.during_training)]  # fmt: skip
+                    source.during_training, source.rows)]  # fmt: skip
 
-    def use(self, n: int) -> None:
-        """Measure on the cache's last ``n`` contexts."""
-        self.n = n
-        self.ids = eval_contexts(self.folder, self.manifest, n)
+    def use(self, n: int, split: str | None = None) -> None:
+        """Measure on the last ``n`` contexts wholly inside ``split`` (where the callback knows the
+        splits' rows: a cache's own run), else on the cache's last ``n`` contexts."""
+        rows = self.rows.get(split) if split is not None else None
+        self.asked = (n, split)
+        self.n, self.split = n, split if rows is not None and len(rows) else None
+        self.ids = eval_contexts(self.folder, self.manifest, n, rows)
         self.keep = (self.ids >= 0) & ~torch.isin(self.ids, self.dropped)
 
     def _load(self, device) -> None:
@@ -127,7 +147,8 @@ class DownstreamLoss(L.Callback):
         the number of contexts and the model's dtype) and measured once per cache. A read-only
         cache is measured each time."""
         path = self.folder / "downstream_reference.json"
-        key = f"{self.n}:{self.spec.get('dtype')}:{self.manifest['harvest']['lm'].get('weights_sha256')}"
+        which = f"{self.n}" if self.split is None else f"{self.split}:{self.n}:{int(self.rows[self.split][-1])}"
+        key = f"{which}:{self.spec.get('dtype')}:{self.manifest['harvest']['lm'].get('weights_sha256')}"
         try:
             known = json.loads(path.read_text()) if path.is_file() else {}
         except (OSError, ValueError):
@@ -148,12 +169,66 @@ class DownstreamLoss(L.Callback):
             pass
         return ref
 
-    def measure(self, pl_module) -> dict[str, float]:
+    def kept_activations(self) -> torch.Tensor:
+        """The site's clean activations at the kept positions of the contexts, in order."""
+        assert self.model is not None, "the language model is loaded by measure()"
+        device, got = self.model.device, []
+
+        def record(hidden, keep):
+            got.append(hidden[keep].float().cpu())
+            return None
+
+        with torch.inference_mode():
+            for ids, keep in zip(self.ids.split(16), self.keep.split(16)):
+                ids, keep = ids.to(device), keep.to(device)
+                with lm_mod.hook_site(self.model, self.site, self.layer, lambda h, keep=keep: record(h, keep)):
+                    self.model(input_ids=ids.clamp_min(0), attention_mask=(ids >= 0).long(), use_cache=False)
+        return torch.cat(got)
+
+    def at_k(self, pl_module, ref: dict[str, float]) -> dict[str, float]:
+        """ΔCE, loss recovered and KL of the threshold mode at L0 = k exactly on the spliced
+        tokens: the calibrated thresholds times the one factor that gives mean L0 = k on these
+        very activations (rules.Reader), so that every allocator is compared at the same L0.
+        TopK gives every token k latents: its threshold-mode figures are already at k."""
+        from ..allocators.base import CalibratedThresholds, l0_matching_scale
+        from ..rules import Reader, own_rule
+
+        allocator = pl_module.allocator
+        if not (isinstance(allocator, CalibratedThresholds) and allocator.thresholds_ready()):
+            return {}
+        theta = allocator.current_theta("calibrated").detach().float().cpu()
+        factor = l0_matching_scale(pl_module._calibration_set(self.kept_activations()), theta, pl_module.k)
+        encode = Reader(own_rule(pl_module), theta, pl_module.k, float("nan")).encode(pl_module, factor)
+        fired = [0, 0]
+
+        def splice(x):
+            parts = []
+            for chunk in x.split(self.batch_size):
+                code, ctx = encode(chunk)
+                fired[0], fired[1] = fired[0] + code.nnz, fired[1] + chunk.shape[0]
+                parts.append(pl_module.sae.denormalise(pl_module.sae.decode(code), ctx))
+            return torch.cat(parts)
+
+        got = self._losses({"at_k": splice})["at_k"]
+        clean, zero, kl_zero = ref["ce_clean"], ref["ce_zero_ablation"], ref["kl_zero_ablation"]
+        return {
+            "delta_ce_at_k": got["ce"] - clean,
+            "loss_recovered_at_k": (zero - got["ce"]) / (zero - clean) if zero != clean else float("nan"),
+            "kl_div_at_k": got["kl"],
+            "kl_div_score_at_k": (kl_zero - got["kl"]) / kl_zero if kl_zero > 0 else float("nan"),
+            "downstream_l0": fired[0] / max(1, fired[1]),
+            "downstream_factor": factor,
+        }
+
+    def measure(self, pl_module, at_k: bool = False) -> dict[str, float]:
+        """The figures of both modes at the calibrated thresholds; with ``at_k``, also the
+        threshold mode's at L0 = k on the spliced tokens (:meth:`at_k`), as ``<prefix>/..._at_k``
+        where the prefix is the contexts' split (``test`` for the final figures)."""
         if self.model is None:
             self._load(pl_module.device)
-        if self.n not in self.references:
-            self.references[self.n] = self._reference()
-        ref = self.references[self.n]
+        if (self.n, self.split) not in self.references:
+            self.references[(self.n, self.split)] = self._reference()
+        ref = self.references[(self.n, self.split)]
         clean, zero, kl_zero = ref["ce_clean"], ref["ce_zero_ablation"], ref["kl_zero_ablation"]
         out = {f"val/{k}": v for k, v in ref.items()}
         out["val/downstream_tokens"] = int(self.keep.sum())
@@ -174,6 +249,15 @@ class DownstreamLoss(L.Callback):
             out[f"val/{mode}/loss_recovered"] = (zero - ce) / (zero - clean) if zero != clean else float("nan")
             out[f"val/{mode}/kl_div"] = kl
             out[f"val/{mode}/kl_div_score"] = (kl_zero - kl) / kl_zero if kl_zero > 0 else float("nan")
+        if at_k:
+            prefix = "test" if self.split == "test" else "val/threshold"
+            figures = self.at_k(pl_module, ref)
+            if not figures:  # TopK: its threshold mode is k per token
+                figures = {
+                    f"{key}_at_k": out[f"val/threshold/{key}"]
+                    for key in ("delta_ce", "loss_recovered", "kl_div", "kl_div_score")
+                }
+            out.update({f"{prefix}/{key}": value for key, value in figures.items()})
         return out
 
     def on_validation_end(self, trainer: L.Trainer, pl_module) -> None:
@@ -182,11 +266,12 @@ class DownstreamLoss(L.Callback):
         final = trainer.state.fn == "validate"  # the validation after training
         if not (final or self.during_training):
             return
-        if self.n != (self.final_contexts if final else self.contexts):
-            self.use(self.final_contexts if final else self.contexts)
+        n, split = (self.final_contexts, "test") if final else (self.contexts, "validation")
+        if self.asked != (n, split):
+            self.use(n, split)
         was_training = pl_module.training
         pl_module.eval()
-        self.figures = self.measure(pl_module)
+        self.figures = self.measure(pl_module, at_k=final)
         pl_module.train(was_training)
         pl_module.results.scalars.update(self.figures)
         tb.scalars(trainer, self.figures, trainer.global_step)

@@ -7,6 +7,7 @@ Its DataModule meets :class:`DataSource`: what training reads besides the loader
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import pkgutil
 from dataclasses import dataclass
@@ -70,14 +71,17 @@ class DataSpec:
 @dataclass(frozen=True)
 class Downstream:
     """A causal model's activation cache, described for the downstream-loss callback that
-    ``train.py`` builds from it (callbacks/downstream.py): the cache, its manifest, and how many
-    of its last contexts to splice into, when."""
+    ``train.py`` builds from it (callbacks/downstream.py): the cache, its manifest, how many
+    contexts to splice into, when, and which: the last ones wholly inside the validation split
+    during training, inside the test split for the final figures (``rows``)."""
 
     folder: Path
     manifest: dict[str, Any]
     contexts: int
     final_contexts: int
     during_training: bool
+    # the cache's context rows that lie wholly in each held-out split ({} : use its last contexts)
+    rows: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 class DataSource(Protocol):

@@ -252,7 +252,22 @@ class ActivationsDataModule(StreamingDataModule):
         down = self.spec.downstream
         if self.manifest is None or not self.manifest["harvest"]["lm"].get("causal") or not down.enabled:
             return None
-        return Downstream(self.path, self.manifest, down.contexts, down.final_contexts, down.during_training)
+        rows = {split: self.split_rows(split) for split in ("validation", "test")}
+        return Downstream(self.path, self.manifest, down.contexts, down.final_contexts, down.during_training, rows)
+
+    def split_rows(self, split: Literal["validation", "test"]) -> np.ndarray:
+        """The context rows (of the cache's token ids) whose kept tokens all lie in ``split``, in order."""
+        _ = self.reader  # opens the cache and sets the split
+        if self._token_contexts is None:
+            self._token_contexts = token_contexts(self.path, self.manifest or self.complete_manifest())
+        tc, (start, stop) = self._token_contexts, self.ranges[split]
+        if stop <= start:
+            return np.zeros(0, dtype=np.int64)
+        rows = np.unique(tc[start:stop])
+        straddle = {int(tc[start])} if start > 0 and tc[start - 1] == tc[start] else set()
+        if stop < tc.size and tc[stop] == tc[stop - 1]:
+            straddle.add(int(tc[stop - 1]))
+        return rows[~np.isin(rows, list(straddle))]
 
     def _sample_index(self, n: int) -> np.ndarray:
         _ = self.reader  # opens the cache and sets the split

@@ -92,6 +92,28 @@ def test_each_heldout_token_knows_its_context(cache):
         assert np.array_equal(dm.contexts(split).numpy(), context[dm.heldout_index(split)])
 
 
+def test_downstream_contexts_lie_wholly_inside_their_split(cache):
+    """ΔCE during training splices validation contexts, the final figures test ones: each row
+    given holds kept tokens of that split only, and the eval ids are those rows."""
+    from sae_lightning.callbacks.downstream import eval_contexts
+
+    dm = make(cache)
+    context = context_of_token(cache)
+    manifest = shards.read_manifest(cache)
+    seen = set()
+    for split in ("validation", "test"):
+        rows = dm.split_rows(split)
+        start, stop = dm.ranges[split]
+        assert len(rows) >= 2 and not seen & set(rows.tolist())
+        seen |= set(rows.tolist())
+        for r in rows:  # every kept token of the context lies in the split
+            where = np.nonzero(context == r)[0]
+            assert where.min() >= start and where.max() < stop
+        ids = eval_contexts(cache, manifest, 2, rows)
+        every = np.concatenate([np.load(cache / e["ids"]["file"]) for e in manifest["shards"]])
+        assert np.array_equal(ids.numpy(), every[rows[-2:]])
+
+
 def context_of_token(cache) -> np.ndarray:
     """For each token of the cache, the index of the context it came from (from the ids files)."""
     manifest = shards.read_manifest(cache)

@@ -58,6 +58,9 @@ def test_train_harvests_on_first_use_reuses_and_resumes(tiny_lm, corpus_file, cl
             abs_tol=1e-6,
         )
     assert metrics["val/ce_zero_ablation"] != metrics["val/ce_clean"]
+    # the final figures again at L0 = k exactly on the spliced (test) tokens
+    assert abs(metrics["test/downstream_l0"] - 4) <= 0.02 * 4
+    assert math.isfinite(metrics["test/delta_ce_at_k"]) and metrics["test/kl_div_at_k"] >= 0
     # the same figures, after the run, on a chosen number of contexts
     from sae_lightning.evaluate import main as evaluate
 
