@@ -1,5 +1,6 @@
 """Train a sparse autoencoder: `python train.py variant=feature_choice` (see README.md)."""
 
+import sys
 from pathlib import Path
 
 import hydra
@@ -22,4 +23,9 @@ def main(cfg: DictConfig):
 
 
 if __name__ == "__main__":
+    if {"--help", "-h"} & set(sys.argv[1:]):  # every key, from the specs (Hydra's own: --hydra-help)
+        from sae_lightning.help import text
+
+        print(text(), end="")
+        sys.exit(0)
     run_entry(main)

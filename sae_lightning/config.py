@@ -35,7 +35,7 @@ EncoderScale = Literal["fit", "gao", "none"]
 class ModelSpec:
     """``model``: the autoencoder (docs/method_choices.md says why each default)."""
 
-    n_latents: int = setting(4096, ge=1)
+    n_latents: int = setting(4096, ge=1)  # F, the dictionary size
     normalisation: Normalisation = "dataset_scale"  # none | dataset_scale | layernorm
     b_pre_init: BPreInit = "geometric_median"  # geometric_median | mean | zeros
     init_sample_tokens: int = setting(8192, ge=1)  # tokens that set the scale and b_pre
@@ -43,8 +43,8 @@ class ModelSpec:
     init_encoder_scale: EncoderScale = "fit"
     # auto | float32 | bfloat16: the affinity matrix batch selection reads. bfloat16: candidates
     # there, re-scored in float32 (the same pairs as float32 up to its own rounding; rescore.py);
-    # thresholds, calibration and the values always float32. auto: bfloat16 on a CPU with AMX
-    # (there the step is ~1.4x faster), else float32 (docs/performance.md)
+    # thresholds, calibration and the values always float32. auto: bfloat16 on a CPU with a bf16
+    # product in hardware (AMX or AVX512_BF16), where the step is faster, else float32 (docs/performance.md)
     affinity_dtype: AffinityDtype = "auto"
     # latents per block of the affinity matrix: selection, thresholds and the auxiliary losses
     # compute z' a block at a time and never hold [B, F]. auto: the dense matrix while it holds
@@ -77,8 +77,9 @@ class OptimSpec:
     lr: float | None = setting(None, gt=0, allowed="null (2e-4 / sqrt(n_latents / 2^14)) or a number > 0")
     # linear learning-rate warm-up; docs/parity.md: a warm-up costs a short run most of its FVU lead
     warmup_steps: int = setting(0, ge=0)
+    # Adam's (β1, β2) and ε (Gao et al.'s)
     betas: list[float] = setting(default_factory=lambda: [0.9, 0.999], ge=0, lt=1, allowed="two numbers in [0, 1)")
-    eps: float = setting(6.25e-10, gt=0)
+    eps: float = setting(6.25e-10, gt=0)  # Adam's ε
     # the fused Adam kernel (CPU and GPU); auto: fused, except under mixed precision
     fused: Literal["auto"] | bool = setting("auto", allowed="one of 'auto', true, false")
     # the global L2 norm of all gradients, clipped to this before each step (null: no clipping). The
@@ -103,14 +104,14 @@ class StatsSpec:
     underused_reference: Literal["fitted", "zipf"] = "fitted"
     # the zipf reference: Zipf(alpha, beta) targets water-filled to sum k
     zipf_alpha: float = setting(1.0, ge=0)
-    zipf_beta: float = setting(0.0, gt=-1)
+    zipf_beta: float = setting(0.0, gt=-1)  # the zipf reference's β: targets ∝ (rank + β)^-α
 
 
 @dataclass
 class CalibrationSpec:
     """``calibration``: the inference thresholds, set on held-out tokens when training ends."""
 
-    enabled: bool = True
+    enabled: bool = True  # calibrate the thresholds on data.calibration_tokens when training ends
     match_l0: bool = True  # then scale the calibrated thresholds by one factor so that L0 = k on the calibration tokens
 
 

@@ -109,7 +109,7 @@ class LossTerm(abc.ABC):
     (e.g. the share of dead latents the term reached)."""
 
     name: ClassVar[str]
-    coef: float = setting(1.0, ge=0)
+    coef: float = setting(1.0, ge=0)  # the term's weight in the total loss
     metrics: dict[str, Tensor | None] = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
 
     @abc.abstractmethod
@@ -128,6 +128,7 @@ class Reconstruction(LossTerm):
     the auxiliary terms relative to this one."""
 
     name: ClassVar[str] = "recon"
+    # sum (‖x − x̂‖² per token, SAELens's) | second_moment (the normalised MSE) | variance (the FVU)
     scale: Literal["second_moment", "variance", "sum"] = "sum"
 
     def __call__(self, out, sae, stats):
@@ -284,8 +285,8 @@ class AuxK(LossTerm):
     explain the residual."""
 
     name: ClassVar[str] = "aux_k"
-    coef: float = setting(1.0 / 32, ge=0)
-    k_aux: int | None = setting(None, ge=1, allowed="null (d_model // 2) or an integer >= 1")
+    coef: float = setting(1.0 / 32, ge=0)  # the term's weight (Gao et al.: 1/32)
+    k_aux: int | None = setting(None, ge=1, allowed="null (d_model // 2) or an integer >= 1")  # dead latents per token
 
     def __call__(self, out, sae, stats):
         dead = stats.dead_mask()
@@ -319,16 +320,16 @@ class AuxZipf(LossTerm):
     With tau = 0, coverage_tokens = 0 and relu values it is exactly aux_k (tested)."""
 
     name: ClassVar[str] = "aux_zipf"
-    coef: float = setting(1.0 / 32, ge=0)
+    coef: float = setting(1.0 / 32, ge=0)  # the term's weight
     k_aux: int | None = setting(None, ge=1, allowed="null (d_model // 2) or an integer >= 1")  # dead term's slots
-    tau: float = setting(0.25, ge=0)
-    alpha: float = setting(1.0, ge=0)
-    beta: float = setting(0.0, gt=-1)
-    coverage_tokens: int = setting(0, ge=0, allowed="an integer >= 0 (0: off)")
-    values: AuxValues = "relu"
-    underused_coef: float = setting(0.1, ge=0)
-    underused_term: UnderusedTerm = "pull"
-    deficit_weighting: bool = True
+    tau: float = setting(0.25, ge=0)  # under-used: density below tau × its Zipf target
+    alpha: float = setting(1.0, ge=0)  # the Zipf targets' α: t_j ∝ (rank + β)^-α
+    beta: float = setting(0.0, gt=-1)  # the Zipf targets' β
+    coverage_tokens: int = setting(0, ge=0, allowed="an integer >= 0 (0: off)")  # each dead latent's own top tokens
+    values: AuxValues = "relu"  # the dead term's entries: relu | softplus | linear
+    underused_coef: float = setting(0.1, ge=0)  # the under-used term's weight within this term
+    underused_term: UnderusedTerm = "pull"  # pull (towards the selection cutoff) | residual
+    deficit_weighting: bool = True  # weight each under-used latent by its relative deficit
 
     def __call__(self, out, sae, stats):
         dead = stats.dead_mask()
@@ -370,7 +371,7 @@ class Sparsity(LossTerm):
     ``coef`` and the data). Dimensionless, like the auxiliary terms."""
 
     name: ClassVar[str] = "sparsity"
-    mode: Literal["target", "penalty"] = "target"
+    mode: Literal["target", "penalty"] = "target"  # target: (L0/k − 1)²; penalty: L0/k
 
     def __call__(self, out, sae, stats):
         if out.l0 is None:
@@ -390,8 +391,9 @@ class Matryoshka(LossTerm):
     one per prefix (null: all 1)."""
 
     name: ClassVar[str] = "matryoshka"
+    # the nested prefixes, as fractions of F (increasing, each < 1); the whole dictionary is recon
     prefixes: list[float] = setting(default_factory=lambda: [1 / 16, 1 / 4])
-    weights: list[float] | None = None
+    weights: list[float] | None = None  # one per prefix; null: all 1
 
     def check(self, prefix: str) -> None:
         p = self.prefixes

@@ -52,7 +52,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("rules", "callbacks", "sweep.pruning", "sweep.space", "sweep.pareto", "sweep.settings", "sweep.study"),
     ("runs",),
     # entry points
-    ("train", "evaluate", "inspect", "interop", "sweep.sweeper", "sweep.report", "sweep"),
+    ("train", "evaluate", "inspect", "interop", "help", "sweep.sweeper", "sweep.report", "sweep"),
 ]
 
 

@@ -4,9 +4,8 @@ sweeper itself lives in ``sae_lightning.sweep.sweeper``; this registers its conf
 
 from pathlib import Path
 
-from hydra.core.config_search_path import ConfigSearchPath
 from hydra.core.config_store import ConfigStore
-from hydra.plugins.search_path_plugin import SearchPathPlugin
+from omegaconf import OmegaConf
 
 from sae_lightning.config import register_defaults
 from sae_lightning.spec import as_dict
@@ -31,9 +30,15 @@ ConfigStore.instance().store(
 )
 
 
-class SweepPresets(SearchPathPlugin):
-    """Makes ``sweeps/*.yaml`` the config group ``sweeps`` (``python train.py -m sweeps=NAME``)."""
+def register_presets(folder: Path = ROOT / "sweeps") -> None:
+    """Makes ``sweeps/*.yaml`` the config group ``sweeps`` (``python train.py -m sweeps=NAME``),
+    each at the global package as its header says. Stored one by one rather than by putting the
+    repository's root on Hydra's search path: Hydra would take every folder there (``.venv``,
+    ``outputs``, ...) for a config group, and ``--help`` walks them all (it never ended)."""
+    for path in sorted(folder.glob("*.yaml")) if folder.is_dir() else []:
+        ConfigStore.instance().store(
+            group="sweeps", name=path.stem, node=OmegaConf.load(path), package="_global_", provider="sae_lightning"
+        )
 
-    def manipulate_search_path(self, search_path: ConfigSearchPath) -> None:
-        if (ROOT / "sweeps").is_dir():
-            search_path.append(provider="sae_lightning", path=f"file://{ROOT}")
+
+register_presets()

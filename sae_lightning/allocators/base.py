@@ -43,7 +43,7 @@ class GradientRankingConfig:
     """g-SAE ranking (Olmo et al. 2024): training batches rank z'·(1 + β·|d̂_j·ĝ|), ĝ = ∇ₓL in
     the SAE's input units over its RMS (gradient_ranking.py). 0 = off: the plain affinities."""
 
-    beta: float = setting(0.0, ge=0)
+    beta: float = setting(0.0, ge=0)  # β of the ranking z'·(1 + β·|d̂·ĝ|); 0: off
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -236,6 +236,7 @@ class CalibratedThresholds(Allocator):
 class ThresholdConfig(AllocatorConfig):
     """The keys of every allocator with thresholds: the running EMA of its batch cutoffs."""
 
+    # the decay of the running EMA of the batch cutoffs (threshold_ema mode; the thresholds until calibration)
     threshold_ema_beta: float = setting(0.999, ge=0, lt=1, allowed="a number in [0, 1)")
     threshold_ema_warmup_steps: int = setting(100, ge=0)  # training steps before the EMA starts
 

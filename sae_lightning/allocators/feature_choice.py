@@ -31,8 +31,11 @@ class FeatureChoiceConfig(ThresholdConfig):
     # demand: the default since the claims grid (docs/results.md: better or equal FVU at L0 = k than
     # zipf in 8 of its 9 cells); zipf: a fixed Zipf curve over latents ranked by demand
     capacity: Literal["uniform", "zipf", "demand"] = "demand"
+    # capacity=zipf: m_j ∝ (rank + β)^-α (water-filled to sum k·B)
     zipf_alpha: float = setting(1.0, ge=0)
-    zipf_beta: float = setting(0.0, gt=-1, allowed="a number > -1 (so that r + beta > 0 for r >= 1)")
+    zipf_beta: float = setting(
+        0.0, gt=-1, allowed="a number > -1 (so that r + beta > 0 for r >= 1)"
+    )  # the Zipf curve's β
     # zipf: tokens every latent may take per batch before the Zipf water-filling (0: a tail rank
     # may get no capacity and never fire); null: 1 where the budget allows it (k·B >= F), else 0
     min_capacity: int | None = setting(None, ge=0, allowed="null (1 if k·B >= F, else 0) or an integer >= 0")
@@ -43,6 +46,7 @@ class FeatureChoiceConfig(ThresholdConfig):
     rank: Literal["static", "by_density"] = "by_density"
     rerank_every_steps: int = setting(100, ge=1)  # by_density: re-rank latents by their demand this often
     demand_tokens: int = setting(256, ge=1)  # by_density: tokens of each batch on which demand is counted
+    # the time constant, in tokens, of the EMA of each latent's demand
     demand_time_constant_tokens: int = setting(100_000, ge=1, allowed="an integer >= 1 (tokens)")
     mc_warmup_steps: int = setting(0, ge=0)  # train with Mutual Choice for the first N steps
 

@@ -33,15 +33,15 @@ def data_kind(name: str):
 class DataSpec:
     """The keys of every data kind; a kind adds its own."""
 
-    kind: str
-    batch_size: int = setting(1024, ge=1)
-    val_tokens: int = setting(16384, ge=1)
-    calibration_tokens: int = setting(16384, ge=1)
+    kind: str  # synthetic | activations (the data=... presets set it)
+    batch_size: int = setting(1024, ge=1)  # tokens per training step (B)
+    val_tokens: int = setting(16384, ge=1)  # the validation split's tokens
+    calibration_tokens: int = setting(16384, ge=1)  # the tokens the inference thresholds are calibrated on
     # the test split, disjoint from training, calibration and validation: the headline figures
     # are measured there, while checkpoints, defaults and sweeps choose on validation; null: as
     # many as data.val_tokens; 0: none (runs from before the split had none)
     test_tokens: int | None = setting(None, ge=0, allowed="null (as many as data.val_tokens) or an integer >= 0")
-    num_workers: int = setting(0, ge=0)
+    num_workers: int = setting(0, ge=0)  # DataLoader worker processes (0: in the training process)
     # the seed of the training order; null: the run's training seed, so that seeds vary the data
     # order as well as the initialisation (validation, calibration and the init sample stay fixed
     # by the data's own seed); 0 is the order of the runs made before seeds drew it

@@ -41,7 +41,7 @@ from .stream import StreamingDataModule
 class DownstreamSpec:
     """ΔCE / loss recovered of a causal model's cache (see callbacks/downstream.py)."""
 
-    enabled: bool = True
+    enabled: bool = True  # measure ΔCE and KL with the SAE spliced into the cache's causal model
     during_training: bool = True  # also at each validation during training (else only the final figures)
     contexts: int = setting(16, ge=1)  # at each validation during training
     final_contexts: int = setting(128, ge=1)  # for the final figures in metrics.json
@@ -69,11 +69,13 @@ class ActivationsData(DataSpec):
     """``data.kind = activations``: an activation cache, harvested on first use when a harvest
     section says how."""
 
-    path: str = setting(allowed="the folder of an activation cache")
-    d_model: int | None = setting(None, ge=1, allowed="null (the cache's) or an integer >= 1")
+    path: str = setting(allowed="the folder of an activation cache")  # the cache folder (harvested there if missing)
+    d_model: int | None = setting(
+        None, ge=1, allowed="null (the cache's) or an integer >= 1"
+    )  # checked against the cache
     seed: int = 0  # the shuffle order
     shuffle_buffer_tokens: int = setting(262144, ge=1)  # tokens mixed at a time (the loader's memory bound)
-    verify: Literal["checksum", "size"] = "checksum"
+    verify: Literal["checksum", "size"] = "checksum"  # how the shards are checked when the cache opens
     harvest: HarvestSpec | None = None  # how to make the cache when it is missing (None: only read)
     downstream: DownstreamSpec = setting(default_factory=DownstreamSpec)
 

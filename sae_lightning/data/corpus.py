@@ -78,15 +78,16 @@ def local_files(path: str) -> list[Path]:
 
 @dataclass(kw_only=True)
 class CorpusSpec:
+    # the text harvested: local files, a hub dataset, or the built-in offline corpus
     path: str = setting(
         "builtin:python_docstrings",
         allowed="local files (file, folder or glob), a hub dataset name or builtin:python_docstrings",
     )
     format: Literal["auto", "text", "json", "parquet"] = "auto"  # local files
-    column: str = "text"
+    column: str = "text"  # the text column of json, parquet and hub datasets
     split: str = "train"  # hub datasets
     name: str | None = None  # hub dataset config
-    revision: str | None = None
+    revision: str | None = None  # a hub dataset's revision (null: its default)
 
 
 def is_builtin(cfg: CorpusSpec) -> bool:

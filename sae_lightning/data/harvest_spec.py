@@ -13,13 +13,14 @@ from .corpus import CorpusSpec
 
 @dataclass(kw_only=True)
 class LMSpec:
+    # the language model whose activations are harvested
     name: str = setting(
         "builtin:minilm", allowed="builtin:minilm, builtin:smollm2, a local folder, a .gguf file or a hub name"
     )
-    revision: str | None = None
-    gguf_file: str | None = None
+    revision: str | None = None  # a hub model's revision (null: its default)
+    gguf_file: str | None = None  # the .gguf file inside a hub repository or folder
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # the model's compute dtype
-    device: str = setting("auto", allowed="auto, cpu, cuda or cuda:N")
+    device: str = setting("auto", allowed="auto, cpu, cuda or cuda:N")  # where the model runs
 
     def check(self, prefix: str) -> None:
         require(
@@ -36,9 +37,9 @@ class HarvestSpec:
 
     lm: LMSpec = setting(default_factory=LMSpec)
     corpus: CorpusSpec = setting(default_factory=CorpusSpec)
-    site: Literal["resid_post", "resid_pre"] = "resid_post"
-    layer: int = 3
-    context_length: int = setting(128, ge=2)
+    site: Literal["resid_post", "resid_pre"] = "resid_post"  # the residual stream after or before the block
+    layer: int = 3  # the block (0-based)
+    context_length: int = setting(128, ge=2)  # tokens per context
     batch_size: int = setting(32, ge=1)  # contexts per forward pass
     token_budget: int = setting(1_000_000, ge=1)  # harvest until this many tokens are stored (or the corpus ends)
     dtype: Literal["float32", "float16", "bfloat16"] = "float16"  # stored activations
@@ -50,7 +51,7 @@ class HarvestSpec:
     # variant.gradient_ranking). bfloat16 keeps float32's range: gradients are small (float16
     # would flush many to zero)
     gradients: bool = False
-    gradient_dtype: Literal["float32", "bfloat16"] = "bfloat16"
+    gradient_dtype: Literal["float32", "bfloat16"] = "bfloat16"  # the stored gradients' dtype
 
     @classmethod
     def parse(cls, cfg: Any, prefix: str = "data.harvest") -> HarvestSpec:

@@ -25,11 +25,11 @@ from .stream import StreamingDataModule
 class SyntheticSpec:
     """The generator (configs/data/synthetic.yaml composes these defaults)."""
 
-    d_model: int = setting(128, ge=2)
+    d_model: int = setting(128, ge=2)  # the activations' dimension
     n_features: int = setting(1024, ge=1)  # ground-truth features
     active_median: float = setting(16.0, gt=0)  # median number of active features per token (log-normal)
     active_sigma: float = setting(0.8, ge=0)  # log-normal σ: the heavier, the more tokens need many latents
-    active_max: int = setting(128, ge=1)
+    active_max: int = setting(128, ge=1)  # the most active features a token may have
     feature_zipf_alpha: float = setting(0.6, ge=0)  # feature frequency ∝ rank^-alpha
     magnitude_sigma: float = setting(0.5, ge=0)  # coefficient = exp(N(0, σ²))
     noise_std: float = setting(0.01, ge=0)  # per-dimension Gaussian noise, relative to a unit feature
@@ -38,8 +38,8 @@ class SyntheticSpec:
     # children, which fire only with their parent (an active parent brings one of its children
     # with probability child_probability): what feature absorption needs (docs/data.md)
     hierarchy_parents: int = setting(0, ge=0)
-    children_per_parent: int = setting(4, ge=1)
-    child_probability: float = setting(0.5, ge=0, le=1)
+    children_per_parent: int = setting(4, ge=1)  # each parent's children
+    child_probability: float = setting(0.5, ge=0, le=1)  # the chance an active parent brings a child
     seed: int = 0  # the data (features and token streams); separate from the training seed
 
     def check(self, prefix: str = "data") -> None:
