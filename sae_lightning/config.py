@@ -3,10 +3,10 @@
 :func:`load_config` resolves the composed Hydra config and parses it with the one parser of
 ``spec.py`` into a :class:`TrainConfig`: every section typed, every value checked, the
 allocator's budget checked against the dictionary and batch sizes. What passes builds:
-``train.run`` then builds each object once from it. The defaults are the specs' own: for
-``model`` and the top-level sections Hydra gets them from here (:func:`register_defaults`);
-the variant and data YAML under ``configs/`` still restate their specs' defaults (a test keeps
-the two equal).
+``train.run`` then builds each object once from it. Every default is written once, in its
+spec: Hydra gets them from here (:func:`register_defaults` stores each spec's defaults in its
+ConfigStore), and the variant and data YAML under ``configs/`` compose those nodes and add only
+their choices (which allocator, which loss terms, which cache).
 """
 
 from __future__ import annotations
