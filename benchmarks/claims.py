@@ -116,7 +116,7 @@ def with_description_length(run: Path, metrics: dict) -> dict:
         return metrics
     path = run / "description_length.json"
     if not path.is_file():
-        from sae_lightning.mdl import description_length
+        from sae_lightning.description_length import description_length
         from sae_lightning.runs import load_run
 
         module, data = load_run(run)
@@ -260,15 +260,26 @@ def check_claims(agg: dict, results: dict) -> list[tuple[str, str, bool | None, 
             for config, name in (("mc+aux_k", "MC+aux_k"), ("mc+aux_zipf", "MC+aux_zipf"), ("fc_demand", "FC demand")):
                 d = paired(results, dataset, k, (config, "own"), (REFERENCE, "own"))
                 if d is not None:
-                    rows.append((dataset, f"k={k}: FVU({name}) < FVU(TopK)", d.high < 0,
-                                 f"{d} ({d.seeds} seeds × {d.contexts} contexts)"))  # fmt: skip
+                    rows.append(
+                        (
+                            dataset,
+                            f"k={k}: FVU({name}) < FVU(TopK)",
+                            d.high < 0,
+                            f"{d} ({d.seeds} seeds × {d.contexts} contexts)",
+                        )
+                    )
         mck, mcz = by_c.get("mc+aux_k", {}), by_c.get("mc+aux_zipf", {})
         for k in sorted(mcz):
             if k in mck:
                 dz, dk = mcz[k]["dead"], mck[k]["dead"]
-                rows.append((dataset, f"k={k}: dead(MC+aux_zipf) < dead(MC+aux_k) by more than the seeds' std",
-                             dk[0] - dz[0] > math.sqrt(dz[1] ** 2 + dk[1] ** 2),
-                             f"{100 * dz[0]:.2f} ± {100 * dz[1]:.2f} % vs {100 * dk[0]:.2f} ± {100 * dk[1]:.2f} %"))  # fmt: skip
+                rows.append(
+                    (
+                        dataset,
+                        f"k={k}: dead(MC+aux_zipf) < dead(MC+aux_k) by more than the seeds' std",
+                        dk[0] - dz[0] > math.sqrt(dz[1] ** 2 + dk[1] ** 2),
+                        f"{100 * dz[0]:.2f} ± {100 * dz[1]:.2f} % vs {100 * dk[0]:.2f} ± {100 * dk[1]:.2f} %",
+                    )
+                )
     return rows
 
 
@@ -279,8 +290,10 @@ def facts(agg: dict) -> list[str]:
         for name in ("fc_zipf", "fc_demand"):
             if name in by_c:
                 worst = max(by_c[name][k]["dead"][0] for k in by_c[name])
-                lines.append(f"- {dataset}, {name}: largest dead share {100 * worst:.2f} % (Feature Choice's capacity "
-                             "floor gives every latent tokens each batch: 0 dead by construction)")  # fmt: skip
+                lines.append(
+                    f"- {dataset}, {name}: largest dead share {100 * worst:.2f} % (Feature Choice's capacity "
+                    "floor gives every latent tokens each batch: 0 dead by construction)"
+                )
     return lines
 
 
@@ -301,8 +314,11 @@ def dl_matched_table(results: dict, agg: dict, dataset: str) -> list[str]:
     for k, figs in sorted(agg[dataset].get(REFERENCE, {}).items()):
         target = figs[HEADLINE][0]
         for config in [c for c in CONFIGS if k in agg[dataset].get(c, {})]:
-            values = [dl_at_fvu(curve, target) for (d, c, kk, _s), m in results.items()
-                      if d == dataset and c == config and kk == k and (curve := own_curve(m))]  # fmt: skip
+            values = [
+                dl_at_fvu(curve, target)
+                for (d, c, kk, _s), m in results.items()
+                if d == dataset and c == config and kk == k and (curve := own_curve(m))
+            ]
             if values:
                 rows.append(f"| {config} | {k} | {target:.4f} | {fmt(mean_std(values), digits=1)} | {len(values)} |")
     if not rows:
@@ -327,7 +343,8 @@ def rules_table(results: dict, dataset: str) -> list[str]:
             for rule in RULES:
                 if f"test/{rule}/fvu_at_k" in m:
                     cells.setdefault(k, {}).setdefault(config, {}).setdefault(rule, []).append(
-                        m[f"test/{rule}/fvu_at_k"])  # fmt: skip
+                        m[f"test/{rule}/fvu_at_k"]
+                    )
     if not cells:
         return []
     lines = [
@@ -339,8 +356,14 @@ def rules_table(results: dict, dataset: str) -> list[str]:
     for k in sorted(cells):
         lines += [f"k = {k}:", "", "| trained as | " + " | ".join(RULES) + " |", "|---|" + "---|" * len(RULES)]
         for config in [c for c in CONFIGS if c in cells[k]]:
-            own = next((m.get("test/own_rule") for (d, c, kk, _s), m in results.items()
-                        if m and d == dataset and c == config and kk == k), None)  # fmt: skip
+            own = next(
+                (
+                    m.get("test/own_rule")
+                    for (d, c, kk, _s), m in results.items()
+                    if m and d == dataset and c == config and kk == k
+                ),
+                None,
+            )
             row = []
             for rule in RULES:
                 text = fmt(mean_std(cells[k][config].get(rule, [])))
@@ -361,8 +384,12 @@ def rules_table(results: dict, dataset: str) -> list[str]:
             if d is not None:
                 rows.append(f"| {REFERENCE}: {rule} vs topk | the rule (one SAE) | {d} | {d.verdict()} |")
         if rows:
-            lines += ["| comparison | what differs | FVU difference, 95 % interval | verdict |", "|---|---|---|---|",
-                      *rows, ""]  # fmt: skip
+            lines += [
+                "| comparison | what differs | FVU difference, 95 % interval | verdict |",
+                "|---|---|---|---|",
+                *rows,
+                "",
+            ]
     return lines
 
 
@@ -394,9 +421,13 @@ def plot(agg: dict, sweeps: dict, dataset: str, path: Path) -> None:
         axes[0].plot(ks, yb, marker="x", linestyle=":", color=colour, alpha=0.6)
         for i, points in enumerate(sweeps.get((dataset, config), [])):
             axes[1].plot(
-                [p["l0"] for p in points], [p["fvu"] for p in points], color=colour, alpha=0.5, lw=1,
+                [p["l0"] for p in points],
+                [p["fvu"] for p in points],
+                color=colour,
+                alpha=0.5,
+                lw=1,
                 label=config if i == 0 else None,
-            )  # fmt: skip
+            )
         if config == "topk+aux_k":
             axes[1].plot(ks, [by_k[k]["FVU at L0 = k, validation"][0] for k in ks], "o", color=colour, label=config)
     for ax in axes:
@@ -588,8 +619,11 @@ def main(argv=None) -> None:
     p.add_argument("--doc", type=Path, default=ROOT / "docs" / "results.md")
     p.add_argument("--img-dir", type=Path, default=ROOT / "docs" / "img")
     p.add_argument("--report", action="store_true", help="only rewrite the page from the runs there are")
-    p.add_argument("--mixed-commits", action="store_true",
-                   help="aggregate runs made by different code versions (refused otherwise)")  # fmt: skip
+    p.add_argument(
+        "--mixed-commits",
+        action="store_true",
+        help="aggregate runs made by different code versions (refused otherwise)",
+    )
     p.add_argument("overrides", nargs="*", help="extra train.py overrides for every run")
     args = p.parse_args(argv)
     extra = [f"trainer.max_steps={args.steps}", *args.overrides]

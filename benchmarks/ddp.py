@@ -67,11 +67,19 @@ def time_ddp(variant: str, global_allocation: bool, args, folder: Path) -> float
     module.init_from_data(torch.cat(batches[:4]))
     path = folder / f"{variant}_{global_allocation}.json"
     trainer = L.Trainer(
-        max_steps=args.steps + args.warmup, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, callbacks=[RankZeroTimer(str(path))], limit_val_batches=0,
-        num_sanity_val_steps=0, accelerator="cpu", devices=args.ranks, strategy="ddp_spawn",
+        max_steps=args.steps + args.warmup,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[RankZeroTimer(str(path))],
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        accelerator="cpu",
+        devices=args.ranks,
+        strategy="ddp_spawn",
         use_distributed_sampler=False,
-    )  # fmt: skip
+    )
     loader = torch.utils.data.DataLoader(RankBatches(batches, args.steps + args.warmup), batch_size=None)
     trainer.fit(module, train_dataloaders=loader)
     return statistics.median(json.loads(path.read_text())[args.warmup :])

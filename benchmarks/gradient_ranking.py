@@ -61,8 +61,18 @@ def run_one(out: Path, config: str, beta: float, seed: int, k: int, extra: list[
     done, stopped = run_state(folder)
     if done is not None:
         return json.loads((done / "metrics.json").read_text())
-    args = [*DATA, f"data.path={cache}", *CONFIGS[config], f"variant.k={k}", f"seed={seed}",
-            f"variant.gradient_ranking.beta={beta}", f"out_dir={folder}", "progress=none", *PRECISION, *extra]  # fmt: skip
+    args = [
+        *DATA,
+        f"data.path={cache}",
+        *CONFIGS[config],
+        f"variant.k={k}",
+        f"seed={seed}",
+        f"variant.gradient_ranking.beta={beta}",
+        f"out_dir={folder}",
+        "progress=none",
+        *PRECISION,
+        *extra,
+    ]
     if stopped is not None:  # stopped midway: continue it
         args = [f"resume={stopped}", "progress=none"]
     if not train_in_subprocess(args, folder, threads, f"{config} beta={beta} seed={seed}"):
@@ -184,8 +194,10 @@ def main(argv=None) -> None:
             figure = f"FVU at L0 = k {m.get('val/threshold/fvu_at_k', float('nan')):.4f}, ΔCE " if m else "failed"
             if m:
                 figure += f"{m.get('val/threshold/delta_ce', float('nan')):.4f}"
-            print(f"[{done}/{len(grid)}] {key[0]} β={key[1]:g} seed {key[2]}: {figure}; about {eta / 60:.0f} min left",
-                  flush=True)  # fmt: skip
+            print(
+                f"[{done}/{len(grid)}] {key[0]} β={key[1]:g} seed {key[2]}: {figure}; about {eta / 60:.0f} min left",
+                flush=True,
+            )
             return key, m
 
         with ThreadPoolExecutor(args.jobs) as ex:

@@ -34,11 +34,34 @@ def run_row(F: int, variant: str, block: str, a) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "step.json"
         cmd = [
-            sys.executable, "-m", "benchmarks.step", "--latents", str(F), "--variants", variant,
-            "--block-latents", block, "--d", str(a.d), "--k", str(a.k), "--batch", str(a.batch),
-            "--steps", str(a.steps), "--warmup", str(a.warmup), "--no-reference", "--device", "cpu", "--dtype", "float32", "--same-process",
-            "--out", str(out),
-        ]  # fmt: skip
+            sys.executable,
+            "-m",
+            "benchmarks.step",
+            "--latents",
+            str(F),
+            "--variants",
+            variant,
+            "--block-latents",
+            block,
+            "--d",
+            str(a.d),
+            "--k",
+            str(a.k),
+            "--batch",
+            str(a.batch),
+            "--steps",
+            str(a.steps),
+            "--warmup",
+            str(a.warmup),
+            "--no-reference",
+            "--device",
+            "cpu",
+            "--dtype",
+            "float32",
+            "--same-process",
+            "--out",
+            str(out),
+        ]
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         assert proc.stdout is not None
         log = proc.stdout.read()

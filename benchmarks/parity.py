@@ -126,10 +126,20 @@ def plan(a, out: Path) -> Path:
     np.save(out / "order.npy", order)
     folder = Path(dm.path)
     shards = [str(folder / e["activations"]["file"]) for e in dm.manifest["shards"]]
-    atomic_write_json(path, {
-        "shards": shards, "order": str(out / "order.npy"), "heldout": list(dm.val_range),
-        "d_model": dm.d_model, "n_latents": a.latents, "k": a.k, "lr": a.lr, "seed": 0, "threads": a.threads,
-    })  # fmt: skip
+    atomic_write_json(
+        path,
+        {
+            "shards": shards,
+            "order": str(out / "order.npy"),
+            "heldout": list(dm.val_range),
+            "d_model": dm.d_model,
+            "n_latents": a.latents,
+            "k": a.k,
+            "lr": a.lr,
+            "seed": 0,
+            "threads": a.threads,
+        },
+    )
     return path
 
 
@@ -149,11 +159,20 @@ def ours(a, out: Path, name: str, extra: list[str]) -> dict[str, Any] | None:
     done = sorted(folder.glob("runs/*/metrics.json"))
     if not done:
         args = [
-            *data_overrides(a), f"variant={a.variant}", f"variant.k={a.k}", f"model.n_latents={a.latents}",
-            f"optim.lr={a.lr}", f"trainer.max_steps={a.tokens // a.batch}",
-            f"trainer.val_check_interval={a.tokens // a.batch}", f"out_dir={folder}", "progress=none",
-            f"seed={a.seed}", *OLD_RECIPE, *PRECISION, *extra,
-        ]  # fmt: skip
+            *data_overrides(a),
+            f"variant={a.variant}",
+            f"variant.k={a.k}",
+            f"model.n_latents={a.latents}",
+            f"optim.lr={a.lr}",
+            f"trainer.max_steps={a.tokens // a.batch}",
+            f"trainer.val_check_interval={a.tokens // a.batch}",
+            f"out_dir={folder}",
+            "progress=none",
+            f"seed={a.seed}",
+            *OLD_RECIPE,
+            *PRECISION,
+            *extra,
+        ]
         if not train_in_subprocess(args, folder, a.threads, f"ours / {name}"):
             return None
         done = sorted(folder.glob("runs/*/metrics.json"))
@@ -171,10 +190,18 @@ def theirs(a, out: Path, plan_path: Path) -> dict[str, Any] | None:
     folder = out / ("saelens" + suffix(a.seed))
     if not (folder / "train.json").is_file():
         p = subprocess.run(
-            [str(SAELENS_PY), str(ROOT / "benchmarks" / "saelens_side.py"), "train", str(plan_path), str(folder),
-             str(a.seed)],
-            capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(a.threads)},
-        )  # fmt: skip
+            [
+                str(SAELENS_PY),
+                str(ROOT / "benchmarks" / "saelens_side.py"),
+                "train",
+                str(plan_path),
+                str(folder),
+                str(a.seed),
+            ],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "OMP_NUM_THREADS": str(a.threads)},
+        )
         if p.returncode != 0:
             print(f"  FAILED SAELens: {p.stderr[-2000:]}", flush=True)
             return None
@@ -411,8 +438,12 @@ def decision(rows0: dict, decide: dict, variants: dict) -> str:
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--data", choices=["minilm", "smollm2", "cache"], default="minilm",
-                   help="the data config of the cache (cache: any cache, only read)")  # fmt: skip
+    p.add_argument(
+        "--data",
+        choices=["minilm", "smollm2", "cache"],
+        default="minilm",
+        help="the data config of the cache (cache: any cache, only read)",
+    )
     p.add_argument(
         "--data-overrides", nargs="*", default=[], help="more data.* overrides, e.g. data.calibration_tokens=4096"
     )
@@ -424,16 +455,24 @@ def main(argv=None) -> dict:
     p.add_argument("--heldout", type=int, default=50_000, help="held-out tokens both are scored on")
     p.add_argument("--lr", type=float, default=4e-4)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--variant", choices=["topk", "mutual_choice", "feature_choice"], default="topk",
-                   help="our allocator (MC/FC are scored in threshold mode, as exported); SAELens is always TopK")  # fmt: skip
+    p.add_argument(
+        "--variant",
+        choices=["topk", "mutual_choice", "feature_choice"],
+        default="topk",
+        help="our allocator (MC/FC are scored in threshold mode, as exported); SAELens is always TopK",
+    )
     p.add_argument("--seed", type=int, default=0, help="the training seed of every system (the batches stay the same)")
-    p.add_argument("--ablations", nargs="*", default=None,
-                   help="which of our variants (default: all; 'none': ours only)")  # fmt: skip
+    p.add_argument(
+        "--ablations", nargs="*", default=None, help="which of our variants (default: all; 'none': ours only)"
+    )
     p.add_argument("--out", type=Path, default=ROOT / "outputs" / "bench" / "parity")
     p.add_argument("--report", action="store_true", help="write docs/parity.md from the runs there are, and stop")
-    p.add_argument("--all", action="store_true",
-                   help="the whole page: every row on seed 0, ours / adopted / SAELens on seeds 1 and 2, MC and FC "
-                   "(old and adopted recipe) on seeds 0-2, then the report; resumable")  # fmt: skip
+    p.add_argument(
+        "--all",
+        action="store_true",
+        help="the whole page: every row on seed 0, ours / adopted / SAELens on seeds 1 and 2, MC and FC "
+        "(old and adopted recipe) on seeds 0-2, then the report; resumable",
+    )
     a = p.parse_args(argv)
     if a.report:
         print(report(a.out / a.data, ROOT / "docs" / "parity.md"))
@@ -467,18 +506,27 @@ def main(argv=None) -> dict:
     if sl is not None:
         rows["SAELens TopK (its defaults)"] = sl
     scored = subprocess.run(
-        [str(SAELENS_PY), str(ROOT / "benchmarks" / "saelens_side.py"), "evaluate", str(plan_path),
-         *[r["folder"] for r in rows.values()]],
-        capture_output=True, text=True, check=True,
-    )  # fmt: skip
+        [
+            str(SAELENS_PY),
+            str(ROOT / "benchmarks" / "saelens_side.py"),
+            "evaluate",
+            str(plan_path),
+            *[r["folder"] for r in rows.values()],
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     figures = json.loads(scored.stdout.strip().splitlines()[-1])
     for r in rows.values():
         r.update(figures[r["folder"]])
     result = {"settings": {k: str(v) for k, v in vars(a).items()}, "rows": rows}
     tag = "" if a.variant == "topk" else f"_{a.variant}"
     atomic_write_json(out / f"parity{tag}{suffix(a.seed)}.json", result)
-    print(f"\n{a.data}: k = {a.k}, F = {a.latents}, B = {a.batch}, {a.tokens // a.batch * a.batch} training tokens, "
-          f"lr {a.lr}, scored on {a.heldout} held-out tokens")  # fmt: skip
+    print(
+        f"\n{a.data}: k = {a.k}, F = {a.latents}, B = {a.batch}, {a.tokens // a.batch * a.batch} training tokens, "
+        f"lr {a.lr}, scored on {a.heldout} held-out tokens"
+    )
     print("| system | FVU | L0 | never fired (held-out) | tokens/s |\n|---|---|---|---|---|")
     for name, r in rows.items():
         print(f"| {name} | {r['fvu']:.4f} | {r['l0']:.1f} | {r['never_fired']:.1%} | {r['tokens_per_second']:.0f} |")

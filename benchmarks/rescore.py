@@ -26,7 +26,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from sae_lightning.heap import keep_freed_memory
+from sae_lightning.glibc_malloc import keep_freed_memory
 from sae_lightning.rescore import BAND, ROW_BAND, batch_margin
 from sae_lightning.sae import ExactRanked
 

@@ -73,8 +73,15 @@ def one_run(setting: str, steps: int, job_kind: str | None, out: Path, job_setti
         if job is not None:
             time.sleep(3 if job_kind == "matmul" else 15)  # the stand-in at full speed before the run starts
         folder = Path(tempfile.mkdtemp(dir=out))
-        cmd = [sys.executable, "train.py", f"out_dir={folder}", f"trainer.max_steps={steps}",
-               f"trainer.val_check_interval={steps}", "progress=none", "evaluation.description_length=false"]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "train.py",
+            f"out_dir={folder}",
+            f"trainer.max_steps={steps}",
+            f"trainer.val_check_interval={steps}",
+            "progress=none",
+            "evaluation.description_length=false",
+        ]
         r = subprocess.run(cmd, cwd=ROOT, env=environment(setting), capture_output=True, text=True)
         if r.returncode != 0:
             raise SystemExit(f"error: the {setting} run failed: {r.stderr[-1000:]}")
@@ -92,8 +99,12 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--settings", nargs="+", default=["default", "passive"], choices=list(SETTINGS))
     p.add_argument("--job", choices=["matmul", "train"], default="train", help="the stand-in job (see above)")
-    p.add_argument("--job-setting", choices=list(SETTINGS), default=None,
-                   help="the stand-in training job's setting (default: the run's own)")  # fmt: skip
+    p.add_argument(
+        "--job-setting",
+        choices=list(SETTINGS),
+        default=None,
+        help="the stand-in training job's setting (default: the run's own)",
+    )
     p.add_argument("--out", type=Path, default=ROOT / "outputs" / "bench")
     a = p.parse_args(argv)
     if a.steps < 1:
@@ -104,14 +115,21 @@ def main(argv=None) -> list[dict]:
         for setting in a.settings:
             alone = one_run(setting, a.steps, None, Path(tmp))
             shared = one_run(setting, a.steps, a.job, Path(tmp), a.job_setting)
-            row = {"setting": setting, "alone_tok_s": alone["tokens_per_second"],
-                   "shared_tok_s": shared["tokens_per_second"]}  # fmt: skip
+            row = {
+                "setting": setting,
+                "alone_tok_s": alone["tokens_per_second"],
+                "shared_tok_s": shared["tokens_per_second"],
+            }
             row["slowdown"] = round(row["alone_tok_s"] / max(row["shared_tok_s"], 1e-9), 2)
             rows.append(row)
-            print(f"{setting:>10}: alone {row['alone_tok_s']:>8.0f} tok/s, beside a {a.job} job "
-                  f"{row['shared_tok_s']:>8.0f} tok/s ({row['slowdown']:.2f}× slower)", flush=True)  # fmt: skip
-    atomic_write_json(a.out / "shared_cores.json", {"steps": a.steps, "job": a.job, "job_setting": a.job_setting,
-                                                    "rows": rows})  # fmt: skip
+            print(
+                f"{setting:>10}: alone {row['alone_tok_s']:>8.0f} tok/s, beside a {a.job} job "
+                f"{row['shared_tok_s']:>8.0f} tok/s ({row['slowdown']:.2f}× slower)",
+                flush=True,
+            )
+    atomic_write_json(
+        a.out / "shared_cores.json", {"steps": a.steps, "job": a.job, "job_setting": a.job_setting, "rows": rows}
+    )
     print(f"written {a.out / 'shared_cores.json'}")
     return rows
 

@@ -23,7 +23,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from sae_lightning.atomic import atomic_write_json
-from sae_lightning.heap import keep_freed_memory
+from sae_lightning.glibc_malloc import keep_freed_memory
 from sae_lightning.losses import total_loss
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

@@ -2,7 +2,7 @@
 
 A ``.ckpt`` is a pickle, and a pickle can name any importable callable, which the standard
 unpickler calls while loading: a run folder from someone else could execute anything the moment
-``evaluate``, ``inspect``, the SAELens export or ``resume=`` opened it. :func:`load` reads with
+``evaluate``, ``browser``, the SAELens export or ``resume=`` opened it. :func:`load` reads with
 torch's weights-only unpickler, which builds tensors and plain containers and refuses every
 other global before calling it. :data:`ALLOWED` is the allowlist beyond that default: it is
 empty because a checkpoint of this package holds only dicts, lists, tuples, strings, numbers,

@@ -119,7 +119,7 @@ class CalibrationSpec:
 class EvaluationSpec:
     """The final validation's extra figures (docs/method_choices.md, description length)."""
 
-    description_length: bool = True  # bits per token of each mode's codes (sae_lightning/mdl.py)
+    description_length: bool = True  # bits per token of each mode's codes (sae_lightning/description_length.py)
     dl_tolerance: float = setting(0.01, gt=0)  # the precision: coarsest keeping FVU within this (relative)
     # after training, on the test split: the SAE read by these inference rules (rules.py), each
     # scaled to L0 = k on the calibration tokens; all: topk, global_threshold, latent_thresholds;
@@ -175,9 +175,10 @@ class VariantSpec:
         terms = build_losses(losses, f"{prefix}.losses")
         if "sparsity" in terms and not allocator.learns_thresholds:
             raise ConfigError(
-                f"{prefix}.losses.sparsity", as_dict(terms["sparsity"]),
+                f"{prefix}.losses.sparsity",
+                as_dict(terms["sparsity"]),
                 f"no sparsity term for {allocator.name}: it acts on learned thresholds (variant.allocator=jumprelu)",
-            )  # fmt: skip
+            )
         return cls(str(name), allocator.name, params, terms, allocator)
 
     def as_dict(self) -> dict:
@@ -494,7 +495,13 @@ def register_defaults() -> None:
     # what a data file composes: its kind's keys (a required key stays ??? until the file sets it)
     for name in DATA_KINDS:
         kind = DATA_KINDS[name]
-        required = {f.name: "???" for f in dataclasses.fields(kind) if f.init and f.name != "kind"
-                    and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}  # fmt: skip
+        required = {
+            f.name: "???"
+            for f in dataclasses.fields(kind)
+            if f.init
+            and f.name != "kind"
+            and f.default is dataclasses.MISSING
+            and f.default_factory is dataclasses.MISSING
+        }
         cs.store(group="spec/data", name=name, node=as_dict(kind(kind=name, **required)), provider="sae_lightning")
     cs.store(group="spec", name="harvest", node=as_dict(HarvestSpec()), provider="sae_lightning")

@@ -37,8 +37,8 @@ from .cli import user_errors
 from .data import DataSpec
 from .data.activations import ActivationsData
 from .data.shards import read_manifest
+from .description_length import description_length
 from .errors import ConfigError, DataError, require_choice
-from .mdl import description_length
 from .rules import RULES, evaluate_rules, own_rule, rules_of
 from .runs import load_run
 
@@ -74,8 +74,13 @@ def core(
     module, data = loaded or load_run(run_dir, device)
     x = heldout_tokens(data, tokens)
     modes = [str(m) for m in module.active_modes() if m != Mode.THRESHOLD_EMA]
-    figures: dict[str, Any] = {"variant": module.variant.name, "tokens": x.shape[0], "modes": modes, "k": module.k,
-                               "n_latents": module.sae.n_latents}  # fmt: skip
+    figures: dict[str, Any] = {
+        "variant": module.variant.name,
+        "tokens": x.shape[0],
+        "modes": modes,
+        "k": module.k,
+        "n_latents": module.sae.n_latents,
+    }
     for mode in modes:
         figures.update({f"{mode}/{key}": value for key, value in module.measure(x, mode).items()})
         dl = description_length(module, x, mode, tolerance)
@@ -87,16 +92,26 @@ def core(
 
 
 CORE_ROWS = [  # (key, label, format) of the table evaluate --core prints
-    ("fvu", "FVU", ".4f"), ("explained_variance", "explained variance", ".4f"), ("cossim", "cosine sim.", ".4f"),
-    ("l2_ratio", "L2 ratio", ".4f"), ("relative_reconstruction_bias", "relative reconstruction bias", ".4f"),
-    ("l0_mean", "L0", ".2f"), ("alive_fraction", "alive (fired on these tokens)", ".2%"),
-    ("density_mean", "firing density: mean", ".2e"), ("density_median", "firing density: median", ".2e"),
-    ("description_length", "description length (bits/token)", ".1f"), ("dl_firing_bits", "  which fire", ".1f"),
-    ("dl_value_bits", "  their values", ".1f"), ("dl_precision", "  at the precision", ".3g"),
-    ("dl_naive_bits", "  naive L0·(log2 F + b)", ".1f"), ("dl_raw_bits", "  raw activation at the precision", ".1f"),
-    ("kl_div", "KL divergence (nats/token)", ".4f"), ("kl_div_score", "KL divergence score", ".4f"),
-    ("ce_spliced", "CE with the SAE spliced in", ".4f"), ("loss_recovered", "CE loss score", ".4f"),
-]  # fmt: skip
+    ("fvu", "FVU", ".4f"),
+    ("explained_variance", "explained variance", ".4f"),
+    ("cossim", "cosine sim.", ".4f"),
+    ("l2_ratio", "L2 ratio", ".4f"),
+    ("relative_reconstruction_bias", "relative reconstruction bias", ".4f"),
+    ("l0_mean", "L0", ".2f"),
+    ("alive_fraction", "alive (fired on these tokens)", ".2%"),
+    ("density_mean", "firing density: mean", ".2e"),
+    ("density_median", "firing density: median", ".2e"),
+    ("description_length", "description length (bits/token)", ".1f"),
+    ("dl_firing_bits", "  which fire", ".1f"),
+    ("dl_value_bits", "  their values", ".1f"),
+    ("dl_precision", "  at the precision", ".3g"),
+    ("dl_naive_bits", "  naive L0·(log2 F + b)", ".1f"),
+    ("dl_raw_bits", "  raw activation at the precision", ".1f"),
+    ("kl_div", "KL divergence (nats/token)", ".4f"),
+    ("kl_div_score", "KL divergence score", ".4f"),
+    ("ce_spliced", "CE with the SAE spliced in", ".4f"),
+    ("loss_recovered", "CE loss score", ".4f"),
+]
 
 
 def core_table(figures: dict) -> str:
@@ -139,8 +154,10 @@ def dark_matter(module, x: Tensor, mode: str = "threshold", lam: float = 1e-3) -
     x, e = x.double().cpu(), (x - x_hat).double().cpu()
     n = x.shape[0] // 2
     if n < 2 * x.shape[1]:
-        raise DataError(f"{x.shape[0]} held-out tokens are too few for a {x.shape[1]}-dimensional fit (need "
-                        f"{4 * x.shape[1]}); pass more with --tokens")  # fmt: skip
+        raise DataError(
+            f"{x.shape[0]} held-out tokens are too few for a {x.shape[1]}-dimensional fit (need "
+            f"{4 * x.shape[1]}); pass more with --tokens"
+        )
     W, b = ridge(x[:n], e[:n], lam)
     test_x, test_e = x[n:], e[n:]
     e_lin = test_x @ W + b
@@ -148,7 +165,10 @@ def dark_matter(module, x: Tensor, mode: str = "threshold", lam: float = 1e-3) -
     Wn, bn = ridge(x[:n], norm[:n], lam)
     total = (test_x - test_x.mean(0)).pow(2).sum()
     return {
-        "tokens_fit": n, "tokens_scored": x.shape[0] - n, "ridge": lam, "mode": mode,
+        "tokens_fit": n,
+        "tokens_scored": x.shape[0] - n,
+        "ridge": lam,
+        "mode": mode,
         "fvu": float(test_e.pow(2).sum() / total),
         "error_variance_linearly_predictable": r2(test_e, e_lin),
         "error_norm_predictable": r2(norm[n:], test_x @ Wn + bn),
@@ -156,7 +176,7 @@ def dark_matter(module, x: Tensor, mode: str = "threshold", lam: float = 1e-3) -
         # two add up to the FVU; ‖ê_lin‖² would not, out of sample)
         "fvu_linear_error": float((test_e.pow(2).sum() - (test_e - e_lin).pow(2).sum()) / total),
         "fvu_nonlinear_error": float((test_e - e_lin).pow(2).sum() / total),
-    }  # fmt: skip
+    }
 
 
 def heldout_tokens(data: DataSpec, n: int | None) -> Tensor:
@@ -184,10 +204,16 @@ def rules_figures(run_dir: Path, asked: str, split: str, dl: bool, device: str =
     dm.open()
     x = dm.test_tensor() if split == "test" else dm.val_tensor()
     names = rules_of(module, asked)
-    found = evaluate_rules(module, dm.calibration_tokens(), x, dm.contexts(split), names, tuple(names) if dl else (),
-                           tuple(names) if curve else ())  # fmt: skip
-    return {"own_rule": own_rule(module), "k": module.k, "variant": module.variant.name, "split": split,
-            "rules": found}  # fmt: skip
+    found = evaluate_rules(
+        module,
+        dm.calibration_tokens(),
+        x,
+        dm.contexts(split),
+        names,
+        tuple(names) if dl else (),
+        tuple(names) if curve else (),
+    )
+    return {"own_rule": own_rule(module), "k": module.k, "variant": module.variant.name, "split": split, "rules": found}
 
 
 def main(argv=None) -> dict:
@@ -223,8 +249,11 @@ def main(argv=None) -> dict:
     )
     p.add_argument("--split", choices=["test", "validation"], default="test", help="--rule: the tokens scored")
     p.add_argument("--no-dl", action="store_true", help="--rule: skip the description length (the slow part)")
-    p.add_argument("--dl-curve", action="store_true",
-                   help="--rule: also each rule's DL against FVU along its sweep (to read DL at a common FVU)")  # fmt: skip
+    p.add_argument(
+        "--dl-curve",
+        action="store_true",
+        help="--rule: also each rule's DL against FVU along its sweep (to read DL at a common FVU)",
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = p.parse_args(argv)
     with user_errors():
@@ -284,14 +313,23 @@ def _rules_main(a) -> dict:
     figures = rules_figures(a.run, a.rule, a.split, not a.no_dl, a.device, a.dl_curve)
     out = a.run / f"rules_{a.split}.json"
     atomic_write_json(out, figures, sort_keys=True)
-    print(f"{a.run.name} ({figures['variant']}, k = {figures['k']}, its own rule {figures['own_rule']}), "
-          f"{a.split} split:")  # fmt: skip
+    print(
+        f"{a.run.name} ({figures['variant']}, k = {figures['k']}, its own rule {figures['own_rule']}), {a.split} split:"
+    )
     rows = [("rule", "FVU at L0 = k", "L0 calibrated", "FVU calibrated", "DL at L0 = k", "contexts")]
     for rule, got in figures["rules"].items():
         f = got["figures"]
         dl = f"{f['dl_at_k']:.1f}" if "dl_at_k" in f else "-"
-        rows.append((rule, f"{f['fvu_at_k']:.4f}", f"{f['l0_calibrated']:.2f}", f"{f['fvu_calibrated']:.4f}", dl,
-                     str(f["contexts"])))  # fmt: skip
+        rows.append(
+            (
+                rule,
+                f"{f['fvu_at_k']:.4f}",
+                f"{f['l0_calibrated']:.2f}",
+                f"{f['fvu_calibrated']:.4f}",
+                dl,
+                str(f["contexts"]),
+            )
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     print("\n".join("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows))
     print(f"written {out}")
@@ -305,10 +343,14 @@ def _dark_matter_main(a) -> dict:
     atomic_write_json(out, figures, sort_keys=True)
     tb.write_scalars(a.run, "dark_matter", figures, skip=("ridge",))
     print(f"{a.run.name} ({module.variant.name}, {a.mode} mode), {figures['tokens_scored']} held-out tokens scored:")
-    print(f"  FVU {figures['fvu']:.4f} = linear error {figures['fvu_linear_error']:.4f} + nonlinear "
-          f"{figures['fvu_nonlinear_error']:.4f}")  # fmt: skip
-    print(f"  error variance linearly predictable from x: {100 * figures['error_variance_linearly_predictable']:.1f}%;"
-          f" per-token error norm predictable: {100 * figures['error_norm_predictable']:.1f}%")  # fmt: skip
+    print(
+        f"  FVU {figures['fvu']:.4f} = linear error {figures['fvu_linear_error']:.4f} + nonlinear "
+        f"{figures['fvu_nonlinear_error']:.4f}"
+    )
+    print(
+        f"  error variance linearly predictable from x: {100 * figures['error_variance_linearly_predictable']:.1f}%;"
+        f" per-token error norm predictable: {100 * figures['error_norm_predictable']:.1f}%"
+    )
     print(f"written {out} and dark_matter/* in {a.run / 'tb'}")
     return figures
 

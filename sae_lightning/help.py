@@ -105,27 +105,44 @@ def sections() -> list[tuple[str, list[Row]]]:
     out = [("top level and sections (sae_lightning/config.py)", list(rows(TrainConfig, "", top)))]
     names = [
         Row("variant.name", "(the preset's)", "a string", "the variant's name (run folders and reports use it)"),
-        Row("variant.allocator", "(the preset's)", "one of " + ", ".join(map(repr, sorted(ALLOCATORS))),
-            "the allocator: which (token, latent) pairs match"),
-    ]  # fmt: skip
-    out.append(("variant: every allocator's keys (variant=NAME picks a preset; sae_lightning/allocators/)",
-                names + list(rows(AllocatorConfig, "variant"))))  # fmt: skip
+        Row(
+            "variant.allocator",
+            "(the preset's)",
+            "one of " + ", ".join(map(repr, sorted(ALLOCATORS))),
+            "the allocator: which (token, latent) pairs match",
+        ),
+    ]
+    out.append(
+        (
+            "variant: every allocator's keys (variant=NAME picks a preset; sae_lightning/allocators/)",
+            names + list(rows(AllocatorConfig, "variant")),
+        )
+    )
     for name in sorted(ALLOCATORS):
         own = list(rows(ALLOCATORS[name].Config, "variant", base=AllocatorConfig))
         if own:
             out.append((f"variant: allocator {name}", own))
-    out.append(("variant.losses.NAME: every loss term's keys (sae_lightning/losses.py)",
-                list(rows(LossTerm, "variant.losses.NAME"))))  # fmt: skip
+    out.append(
+        (
+            "variant.losses.NAME: every loss term's keys (sae_lightning/losses.py)",
+            list(rows(LossTerm, "variant.losses.NAME")),
+        )
+    )
     for name in sorted(LOSSES):
         own = list(rows(LOSSES[name], f"variant.losses.{name}", base=LossTerm))
         if own:
             out.append((f"variant.losses.{name}", own))
-    out.append(("data: every data kind's keys (data=NAME picks a preset; sae_lightning/data/)",
-                list(rows(DataSpec, "data"))))  # fmt: skip
+    out.append(
+        ("data: every data kind's keys (data=NAME picks a preset; sae_lightning/data/)", list(rows(DataSpec, "data")))
+    )
     for name in sorted(DATA_KINDS):
         out.append((f"data: kind {name}", list(rows(DATA_KINDS[name], "data", base=DataSpec))))
-    out.append(("hydra.sweeper (python train.py -m sweeps=NAME; sae_lightning/sweep/settings.py)",
-                list(rows(SweeperSpec, "hydra.sweeper"))))  # fmt: skip
+    out.append(
+        (
+            "hydra.sweeper (python train.py -m sweeps=NAME; sae_lightning/sweep/settings.py)",
+            list(rows(SweeperSpec, "hydra.sweeper")),
+        )
+    )
     return out
 
 

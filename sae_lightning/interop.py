@@ -19,7 +19,7 @@ without the learned centring ours applies first, so the two would not agree.
 
 **SAELens import** (:func:`import_saelens`): a ``topk``, ``jumprelu`` or ``standard`` (ReLU,
 θ = 0) SAE becomes a run folder (``config.yaml``, ``checkpoints/final.ckpt``,
-``sae.safetensors``, ``imported.json``) that ``evaluate`` and ``inspect`` read like a run
+``sae.safetensors``, ``imported.json``) that ``evaluate`` and ``browser`` read like a run
 of our own (a ``jumprelu`` one with its thresholds as imported); the data overrides name the
 cache to evaluate it on.
 """

@@ -21,10 +21,10 @@ from .blockwise import AUTO_BLOCK_ELEMENTS, AUTO_DENSE_ELEMENTS, AffinityBlocks,
 from .collective import Collective
 from .config import EvaluationSpec, LoggingSpec, ModelSpec, OptimSpec, StatsSpec, TrainConfig, VariantSpec
 from .data import DataSource
+from .description_length import description_length
 from .errors import DataError, TrainingDiverged
 from .gradient_ranking import GradientRanking
 from .losses import StepOutput, sum_of_squares, total_loss
-from .mdl import description_length
 from .metrics import L0, Firing, Reconstruction, absorption, feature_recovery
 from .paired import at_target
 from .provenance import code_version

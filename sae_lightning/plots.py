@@ -28,8 +28,13 @@ def l0_figure(hists: dict[str, torch.Tensor], k: int, name: str) -> Figure:
         top = max(top, n)
         # bin L spans [L - 0.5, L + 0.5]: a spike at L = k stands on the k line; modes that
         # coincide (TopK's) stay visible as lines of decreasing width
-        ax.stairs((h[:n] / h.sum().clamp_min(1)).tolist(), [e - 0.5 for e in range(n + 1)], label=str(mode),
-                  linewidth=2.5 - 0.8 * i, alpha=0.9)  # fmt: skip
+        ax.stairs(
+            (h[:n] / h.sum().clamp_min(1)).tolist(),
+            [e - 0.5 for e in range(n + 1)],
+            label=str(mode),
+            linewidth=2.5 - 0.8 * i,
+            alpha=0.9,
+        )
     ax.axvline(k, color="grey", linestyle=":", label=f"k = {k}")
     ax.set_xlim(-0.5, max(top, k + 1) + 0.5)
     ax.set_xlabel("active latents per token (L0)")
@@ -50,8 +55,12 @@ def density_figure(density: torch.Tensor, name: str) -> Figure:
     if fit is not None:
         alpha, beta, c, r2 = fit
         pred = torch.exp(c - alpha * torch.log(ranks.to(torch.float64) + beta))
-        ax.loglog(ranks.tolist(), pred.tolist(), "--", label=f"Zipf fit: alpha={round(alpha, 2) + 0.0:.2f}, "
-                  f"beta={beta:g}, r2={r2:.2f}")  # fmt: skip
+        ax.loglog(
+            ranks.tolist(),
+            pred.tolist(),
+            "--",
+            label=f"Zipf fit: alpha={round(alpha, 2) + 0.0:.2f}, beta={beta:g}, r2={r2:.2f}",
+        )
     if bool(alive.any()):  # Feature Choice gives every latent about the same density: keep a visible range
         lo, hi = float(d[alive].min()), float(d[alive].max())
         ax.set_ylim(min(lo, hi / 4) / 1.5, max(hi, lo * 4) * 1.5)
@@ -74,8 +83,15 @@ def modes_figure(scalars: dict[str, float], k: int, name: str) -> Figure:
             x, y = scalars[f"val/{mode}/l0_mean"], scalars[f"val/{mode}/fvu"]
             xs.append(x)
             ys.append(y)
-            ax.plot([x], [y], marker, markersize=size, markerfacecolor=face, markeredgewidth=1.5,
-                    label=f"{mode}: L0 {x:.1f}, FVU {y:.4f}")  # fmt: skip
+            ax.plot(
+                [x],
+                [y],
+                marker,
+                markersize=size,
+                markerfacecolor=face,
+                markeredgewidth=1.5,
+                label=f"{mode}: L0 {x:.1f}, FVU {y:.4f}",
+            )
     ax.axvline(k, color="grey", linestyle=":", label=f"k = {k}")
     ax.set_xscale("log")
     lo, hi = max(min(xs), 1e-3), max(xs)

@@ -17,6 +17,7 @@ from typing import Any
 
 from . import checkpoint_file
 from .errors import ConfigError
+from .spec import flatten
 
 # keys a resumed run may change (a key, or a whole section ending in ".")
 RESUMABLE = (
@@ -114,15 +115,6 @@ def _set(tree: dict, path: str, value, missing=KeyError) -> None:
         node.pop(parts[-1], None)
     else:
         node[parts[-1]] = copy.deepcopy(value)
-
-
-def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(tree, dict) and tree:
-        out: dict[str, Any] = {}
-        for k, v in tree.items():
-            out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
-        return out
-    return {prefix: tree}
 
 
 def explicit_keys(overrides: list[str]) -> list[str]:

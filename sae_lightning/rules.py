@@ -31,8 +31,8 @@ from .allocators import Mode
 from .allocators.base import CalibratedThresholds, l0_matching_scale, latent_cutoffs, threshold_l0
 from .allocators.mutual_choice import global_threshold_for_rate
 from .blockwise import above_thresholds
+from .description_length import description_length
 from .errors import require_choice
-from .mdl import description_length
 from .paired import ContextSums, at_target
 from .rescore import topk_rows
 from .sparse import SparseCode

@@ -1,5 +1,5 @@
 """Run folders: a new one for a run, the native weights file every run writes, and a finished
-run read back (its SAE and the spec of its data) for ``evaluate``, ``inspect`` and ``interop``.
+run read back (its SAE and the spec of its data) for ``evaluate``, ``browser`` and ``interop``.
 
 The native file (``<run>/sae.safetensors``, :func:`save_native`): the parameters in our layout
 and units (``W_enc``, ``W_dec`` as [F, d], ``b_enc``, ``b_pre``, the dataset scale ``scale``),

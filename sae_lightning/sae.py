@@ -56,9 +56,8 @@ def _with_bias_column(a: Tensor, bias: Tensor | None, dtype: torch.dtype, scale:
     straight into the operand, no full-precision [n, d] copy), then ``bias`` (None: ones; also
     scaled), then zeros. The low-precision affinities are one plain product of two such
     operands, the bias added inside it: ``addmm`` first writes the broadcast bias into the whole
-    [B, F] output (the bf16 affinities 19.8 → 15.9 ms at B = 4096, F = 8192;
-    docs/performance.md). Only selection's candidates read that matrix (rescore.py), so how it
-    rounds is free."""
+    [B, F] output, a pass the bias column saves (docs/performance.md). Only selection's
+    candidates read that matrix (rescore.py), so how it rounds is free."""
     n, d = a.shape
     out = torch.empty((n, d + BIAS_COLUMNS), dtype=dtype, device=a.device)
     if scale is None:
@@ -283,8 +282,8 @@ class SparseAutoencoder(nn.Module):
         into a buffer this SAE keeps from one such step to the next (on a CPU): the matrix is
         the step's largest allocation, and a fresh one each step lets glibc's heap place the
         step's smaller, longer-lived blocks in the hole the last one left, so that the next
-        matrix no longer fits there and the heap grows (Feature Choice at F = 8192, B = 4096:
-        +400 MB over its first 15 steps, each growth step ~20 ms slower; docs/performance.md).
+        matrix no longer fits there and the heap grows, each growth step slower than the last
+        (docs/performance.md).
         Only one matrix per step is handed out: the step must not keep it (nor a view of it)
         past its end, which the training step does not."""
         self._workspace_free = True
@@ -342,8 +341,8 @@ class SparseAutoencoder(nn.Module):
     def encoder_finite(self) -> bool:
         """Whether the parameters z′ is computed from are finite (then, for finite inputs, so
         is z′, but where the product overflows). One sum each: NaN and ±inf reach it (a sum of
-        finite entries overflows only where they are ~1e32, a run long diverged): 0.25 against 5 ms
-        for ``isfinite(...).all()`` on an [8192, 384] W_enc."""
+        finite entries overflows only where they are ~1e32, a run long diverged), a read of
+        each tensor where ``isfinite(...).all()`` writes a mask of it first (docs/performance.md)."""
         return all(bool(torch.isfinite(p.sum())) for p in (self.W_enc, self.b_enc, self.b_pre))
 
     @torch.no_grad()
@@ -391,7 +390,7 @@ class SparseAutoencoder(nn.Module):
     @contextlib.contextmanager
     def holding_ranked_encoder(self) -> Iterator[None]:
         """While the parameters do not change (a step's forward and loss terms: they ask ~5
-        times, 0.5–1.4 ms each at F = 8192–16384), :meth:`decoder_norms`, :meth:`ranked_encoder`
+        times, each an [F, d] pass), :meth:`decoder_norms`, :meth:`ranked_encoder`
         and :meth:`ranked_operand` compute theirs once (the latter two when first asked: a
         low-precision step needs only the operand)."""
         held = self._held_norms, self._held_encoder, self._held_operand, self._holding

@@ -52,8 +52,8 @@ def row_topk(z: Tensor, width: int, sorted: bool = True) -> tuple[Tensor, Tensor
     ``width`` distinct entries, so the width-th largest entry v is at least the width-th largest
     maximum, and an entry ≥ v lies in a group whose maximum is ≥ v (an entry of a group left out
     by a tie among maxima equals v: a tie at the cut, which the callers settle by value). Those
-    groups are found the same way (recursively; in no order: 28 → 25 ms for the top-48 of
-    8192 in 4096 rows) and ``torch.topk`` runs on their 8·width entries. NaN and +inf propagate
+    groups are found the same way (recursively, in no order: docs/performance.md) and
+    ``torch.topk`` runs on their 8·width entries. NaN and +inf propagate
     through the maxima, so they still reach the top."""
     n, W = z.shape
     G = ROW_GROUP
@@ -326,9 +326,8 @@ def per_column_topk(zt: Tensor, m: Tensor) -> tuple[Tensor, Tensor, Tensor, Tens
     grouped by capacity so that each ``topk`` call, on a copy of its rows, asks for at most
     four times the smallest capacity in its group: the work stays within a small factor of
     Σ m_j even for Zipf capacities, and only the few large-capacity rows are copied (a
-    ``topk``'s cost on a CPU follows its rows more than its k: groups within a factor of 4
-    rather than 2 took 9.3 against 10.8 ms for aux_zipf's 230 under-used latents at
-    F = 16 384). Ties at a latent's cut keep the lower tokens (canonical: the same pairs
+    ``topk``'s cost on a CPU follows its rows more than its k, so fewer, wider groups win:
+    docs/performance.md). Ties at a latent's cut keep the lower tokens (canonical: the same pairs
     whatever ``torch.topk`` does). Returns (latent, token, value) of the kept entries, each
     latent's in value order, and each latent's cutoff value (its m_j-th largest, -inf where
     m_j = 0).

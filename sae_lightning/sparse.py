@@ -139,11 +139,10 @@ def sum_by_latent(
 def pair_products(a: Tensor, b: Tensor, rows: Tensor, cols: Tensor, bias: Tensor | None = None) -> Tensor:
     """a[r_e]·b[c_e] (+ bias[c_e]) for distinct pairs (r_e, c_e) of a [n, d] and b [m, d], in
     their dtype, O(nnz·d). One ``torch.sparse.sampled_addmm`` (the product only at a CSR
-    pattern): 20× faster than gathering the pairs' rows (12 against 270 ms for 2^18 pairs at
-    d = 384 on 2 cores: the gathers wrote two [nnz, d] copies). Pairs already grouped by row,
-    rows in order (a CSR pattern: the columns of a row in any order), skip the sort; so do
-    pairs in column order, as the pattern of the transposed product b·aᵀ (the same dot
-    products, bit for bit: 5.3 against 11.0 ms with the sort for 147k pairs at F = 8192)."""
+    pattern), where gathering the pairs' rows would write two [nnz, d] copies. Pairs already
+    grouped by row, rows in order (a CSR pattern: the columns of a row in any order), skip the
+    sort; so do pairs in column order, as the pattern of the transposed product b·aᵀ (the same
+    dot products, bit for bit). Both measured in docs/performance.md."""
     n = a.shape[0]
     out = torch.empty(rows.numel(), dtype=a.dtype, device=rows.device)
     if rows.numel() == 0:
@@ -162,8 +161,8 @@ def pair_products(a: Tensor, b: Tensor, rows: Tensor, cols: Tensor, bias: Tensor
 
 class _Decode(torch.autograd.Function):
     """``embedding_bag``'s forward with a backward of two O(nnz·d) kernels instead of its own
-    (which scatters through a sorted copy of the indices: 31 against 19 ms forward and backward
-    for 2^17 entries at d = 384 on 2 cores): the values' gradient g[r]·d_j as one sampled
+    (which scatters through a sorted copy of the indices; docs/performance.md): the values'
+    gradient g[r]·d_j as one sampled
     product on the code's own CSR pattern, the decoder rows' gradient Σ v·g[r] as an
     ``embedding_bag`` over the entries grouped by latent."""
 

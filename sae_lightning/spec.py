@@ -196,3 +196,13 @@ def as_dict(spec: Any) -> Any:
     if isinstance(spec, (list, tuple)):
         return [as_dict(v) for v in spec]
     return spec
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """A config tree (nested dicts) as {dotted key: leaf value}; an empty dict is a leaf."""
+    if isinstance(tree, dict) and tree:
+        out: dict[str, Any] = {}
+        for k, v in tree.items():
+            out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: tree}

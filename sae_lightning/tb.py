@@ -2,7 +2,7 @@
 callbacks, figures, the HParams session; scalars of the training step go through Lightning's
 ``LightningModule.log``; each of those functions is a no-op without a TensorBoard logger: a bare
 Trainer, non-zero ranks), and into a finished run's ``tb/`` (:func:`run_writer`:
-``evaluate`` and ``inspect``)."""
+``evaluate`` and ``browser``)."""
 
 from __future__ import annotations
 
@@ -52,8 +52,11 @@ def hparams(trainer: Any, params: dict[str, Any], metrics: dict[str, float]) -> 
     table). Values must be numbers, strings or booleans; None becomes the string 'null'."""
     logger = getattr(trainer, "logger", None) if trainer is not None else None
     if logger is not None and getattr(trainer, "is_global_zero", True) and hasattr(logger, "log_hyperparams"):
-        clean = {k: ("null" if v is None else v) for k, v in params.items() if isinstance(v, (int, float, str, bool))
-                 or v is None}  # fmt: skip
+        clean = {
+            k: ("null" if v is None else v)
+            for k, v in params.items()
+            if isinstance(v, (int, float, str, bool)) or v is None
+        }
         logger.log_hyperparams(clean, metrics={k: v for k, v in metrics.items() if v == v})
         # written after the trainer closed its writer: the logger opened a new one, which nothing
         # else flushes (a process that exits without running finalisers would lose the session)

@@ -33,11 +33,12 @@ from .callbacks.progress import Progress
 from .cli import command
 from .config import TrainConfig, load_config, normalised, resolve
 from .errors import ConfigError, DataError, Interrupted
-from .heap import keep_freed_memory
+from .glibc_malloc import keep_freed_memory
 from .module import SAEModule
 from .provenance import code_version
 from .rules import RULES, evaluate_rules, own_rule, rules_of
 from .runs import NATIVE, new_run_dir, save_native
+from .spec import flatten
 from .sweep.pruning import OptunaPruning, TrialContext
 
 
@@ -87,20 +88,22 @@ def prepare(cfg, run_dir: Path | None = None, overrides: list[str] | None = None
         config = load_config(composed)
         if config.variant.allocator_class.learns_thresholds and "sparsity" not in config.variant.losses:
             raise ConfigError(
-                "variant.losses", sorted(config.variant.losses),
+                "variant.losses",
+                sorted(config.variant.losses),
                 "a sparsity term (losses.sparsity) for jumprelu: without it nothing holds its thresholds up "
                 "and L0 grows without bound",
-            )  # fmt: skip
+            )
         datamodule = config.data.build()
         datamodule.open()  # an activation cache is harvested on first use, then checked
         beta = config.variant.params.gradient_ranking.beta
         if beta > 0:
             if not datamodule.has_gradients():
                 raise ConfigError(
-                    "variant.gradient_ranking.beta", beta,
+                    "variant.gradient_ranking.beta",
+                    beta,
                     f"0 for data {config.data.kind!r} without gradients ∇ₓL; gradient ranking needs an activation "
                     "cache harvested with data.harvest.gradients=true (a causal model, e.g. data=smollm2_grad)",
-                )  # fmt: skip
+                )
             datamodule.use_gradients()
         if point is not None:
             _check_checkpoint(point, datamodule)
@@ -150,32 +153,51 @@ def _run_dir(plan: Plan) -> Path:
 def _trainer(plan: Plan, run_dir: Path) -> tuple[L.Trainer, ThresholdCalibration, ValidationTimer]:
     config, point = plan.config, plan.resume
     logger = L.pytorch.loggers.TensorBoardLogger(
-        str(run_dir), name="tb", version="", default_hp_metric=False,
+        str(run_dir),
+        name="tb",
+        version="",
+        default_hp_metric=False,
         # a resumed run drops the events its previous session wrote after the checkpoint
         purge_step=point.step + 1 if point is not None else None,
-    )  # fmt: skip
+    )
     ckpt_dir = run_dir / "checkpoints"
     checkpoint = L.pytorch.callbacks.ModelCheckpoint(
-        dirpath=ckpt_dir, filename="best-step{step}", monitor="val/batch/fvu", mode="min", save_top_k=1,
-        save_last=True, auto_insert_metric_name=False,
+        dirpath=ckpt_dir,
+        filename="best-step{step}",
+        monitor="val/batch/fvu",
+        mode="min",
+        save_top_k=1,
+        save_last=True,
+        auto_insert_metric_name=False,
         enable_version_counter=False,  # a resumed run overwrites last.ckpt, never adds last-v1.ckpt beside it
-    )  # fmt: skip
+    )
     stop = GracefulStop(ckpt_dir / "last.ckpt")
     calibration = ThresholdCalibration(config.calibration.enabled, config.calibration.match_l0)
     timer = ValidationTimer()
     batch_size = config.data.batch_size
     callbacks = [
-        checkpoint, stop, ValidateLastStep(), calibration, timer, LatentStatsMonitor(config.logging.histogram_every_n_steps),
+        checkpoint,
+        stop,
+        ValidateLastStep(),
+        calibration,
+        timer,
+        LatentStatsMonitor(config.logging.histogram_every_n_steps),
         L.pytorch.callbacks.LearningRateMonitor(logging_interval="step"),
-        Progress(config.progress, batch_size), RunFigures(run_dir),
+        Progress(config.progress, batch_size),
+        RunFigures(run_dir),
         *DownstreamLoss.of(plan.datamodule.downstream(), batch_size),
-    ]  # fmt: skip
+    ]
     if config.sweep_trial is not None:  # a trial of an Optuna sweep
         callbacks.append(OptunaPruning(TrialContext.from_spec(config.sweep_trial)))
     trainer = L.Trainer(
-        **config.trainer.args, logger=logger, callbacks=callbacks, default_root_dir=str(run_dir),
-        plugins=[AtomicCheckpointIO()], enable_model_summary=False, enable_progress_bar=False,
-    )  # fmt: skip
+        **config.trainer.args,
+        logger=logger,
+        callbacks=callbacks,
+        default_root_dir=str(run_dir),
+        plugins=[AtomicCheckpointIO()],
+        enable_model_summary=False,
+        enable_progress_bar=False,
+    )
     return trainer, calibration, timer
 
 
@@ -222,21 +244,30 @@ def fit(plan: Plan) -> dict[str, Any]:
 
     tokens = trainer.global_step * config.data.batch_size * trainer.world_size  # every rank its own batch
     metrics = {
-        "variant": config.variant.name, "run_dir": str(run_dir), "k": config.variant.params.k,
-        "n_latents": config.model.n_latents, "steps": trainer.global_step, "tokens": tokens,
-        "train_seconds": round(train_seconds, 2), "tokens_per_second": round(tokens / max(train_seconds, 1e-9), 1),
-        "calibration": calibration.figures, **module.results.scalars,
+        "variant": config.variant.name,
+        "run_dir": str(run_dir),
+        "k": config.variant.params.k,
+        "n_latents": config.model.n_latents,
+        "steps": trainer.global_step,
+        "tokens": tokens,
+        "train_seconds": round(train_seconds, 2),
+        "tokens_per_second": round(tokens / max(train_seconds, 1e-9), 1),
+        "calibration": calibration.figures,
+        **module.results.scalars,
         "code": code_version(),  # which code made the run (provenance.py)
         "code_versions": module.code_versions(),  # every session's, for a resumed run
         "affinity_dtype": str(module.selection_dtype()).removeprefix("torch."),
         "affinity_dtype_reason": module.selection_dtype_reason(),
         "phase_seconds": {name: round(seconds, 2) for name, seconds in phases.items()},
         **test,
-    }  # fmt: skip
+    }
     if module.results.l0_sweep:
         metrics["val/threshold/l0_sweep"] = module.results.l0_sweep
-    finals = {f"hparams/{k.removeprefix('val/').replace('/', '_')}": float(module.results.scalars[k])
-              for k in HPARAM_METRICS if k in module.results.scalars}  # fmt: skip
+    finals = {
+        f"hparams/{k.removeprefix('val/').replace('/', '_')}": float(module.results.scalars[k])
+        for k in HPARAM_METRICS
+        if k in module.results.scalars
+    }
     tb.hparams(trainer, hparams_of(config), finals)
     if trainer.is_global_zero:
         atomic_write_json(run_dir / "metrics.json", metrics, sort_keys=True)
@@ -258,8 +289,9 @@ def test_figures(module: SAEModule, datamodule, config: TrainConfig, run_dir: Pa
     own = own_rule(module)
     dl = (own,) if config.evaluation.description_length else ()
     curve = (own,) if config.evaluation.dl_curve else ()
-    found = evaluate_rules(module, datamodule.calibration_tokens(), x, datamodule.contexts("test"),
-                           rules_of(module, asked), dl, curve)  # fmt: skip
+    found = evaluate_rules(
+        module, datamodule.calibration_tokens(), x, datamodule.contexts("test"), rules_of(module, asked), dl, curve
+    )
     atomic_write_json(run_dir / RULES_FILE, {"own_rule": own, "k": module.k, "rules": found}, sort_keys=True)
     out: dict[str, Any] = {"test/own_rule": own}
     for rule, got in found.items():
@@ -302,12 +334,20 @@ HPARAM_METRICS = (
 def hparams_of(config: TrainConfig) -> dict[str, Any]:
     """What distinguishes runs, flat: the variant with its allocator and loss settings, the
     dictionary, the optimiser, the data, the training length."""
-    flat = resume_mod.flatten({
-        "variant": config.variant.as_dict(), "model": {"n_latents": config.model.n_latents,
-        "normalisation": config.model.normalisation, "init_encoder_scale": config.model.init_encoder_scale},
-        "optim": {"lr": config.optim.lr}, "data": {"kind": config.data.kind, "batch_size": config.data.batch_size},
-        "trainer": {"max_steps": config.trainer.max_steps}, "seed": config.seed,
-    })  # fmt: skip
+    flat = flatten(
+        {
+            "variant": config.variant.as_dict(),
+            "model": {
+                "n_latents": config.model.n_latents,
+                "normalisation": config.model.normalisation,
+                "init_encoder_scale": config.model.init_encoder_scale,
+            },
+            "optim": {"lr": config.optim.lr},
+            "data": {"kind": config.data.kind, "batch_size": config.data.batch_size},
+            "trainer": {"max_steps": config.trainer.max_steps},
+            "seed": config.seed,
+        }
+    )
     return {k: v for k, v in flat.items() if not isinstance(v, (dict, list))}
 
 
@@ -351,10 +391,13 @@ def print_summary(metrics: dict[str, Any], run_dir: Path, config: TrainConfig | 
             f"tokens): FVU {metrics['val/threshold/fvu_at_k']:.4f}"
         )
     if "test/fvu_at_k" in metrics:  # the headline, on tokens no choice was made on
-        by_rule = ", ".join(f"{rule} {metrics[f'test/{rule}/fvu_at_k']:.4f}" for rule in RULES
-                            if f"test/{rule}/fvu_at_k" in metrics)  # fmt: skip
-        print(f"  test split ({metrics['test/tokens']} tokens), FVU at L0 = k read token by token by each inference "
-              f"rule (its own: {metrics['test/own_rule']}): {by_rule} (the rules: docs/method_choices.md)")  # fmt: skip
+        by_rule = ", ".join(
+            f"{rule} {metrics[f'test/{rule}/fvu_at_k']:.4f}" for rule in RULES if f"test/{rule}/fvu_at_k" in metrics
+        )
+        print(
+            f"  test split ({metrics['test/tokens']} tokens), FVU at L0 = k read token by token by each inference "
+            f"rule (its own: {metrics['test/own_rule']}): {by_rule} (the rules: docs/method_choices.md)"
+        )
     if with_dl:
         mode = "threshold" if "val/threshold/description_length" in metrics else "batch"
         print(

@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from sae_lightning import SAEModule
+from sae_lightning.browser import main as browser
 from sae_lightning.checkpoint_file import ALLOWED, check_plain, load
 from sae_lightning.errors import DataError
 from sae_lightning.evaluate import main as evaluate
-from sae_lightning.inspect import main as inspect
 from sae_lightning.interop import main as interop
 
 
@@ -119,7 +119,7 @@ def listing(folder: Path) -> dict[str, int]:
     return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in sorted(folder.rglob("*"))}
 
 
-@pytest.mark.parametrize("entry", ["evaluate", "evaluate --core", "inspect", "export", "load_from_checkpoint"])
+@pytest.mark.parametrize("entry", ["evaluate", "evaluate --core", "browser", "export", "load_from_checkpoint"])
 def test_each_entry_point_refuses_a_crafted_checkpoint(entry, evil_run, tmp_path, capsys):
     run, marker = evil_run
     before = listing(tmp_path)
@@ -130,10 +130,10 @@ def test_each_entry_point_refuses_a_crafted_checkpoint(entry, evil_run, tmp_path
         argv = {
             "evaluate": [str(run)],
             "evaluate --core": [str(run), "--core"],
-            "inspect": [str(run)],
+            "browser": [str(run)],
             "export": ["export", str(run), str(tmp_path / "exported")],
         }[entry]
-        main = {"evaluate": evaluate, "evaluate --core": evaluate, "inspect": inspect, "export": interop}[entry]
+        main = {"evaluate": evaluate, "evaluate --core": evaluate, "browser": browser, "export": interop}[entry]
         with pytest.raises(SystemExit) as e:
             main(argv)
         assert e.value.code == 2

@@ -98,8 +98,7 @@ def test_the_composed_config_holds_the_spec_defaults(data, variant):
     from sae_lightning.config import TrainConfig, normalised, resolve
     from sae_lightning.data import DATA_KINDS
     from sae_lightning.losses import LOSSES
-    from sae_lightning.resume import flatten
-    from sae_lightning.spec import as_dict
+    from sae_lightning.spec import as_dict, flatten
 
     raw = resolve(
         compose_config([f"data={data}", f"variant={variant}"] + (["data.path=/x"] if data == "cache" else []))

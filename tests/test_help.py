@@ -6,7 +6,7 @@ from __future__ import annotations
 from omegaconf import OmegaConf
 
 from sae_lightning.help import field_docs, sections
-from sae_lightning.resume import flatten
+from sae_lightning.spec import flatten
 
 from .conftest import compose_config
 

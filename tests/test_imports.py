@@ -27,7 +27,7 @@ LAYERS: list[tuple[str, ...]] = [
         "zipf",
         "compare",
         "resume",
-        "heap",
+        "glibc_malloc",
         "provenance",
     ),
     # tensors and the SAE's parts
@@ -41,7 +41,7 @@ LAYERS: list[tuple[str, ...]] = [
         "gradient_ranking",
         "stats",
         "metrics",
-        "mdl",
+        "description_length",
         "paired",
         "plots",
     ),
@@ -52,7 +52,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("rules", "callbacks", "sweep.pruning", "sweep.space", "sweep.pareto", "sweep.settings", "sweep.study"),
     ("runs",),
     # entry points
-    ("train", "evaluate", "inspect", "interop", "help", "sweep.sweeper", "sweep.report", "sweep"),
+    ("train", "evaluate", "browser", "interop", "help", "sweep.sweeper", "sweep.report", "sweep"),
 ]
 
 

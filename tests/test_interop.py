@@ -184,12 +184,12 @@ def test_the_export_names_the_hook_and_every_written_file_gets_the_umask_mode(ca
     import os
 
     from sae_lightning.atomic import umask_mode
-    from sae_lightning.inspect import main as inspect_main
+    from sae_lightning.browser import main as browser_main
 
     exported = export_saelens(cache_run, tmp_path / "export")
     meta = json.loads((exported / "cfg.json").read_text())["metadata"]
     assert meta["hook_name"] == "blocks.0.hook_resid_post" and meta["hook_site"] == "resid_post"
-    inspect_main([str(cache_run), "--examples", "2", "--device", "cpu", "--out", str(tmp_path / "page.html")])
+    browser_main([str(cache_run), "--examples", "2", "--device", "cpu", "--out", str(tmp_path / "page.html")])
     files = [p for root in (cache_run, cache_run.parents[2] / "cache", exported, tmp_path) for p in root.rglob("*")]
     files = [p for p in files if p.is_file()]
     assert any(p.name == NATIVE for p in files) and any(p.suffix == ".ckpt" for p in files)

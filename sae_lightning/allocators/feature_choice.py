@@ -108,8 +108,7 @@ class DemandSample:
 
     def count_above(self, theta: Tensor) -> Tensor:
         """[F]: how many of the first n tokens each latent's affinity exceeds θ on (summed as
-        int32: a sum of booleans to int64 converts them first, 5.2 of the sum's 6.5 ms in a
-        profile at F = 8192)."""
+        int32: a sum of booleans to int64 converts them first, most of the sum's time)."""
         if self.exact is None:
             return (self.first > theta).sum(1, dtype=torch.int32)
         if float(theta) <= 0:  # near 0 the low-precision signs decide: the exact columns
@@ -124,9 +123,8 @@ def _demand_sample(
     matrix) demand is counted as in an fp32 run, on exact values. A dense matrix: the sample's
     entries that can reach its top ``top`` share (the cutoff θ; ``top`` ≥ k/F, times the
     ranks whose samples are pooled) re-scored pair by pair (:func:`rescore.sample_exact`), the
-    first n tokens' counts from the matrix's keys but near θ (:func:`rescore.count_above`):
-    3.2 against 7.3 ms with a dense fp32 product of those columns at F = 8192 (294 of the
-    65 536 sampled entries and 0.05 % of the counted ones re-scored). Blocks: the first
+    first n tokens' counts from the matrix's keys but near θ (:func:`rescore.count_above`),
+    so only a few entries are re-scored (docs/performance.md). Blocks: the first
     n tokens' columns and the sample by one dense latent-major product (the fp32 run's own
     layout) where the stride divides B (the sample is then every latent at every stride-th
     token, in the fp32 run's order), else pair by pair."""

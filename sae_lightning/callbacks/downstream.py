@@ -89,8 +89,17 @@ class DownstreamLoss(L.Callback):
         """The callback for a data source's description (none where it has no causal model)."""
         if source is None:
             return []
-        return [cls(source.folder, source.manifest, source.contexts, batch_size, source.final_contexts,
-                    source.during_training, source.rows)]  # fmt: skip
+        return [
+            cls(
+                source.folder,
+                source.manifest,
+                source.contexts,
+                batch_size,
+                source.final_contexts,
+                source.during_training,
+                source.rows,
+            )
+        ]
 
     def use(self, n: int, split: str | None = None) -> None:
         """Measure on the last ``n`` contexts wholly inside ``split`` (where the callback knows the
@@ -102,8 +111,9 @@ class DownstreamLoss(L.Callback):
         self.keep = (self.ids >= 0) & ~torch.isin(self.ids, self.dropped)
 
     def _load(self, device) -> None:
-        self.model, _, _ = lm_mod.load(lm_mod.source_of(self.spec), self.spec.get("revision"), self.spec["dtype"],
-                                       str(device))  # fmt: skip
+        self.model, _, _ = lm_mod.load(
+            lm_mod.source_of(self.spec), self.spec.get("revision"), self.spec["dtype"], str(device)
+        )
 
     @torch.inference_mode()
     def _losses(self, replacers: dict, chunk: int = 16) -> dict[str, dict[str, float]]:

@@ -31,8 +31,8 @@ from torch import Tensor
 from ..errors import ConfigError, DataError
 from ..spec import setting
 from . import DataSpec, Downstream, data_kind
+from .cache_identity import check_matches
 from .harvest_spec import HarvestSpec
-from .identity import check_matches
 from .shards import ShardReader, fingerprint, read_manifest, verify_cache
 from .stream import StreamingDataModule
 

@@ -33,9 +33,9 @@ from ..errors import ConfigError, DataError
 from ..progress import progress_bar
 from . import corpus as corpus_mod
 from . import lm as lm_mod
+from .cache_identity import check_matches, compare, identity
 from .framing import Framing
 from .harvest_spec import HarvestSpec
-from .identity import check_matches, compare, identity
 from .shards import (
     FORMAT,
     MANIFEST,
@@ -131,10 +131,11 @@ class HarvestRun:
         )
         if spec.gradients and not is_causal:
             raise ConfigError(
-                "data.harvest.gradients", True,
+                "data.harvest.gradients",
+                True,
                 f"false for {spec.lm.name} ({type(self.model).__name__}): gradients of the next-token loss need a "
                 "causal language model (e.g. builtin:smollm2)",
-            )  # fmt: skip
+            )
         _, layers = lm_mod.blocks(self.model)
         self.layer = lm_mod.check_site(spec.site, spec.layer, len(layers))
         self.framing = Framing(self.tokenizer, is_causal, spec)
@@ -142,9 +143,16 @@ class HarvestRun:
         self.d_model = int(self.model.config.hidden_size)
         revision = getattr(self.model.config, "_commit_hash", None) or spec.lm.revision
         self.ident = identity(
-            spec, source, self.desc, self.framing, self.d_model, len(layers), is_causal,
-            type(self.model).__name__, revision,
-        )  # fmt: skip
+            spec,
+            source,
+            self.desc,
+            self.framing,
+            self.d_model,
+            len(layers),
+            is_causal,
+            type(self.model).__name__,
+            revision,
+        )
         log(
             f"harvest: {spec.lm.name} ({type(self.model).__name__}, {len(layers)} blocks, d_model {self.d_model}) "
             f"loaded in {time.perf_counter() - self.t0:.1f} s; site {self.ident['site_name']}; corpus {self.desc['path']}"
@@ -264,10 +272,13 @@ class HarvestRun:
         index = len(self.shards)
         self.folder.mkdir(parents=True, exist_ok=True)
         entry = {
-            "index": index, "first_context": self.done_contexts, "contexts": len(ids_rows), "tokens": shard_tokens,
+            "index": index,
+            "first_context": self.done_contexts,
+            "contexts": len(ids_rows),
+            "tokens": shard_tokens,
             "activations": atomic_save_npy(self.folder / shard_name(index), np.concatenate(acts)),
             "ids": atomic_save_npy(self.folder / ids_name(index), np.asarray(ids_rows, dtype=np.int32)),
-        }  # fmt: skip
+        }
         if self.spec.gradients:
             entry["gradients"] = atomic_save_npy(self.folder / grad_name(index), np.concatenate(grads))
         self.shards.append(entry)
@@ -276,14 +287,27 @@ class HarvestRun:
         self._write_manifest(False)
 
     def _write_manifest(self, complete: bool, exhausted: bool = False, stats: dict | None = None) -> None:
-        atomic_write_json(self.folder / MANIFEST, indent=1, obj={
-            "format": FORMAT, "harvest": self.ident, "d_model": self.d_model, "dtype": self.spec.dtype,
-            "gradients": self._gradients_entry(),
-            "tokens": self.tokens, "contexts": sum(e["contexts"] for e in self.shards), "shards": self.shards,
-            "complete": complete, "corpus_exhausted": exhausted, "token_budget": self.spec.token_budget,
-            "stats": stats, "created_by": "sae_lightning harvest", "python": sys.version.split()[0],
-            "torch": torch.__version__,
-        })  # fmt: skip
+        atomic_write_json(
+            self.folder / MANIFEST,
+            indent=1,
+            obj={
+                "format": FORMAT,
+                "harvest": self.ident,
+                "d_model": self.d_model,
+                "dtype": self.spec.dtype,
+                "gradients": self._gradients_entry(),
+                "tokens": self.tokens,
+                "contexts": sum(e["contexts"] for e in self.shards),
+                "shards": self.shards,
+                "complete": complete,
+                "corpus_exhausted": exhausted,
+                "token_budget": self.spec.token_budget,
+                "stats": stats,
+                "created_by": "sae_lightning harvest",
+                "python": sys.version.split()[0],
+                "torch": torch.__version__,
+            },
+        )
 
     def _gradients_entry(self) -> dict[str, str] | None:
         if not self.spec.gradients:
@@ -343,8 +367,13 @@ class HarvestRun:
                 f"corpus {self.desc['path']!r} gave no tokens (no non-empty documents, or only special tokens); "
                 "nothing was written"
             )
-        described = {"harvest": self.ident, "d_model": self.d_model, "dtype": self.spec.dtype, "shards": self.shards,
-                     "gradients": self._gradients_entry()}  # fmt: skip
+        described = {
+            "harvest": self.ident,
+            "d_model": self.d_model,
+            "dtype": self.spec.dtype,
+            "shards": self.shards,
+            "gradients": self._gradients_entry(),
+        }
         self._write_manifest(True, exhausted, compute_stats(self.folder, described))
         self.log(
             f"harvest: {self.tokens} tokens in {len(self.shards)} shards at {self.folder}"

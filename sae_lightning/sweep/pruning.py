@@ -74,8 +74,9 @@ class OptunaPruning(L.Callback):
         m = trainer.callback_metrics
         # thresholds are calibrated when fitting ends: a threshold-mode objective is compared in
         # batch mode at the validations before (every trial alike, step by step)
-        fvu_key, l0_key = (key if key in m else key.replace("/threshold/", "/batch/")
-                           for key in (self.ctx.fvu_key, self.ctx.l0_key))  # fmt: skip
+        fvu_key, l0_key = (
+            key if key in m else key.replace("/threshold/", "/batch/") for key in (self.ctx.fvu_key, self.ctx.l0_key)
+        )
         if fvu_key not in m or l0_key not in m:
             return
         step, fvu, l0 = trainer.global_step, float(m[fvu_key]), float(m[l0_key])

@@ -65,8 +65,11 @@ class OptunaSweeper(Sweeper):
             list(spec.directions),
         )
         self.n_trials, self.sampler_name, self.seed, self.n_startup = (
-            spec.n_trials, spec.sampler, spec.seed, spec.n_startup_trials
-        )  # fmt: skip
+            spec.n_trials,
+            spec.sampler,
+            spec.seed,
+            spec.n_startup_trials,
+        )
         self.storage, self.heartbeat, self.max_retries = spec.storage, spec.heartbeat_seconds, spec.max_retries
         self.params_spec = dict(spec.params)
         self.by_variant_spec = {k: dict(v or {}) for k, v in spec.params_by_variant.items()}

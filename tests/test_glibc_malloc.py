@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-CODE = "from sae_lightning.heap import keep_freed_memory as k; print(k(), k())"
+CODE = "from sae_lightning.glibc_malloc import keep_freed_memory as k; print(k(), k())"
 
 
 def _run(env_extra: dict[str, str]) -> str:

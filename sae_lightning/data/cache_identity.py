@@ -14,14 +14,27 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DataError
-from ..resume import flatten
+from ..spec import flatten
 from . import lm as lm_mod
 from .framing import Framing
 from .harvest_spec import HarvestSpec
 
 # the identity's keys that decide the cache's content (the rest describes it: names, paths)
-KEYS = ("lm", "corpus", "site", "layer", "context_length", "batch_size", "dtype", "prefix", "suffix", "separator",
-        "dropped_token_ids", "shard_contexts", "gradients")  # fmt: skip
+KEYS = (
+    "lm",
+    "corpus",
+    "site",
+    "layer",
+    "context_length",
+    "batch_size",
+    "dtype",
+    "prefix",
+    "suffix",
+    "separator",
+    "dropped_token_ids",
+    "shard_contexts",
+    "gradients",
+)
 
 
 def from_spec(spec: HarvestSpec, n_layers: int) -> dict[str, Any]:
@@ -40,8 +53,17 @@ def from_spec(spec: HarvestSpec, n_layers: int) -> dict[str, Any]:
     }
 
 
-def identity(spec: HarvestSpec, source: lm_mod.LMSource, corpus_desc: dict, framing: Framing, d_model: int,
-             n_layers: int, is_causal: bool, model_name: str, revision: str | None) -> dict[str, Any]:  # fmt: skip
+def identity(
+    spec: HarvestSpec,
+    source: lm_mod.LMSource,
+    corpus_desc: dict,
+    framing: Framing,
+    d_model: int,
+    n_layers: int,
+    is_causal: bool,
+    model_name: str,
+    revision: str | None,
+) -> dict[str, Any]:
     """The whole identity, once the model, its tokenizer and the corpus are known."""
     own = from_spec(spec, n_layers)
     return {

@@ -1,4 +1,4 @@
-"""Description length (sae_lightning/mdl.py): known entropies, the precision rule, invariance."""
+"""Description length (sae_lightning/description_length.py): known entropies, the precision rule, invariance."""
 
 from __future__ import annotations
 
@@ -7,8 +7,7 @@ import math
 import pytest
 import torch
 
-from sae_lightning.evaluate import heldout_tokens
-from sae_lightning.mdl import (
+from sae_lightning.description_length import (
     GRID_RATIO,
     binary_entropy_bits,
     code_bits,
@@ -17,6 +16,7 @@ from sae_lightning.mdl import (
     quantise,
     raw_bits,
 )
+from sae_lightning.evaluate import heldout_tokens
 from sae_lightning.runs import load_run
 
 

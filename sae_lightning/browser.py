@@ -1,8 +1,8 @@
-"""Look inside a trained SAE: ``python -m sae_lightning.inspect outputs/runs/<run>``.
+"""Look inside a trained SAE: ``python -m sae_lightning.browser outputs/runs/<run>``.
 
 For a run trained on an activation cache (whose shards keep the token ids), encodes held-out
 tokens of that cache (its last ``--tokens``: the validation and calibration splits by
-default) with the run's final SAE, and writes ``<run>/inspect.html``: one self-contained page
+default) with the run's final SAE, and writes ``<run>/browser.html``: one self-contained page
 (no network, opens from disk) listing every latent with its density, mean and largest
 activation; for the one selected, a histogram of its activations and its top-activating
 contexts, each token tinted by that latent's activation and the top token outlined. The
@@ -96,8 +96,9 @@ def token_text(tokenizer, token_id: int) -> str:
     return tokenizer.decode([token_id]).replace("\n", "⏎")
 
 
-def build(module, codes: Codes, tokens: TokenMap, tokenizer, examples: int, before: int, after: int,
-          max_latents: int | None) -> dict:  # fmt: skip
+def build(
+    module, codes: Codes, tokens: TokenMap, tokenizer, examples: int, before: int, after: int, max_latents: int | None
+) -> dict:
     """The page's data: per latent its figures, histogram and top contexts."""
     F, n_tok = module.sae.n_latents, codes.stop - codes.start
     counts = np.bincount(codes.latents, minlength=F)
@@ -130,8 +131,14 @@ def build(module, codes: Codes, tokens: TokenMap, tokenizer, examples: int, befo
     for j in sorted(int(x) for x in chosen):
         n = int(counts[j])
         shown: list[dict] = []
-        item: dict[str, Any] = {"id": j, "density": n / n_tok, "mean": float(sums[j] / n) if n else 0.0, "max": 0.0, "hist": [],
-                "examples": shown}  # fmt: skip
+        item: dict[str, Any] = {
+            "id": j,
+            "density": n / n_tok,
+            "mean": float(sums[j] / n) if n else 0.0,
+            "max": 0.0,
+            "hist": [],
+            "examples": shown,
+        }
         if n:
             vals = codes.values[order[first[j] : first[j] + n]]
             item["max"] = float(vals[0])
@@ -143,18 +150,22 @@ def build(module, codes: Codes, tokens: TokenMap, tokenizer, examples: int, befo
                 lo, hi = max(0, pos - before), min(len(row), pos + after + 1)
                 window = [q for q in range(lo, hi) if row[q] >= 0]
                 acts = activation(index[window], j)
-                shown.append({
-                    "tokens": [word(int(row[q])) for q in window], "acts": [round(float(a), 3) for a in acts],
-                    "center": window.index(pos), "value": round(float(codes.values[e]), 3),
-                })  # fmt: skip
+                shown.append(
+                    {
+                        "tokens": [word(int(row[q])) for q in window],
+                        "acts": [round(float(a), 3) for a in acts],
+                        "center": window.index(pos),
+                        "value": round(float(codes.values[e]), 3),
+                    }
+                )
         latents.append(item)
     return {"vocab": strings, "latents": latents, "tokens": n_tok, "active_per_token": len(codes.values) / n_tok}
 
 
 def page_template() -> str:
-    """The browser's HTML, CSS and JavaScript (package data: sae_lightning/assets/inspect.html);
+    """The browser's HTML, CSS and JavaScript (package data: sae_lightning/assets/browser.html);
     ``__TITLE__`` and ``__DATA__`` are filled in by :func:`page`."""
-    return resources.files("sae_lightning").joinpath("assets/inspect.html").read_text(encoding="utf-8")
+    return resources.files("sae_lightning").joinpath("assets/browser.html").read_text(encoding="utf-8")
 
 
 def page(data: dict, title: str) -> str:
@@ -175,12 +186,21 @@ def tb_text(run_dir: Path, data: dict, n: int = 32) -> None:
             writer.add_text(f"latents/{item['id']:05d}", "\n".join(lines), 0)
 
 
-def inspect(run_dir: Path, tokens: int | None = None, examples: int = 10, mode: str = "threshold",
-            max_latents: int | None = None, device: str = "cpu", out: Path | None = None) -> Path:  # fmt: skip
+def build_browser(
+    run_dir: Path,
+    tokens: int | None = None,
+    examples: int = 10,
+    mode: str = "threshold",
+    max_latents: int | None = None,
+    device: str = "cpu",
+    out: Path | None = None,
+) -> Path:
     module, data = load_run(run_dir, device)
     if not isinstance(data, ActivationsData):
-        raise DataError(f"{run_dir} was trained on {data.kind} data: the browser needs a cache with token ids "
-                        "(python train.py data=minilm, data=smollm2 or data=cache ...)")  # fmt: skip
+        raise DataError(
+            f"{run_dir} was trained on {data.kind} data: the browser needs a cache with token ids "
+            "(python train.py data=minilm, data=smollm2 or data=cache ...)"
+        )
     folder = Path(data.path).expanduser()
     manifest = read_manifest(folder)
     if manifest is None:
@@ -191,13 +211,29 @@ def inspect(run_dir: Path, tokens: int | None = None, examples: int = 10, mode: 
     start, stop = reader.n_tokens - n, reader.n_tokens
     codes = encode_range(module, reader, start, stop, mode)
     tokenizer = load_tokenizer(source_of(manifest["harvest"]["lm"]), manifest["harvest"]["lm"].get("revision"))
-    page_data = build(module, codes, TokenMap(folder, manifest, start, stop), tokenizer, examples, before=12,
-                      after=4, max_latents=max_latents)  # fmt: skip
-    meta = {"run": str(run_dir), "variant": module.variant.name, "k": module.k, "n_latents": module.sae.n_latents,
-            "mode": mode, "cache": str(folder), "model": manifest["harvest"]["lm"]["name"],
-            "site": manifest["harvest"]["site_name"], "first_token": start}  # fmt: skip
+    page_data = build(
+        module,
+        codes,
+        TokenMap(folder, manifest, start, stop),
+        tokenizer,
+        examples,
+        before=12,
+        after=4,
+        max_latents=max_latents,
+    )
+    meta = {
+        "run": str(run_dir),
+        "variant": module.variant.name,
+        "k": module.k,
+        "n_latents": module.sae.n_latents,
+        "mode": mode,
+        "cache": str(folder),
+        "model": manifest["harvest"]["lm"]["name"],
+        "site": manifest["harvest"]["site_name"],
+        "first_token": start,
+    }
     page_data["meta"] = meta
-    out = out or Path(run_dir) / "inspect.html"
+    out = out or Path(run_dir) / "browser.html"
     atomic_write_text(out, page(page_data, f"{Path(run_dir).name}: {meta['model']} {meta['site']}"))
     tb_text(Path(run_dir), page_data)
     return out
@@ -206,18 +242,26 @@ def inspect(run_dir: Path, tokens: int | None = None, examples: int = 10, mode: 
 def main(argv=None) -> Path:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("run", type=Path, help="a finished run folder trained on an activation cache")
-    p.add_argument("--tokens", type=int, default=None,
-                   help="encode this many tokens from the end of the cache (default: its validation and "
-                        "calibration splits, which training never saw)")  # fmt: skip
+    p.add_argument(
+        "--tokens",
+        type=int,
+        default=None,
+        help="encode this many tokens from the end of the cache (default: its validation and "
+        "calibration splits, which training never saw)",
+    )
     p.add_argument("--examples", type=int, default=10, help="top contexts shown per latent")
-    p.add_argument("--mode", choices=["threshold", "batch"], default="threshold",
-                   help="threshold: calibrated thresholds, token by token (inference); batch: the allocator")  # fmt: skip
+    p.add_argument(
+        "--mode",
+        choices=["threshold", "batch"],
+        default="threshold",
+        help="threshold: calibrated thresholds, token by token (inference); batch: the allocator",
+    )
     p.add_argument("--latents", type=int, default=None, help="keep the N densest latents (default: all)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", type=Path, default=None, help="the page (default: <run>/inspect.html)")
+    p.add_argument("--out", type=Path, default=None, help="the page (default: <run>/browser.html)")
     a = p.parse_args(argv)
     with user_errors():
-        out = inspect(a.run, a.tokens, a.examples, a.mode, a.latents, a.device, a.out)
+        out = build_browser(a.run, a.tokens, a.examples, a.mode, a.latents, a.device, a.out)
     print(f"written {out} (open it in a browser; it needs no network)")
     return out
 

@@ -3,12 +3,11 @@ temporaries reuse pages already mapped instead of faulting in fresh ones.
 
 glibc serves an allocation above ``M_MMAP_THRESHOLD`` (a few MiB, adjusted dynamically) with
 its own ``mmap`` and returns it to the kernel on free; the next step's matrix of the same size
-then touches new pages, and the kernel zeroes every one of them on first touch. On a 2-core CPU
-at B = 4096, F = 8192 that costs ~25 ms per 134 MB tensor (measured: a clone of z′ 37 → 11 ms,
-the encoder's ``addmm`` 110 → 104 ms on a quiet machine). Raising the threshold (and the heap's
-trim threshold) keeps those pages. The cost: the resident size does not shrink between steps,
-and freed blocks are not always reusable for other sizes, so a wide dictionary's peak grows
-(F = 262 144: 5.2 → 6.7 GiB for Mutual Choice; docs/performance.md). PyTorch's CPU tuning guide
+then touches new pages, and the kernel zeroes every one of them on first touch: a cost per
+step proportional to the [B, F] temporaries' size. Raising the threshold (and the heap's trim
+threshold) keeps those pages. The cost: the resident size does not shrink between steps, and
+freed blocks are not always reusable for other sizes, so a wide dictionary's peak grows (both
+measured in docs/performance.md, "Measured figures behind design choices in the code"). PyTorch's CPU tuning guide
 reaches the same end with jemalloc or tcmalloc through ``LD_PRELOAD``; this needs no extra
 library.
 

@@ -11,8 +11,8 @@ import sys
 import numpy as np
 import pytest
 
+from sae_lightning.browser import main as browser_main
 from sae_lightning.data.shards import ShardReader, read_manifest
-from sae_lightning.inspect import main as inspect_main
 from sae_lightning.runs import load_run
 
 from .helpers.cli import ROOT, hang_guard
@@ -30,7 +30,7 @@ def page_data(path):
 
 
 def test_the_page_holds_every_latent_with_figures_that_match_the_codes(run):
-    out = inspect_main([str(run), "--examples", "5", "--device", "cpu"])
+    out = browser_main([str(run), "--examples", "5", "--device", "cpu"])
     data = page_data(out)
     assert data["tokens"] == 512 and len(data["latents"]) == 64
     module, spec = load_run(run)
@@ -57,7 +57,7 @@ def test_the_page_holds_every_latent_with_figures_that_match_the_codes(run):
 def test_a_headless_browser_renders_the_page_and_lists_the_latents(run, tmp_path):
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     require(browser is not None, "Debian's chromium", "apt-get install chromium")
-    out = inspect_main([str(run), "--out", str(tmp_path / "page.html"), "--device", "cpu"])
+    out = browser_main([str(run), "--out", str(tmp_path / "page.html"), "--device", "cpu"])
     fired = sum(item["density"] > 0 for item in page_data(out)["latents"])
     proc = subprocess.run(
         [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -79,6 +79,6 @@ def test_a_run_on_synthetic_data_is_refused_in_one_line(tmp_path, cli):
             "variant.k=4", "trainer.max_steps=2", "progress=none")  # fmt: skip
     assert r.returncode == 0, r.stderr[-1000:]
     (run,) = (tmp_path / "runs").iterdir()
-    p = subprocess.run([sys.executable, "-m", "sae_lightning.inspect", str(run)], capture_output=True, text=True,
+    p = subprocess.run([sys.executable, "-m", "sae_lightning.browser", str(run)], capture_output=True, text=True,
                        cwd=ROOT, timeout=hang_guard(120))  # fmt: skip
     assert p.returncode == 2 and p.stderr.strip().startswith("error: ") and "synthetic data" in p.stderr
