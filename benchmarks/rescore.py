@@ -26,6 +26,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from sae_lightning.allocators.base import BatchContext
 from sae_lightning.glibc_malloc import keep_freed_memory
 from sae_lightning.rescore import BAND, ROW_BAND, batch_margin
 from sae_lightning.sae import ExactRanked
@@ -108,11 +109,12 @@ class _Counts:
         xn, _ = module.sae.normalise(x)
         z32 = module.sae.affinities(xn, layout=layout)
         z16 = module.sae.affinities(xn, layout=layout, dtype=torch.bfloat16)
-        kwargs = {"step": step, "density": module.stats.density}  # no update: no state changes
-        sel32 = alloc.allocate(z32, **kwargs)
+        sel32 = alloc.allocate(z32, BatchContext(step=step))  # no update: no state changes
         fp32 = _pairs(sel32, z32, layout)
-        rescored = _pairs(alloc.allocate(z16, exact=ExactRanked(module.sae, xn), **kwargs), z32, layout)
-        candidates = _pairs(alloc.allocate(z16, exact=_Gathered(z32, layout, xn, module.sae), **kwargs), z32, layout)
+        rescored = _pairs(alloc.allocate(z16, BatchContext(step=step, exact=ExactRanked(module.sae, xn))), z32, layout)
+        candidates = _pairs(
+            alloc.allocate(z16, BatchContext(step=step, exact=_Gathered(z32, layout, xn, module.sae))), z32, layout
+        )
         c = self.counts
         c["pairs"] += len(fp32)
         c["only_fp32"] += len(fp32 - rescored)

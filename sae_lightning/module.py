@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from . import checkpoint_file, tb
 from .allocators import CalibrationSet, Mode
-from .allocators.base import CalibratedThresholds, ThresholdAllocator, l0_matching_scale, threshold_l0
+from .allocators.base import BatchContext, CalibratedThresholds, ThresholdAllocator, l0_matching_scale, threshold_l0
 from .blockwise import AUTO_BLOCK_ELEMENTS, AUTO_DENSE_ELEMENTS, AffinityBlocks, above_thresholds
 from .collective import Collective
 from .config import EvaluationSpec, LoggingSpec, ModelSpec, OptimSpec, StatsSpec, TrainConfig, VariantSpec
@@ -30,7 +30,7 @@ from .paired import at_target
 from .provenance import code_version
 from .rescore import Exact
 from .sae import AFFINITY_DTYPES, ExactRanked, SparseAutoencoder, auto_affinity_choice, auto_affinity_dtype
-from .sparse import SparseCode, sparse_decode
+from .sparse import Selection, SparseCode, sparse_decode
 from .spec import parse
 from .stats import LatentStats
 from .zipf import fit_zipf
@@ -154,69 +154,94 @@ class SAEModule(L.LightningModule):
         With ``grad`` (∇ₓL of the tokens, model units) and ``variant.gradient_ranking.beta`` > 0,
         batch mode ranks the gradient-weighted affinities (gradient_ranking.py); the code's values
         and everything else stay the plain affinities'."""
-        if not bool(torch.isfinite(x.sum())) and not bool(torch.isfinite(x).all()):  # one sum first: ~10× cheaper
-            bad = int((~torch.isfinite(x)).any(1).nonzero()[0])
-            raise DataError(
-                f"non-finite input activations (NaN or inf) at token {bad} of a batch of {x.shape[0]}"
-                + (f", training step {self.global_step}" if self._trainer is not None else "")
-            )
+        self._check_input(x)
         xn, ctx = self.sae.normalise(x)
-        layout = self.allocator.layout
-        # a low-precision z′ only where selection re-scores it: batch allocation (thresholds read fp32)
-        dtype = self.selection_dtype()
-        low = dtype != self.sae.W_enc.dtype and mode == Mode.BATCH and self.allocator.rescores
         xc = xn - self.sae.b_pre.detach()  # once: the product, re-scoring, aux columns, backward
-        z = self.affinities(xn, layout, dtype if low else self.sae.W_enc.dtype, xc)  # no autograd
-        exact: Exact | None = ExactRanked(self.sae, xn, xc) if low else None
-        if low and not self.sae.encoder_finite():  # what the re-scoring's candidates cannot see (rescore.py)
-            raise TrainingDiverged(
-                f"non-finite affinities z' (NaN or inf) reached the allocator at step {self.global_step}"
-                + self._non_finite_parameters()
-            )
-        ranked = z
-        if grad is not None and self.gradient_ranking is not None and mode == Mode.BATCH:
-            gn = self.sae.normalise_gradient(grad, ctx)
-            ranked = self.gradient_ranking.scores(self.sae, z, gn, layout)
-            if exact is not None:
-                exact = self.gradient_ranking.exact_scores(self.sae, gn, exact)
-        with torch.no_grad():
-            try:
-                if mode == Mode.BATCH:
-                    sel = self.allocator.allocate(
-                        ranked,
-                        step=self.global_step,
-                        density=self.stats.density,
-                        update=update,
-                        collective=collective,
-                        exact=exact,
-                    )
-                else:
-                    sel = self.allocator.threshold(z, source="ema" if mode == Mode.THRESHOLD_EMA else "calibrated")
-            except TrainingDiverged as e:
-                raise TrainingDiverged(f"{e} at step {self.global_step}{self._non_finite_parameters()}") from None
-        if ranked is not z:  # the values a re-scoring kept are scores, not the code's affinities
-            sel.values = None
-        code = self.sae.code(xn, z, sel, layout, centred=xc)
+        z, exact = self._affinities_to_select(xn, xc, mode)
+        ranked, exact = self._ranked(z, exact, grad, ctx, mode)
+        sel = self._select(ranked, z, mode, update, collective, exact)
+        code = self.sae.code(xn, z, sel, self.allocator.layout, centred=xc)
         x_hat = self.sae.decode(code)
         surrogate = self.allocator.surrogate(z, code) if mode == Mode.BATCH else None
         if surrogate is not None:  # learned thresholds: their straight-through path (zeros in x̂)
             x_hat = x_hat + sparse_decode(surrogate.zeros, self.sae.W_dec)
-        columns = (
+        columns = (  # a low-precision z′: the auxiliary losses read exact columns
             (lambda latents, tokens, lay: self.sae.affinities(xn[tokens], latents, lay, centred=xc[tokens]))
-            if low
+            if exact is not None
             else None
         )
         out = StepOutput(
             x=xn,
             x_hat=x_hat,
             z=z,
-            layout=layout,
+            layout=self.allocator.layout,
             code=code,
             exact_columns=columns,
             centred=xc,
             l0=surrogate.l0 if surrogate is not None else None,
         )
         return out, ctx
+
+    def _check_input(self, x: Tensor) -> None:
+        """DataError naming the first token with a NaN or inf (one sum first: far cheaper than a mask)."""
+        if not bool(torch.isfinite(x.sum())) and not bool(torch.isfinite(x).all()):
+            bad = int((~torch.isfinite(x)).any(1).nonzero()[0])
+            raise DataError(
+                f"non-finite input activations (NaN or inf) at token {bad} of a batch of {x.shape[0]}"
+                + (f", training step {self.global_step}" if self._trainer is not None else "")
+            )
+
+    def _affinities_to_select(
+        self, xn: Tensor, xc: Tensor, mode: Mode | str
+    ) -> tuple[Tensor | AffinityBlocks, Exact | None]:
+        """z′ without autograd, in the dtype selection reads (low precision only where batch
+        allocation re-scores it; thresholds read the parameters' dtype), and the exact re-scoring
+        that goes with a low-precision z′ (None otherwise)."""
+        dtype = self.selection_dtype()
+        low = dtype != self.sae.W_enc.dtype and mode == Mode.BATCH and self.allocator.rescores
+        z = self.affinities(xn, self.allocator.layout, dtype if low else self.sae.W_enc.dtype, xc)
+        if not low:
+            return z, None
+        if not self.sae.encoder_finite():  # what the re-scoring's candidates cannot see (rescore.py)
+            raise TrainingDiverged(
+                f"non-finite affinities z' (NaN or inf) reached the allocator at step {self.global_step}"
+                + self._non_finite_parameters()
+            )
+        return z, ExactRanked(self.sae, xn, xc)
+
+    def _ranked(
+        self, z: Tensor | AffinityBlocks, exact: Exact | None, grad: Tensor | None, ctx, mode: Mode | str
+    ) -> tuple[Tensor | AffinityBlocks, Exact | None]:
+        """What batch allocation ranks: z′, or with ∇ₓL (``grad``) and g-SAE ranking on, the
+        gradient-weighted scores (and their exact re-scoring)."""
+        if grad is None or self.gradient_ranking is None or mode != Mode.BATCH:
+            return z, exact
+        gn = self.sae.normalise_gradient(grad, ctx)
+        ranked = self.gradient_ranking.scores(self.sae, z, gn, self.allocator.layout)
+        return ranked, (self.gradient_ranking.exact_scores(self.sae, gn, exact) if exact is not None else None)
+
+    @torch.no_grad()
+    def _select(
+        self,
+        ranked: Tensor | AffinityBlocks,
+        z: Tensor | AffinityBlocks,
+        mode: Mode | str,
+        update: bool,
+        collective: Collective | None,
+        exact: Exact | None,
+    ) -> Selection:
+        """The allocator's pairs: batch allocation of ``ranked``, or its threshold mode on ``z``."""
+        try:
+            if mode == Mode.BATCH:
+                context = BatchContext(step=self.global_step, update=update, collective=collective, exact=exact)
+                sel = self.allocator.allocate(ranked, context)
+            else:
+                sel = self.allocator.threshold(z, source="ema" if mode == Mode.THRESHOLD_EMA else "calibrated")
+        except TrainingDiverged as e:
+            raise TrainingDiverged(f"{e} at step {self.global_step}{self._non_finite_parameters()}") from None
+        if ranked is not z:  # the values a re-scoring kept are scores, not the code's affinities
+            sel.values = None
+        return sel
 
     def selection_dtype(self) -> torch.dtype:
         """The dtype batch selection reads z′ in (``model.affinity_dtype``; auto: by the device;

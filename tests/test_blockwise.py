@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from sae_lightning.allocators.base import BatchContext
 from sae_lightning.blockwise import (
     AffinityBlocks,
     per_column_topk_blocks,
@@ -186,8 +187,8 @@ def test_blockwise_feature_choice_demand_equals_dense_in_one_pass(capacity):
             return zt[cols].clone()
 
         blocks = AffinityBlocks(block_of, Bn, 300, 48, "latent")
-        a = dense.allocate(zt, step=step, update=True)
-        b = blocked.allocate(blocks, step=step, update=True)
+        a = dense.allocate(zt, BatchContext(step=step, update=True))
+        b = blocked.allocate(blocks, BatchContext(step=step, update=True))
         assert torch.equal(a.rows, b.rows) and torch.equal(a.cols, b.cols), step
         assert torch.equal(dense.demand, blocked.demand), step
         assert torch.equal(dense.rank_to_latent, blocked.rank_to_latent), step

@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 
+from sae_lightning.allocators.base import BatchContext
 from sae_lightning.errors import TrainingDiverged
 from sae_lightning.rescore import per_column, top_m, topk_rows
 from sae_lightning.sae import ExactRanked
@@ -157,9 +158,9 @@ def test_a_bfloat16_training_step_equals_the_float32_one(variant, block):
     z = lo.z if isinstance(lo.z, torch.Tensor) else next(iter(lo.z))[1]
     assert z.dtype == torch.bfloat16
     if block is None:  # the allocator alone: re-scored, the fp32 pairs; without, other pairs
-        want = full.allocator.allocate(fo.z, step=3)
-        got = low.allocator.allocate(lo.z, step=3, exact=ExactRanked(low.sae, lo.x))
-        plain = low.allocator.allocate(lo.z, step=3)
+        want = full.allocator.allocate(fo.z, BatchContext(step=3))
+        got = low.allocator.allocate(lo.z, BatchContext(step=3, exact=ExactRanked(low.sae, lo.x)))
+        plain = low.allocator.allocate(lo.z, BatchContext(step=3))
         assert torch.equal(got.rows, want.rows) and torch.equal(got.cols, want.cols)
         assert not (torch.equal(plain.rows, want.rows) and torch.equal(plain.cols, want.cols))
     assert torch.equal(fo.code.offsets, lo.code.offsets) and torch.equal(fo.code.latents, lo.code.latents)

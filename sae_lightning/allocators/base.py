@@ -92,6 +92,25 @@ class CalibrationSet:
             yield cols, self._aff(self.x, cols)
 
 
+@dataclasses.dataclass(frozen=True)
+class BatchContext:
+    """What a batch allocation may read besides z′: the training ``step``; whether it may
+    ``update`` its running state (threshold EMAs, demand: training steps only); the
+    ``collective`` of ranks that allocate one global batch together (None: this batch alone,
+    each rank calling at the same point with the same batch size); and ``exact``, for a
+    low-precision z′, the ranked values in the parameters' dtype at given pairs (the allocator
+    then selects candidates on z′ and the final pairs on their exact values: rescore.py). Each
+    allocator reads what it needs."""
+
+    step: int = 0
+    update: bool = False
+    collective: Collective | None = None
+    exact: Exact | None = None
+
+
+PLAIN = BatchContext()  # a batch allocated on its own, outside training: no state changes
+
+
 class Allocator(nn.Module, abc.ABC):
     """Turns affinities z' [B, F] into a :class:`Selection` of (token, latent) pairs.
 
@@ -132,20 +151,9 @@ class Allocator(nn.Module, abc.ABC):
     def allocate(
         self,
         z: Tensor | AffinityBlocks,
-        *,
-        step: int = 0,
-        density: Tensor | None = None,
-        update: bool = False,
-        collective: Collective | None = None,
-        exact: Exact | None = None,
+        batch: BatchContext = PLAIN,
     ) -> Selection:
-        """Batch allocation. ``update`` lets the allocator update its running state
-        (threshold EMAs, density ranking); it is True only in training steps. With a
-        ``collective`` the batch is this rank's part of a global batch that every rank
-        allocates together (each rank calls at the same point with the same batch size).
-        ``exact`` (with a low-precision ``z``): the ranked values in the parameters' dtype at
-        given pairs; the allocator then selects candidates on ``z`` and the final pairs on their
-        exact values (:mod:`rescore`)."""
+        """Batch allocation of ``z`` in the setting ``batch`` describes (:class:`BatchContext`)."""
 
     def threshold(self, z: Tensor | AffinityBlocks, source: str = "calibrated") -> Selection:
         """Threshold inference; ``source`` is ``'calibrated'`` (falls back to the EMA when

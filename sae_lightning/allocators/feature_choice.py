@@ -23,7 +23,7 @@ from ..selection import sort_pairs
 from ..sparse import Selection
 from ..spec import setting
 from ..zipf import round_preserving_sum, stochastic_round, uniform_capacities, waterfill, zipf_capacities
-from .base import CalibrationSet, ThresholdAllocator, ThresholdConfig, latent_cutoffs, register
+from .base import PLAIN, BatchContext, CalibrationSet, ThresholdAllocator, ThresholdConfig, latent_cutoffs, register
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -290,13 +290,9 @@ class FeatureChoice(ThresholdAllocator):
     def allocate(
         self,
         z: Tensor | AffinityBlocks,
-        *,
-        step: int = 0,
-        density: Tensor | None = None,
-        update: bool = False,
-        collective: Collective | None = None,
-        exact: Exact | None = None,
+        batch: BatchContext = PLAIN,
     ) -> Selection:
+        step, update, collective, exact = batch.step, batch.update, batch.collective, batch.exact
         F_, B = z.shape
         zipf_by_demand = self.cfg.capacity == "zipf" and self.cfg.rank == "by_density"
         tap = None

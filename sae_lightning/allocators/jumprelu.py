@@ -28,13 +28,20 @@ import torch
 from torch import Tensor, nn
 
 from ..blockwise import AffinityBlocks, above_threshold
-from ..collective import Collective
 from ..errors import require
-from ..rescore import Exact
 from ..selection import check_finite
 from ..sparse import Selection, SparseCode
 from ..spec import setting
-from .base import AllocatorConfig, CalibratedThresholds, CalibrationSet, Surrogate, latent_cutoffs, register
+from .base import (
+    PLAIN,
+    AllocatorConfig,
+    BatchContext,
+    CalibratedThresholds,
+    CalibrationSet,
+    Surrogate,
+    latent_cutoffs,
+    register,
+)
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -122,12 +129,7 @@ class JumpReLU(CalibratedThresholds):
     def allocate(
         self,
         z: Tensor | AffinityBlocks,
-        *,
-        step: int = 0,
-        density: Tensor | None = None,
-        update: bool = False,
-        collective: Collective | None = None,
-        exact: Exact | None = None,
+        batch: BatchContext = PLAIN,
     ) -> Selection:
         return self._step(z, self.theta)
 

@@ -9,10 +9,10 @@ import torch
 from torch import Tensor
 
 from ..blockwise import AffinityBlocks, above_threshold
-from ..collective import Collective, global_top_m
-from ..rescore import Exact, top_m
+from ..collective import global_top_m
+from ..rescore import top_m
 from ..sparse import Selection
-from .base import CalibrationSet, ThresholdAllocator, ThresholdConfig, largest_beyond, register
+from .base import PLAIN, BatchContext, CalibrationSet, ThresholdAllocator, ThresholdConfig, largest_beyond, register
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -41,13 +41,9 @@ class MutualChoice(ThresholdAllocator):
     def allocate(
         self,
         z: Tensor | AffinityBlocks,
-        *,
-        step: int = 0,
-        density: Tensor | None = None,
-        update: bool = False,
-        collective: Collective | None = None,
-        exact: Exact | None = None,
+        batch: BatchContext = PLAIN,
     ) -> Selection:
+        step, update, collective, exact = batch.step, batch.update, batch.collective, batch.exact
         B = z.shape[0]
         if collective is None:
             sel, values = top_m(z, self.cfg.k * B, exact)

@@ -5,10 +5,9 @@ from __future__ import annotations
 from torch import Tensor
 
 from ..blockwise import AffinityBlocks
-from ..collective import Collective
-from ..rescore import Exact, topk_rows
+from ..rescore import topk_rows
 from ..sparse import Selection
-from .base import Allocator, register
+from .base import PLAIN, Allocator, BatchContext, register
 
 
 @register("topk")
@@ -16,11 +15,6 @@ class TopK(Allocator):
     def allocate(
         self,
         z: Tensor | AffinityBlocks,
-        *,
-        step: int = 0,
-        density: Tensor | None = None,
-        update: bool = False,
-        collective: Collective | None = None,
-        exact: Exact | None = None,
+        batch: BatchContext = PLAIN,
     ) -> Selection:
-        return topk_rows(z, self.cfg.k, exact)[0]
+        return topk_rows(z, self.cfg.k, batch.exact)[0]

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from sae_lightning.allocators import ALLOCATORS, get_allocator_class
+from sae_lightning.allocators.base import BatchContext
 from sae_lightning.errors import ConfigError
 from sae_lightning.sparse import SparseCode
 
@@ -22,7 +23,7 @@ def in_layout(alloc, z):
 
 
 def allocate(alloc, z, **kwargs):
-    return alloc.allocate(in_layout(alloc, z), **kwargs)
+    return alloc.allocate(in_layout(alloc, z), BatchContext(**kwargs))
 
 
 def threshold(alloc, z):

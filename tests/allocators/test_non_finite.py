@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from sae_lightning.allocators import ALLOCATORS, get_allocator_class
+from sae_lightning.allocators.base import BatchContext
 from sae_lightning.errors import DataError, TrainingDiverged
 
 from ..conftest import TINY, compose_config
@@ -53,7 +54,7 @@ def test_non_finite_affinities_stop_every_allocator_at_once(name, params, bad, d
             z = z.t().contiguous()
         start = time.perf_counter()
         with pytest.raises(TrainingDiverged, match="non-finite affinities"):
-            alloc.allocate(z, step=0, update=True)
+            alloc.allocate(z, BatchContext(step=0, update=True))
         assert time.perf_counter() - start < hang_guard(1.0)
 
 
