@@ -236,10 +236,10 @@ def time_variant(
     alloc_times: list[float] = []
     allocate = module.allocator.allocate
 
-    def timed_allocate(z, **kwargs):
+    def timed_allocate(z, *args, **kwargs):
         _sync(module.device)
         t = time.perf_counter()
-        out = allocate(z, **kwargs)
+        out = allocate(z, *args, **kwargs)
         _sync(module.device)
         alloc_times.append(time.perf_counter() - t)
         return out

@@ -65,7 +65,7 @@ class JumpReLUConfig(AllocatorConfig):
 
 
 class _BandGradient(torch.autograd.Function):
-    """Zero in the forward; the backward sends −scale_e·g_e/ε_e to θ at each band pair e."""
+    """Zero in the forward; the backward sends −scale_e·g_e to θ at each band pair e."""
 
     @staticmethod
     def forward(ctx, theta_at: Tensor, scale: Tensor) -> Tensor:

@@ -262,7 +262,7 @@ class DownstreamLoss(L.Callback):
         if at_k:
             prefix = "test" if self.split == "test" else "val/threshold"
             figures = self.at_k(pl_module, ref)
-            if not figures:  # TopK: its threshold mode is k per token
+            if not figures and not pl_module.allocator.has_thresholds:  # TopK: its threshold mode is k per token
                 figures = {
                     f"{key}_at_k": out[f"val/threshold/{key}"]
                     for key in ("delta_ce", "loss_recovered", "kl_div", "kl_div_score")
