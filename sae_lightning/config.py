@@ -416,20 +416,51 @@ def resolve(cfg: DictConfig | dict) -> dict:
     return out
 
 
+# the config's spec sections, each a dataclass holding its defaults: the one table that
+# normalised(), ModuleSpec and Hydra's defaults (register_defaults) read
+SECTIONS: dict[str, type] = {
+    "model": ModelSpec,
+    "optim": OptimSpec,
+    "stats": StatsSpec,
+    "calibration": CalibrationSpec,
+    "evaluation": EvaluationSpec,
+    "logging": LoggingSpec,
+}
+
+
+@dataclass
+class ModuleSpec:
+    """What :class:`~sae_lightning.module.SAEModule` is built from, parsed once: the sections it
+    reads and the batch size its allocator's capacities are set for."""
+
+    model: ModelSpec
+    variant: VariantSpec
+    optim: OptimSpec
+    stats: StatsSpec
+    evaluation: EvaluationSpec
+    logging: LoggingSpec
+    batch_size: int
+
+    READS: ClassVar[tuple[str, ...]] = ("model", "optim", "stats", "evaluation", "logging")
+
+    @classmethod
+    def of(cls, config: TrainConfig | dict) -> ModuleSpec:
+        """From a run's typed config, or from the config dict a checkpoint stores (whatever else
+        it holds: the trainer's and the data's sections are not the module's)."""
+        if isinstance(config, TrainConfig):
+            sections = {key: getattr(config, key) for key in cls.READS}
+            return cls(variant=config.variant, batch_size=config.data.batch_size, **sections)
+        sections = {key: parse(SECTIONS[key], config.get(key), key) for key in cls.READS}
+        variant = VariantSpec.from_raw(config.get("variant"), "variant")
+        return cls(variant=variant, batch_size=int(config["data"]["batch_size"]), **sections)
+
+
 def normalised(raw: dict) -> dict:
     """A config dict with every section but ``trainer`` parsed and written back whole (defaults
     filled in, types settled), so that two configs compare by what they mean; the trainer
     section stays as given (it is only checked against the machine a run starts on)."""
-    sections = {
-        "model": ModelSpec,
-        "optim": OptimSpec,
-        "stats": StatsSpec,
-        "calibration": CalibrationSpec,
-        "evaluation": EvaluationSpec,
-        "logging": LoggingSpec,
-    }
     out = dict(raw)
-    for key, cls in sections.items():
+    for key, cls in SECTIONS.items():
         out[key] = as_dict(parse(cls, raw.get(key), key))
     out["variant"] = VariantSpec.from_raw(raw.get("variant"), "variant").as_dict()
     out["data"] = DataSpec.from_raw(raw.get("data"), "data").as_dict()
@@ -454,16 +485,6 @@ def load_config(cfg: DictConfig | dict) -> TrainConfig:
     return config
 
 
-# the sections whose defaults the specs hold, as Hydra knows them (configs/ holds only choices)
-SECTIONS: dict[str, type] = {
-    "optim": OptimSpec,
-    "stats": StatsSpec,
-    "calibration": CalibrationSpec,
-    "evaluation": EvaluationSpec,
-    "logging": LoggingSpec,
-}
-
-
 def register_defaults() -> None:
     """Give Hydra the specs' defaults (called by the plugin shim, which Hydra imports before it
     composes): ``model=default`` is ModelSpec's, the node ``spec_defaults`` (first in
@@ -485,7 +506,8 @@ def register_defaults() -> None:
         for f in dataclasses.fields(TrainConfig)
         if f.name not in SECTIONS and f.default is not dataclasses.MISSING
     }  # seed, out_dir, resume, progress, sweep_trial
-    node = {**top, **{k: as_dict(cls()) for k, cls in SECTIONS.items()}}
+    # the model's defaults are the group model=default (above); the other sections' are here
+    node = {**top, **{k: as_dict(cls()) for k, cls in SECTIONS.items() if k != "model"}}
     cs.store(name="spec_defaults", node=node, provider="sae_lightning")
     # what a variant file composes: its allocator's keys and its loss terms' keys, with their defaults
     for name in ALLOCATORS:

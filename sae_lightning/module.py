@@ -19,7 +19,7 @@ from .allocators import CalibrationSet, Mode
 from .allocators.base import BatchContext, CalibratedThresholds, ThresholdAllocator, l0_matching_scale, threshold_l0
 from .blockwise import AUTO_BLOCK_ELEMENTS, AUTO_DENSE_ELEMENTS, AffinityBlocks, above_thresholds
 from .collective import Collective
-from .config import EvaluationSpec, LoggingSpec, ModelSpec, OptimSpec, StatsSpec, TrainConfig, VariantSpec
+from .config import ModuleSpec, TrainConfig
 from .data import DataSource
 from .description_length import description_length
 from .errors import DataError, TrainingDiverged
@@ -31,7 +31,6 @@ from .provenance import code_version
 from .rescore import Exact
 from .sae import AFFINITY_DTYPES, ExactRanked, SparseAutoencoder, auto_affinity_choice, auto_affinity_dtype
 from .sparse import Selection, SparseCode, sparse_decode
-from .spec import parse
 from .stats import LatentStats
 from .zipf import fit_zipf
 
@@ -63,25 +62,22 @@ class ValidationResults:
 
 class SAEModule(L.LightningModule):
     """The SAE, its allocator, loss terms, latent statistics and metrics. ``config`` is the
-    typed :class:`TrainConfig` of a run, or the plain dict a checkpoint stores (only the parts
-    the module needs are read from it); ``d_model`` comes from the data."""
+    typed :class:`TrainConfig` of a run, or the plain dict a checkpoint stores; the module reads
+    its :class:`ModuleSpec` from it, once. ``d_model`` comes from the data."""
 
     def __init__(self, config: TrainConfig | dict, d_model: int):
         super().__init__()
+        self.spec = spec = ModuleSpec.of(config)
+        self.model_spec, self.variant, self.optim_spec, self.stats_spec = (
+            spec.model,
+            spec.variant,
+            spec.optim,
+            spec.stats,
+        )
+        self.evaluation, self.batch_size = spec.evaluation, spec.batch_size
+        self.histogram_every = spec.logging.histogram_every_n_steps
         if isinstance(config, TrainConfig):
-            self.model_spec, self.variant, self.optim_spec = config.model, config.variant, config.optim
-            self.stats_spec, self.batch_size = config.stats, config.data.batch_size
-            self.histogram_every = config.logging.histogram_every_n_steps
-            self.evaluation = config.evaluation
             config = config.as_dict()
-        else:  # from a checkpoint: the parts this module uses, whatever the rest (trainer, data) held
-            self.model_spec = parse(ModelSpec, config["model"], "model")
-            self.variant = VariantSpec.from_raw(config["variant"], "variant")
-            self.optim_spec = parse(OptimSpec, config["optim"], "optim")
-            self.stats_spec = parse(StatsSpec, config["stats"], "stats")
-            self.batch_size = int(config["data"]["batch_size"])
-            self.histogram_every = parse(LoggingSpec, config.get("logging"), "logging").histogram_every_n_steps
-            self.evaluation = parse(EvaluationSpec, config.get("evaluation"), "evaluation")
         self.save_hyperparameters({"config": config, "d_model": d_model})
         m, s = self.model_spec, self.stats_spec
         F = m.n_latents

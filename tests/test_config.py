@@ -140,3 +140,17 @@ def test_the_training_seed_draws_the_data_order_unless_the_order_seed_is_set():
     one, two = (load_config(compose_config([f"seed={s}"])).data.build() for s in (1, 2))
     assert not torch.equal(one.batch_of()(0), two.batch_of()(0))
     assert torch.equal(one.val_tensor(), two.val_tensor()) and torch.equal(one.sample(64), two.sample(64))
+
+
+def test_the_module_spec_is_the_same_from_a_typed_config_and_from_a_checkpoints_dict():
+    from sae_lightning.config import SECTIONS, ModuleSpec
+
+    config = load_config(
+        compose_config(["variant=feature_choice", "variant.k=8", "optim.lr=0.001", "data.batch_size=256"])
+    )
+    typed, plain = ModuleSpec.of(config), ModuleSpec.of(config.as_dict())
+    for key in ModuleSpec.READS:
+        assert getattr(typed, key) == getattr(plain, key), key
+    assert (plain.batch_size, plain.optim.lr, plain.variant.params.k) == (256, 0.001, 8)
+    assert plain.variant.as_dict() == typed.variant.as_dict() and plain.stats == typed.stats
+    assert set(ModuleSpec.READS) <= set(SECTIONS)  # the module reads sections of the one table
