@@ -65,7 +65,7 @@ test-all: install-real
 # is written, not on someone else's machine (an AMD EPYC, say)
 EXACTNESS := tests/test_sae.py tests/test_rescore.py tests/test_selection.py tests/test_blockwise.py \
 	tests/test_sparse_backward.py tests/test_gradient_ranking.py tests/test_losses.py tests/allocators \
-	tests/test_collective.py tests/test_module.py
+	tests/test_collective.py tests/test_module.py tests/test_matryoshka.py
 test-isa: install
 	MKL_ENABLE_INSTRUCTIONS=AVX2 ATEN_CPU_CAPABILITY=avx2 $(BIN)/python -c \
 	  "import torch; c = torch.backends.cpu.get_cpu_capability(); assert c == 'AVX2', c; print('kernels:', c)"
