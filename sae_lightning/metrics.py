@@ -5,13 +5,47 @@ against known ground-truth features and absorption on data with a known feature 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import ClassVar
 
 import torch
 from torch import Tensor
 from torchmetrics import Metric
 
+from .registry import Registry
+from .sparse import SparseCode
 
-class Reconstruction(Metric):
+VALIDATION_METRICS = Registry("validation metric")
+
+
+class ValidationMetric(Metric):
+    """The seam for a validation figure: a registered subclass (``@validation_metric("name")``)
+    is built for every mode of a validation (:meth:`build`), sees each batch's tokens, their
+    reconstruction in model units and the code (:meth:`observe`), and reports scalars
+    (:meth:`figures`), which the module logs as ``val/<mode>/<key>`` and metrics.json keeps.
+    As any torchmetrics ``Metric`` it also defines ``update`` (which :meth:`observe` calls) and
+    ``compute``, and its states are reduced across ranks."""
+
+    name: ClassVar[str]
+
+    @classmethod
+    def build(cls, d_model: int, n_latents: int) -> ValidationMetric:
+        raise NotImplementedError
+
+    def observe(self, x: Tensor, x_hat: Tensor, code: SparseCode) -> None:
+        raise NotImplementedError
+
+    def figures(self) -> dict[str, float]:
+        """The scalars to log, from :meth:`compute`."""
+        return {key: float(value) for key, value in self.compute().items() if value.numel() == 1}
+
+
+def validation_metric(name: str):
+    """Register a :class:`ValidationMetric` subclass: every validation then computes it."""
+    return VALIDATION_METRICS.register(name)
+
+
+@validation_metric("recon")
+class Reconstruction(ValidationMetric):
     """Reconstruction figures over an evaluation, in the model's own units (call with
     de-normalised reconstructions), as SAEBench's ``core`` evaluation defines them:
 
@@ -39,6 +73,13 @@ class Reconstruction(Metric):
             self.add_state(name, torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
         for name in ("sum_x", "sum_err"):
             self.add_state(name, torch.zeros(d_model, dtype=torch.float64), dist_reduce_fx="sum")
+
+    @classmethod
+    def build(cls, d_model: int, n_latents: int) -> Reconstruction:
+        return cls(d_model)
+
+    def observe(self, x: Tensor, x_hat: Tensor, code: SparseCode) -> None:
+        self.update(x, x_hat)
 
     def update(self, x: Tensor, x_hat: Tensor) -> None:
         x64, h64 = x.detach().to(torch.float64), x_hat.detach().to(torch.float64)
@@ -68,7 +109,8 @@ class Reconstruction(Metric):
         }
 
 
-class L0(Metric):
+@validation_metric("l0")
+class L0(ValidationMetric):
     """Distribution over tokens of the number of active latents (a histogram of counts)."""
 
     hist: Tensor
@@ -77,6 +119,13 @@ class L0(Metric):
     def __init__(self, n_latents: int):
         super().__init__()
         self.add_state("hist", torch.zeros(n_latents + 1, dtype=torch.long), dist_reduce_fx="sum")
+
+    @classmethod
+    def build(cls, d_model: int, n_latents: int) -> L0:
+        return cls(n_latents)
+
+    def observe(self, x: Tensor, x_hat: Tensor, code: SparseCode) -> None:
+        self.update(code.l0_per_token())
 
     def update(self, l0_per_token: Tensor) -> None:
         self.hist += torch.bincount(l0_per_token, minlength=self.hist.numel())
@@ -109,7 +158,8 @@ def l0_summary(hist: Tensor) -> dict[str, Tensor]:
     }
 
 
-class Firing(Metric):
+@validation_metric("firing")
+class Firing(ValidationMetric):
     """Per-latent firing counts over an evaluation: density and the share never fired."""
 
     counts: Tensor
@@ -120,6 +170,13 @@ class Firing(Metric):
         super().__init__()
         self.add_state("counts", torch.zeros(n_latents, dtype=torch.long), dist_reduce_fx="sum")
         self.add_state("n", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
+
+    @classmethod
+    def build(cls, d_model: int, n_latents: int) -> Firing:
+        return cls(n_latents)
+
+    def observe(self, x: Tensor, x_hat: Tensor, code: SparseCode) -> None:
+        self.update(code.fire_counts(), x.shape[0])
 
     def update(self, fire_counts: Tensor, n_tokens: int) -> None:
         self.counts += fire_counts

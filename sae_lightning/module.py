@@ -25,7 +25,7 @@ from .description_length import description_length
 from .errors import DataError, TrainingDiverged
 from .gradient_ranking import GradientRanking
 from .losses import StepOutput, sum_of_squares, total_loss
-from .metrics import L0, Firing, Reconstruction, absorption, feature_recovery
+from .metrics import L0, VALIDATION_METRICS, Firing, ValidationMetric, absorption, feature_recovery
 from .paired import at_target
 from .provenance import code_version
 from .rescore import Exact
@@ -33,8 +33,6 @@ from .sae import AFFINITY_DTYPES, ExactRanked, SparseAutoencoder, auto_affinity_
 from .sparse import Selection, SparseCode, sparse_decode
 from .stats import LatentStats
 from .zipf import fit_zipf
-
-FIRING_FIGURES = ("never_fired_fraction", "alive_fraction", "density_mean", "density_median")
 
 
 def fvu_at_l0(points: list[dict[str, float]], target: float) -> float:
@@ -102,12 +100,8 @@ class SAEModule(L.LightningModule):
         )
         ema = isinstance(self.allocator, ThresholdAllocator)
         self.modes = [Mode.BATCH, Mode.THRESHOLD] + ([Mode.THRESHOLD_EMA] if ema else [])
-        self.val_metrics = nn.ModuleDict(
-            {
-                mode: nn.ModuleDict({"recon": Reconstruction(d_model), "l0": L0(F), "firing": Firing(F)})
-                for mode in self.modes
-            }
-        )
+        # every registered validation metric, for every mode (metrics.VALIDATION_METRICS)
+        self.val_metrics = nn.ModuleDict({mode: self._new_metrics() for mode in self.modes})
         self.results = ValidationResults()
         self.restoring = False  # set when a checkpoint will replace the initial weights (resume)
         self.train_seconds_before = 0.0  # training time of the run before this session (from the checkpoint)
@@ -496,9 +490,12 @@ class SAEModule(L.LightningModule):
         self.sae.renormalise_decoder()
 
     # ---- validation -----------------------------------------------------------------------------
-    def _metrics(self, mode: str) -> tuple[Reconstruction, L0, Firing]:
-        mets = cast(nn.ModuleDict, self.val_metrics[mode])
-        return cast(Reconstruction, mets["recon"]), cast(L0, mets["l0"]), cast(Firing, mets["firing"])
+    def _new_metrics(self) -> nn.ModuleDict:
+        d, F = self.sae.d_model, self.sae.n_latents
+        return nn.ModuleDict({name: cls.build(d, F) for name, cls in VALIDATION_METRICS.items()})
+
+    def _metrics(self, mode: str) -> dict[str, ValidationMetric]:
+        return cast(dict[str, ValidationMetric], self.val_metrics[mode])
 
     def data(self) -> DataSource:
         """The run's data source (its DataModule)."""
@@ -516,16 +513,15 @@ class SAEModule(L.LightningModule):
 
     def _update(
         self,
-        metrics: tuple[Reconstruction, L0, Firing],
+        metrics: dict[str, ValidationMetric],
         x: Tensor,
         mode: Mode | str,
         collective: Collective | None = None,
     ) -> None:
         out, ctx = self.forward_step(x, mode, collective=collective)
-        recon, l0, firing = metrics
-        recon.update(x, self.sae.denormalise(out.x_hat, ctx))
-        l0.update(out.code.l0_per_token())
-        firing.update(out.code.fire_counts(), x.shape[0])
+        x_hat = self.sae.denormalise(out.x_hat, ctx)
+        for metric in metrics.values():
+            metric.observe(x, x_hat, out.code)
 
     def validation_step(self, x: Tensor, batch_idx: int) -> None:
         collective = self.collective()
@@ -534,40 +530,34 @@ class SAEModule(L.LightningModule):
 
     @torch.no_grad()
     def measure(self, x: Tensor, mode: Mode | str) -> dict[str, float]:
-        """The validation's figures (reconstruction, L0, firing) of tokens ``x`` (model units) in
-        ``mode``, a batch at a time, outside any trainer."""
-        d, F = self.sae.d_model, self.sae.n_latents
-        metrics = (Reconstruction(d).to(self.device), L0(F).to(self.device), Firing(F).to(self.device))
+        """The validation's figures (every registered validation metric's) of tokens ``x`` (model
+        units) in ``mode``, a batch at a time, outside any trainer."""
+        metrics = cast(dict[str, ValidationMetric], self._new_metrics().to(self.device))
         for chunk in x.to(self.device).split(self.batch_size):
             self._update(metrics, chunk, mode)
-        rec, l0, firing = (m.compute() for m in metrics)
-        out = {key: float(value) for key, value in {**rec, **l0}.items()}
-        out.update({key: float(firing[key]) for key in FIRING_FIGURES})
-        return out
+        return {key: value for metric in metrics.values() for key, value in metric.figures().items()}
 
     def on_validation_epoch_end(self) -> None:
         logs: dict[str, float] = {}
         results = ValidationResults()
         step = self.global_step
         for mode in self.active_modes():
-            rec_m, l0_m, firing_m = self._metrics(mode)
-            rec, l0, firing = rec_m.compute(), l0_m.compute(), firing_m.compute()
-            for key, value in {**rec, **l0}.items():
-                logs[f"val/{mode}/{key}"] = float(value)
-            for key in FIRING_FIGURES:
-                logs[f"val/{mode}/{key}"] = float(firing[key])
+            metrics = self._metrics(mode)
+            for metric in metrics.values():
+                logs.update({f"val/{mode}/{key}": value for key, value in metric.figures().items()})
+            l0_m, firing_m = cast(L0, metrics["l0"]), cast(Firing, metrics["firing"])
             results.l0_hists[mode] = l0_m.hist.detach().cpu().clone()
             tb.count_histogram(self._trainer, f"val/{mode}/l0_per_token", results.l0_hists[mode], step)
             if mode == Mode.BATCH:
                 n_val = int(firing_m.n)
                 logs["val/expected_never_fired_fraction"] = self.stats.expected_never_fired(n_val)
-                results.density = firing["density"].detach().cpu()
+                results.density = firing_m.compute()["density"].detach().cpu()
                 density = results.density.to(torch.float32)
                 tb.histogram(self._trainer, f"val/{mode}/log10_density", density[density > 0].log10(), step)
                 fit = fit_zipf(density)
                 if fit is not None:
                     logs["val/zipf_fit_alpha"], logs["val/zipf_fit_beta"] = fit[0], fit[1]
-            for metric in (rec_m, l0_m, firing_m):
+            for metric in metrics.values():
                 metric.reset()
         if isinstance(self.allocator, CalibratedThresholds) and bool(self.allocator.calibrated):
             results.l0_sweep = self.l0_sweep(self.data().val_tensor())

@@ -77,3 +77,44 @@ def test_firing_alive_fraction_and_density_summary():
     out = m.compute()
     assert float(out["alive_fraction"]) == 0.75
     assert float(out["density_mean"]) == pytest.approx(0.15) and float(out["density_median"]) == pytest.approx(0.1)
+
+
+def test_a_registered_validation_metric_is_computed_for_every_mode_without_touching_the_module():
+    """The seam: one registered class adds a figure to every validation (and to measure())."""
+    from sae_lightning.config import load_config
+    from sae_lightning.metrics import VALIDATION_METRICS, ValidationMetric, validation_metric
+    from sae_lightning.module import SAEModule
+
+    from .conftest import TINY, compose_config
+
+    @validation_metric("max_abs_error")
+    class MaxAbsError(ValidationMetric):
+        full_state_update = False
+
+        def __init__(self):
+            super().__init__()
+            self.add_state("worst", torch.zeros((), dtype=torch.float64), dist_reduce_fx="max")
+
+        @classmethod
+        def build(cls, d_model, n_latents):
+            return cls()
+
+        def update(self, x, x_hat):
+            self.worst = torch.maximum(self.worst, (x - x_hat).abs().max().to(torch.float64))
+
+        def observe(self, x, x_hat, code):
+            self.update(x, x_hat)
+
+        def compute(self):
+            return {"max_abs_error": self.worst}
+
+    try:
+        module = SAEModule(load_config(compose_config(["variant=topk", "variant.k=8", *TINY])), 32)
+        assert set(module.val_metrics["batch"]) == {"recon", "l0", "firing", "max_abs_error"}
+        x = torch.randn(256, 32)
+        figures = module.measure(x, "batch")
+        x_hat = module.reconstruct(x, "batch")
+        assert figures["max_abs_error"] == pytest.approx(float((x - x_hat).abs().max()), rel=1e-6)
+        assert {"fvu", "l0_mean", "alive_fraction"} <= set(figures)
+    finally:
+        VALIDATION_METRICS.pop("max_abs_error")
