@@ -26,6 +26,9 @@ class ValidationMetric(Metric):
     ``compute``, and its states are reduced across ranks."""
 
     name: ClassVar[str]
+    # the columns it adds to the run's summary table: title -> the cell, from one mode's figures
+    # ({key: value}, this metric's keys among them); none: metrics.json and TensorBoard only
+    summary: ClassVar[dict[str, Callable[[dict[str, float]], str]]] = {}
 
     @classmethod
     def build(cls, d_model: int, n_latents: int) -> ValidationMetric:
@@ -46,6 +49,7 @@ def validation_metric(name: str):
 
 @validation_metric("recon")
 class Reconstruction(ValidationMetric):
+    summary = {"FVU": lambda f: f"{f['fvu']:.4f}"}
     """Reconstruction figures over an evaluation, in the model's own units (call with
     de-normalised reconstructions), as SAEBench's ``core`` evaluation defines them:
 
@@ -113,6 +117,11 @@ class Reconstruction(ValidationMetric):
 class L0(ValidationMetric):
     """Distribution over tokens of the number of active latents (a histogram of counts)."""
 
+    summary = {
+        "L0 mean": lambda f: f"{f['l0_mean']:.2f}",
+        "L0 p10-p90": lambda f: f"{f['l0_p10']:.0f}-{f['l0_p90']:.0f}",
+    }
+
     hist: Tensor
     full_state_update = False
 
@@ -161,6 +170,8 @@ def l0_summary(hist: Tensor) -> dict[str, Tensor]:
 @validation_metric("firing")
 class Firing(ValidationMetric):
     """Per-latent firing counts over an evaluation: density and the share never fired."""
+
+    summary = {"never fired on val": lambda f: f"{100 * f['never_fired_fraction']:.1f}%"}
 
     counts: Tensor
     n: Tensor

@@ -34,6 +34,7 @@ from .cli import command
 from .config import TrainConfig, load_config, normalised, resolve
 from .errors import ConfigError, DataError, Interrupted
 from .glibc_malloc import keep_freed_memory
+from .metrics import VALIDATION_METRICS
 from .module import SAEModule
 from .provenance import code_version
 from .rules import RULES, evaluate_rules, own_rule, rules_of
@@ -351,6 +352,13 @@ def hparams_of(config: TrainConfig) -> dict[str, Any]:
     return {k: v for k, v in flat.items() if not isinstance(v, (dict, list))}
 
 
+def _cell(cell, figures: dict[str, float]) -> str:
+    try:
+        return cell(figures)
+    except KeyError:  # a figure this mode did not measure
+        return "-"
+
+
 def print_summary(metrics: dict[str, Any], run_dir: Path, config: TrainConfig | None = None) -> None:
     """The final figures on the console, each with what it means. The running-EMA threshold
     mode is left out once calibrated thresholds exist (it lags early in training; it stays in
@@ -360,17 +368,18 @@ def print_summary(metrics: dict[str, Any], run_dir: Path, config: TrainConfig | 
     if not calibrated:
         modes.append(("threshold_ema", "threshold (running EMA; calibration off)"))
     with_dl = any(f"val/{mode}/description_length" in metrics for mode, _ in modes)
-    rows = [("mode", "FVU", "L0 mean", "L0 p10-p90", "never fired on val", *(("DL bits/token",) if with_dl else ()))]
+    # a column per summary cell of each registered validation metric (metrics.ValidationMetric.summary)
+    columns = [(title, cell) for cls in VALIDATION_METRICS.values() for title, cell in cls.summary.items()]
+    rows = [("mode", *(title for title, _ in columns), *(("DL bits/token",) if with_dl else ()))]
     for mode, label in modes:
         if f"val/{mode}/fvu" in metrics:
+            prefix = f"val/{mode}/"
+            figures = {key[len(prefix) :]: value for key, value in metrics.items() if key.startswith(prefix)}
             dl = metrics.get(f"val/{mode}/description_length")
             rows.append(
                 (
                     label,
-                    f"{metrics[f'val/{mode}/fvu']:.4f}",
-                    f"{metrics[f'val/{mode}/l0_mean']:.2f}",
-                    f"{metrics[f'val/{mode}/l0_p10']:.0f}-{metrics[f'val/{mode}/l0_p90']:.0f}",
-                    f"{100 * metrics[f'val/{mode}/never_fired_fraction']:.1f}%",
+                    *(_cell(cell, figures) for _, cell in columns),
                     *((f"{dl:.1f}" if dl is not None else "-",) if with_dl else ()),
                 )
             )

@@ -79,7 +79,7 @@ def test_firing_alive_fraction_and_density_summary():
     assert float(out["density_mean"]) == pytest.approx(0.15) and float(out["density_median"]) == pytest.approx(0.1)
 
 
-def test_a_registered_validation_metric_is_computed_for_every_mode_without_touching_the_module():
+def test_a_registered_validation_metric_is_computed_for_every_mode_without_touching_the_module(tmp_path, capsys):
     """The seam: one registered class adds a figure to every validation (and to measure())."""
     from sae_lightning.config import load_config
     from sae_lightning.metrics import VALIDATION_METRICS, ValidationMetric, validation_metric
@@ -90,6 +90,7 @@ def test_a_registered_validation_metric_is_computed_for_every_mode_without_touch
     @validation_metric("max_abs_error")
     class MaxAbsError(ValidationMetric):
         full_state_update = False
+        summary = {"max |x - x̂|": lambda f: f"{f['max_abs_error']:.3f}"}
 
         def __init__(self):
             super().__init__()
@@ -116,5 +117,13 @@ def test_a_registered_validation_metric_is_computed_for_every_mode_without_touch
         x_hat = module.reconstruct(x, "batch")
         assert figures["max_abs_error"] == pytest.approx(float((x - x_hat).abs().max()), rel=1e-6)
         assert {"fvu", "l0_mean", "alive_fraction"} <= set(figures)
+        # a whole run: in metrics.json and in the summary's table, as a column of its own
+        from sae_lightning.train import run
+
+        cfg = ["variant=topk", "variant.k=8", *TINY, "trainer.max_steps=4", "trainer.val_check_interval=4"]
+        metrics = run(compose_config([*cfg, "progress=none", "evaluation.test_rules=none"]), tmp_path)
+        assert metrics["val/threshold/max_abs_error"] > 0
+        header = next(line for line in capsys.readouterr().out.splitlines() if line.strip().startswith("mode "))
+        assert "max |x - x̂|" in header
     finally:
         VALIDATION_METRICS.pop("max_abs_error")
