@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from ..blockwise import AffinityBlocks, above_threshold
 from ..errors import require
-from ..selection import check_finite
+from ..selection import check_finite, sort_pairs
 from ..sparse import Selection, SparseCode
 from ..spec import setting
 from .base import (
@@ -155,10 +155,7 @@ class JumpReLU(CalibratedThresholds):
             r, c = torch.nonzero((zb > lo) & (zb < hi), as_tuple=True)
             rows.append(r)
             cols.append(c + j)
-        r, c = torch.cat(rows), torch.cat(cols)
-        key, _ = torch.sort(r * self.n_latents + c)
-        r = torch.div(key, self.n_latents, rounding_mode="floor")
-        return Selection(rows=r, cols=key - r * self.n_latents, n_tokens=z.shape[0])
+        return sort_pairs(torch.cat(rows), torch.cat(cols), z.shape[0], self.n_latents)
 
     def band_values(self, band: Selection, scale_by_theta: bool) -> Tensor:
         """Zeros at the band's pairs whose backward sends −(θ_j if ``scale_by_theta`` else 1)/ε_j
