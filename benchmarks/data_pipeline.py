@@ -38,7 +38,7 @@ from sae_lightning.data.harvest_spec import HarvestSpec
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
-def harvest_bench(spec: HarvestSpec, tokens: int) -> dict:
+def harvest_bench(spec: HarvestSpec, tokens: int, batch_sizes: tuple[int, ...] = ()) -> dict:
     source = lm_mod.resolve(spec.lm.name, spec.lm.gguf_file)
     device = _device(spec.lm.device)
     model, tokenizer, causal = lm_mod.load(source, spec.lm.revision, spec.lm.dtype, device)
@@ -49,17 +49,22 @@ def harvest_bench(spec: HarvestSpec, tokens: int) -> dict:
         desc = corpus_mod.describe(spec.corpus, Path(tmp) / "corpora")  # where harvest() will look
         n_ctx = -(-tokens // (spec.context_length - len(framing.prefix) - len(framing.suffix)))
         contexts = list(itertools.islice(framing.contexts(tokenizer, corpus_mod.documents(desc)), n_ctx))
-        batches = []
-        for i in range(0, len(contexts), spec.batch_size):
-            chunk = contexts[i : i + spec.batch_size]
-            ids = torch.full((len(chunk), spec.context_length), -1, dtype=torch.long)
-            for r, c in enumerate(chunk):
-                ids[r, : len(c)] = torch.tensor(c)
-            batches.append(ids)
+
+        def batched(size: int) -> list[torch.Tensor]:
+            out = []
+            for i in range(0, len(contexts), size):
+                chunk = contexts[i : i + size]
+                ids = torch.full((len(chunk), spec.context_length), -1, dtype=torch.long)
+                for r, c in enumerate(chunk):
+                    ids[r, : len(c)] = torch.tensor(c)
+                out.append(ids)
+            return out
+
+        batches = batched(spec.batch_size)
         dropped = torch.tensor(framing.dropped, dtype=torch.long)
         kept = int(sum(((b >= 0) & ~torch.isin(b, dropped)).sum() for b in batches))
 
-        def bare(stop: bool) -> float:
+        def bare(stop: bool, batches: list[torch.Tensor] = batches) -> float:
             t = time.perf_counter()
             with torch.inference_mode(), lm_mod.hook_site(model, spec.site, layer, lambda h: None, stop=stop):
                 for ids in batches:
@@ -74,6 +79,9 @@ def harvest_bench(spec: HarvestSpec, tokens: int) -> dict:
 
         bare(True)  # warm-up
         bare_s = statistics.median([bare(True) for _ in range(2)])
+        # the forward's speed per batch size (contexts per forward; data.harvest.batch_size):
+        # the same contexts, the best of two passes each
+        by_size = {size: kept / min(bare(True, batched(size)) for _ in range(2)) for size in batch_sizes}
         full_s = bare(False)
         spec.token_budget = kept
         t = time.perf_counter()
@@ -93,6 +101,7 @@ def harvest_bench(spec: HarvestSpec, tokens: int) -> dict:
         "harvest_tok_s": kept / harvest_s,
         "harvest_vs_bare": bare_s / harvest_s,
         "d_model": manifest["d_model"],
+        "bare_tok_s_by_batch_size": by_size,
     }
 
 
@@ -123,6 +132,10 @@ def main(argv=None) -> dict:
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--variants", nargs="+", default=["topk", "mutual_choice", "feature_choice"])
     p.add_argument("--skip-harvest", action="store_true")
+    p.add_argument("--skip-loader", action="store_true", help="no loader or training timing (no cache needed)")
+    p.add_argument(
+        "--batch-sizes", type=int, nargs="*", default=[], help="also time the forward at these data.harvest.batch_size"
+    )
     p.add_argument("--out", default="outputs/bench/pipeline.json")
     a = p.parse_args(argv)
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
@@ -134,13 +147,17 @@ def main(argv=None) -> dict:
     assert data.harvest is not None
     result: dict = {"data": a.data, "torch_threads": torch.get_num_threads()}
     if not a.skip_harvest:
-        h = harvest_bench(data.harvest, a.tokens)
+        h = harvest_bench(data.harvest, a.tokens, tuple(a.batch_sizes))
         result["harvest"] = h
         print(
             f"harvest {h['model']} {h['site']} ({h['n_layers']} blocks), {h['tokens']} tokens: bare forward to the "
             f"site {h['bare_forward_to_site_tok_s']:.0f} tok/s, harvest {h['harvest_tok_s']:.0f} tok/s "
             f"({100 * h['harvest_vs_bare']:.0f}% of bare); full forward {h['full_forward_tok_s']:.0f} tok/s"
         )
+        for size, rate in h["bare_tok_s_by_batch_size"].items():
+            print(f"  bare forward, batch_size {size}: {rate:.0f} tok/s")
+    if a.skip_loader:
+        return result
     loader = {w: loader_bench(data, a.batches, w) for w in (0, 2)}
     result["loader_tok_s"] = loader
     print(

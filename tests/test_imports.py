@@ -52,7 +52,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("rules", "callbacks", "sweep.pruning", "sweep.space", "sweep.pareto", "sweep.settings", "sweep.study"),
     ("runs",),
     # entry points
-    ("train", "evaluate", "browser", "interop", "help", "sweep.sweeper", "sweep.report", "sweep"),
+    ("train", "evaluate", "browser", "interop", "help", "debian_docs", "sweep.sweeper", "sweep.report", "sweep"),
 ]
 
 

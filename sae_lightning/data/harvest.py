@@ -19,6 +19,7 @@ replaced by those activations as a leaf, and only the layers after the site buil
 from __future__ import annotations
 
 import math
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -56,6 +57,23 @@ def _device(name: str) -> str:
 # contexts per backward pass of a gradient harvest (bounds the graph and the [n, L, vocab] logits:
 # 8 contexts of 128 tokens at SmolLM2's 49 152-token vocabulary hold 200 MB of logits)
 GRADIENT_CONTEXTS = 8
+_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+def free_bytes(path: Path) -> int:
+    """Free bytes on the file system that will hold ``path`` (its nearest existing folder)."""
+    while not path.exists():
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def bytes_per_token(spec: HarvestSpec, d_model: int) -> float:
+    """What the cache stores per kept token: its activations, its gradients if asked, and its
+    context's token ids (int32 per position, a context keeping about all its positions)."""
+    per = d_model * _BYTES[spec.dtype] + 4
+    if spec.gradients:
+        per += d_model * _BYTES[spec.gradient_dtype]
+    return per
 
 
 def compute_stats(folder: Path, manifest: dict[str, Any]) -> dict[str, Any]:
@@ -331,10 +349,32 @@ class HarvestRun:
                 return budget
         return n
 
+    def _check_space(self) -> None:
+        """Refuse, before writing, a harvest whose shards will not fit on the disk: the tokens to
+        go (the budget; where that does not fit, what a local corpus holds up to it) times the
+        bytes per token."""
+        free = free_bytes(self.folder)
+        per = bytes_per_token(self.spec, self.d_model)
+        to_go = self.spec.token_budget - self.tokens
+        if to_go * per <= free:
+            return
+        if self.desc["kind"] != "hub":
+            to_go = self._planned_tokens() - self.tokens
+            if to_go * per <= free:
+                return
+        raise DataError(
+            f"data.path={self.folder}: the harvest needs {to_go * per / 1e9:.2f} GB more ({to_go:,} tokens x "
+            f"{per:g} bytes: d_model {self.d_model} in {self.spec.dtype}"
+            + (f", gradients in {self.spec.gradient_dtype}" if self.spec.gradients else "")
+            + f", token ids) but the disk has {free / 1e9:.2f} GB free; free some space, lower "
+            "data.harvest.token_budget or set data.path to a larger disk. Nothing was written"
+        )
+
     # ---- the session --------------------------------------------------------------------------
     def run(self, manifest: dict[str, Any] | None, progress: bool) -> dict[str, Any]:
         if manifest is not None:
             self._keep_whole_shards(manifest)
+        self._check_space()
         stream = self.framing.contexts(self.tokenizer, corpus_mod.documents(self.desc))
         for _ in range(self.done_contexts):  # resume: skip what the kept shards hold (tokenising only)
             next(stream)

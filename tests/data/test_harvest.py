@@ -139,6 +139,22 @@ def test_layer_out_of_range_is_a_config_error_and_writes_nothing(tiny_lm, corpus
     assert not (tmp_path / "c").exists()
 
 
+def test_a_harvest_that_cannot_fit_on_the_disk_is_refused_before_writing(tiny_lm, corpus_file, tmp_path, monkeypatch):
+    spec = spec_for(tiny_lm, corpus_file, token_budget=10**7)  # more than the corpus holds
+    per = harvest_mod.bytes_per_token(spec, 32)
+    assert per == 32 * 4 + 4  # float32 activations (the helper's spec) and an int32 token id
+    planned = harvest(tmp_path / "probe", spec, progress=False, log=lambda *a: None)["tokens"]
+    # a stand-in free-space figure one token short of what the whole corpus (below the budget) needs
+    monkeypatch.setattr(harvest_mod, "free_bytes", lambda path: planned * per - 1)
+    with pytest.raises(DataError, match=r"^data.path=.*needs .* GB more \([\d,]+ tokens x 132 bytes.*GB free.*"):
+        harvest(tmp_path / "c", spec, progress=False, log=lambda *a: None)
+    assert not (tmp_path / "c").exists() and not list(tmp_path.glob(".c*"))
+    # exactly enough: the budget does not fit, the corpus (which ends first) does, so it harvests
+    monkeypatch.setattr(harvest_mod, "free_bytes", lambda path: planned * per)
+    assert spec.token_budget * per > planned * per
+    assert harvest(tmp_path / "c", spec, progress=False, log=lambda *a: None)["tokens"] == planned
+
+
 def test_empty_corpus_is_an_error_and_writes_nothing(tiny_lm, tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n   \n")
