@@ -40,6 +40,9 @@ from sae_lightning.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
+# each (set, variant, seed)'s figures, committed: the page is rebuilt from these, and a grid run
+# in parts across sessions (or machines) skips what they hold
+RECORDS = ROOT / "benchmarks" / "records" / "parity"
 SAELENS_PY = ROOT / ".venv-saelens" / "bin" / "python"
 
 # SAELens's TopK recipe, against ours, one difference at a time (the overrides that make ours
@@ -101,13 +104,33 @@ ABLATIONS: dict[str, list[str]] = {
 }
 
 
+# The activation sets parity is measured on (--corpora): name -> (data config, cache, more data
+# overrides, title). Each is harvested first with python harvest.py data=<config> data.path=<cache> <overrides>.
+SETS: dict[str, tuple[str, str, list[str], str]] = {
+    "minilm": ("minilm", "outputs/cache/minilm_l3_pydocs", [], "MiniLM L3 of 6, Python docstrings (built-in corpus)"),
+    "minilm_docs": (
+        "minilm_docs",
+        "outputs/cache/minilm_l3_debian_docs",
+        [],
+        "MiniLM L3 of 6, Debian documentation corpus",
+    ),
+    "minilm_l5": (
+        "minilm",
+        "outputs/cache/minilm_l5_pydocs",
+        ["data.harvest.layer=5"],
+        "MiniLM L5 of 6, Python docstrings",
+    ),
+    "smollm2": ("smollm2", "outputs/cache/smollm2_l9_pydocs", [], "SmolLM2-135M L9 of 30, Python docstrings"),
+}
+
+
 def data_overrides(a) -> list[str]:
     return [
         f"data={a.data}",
         f"data.path={a.cache}",
         f"data.batch_size={a.batch}",
         f"data.val_tokens={a.heldout}",
-        "data.downstream.enabled=false" if a.data == "smollm2" else "data.seed=0",
+        "data.downstream.enabled=false" if a.data.startswith("smollm2") else "data.seed=0",
         *a.data_overrides,
     ]
 
@@ -277,19 +300,60 @@ def _fmt(row: dict, key: str, pct: bool = False) -> str:
     return f"{m:.2%} ± {sd:.2%}" if pct else f"{m:.4f} ± {sd:.4f}"
 
 
-def report(out: Path, page: Path) -> str:
-    """docs/parity.md from every seed's parity*.json under ``out`` (one data set)."""
-    runs = _runs(out)
-    if 0 not in runs:
-        raise SystemExit(f"error: no {out / 'parity.json'} yet: run the harness (seed 0) first")
-    settings, rows0 = runs[0]["settings"], runs[0]["rows"]
-    base = rows0["ours"]
+def corpora_section(sets: dict[str, dict[int, dict]]) -> list[str]:
+    """Today's recipe against SAELens on every activation set: paired by seed."""
+    lines = [
+        "## Every activation set (today's recipe against SAELens, seeds paired)",
+        "",
+        "The same protocol on each set: identical batches, the same held-out tokens for both, one scoring "
+        "function. Δ is 100·(ours/SAELens − 1) per seed, then mean ± std over the seeds. The target: ours ≤ "
+        "SAELens's FVU with ≤ 1 % of latents never firing on held-out tokens.",
+        "",
+        "| activation set | ours: FVU | never fired | SAELens: FVU | never fired | Δ FVU | seeds | target |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    verdicts = []
+    for name, runs in sets.items():
+        pairs = [r["rows"] for r in runs.values() if ADOPTED in r["rows"] and SAELENS_ROW in r["rows"]]
+        if not pairs:
+            continue
+        ours_row, sl_row = _mean_row(runs, ADOPTED), _mean_row(runs, SAELENS_ROW)
+        d_m, d_s = _stats([100 * (r[ADOPTED]["fvu"] / r[SAELENS_ROW]["fvu"] - 1) for r in pairs])
+        met = d_m <= 0 and ours_row["never_fired"][0] <= 0.01
+        verdicts.append((name, met, d_m, ours_row["never_fired"][0]))
+        lines.append(
+            f"| {SETS[name][3] if name in SETS else name} | {_fmt(ours_row, 'fvu')} | "
+            f"{_fmt(ours_row, 'never_fired', True)} | {_fmt(sl_row, 'fvu')} | {_fmt(sl_row, 'never_fired', True)} | "
+            f"{d_m:+.2f} % ± {d_s:.2f} | {len(pairs)} | {'met' if met else '**not met**'} |"
+        )
+    missed = [v for v in verdicts if not v[1]]
+    lines += [
+        "",
+        f"Met on {len(verdicts) - len(missed)} of {len(verdicts)} sets"
+        + (
+            "."
+            if not missed
+            else ": not on " + "; ".join(f"{n} (FVU {d:+.2f} %, {nf:.2%} never firing)" for n, _, d, nf in missed) + "."
+        ),
+        "",
+    ]
+    return lines
+
+
+def report(root: Path, page: Path) -> str:
+    """docs/parity.md from the records under ``root``: a folder per activation set, each with
+    every seed's parity*.json."""
+    sets = {name: _runs(root / name) for name in SETS if (root / name).is_dir()}
+    if not any(sets.values()):
+        raise SystemExit(f"error: no parity records under {root}: run the harness first")
+    some = next(r for runs in sets.values() for r in runs.values())
+    settings = some["settings"]
     steps = int(settings["tokens"]) // int(settings["batch"])
     lines = [
         "# TopK parity with SAELens",
         "",
-        f"Our TopK against SAELens 6.54's own `SAETrainer` + `TopKTrainingSAE` on identical batches of the MiniLM "
-        f"layer-3 cache (d = 384): k = {settings['k']}, F = {settings['latents']}, B = {settings['batch']}, {steps} "
+        f"Our TopK against SAELens 6.54's own `SAETrainer` + `TopKTrainingSAE` on identical batches of each "
+        f"activation set: k = {settings['k']}, F = {settings['latents']}, B = {settings['batch']}, {steps} "
         f"steps ({steps * int(settings['batch'])} tokens), lr {settings['lr']} for both, {settings['threads']} CPU "
         "threads. Every system is scored by one function in the SAELens environment (ours exported with "
         f"`sae_lightning.interop`) on the same {settings['heldout']} held-out tokens: FVU, mean L0 and the share of "
@@ -297,16 +361,39 @@ def report(out: Path, page: Path) -> str:
         "200k training tokens). Measured with",
         "",
         "```bash",
-        "python harvest.py data=minilm        # the cache: outputs/cache/minilm_l3_pydocs",
-        "C=outputs/cache/minilm_l3_pydocs",
-        "python -m benchmarks.parity --cache $C --all   # every run below (resumable: 1-2 h on 2 cores), then this page",
-        "python -m benchmarks.parity --report           # this page again, from the runs there are",
+        "python -m sae_lightning.debian_docs             # the second corpus (docs/data.md)",
+        "python harvest.py data=minilm; python harvest.py data=minilm_docs; python harvest.py data=smollm2",
+        "python harvest.py data=minilm data.harvest.layer=5 data.path=outputs/cache/minilm_l5_pydocs",
+        "python -m benchmarks.parity --corpora          # every set, 3 seeds (resumable), then this page",
+        "python -m benchmarks.parity --cache outputs/cache/minilm_l3_pydocs --all   # the ablations (MiniLM L3)",
+        "python -m benchmarks.parity --report           # this page again, from benchmarks/records/parity/",
         "```",
         "",
-        "The recipe rows were measured before the defaults changed: `ours` is the old default recipe (unit-norm "
-        f"decoder, 100 warm-up steps, normalised loss, no clipping); `{ADOPTED}` is today's default.",
+        f"Today's default recipe is the row `{ADOPTED}`; `ours` is the recipe before this comparison (unit-norm "
+        "decoder, 100 warm-up steps, normalised loss, no clipping). Code versions of the records: "
+        + ", ".join(
+            sorted({r.get("code", {}).get("commit", "?")[:12] for runs in sets.values() for r in runs.values()})
+        )
+        + ".",
         "",
-        "## One change at a time (seed 0)",
+        *corpora_section(sets),
+    ]
+    runs = sets.get("minilm", {})
+    if 0 not in runs or not all(name in runs[0]["rows"] for name in ABLATIONS):
+        lines += [
+            "## One change at a time",
+            "",
+            "Not in the records yet: `python -m benchmarks.parity --cache outputs/cache/minilm_l3_pydocs --all` "
+            "measures it (every recipe difference alone and combined, MiniLM L3, seed 0).",
+        ]
+        text = "\n".join(lines) + "\n"
+        atomic_write_text(page, text)
+        return text
+    out = root / "minilm"
+    rows0 = runs[0]["rows"]
+    base = rows0["ours"]
+    lines += [
+        "## One change at a time (MiniLM L3, seed 0)",
         "",
         "Each row turns one or more of our recipe's choices into SAELens's. Lower FVU is better; a latent that never "
         "fires on held-out tokens is wasted capacity.",
@@ -440,10 +527,11 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument(
         "--data",
-        choices=["minilm", "smollm2", "cache"],
+        choices=sorted({"cache", *(spec[0] for spec in SETS.values()), "smollm2_docs"}),
         default="minilm",
         help="the data config of the cache (cache: any cache, only read)",
     )
+    p.add_argument("--set", default=None, help="the runs' folder under --out (default: --data)")
     p.add_argument(
         "--data-overrides", nargs="*", default=[], help="more data.* overrides, e.g. data.calibration_tokens=4096"
     )
@@ -466,7 +554,14 @@ def main(argv=None) -> dict:
         "--ablations", nargs="*", default=None, help="which of our variants (default: all; 'none': ours only)"
     )
     p.add_argument("--out", type=Path, default=ROOT / "outputs" / "bench" / "parity")
+    p.add_argument("--records", type=Path, default=RECORDS, help="where each run's figures are recorded (committed)")
+    p.add_argument("--no-old", action="store_true", help="leave out the old recipe's row ('ours')")
     p.add_argument("--report", action="store_true", help="write docs/parity.md from the runs there are, and stop")
+    p.add_argument(
+        "--corpora",
+        action="store_true",
+        help="ours (today's recipe) and SAELens on every activation set of SETS, seeds 0-2, then the report; resumable",
+    )
     p.add_argument(
         "--all",
         action="store_true",
@@ -475,7 +570,19 @@ def main(argv=None) -> dict:
     )
     a = p.parse_args(argv)
     if a.report:
-        print(report(a.out / a.data, ROOT / "docs" / "parity.md"))
+        print(report(a.records, ROOT / "docs" / "parity.md"))
+        return {}
+    if a.corpora:
+        for seed in (0, 1, 2):  # seed-major: every set's first seed first
+            for name, (data, cache, more, _) in SETS.items():
+                main(
+                    [
+                        *("--data", data, "--set", name, "--cache", cache, "--seed", str(seed)),
+                        *("--ablations", ADOPTED, "--no-old", "--out", str(a.out), "--records", str(a.records)),
+                        *(["--data-overrides", *more] if more else []),
+                    ]
+                )
+        print(report(a.records, ROOT / "docs" / "parity.md"))
         return {}
     if a.all:
         rest = [x for x in (argv if argv is not None else sys.argv[1:]) if x != "--all"]
@@ -485,16 +592,24 @@ def main(argv=None) -> dict:
         for variant in ("mutual_choice", "feature_choice"):
             for seed in (0, 1, 2):
                 main([*rest, "--variant", variant, "--seed", str(seed), "--ablations", ADOPTED])
-        print(report(a.out / a.data, ROOT / "docs" / "parity.md"))
+        print(report(a.records, ROOT / "docs" / "parity.md"))
         return {}
     if a.cache is None:
         sys.exit("error: --cache is required (the activation cache to train on)")
     if not SAELENS_PY.exists():
         sys.exit(f"error: {SAELENS_PY} does not exist: run make install-saelens first")
-    out = a.out / a.data
+    out = a.out / (a.set or a.data)
+    names = list(ABLATIONS) if a.ablations is None else ["ours"] + [n for n in ABLATIONS if n in a.ablations]
+    if a.no_old:
+        names.remove("ours")
+    tag = "" if a.variant == "topk" else f"_{a.variant}"
+    record = a.records / (a.set or a.data) / f"parity{tag}{suffix(a.seed)}.json"
+    kept = json.loads(record.read_text()) if record.is_file() else {"rows": {}}
+    if all(n in kept["rows"] for n in [*names, SAELENS_ROW]):
+        print(f"{record}: every row is recorded; nothing to run", flush=True)
+        return kept
     out.mkdir(parents=True, exist_ok=True)
     plan_path = plan(a, out)
-    names = list(ABLATIONS) if a.ablations is None else ["ours"] + [n for n in ABLATIONS if n in a.ablations]
     rows: dict[str, dict[str, Any]] = {}
     for name in names:
         print(f"ours: {name}", flush=True)
@@ -520,9 +635,12 @@ def main(argv=None) -> dict:
     figures = json.loads(scored.stdout.strip().splitlines()[-1])
     for r in rows.values():
         r.update(figures[r["folder"]])
-    result = {"settings": {k: str(v) for k, v in vars(a).items()}, "rows": rows}
-    tag = "" if a.variant == "topk" else f"_{a.variant}"
-    atomic_write_json(out / f"parity{tag}{suffix(a.seed)}.json", result)
+    settings = {k: str(v) for k, v in vars(a).items() if k not in ("out", "records", "report", "all", "corpora")}
+    from sae_lightning.provenance import code_version
+
+    result = {"settings": settings, "code": code_version(), "rows": {**kept["rows"], **rows}}
+    record.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(record, result)
     print(
         f"\n{a.data}: k = {a.k}, F = {a.latents}, B = {a.batch}, {a.tokens // a.batch * a.batch} training tokens, "
         f"lr {a.lr}, scored on {a.heldout} held-out tokens"
