@@ -562,6 +562,7 @@ def main(argv=None) -> dict:
         action="store_true",
         help="ours (today's recipe) and SAELens on every activation set of SETS, seeds 0-2, then the report; resumable",
     )
+    p.add_argument("--sets", nargs="+", choices=list(SETS), default=list(SETS), help="--corpora: these sets only")
     p.add_argument(
         "--all",
         action="store_true",
@@ -574,7 +575,8 @@ def main(argv=None) -> dict:
         return {}
     if a.corpora:
         for seed in (0, 1, 2):  # seed-major: every set's first seed first
-            for name, (data, cache, more, _) in SETS.items():
+            for name in a.sets:
+                data, cache, more, _ = SETS[name]
                 main(
                     [
                         *("--data", data, "--set", name, "--cache", cache, "--seed", str(seed)),

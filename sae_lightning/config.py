@@ -113,6 +113,10 @@ class CalibrationSpec:
 
     enabled: bool = True  # calibrate the thresholds on data.calibration_tokens when training ends
     match_l0: bool = True  # then scale the calibrated thresholds by one factor so that L0 = k on the calibration tokens
+    # also before every validation during training: the threshold mode (and val/threshold/fvu_at_k,
+    # the headline) is then measured along training, a learning curve (benchmarks.long); one
+    # calibration per validation. The thresholds serve inference only: training is unchanged
+    every_validation: bool = False
 
 
 @dataclass

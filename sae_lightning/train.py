@@ -173,7 +173,9 @@ def _trainer(plan: Plan, run_dir: Path) -> tuple[L.Trainer, ThresholdCalibration
         enable_version_counter=False,  # a resumed run overwrites last.ckpt, never adds last-v1.ckpt beside it
     )
     stop = GracefulStop(ckpt_dir / "last.ckpt")
-    calibration = ThresholdCalibration(config.calibration.enabled, config.calibration.match_l0)
+    calibration = ThresholdCalibration(
+        config.calibration.enabled, config.calibration.match_l0, config.calibration.every_validation
+    )
     timer = ValidationTimer()
     batch_size = config.data.batch_size
     callbacks = [

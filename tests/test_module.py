@@ -269,3 +269,27 @@ def test_a_run_on_data_with_a_feature_hierarchy_reports_absorption(tmp_path):
     metrics = run(cfg, tmp_path)
     assert 0 <= metrics["val/absorption"] <= 1
     assert 0 < metrics["val/parent_latent_rate_alone"] <= 1 and 0 < metrics["val/parent_recovery_mean_max_cos"] <= 1
+
+
+def logged_steps(run_dir, tag: str) -> list[int]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    steps = []
+    for events in sorted({p.parent for p in run_dir.rglob("events.out.tfevents.*")}):
+        acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
+        acc.Reload()
+        if tag in acc.Tags()["scalars"]:
+            steps += [e.step for e in acc.Scalars(tag)]
+    return sorted(steps)
+
+
+def test_calibrating_at_every_validation_gives_a_learning_curve_and_leaves_training_as_it_was(tmp_path):
+    overrides = [*TINY, "variant=mutual_choice", "variant.k=8", "trainer.max_steps=24", "trainer.val_check_interval=8",
+                 "progress=none"]  # fmt: skip
+    plain = train_py_weights(overrides, tmp_path / "plain")
+    curve = train_py_weights([*overrides, "calibration.every_validation=true"], tmp_path / "curve")
+    assert all(torch.equal(plain[name], curve[name]) for name in plain)
+    # the headline at every validation during training (logged at steps 7, 15, 23), not only after
+    # calibration (the final validation, step 24)
+    assert logged_steps(tmp_path / "curve", "val/threshold/fvu_at_k") == [7, 15, 23, 24]
+    assert logged_steps(tmp_path / "plain", "val/threshold/fvu_at_k") == [24]
