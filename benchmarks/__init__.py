@@ -8,7 +8,8 @@
 - ``parity``: our TopK against SAELens's on identical batches (docs/parity.md);
 - ``data_pipeline``: harvest against the bare forward pass, the loader against training;
 - ``claims``: the paper's claims measured on three datasets (docs/results.md);
-- ``gradient_ranking``: g-SAE ranking against plain ranking on SmolLM2 (docs/gradient_ranking.md).
+- ``gradient_ranking``: g-SAE ranking against plain ranking on SmolLM2 (docs/gradient_ranking.md);
+- ``long``: TopK, MC and FC trained 10-20M tokens, with learning curves (docs/long_runs.md).
 """
 
 

@@ -1,0 +1,43 @@
+"""benchmarks.long at toy size: a run's learning curve and final figures are recorded, a
+recorded run is not trained again, and the page is built from the records."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmarks import long
+
+from ..conftest import TINY
+
+pytestmark = pytest.mark.slow
+
+
+def test_long_runs_record_learning_curves_and_build_the_page(tmp_path, monkeypatch):
+    monkeypatch.setattr(long, "BATCH", 256)
+    monkeypatch.setattr(long, "VAL_EVERY_TOKENS", 256 * 10)
+    monkeypatch.setattr(long, "COMMON", ["variant.k=8", "calibration.every_validation=true", "progress=none"])
+    monkeypatch.setattr(long, "DATASETS", {"minilm_docs": {"args": [*TINY], "tokens": 256 * 30, "title": "toy"}})
+    monkeypatch.setattr(long, "CONFIGS", {"topk+aux_k": ["variant=topk"], "mc": ["variant=mutual_choice"]})
+    page = tmp_path / "docs" / "long_runs.md"
+    monkeypatch.setattr(long, "ROOT", tmp_path)  # the page and its image under tmp
+    records = tmp_path / "records"
+    for config in ("topk+aux_k", "mc"):
+        for seed in (0, 1):
+            rec = long.run_one(tmp_path / "out", records, "minilm_docs", config, seed, threads=1)
+            assert rec is not None
+            assert [p["tokens"] for p in rec["curve"]] == [2560, 5120, 7680]  # a validation every 10 steps
+            assert all(0 < p["fvu_at_k"] < 2 and 0 <= p["dead"] <= 1 for p in rec["curve"])
+            assert rec["final"]["test/fvu_at_k"] > 0
+    # recorded: not trained again (the run folders may go)
+    import shutil
+
+    shutil.rmtree(tmp_path / "out")
+    again = long.run_one(tmp_path / "out", records, "minilm_docs", "mc", 0, threads=1)
+    assert again == json.loads((records / "minilm_docs" / "mc_s0.json").read_text())
+    assert not (tmp_path / "out").exists()
+    text = long.report(records, page)
+    assert page.read_text() == text and (page.parent / "img" / "long_minilm_docs.png").stat().st_size > 0
+    row = next(line for line in text.splitlines() if line.startswith("| mc |") and "%" in line)
+    assert row.endswith(("| holds |", "| **reverses** |"))
