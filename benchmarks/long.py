@@ -274,13 +274,13 @@ def report(records_dir: Path, page: Path) -> str:
         for config in CONFIGS:
             if config == "topk+aux_k":
                 continue
-            early = paired(recs, config, "topk+aux_k", lambda r: at_tokens(r["curve"], 1e6))
+            first = paired(recs, config, "topk+aux_k", lambda r: at_tokens(r["curve"], 1e6))
             late = paired(recs, config, "topk+aux_k", lambda r: r["final"].get("val/threshold/fvu_at_k"))
             test = paired(recs, config, "topk+aux_k", lambda r: r["final"].get("test/fvu_at_k"))
-            same = early is not None and late is not None and (early[0] < 0) == (late[0] < 0)
+            same = first is not None and late is not None and (first[0] < 0) == (late[0] < 0)
             lines.append(
-                f"| {config} | {_verdict(early)} | {_verdict(late)} | {_verdict(test)} | "
-                + ("—" if early is None or late is None else "holds" if same else "**reverses**")
+                f"| {config} | {_verdict(first)} | {_verdict(late)} | {_verdict(test)} | "
+                + ("—" if first is None or late is None else "holds" if same else "**reverses**")
                 + " |"
             )
         codes = sorted({r["code"].get("commit", "?")[:12] for r in recs.values()})
