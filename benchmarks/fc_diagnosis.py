@@ -47,8 +47,8 @@ def _spearman(a: torch.Tensor, b: torch.Tensor) -> float:
 @torch.no_grad()
 def per_token(module, rule: str, cal: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(L0, squared error) of every token of ``x`` read by ``rule``, at L0 = k on ``x``."""
-    from sae_lightning.rules import reader
     from sae_lightning.allocators.base import l0_matching_scale
+    from sae_lightning.rules import reader
 
     rd = reader(module, rule, cal)
     factor = 1.0 if rd.theta is None else l0_matching_scale(module._calibration_set(x), rd.theta, rd.k)
