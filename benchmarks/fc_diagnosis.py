@@ -95,7 +95,10 @@ def diagnose(topk_run: Path, fc_run: Path) -> dict[str, Any]:
     rel = e_topk / norms.pow(2).clamp_min(1e-30)
     order = rel.argsort()
     deciles = [float(l0_fc[chunk].mean()) for chunk in order.chunk(10)]
+    from sae_lightning.allocators.feature_choice import FeatureChoice
+
     alloc = fc.allocator
+    assert isinstance(alloc, FeatureChoice), type(alloc)
     n = int(alloc.allocation_batch)
     capacity = alloc.expected_capacities(n).double().cpu() / n
     demand = alloc.demand.double().cpu()
@@ -162,7 +165,9 @@ def figure(dataset: str, d: dict[str, Any], path: Path) -> None:
     ax = axes[1]
     ax.plot(range(1, 11), d["fc_l0_by_topk_error_decile"], "o-", color="tab:green")
     ax.axhline(k, color="k", ls="--", lw=1)
-    ax.set(xlabel="decile of TopK's relative error (1 = easiest)", ylabel="FC mean L0", title="does FC follow difficulty?")
+    ax.set(
+        xlabel="decile of TopK's relative error (1 = easiest)", ylabel="FC mean L0", title="does FC follow difficulty?"
+    )
     ax = axes[2]
     cap, rate, dem = a["capacity"].numpy(), a["rate"].numpy(), a["demand"].numpy()
     ax.loglog(cap, rate, ".", ms=2, alpha=0.5, label="inference rate (val)")
@@ -219,7 +224,8 @@ def main(argv=None) -> dict:
                     raise SystemExit(f"error: training {dataset} {config} seed {seed} failed (see its train.log)")
                 headline.setdefault(config, []).append(m["val/threshold/fvu_at_k"])
         d = diagnose(
-            _run_dir(a.out, dataset, "topk+aux_k", a.k, a.seeds[0]), _run_dir(a.out, dataset, "fc_demand", a.k, a.seeds[0])
+            _run_dir(a.out, dataset, "topk+aux_k", a.k, a.seeds[0]),
+            _run_dir(a.out, dataset, "fc_demand", a.k, a.seeds[0]),
         )
         figure(dataset, d, ROOT / "docs" / "img" / f"fc_diagnosis_{dataset}.png")
         d.pop("_arrays")
