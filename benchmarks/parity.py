@@ -102,6 +102,21 @@ ABLATIONS: dict[str, list[str]] = {
         "optim.clip_grad_norm=1.0",
     ],
 }
+_TODAY = ABLATIONS["no warm-up + free decoder + summed loss clipped at 1.0"]
+# issue 39: changes tried on top of today's recipe where it only ties SAELens (the Debian docs set)
+ABLATIONS.update(
+    {
+        "today + Adam eps 1e-8": [*_TODAY, "optim.eps=1e-8"],
+        "today + Adam beta2 0.99": [*_TODAY, "optim.betas=[0.9,0.99]"],
+        "today + encoder scale none": [*_TODAY, "model.init_encoder_scale=none"],
+        "today + decoder init 0.1, dead after 40k tokens": [
+            *_TODAY,
+            "model.decoder_init_norm=0.1",
+            "model.init_encoder_scale=none",
+            "stats.dead_window_tokens=40960",
+        ],
+    }
+)
 
 
 # The activation sets parity is measured on (--corpora): name -> (data config, cache, more data
