@@ -12,8 +12,8 @@ so that L0 = k on those tokens), and measures:
   above the Mutual Choice cutoff, the EMA that sets the capacities) and its firing rate at
   inference; the calibrated thresholds against the training cutoffs (θ_EMA).
 
-Writes ``docs/img/fc_diagnosis_<dataset>.png`` and ``outputs/fc_diagnosis/<dataset>.json`` and
-prints the figures (docs/method_choices.md quotes them). ``--try NAME=OVERRIDES`` trains FC
+Writes ``docs/img/fc_diagnosis_<dataset>.png`` and ``benchmarks/records/fc_diagnosis/<dataset>.json``
+(committed) and prints the figures (docs/method_choices.md quotes them). ``--try NAME=OVERRIDES`` trains FC
 variants beside it (same seeds) and compares their validation headline with TopK's and FC's.
 """
 
@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from benchmarks.claims import run_one
+from sae_lightning.atomic import atomic_write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHES = {"minilm": "minilm_l3_pydocs", "smollm2": "smollm2_l9_pydocs"}
@@ -231,8 +232,13 @@ def main(argv=None) -> dict:
         d.pop("_arrays")
         d["validation_headline"] = {c: sum(v) / len(v) for c, v in headline.items()}
         d["validation_headline_per_seed"] = headline
+        from sae_lightning.provenance import code_version
+
+        d["code"] = code_version()
         results[dataset] = d
-        (a.out / f"{dataset}.json").write_text(json.dumps(d, indent=1))
+        record = ROOT / "benchmarks" / "records" / "fc_diagnosis" / f"{dataset}.json"
+        record.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(record, d, indent=1)
         print(json.dumps({dataset: d}, indent=1), flush=True)
     return results
 
