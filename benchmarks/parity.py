@@ -389,7 +389,14 @@ def report(root: Path, page: Path) -> str:
         f"Today's default recipe is the row `{ADOPTED}`; `ours` is the recipe before this comparison (unit-norm "
         "decoder, 100 warm-up steps, normalised loss, no clipping). Code versions of the records: "
         + ", ".join(
-            sorted({r.get("code", {}).get("commit", "?")[:12] for runs in sets.values() for r in runs.values()})
+            sorted(
+                {
+                    str(row.get("commit") or r.get("code", {}).get("commit") or "?")[:12]
+                    for runs in sets.values()
+                    for r in runs.values()
+                    for row in r["rows"].values()
+                }
+            )
         )
         + ".",
         "",
@@ -657,7 +664,10 @@ def main(argv=None) -> dict:
     settings = {k: str(v) for k, v in vars(a).items() if k not in ("out", "records", "report", "all", "corpora")}
     from sae_lightning.provenance import code_version
 
-    result = {"settings": settings, "code": code_version(), "rows": {**kept["rows"], **rows}}
+    code = code_version()
+    for r in rows.values():  # each row says which code trained it (a record gains rows over commits)
+        r["commit"] = code.get("commit")
+    result = {"settings": settings, "code": code, "rows": {**kept["rows"], **rows}}
     record.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(record, result)
     print(
