@@ -95,3 +95,25 @@ def test_description_length_does_not_depend_on_how_a_latent_splits_its_scale(tra
     assert after["dl_precision"] == pytest.approx(before["dl_precision"], rel=1e-4)
     assert after["description_length"] == pytest.approx(before["description_length"], rel=1e-3)
     assert not math.isnan(after["dl_raw_bits"])
+
+
+def test_the_certified_steps_give_the_precision_of_decoding_every_step(trained):
+    """choose_precision skips the fine steps HeldOutCodes.passes_for_sure certifies: the same Δ
+    and FVU as decoding every step, and the certificate never passes a step that fails."""
+    import dataclasses
+
+    from sae_lightning.description_length import START_STEP, choose_precision
+
+    module, x = trained
+    for mode in ("threshold", "batch"):
+        codes = held_out_codes(module, x, mode)
+        walked = choose_precision(dataclasses.replace(codes, directions=None), 0.01)  # no certificate
+        assert choose_precision(codes, 0.01) == walked
+        limit = walked[1] * 1.01 + 1e-12
+        certain = codes.passes_for_sure(limit)
+        top = float(codes.contributions.abs().max())
+        certified = [i for i in range(START_STEP + 1) if certain(top * GRID_RATIO**-i)]
+        assert certified, "the certificate takes no step: it saves nothing"
+        for i in certified[:: max(1, len(certified) // 6)]:
+            _, centres = quantise(codes.contributions, top * GRID_RATIO**-i)
+            assert codes.fvu(centres / codes.unit) <= limit

@@ -11,7 +11,7 @@ inference mode; and with them replaced by zeros. ΔCE = CE_spliced − CE_clean;
 = (CE_zero − CE_spliced) / (CE_zero − CE_clean) (SAEBench's CE loss score); KL = the mean
 KL(clean ‖ spliced) of the next-token distributions and its score (KL_zero − KL) / KL_zero
 (SAEBench's KL divergence score). The final figures are also taken at L0 = k exactly on the
-spliced tokens (:meth:`DownstreamLoss.at_k`), where the calibrated thresholds of MC and FC land
+spliced tokens (:meth:`DownstreamLoss.splice_at_k`), where the calibrated thresholds of MC and FC land
 a few % off k. The model is loaded on first use, on rank 0.
 """
 
@@ -180,7 +180,8 @@ class DownstreamLoss(L.Callback):
         return ref
 
     def kept_activations(self) -> torch.Tensor:
-        """The site's clean activations at the kept positions of the contexts, in order."""
+        """The site's clean activations at the kept positions of the contexts, in order (each
+        forward pass stops at the site: the layers after it are not needed)."""
         assert self.model is not None, "the language model is loaded by measure()"
         device, got = self.model.device, []
 
@@ -191,21 +192,24 @@ class DownstreamLoss(L.Callback):
         with torch.inference_mode():
             for ids, keep in zip(self.ids.split(16), self.keep.split(16)):
                 ids, keep = ids.to(device), keep.to(device)
-                with lm_mod.hook_site(self.model, self.site, self.layer, lambda h, keep=keep: record(h, keep)):
-                    self.model(input_ids=ids.clamp_min(0), attention_mask=(ids >= 0).long(), use_cache=False)
+                with lm_mod.hook_site(
+                    self.model, self.site, self.layer, lambda h, keep=keep: record(h, keep), stop=True
+                ):
+                    lm_mod.run_to_site(self.model, ids.clamp_min(0), (ids >= 0).long())
         return torch.cat(got)
 
-    def at_k(self, pl_module, ref: dict[str, float]) -> dict[str, float]:
-        """ΔCE, loss recovered and KL of the threshold mode at L0 = k exactly on the spliced
-        tokens: the calibrated thresholds times the one factor that gives mean L0 = k on these
-        very activations (rules.Reader), so that every allocator is compared at the same L0.
-        TopK gives every token k latents: its threshold-mode figures are already at k."""
+    def splice_at_k(self, pl_module) -> tuple[Any, list[int], float] | None:
+        """The threshold mode at L0 = k exactly on the spliced tokens: (the replacement, the
+        [latents fired, tokens] it counts as it runs, the factor): the calibrated thresholds times
+        the one factor that gives mean L0 = k on these very activations (rules.Reader), so that
+        every allocator is compared at the same L0. None for TopK, whose threshold mode gives
+        every token k latents: its threshold-mode figures are already at k."""
         from ..allocators.base import CalibratedThresholds, l0_matching_scale
         from ..rules import Reader, own_rule
 
         allocator = pl_module.allocator
         if not (isinstance(allocator, CalibratedThresholds) and allocator.thresholds_ready()):
-            return {}
+            return None
         theta = allocator.current_theta("calibrated").detach().float().cpu()
         factor = l0_matching_scale(pl_module._calibration_set(self.kept_activations()), theta, pl_module.k)
         encode = Reader(own_rule(pl_module), theta, pl_module.k, float("nan")).encode(pl_module, factor)
@@ -219,21 +223,14 @@ class DownstreamLoss(L.Callback):
                 parts.append(pl_module.sae.denormalise(pl_module.sae.decode(code), ctx))
             return torch.cat(parts)
 
-        got = self._losses({"at_k": splice})["at_k"]
-        clean, zero, kl_zero = ref["ce_clean"], ref["ce_zero_ablation"], ref["kl_zero_ablation"]
-        return {
-            "delta_ce_at_k": got["ce"] - clean,
-            "loss_recovered_at_k": (zero - got["ce"]) / (zero - clean) if zero != clean else float("nan"),
-            "kl_div_at_k": got["kl"],
-            "kl_div_score_at_k": (kl_zero - got["kl"]) / kl_zero if kl_zero > 0 else float("nan"),
-            "downstream_l0": fired[0] / max(1, fired[1]),
-            "downstream_factor": factor,
-        }
+        return splice, fired, factor
 
     def measure(self, pl_module, at_k: bool = False) -> dict[str, float]:
         """The figures of both modes at the calibrated thresholds; with ``at_k``, also the
-        threshold mode's at L0 = k on the spliced tokens (:meth:`at_k`), as ``<prefix>/..._at_k``
-        where the prefix is the contexts' split (``test`` for the final figures)."""
+        threshold mode's at L0 = k on the spliced tokens (:meth:`splice_at_k`), as
+        ``<prefix>/..._at_k`` where the prefix is the contexts' split (``test`` for the final
+        figures). Every replacement is spliced in the same pass over the contexts, beside one
+        clean forward per chunk."""
         if self.model is None:
             self._load(pl_module.device)
         if (self.n, self.split) not in self.references:
@@ -251,7 +248,11 @@ class DownstreamLoss(L.Callback):
 
             return splice
 
-        got = self._losses({str(mode): splicer(mode) for mode in MODES})
+        replacers = {str(mode): splicer(mode) for mode in MODES}
+        reading = self.splice_at_k(pl_module) if at_k else None
+        if reading is not None:
+            replacers["at_k"] = reading[0]
+        got = self._losses(replacers)
         for mode in MODES:
             ce, kl = got[str(mode)]["ce"], got[str(mode)]["kl"]
             out[f"val/{mode}/ce_spliced"] = ce
@@ -261,12 +262,24 @@ class DownstreamLoss(L.Callback):
             out[f"val/{mode}/kl_div_score"] = (kl_zero - kl) / kl_zero if kl_zero > 0 else float("nan")
         if at_k:
             prefix = "test" if self.split == "test" else "val/threshold"
-            figures = self.at_k(pl_module, ref)
-            if not figures and not pl_module.allocator.has_thresholds:  # TopK: its threshold mode is k per token
+            if reading is not None:
+                ce, kl = got["at_k"]["ce"], got["at_k"]["kl"]
+                fired, factor = reading[1], reading[2]
+                figures = {
+                    "delta_ce_at_k": ce - clean,
+                    "loss_recovered_at_k": (zero - ce) / (zero - clean) if zero != clean else float("nan"),
+                    "kl_div_at_k": kl,
+                    "kl_div_score_at_k": (kl_zero - kl) / kl_zero if kl_zero > 0 else float("nan"),
+                    "downstream_l0": fired[0] / max(1, fired[1]),
+                    "downstream_factor": factor,
+                }
+            elif not pl_module.allocator.has_thresholds:  # TopK: its threshold mode is k per token
                 figures = {
                     f"{key}_at_k": out[f"val/threshold/{key}"]
                     for key in ("delta_ce", "loss_recovered", "kl_div", "kl_div_score")
                 }
+            else:
+                figures = {}
             out.update({f"{prefix}/{key}": value for key, value in figures.items()})
         return out
 

@@ -74,3 +74,27 @@ def test_kl_divergence_is_zero_for_a_perfect_splice_and_scores_zero_for_ablation
     assert abs(zero["val/batch/kl_div_score"]) < 1e-4
     half = callback.measure(FakeSAE(lambda x: 0.5 * x))
     assert 0 < half["val/batch/kl_div"] and half["val/batch/kl_div_score"] < 1
+
+
+def test_kept_activations_stop_at_the_site_and_equal_a_full_pass(callback):
+    callback.measure(FakeSAE(lambda x: x))  # loads the model
+    from sae_lightning.data import lm as lm_mod
+
+    full = []
+    with torch.inference_mode():
+        for ids, keep in zip(callback.ids.split(16), callback.keep.split(16)):
+            with lm_mod.hook_site(
+                callback.model, callback.site, callback.layer, lambda h, keep=keep: full.append(h[keep])
+            ):
+                callback.model(input_ids=ids.clamp_min(0), attention_mask=(ids >= 0).long(), use_cache=False)
+    assert torch.equal(callback.kept_activations(), torch.cat(full).float())
+
+
+def test_replacements_spliced_in_one_pass_give_each_one_alone(callback):
+    """measure() splices every replacement beside one clean forward per chunk: the same figures
+    as a pass per replacement."""
+    callback.measure(FakeSAE(lambda x: x))
+    replacers = {"half": lambda x: 0.5 * x, "zero": torch.zeros_like, "noisy": lambda x: x + 0.1}
+    together = callback._losses(replacers, chunk=2)
+    for name, replace in replacers.items():
+        assert callback._losses({name: replace}, chunk=2)[name] == together[name]
