@@ -11,7 +11,9 @@ per dataset; and each claim of method.md §5 checked against its target, with th
 
 Resumable: a run with a ``metrics.json`` is kept; a run stopped midway is resumed from its
 checkpoint; re-running the command finishes the grid (seed by seed: the first seed of every
-cell first). ``--jobs N`` runs N trainings at once, each on its own thread (2 fits a 2-core
+cell first). Each finished run's ``metrics.json`` and ``rules_test.json`` are copied to
+``benchmarks/records/claims/`` (committed): a cell recorded there is done, and ``--report``
+rebuilds the page from the records where ``outputs/`` no longer holds the runs. ``--jobs N`` runs N trainings at once, each on its own thread (2 fits a 2-core
 machine; 1 leaves a core free). ``--report`` only rewrites the page from the runs there are.
 """
 
@@ -58,9 +60,14 @@ DATASETS: dict[str, dict[str, Any]] = {
 AUX_K = ["~variant.losses.aux_zipf", "+variant.losses.aux_k.coef=0.03125"]
 # every run also writes its own rule's DL-against-FVU curve on the test split (DL at a common FVU)
 CURVE = ["evaluation.dl_curve=true"]
-# the grid was measured with fp32 selection, before model.affinity_dtype=auto (bf16 re-scored on
-# AMX CPUs): pinned so that the command reproduces it on any machine
+# fp32 selection, for the benchmarks whose pages were measured before model.affinity_dtype=auto
+# (parity, gradient_ranking). The grid itself selects as a default run does (auto: bf16 re-scored,
+# the same selection, on CPUs with a bf16 product; docs/performance.md)
 PRECISION = ["model.affinity_dtype=float32"]
+# each finished run's metrics.json and rules_test.json, committed: the grid runs in parts across
+# sessions and machines, and its page is rebuilt from these alone (--report)
+RECORDS = ROOT / "benchmarks" / "records" / "claims"
+RECORDED = ("metrics.json", "rules_test.json")
 CONFIGS = {
     "topk+aux_k": ["variant=topk"],
     "mc+aux_k": ["variant=mutual_choice", *AUX_K],
@@ -80,11 +87,26 @@ TIMINGS = ("train_seconds", "tokens_per_second", "phase_seconds")
 
 
 def run_one(
-    out: Path, dataset: str, config: str, k: int, seed: int, extra: list[str], cache_dir: Path, threads: int
+    out: Path,
+    dataset: str,
+    config: str,
+    k: int,
+    seed: int,
+    extra: list[str],
+    cache_dir: Path,
+    threads: int,
+    records: Path | None = None,
 ) -> dict | None:
+    """One cell of the grid, trained unless it is done (a finished run under ``out``, or its
+    record under ``records``); a run stopped midway is resumed. With ``records``, a finished run's
+    files are copied there (:func:`record_run`)."""
     folder = out / dataset / config / f"k{k}_s{seed}"
     done, stopped = run_state(folder)
+    if done is None and records is not None and (got := recorded(records, dataset, config, k, seed)) is not None:
+        return got
     if done is not None:
+        if records is not None:
+            record_run(records, dataset, config, k, seed, done)
         return with_description_length(done, json.loads((done / "metrics.json").read_text()))
     spec = DATASETS[dataset]
     args = [
@@ -94,7 +116,6 @@ def run_one(
         f"seed={seed}",
         f"out_dir={folder}",
         "progress=none",
-        *PRECISION,
         *CURVE,
         *extra,
     ]
@@ -105,7 +126,32 @@ def run_one(
     if not train_in_subprocess(args, folder, threads, f"{dataset} {config} k={k} seed={seed}"):
         return None
     run = max((folder / "runs").iterdir(), key=lambda p: p.stat().st_mtime)
+    if records is not None:
+        record_run(records, dataset, config, k, seed, run)
     return json.loads((run / "metrics.json").read_text())
+
+
+def record_folder(records: Path, dataset: str, config: str, k: int, seed: int) -> Path:
+    return records / dataset / config.replace("+", "_") / f"k{k}_s{seed}"
+
+
+def record_run(records: Path, dataset: str, config: str, k: int, seed: int, run: Path) -> None:
+    """Copy a finished run's RECORDED files into its record folder (each file atomically;
+    metrics.json last, so a record with it is whole)."""
+    target = record_folder(records, dataset, config, k, seed)
+    target.mkdir(parents=True, exist_ok=True)
+    for name in reversed(RECORDED):
+        if (run / name).is_file():
+            atomic_write_text(target / name, (run / name).read_text())
+
+
+def recorded(records: Path, dataset: str, config: str, k: int, seed: int) -> dict | None:
+    """A recorded run's metrics (``run_dir`` pointing at the record, which holds its
+    rules_test.json), or None."""
+    folder = record_folder(records, dataset, config, k, seed)
+    if not (folder / "metrics.json").is_file():
+        return None
+    return {**json.loads((folder / "metrics.json").read_text()), "run_dir": str(folder)}
 
 
 def with_description_length(run: Path, metrics: dict) -> dict:
@@ -530,8 +576,9 @@ def report(results: dict, args, doc: Path, img_dir: Path) -> str:
         "",
         f"Made by `python -m benchmarks.claims` ({args.steps} steps of 1024 tokens = "
         f"{args.steps * 1024 / 1e6:.2f}M training tokens per run, F = 4096, training seeds "
-        f"{', '.join(map(str, args.seeds))}, every other setting the default but fp32 selection "
-        f"(`{' '.join(PRECISION)}`: the grid predates bf16 re-scoring); each seed draws the initialisation and "
+        f"{', '.join(map(str, args.seeds))}, every other setting the default (selection in the dtype "
+        "`model.affinity_dtype=auto` picks: bf16 re-scored to fp32's selection on a CPU with a bf16 product); "
+        "each seed draws the initialisation and "
         f"the training order, `data.order_seed` = the seed, runs made before that had seed 0's order); {runs} of "
         f"the grid's {len(results)} runs are in, made by {code}. Each cell is mean ± "
         "std over the seeds "
@@ -616,6 +663,9 @@ def main(argv=None) -> None:
     p.add_argument("--jobs", type=int, default=2, help="trainings at once (each on one thread)")
     p.add_argument("--out", type=Path, default=ROOT / "outputs" / "claims")
     p.add_argument("--cache-dir", type=Path, default=ROOT / "outputs" / "cache")
+    p.add_argument(
+        "--records", type=Path, default=RECORDS, help="where each finished run's metrics are kept (committed)"
+    )
     p.add_argument("--doc", type=Path, default=ROOT / "docs" / "results.md")
     p.add_argument("--img-dir", type=Path, default=ROOT / "docs" / "img")
     p.add_argument("--report", action="store_true", help="only rewrite the page from the runs there are")
@@ -647,7 +697,7 @@ def main(argv=None) -> None:
             dataset, config, k, seed = key
             threads = 1 if args.jobs > 1 else os.cpu_count() or 1
             t = time.time()
-            m = run_one(args.out, dataset, config, k, seed, extra, args.cache_dir, threads=threads)
+            m = run_one(args.out, dataset, config, k, seed, extra, args.cache_dir, threads, args.records)
             finished += 1
             trained += time.time() - t > 60  # runs found finished take no time: not in the rate
             # wall time per trained run, over the runs left (each job trains one at a time)
@@ -671,7 +721,10 @@ def main(argv=None) -> None:
         for key in grid:
             folder = args.out / key[0] / key[1] / f"k{key[2]}_s{key[3]}" / "runs"
             done = sorted(folder.glob("*/metrics.json")) if folder.is_dir() else []
-            results[key] = with_description_length(done[-1].parent, json.loads(done[-1].read_text())) if done else None
+            if done:
+                results[key] = with_description_length(done[-1].parent, json.loads(done[-1].read_text()))
+            else:
+                results[key] = recorded(args.records, *key)
     atomic_write_text(
         args.out / "results.json",
         json.dumps(

@@ -28,7 +28,6 @@ from typing import Any
 
 from benchmarks import run_state, train_in_subprocess
 from benchmarks.claims import CONFIGS as CLAIMS_CONFIGS
-from benchmarks.claims import PRECISION
 from sae_lightning.atomic import atomic_write_json, atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,7 +58,6 @@ COMMON = [
     "model.n_latents=8192",
     "calibration.every_validation=true",
     "progress=none",
-    *PRECISION,
 ]
 SEEDS = (0, 1)
 # what a record keeps of each validation (TensorBoard tag -> name)

@@ -114,6 +114,32 @@ def test_a_finished_run_is_read_not_trained_again(tmp_path, monkeypatch):
     assert m["val/threshold/fvu_at_k"] == 0.25
 
 
+def test_a_finished_run_is_recorded_and_the_record_stands_in_for_it(tmp_path, monkeypatch):
+    """The grid runs across sessions: each finished run's metrics.json and rules_test.json are
+    copied to the records, and where outputs/ no longer holds the run, its record is read (with
+    its per-context sums for the paired statistics), not trained again."""
+    import shutil
+    from pathlib import Path
+
+    out, records = tmp_path / "out", tmp_path / "records"
+    run = out / "synthetic" / "topk+aux_k" / "k32_s0" / "runs" / "r1"
+    run.mkdir(parents=True)
+    (run / "metrics.json").write_text(json.dumps(metrics(0.25)))
+    (run / "rules_test.json").write_text(json.dumps({"own_rule": "topk", "k": 32, "rules": {}}))
+    monkeypatch.setattr(claims, "train_in_subprocess", lambda *a, **k: (_ for _ in ()).throw(AssertionError("trained")))
+    assert (
+        claims.run_one(out, "synthetic", "topk+aux_k", 32, 0, [], tmp_path, 1, records)["val/threshold/fvu_at_k"]
+        == 0.25
+    )
+    kept = claims.record_folder(records, "synthetic", "topk+aux_k", 32, 0)
+    assert sorted(p.name for p in kept.iterdir()) == ["metrics.json", "rules_test.json"]
+    shutil.rmtree(out)
+    m = claims.run_one(out, "synthetic", "topk+aux_k", 32, 0, [], tmp_path, 1, records)
+    assert m["val/threshold/fvu_at_k"] == 0.25 and Path(m["run_dir"]) == kept
+    assert claims.rule_sums(m) == {}  # read from the record's rules_test.json (no rules in this stand-in)
+    assert claims.recorded(records, "synthetic", "topk+aux_k", 32, 1) is None
+
+
 def test_the_page_has_a_core_table_at_k_32_and_a_description_length_column(tmp_path):
     results = grid(tmp_path, topk=0.30, mc_k=0.29, mc_z=0.299, fc_z=0.35, fc_d=0.30)
     for (_, config, _, seed), m in results.items():
