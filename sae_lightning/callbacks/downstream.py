@@ -33,6 +33,7 @@ from ..data import Downstream
 from ..data import lm as lm_mod
 
 MODES = (Mode.BATCH, Mode.THRESHOLD)
+CHUNK = 16  # contexts per forward pass
 
 
 def eval_contexts(folder: Path, manifest: dict[str, Any], n: int, rows: np.ndarray | None = None) -> torch.Tensor:
@@ -116,22 +117,26 @@ class DownstreamLoss(L.Callback):
         )
 
     @torch.inference_mode()
-    def _losses(self, replacers: dict, chunk: int = 16) -> dict[str, dict[str, float]]:
+    def _losses(self, replacers: dict, chunk: int = CHUNK, recorded: list | None = None) -> dict[str, dict[str, float]]:
         """Per name in ``replacers``: the mean next-token cross-entropy over the contexts and the
         mean KL divergence KL(clean ‖ replaced) of the next-token distributions, over the same
         positions; ``replace(x_kept)`` gives the new activations at the kept positions (None:
         clean). Runs ``chunk`` contexts at a time (the logits of 128 contexts of a 49k-token
-        vocabulary would take 3 GB), the clean model once per chunk."""
+        vocabulary would take 3 GB), the clean model once per chunk. ``recorded``: per chunk of
+        CHUNK contexts, what the blocks before the site return (:meth:`site_pass`); each pass then
+        computes only the blocks after the site (the same figures, bitwise: tested)."""
         assert self.model is not None, "the language model is loaded by measure()"
+        assert recorded is None or chunk == CHUNK, "the blocks are recorded per CHUNK contexts"
         device = self.model.device
         sums = {name: [0.0, 0.0] for name in replacers}
         count = 0
-        for ids, keep in zip(self.ids.split(chunk), self.keep.split(chunk)):
+        for i, (ids, keep) in enumerate(zip(self.ids.split(chunk), self.keep.split(chunk))):
             ids, keep = ids.to(device), keep.to(device)
+            before = recorded[i] if recorded is not None else None
             mask = ids >= 0
             target, valid = ids[:, 1:], mask[:, 1:] & mask[:, :-1]
 
-            def log_probs(replace, keep=keep, ids=ids, mask=mask, valid=valid):
+            def log_probs(replace, keep=keep, ids=ids, mask=mask, valid=valid, before=before):
                 def fn(hidden):
                     if replace is None:
                         return None
@@ -139,7 +144,10 @@ class DownstreamLoss(L.Callback):
                     new[keep] = replace(hidden[keep].float()).to(hidden.dtype)
                     return new
 
-                with lm_mod.hook_site(self.model, self.site, self.layer, fn):
+                with (
+                    lm_mod.replay_blocks(self.model, self.site, self.layer, before),
+                    lm_mod.hook_site(self.model, self.site, self.layer, fn),
+                ):
                     logits = self.model(input_ids=ids.clamp_min(0), attention_mask=mask.long(), use_cache=False).logits
                 return F.log_softmax(logits[:, :-1][valid].float(), dim=-1)
 
@@ -151,7 +159,7 @@ class DownstreamLoss(L.Callback):
             count += int(valid.sum())
         return {name: {"ce": ce / max(count, 1), "kl": kl / max(count, 1)} for name, (ce, kl) in sums.items()}
 
-    def _reference(self) -> dict[str, float]:
+    def _reference(self, recorded: list | None = None) -> dict[str, float]:
         """Clean and zero-ablated CE (and the zero-ablated KL) on the contexts: they do not depend
         on the SAE, so they are kept in the cache folder (``downstream_reference.json``, keyed by
         the number of contexts and the model's dtype) and measured once per cache. A read-only
@@ -165,7 +173,7 @@ class DownstreamLoss(L.Callback):
             known = {}
         if "kl_zero_ablation" in known.get(key, {}):
             return known[key]
-        got = self._losses({"clean": None, "zero": torch.zeros_like})
+        got = self._losses({"clean": None, "zero": torch.zeros_like}, recorded=recorded)
         ref = {
             "ce_clean": got["clean"]["ce"],
             "ce_zero_ablation": got["zero"]["ce"],
@@ -179,9 +187,10 @@ class DownstreamLoss(L.Callback):
             pass
         return ref
 
-    def kept_activations(self) -> torch.Tensor:
-        """The site's clean activations at the kept positions of the contexts, in order (each
-        forward pass stops at the site: the layers after it are not needed)."""
+    def site_pass(self) -> tuple[torch.Tensor, list]:
+        """One forward pass of every chunk of CHUNK contexts, stopped at the site: (the site's
+        clean activations at the kept positions, in order; per chunk, what the blocks before the
+        site returned, for :meth:`_losses` to replay)."""
         assert self.model is not None, "the language model is loaded by measure()"
         device, got = self.model.device, []
 
@@ -189,21 +198,25 @@ class DownstreamLoss(L.Callback):
             got.append(hidden[keep].float().cpu())
             return None
 
-        with torch.inference_mode():
-            for ids, keep in zip(self.ids.split(16), self.keep.split(16)):
+        with torch.inference_mode(), lm_mod.record_blocks(self.model, self.site, self.layer) as recorded:
+            for ids, keep in zip(self.ids.split(CHUNK), self.keep.split(CHUNK)):
                 ids, keep = ids.to(device), keep.to(device)
                 with lm_mod.hook_site(
                     self.model, self.site, self.layer, lambda h, keep=keep: record(h, keep), stop=True
                 ):
                     lm_mod.run_to_site(self.model, ids.clamp_min(0), (ids >= 0).long())
-        return torch.cat(got)
+        return torch.cat(got), (list(recorded) if recorded else None)
 
-    def splice_at_k(self, pl_module) -> tuple[Any, list[int], float] | None:
+    def kept_activations(self) -> torch.Tensor:
+        """The site's clean activations at the kept positions of the contexts, in order."""
+        return self.site_pass()[0]
+
+    def splice_at_k(self, pl_module, kept: torch.Tensor) -> tuple[Any, list[int], float] | None:
         """The threshold mode at L0 = k exactly on the spliced tokens: (the replacement, the
         [latents fired, tokens] it counts as it runs, the factor): the calibrated thresholds times
         the one factor that gives mean L0 = k on these very activations (rules.Reader), so that
-        every allocator is compared at the same L0. None for TopK, whose threshold mode gives
-        every token k latents: its threshold-mode figures are already at k."""
+        every allocator is compared at the same L0 (``kept``: :meth:`site_pass`'s). None for TopK,
+        whose threshold mode gives every token k latents: its threshold-mode figures are already at k."""
         from ..allocators.base import CalibratedThresholds, l0_matching_scale
         from ..rules import Reader, own_rule
 
@@ -211,7 +224,7 @@ class DownstreamLoss(L.Callback):
         if not (isinstance(allocator, CalibratedThresholds) and allocator.thresholds_ready()):
             return None
         theta = allocator.current_theta("calibrated").detach().float().cpu()
-        factor = l0_matching_scale(pl_module._calibration_set(self.kept_activations()), theta, pl_module.k)
+        factor = l0_matching_scale(pl_module._calibration_set(kept), theta, pl_module.k)
         encode = Reader(own_rule(pl_module), theta, pl_module.k, float("nan")).encode(pl_module, factor)
         fired = [0, 0]
 
@@ -233,8 +246,9 @@ class DownstreamLoss(L.Callback):
         clean forward per chunk."""
         if self.model is None:
             self._load(pl_module.device)
+        kept, recorded = self.site_pass()  # a third of a pass for SmolLM2 L9; every pass after skips those blocks
         if (self.n, self.split) not in self.references:
-            self.references[(self.n, self.split)] = self._reference()
+            self.references[(self.n, self.split)] = self._reference(recorded)
         ref = self.references[(self.n, self.split)]
         clean, zero, kl_zero = ref["ce_clean"], ref["ce_zero_ablation"], ref["kl_zero_ablation"]
         out = {f"val/{k}": v for k, v in ref.items()}
@@ -249,10 +263,10 @@ class DownstreamLoss(L.Callback):
             return splice
 
         replacers = {str(mode): splicer(mode) for mode in MODES}
-        reading = self.splice_at_k(pl_module) if at_k else None
+        reading = self.splice_at_k(pl_module, kept) if at_k else None
         if reading is not None:
             replacers["at_k"] = reading[0]
-        got = self._losses(replacers)
+        got = self._losses(replacers, recorded=recorded)
         for mode in MODES:
             ce, kl = got[str(mode)]["ce"], got[str(mode)]["kl"]
             out[f"val/{mode}/ce_spliced"] = ce

@@ -259,6 +259,56 @@ def hook_site(
         handle.remove()
 
 
+def blocks_before(site: str, layer: int) -> int:
+    """How many blocks compute the site's activations (those a replayed pass can skip)."""
+    return layer + 1 if site == "resid_post" else layer
+
+
+@contextlib.contextmanager
+def record_blocks(model: nn.Module, site: str, layer: int):
+    """Yields a list that gets, per forward pass inside, the output of the last block before the
+    site's activations are read (the object the block returns), for :func:`replay_blocks`.
+    Enter it outside ``hook_site(stop=True)``: its hook runs before the stop."""
+    got: list[Any] = []
+    n = blocks_before(site, layer)
+    if n == 0:
+        yield got
+        return
+    _, layers = blocks(model)
+    handle = layers[n - 1].register_forward_hook(lambda module, args, output: got.append(output))
+    try:
+        yield got
+    finally:
+        handle.remove()
+
+
+@contextlib.contextmanager
+def replay_blocks(model: nn.Module, site: str, layer: int, recorded: Any):
+    """Forward passes inside skip the blocks before the site: each returns ``recorded`` (what the
+    last of them returned for the same inputs: :func:`record_blocks`), so the pass computes only
+    the blocks after the site, from the same activations. (A skipped block's output feeds only
+    skipped blocks; the site's hooks still see ``recorded``.) ``recorded`` None: no skipping."""
+    n = blocks_before(site, layer)
+    if recorded is None or n == 0:
+        yield
+        return
+    _, layers = blocks(model)
+    skipped = list(layers[:n])
+
+    def replayed(*args, **kwargs):  # a copy each pass: nothing downstream can change the record
+        if isinstance(recorded, tuple):
+            return tuple(t.clone() if isinstance(t, torch.Tensor) else t for t in recorded)
+        return recorded.clone()
+
+    for block in skipped:
+        block.forward = replayed
+    try:
+        yield
+    finally:
+        for block in skipped:
+            del block.forward  # the instance attribute goes: the class's forward again
+
+
 def base_model(model: nn.Module) -> nn.Module:
     """The transformer without its head (for harvesting, the head is never needed)."""
     prefix = getattr(model, "base_model_prefix", "")

@@ -98,3 +98,29 @@ def test_replacements_spliced_in_one_pass_give_each_one_alone(callback):
     together = callback._losses(replacers, chunk=2)
     for name, replace in replacers.items():
         assert callback._losses({name: replace}, chunk=2)[name] == together[name]
+
+
+@pytest.mark.parametrize("site,layer", [("resid_post", 0), ("resid_post", 1), ("resid_pre", 1)])
+def test_replaying_the_blocks_before_the_site_changes_no_figure_and_skips_them(callback, site, layer):
+    """measure() runs every chunk to the site once and then, for the clean pass and each
+    replacement, computes only the blocks after it: the same figures, bitwise, as full passes."""
+    import copy
+
+    from sae_lightning.data import lm as lm_mod
+
+    callback.measure(FakeSAE(lambda x: x))  # loads the model
+    cb = copy.copy(callback)
+    cb.site, cb.layer = site, layer
+    kept, recorded = cb.site_pass()
+    assert recorded is not None and len(recorded) == len(cb.ids.split(16)) and kept.shape[0] == int(cb.keep.sum())
+    replacers = {"clean": None, "half": lambda x: 0.5 * x, "zero": torch.zeros_like, "noisy": lambda x: x + 0.1}
+    full = cb._losses(replacers)
+    _, layers = lm_mod.blocks(cb.model)
+    calls = []
+    handle = layers[0].mlp.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        assert cb._losses(replacers, recorded=recorded) == full
+    finally:
+        handle.remove()
+    assert calls == []  # block 0 was not computed
+    assert not any("forward" in vars(block) for block in layers)  # the blocks are themselves again
