@@ -9,7 +9,9 @@
 - ``data_pipeline``: harvest against the bare forward pass, the loader against training;
 - ``claims``: the paper's claims measured on three datasets (docs/results.md);
 - ``gradient_ranking``: g-SAE ranking against plain ranking on SmolLM2 (docs/gradient_ranking.md);
-- ``long``: TopK, MC and FC trained 10-20M tokens, with learning curves (docs/long_runs.md).
+- ``long``: TopK, MC and FC trained 10-20M tokens, with learning curves (docs/long_runs.md);
+- ``fc_diagnosis``: why Feature Choice loses to TopK on MiniLM (docs/method_choices.md);
+- ``eval_cost``: the evaluation after training, and what its two shortcuts save (docs/performance.md).
 """
 
 
