@@ -19,6 +19,7 @@ import dataclasses
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 
 def dl_search(module, x) -> list[dict]:
@@ -88,7 +89,7 @@ def main(argv=None) -> list[dict]:
         module, data = load_run(run)
         source = data.build()
         source.open()
-        row = {"run": str(run), "dl_search": dl_search(module, source.test_tensor())}
+        row: dict[str, Any] = {"run": str(run), "dl_search": dl_search(module, source.test_tensor())}
         row["downstream"] = downstream(module, data, a.contexts)
         print(json.dumps(row), flush=True)
         out.append(row)
