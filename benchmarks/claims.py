@@ -6,7 +6,7 @@ capacities, at k ∈ {16, 32, 64}, three training seeds, on the synthetic data a
 MiniLM and SmolLM2 caches — then writes ``docs/results.md``: mean ± std over seeds of the
 headline figure, FVU at L0 = k in threshold mode (token by token, as inference runs: the
 calibrated thresholds scaled to L0 = k, interpolated on the validation tokens), batch-mode FVU,
-dead and under-used latents and, for SmolLM2, ΔCE in threshold mode; one FVU-against-L0 plot
+dead and under-used latents and, for SmolLM2, ΔCE and KL at L0 = k; one FVU-against-L0 plot
 per dataset; and each claim of method.md §5 checked against its target, with the numbers.
 
 Resumable: a run with a ``metrics.json`` is kept; a run stopped midway is resumed from its
@@ -196,13 +196,15 @@ KEYS = {
     "DL at L0 = k": "test/dl_at_k",  # bits per token, the own rule at L0 = k, test split
     "dead": "val/dead_fraction",
     "under-used": "val/underused_fraction",
-    "ΔCE threshold": "val/threshold/delta_ce",
+    "ΔCE at L0 = k": "test/delta_ce_at_k",  # the own rule's thresholds scaled to L0 = k on the spliced tokens
+    "KL at L0 = k": "test/kl_div_at_k",
     "ΔCE batch": "val/batch/delta_ce",
     "absorption": "val/absorption",  # data with a feature hierarchy only
     "parent recovery": "val/parent_recovery_mean_max_cos",
 }
 ONLY_ON = {
-    "ΔCE threshold": "smollm2",
+    "ΔCE at L0 = k": "smollm2",
+    "KL at L0 = k": "smollm2",
     "ΔCE batch": "smollm2",
     "absorption": "hierarchy",
     "parent recovery": "hierarchy",
@@ -597,9 +599,10 @@ def report(results: dict, args, doc: Path, img_dir: Path) -> str:
         "95 % interval from a bootstrap over seeds and test contexts (paired.py); a target is met when the "
         "interval lies wholly on its side. Dead = not fired in the last 200k training "
         "tokens; under-used = dead, or firing at under 0.25 × the run's own fitted density curve at its "
-        "rank (docs/method_choices.md). ΔCE: SmolLM2's next-token loss with the SAE spliced in (threshold "
-        "mode at the calibrated factor, batch mode), minus the clean loss, on the cache's last 128 contexts, "
-        "which lie in its test split (not yet interpolated to L0 = k)."
+        "rank (docs/method_choices.md). ΔCE: SmolLM2's next-token loss with the SAE spliced in, minus the "
+        "clean loss, on the last 128 contexts of the test split; *ΔCE at L0 = k* and *KL at L0 = k* read "
+        "each token by the own rule with its thresholds scaled so that the mean L0 on the spliced tokens is k "
+        "(TopK: k per token), *ΔCE batch* allocates as in training."
         + (f" Extra overrides for every run: `{' '.join(args.overrides)}`." if args.overrides else ""),
         "",
     ]
