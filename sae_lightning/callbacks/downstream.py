@@ -187,7 +187,7 @@ class DownstreamLoss(L.Callback):
             pass
         return ref
 
-    def site_pass(self) -> tuple[torch.Tensor, list]:
+    def site_pass(self) -> tuple[torch.Tensor, list | None]:
         """One forward pass of every chunk of CHUNK contexts, stopped at the site: (the site's
         clean activations at the kept positions, in order; per chunk, what the blocks before the
         site returned, for :meth:`_losses` to replay)."""
