@@ -183,12 +183,12 @@ def _trainer(plan: Plan, run_dir: Path) -> tuple[L.Trainer, ThresholdCalibration
         stop,
         ValidateLastStep(),
         calibration,
-        timer,
         LatentStatsMonitor(config.logging.histogram_every_n_steps),
         L.pytorch.callbacks.LearningRateMonitor(logging_interval="step"),
         Progress(config.progress, batch_size),
         RunFigures(run_dir),
         *DownstreamLoss.of(plan.datamodule.downstream(), batch_size),
+        timer,  # last: the validation's time includes the hooks above that end it
     ]
     if config.sweep_trial is not None:  # a trial of an Optuna sweep
         callbacks.append(OptunaPruning(TrialContext.from_spec(config.sweep_trial)))

@@ -18,7 +18,9 @@ class ValidationTimer(L.Callback):
     def on_validation_epoch_start(self, trainer, pl_module) -> None:
         self._start = time.perf_counter()
 
-    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+    def on_validation_end(self, trainer, pl_module) -> None:
+        """Listed after every callback that works at the end of a validation (the downstream
+        loss, the figures), so that their time counts as validation, not as training steps."""
         if self._start is not None and trainer.state.fn == "fit":  # the final validate() is timed by train.py
             self.seconds += time.perf_counter() - self._start
         self._start = None
