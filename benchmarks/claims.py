@@ -136,13 +136,14 @@ def record_folder(records: Path, dataset: str, config: str, k: int, seed: int) -
 
 
 def record_run(records: Path, dataset: str, config: str, k: int, seed: int, run: Path) -> None:
-    """Copy a finished run's RECORDED files into its record folder (each file atomically;
-    metrics.json last, so a record with it is whole)."""
+    """Copy a finished run's RECORDED files into its record folder, as compact JSON (each file
+    atomically; metrics.json last, so a record with it is whole)."""
     target = record_folder(records, dataset, config, k, seed)
     target.mkdir(parents=True, exist_ok=True)
     for name in reversed(RECORDED):
-        if (run / name).is_file():
-            atomic_write_text(target / name, (run / name).read_text())
+        if (run / name).is_file():  # compact JSON: ~200 runs are committed
+            text = json.dumps(json.loads((run / name).read_text()), sort_keys=True, separators=(",", ":"))
+            atomic_write_text(target / name, text + "\n")
 
 
 def recorded(records: Path, dataset: str, config: str, k: int, seed: int) -> dict | None:
