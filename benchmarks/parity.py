@@ -221,7 +221,12 @@ def ours(a, out: Path, name: str, extra: list[str]) -> dict[str, Any] | None:
 
         export_saelens(run, export)
     m = json.loads(done[-1].read_text())
-    return {"folder": str(export), "tokens_per_second": m["tokens_per_second"], "dead_training": m["val/dead_fraction"]}
+    return {
+        "folder": str(export),
+        "tokens_per_second": m["tokens_per_second"],
+        "dead_training": m["val/dead_fraction"],
+        "commit": (m.get("code") or {}).get("commit"),  # the code that trained it (a run may be reused)
+    }
 
 
 def theirs(a, out: Path, plan_path: Path) -> dict[str, Any] | None:
@@ -666,7 +671,7 @@ def main(argv=None) -> dict:
 
     code = code_version()
     for r in rows.values():  # each row says which code trained it (a record gains rows over commits)
-        r["commit"] = code.get("commit")
+        r["commit"] = r.get("commit") or code.get("commit")
     result = {"settings": settings, "code": code, "rows": {**kept["rows"], **rows}}
     record.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(record, result)
