@@ -46,11 +46,9 @@ def dl_search(module, x) -> list[dict]:
     return rows
 
 
-def downstream(module, data, contexts: int) -> dict | None:
+def downstream(module, source, contexts: int) -> dict | None:
     from sae_lightning.callbacks.downstream import MODES, DownstreamLoss
 
-    source = data.build()
-    source.open()
     down = source.downstream()
     if down is None:
         return None
@@ -90,7 +88,7 @@ def main(argv=None) -> list[dict]:
         source = data.build()
         source.open()
         row: dict[str, Any] = {"run": str(run), "dl_search": dl_search(module, source.test_tensor())}
-        row["downstream"] = downstream(module, data, a.contexts)
+        row["downstream"] = downstream(module, source, a.contexts)
         print(json.dumps(row), flush=True)
         out.append(row)
     return out

@@ -267,34 +267,36 @@ class DownstreamLoss(L.Callback):
         if reading is not None:
             replacers["at_k"] = reading[0]
         got = self._losses(replacers, recorded=recorded)
+
+        def figures(name: str) -> dict[str, float]:  # ΔCE, loss recovered, KL and its score of a splice
+            ce, kl = got[name]["ce"], got[name]["kl"]
+            return {
+                "delta_ce": ce - clean,
+                "loss_recovered": (zero - ce) / (zero - clean) if zero != clean else float("nan"),
+                "kl_div": kl,
+                "kl_div_score": (kl_zero - kl) / kl_zero if kl_zero > 0 else float("nan"),
+            }
+
         for mode in MODES:
-            ce, kl = got[str(mode)]["ce"], got[str(mode)]["kl"]
-            out[f"val/{mode}/ce_spliced"] = ce
-            out[f"val/{mode}/delta_ce"] = ce - clean
-            out[f"val/{mode}/loss_recovered"] = (zero - ce) / (zero - clean) if zero != clean else float("nan")
-            out[f"val/{mode}/kl_div"] = kl
-            out[f"val/{mode}/kl_div_score"] = (kl_zero - kl) / kl_zero if kl_zero > 0 else float("nan")
+            out[f"val/{mode}/ce_spliced"] = got[str(mode)]["ce"]
+            out.update({f"val/{mode}/{key}": value for key, value in figures(str(mode)).items()})
         if at_k:
             prefix = "test" if self.split == "test" else "val/threshold"
             if reading is not None:
-                ce, kl = got["at_k"]["ce"], got["at_k"]["kl"]
                 fired, factor = reading[1], reading[2]
-                figures = {
-                    "delta_ce_at_k": ce - clean,
-                    "loss_recovered_at_k": (zero - ce) / (zero - clean) if zero != clean else float("nan"),
-                    "kl_div_at_k": kl,
-                    "kl_div_score_at_k": (kl_zero - kl) / kl_zero if kl_zero > 0 else float("nan"),
+                at_k_figures = {
+                    **{f"{key}_at_k": value for key, value in figures("at_k").items()},
                     "downstream_l0": fired[0] / max(1, fired[1]),
                     "downstream_factor": factor,
                 }
             elif not pl_module.allocator.has_thresholds:  # TopK: its threshold mode is k per token
-                figures = {
+                at_k_figures = {
                     f"{key}_at_k": out[f"val/threshold/{key}"]
                     for key in ("delta_ce", "loss_recovered", "kl_div", "kl_div_score")
                 }
             else:
-                figures = {}
-            out.update({f"{prefix}/{key}": value for key, value in figures.items()})
+                at_k_figures = {}
+            out.update({f"{prefix}/{key}": value for key, value in at_k_figures.items()})
         return out
 
     def on_validation_end(self, trainer: L.Trainer, pl_module) -> None:
