@@ -43,7 +43,12 @@ def test_bench_reports_all_variants_and_ratios(tmp_path):
             assert 0 < r["alloc_s"] < r["step_s"]
             assert r["speedup_vs_fp32"] > 0 and (dtype == "bfloat16" or r["speedup_vs_fp32"] == 1.0)
     assert rows[("topk", "float32")]["time_vs_topk"] == 1.0 and rows[("topk", "bfloat16")]["time_vs_topk"] == 1.0
-    assert saved["sizes"][0]["matmul_peak_flops_bf16"] > 0
+    size = saved["sizes"][0]
+    assert size["matmul_peak_flops_bf16"] > 0
+    # issue 42's measure: the step over its own dtype's encoder product, timed back to back
+    for dtype, peak in (("float32", size["matmul_peak_flops"]), ("bfloat16", size["matmul_peak_flops_bf16"])):
+        r = rows[("topk", dtype)]
+        assert r["time_vs_product"] == pytest.approx(r["step_s"] * peak / (2 * 64 * 16 * 128))
 
 
 def test_bench_interleaves_fresh_processes(tmp_path, monkeypatch):
