@@ -76,20 +76,24 @@ def bytes_per_token(spec: HarvestSpec, d_model: int) -> float:
     return per
 
 
-def compute_stats(folder: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+def compute_stats(folder: Path, manifest: dict[str, Any], progress: bool = False) -> dict[str, Any]:
     """Normalisation statistics over the whole cache (float64 sums, one pass), and the stored
-    gradients' RMS norm where there are some."""
+    gradients' RMS norm where there are some. ``progress``: a bar (plain lines in a log file)
+    over the tokens read: on a cache of many GB the pass is disk-bound and takes minutes."""
     from .shards import ShardReader
 
     reader = ShardReader(folder, manifest)
     d = manifest["d_model"]
     s1, sq, n, amax = np.zeros(d), 0.0, 0, 0.0
+    passes = 2 if manifest.get("gradients") else 1
+    bar = progress_bar("statistics", progress, passes * reader.n_tokens, 0)
     for start in range(0, reader.n_tokens, 65536):
         x = reader.range(start, min(start + 65536, reader.n_tokens)).double()
         s1 += x.sum(0).numpy()
         sq += float(x.pow(2).sum())
         amax = max(amax, float(x.abs().max()))
         n += x.shape[0]
+        bar.update(x.shape[0])
     mean = s1 / max(n, 1)
     stats = {
         "mean_norm": float(np.linalg.norm(mean)),
@@ -101,8 +105,11 @@ def compute_stats(folder: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     if manifest.get("gradients"):
         grads, gq = ShardReader(folder, manifest, part="gradients"), 0.0
         for start in range(0, grads.n_tokens, 65536):
-            gq += float(grads.range(start, min(start + 65536, grads.n_tokens)).double().pow(2).sum())
+            g = grads.range(start, min(start + 65536, grads.n_tokens))
+            gq += float(g.double().pow(2).sum())
+            bar.update(g.shape[0])
         stats["gradient_rms_norm"] = math.sqrt(gq / max(n, 1))
+    bar.close()
     return stats
 
 
@@ -414,7 +421,8 @@ class HarvestRun:
             "shards": self.shards,
             "gradients": self._gradients_entry(),
         }
-        self._write_manifest(True, exhausted, compute_stats(self.folder, described))
+        self.log(f"harvest: the normalisation statistics, one pass over the {self.tokens} tokens stored")
+        self._write_manifest(True, exhausted, compute_stats(self.folder, described, progress))
         self.log(
             f"harvest: {self.tokens} tokens in {len(self.shards)} shards at {self.folder}"
             + (" (the corpus ended before the budget)" if exhausted else "")

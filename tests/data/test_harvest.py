@@ -57,6 +57,18 @@ def test_cache_holds_the_sites_activations_of_kept_tokens(tiny_lm, corpus_file, 
         torch.testing.assert_close(stored, hidden[keep], rtol=1e-5, atol=1e-5)
 
 
+def test_the_statistics_pass_reports_its_progress(tiny_lm, corpus_file, tmp_path, capsys):
+    """The pass over the whole cache at the end (minutes on many GB) says what it does and ends
+    with its progress line, in tokens read, gradients' pass included."""
+    logged: list[str] = []
+    manifest = harvest(tmp_path / "c", spec_for(tiny_lm, corpus_file, gradients=True), progress=True, log=logged.append)
+    n = manifest["tokens"]
+    assert f"harvest: the normalisation statistics, one pass over the {n} tokens stored" in logged
+    lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("statistics:")]
+    assert lines and lines[-1].startswith(f"statistics: {2 * n}/{2 * n} tok (100%)")
+    assert manifest["stats"]["gradient_rms_norm"] > 0
+
+
 @pytest.mark.parametrize(
     "gradients,stop_at",
     [
