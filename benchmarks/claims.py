@@ -641,6 +641,9 @@ def report(results: dict, args, doc: Path, img_dir: Path) -> str:
                 lines.append(f"| {config} | {k} | " + " | ".join(cells) + f" | {figs[HEADLINE][2]} |")
         lines.append("")
         lines += rules_table(results, dataset)
+        from benchmarks import rule_spread  # (it imports this module's grid)
+
+        lines += rule_spread.table(getattr(args, "spread_records", rule_spread.RECORDS), dataset)
         lines += dl_matched_table(results, agg, dataset)
         lines += core_table(results, dataset)
         plot(agg, sweeps, dataset, img_dir / f"results_{dataset}.png")

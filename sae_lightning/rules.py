@@ -147,6 +147,36 @@ def score(module, rd: Reader, x: Tensor, contexts: Tensor, spread: tuple[float, 
 
 
 @torch.no_grad()
+def token_spread(module, rd: Reader, x: Tensor, factor: float = 1.0, wide: float = 2.0) -> dict[str, Any]:
+    """How ``rd`` at θ·``factor`` spreads the latents over tokens ``x`` (model units), and where its
+    error lies: the FVU, the mean L0 and its quantiles (10, 50, 90, 99 %), the share of tokens
+    given more than ``wide``·k latents and their share of the squared error, and the FVU of the
+    other tokens alone (against the same total variance). A threshold rule at mean L0 = k can
+    still give most tokens few latents and some many; on an SAE trained to fire k per token
+    (TopK) those few take most of the error (docs/results.md)."""
+    err_parts, l0_parts = [], []
+    for chunk in x.to(module.device).split(module.batch_size):
+        code, ctx = rd.encode(module, factor)(chunk)
+        x_hat = module.sae.denormalise(module.sae.decode(code), ctx)
+        err_parts.append((chunk.double() - x_hat.double()).pow(2).sum(1).cpu())
+        l0_parts.append(code.l0_per_token().double().cpu())
+    err, l0 = torch.cat(err_parts), torch.cat(l0_parts)
+    xd = x.double().cpu()
+    total = float((xd - xd.mean(0)).pow(2).sum())
+    many = l0 > wide * rd.k
+    q = torch.quantile(l0, torch.tensor([0.1, 0.5, 0.9, 0.99], dtype=torch.float64)).tolist()
+    return {
+        "fvu": float(err.sum()) / total,
+        "l0_mean": float(l0.mean()),
+        "l0_quantiles": dict(zip(("10", "50", "90", "99"), q)),
+        "wide": wide,
+        "tokens_over_wide": float(many.double().mean()),
+        "error_share_over_wide": float(err[many].sum() / err.sum()) if float(err.sum()) > 0 else 0.0,
+        "fvu_others": float(err[~many].sum()) / total,
+    }
+
+
+@torch.no_grad()
 def dl_at_k(module, rd: Reader, x: Tensor, sums: ContextSums, tolerance: float = 0.01) -> float:
     """The description length (bits per token) of ``x`` read by ``rd`` at L0 = k: topk's own; a
     threshold rule's at the factor of ``sums`` that gives L0 = k on ``x`` (score() measures

@@ -8,7 +8,7 @@ import torch
 
 from sae_lightning.config import load_config
 from sae_lightning.module import SAEModule, fvu_at_l0
-from sae_lightning.rules import RULES, evaluate_rules, own_rule, reader, rules_of, score
+from sae_lightning.rules import RULES, Reader, evaluate_rules, own_rule, reader, rules_of, score, token_spread
 from sae_lightning.train import run
 
 from .conftest import TINY, compose_config
@@ -70,6 +70,22 @@ def test_latent_thresholds_repeat_each_latents_firing_count_of_the_training_allo
     for j in range(8):  # θ_j is latent j's (count_j + 1)-th largest value
         c = int(counts[j])
         assert rd.theta[j] == (cal[:, j].sort(descending=True).values[c] if c < 200 else 0.0)
+
+
+def test_token_spread_finds_the_tokens_that_take_many_latents_and_their_error():
+    """Identity SAE, one threshold 1, k = 2: a token of eight 5s takes all 8 latents (> 2k) and is
+    reconstructed exactly; a token of eight 0.5s takes none and keeps all its error."""
+    module = stand_in(k=2, F=8)
+    x = torch.cat([torch.full((1, 8), 5.0), torch.full((1, 8), 0.5)])
+    got = token_spread(module, Reader("global_threshold", torch.tensor(1.0), 2, 2.0), x)
+    total = 2 * 8 * 2.25**2  # each token 2.25 from the mean on each of 8 dimensions
+    assert got["fvu"] == pytest.approx(8 * 0.25 / total) and got["l0_mean"] == 4.0
+    assert got["l0_quantiles"] == pytest.approx({"10": 0.8, "50": 4.0, "90": 7.2, "99": 7.92})
+    assert got["tokens_over_wide"] == 0.5 and got["error_share_over_wide"] == 0.0
+    assert got["fvu_others"] == pytest.approx(got["fvu"])
+    # k per token: nobody over 2k
+    topk = token_spread(module, Reader("topk", None, 2, 2.0), x)
+    assert topk["l0_quantiles"] == {"10": 2.0, "50": 2.0, "90": 2.0, "99": 2.0} and topk["tokens_over_wide"] == 0.0
 
 
 def test_rule_names_and_the_own_rule():
@@ -158,3 +174,20 @@ def test_the_description_length_curve_and_its_reading_at_a_common_fvu(trained, v
     mid = (curve[1]["fvu"] * curve[2]["fvu"]) ** 0.5
     assert min(curve[1]["dl"], curve[2]["dl"]) <= dl_at_fvu(curve, mid) <= max(curve[1]["dl"], curve[2]["dl"])
     assert dl_at_fvu(curve, curve[-1]["fvu"] * 2) != dl_at_fvu(curve, curve[-1]["fvu"] * 2)  # outside: NaN
+
+
+def test_token_spread_agrees_with_the_scored_sums(trained):
+    """token_spread's FVU and mean L0 at the calibrated factor are score()'s at factor 1, for every
+    rule of a trained SAE (two computations of one reading)."""
+    from sae_lightning.data import build_datamodule
+
+    run_dir, _ = trained["mutual_choice"]
+    module = SAEModule.load_from_checkpoint(run_dir / "checkpoints" / "final.ckpt")
+    data = build_datamodule(module.hparams["config"]["data"])
+    x = data.test_tensor()
+    for rule in RULES:
+        rd = reader(module, rule, data.calibration_tokens())
+        at_one = next(p for p in score(module, rd, x, data.contexts("test")).points() if p["factor"] == 1.0)
+        got = token_spread(module, rd, x)
+        assert got["fvu"] == pytest.approx(at_one["fvu"], rel=1e-6) and got["l0_mean"] == pytest.approx(at_one["l0"])
+        assert 0 <= got["error_share_over_wide"] <= 1 and got["fvu_others"] <= got["fvu"] + 1e-12
