@@ -357,6 +357,56 @@ def corpora_section(sets: dict[str, dict[int, dict]]) -> list[str]:
         ),
         "",
     ]
+    for name, *_ in missed:
+        lines += tried_on(name, sets[name])
+    return lines
+
+
+def tried_on(name: str, runs: dict[int, dict]) -> list[str]:
+    """Where the target is missed: every other recipe recorded on that set, seed by seed, against
+    SAELens on the same seed (Δ as in the table above)."""
+    tried = [
+        (seed, row, r["rows"][SAELENS_ROW])
+        for seed, r in sorted(runs.items())
+        if SAELENS_ROW in r["rows"]
+        for row in r["rows"]
+        if row not in (ADOPTED, SAELENS_ROW)
+    ]
+    if not tried:
+        return []
+    title = SETS[name][3] if name in SETS else name
+    per_seed = [
+        f"{100 * (r['rows'][ADOPTED]['fvu'] / r['rows'][SAELENS_ROW]['fvu'] - 1):+.2f} % (seed {seed})"
+        for seed, r in sorted(runs.items())
+        if ADOPTED in r["rows"] and SAELENS_ROW in r["rows"]
+    ]
+    lines = [
+        f"Today's recipe against SAELens on {title}, seed by seed: {', '.join(per_seed)}.",
+        "",
+        "What was tried on that set, on top of today's recipe (each row against SAELens on the same seed):",
+        "",
+        "| recipe | seed | FVU | Δ FVU vs SAELens | never fired (held-out) | today's recipe, same seed |",
+        "|---|---|---|---|---|---|",
+    ]
+    for seed, row, sl in tried:
+        r, today = runs[seed]["rows"][row], runs[seed]["rows"].get(ADOPTED)
+        today_fvu = f"{today['fvu']:.4f}" if today else "—"
+        lines.append(
+            f"| {row} | {seed} | {r['fvu']:.4f} | {100 * (r['fvu'] / sl['fvu'] - 1):+.2f} % | {r['never_fired']:.2%} "
+            f"| {today_fvu} |"
+        )
+    better = [(row, seed) for seed, row, sl in tried if runs[seed]["rows"][row]["fvu"] <= sl["fvu"]]
+    lines += [
+        "",
+        (
+            "None of them is at or below SAELens's FVU on its seed."
+            if not better
+            else "At or below SAELens's FVU on its seed: "
+            + ", ".join(f"{row} (seed {seed})" for row, seed in better)
+            + " (one seed is not a recipe: not adopted unless it holds on every set and seed)."
+        ),
+        "",
+    ]
     return lines
 
 

@@ -39,3 +39,21 @@ def test_each_set_is_met_only_when_ours_is_at_or_below_saelens_with_at_most_one_
         "smollm2 (FVU +8.19 %, 0.10% never firing)." in text
     )
     assert "Not in the records yet" in text  # no ablation rows recorded
+
+
+def test_a_missed_set_lists_what_was_tried_there_seed_by_seed(tmp_path):
+    record(tmp_path, "minilm", 0, 0.18, 0.20)
+    record(tmp_path, "smollm2", 0, 0.21, 0.20)  # missed: +5 %
+    record(tmp_path, "smollm2", 1, 0.20, 0.20)  # a tie
+    path = tmp_path / "smollm2" / "parity.json"
+    rec = json.loads(path.read_text())
+    rec["rows"]["today + a"] = {"fvu": 0.199, "l0": 32.0, "never_fired": 0.0, "tokens_per_second": 1.0}
+    rec["rows"]["today + b"] = {"fvu": 0.22, "l0": 32.0, "never_fired": 0.0, "tokens_per_second": 1.0}
+    path.write_text(json.dumps(rec))
+    text = report(tmp_path, tmp_path / "parity.md")
+    assert "seed by seed: +5.00 % (seed 0), +0.00 % (seed 1)." in text
+    lines = text.splitlines()
+    assert "| today + a | 0 | 0.1990 | -0.50 % | 0.00% | 0.2100 |" in lines
+    assert "| today + b | 0 | 0.2200 | +10.00 % | 0.00% | 0.2100 |" in lines
+    assert "At or below SAELens's FVU on its seed: today + a (seed 0)" in text
+    assert "What was tried on MiniLM L3 of 6" not in text  # a set that meets its target lists nothing
