@@ -508,7 +508,7 @@ def report(root: Path, page: Path) -> str:
             "",
             "## Mutual Choice and Feature Choice with the new recipe",
             "",
-            "The same harness and batches, our MC (+ aux_zipf) and FC (Zipf capacities by demand) with their default "
+            "The same harness and batches, our MC (+ aux_zipf) and FC (demand capacities) with their default "
             "losses, scored as exported: the threshold mode with calibrated thresholds (so L0 is near, not at, k). "
             "Mean ± std over the seeds.",
             "",
