@@ -19,7 +19,29 @@ from ..atomic import atomic_path, atomic_write_json
 from .pareto import pareto_front
 from .study import default_storage, masked
 
-COLOURS = {"topk": "tab:blue", "mutual_choice": "tab:orange", "feature_choice": "tab:green"}
+COLOURS = {
+    "topk": "tab:blue",
+    "mutual_choice": "tab:orange",
+    "feature_choice": "tab:green",
+    "jumprelu": "tab:red",
+    "matryoshka_mutual_choice": "tab:purple",
+    "matryoshka_topk": "tab:brown",
+}
+SPARE = ("tab:pink", "tab:olive", "tab:cyan", "tab:gray")
+
+
+def variant_colours(variants: list[str]) -> dict[str, str]:
+    """A distinct colour per variant: the fixed ones above, then spare ones (then repeats) for
+    variants without one (matplotlib's own cycle would reuse the fixed colours)."""
+    spare = [c for c in SPARE if c not in COLOURS.values()]
+    out, i = {}, 0
+    for v in sorted(variants):
+        if v in COLOURS:
+            out[v] = COLOURS[v]
+        else:
+            out[v] = spare[i % len(spare)]
+            i += 1
+    return out
 
 
 def _reason(t: optuna.trial.FrozenTrial, retried_as: dict[int, int]) -> str:
@@ -83,9 +105,10 @@ def plot(path: Path, rows: list[dict], front: list[dict], x_key: str, y_key: str
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     done = [r for r in rows if r["state"] == "complete"]
-    for variant in sorted({r["variant"] for r in done}):
+    colours = variant_colours(sorted({r["variant"] for r in done}))
+    for variant in sorted(colours):
         pts = [r for r in done if r["variant"] == variant]
-        colour = COLOURS.get(variant)
+        colour = colours[variant]
         ax.scatter(
             [r[x_key] for r in pts],
             [r[y_key] for r in pts],

@@ -28,3 +28,16 @@ def test_front_with_ties_and_dominated_points():
 def test_front_of_one_and_of_none():
     assert pareto_front([(1.0, 1.0)], MIN2) == [0]
     assert pareto_front([], MIN2) == []
+
+
+def test_every_variant_gets_its_own_colour():
+    """The fixed colours of the registered variants, then spare ones: never two variants alike
+    (matplotlib's cycle gave JumpReLU TopK's blue and Matryoshka MC MC's orange)."""
+    import sae_lightning.allocators  # noqa: F401  (registers every allocator)
+    from sae_lightning.allocators.base import ALLOCATORS
+    from sae_lightning.sweep.report import variant_colours
+
+    names = [*ALLOCATORS, "matryoshka_mutual_choice", "matryoshka_topk", "my_variant", "another"]
+    colours = variant_colours(names)
+    assert set(colours) == set(names) and len(set(colours.values())) == len(names)
+    assert colours["topk"] == "tab:blue" and colours["jumprelu"] != colours["topk"]
