@@ -146,6 +146,13 @@ def record_run(records: Path, dataset: str, config: str, k: int, seed: int, run:
             atomic_write_text(target / name, text + "\n")
 
 
+def finished_run(out: Path, dataset: str, config: str, k: int, seed: int) -> Path | None:
+    """The cell's latest finished run folder under ``out`` (one with metrics.json), or None."""
+    folder = out / dataset / config / f"k{k}_s{seed}" / "runs"
+    done = sorted(folder.glob("*/metrics.json")) if folder.is_dir() else []
+    return done[-1].parent if done else None
+
+
 def recorded(records: Path, dataset: str, config: str, k: int, seed: int) -> dict | None:
     """A recorded run's metrics (``run_dir`` pointing at the record, which holds its
     rules_test.json), or None."""
@@ -643,7 +650,7 @@ def report(results: dict, args, doc: Path, img_dir: Path) -> str:
         lines += rules_table(results, dataset)
         from benchmarks import rule_spread  # (it imports this module's grid)
 
-        lines += rule_spread.table(getattr(args, "spread_records", rule_spread.RECORDS), dataset)
+        lines += rule_spread.table(rule_spread.RECORDS, dataset)
         lines += dl_matched_table(results, agg, dataset)
         lines += core_table(results, dataset)
         plot(agg, sweeps, dataset, img_dir / f"results_{dataset}.png")
@@ -726,10 +733,9 @@ def main(argv=None) -> None:
             results = dict(ex.map(one, grid))
     else:
         for key in grid:
-            folder = args.out / key[0] / key[1] / f"k{key[2]}_s{key[3]}" / "runs"
-            done = sorted(folder.glob("*/metrics.json")) if folder.is_dir() else []
-            if done:
-                results[key] = with_description_length(done[-1].parent, json.loads(done[-1].read_text()))
+            run = finished_run(args.out, *key)
+            if run is not None:
+                results[key] = with_description_length(run, json.loads((run / "metrics.json").read_text()))
             else:
                 results[key] = recorded(args.records, *key)
     atomic_write_text(

@@ -17,7 +17,7 @@ import argparse
 import json
 from pathlib import Path
 
-from benchmarks.claims import CONFIGS, DATASETS
+from benchmarks.claims import CONFIGS, DATASETS, finished_run, record_folder
 from sae_lightning.atomic import atomic_write_json
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,7 +25,8 @@ RECORDS = ROOT / "benchmarks" / "records" / "rule_spread"
 
 
 def record_path(records: Path, dataset: str, config: str, k: int, seed: int) -> Path:
-    return records / dataset / config.replace("+", "_") / f"k{k}_s{seed}.json"  # as claims' records
+    """``<records>/<dataset>/<config>/k<k>_s<seed>.json``, named as the claims grid's records."""
+    return record_folder(records, dataset, config, k, seed).with_suffix(".json")
 
 
 def measure_run(run: Path) -> dict:
@@ -46,12 +47,6 @@ def measure_run(run: Path) -> dict:
         "test_tokens": int(x.shape[0]),
         "rules": {rule: token_spread(module, reader(module, rule, cal), x) for rule in RULES},
     }
-
-
-def finished_run(out: Path, dataset: str, config: str, k: int, seed: int) -> Path | None:
-    folder = out / dataset / config / f"k{k}_s{seed}" / "runs"
-    done = sorted(folder.glob("*/metrics.json")) if folder.is_dir() else []
-    return done[-1].parent if done else None
 
 
 def table(records: Path, dataset: str) -> list[str]:
