@@ -16,7 +16,7 @@ import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import lightning as L
 import torch
@@ -224,10 +224,12 @@ def time_variant(
     block: str | None = None,
     before: Callable[[], None] | None = None,
     after: Callable[[float], None] | None = None,
+    fresh: bool = False,
 ) -> dict:
     """One variant's real training step; ``block``: a ``model.block_latents`` value (``null``
     for the dense matrix), None for the configured default; ``before``, ``after``: the
-    :class:`StepTimer`'s."""
+    :class:`StepTimer`'s; ``fresh``: a new batch at every step (else 4 batches in turn, which
+    many warm-up steps would overfit)."""
     extra = [*extra, f"model.block_latents={block}"] if block is not None else list(extra)
     module, dm = build_module(variant, d, F, k, B, dtype, extra)
     g = torch.Generator().manual_seed(0)
@@ -246,7 +248,11 @@ def time_variant(
 
     module.allocator.allocate = timed_allocate
     timer = StepTimer(before, after)
-    stream = cast(Any, [batches[i % len(batches)] for i in range(steps + warmup)])  # a list of batches is a dataset
+    stream: Any
+    if fresh:  # a new batch every step, drawn outside the timed part (the same ones for every row)
+        stream = _FreshBatches(dm.source, B, steps + warmup)
+    else:
+        stream = [batches[i % len(batches)] for i in range(steps + warmup)]  # a list of batches is a dataset
     loader: torch.utils.data.DataLoader = torch.utils.data.DataLoader(stream, batch_size=None)
     trainer = bare_trainer(steps + warmup, [timer], device.type)
     with PeakMemory(device) as mem:
@@ -266,6 +272,19 @@ def time_variant(
             before()
         result["profile"] = profile_step(module, batches[0])
     return result
+
+
+class _FreshBatches(torch.utils.data.IterableDataset):
+    """``n`` batches of ``B`` tokens drawn one by one from a data source's stream (seed 1: not
+    the 4 batches the SAE was initialised from)."""
+
+    def __init__(self, source, B: int, n: int):
+        self.source, self.B, self.n = source, B, n
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(1)
+        for _ in range(self.n):
+            yield self.source.batch(self.B, g)[0]
 
 
 def _serve(conn, threads: int, kwargs: dict) -> None:
@@ -380,6 +399,12 @@ def main(argv=None) -> dict:
     p.add_argument("--steps", type=int, default=16, help="measured steps per variant (the median is reported)")
     p.add_argument("--warmup", type=int, default=3, help="steps run before measuring")
     p.add_argument(
+        "--fresh",
+        action="store_true",
+        help="a new batch at every step (default: 4 batches in turn); with many --warmup steps, the step "
+        "of a training run whose latent densities have settled",
+    )
+    p.add_argument(
         "--variants",
         nargs="+",
         default=["topk", "mutual_choice", "feature_choice", "jumprelu", "matryoshka_mutual_choice"],
@@ -423,6 +448,8 @@ def main(argv=None) -> dict:
         "batch": a.batch,
         "dtype": a.dtype,
         "steps": a.steps,
+        "warmup": a.warmup,
+        "fresh": a.fresh,
         "sizes": [],
     }
     for F in a.latents:
@@ -456,6 +483,7 @@ def main(argv=None) -> dict:
                 extra=a.overrides,
                 profile=a.profile,
                 block=None if block == "default" else block,
+                fresh=a.fresh,
             )
             for dtype in a.dtype
             for v in a.variants

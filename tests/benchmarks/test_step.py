@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from benchmarks import step as bench
 
@@ -72,3 +73,23 @@ def test_bench_interleaves_fresh_processes(tmp_path, monkeypatch):
     assert rows[0]["peak_share_warm"] == size["step_flops"] / rows[0]["step_s"] / size["matmul_peak_flops"]
     with pytest.raises(RuntimeError, match="timing topk: .*variant.k"):
         bench.main([*args, "variant.k=-1", "--variants", "topk"])
+
+
+def test_fresh_batches_are_new_every_step_and_the_same_for_every_row():
+    """--fresh: each step a batch never seen before in that run (many warm-up steps then settle
+    the densities on a stream, not on 4 batches), and every timed row the same sequence."""
+    module, dm = bench.build_module("topk", 16, 64, 4, 32, "float32", [])
+    first = list(bench._FreshBatches(dm.source, 32, 5))
+    again = list(bench._FreshBatches(dm.source, 32, 5))
+    assert len(first) == 5 and all(b.shape == (32, 16) for b in first)
+    assert all(not torch.equal(first[i], first[j]) for i in range(5) for j in range(i))
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+
+
+def test_bench_fresh_runs_and_says_so(tmp_path):
+    out = tmp_path / "bench.json"
+    argv = ["--d", "16", "--latents", "128", "--k", "4", "--batch", "64", "--steps", "2", "--warmup", "3"]
+    report = bench.main(argv + ["--fresh", "--same-process", "--variants", "topk", "--dtype", "float32",
+                                "--no-reference", "--out", str(out)])  # fmt: skip
+    assert report["fresh"] is True and report["warmup"] == 3
+    assert json.loads(out.read_text())["sizes"][0]["rows"][0]["step_s"] > 0
