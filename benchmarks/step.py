@@ -289,23 +289,32 @@ class _FreshBatches(torch.utils.data.IterableDataset):
 
 def _serve(conn, threads: int, kwargs: dict) -> None:
     """A timing process: :func:`time_variant`, each batch when the parent says so. Sends
-    "ready" at its first batch (its set-up done), each batch's time, then ("result", row) or
-    ("error", message)."""
+    "ready" before each batch (its set-up, or the fetch of that batch, done: a fresh batch is
+    drawn between two timed steps, which must not run beside another process's step), each
+    batch's time, then ("result", row) or ("error", message)."""
     try:
         torch.set_num_threads(threads)
         keep_freed_memory()  # as main() and train.py do
         torch.set_float32_matmul_precision("high")
-        started = False
+
+        # when this process was busy (the system-wide monotonic clock): its timed steps, and its
+        # work between them (the next batch's fetch), which must not overlap another's steps
+        steps: list[tuple[float, float]] = []
+        between: list[tuple[float, float]] = []
 
         def before() -> None:
-            nonlocal started
-            if not started:
-                conn.send("ready")
-                started = True
+            if steps:
+                between.append((steps[-1][1], time.monotonic()))
+            conn.send("ready")
             conn.recv()
+            steps.append((time.monotonic(), float("nan")))
 
-        row = time_variant(**{**kwargs, "device": torch.device(kwargs["device"])}, before=before, after=conn.send)
-        conn.send(("result", row))
+        def after(seconds: float) -> None:
+            steps[-1] = (steps[-1][0], time.monotonic())
+            conn.send(seconds)
+
+        row = time_variant(**{**kwargs, "device": torch.device(kwargs["device"])}, before=before, after=after)
+        conn.send(("result", {**row, "busy": {"steps": steps, "between": between}}))
     except BaseException as e:  # noqa: BLE001 — the parent reports it
         conn.send(("error", f"{type(e).__name__}: {e}"))
 
@@ -345,19 +354,24 @@ def time_interleaved(
         for i in range(len(rows)):
             reply(i, str)  # "ready"
         probed: list[float] = []
+        results: list[dict | None] = [None] * len(rows)
         for step in range(warmup + steps):
             for i, conn in enumerate(conns):
                 conn.send(None)
                 reply(i, float)
+                # what it does next (fetch its next batch, or end its run) done before another's step
+                if step + 1 < warmup + steps or rows[i].get("profile"):
+                    reply(i, str)  # "ready"
+                else:
+                    results[i] = reply(i, tuple)[1]
             if probe is not None and step >= warmup:
                 t = time.perf_counter()
                 probe()
                 probed.append(time.perf_counter() - t)
-        results = []
         for i, conn in enumerate(conns):  # one at a time: a profile runs in its turn
-            if rows[i].get("profile"):
+            if results[i] is None:
                 conn.send(None)
-            results.append(reply(i, tuple)[1])
+                results[i] = reply(i, tuple)[1]
     except BaseException:
         for proc in procs:  # the others wait for their next turn
             proc.kill()
@@ -365,7 +379,18 @@ def time_interleaved(
     finally:
         for proc in procs:
             proc.join()
-    return results, probed
+    done = [r for r in results if r is not None]
+    busy = [r.pop("busy") for r in done]
+    for i, r in enumerate(done):  # its timed steps beside another process's work: none, by the protocol
+        others = [span for j, b in enumerate(busy) if j != i for span in b["between"]]
+        r["overlap_s"] = sum(_overlap(step, span) for step in busy[i]["steps"] for span in others)
+    return done, probed
+
+
+def _overlap(a: tuple[float, float], b: tuple[float, float]) -> float:
+    """Seconds two spans of time share (0 where one has no end: NaN)."""
+    shared = min(a[1], b[1]) - max(a[0], b[0])
+    return shared if shared > 0 else 0.0
 
 
 def profile_step(module, x: torch.Tensor, rows: int = 15) -> str:

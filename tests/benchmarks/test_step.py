@@ -93,3 +93,15 @@ def test_bench_fresh_runs_and_says_so(tmp_path):
                                 "--no-reference", "--out", str(out)])  # fmt: skip
     assert report["fresh"] is True and report["warmup"] == 3
     assert json.loads(out.read_text())["sizes"][0]["rows"][0]["step_s"] > 0
+
+
+def test_interleaved_steps_never_run_beside_another_process_fetching_its_batch(tmp_path):
+    """Each process draws its next fresh batch after its timed step; the next process's step waits
+    until that is done (it used to start at once: a step of TopK bf16 measured 2× its time beside
+    the batch generation of the process before it)."""
+    argv = ["--d", "16", "--latents", "128", "--k", "4", "--batch", "64", "--steps", "3", "--warmup", "2"]
+    report = bench.main(argv + ["--fresh", "--variants", "topk", "topk", "mutual_choice", "--dtype", "float32",
+                                "--profile", "--no-reference", "--out", str(tmp_path / "b.json")])  # fmt: skip
+    rows = report["sizes"][0]["rows"]
+    assert len(rows) == 3 and all(r["overlap_s"] == 0.0 and "profile" in r for r in rows)
+    assert bench._overlap((0.0, 2.0), (1.0, 5.0)) == 1.0 and bench._overlap((0.0, 1.0), (1.0, 2.0)) == 0.0
