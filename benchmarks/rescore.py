@@ -31,7 +31,7 @@ from sae_lightning.glibc_malloc import keep_freed_memory
 from sae_lightning.rescore import BAND, ROW_BAND, batch_margin
 from sae_lightning.sae import ExactRanked
 
-from .step import bare_trainer, build_module, size_arguments, write_rows
+from .step import FreshBatches, bare_trainer, build_module, size_arguments, write_rows
 
 
 class _Gathered:
@@ -147,25 +147,13 @@ def measure_run(run: Path) -> dict:
     return {"variant": module.variant.allocator, "run": str(run), "steps": x.shape[0] // B, **counts.counts}
 
 
-class _Batches(torch.utils.data.IterableDataset):
-    """Fresh synthetic batches, generated as they are read."""
-
-    def __init__(self, source, batch_size: int, n: int):
-        self.source, self.batch_size, self.n = source, batch_size, n
-
-    def __iter__(self):
-        g = torch.Generator().manual_seed(1)
-        for _ in range(self.n):
-            yield self.source.batch(self.batch_size, g)[0]
-
-
 def measure(variant: str, d: int, F: int, k: int, B: int, steps: int, extra: list[str]) -> dict:
     """A fp32 training run of ``steps`` steps (Lightning, as train.py), each step's batch compared."""
     module, dm = build_module(variant, d, F, k, B, "float32", extra)
     module.init_from_data(dm.source.batch(4 * B, torch.Generator().manual_seed(0))[0])
     compare = _Compare()
     trainer = bare_trainer(steps, [compare], progress=True)
-    loader = torch.utils.data.DataLoader(_Batches(dm.source, B, steps), batch_size=None)
+    loader = torch.utils.data.DataLoader(FreshBatches(dm.source, B, steps), batch_size=None)
     trainer.fit(module, train_dataloaders=loader)
     return {"variant": variant, "steps": steps, **compare.counts}
 

@@ -250,7 +250,7 @@ def time_variant(
     timer = StepTimer(before, after)
     stream: Any
     if fresh:  # a new batch every step, drawn outside the timed part (the same ones for every row)
-        stream = _FreshBatches(dm.source, B, steps + warmup)
+        stream = FreshBatches(dm.source, B, steps + warmup)
     else:
         stream = [batches[i % len(batches)] for i in range(steps + warmup)]  # a list of batches is a dataset
     loader: torch.utils.data.DataLoader = torch.utils.data.DataLoader(stream, batch_size=None)
@@ -274,9 +274,10 @@ def time_variant(
     return result
 
 
-class _FreshBatches(torch.utils.data.IterableDataset):
-    """``n`` batches of ``B`` tokens drawn one by one from a data source's stream (seed 1: not
-    the 4 batches the SAE was initialised from)."""
+class FreshBatches(torch.utils.data.IterableDataset):
+    """``n`` batches of ``B`` tokens drawn one by one from a data source's stream, as they are
+    read (seed 1: not the batches the SAE was initialised from); ``--fresh`` here, and
+    benchmarks.rescore's training runs."""
 
     def __init__(self, source, B: int, n: int):
         self.source, self.B, self.n = source, B, n

@@ -79,8 +79,8 @@ def test_fresh_batches_are_new_every_step_and_the_same_for_every_row():
     """--fresh: each step a batch never seen before in that run (many warm-up steps then settle
     the densities on a stream, not on 4 batches), and every timed row the same sequence."""
     module, dm = bench.build_module("topk", 16, 64, 4, 32, "float32", [])
-    first = list(bench._FreshBatches(dm.source, 32, 5))
-    again = list(bench._FreshBatches(dm.source, 32, 5))
+    first = list(bench.FreshBatches(dm.source, 32, 5))
+    again = list(bench.FreshBatches(dm.source, 32, 5))
     assert len(first) == 5 and all(b.shape == (32, 16) for b in first)
     assert all(not torch.equal(first[i], first[j]) for i in range(5) for j in range(i))
     assert all(torch.equal(a, b) for a, b in zip(first, again))
