@@ -7,12 +7,15 @@ import gzip
 import json
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 
 from sae_lightning import debian_docs
 from sae_lightning.data.shards import sha256_file
 from sae_lightning.errors import DataError
+
+ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.skipif(shutil.which("dpkg-deb") is None, reason="needs dpkg-deb (Debian)")
 
@@ -116,3 +119,14 @@ def test_a_version_apt_cannot_give_is_named(tmp_path, sources, capsys, monkeypat
     err = capsys.readouterr().err
     assert err.startswith("error: debian_docs: cannot download doc-a=9.9") and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "c").exists()
+
+
+def test_the_recorded_build_matches_the_pinned_sources():
+    """The manifest of the real build (benchmarks/records/debian_docs/manifest.json, kept so that
+    a rebuild can be compared with it file by file) names exactly SOURCES' packages and versions."""
+    manifest = json.loads((ROOT / "benchmarks" / "records" / "debian_docs" / "manifest.json").read_text())
+    assert [(p["package"], p["version"]) for p in manifest["packages"]] == [
+        (s.package, s.version) for s in debian_docs.SOURCES
+    ]
+    assert manifest["minilm_tokens"] >= 20_000_000  # issue 44: a corpus of at least 20M MiniLM tokens
+    assert all(len(f["sha256"]) == 64 for f in manifest["files"])
