@@ -74,6 +74,19 @@ def test_selections_keep_the_lower_index_among_values_tied_at_the_cut(seed):
         assert torch.all(val[lat == j].diff() <= 0)  # each latent's entries in value order
 
 
+def assert_canonical_columns(z: torch.Tensor, m: torch.Tensor) -> None:
+    """per_column_topk of latent-major ``z``: each latent keeps its canonical top-m_j, in value
+    order, and its cutoff is its m_j-th value (-inf where m_j = 0)."""
+    lat, tok, val, cut = per_column_topk(z, m)
+    for j in range(z.shape[0]):
+        assert sorted(tok[lat == j].tolist()) == canonical_reference(z[j], int(m[j])), j
+        assert torch.all(val[lat == j].diff() <= 0)
+        if m[j] > 0:
+            assert cut[j] == torch.sort(z[j], descending=True).values[int(m[j]) - 1]
+        else:
+            assert cut[j] == float("-inf")
+
+
 @pytest.mark.parametrize("seed", [0, 1])
 def test_feature_choice_bulk_of_small_capacities_read_in_place_is_canonical(seed):
     """Zipf-like capacities (most latents 0–3 tokens of B = 64, a few large): the bulk is one
@@ -84,14 +97,20 @@ def test_feature_choice_bulk_of_small_capacities_read_in_place_is_canonical(seed
     z = torch.randint(0, 5, (F, B), generator=g).float()
     m = torch.randint(0, 4, (F,), generator=g)
     m[:6] = torch.tensor([64, 40, 17, 9, 0, 33])
-    lat, tok, val, cut = per_column_topk(z, m)
-    for j in range(F):
-        assert sorted(tok[lat == j].tolist()) == canonical_reference(z[j], int(m[j])), j
-        assert torch.all(val[lat == j].diff() <= 0)
-        if m[j] > 0:
-            assert cut[j] == torch.sort(z[j], descending=True).values[int(m[j]) - 1]
-        else:
-            assert cut[j] == float("-inf")
+    assert_canonical_columns(z, m)
+
+
+@pytest.mark.parametrize("kind", ["tied", "continuous"])
+def test_feature_choice_large_capacities_through_group_maxima_are_canonical(kind):
+    """B = 1024 (128 strided groups of 8): the latents above the bulk, whose capacities (17–60)
+    are small against B, take their top-m_j through group maxima (row_topk) on their copied rows;
+    every latent still keeps its canonical top-m_j in value order, with its m_j-th value as cutoff."""
+    g = torch.Generator().manual_seed(3)
+    B, F = 1024, 48
+    z = torch.randint(0, 6, (F, B), generator=g).float() if kind == "tied" else torch.randn(F, B, generator=g)
+    m = torch.randint(0, 4, (F,), generator=g)
+    m[:8] = torch.tensor([60, 41, 33, 17, 24, 0, 50, 19])
+    assert_canonical_columns(z, m)
 
 
 @pytest.mark.parametrize(
