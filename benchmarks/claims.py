@@ -321,7 +321,7 @@ def check_claims(agg: dict, results: dict) -> list[tuple[str, str, bool | None, 
                             dataset,
                             f"k={k}: FVU({name}) < FVU(TopK)",
                             d.high < 0,
-                            f"{d} ({d.seeds} seeds × {d.contexts} contexts)",
+                            f"{d} ({d.seeds} seed{'s' if d.seeds != 1 else ''} × {d.contexts} contexts)",
                         )
                     )
         mck, mcz = by_c.get("mc+aux_k", {}), by_c.get("mc+aux_zipf", {})
@@ -738,6 +738,7 @@ def main(argv=None) -> None:
                 results[key] = with_description_length(run, json.loads((run / "metrics.json").read_text()))
             else:
                 results[key] = recorded(args.records, *key)
+    args.out.mkdir(parents=True, exist_ok=True)  # --report on a fresh clone: the records alone
     atomic_write_text(
         args.out / "results.json",
         json.dumps(

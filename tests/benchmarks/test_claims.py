@@ -140,6 +140,23 @@ def test_a_finished_run_is_recorded_and_the_record_stands_in_for_it(tmp_path, mo
     assert claims.recorded(records, "synthetic", "topk+aux_k", 32, 1) is None
 
 
+def test_the_report_of_a_fresh_clone_reads_the_records_alone(tmp_path):
+    """``--report`` where ``--out`` does not exist (a fresh clone: the records are committed,
+    outputs/ is not): the page and results.json are written from the records."""
+    records = tmp_path / "records"
+    kept = claims.record_folder(records, "synthetic", "topk+aux_k", 32, 0)
+    kept.mkdir(parents=True)
+    (kept / "metrics.json").write_text(json.dumps(with_code(metrics(0.25), "a" * 40)))
+    (kept / "rules_test.json").write_text(json.dumps({"own_rule": "topk", "k": 32, "rules": {}}))
+    out, page = tmp_path / "never" / "made", tmp_path / "page.md"
+    claims.main(
+        ["--report", "--out", str(out), "--records", str(records), "--doc", str(page), "--img-dir", str(tmp_path)]
+        + ["--datasets", "synthetic", "--configs", "topk+aux_k", "--k", "32", "--seeds", "0"]
+    )
+    assert "made by commit aaaaaaaa" in page.read_text()
+    assert json.loads((out / "results.json").read_text())["synthetic|topk+aux_k|32|0"]["val/threshold/fvu_at_k"] == 0.25
+
+
 def test_the_page_has_a_core_table_at_k_32_and_a_description_length_column(tmp_path):
     results = grid(tmp_path, topk=0.30, mc_k=0.29, mc_z=0.299, fc_z=0.35, fc_d=0.30)
     for (_, config, _, seed), m in results.items():
