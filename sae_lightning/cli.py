@@ -16,7 +16,9 @@ import logging
 import os
 import re
 import shlex
+import signal
 import sys
+import threading
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -172,10 +174,19 @@ def user_errors() -> Iterator[None]:
         sys.exit(130)
 
 
+def _terminated(signum, frame) -> NoReturn:
+    raise KeyboardInterrupt
+
+
 def run_entry(main: Callable[[], object]) -> None:
-    """Run a ``@hydra.main`` function with the error handling described above."""
+    """Run a ``@hydra.main`` function with the error handling described above. SIGTERM (what a
+    scheduler or ``kill`` sends) is a Ctrl-C: the work in progress cleans up as on Ctrl-C (a
+    harvest keeps its whole shards and removes its lock; training, whose own handler takes
+    both signals while it runs, saves its step) instead of dying where it stands."""
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra re-raises instead of printing its own traceback
     quiet()
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _terminated)
     with user_errors():
         try:
             main()

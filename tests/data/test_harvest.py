@@ -236,7 +236,10 @@ def test_unreachable_dataset_says_how_to_use_local_files(tiny_lm, tmp_path):
 
 
 @pytest.mark.slow
-def test_harvest_cli_stops_on_ctrl_c_and_resumes_to_the_same_cache(tiny_lm, tmp_path):
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_harvest_cli_stops_on_ctrl_c_and_resumes_to_the_same_cache(tiny_lm, tmp_path, sig):
+    """Ctrl-C, or SIGTERM (a scheduler's stop), mid-harvest: the whole shards are kept, nothing
+    half-written or locked stays behind, and the same command resumes to the same cache."""
     import signal
 
     from ..conftest import write_corpus
@@ -267,12 +270,13 @@ def test_harvest_cli_stops_on_ctrl_c_and_resumes_to_the_same_cache(tiny_lm, tmp_
 
     wait_for(three_shards, timeout=120, what="the harvest's third shard")
     assert proc.poll() is None, "the harvest ended before it could be interrupted"
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(getattr(signal, sig))
     out, err = proc.communicate(timeout=hang_guard(120))
     partial = shards.read_manifest(tmp_path / "cache")
     assert proc.returncode == 130 and not partial["complete"], (proc.returncode, err[-2000:])
     assert "harvest interrupted" in out and "run the same command again to resume" in out
     assert not list((tmp_path / "cache").glob(".*tmp*"))
+    assert not list(tmp_path.glob(".*.lock")), "the harvest's lock stayed behind"
 
     again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=hang_guard(300))
     assert again.returncode == 0, again.stderr[-2000:]
