@@ -353,6 +353,42 @@ def facts(agg: dict) -> list[str]:
     return lines
 
 
+def summary_table(results: dict) -> list[str]:
+    """Every configuration against TopK + aux_k, each read by its own rule: the paired difference
+    of the headline (FVU at L0 = k, test split) in %, with its 95 % interval and verdict, one row
+    per dataset and k: the page's comparison in one table."""
+    others = [c for c in CONFIGS if c != REFERENCE]
+    cells = {(d, k) for (d, _c, k, _s), m in results.items() if m}
+    rows = []
+    for dataset in [d for d in DATASETS if any(d == dd for dd, _ in cells)]:
+        for k in sorted(k for d, k in cells if d == dataset):
+            row, seeds = [], set()
+            for config in others:
+                d = paired(results, dataset, k, (config, "own"), (REFERENCE, "own"))
+                seeds.add(d.seeds if d is not None else None)
+                word = {"A better": "better", "B better": "worse", "tie": "tie"}
+                row.append("" if d is None else f"{d} {word[d.verdict()]}")
+            if any(row):
+                n = sorted(s for s in seeds if s is not None)
+                count = str(n[0]) if n[0] == n[-1] else f"{n[0]}–{n[-1]}"
+                rows.append(f"| {dataset} | {k} | " + " | ".join(row) + f" | {count} |")
+    if not rows:
+        return []
+    return [
+        "## Every configuration against TopK, in one table",
+        "",
+        f"FVU at L0 = k on the test split of each configuration against {REFERENCE} (each read by its own "
+        "rule), paired by seed: 100·(FVU / TopK's FVU − 1) in % with its 95 % interval (a bootstrap over "
+        "seeds and test contexts, paired.py). *better*: the interval lies below 0; *worse*: above 0; "
+        "*tie*: it holds 0. An empty cell: not in the grid.",
+        "",
+        "| data | k | " + " | ".join(others) + " | seeds |",
+        "|---|---|" + "---|" * (len(others) + 1),
+        *rows,
+        "",
+    ]
+
+
 def own_curve(m: dict | None) -> list[dict] | None:
     """The run's own rule's DL-against-FVU curve on the test split (rules_test.json), if it has one."""
     if not m or not m.get("run_dir") or not (Path(m["run_dir"]) / "rules_test.json").is_file():
@@ -628,6 +664,7 @@ def report(results: dict, args, doc: Path, img_dir: Path) -> str:
         ]
         lines += [f"| {d} | {c} | {'yes' if ok else '**no**'} | {n} |" for d, c, ok, n in claims]
         lines.append("")
+    lines += summary_table(results)
     found = facts(agg)
     if found:
         lines += ["Facts that hold by construction (not targets):", "", *found, ""]

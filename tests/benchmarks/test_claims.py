@@ -207,3 +207,18 @@ def test_the_report_refuses_runs_of_different_commits_and_names_its_own(capsys, 
         claims.one_code_version(dirty, mixed_ok=False)
     unknown = {**one, key: {k: v for k, v in one[key].items() if k not in ("code", "code_versions")}}
     assert "an unknown commit" in claims.one_code_version(unknown, mixed_ok=True)
+
+
+def test_the_page_sets_every_configuration_against_topk_in_one_table(tmp_path):
+    results = grid(tmp_path, topk=0.30, mc_k=0.27, mc_z=0.299, fc_z=0.35, fc_d=0.30)
+    text = claims.report(results, SimpleNamespace(steps=10, seeds=[0, 1, 2], overrides=[]),
+                         tmp_path / "results.md", tmp_path / "img")  # fmt: skip
+    header = next(line for line in text.splitlines() if line.startswith("| data | k | mc+aux_k"))
+    assert header.split(" | ")[2:4] == ["mc+aux_k", "mc+aux_zipf"] and "topk+aux_k" not in header
+    row = next(line for line in text.splitlines() if line.startswith("| synthetic | 32 |")).split(" | ")
+    assert row[2].endswith(" better")  # MC+aux_k: 0.27 against 0.30, and the interval holds −10 %
+    low, high = (float(v) for v in row[2].split("[")[1].split("]")[0].split(","))
+    assert low < -10 < high < 0
+    assert row[5].endswith(" tie")  # FC demand: equal
+    assert row[4].endswith(" worse")  # FC zipf: 0.35
+    assert row[6] == "" and row[-1] == "3 |"  # JumpReLU not in this grid; 3 seeds paired
