@@ -353,28 +353,50 @@ def facts(agg: dict) -> list[str]:
     return lines
 
 
-def summary_table(results: dict) -> list[str]:
-    """Every configuration against TopK + aux_k, each read by its own rule: the paired difference
-    of the headline (FVU at L0 = k, test split) in %, with its 95 % interval and verdict, one row
-    per dataset and k: the page's comparison in one table."""
-    others = [c for c in CONFIGS if c != REFERENCE]
+# the new variants (issue 41) against the paper's allocators, each read by its own rule
+VARIANT_PAIRS = (
+    ("jumprelu", "mc+aux_zipf"),
+    ("jumprelu", "fc_demand"),
+    ("matryoshka_topk", "topk+aux_k"),
+    ("matryoshka_mc", "mc+aux_zipf"),
+)
+
+
+def pairs_table(results: dict, pairs: Sequence[tuple[str, str]]) -> list[str]:
+    """Paired differences of the headline (FVU at L0 = k, test split), A against B each read by
+    its own rule, in % with the 95 % interval and a verdict: one row per dataset and k, one
+    column per pair; [] when no pair has both sides anywhere."""
     cells = {(d, k) for (d, _c, k, _s), m in results.items() if m}
+    word = {"A better": "better", "B better": "worse", "tie": "tie"}
     rows = []
     for dataset in [d for d in DATASETS if any(d == dd for dd, _ in cells)]:
         for k in sorted(k for d, k in cells if d == dataset):
-            row, seeds = [], set()
-            for config in others:
-                d = paired(results, dataset, k, (config, "own"), (REFERENCE, "own"))
-                seeds.add(d.seeds if d is not None else None)
-                word = {"A better": "better", "B better": "worse", "tie": "tie"}
+            row, seeds = [], []
+            for a, b in pairs:
+                d = paired(results, dataset, k, (a, "own"), (b, "own"))
+                if d is not None:
+                    seeds.append(d.seeds)
                 row.append("" if d is None else f"{d} {word[d.verdict()]}")
-            if any(row):
-                n = sorted(s for s in seeds if s is not None)
-                count = str(n[0]) if n[0] == n[-1] else f"{n[0]}–{n[-1]}"
+            if seeds:
+                count = str(min(seeds)) if min(seeds) == max(seeds) else f"{min(seeds)}–{max(seeds)}"
                 rows.append(f"| {dataset} | {k} | " + " | ".join(row) + f" | {count} |")
     if not rows:
         return []
     return [
+        "| data | k | " + " | ".join(f"{a} vs {b}" for a, b in pairs) + " | seeds |",
+        "|---|---|" + "---|" * (len(pairs) + 1),
+        *rows,
+        "",
+    ]
+
+
+def summary_table(results: dict) -> list[str]:
+    """Every configuration against TopK + aux_k, then the new variants against Mutual Choice and
+    Feature Choice: the page's comparisons in two tables."""
+    against_topk = pairs_table(results, [(c, REFERENCE) for c in CONFIGS if c != REFERENCE])
+    if not against_topk:
+        return []
+    lines = [
         "## Every configuration against TopK, in one table",
         "",
         f"FVU at L0 = k on the test split of each configuration against {REFERENCE} (each read by its own "
@@ -382,11 +404,17 @@ def summary_table(results: dict) -> list[str]:
         "seeds and test contexts, paired.py). *better*: the interval lies below 0; *worse*: above 0; "
         "*tie*: it holds 0. An empty cell: not in the grid.",
         "",
-        "| data | k | " + " | ".join(others) + " | seeds |",
-        "|---|---|" + "---|" * (len(others) + 1),
-        *rows,
-        "",
+        *against_topk,
     ]
+    new = pairs_table(results, VARIANT_PAIRS)
+    if new:
+        lines += [
+            "The new variants (JumpReLU, Matryoshka) against Mutual Choice (its default losses, aux_zipf) and "
+            "Feature Choice (demand), the same way: 100·(FVU of the first / FVU of the second − 1).",
+            "",
+            *new,
+        ]
+    return lines
 
 
 def own_curve(m: dict | None) -> list[dict] | None:
@@ -491,7 +519,11 @@ COLOURS = {
     "mc+aux_zipf": "tab:red",
     "fc_zipf": "tab:olive",
     "fc_demand": "tab:green",
+    "jumprelu": "tab:purple",
+    "matryoshka_topk": "tab:cyan",
+    "matryoshka_mc": "tab:brown",
 }
+MARKERS = {"jumprelu": "s", "matryoshka_topk": "D", "matryoshka_mc": "D"}  # the new variants stand out
 
 
 def plot(agg: dict, sweeps: dict, dataset: str, path: Path) -> None:
@@ -508,7 +540,7 @@ def plot(agg: dict, sweeps: dict, dataset: str, path: Path) -> None:
         colour = COLOURS.get(config)
         y = [by_k[k][HEADLINE][0] for k in ks]
         e = [by_k[k][HEADLINE][1] for k in ks]
-        axes[0].errorbar(ks, y, yerr=e, marker="o", capsize=3, label=config, color=colour)
+        axes[0].errorbar(ks, y, yerr=e, marker=MARKERS.get(config, "o"), capsize=3, label=config, color=colour)
         yb = [by_k[k]["FVU batch"][0] for k in ks]
         axes[0].plot(ks, yb, marker="x", linestyle=":", color=colour, alpha=0.6)
         for i, points in enumerate(sweeps.get((dataset, config), [])):

@@ -214,7 +214,7 @@ def test_the_page_sets_every_configuration_against_topk_in_one_table(tmp_path):
     text = claims.report(results, SimpleNamespace(steps=10, seeds=[0, 1, 2], overrides=[]),
                          tmp_path / "results.md", tmp_path / "img")  # fmt: skip
     header = next(line for line in text.splitlines() if line.startswith("| data | k | mc+aux_k"))
-    assert header.split(" | ")[2:4] == ["mc+aux_k", "mc+aux_zipf"] and "topk+aux_k" not in header
+    assert header.split(" | ")[2:4] == ["mc+aux_k vs topk+aux_k", "mc+aux_zipf vs topk+aux_k"]
     row = next(line for line in text.splitlines() if line.startswith("| synthetic | 32 |")).split(" | ")
     assert row[2].endswith(" better")  # MC+aux_k: 0.27 against 0.30, and the interval holds −10 %
     low, high = (float(v) for v in row[2].split("[")[1].split("]")[0].split(","))
@@ -222,3 +222,19 @@ def test_the_page_sets_every_configuration_against_topk_in_one_table(tmp_path):
     assert row[5].endswith(" tie")  # FC demand: equal
     assert row[4].endswith(" worse")  # FC zipf: 0.35
     assert row[6] == "" and row[-1] == "3 |"  # JumpReLU not in this grid; 3 seeds paired
+
+
+def test_the_new_variants_are_set_against_mutual_choice_and_feature_choice(tmp_path):
+    results = grid(tmp_path, topk=0.30, mc_k=0.27, mc_z=0.30, fc_z=0.35, fc_d=0.33)
+    for seed in range(3):  # a JumpReLU 10 % better than MC + aux_zipf
+        folder = tmp_path / "jumprelu" / str(seed)
+        results[("synthetic", "jumprelu", 32, seed)] = metrics(0.27, folder=folder, noise_seed=99 + seed)
+    lines = claims.pairs_table(results, claims.VARIANT_PAIRS)
+    assert lines[0].startswith("| data | k | jumprelu vs mc+aux_zipf | jumprelu vs fc_demand | matryoshka_topk vs")
+    row = lines[2].split(" | ")
+    assert row[:2] == ["| synthetic", "32"]
+    assert row[2].endswith(" better") and row[3].endswith(" better")  # 0.27 against 0.30 and 0.33
+    low, high = (float(v) for v in row[3].split("[")[1].split("]")[0].split(","))
+    assert low < -100 * (1 - 0.27 / 0.33) < high < 0
+    assert row[4] == "" and row[5] == ""  # no Matryoshka runs
+    assert claims.pairs_table(grid(tmp_path / "b", 0.3, 0.3, 0.3, 0.3, 0.3), claims.VARIANT_PAIRS) == []
