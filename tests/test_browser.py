@@ -24,12 +24,33 @@ def run(cache_run):
     return cache_run
 
 
+@pytest.fixture(scope="module", params=["jumprelu", "matryoshka_topk"])
+def new_variant_run(request, cache_run, cli, tmp_path_factory):
+    """A short run of each allocator issue 41 added, on cache_run's cache."""
+    out = tmp_path_factory.mktemp(request.param)
+    r = cli("train.py", f"out_dir={out}", "data=cache", f"data.path={cache_run.parents[2] / 'cache'}",
+            "data.batch_size=64", "data.val_tokens=256", "data.calibration_tokens=256", "model.n_latents=64",
+            "model.init_sample_tokens=256", f"variant={request.param}", "variant.k=4", "trainer.max_steps=20",
+            "progress=none")  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    (run_dir,) = (out / "runs").iterdir()
+    return run_dir
+
+
 def page_data(path):
     text = path.read_text()
     return json.loads(re.search(r'<script id="data" type="application/json">(.*?)</script>', text, re.S).group(1))
 
 
 def test_the_page_holds_every_latent_with_figures_that_match_the_codes(run):
+    check_page(run)
+
+
+def test_jumprelu_and_matryoshka_runs_get_the_same_page(new_variant_run):
+    check_page(new_variant_run)
+
+
+def check_page(run):
     out = browser_main([str(run), "--examples", "5", "--device", "cpu"])
     data = page_data(out)
     assert data["tokens"] == 512 and len(data["latents"]) == 64
