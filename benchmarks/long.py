@@ -98,6 +98,17 @@ def curve_of(run: Path) -> list[dict[str, float]]:
     return [{"step": s + 1, "tokens": (s + 1) * BATCH, **points[s]} for s in sorted(points)]
 
 
+def own_rule_sums(run: Path) -> dict | None:
+    """The run's own rule's per-context sums on the test split (its rules_test.json; paired.py),
+    from which the page's end-of-run differences get their bootstrap intervals; None without."""
+    path = run / "rules_test.json"
+    if not path.is_file():
+        return None
+    saved = json.loads(path.read_text())
+    own = saved["own_rule"]
+    return {"rule": own, "k": saved["k"], "sums": saved["rules"][own]["sums"]}
+
+
 def record_path(records: Path, dataset: str, config: str, seed: int) -> Path:
     return records / dataset / f"{config.replace('+', '_')}_s{seed}.json"
 
@@ -136,8 +147,10 @@ def run_one(out: Path, records: Path, dataset: str, config: str, seed: int, thre
         "config": config,
         "seed": seed,
         "code": metrics.get("code", code_version()),
+        "affinity_dtype": metrics.get("affinity_dtype"),
         "curve": curve_of(done),
         "final": {k: metrics[k] for k in FINAL_KEYS if k in metrics},
+        "test_sums": own_rule_sums(done),
         "run": str(done.relative_to(ROOT)) if done.is_relative_to(ROOT) else str(done),
     }
     record.parent.mkdir(parents=True, exist_ok=True)
@@ -174,6 +187,50 @@ def paired(records: dict[tuple[str, int], dict], config: str, reference: str, re
     if not diffs:
         return None
     return statistics.mean(diffs), statistics.stdev(diffs) if len(diffs) > 1 else 0.0, len(diffs)
+
+
+REFERENCE = "topk+aux_k"
+WORD = {"A better": "better", "B better": "worse", "tie": "tie"}
+# the 1M-token grid of docs/results.md (benchmarks.claims): its dataset and configuration for each
+# long-run dataset and configuration (the same model and layer; Python docstrings, F = 4096)
+GRID = {"minilm_docs": "minilm", "smollm2_docs": "smollm2"}
+GRID_CONFIG = {"topk+aux_k": "topk+aux_k", "mc": "mc+aux_zipf", "fc_demand": "fc_demand"}
+GRID_NOTE = "1.02M training tokens, F = 4096, the Python-docstring caches, 3 seeds"
+
+
+def bootstrap_end(recs: dict[tuple[str, int], dict], config: str):
+    """The paired difference (paired.py) of ``config`` against TopK at the end, on the test split,
+    over the seeds both have with their test sums; None where none has them."""
+    from sae_lightning.paired import ContextSums, paired_difference
+
+    a: list[ContextSums] = []
+    b: list[ContextSums] = []
+    k = 0.0
+    for (c, seed), rec in sorted(recs.items()):
+        ref = recs.get((REFERENCE, seed))
+        if c != config or ref is None or not rec.get("test_sums") or not ref.get("test_sums"):
+            continue
+        a.append(ContextSums.from_dict(rec["test_sums"]["sums"]))
+        b.append(ContextSums.from_dict(ref["test_sums"]["sums"]))
+        k = float(rec["test_sums"]["k"])
+    return paired_difference(a, b, k) if a else None
+
+
+def published(dataset: str, config: str, records: Path | None = None):
+    """docs/results.md's paired difference of ``config`` against TopK at k = 32 on the same model
+    and layer (benchmarks.claims' records), or None where the grid has no such runs."""
+    from benchmarks import claims
+
+    if dataset not in GRID or config not in GRID_CONFIG:
+        return None
+    records = records or claims.RECORDS
+    grid, k = GRID[dataset], 32
+    results = {
+        (grid, c, k, seed): claims.recorded(records, grid, c, k, seed)
+        for c in {GRID_CONFIG[config], GRID_CONFIG[REFERENCE]}
+        for seed in range(3)
+    }
+    return claims.paired(results, grid, k, (GRID_CONFIG[config], "own"), (GRID_CONFIG[REFERENCE], "own"))
 
 
 def _verdict(d: tuple[float, float, int] | None) -> str:
@@ -216,7 +273,7 @@ def report(records_dir: Path, page: Path) -> str:
     lines = [
         "# Long runs: do the 1M-token conclusions hold at 10-20M tokens?",
         "",
-        f"k = 32, F = 8192, B = {BATCH}, fp32 selection; a validation every ~1M tokens with the thresholds "
+        f"k = 32, F = 8192, B = {BATCH}, every other setting the default; a validation every ~1M tokens with the thresholds "
         "calibrated first, so each curve point is the headline: FVU at L0 = k in threshold mode on the validation "
         "split (TopK: its own k per token). The final column is the test split's. Measured with",
         "",
@@ -263,24 +320,43 @@ def report(records_dir: Path, page: Path) -> str:
             )
         lines += [
             "",
-            "Against TopK, paired by seed (100·(config/TopK − 1), mean ± std over seeds; a tie when the mean is "
-            "within the seeds' std):",
+            "Against TopK, paired by seed: 100·(config/TopK − 1) of FVU at L0 = k. The published column is "
+            f"docs/results.md's grid at k = 32 ({GRID_NOTE}) on the same model and layer; the other columns are "
+            "these runs. At ~1M tokens and at the end on validation: mean ± std over seeds, a tie when the mean is "
+            "within the seeds' std. At the end on test: the 95 % interval of a bootstrap over seeds and test "
+            "contexts (paired.py), a tie when it holds 0. *With length*: whether the sign at ~1M tokens holds at "
+            "the end (validation); *against the published*: whether the end (test) says what the grid says.",
             "",
-            "| config | at ~1M tokens (val) | at the end (val) | at the end (test) | the conclusion |",
-            "|---|---|---|---|---|",
+            "| config | published (1M tokens, test) | at ~1M tokens (val) | at the end (val) | at the end (test) | "
+            "with length | against the published |",
+            "|---|---|---|---|---|---|---|",
         ]
         for config in CONFIGS:
-            if config == "topk+aux_k":
+            if config == REFERENCE:
                 continue
-            first = paired(recs, config, "topk+aux_k", lambda r: at_tokens(r["curve"], 1e6))
-            late = paired(recs, config, "topk+aux_k", lambda r: r["final"].get("val/threshold/fvu_at_k"))
-            test = paired(recs, config, "topk+aux_k", lambda r: r["final"].get("test/fvu_at_k"))
+            first = paired(recs, config, REFERENCE, lambda r: at_tokens(r["curve"], 1e6))
+            late = paired(recs, config, REFERENCE, lambda r: r["final"].get("val/threshold/fvu_at_k"))
+            test = bootstrap_end(recs, config)
+            if test is None:  # records without their test sums: mean ± std
+                test_text = _verdict(paired(recs, config, REFERENCE, lambda r: r["final"].get("test/fvu_at_k")))
+            else:
+                test_text = f"{test} ({WORD[test.verdict()]})"
+            grid = published(dataset, config)
+            grid_text = "—" if grid is None else f"{grid} ({WORD[grid.verdict()]})"
             same = first is not None and late is not None and (first[0] < 0) == (late[0] < 0)
+            if grid is None or test is None:
+                against = "—"
+            elif WORD[grid.verdict()] == WORD[test.verdict()]:
+                against = "holds"
+            else:
+                against = f"**{WORD[grid.verdict()]} → {WORD[test.verdict()]}**"
             lines.append(
-                f"| {config} | {_verdict(first)} | {_verdict(late)} | {_verdict(test)} | "
+                f"| {config} | {grid_text} | {_verdict(first)} | {_verdict(late)} | {test_text} | "
                 + ("—" if first is None or late is None else "holds" if same else "**reverses**")
-                + " |"
+                + f" | {against} |"
             )
+        dtypes = sorted({str(r.get("affinity_dtype")) for r in recs.values()})
+        lines += ["", f"Selection dtype (`model.affinity_dtype=auto`): {', '.join(dtypes)}."]
         codes = sorted({r["code"].get("commit", "?")[:12] for r in recs.values()})
         lines += ["", f"Code versions of these runs: {', '.join(codes)}.", ""]
     text = "\n".join(lines)
