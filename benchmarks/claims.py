@@ -731,6 +731,12 @@ def report(results: dict, args, doc: Path, img_dir: Path) -> str:
         "[gradient_ranking.md](gradient_ranking.md) (`python -m benchmarks.gradient_ranking`).",
         "",
     ]
+    if (doc.parent / "long_runs.md").is_file():
+        lines += [
+            "Whether these 1M-token conclusions hold at 10-20M training tokens (TopK, MC and FC at k = 32 on "
+            "MiniLM and SmolLM2): [long_runs.md](long_runs.md) (`python -m benchmarks.long`).",
+            "",
+        ]
     text = "\n".join(lines)
     atomic_write_text(doc, text)
     return text

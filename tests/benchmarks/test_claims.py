@@ -222,6 +222,11 @@ def test_the_page_sets_every_configuration_against_topk_in_one_table(tmp_path):
     assert row[5].endswith(" tie")  # FC demand: equal
     assert row[4].endswith(" worse")  # FC zipf: 0.35
     assert row[6] == "" and row[-1] == "3 |"  # JumpReLU not in this grid; 3 seeds paired
+    assert "long_runs.md" not in text  # linked once the long runs' page exists
+    (tmp_path / "long_runs.md").write_text("# Long runs\n")
+    text = claims.report(results, SimpleNamespace(steps=10, seeds=[0, 1, 2], overrides=[]),
+                         tmp_path / "results.md", tmp_path / "img")  # fmt: skip
+    assert "[long_runs.md](long_runs.md)" in text
 
 
 def test_the_new_variants_are_set_against_mutual_choice_and_feature_choice(tmp_path):
