@@ -166,6 +166,13 @@ def _mean_sd(values: list[float]) -> str:
     return f"{statistics.mean(values):.4f} ± {sd:.4f}"
 
 
+def _pct(values: list[float]) -> str:
+    if not values:
+        return "—"
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{100 * statistics.mean(values):.2f} ± {100 * sd:.2f} %"
+
+
 def at_tokens(curve: list[dict[str, float]], tokens: float, key: str = "fvu_at_k") -> float | None:
     """The curve's figure at the validation nearest ``tokens``."""
     points = [p for p in curve if key in p]
@@ -247,7 +254,7 @@ def plot(dataset: str, records: dict[tuple[str, int], dict], path: Path) -> None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_fvu, ax_dead) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ax_fvu, ax_rel, ax_dead) = plt.subplots(1, 3, figsize=(15, 4))
     colours = {"topk+aux_k": "tab:blue", "mc": "tab:orange", "fc_demand": "tab:green"}
     for (config, seed), rec in sorted(records.items()):
         pts = [p for p in rec["curve"] if "fvu_at_k" in p]
@@ -257,10 +264,18 @@ def plot(dataset: str, records: dict[tuple[str, int], dict], path: Path) -> None
         ax_fvu.plot(tokens, [p["fvu_at_k"] for p in pts], label=label, **style)
         ax_dead.plot(tokens, [100 * p.get("dead", float("nan")) for p in pts], label=label, **style)
         ax_dead.plot(tokens, [100 * p.get("underused", float("nan")) for p in pts], ls="--", **style)
+        ref = records.get((REFERENCE, seed))
+        if config != REFERENCE and ref is not None:  # against TopK of the same seed, point by point
+            theirs = {p["step"]: p["fvu_at_k"] for p in ref["curve"] if "fvu_at_k" in p}
+            both = [p for p in pts if p["step"] in theirs]
+            ax_rel.plot([p["tokens"] / 1e6 for p in both],
+                        [100 * (p["fvu_at_k"] / theirs[p["step"]] - 1) for p in both], label=label, **style)  # fmt: skip
     ax_fvu.set(xlabel="training tokens (M)", ylabel="FVU at L0 = k (validation)", title=DATASETS[dataset]["title"])
     ax_fvu.set_yscale("log")
     ax_dead.set(xlabel="training tokens (M)", ylabel="% of latents", title="dead (solid), under-used (dashed)")
-    for ax in (ax_fvu, ax_dead):
+    ax_rel.axhline(0, color="tab:blue", lw=1)
+    ax_rel.set(xlabel="training tokens (M)", ylabel="FVU / TopK's − 1 (%)", title="against TopK, seed by seed")
+    for ax in (ax_fvu, ax_rel, ax_dead):
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
@@ -315,14 +330,16 @@ def report(records_dir: Path, page: Path) -> str:
             dce = final("test/delta_ce_at_k")
             lines.append(
                 f"| {config} | {len(mine)} | {_mean_sd(early)} | {_mean_sd(final('val/threshold/fvu_at_k'))} | "
-                f"{_mean_sd(final('test/fvu_at_k'))} | {_mean_sd(final('val/dead_fraction'))} | "
-                f"{_mean_sd(final('val/underused_fraction'))} | {_mean_sd(dce) if dce else '—'} |"
+                f"{_mean_sd(final('test/fvu_at_k'))} | {_pct(final('val/dead_fraction'))} | "
+                f"{_pct(final('val/underused_fraction'))} | {_mean_sd(dce) if dce else '—'} |"
             )
         lines += [
             "",
             "Against TopK, paired by seed: 100·(config/TopK − 1) of FVU at L0 = k. The published column is "
             f"docs/results.md's grid at k = 32 ({GRID_NOTE}) on the same model and layer; the other columns are "
-            "these runs. At ~1M tokens and at the end on validation: mean ± std over seeds, a tie when the mean is "
+            f"these runs. ~1M tokens here is {round(VAL_EVERY_TOKENS / BATCH)} steps of {BATCH} tokens, a quarter of "
+            "the grid's steps at the same tokens (B = 1024 there). "
+            "At ~1M tokens and at the end on validation: mean ± std over seeds, a tie when the mean is "
             "within the seeds' std. At the end on test: the 95 % interval of a bootstrap over seeds and test "
             "contexts (paired.py), a tie when it holds 0. *With length*: whether the sign at ~1M tokens holds at "
             "the end (validation); *against the published*: whether the end (test) says what the grid says.",
