@@ -290,7 +290,7 @@ def report(records_dir: Path, page: Path) -> str:
         "",
         f"k = 32, F = 8192, B = {BATCH}, every other setting the default; a validation every ~1M tokens with the thresholds "
         "calibrated first, so each curve point is the headline: FVU at L0 = k in threshold mode on the validation "
-        "split (TopK: its own k per token). The final column is the test split's. Measured with",
+        "split (TopK: its own k per token). The columns marked test are the test split's. Measured with",
         "",
         "```bash",
         "python -m sae_lightning.debian_docs && python harvest.py data=minilm_docs && python harvest.py data=smollm2_docs",
