@@ -219,6 +219,7 @@ ONLY_ON = {
 }
 RULES = ("topk", "global_threshold", "latent_thresholds")  # sae_lightning/rules.py
 REFERENCE = "topk+aux_k"  # what every configuration is compared with, paired by seed
+WORD = {"A better": "better", "B better": "worse", "tie": "tie"}  # a Difference's verdict, said of A
 HEADLINE = "FVU at L0 = k"
 DL_KEY = "val/threshold/description_length"
 CORE = {  # SAEBench's core figures (threshold mode) and the description length's parts, for one k
@@ -367,7 +368,6 @@ def pairs_table(results: dict, pairs: Sequence[tuple[str, str]]) -> list[str]:
     its own rule, in % with the 95 % interval and a verdict: one row per dataset and k, one
     column per pair; [] when no pair has both sides anywhere."""
     cells = {(d, k) for (d, _c, k, _s), m in results.items() if m}
-    word = {"A better": "better", "B better": "worse", "tie": "tie"}
     rows = []
     for dataset in [d for d in DATASETS if any(d == dd for dd, _ in cells)]:
         for k in sorted(k for d, k in cells if d == dataset):
@@ -376,7 +376,7 @@ def pairs_table(results: dict, pairs: Sequence[tuple[str, str]]) -> list[str]:
                 d = paired(results, dataset, k, (a, "own"), (b, "own"))
                 if d is not None:
                     seeds.append(d.seeds)
-                row.append("" if d is None else f"{d} {word[d.verdict()]}")
+                row.append("" if d is None else f"{d} {WORD[d.verdict()]}")
             if seeds:
                 count = str(min(seeds)) if min(seeds) == max(seeds) else f"{min(seeds)}–{max(seeds)}"
                 rows.append(f"| {dataset} | {k} | " + " | ".join(row) + f" | {count} |")

@@ -26,8 +26,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from benchmarks import run_state, train_in_subprocess
-from benchmarks.claims import CONFIGS as CLAIMS_CONFIGS
+from benchmarks import claims, run_state, train_in_subprocess
+from benchmarks.claims import REFERENCE, WORD
 from sae_lightning.atomic import atomic_write_json, atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,9 +49,9 @@ DATASETS: dict[str, dict[str, Any]] = {
     },
 }
 CONFIGS = {
-    "topk+aux_k": CLAIMS_CONFIGS["topk+aux_k"],
+    "topk+aux_k": claims.CONFIGS["topk+aux_k"],
     "mc": ["variant=mutual_choice"],
-    "fc_demand": CLAIMS_CONFIGS["fc_demand"],
+    "fc_demand": claims.CONFIGS["fc_demand"],
 }
 COMMON = [
     "variant.k=32",
@@ -159,18 +159,14 @@ def run_one(out: Path, records: Path, dataset: str, config: str, seed: int, thre
 
 
 # ---- the page --------------------------------------------------------------------------------
-def _mean_sd(values: list[float]) -> str:
+def _mean_sd(values: list[float], pct: bool = False) -> str:
+    """Mean ± std over seeds: 4 decimals, or with ``pct`` a fraction in % with 2."""
     if not values:
         return "—"
     sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    if pct:
+        return f"{100 * statistics.mean(values):.2f} ± {100 * sd:.2f} %"
     return f"{statistics.mean(values):.4f} ± {sd:.4f}"
-
-
-def _pct(values: list[float]) -> str:
-    if not values:
-        return "—"
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{100 * statistics.mean(values):.2f} ± {100 * sd:.2f} %"
 
 
 def at_tokens(curve: list[dict[str, float]], tokens: float, key: str = "fvu_at_k") -> float | None:
@@ -196,8 +192,6 @@ def paired(records: dict[tuple[str, int], dict], config: str, reference: str, re
     return statistics.mean(diffs), statistics.stdev(diffs) if len(diffs) > 1 else 0.0, len(diffs)
 
 
-REFERENCE = "topk+aux_k"
-WORD = {"A better": "better", "B better": "worse", "tie": "tie"}
 # the 1M-token grid of docs/results.md (benchmarks.claims): its dataset and configuration for each
 # long-run dataset and configuration (the same model and layer; Python docstrings, F = 4096)
 GRID = {"minilm_docs": "minilm", "smollm2_docs": "smollm2"}
@@ -226,8 +220,6 @@ def bootstrap_end(recs: dict[tuple[str, int], dict], config: str):
 def published(dataset: str, config: str, records: Path | None = None):
     """docs/results.md's paired difference of ``config`` against TopK at k = 32 on the same model
     and layer (benchmarks.claims' records), or None where the grid has no such runs."""
-    from benchmarks import claims
-
     if dataset not in GRID or config not in GRID_CONFIG:
         return None
     records = records or claims.RECORDS
@@ -330,8 +322,8 @@ def report(records_dir: Path, page: Path) -> str:
             dce = final("test/delta_ce_at_k")
             lines.append(
                 f"| {config} | {len(mine)} | {_mean_sd(early)} | {_mean_sd(final('val/threshold/fvu_at_k'))} | "
-                f"{_mean_sd(final('test/fvu_at_k'))} | {_pct(final('val/dead_fraction'))} | "
-                f"{_pct(final('val/underused_fraction'))} | {_mean_sd(dce) if dce else '—'} |"
+                f"{_mean_sd(final('test/fvu_at_k'))} | {_mean_sd(final('val/dead_fraction'), pct=True)} | "
+                f"{_mean_sd(final('val/underused_fraction'), pct=True)} | {_mean_sd(dce) if dce else '—'} |"
             )
         lines += [
             "",
