@@ -60,6 +60,13 @@ COMMON = [
     "progress=none",
 ]
 SEEDS = (0, 1)
+# what the tree held beyond the commit, for records whose code says dirty (checked by hand at the time)
+DIRTY_NOTES = {
+    "minilm_docs": "The changes: this page and its plot, untracked, which the SmolLM2 runs' command had "
+    "written into the worktree pinned at the commit; `git status --porcelain --untracked-files=all` "
+    "there listed nothing else (a run reads its tree once, at its first checkpoint). They were removed "
+    "before the Feature Choice runs started.",
+}
 # what a record keeps of each validation (TensorBoard tag -> name)
 CURVE_TAGS = {
     "val/threshold/fvu_at_k": "fvu_at_k",
@@ -232,12 +239,29 @@ def published(dataset: str, config: str, records: Path | None = None):
     return claims.paired(results, grid, k, (GRID_CONFIG[config], "own"), (GRID_CONFIG[REFERENCE], "own"))
 
 
+def _word(d: tuple[float, float, int]) -> str:
+    """better / worse / tie for a mean ± std over seeds: a tie when the mean is within the std."""
+    m, sd, n = d
+    return "tie" if abs(m) <= sd or n < 2 and abs(m) < 0.5 else ("better" if m < 0 else "worse")
+
+
 def _verdict(d: tuple[float, float, int] | None) -> str:
     if d is None:
         return "—"
-    m, sd, n = d
-    word = "tie" if abs(m) <= sd or n < 2 and abs(m) < 0.5 else ("better" if m < 0 else "worse")
-    return f"{m:+.2f} % ± {sd:.2f} ({word})"
+    return f"{d[0]:+.2f} % ± {d[1]:.2f} ({_word(d)})"
+
+
+def _seconds(values: list[float]) -> str:
+    """Training times: the range over seeds, whole seconds."""
+    if not values:
+        return "—"
+    lo, hi = round(min(values)), round(max(values))
+    return f"{lo}" if lo == hi else f"{lo}–{hi}"
+
+
+def _change(before: str, after: str) -> str:
+    """A table cell saying whether a verdict holds: "holds", or the change in bold."""
+    return "holds" if before == after else f"**{before} → {after}**"
 
 
 def plot(dataset: str, records: dict[tuple[str, int], dict], path: Path) -> None:
@@ -282,7 +306,9 @@ def report(records_dir: Path, page: Path) -> str:
         "",
         f"k = 32, F = 8192, B = {BATCH}, every other setting the default; a validation every ~1M tokens with the thresholds "
         "calibrated first, so each curve point is the headline: FVU at L0 = k in threshold mode on the validation "
-        "split (TopK: its own k per token). The columns marked test are the test split's. Measured with",
+        "split (TopK: its own k per token). The columns marked test are the test split's; *training (s)* is the "
+        "training loop's wall time, the range over seeds (with `--threads`'s threads; the test evaluation "
+        "after it not counted). Measured with",
         "",
         "```bash",
         "python -m sae_lightning.debian_docs && python harvest.py data=minilm_docs && python harvest.py data=smollm2_docs",
@@ -307,8 +333,8 @@ def report(records_dir: Path, page: Path) -> str:
             f"![learning curves]({img.relative_to(page.parent)})",
             "",
             "| config | seeds | FVU at L0 = k, ~1M tokens (val) | at the end (val) | at the end (test) | dead | "
-            "under-used | ΔCE at L0 = k |",
-            "|---|---|---|---|---|---|---|---|",
+            "under-used | ΔCE at L0 = k | training (s) |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for config in CONFIGS:
             mine = [r for (c, _), r in recs.items() if c == config]
@@ -323,7 +349,8 @@ def report(records_dir: Path, page: Path) -> str:
             lines.append(
                 f"| {config} | {len(mine)} | {_mean_sd(early)} | {_mean_sd(final('val/threshold/fvu_at_k'))} | "
                 f"{_mean_sd(final('test/fvu_at_k'))} | {_mean_sd(final('val/dead_fraction'), pct=True)} | "
-                f"{_mean_sd(final('val/underused_fraction'), pct=True)} | {_mean_sd(dce) if dce else '—'} |"
+                f"{_mean_sd(final('val/underused_fraction'), pct=True)} | {_mean_sd(dce) if dce else '—'} | "
+                f"{_seconds(final('train_seconds'))} |"
             )
         lines += [
             "",
@@ -333,8 +360,8 @@ def report(records_dir: Path, page: Path) -> str:
             "the grid's steps at the same tokens (B = 1024 there). "
             "At ~1M tokens and at the end on validation: mean ± std over seeds, a tie when the mean is "
             "within the seeds' std. At the end on test: the 95 % interval of a bootstrap over seeds and test "
-            "contexts (paired.py), a tie when it holds 0. *With length*: whether the sign at ~1M tokens holds at "
-            "the end (validation); *against the published*: whether the end (test) says what the grid says.",
+            "contexts (paired.py), a tie when it holds 0. *With length*: whether the verdict at ~1M tokens "
+            "(better, worse, tie) holds at the end (validation); *against the published*: whether the end (test) says what the grid says.",
             "",
             "| config | published (1M tokens, test) | at ~1M tokens (val) | at the end (val) | at the end (test) | "
             "with length | against the published |",
@@ -352,22 +379,20 @@ def report(records_dir: Path, page: Path) -> str:
                 test_text = f"{test} ({WORD[test.verdict()]})"
             grid = published(dataset, config)
             grid_text = "—" if grid is None else f"{grid} ({WORD[grid.verdict()]})"
-            same = first is not None and late is not None and (first[0] < 0) == (late[0] < 0)
-            if grid is None or test is None:
-                against = "—"
-            elif WORD[grid.verdict()] == WORD[test.verdict()]:
-                against = "holds"
-            else:
-                against = f"**{WORD[grid.verdict()]} → {WORD[test.verdict()]}**"
+            length = "—" if first is None or late is None else _change(_word(first), _word(late))
+            against = "—" if grid is None or test is None else _change(WORD[grid.verdict()], WORD[test.verdict()])
             lines.append(
-                f"| {config} | {grid_text} | {_verdict(first)} | {_verdict(late)} | {test_text} | "
-                + ("—" if first is None or late is None else "holds" if same else "**reverses**")
-                + f" | {against} |"
+                f"| {config} | {grid_text} | {_verdict(first)} | {_verdict(late)} | {test_text} | {length} | {against} |"
             )
         dtypes = sorted({str(r.get("affinity_dtype")) for r in recs.values()})
         lines += ["", f"Selection dtype (`model.affinity_dtype=auto`): {', '.join(dtypes)}."]
         codes = sorted({r["code"].get("commit", "?")[:12] for r in recs.values()})
-        lines += ["", f"Code versions of these runs: {', '.join(codes)}.", ""]
+        lines += ["", f"Code versions of these runs: {', '.join(codes)}."]
+        dirty = [f"{c} seed {s}" for (c, s), r in sorted(recs.items()) if r["code"].get("dirty")]
+        if dirty:
+            lines += ["", f"Made in a tree with changes the commit does not hold: {', '.join(dirty)}."]
+            lines += [DIRTY_NOTES[dataset]] if dataset in DIRTY_NOTES else []
+        lines += [""]
     text = "\n".join(lines)
     if any_records:
         atomic_write_text(page, text)
