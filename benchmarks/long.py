@@ -307,7 +307,7 @@ def report(records_dir: Path, page: Path) -> str:
         f"k = 32, F = 8192, B = {BATCH}, every other setting the default; a validation every ~1M tokens with the thresholds "
         "calibrated first, so each curve point is the headline: FVU at L0 = k in threshold mode on the validation "
         "split (TopK: its own k per token). The columns marked test are the test split's; *training (s)* is the "
-        "training loop's wall time, the range over seeds (with `--threads`'s threads; the test evaluation "
+        "training loop's wall time, the range over seeds (on the threads `--threads` gave it; the test evaluation "
         "after it not counted). Measured with",
         "",
         "```bash",
@@ -361,7 +361,8 @@ def report(records_dir: Path, page: Path) -> str:
             "At ~1M tokens and at the end on validation: mean ± std over seeds, a tie when the mean is "
             "within the seeds' std. At the end on test: the 95 % interval of a bootstrap over seeds and test "
             "contexts (paired.py), a tie when it holds 0. *With length*: whether the verdict at ~1M tokens "
-            "(better, worse, tie) holds at the end (validation); *against the published*: whether the end (test) says what the grid says.",
+            "(better, worse, tie) holds at the end (validation); *against the published*: whether the end "
+            "(test) says what the grid says.",
             "",
             "| config | published (1M tokens, test) | at ~1M tokens (val) | at the end (val) | at the end (test) | "
             "with length | against the published |",
