@@ -161,7 +161,7 @@ def run_one(out: Path, records: Path, dataset: str, config: str, seed: int, thre
         "run": str(done.relative_to(ROOT)) if done.is_relative_to(ROOT) else str(done),
     }
     record.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(record, result)
+    atomic_write_json(record, result, indent=None)  # compact: the per-context test sums are long
     return result
 
 
