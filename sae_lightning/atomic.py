@@ -60,8 +60,8 @@ def strict(obj: Any) -> Any:
     return obj
 
 
-def atomic_write_json(path: str | Path, obj: Any, indent: int = 2, sort_keys: bool = False) -> None:
-    """Strict JSON (NaN and inf written as null), written atomically."""
+def atomic_write_json(path: str | Path, obj: Any, indent: int | None = 2, sort_keys: bool = False) -> None:
+    """Strict JSON (NaN and inf written as null), written atomically; ``indent=None``: one line."""
     text = json.dumps(strict(obj), indent=indent, sort_keys=sort_keys, allow_nan=False, default=str)
     atomic_write_text(path, text + "\n")
 
